@@ -1,0 +1,104 @@
+"""The project's configuration in one typed place.
+
+Everything that more than one package must agree on lives here: the preprocessing the model was
+trained with (SEED.md), the input limits that protect the server, the Triton model and tensor names
+(DESIGN.md contracts), the default operating point and the serving defaults. Packages import these
+objects instead of repeating literals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The trained model's input contract: change nothing here without retraining."""
+
+    spacing_mm: float = 1.0  # isotropic resampling target
+    crop_threshold_hu: float = -1000.0  # region of interest: voxels with HU strictly above this
+    crop_margin_voxels: int = 5  # margin around the region of interest, in 1 mm voxels
+    hu_min: float = -1000.0  # clip window, mapped linearly to [-1, 1]
+    hu_max: float = 600.0
+    size: int = 256  # S: the model input is [1, 1, S, S, S]
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Bounds checked before allocating, so a hostile or broken upload cannot exhaust memory."""
+
+    min_slices: int = 16  # fewer slices is not a chest volume
+    max_slices: int = 2000
+    max_rows: int = 1024
+    max_columns: int = 1024
+    max_voxels: int = 2000 * 1024 * 1024 // 4  # ~1 GB of int16 before any float work
+    max_archive_members: int = 10_000
+    max_uncompressed_bytes: int = 4 * 1024**3  # total bytes unpacked from ZIP archives per study
+    max_compression_ratio: float = 200.0  # per ZIP member; above this it is treated as a ZIP bomb
+    max_archive_depth: int = 2  # a ZIP inside a ZIP is followed this many levels deep
+
+
+@dataclass(frozen=True)
+class TritonNames:
+    """Model and tensor names: other tools and checks rely on these (DESIGN.md)."""
+
+    triage: str = "ct_triage"
+    preprocess: str = "ct_preprocess"
+    classifier: str = "ct_classifier"
+    postprocess: str = "ct_postprocess"
+    dicom: str = "DICOM"
+    volume: str = "VOLUME"
+    probabilities: str = "PROBABILITIES"
+    probability: str = "PROBABILITY"
+    pathology: str = "PATHOLOGY"
+    study_uid: str = "STUDY_UID"
+    series_uid: str = "SERIES_UID"
+    meta: str = "META"
+    labels: tuple[str, ...] = ("normal", "pathology")
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Decision rule: pathology when P(pathology) >= threshold.
+
+    The service exists to find studies without pathology, so a missed pathology is the expensive
+    error: a site lowers the threshold for sensitivity (see README, "Operating point").
+    """
+
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Defaults for the bundled server and the clients."""
+
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    # Python-backend shared memory: a 300-slice study is ~150 MB of DICOM plus a 64 MB volume.
+    shm_default_byte_size: int = 64 * 1024**2
+    shm_growth_byte_size: int = 64 * 1024**2
+    preprocess_instances: int = 2
+    max_batch_size: int = 4  # 4 x 256^3 activations fit an 8 GB card in FP16
+    max_queue_delay_microseconds: int = 20_000
+    request_timeout_s: float = 300.0  # bound on any single request, client and server side
+    startup_timeout_s: float = 180.0
+
+
+PREPROCESSING = Preprocessing()
+INPUT_LIMITS = InputLimits()
+NAMES = TritonNames()
+OPERATING_POINT = OperatingPoint()
+SERVING = Serving()
+
+__all__ = [
+    "Preprocessing",
+    "InputLimits",
+    "TritonNames",
+    "OperatingPoint",
+    "Serving",
+    "PREPROCESSING",
+    "INPUT_LIMITS",
+    "NAMES",
+    "OPERATING_POINT",
+    "SERVING",
+]
