@@ -82,6 +82,7 @@ class Serving:
     max_queue_delay_microseconds: int = 20_000
     request_timeout_s: float = 300.0  # bound on any single request, client and server side
     startup_timeout_s: float = 180.0
+    exit_timeout_s: int = 30  # on stop, in-flight requests get this long before the server exits
 
 
 PREPROCESSING = Preprocessing()
