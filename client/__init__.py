@@ -1,0 +1,32 @@
+"""Clients of the chest-CT triage server: classify one study, or a folder into the triage report."""
+from .report import COLUMNS, ReportError, ReportSummary, build_report, read_report, write_report
+from .result import FAILURE, SUCCESS, TriageResult
+from .studies import StudyRef, discover_studies
+from .triage import (
+    AsyncTriageClient,
+    RetryPolicy,
+    ServerUnavailable,
+    TriageClient,
+    load_payload,
+    payload_bytes,
+)
+
+__all__ = [
+    "AsyncTriageClient",
+    "COLUMNS",
+    "FAILURE",
+    "ReportError",
+    "ReportSummary",
+    "RetryPolicy",
+    "SUCCESS",
+    "ServerUnavailable",
+    "StudyRef",
+    "TriageClient",
+    "TriageResult",
+    "build_report",
+    "discover_studies",
+    "load_payload",
+    "payload_bytes",
+    "read_report",
+    "write_report",
+]

@@ -1,0 +1,131 @@
+"""`python -m client classify STUDY` and `python -m client report FOLDER --out report.xlsx`.
+
+Exit status: 0 done; 1 the study failed (classify); 2 bad arguments or unusable paths;
+3 the server or model is not reachable; 130 interrupted (the report keeps finished studies).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from settings import NAMES, SERVING
+
+from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, ReportError, build_report
+from .triage import PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ServerUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (ReportError, NotADirectoryError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _classify(args: argparse.Namespace) -> int:
+    if not Path(args.study).exists():
+        raise FileNotFoundError(f"no such study: {args.study}")
+    with TriageClient(
+        args.url,
+        args.protocol,
+        args.model,
+        args.timeout,
+        retry=RetryPolicy(attempts=args.attempts),
+        shared_memory=args.shared_memory,
+    ) as client:
+        client.check_ready()
+        result = client.classify(args.study)
+    print(json.dumps(result.to_dict(), indent=2))
+    if not result.ok:
+        print(f"error: {result.error}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    def client() -> AsyncTriageClient:
+        return AsyncTriageClient(
+            args.url,
+            args.protocol,
+            args.model,
+            args.timeout,
+            retry=RetryPolicy(attempts=args.attempts),
+            shared_memory=args.shared_memory,
+        )
+
+    summary = asyncio.run(
+        build_report(
+            args.folder,
+            args.out,
+            client,
+            csv_out=args.csv,
+            concurrency=args.concurrency,
+            resume=args.resume,
+            max_bytes_in_flight=int(args.max_mb_in_flight * 1024**2),
+        )
+    )
+    print(
+        f"{summary.studies} studies: {summary.succeeded} Success, {summary.failed} Failure "
+        f"({summary.sent} sent, {summary.skipped} already done) -> {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    classify = commands.add_parser("classify", help="classify one study, print one JSON object")
+    classify.add_argument("study", help="a folder of DICOM files, a ZIP archive, or one DICOM file")
+    classify.set_defaults(run=_classify)
+
+    report = commands.add_parser("report", help="classify every study in a folder into a report")
+    report.add_argument("folder", help="each ZIP file and each sub-folder holding DICOM files is one study")
+    report.add_argument("--out", required=True, help="report file, .xlsx (or .csv)")
+    report.add_argument("--csv", help="also write the report as this .csv file")
+    report.add_argument("--concurrency", type=_positive_int, default=1, help="studies in flight (default 1)")
+    report.add_argument("--resume", action="store_true", help="skip studies already Success in --out")
+    report.add_argument(
+        "--max-mb-in-flight",
+        type=float,
+        default=DEFAULT_MAX_BYTES_IN_FLIGHT / 1024**2,
+        help="bound on study file sizes held at once, MiB (default %(default).0f)",
+    )
+    report.set_defaults(run=_report)
+
+    for command in (classify, report):
+        command.add_argument("--url", help="HOST:PORT (default localhost:8001 for grpc, :8000 for http)")
+        command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+        command.add_argument("--model", default=NAMES.triage)
+        command.add_argument(
+            "--timeout", type=float, default=SERVING.request_timeout_s, help="seconds per request"
+        )
+        command.add_argument(
+            "--attempts", type=_positive_int, default=RetryPolicy().attempts,
+            help="tries per study on transient errors (server restarting or unreachable)",
+        )
+        command.add_argument(
+            "--shared-memory", action="store_true",
+            help="pass the DICOM payload through system shared memory (server on this host only)",
+        )
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value

@@ -1,0 +1,417 @@
+"""Classify a study through the `ct_triage` ensemble: the one request path every caller uses.
+
+`TriageClient` (blocking) and `AsyncTriageClient` (asyncio) differ only in how they wait; the
+payload, the tensors, the parsing of the answer, the error policy and the retry schedule are the
+shared functions below, so the CLI, the report, the tests and the benchmarks send identical requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+import time
+import uuid
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Iterator, Sequence, Union
+
+import numpy as np
+import tritonclient.grpc
+import tritonclient.grpc.aio
+import tritonclient.http
+import tritonclient.http.aio
+from tritonclient.utils import InferenceServerException
+from tritonclient.utils import shared_memory as system_shm
+
+from settings import NAMES, SERVING
+
+from .result import SUCCESS, TriageResult, failure
+
+Study = Union[str, "os.PathLike[str]", bytes, Sequence[bytes]]
+"""A path (folder, ZIP or DICOM file), one file's bytes, or the elements of a study."""
+
+PROTOCOLS = ("grpc", "http")
+_SYNC = {"grpc": tritonclient.grpc, "http": tritonclient.http}
+_ASYNC = {"grpc": tritonclient.grpc.aio, "http": tritonclient.http.aio}
+_DEFAULT_PORT = {"grpc": SERVING.grpc_port, "http": SERVING.http_port}
+_OUTPUTS = (NAMES.probability, NAMES.pathology, NAMES.study_uid, NAMES.series_uid, NAMES.meta)
+# Only these mean "try again later": the server is restarting, overloaded or not reachable yet.
+# INVALID_ARG (a bad study, HTTP 400) and INTERNAL are answers, and resending cannot change them.
+_TRANSIENT_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "503", "502", "504"})
+
+
+class ServerUnavailable(ConnectionError):
+    """The server (or the model on it) cannot be reached or is not ready."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for transient errors: `attempts` tries in all, waits between them."""
+
+    attempts: int = 5
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    def backoffs(self) -> Iterator[float]:
+        """The waits before the 2nd, 3rd, ... attempt (attempts - 1 of them)."""
+        for retry in range(max(self.attempts, 1) - 1):
+            yield min(self.initial_backoff_s * 2**retry, self.max_backoff_s)
+
+
+def default_url(protocol: str) -> str:
+    return f"localhost:{_DEFAULT_PORT[_check_protocol(protocol)]}"
+
+
+def load_payload(study: Study) -> list[bytes]:
+    """The elements to send: paths go through `preprocess.read_study`, the single path->payload rule."""
+    if isinstance(study, (bytes, bytearray, memoryview)):
+        return [bytes(study)]
+    if isinstance(study, (str, os.PathLike)):
+        # Imported here so that `python -m client --help` does not pay for the imaging stack.
+        from preprocess import read_study
+
+        return read_study(study)
+    payload = list(study)
+    if not all(isinstance(element, (bytes, bytearray)) for element in payload):
+        raise TypeError("a study is a path, bytes, or a sequence of bytes (one element per file)")
+    return [bytes(element) for element in payload]
+
+
+def payload_bytes(payload: Sequence[bytes]) -> int:
+    """Size of the DICOM tensor as Triton serialises it (4-byte length prefix per element)."""
+    return sum(4 + len(element) for element in payload)
+
+
+class _SharedMemoryPayload:
+    """The DICOM tensor written once into a POSIX shared memory region the server reads directly.
+
+    Only for a server on the same host. The region lives for one study; it is registered per
+    attempt because a restarted server has forgotten earlier registrations.
+    """
+
+    def __init__(self, payload: Sequence[bytes]):
+        self.byte_size = payload_bytes(payload)
+        self.name = f"ct_triage_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+        self.key = "/" + self.name
+        self._handle = system_shm.create_shared_memory_region(
+            self.name, self.key, self.byte_size, create_only=True
+        )
+        # Length prefixes and file bytes written in place: no concatenated copy of the study.
+        values = []
+        for element in payload:
+            values.append(np.asarray(struct.pack("<I", len(element)), dtype=np.object_))
+            values.append(np.asarray(element, dtype=np.object_))
+        system_shm.set_shared_memory_region(self._handle, values)
+
+    def close(self) -> None:
+        system_shm.destroy_shared_memory_region(self._handle)
+
+
+def _check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+    return protocol
+
+
+def _strip_scheme(url: str) -> str:
+    return url.split("://", 1)[1] if "://" in url else url
+
+
+def _inputs(module: ModuleType, payload: Sequence[bytes], region: _SharedMemoryPayload | None):
+    tensor = module.InferInput(NAMES.dicom, [len(payload)], "BYTES")
+    if region is None:
+        # np.object_, never np.bytes_: numpy strips trailing NUL bytes from np.bytes_ items.
+        array = np.empty(len(payload), dtype=np.object_)
+        array[:] = list(payload)
+        tensor.set_data_from_numpy(array)
+    else:
+        tensor.set_shared_memory(region.name, region.byte_size)
+    return [tensor]
+
+
+def _outputs(module: ModuleType):
+    return [module.InferRequestedOutput(name) for name in _OUTPUTS]
+
+
+def _model_description(meta: dict[str, Any], model: str) -> str:
+    provenance = meta.get("provenance")
+    if provenance is None:
+        return model
+    if isinstance(provenance, str):
+        return provenance
+    return json.dumps(provenance, sort_keys=True, separators=(",", ":"))
+
+
+def _parse(result, model: str, seconds: float) -> TriageResult:
+    def text(name: str) -> str:
+        value = result.as_numpy(name).reshape(-1)[0]
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+    meta = json.loads(text(NAMES.meta))
+    return TriageResult(
+        study_uid=text(NAMES.study_uid),
+        series_uid=text(NAMES.series_uid),
+        probability_of_pathology=float(result.as_numpy(NAMES.probability).reshape(-1)[0]),
+        pathology=int(result.as_numpy(NAMES.pathology).reshape(-1)[0]),
+        processing_status=SUCCESS,
+        error=None,
+        time_of_processing=seconds,
+        meta=meta,
+        model=_model_description(meta, model),
+    )
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, InferenceServerException):
+        return error.status() in _TRANSIENT_STATUSES
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
+        return False  # the request already used its whole time budget: do not multiply it
+    # Refused, reset or dropped connections: the server is down or restarting.
+    return isinstance(error, OSError) or _is_aiohttp_connection_error(error)
+
+
+def _is_aiohttp_connection_error(error: BaseException) -> bool:
+    import aiohttp  # tritonclient.http.aio depends on it
+
+    return isinstance(error, aiohttp.ClientConnectionError) and not isinstance(
+        error, aiohttp.ServerTimeoutError
+    )
+
+
+def _reason(error: BaseException) -> str:
+    """The server's own message when there is one, else what went wrong on the way."""
+    if isinstance(error, InferenceServerException):
+        message = error.message() or str(error)
+        return f"{error.status()}: {message}" if error.status() in _TRANSIENT_STATUSES else message
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
+        return "no answer within the request timeout"
+    return f"{type(error).__name__}: {error}"
+
+
+def _describe(error: BaseException, url: str) -> str:
+    """One line for the report and the terminal."""
+    if _is_transient(error):
+        return f"server at {url} unreachable or unavailable ({_reason(error)})"
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
+        return f"server at {url} gave {_reason(error)}"
+    return _reason(error)
+
+
+def _read_failure(error: Exception, model: str, started: float) -> TriageResult | None:
+    """A study that cannot even be read is a Failure row, not a crash (bad path, bad archive)."""
+    from preprocess import StudyError
+
+    if isinstance(error, (StudyError, OSError)):
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        return failure(f"cannot read study: {reason}", seconds=time.perf_counter() - started, model=model)
+    return None
+
+
+class _Base:
+    def __init__(self, url, protocol, model, timeout_s, retry, shared_memory):
+        self.protocol = _check_protocol(protocol)
+        self.url = _strip_scheme(url) if url else default_url(protocol)
+        self.model = model
+        self.timeout_s = float(timeout_s)
+        self.retry = retry
+        self.shared_memory = shared_memory
+        self._module = _SYNC[self.protocol]
+
+    def _infer_kwargs(self, payload, region) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "model_name": self.model,
+            "inputs": _inputs(self._module, payload, region),
+            "outputs": _outputs(self._module),
+        }
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = self.timeout_s  # http: set on the connection instead
+        return kwargs
+
+    def _not_ready(self, reason: str) -> ServerUnavailable:
+        return ServerUnavailable(
+            f"Triton server at {self.url} ({self.protocol}) is not usable: {reason}"
+        )
+
+
+class TriageClient(_Base):
+    """Blocking client: `TriageClient(url, "grpc").classify(path) -> TriageResult`."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        model: str = NAMES.triage,
+        timeout_s: float = SERVING.request_timeout_s,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        shared_memory: bool = False,
+    ):
+        super().__init__(url, protocol, model, timeout_s, retry, shared_memory)
+        if self.protocol == "http":
+            self._triton = tritonclient.http.InferenceServerClient(
+                self.url,
+                connection_timeout=min(self.timeout_s, 10.0),
+                network_timeout=self.timeout_s,
+            )
+        else:
+            self._triton = tritonclient.grpc.InferenceServerClient(self.url)
+
+    def __enter__(self) -> "TriageClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._triton.close()
+
+    @property
+    def triton(self):
+        """The underlying tritonclient client (statistics, metadata)."""
+        return self._triton
+
+    def check_ready(self) -> None:
+        """Raise ServerUnavailable with one clear line unless the server and the model are ready."""
+        try:
+            live = self._triton.is_server_live()
+            ready = live and self._triton.is_model_ready(self.model)
+        except Exception as error:  # any transport failure means "not reachable"
+            raise self._not_ready(_reason(error)) from None
+        if not live:
+            raise self._not_ready("server is not live")
+        if not ready:
+            raise self._not_ready(f"model {self.model!r} is not ready")
+
+    def classify(self, study: Study) -> TriageResult:
+        started = time.perf_counter()
+        try:
+            payload = load_payload(study)
+        except Exception as error:
+            result = _read_failure(error, self.model, started)
+            if result is None:
+                raise
+            return result
+        region = _SharedMemoryPayload(payload) if self.shared_memory else None
+        try:
+            return self._send(payload, region, started)
+        finally:
+            if region is not None:
+                region.close()
+
+    def _send(self, payload, region, started) -> TriageResult:
+        backoffs = self.retry.backoffs()
+        while True:
+            try:
+                answer = self._infer_once(payload, region)
+                return _parse(answer, self.model, time.perf_counter() - started)
+            except Exception as error:
+                wait = next(backoffs, None) if _is_transient(error) else None
+                if wait is None:
+                    return failure(
+                        _describe(error, self.url),
+                        seconds=time.perf_counter() - started,
+                        model=self.model,
+                    )
+            time.sleep(wait)
+
+    def _infer_once(self, payload, region):
+        if region is None:
+            return self._triton.infer(**self._infer_kwargs(payload, None))
+        self._triton.register_system_shared_memory(region.name, region.key, region.byte_size)
+        try:
+            return self._triton.infer(**self._infer_kwargs(payload, region))
+        finally:
+            self._triton.unregister_system_shared_memory(region.name)
+
+
+class AsyncTriageClient(_Base):
+    """asyncio client with the same API; construct it inside the running event loop."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        model: str = NAMES.triage,
+        timeout_s: float = SERVING.request_timeout_s,
+        *,
+        retry: RetryPolicy = RetryPolicy(),
+        shared_memory: bool = False,
+    ):
+        super().__init__(url, protocol, model, timeout_s, retry, shared_memory)
+        if self.protocol == "http":
+            self._triton = tritonclient.http.aio.InferenceServerClient(
+                self.url, conn_timeout=self.timeout_s
+            )
+        else:
+            self._triton = tritonclient.grpc.aio.InferenceServerClient(self.url)
+
+    async def __aenter__(self) -> "AsyncTriageClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._triton.close()
+
+    @property
+    def triton(self):
+        return self._triton
+
+    async def check_ready(self) -> None:
+        try:
+            live = await self._triton.is_server_live()
+            ready = live and await self._triton.is_model_ready(self.model)
+        except Exception as error:
+            raise self._not_ready(_reason(error)) from None
+        if not live:
+            raise self._not_ready("server is not live")
+        if not ready:
+            raise self._not_ready(f"model {self.model!r} is not ready")
+
+    async def classify(self, study: Study) -> TriageResult:
+        started = time.perf_counter()
+        try:
+            payload = await asyncio.to_thread(load_payload, study)
+        except Exception as error:
+            result = _read_failure(error, self.model, started)
+            if result is None:
+                raise
+            return result
+        return await self.classify_payload(payload, started=started)
+
+    async def classify_payload(self, payload: list[bytes], *, started: float | None = None) -> TriageResult:
+        """Classify elements already in memory (the report reads them under its memory budget)."""
+        started = time.perf_counter() if started is None else started
+        region = _SharedMemoryPayload(payload) if self.shared_memory else None
+        try:
+            return await self._send(payload, region, started)
+        finally:
+            if region is not None:
+                region.close()
+
+    async def _send(self, payload, region, started) -> TriageResult:
+        backoffs = self.retry.backoffs()
+        while True:
+            try:
+                answer = await self._infer_once(payload, region)
+                return _parse(answer, self.model, time.perf_counter() - started)
+            except Exception as error:
+                wait = next(backoffs, None) if _is_transient(error) else None
+                if wait is None:
+                    return failure(
+                        _describe(error, self.url),
+                        seconds=time.perf_counter() - started,
+                        model=self.model,
+                    )
+            await asyncio.sleep(wait)
+
+    async def _infer_once(self, payload, region):
+        if region is None:
+            return await self._triton.infer(**self._infer_kwargs(payload, None))
+        await self._triton.register_system_shared_memory(region.name, region.key, region.byte_size)
+        try:
+            return await self._triton.infer(**self._infer_kwargs(payload, region))
+        finally:
+            await self._triton.unregister_system_shared_memory(region.name)

@@ -1,0 +1,219 @@
+"""Client parts that need no server: study discovery, report files, resume, retries, memory bound."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openpyxl
+import pytest
+
+import client
+from client.report import _ByteBudget
+from client.triage import _is_transient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dicom_like(path: Path, body: bytes = b"") -> None:
+    """A file that discovery recognises as DICOM (preamble + DICM), without any extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 128 + b"DICM" + body)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # nobody listens once the probe is closed
+
+
+def _row(path: str, status: str = client.SUCCESS, probability: float | None = 0.25) -> dict:
+    ok = status == client.SUCCESS
+    return {
+        "path_to_study": path,
+        "study_uid": "1.2.3" if ok else None,
+        "series_uid": "1.2.3.4" if ok else None,
+        "probability_of_pathology": probability if ok else None,
+        "pathology": 0 if ok else None,
+        "processing_status": status,
+        "time_of_processing": 1.5,
+        "error": None if ok else "bad study",
+        "model": "demo",
+    }
+
+
+def test_discovery_finds_zips_and_dicom_folders_in_stable_order(tmp_path):
+    (tmp_path / "b.zip").write_bytes(b"PK\x03\x04rest")
+    (tmp_path / "archive_without_suffix").write_bytes(b"PK\x03\x04rest")
+    _dicom_like(tmp_path / "a_study" / "series1" / "IM0001")  # series in deeper folders: one study
+    _dicom_like(tmp_path / "a_study" / "series2" / "IM0001")
+    _dicom_like(tmp_path / "c_study" / "slice.dcm")
+    (tmp_path / "grouped" / "nested").mkdir(parents=True)
+    (tmp_path / "grouped" / "nested" / "d.ZIP").write_bytes(b"not really a zip")  # corrupt: still a study
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("no DICOM here")
+    _dicom_like(tmp_path / ".hidden" / "IM0001")
+    _dicom_like(tmp_path / "loose_multiframe.dcm")
+    (tmp_path / "loose.txt").write_text("not a study")
+
+    studies = client.discover_studies(tmp_path)
+
+    assert [study.path_to_study for study in studies] == [
+        "a_study",
+        "archive_without_suffix",
+        "b.zip",
+        "c_study",
+        "grouped/nested/d.ZIP",
+        "loose_multiframe.dcm",
+    ]
+    sizes = {study.path_to_study: study.size_bytes for study in studies}
+    assert sizes["a_study"] == 2 * 132 and sizes["b.zip"] == 8
+    assert client.discover_studies(tmp_path) == studies  # deterministic
+
+
+def test_discovery_rejects_a_file(tmp_path):
+    (tmp_path / "x.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(NotADirectoryError):
+        client.discover_studies(tmp_path / "x.zip")
+
+
+@pytest.mark.parametrize("suffix", [".xlsx", ".csv"])
+def test_report_round_trip_keeps_header_types_and_order(tmp_path, suffix):
+    rows = [_row("b.zip"), _row("a", client.FAILURE), _row("c", probability=0.875)]
+    path = tmp_path / f"report{suffix}"
+
+    client.write_report(rows, path)
+
+    assert client.read_report(path) == rows
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+    if suffix == ".xlsx":
+        sheet = openpyxl.load_workbook(path).active
+        assert tuple(cell.value for cell in sheet[1]) == client.COLUMNS
+        assert sheet.cell(row=4, column=4).value == 0.875  # a number, not text
+
+
+def test_report_write_is_atomic_when_writing_fails(tmp_path):
+    path = tmp_path / "report.xlsx"
+    client.write_report([_row("a")], path)
+    before = path.read_bytes()
+
+    with pytest.raises(ValueError):  # openpyxl refuses a cell value half-way through the file
+        client.write_report([_row("a"), {**_row("b"), "model": object()}], path)
+
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["report.xlsx"]
+
+
+def test_read_report_refuses_other_tables(tmp_path):
+    other = tmp_path / "other.csv"
+    other.write_text("name,value\nx,1\n")
+    with pytest.raises(client.ReportError, match="not a triage report"):
+        client.read_report(other)
+    with pytest.raises(client.ReportError):
+        client.write_report([], tmp_path / "report.txt")
+
+
+def test_resume_with_everything_done_sends_nothing(tmp_path):
+    """Finished studies are not resent: here the server does not even exist."""
+    folder = tmp_path / "studies"
+    _dicom_like(folder / "s1" / "IM1")
+    _dicom_like(folder / "s2" / "IM1")
+    out = tmp_path / "report.xlsx"
+    client.write_report([_row("s2"), _row("gone"), _row("s1", probability=0.5)], out)
+
+    def unreachable() -> client.AsyncTriageClient:
+        return client.AsyncTriageClient(f"127.0.0.1:{_closed_port()}", "grpc")
+
+    summary = asyncio.run(
+        client.build_report(folder, out, unreachable, csv_out=tmp_path / "r.csv", resume=True)
+    )
+
+    assert (summary.studies, summary.sent, summary.skipped) == (2, 0, 2)
+    rows = client.read_report(out)
+    assert [row["path_to_study"] for row in rows] == ["s1", "s2"]  # discovery order; "gone" dropped
+    assert rows[0]["probability_of_pathology"] == 0.5
+    assert client.read_report(tmp_path / "r.csv") == rows
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unreachable_server_gives_failure_after_bounded_retries(protocol):
+    retry = client.RetryPolicy(attempts=3, initial_backoff_s=0.1)
+    with client.TriageClient(f"127.0.0.1:{_closed_port()}", protocol, retry=retry, timeout_s=5) as triage:
+        started = time.perf_counter()
+        result = triage.classify(b"\0" * 128 + b"DICM")
+        elapsed = time.perf_counter() - started
+
+    assert result.processing_status == client.FAILURE and not result.ok
+    assert "unreachable" in result.error
+    assert 0.3 <= elapsed < 5  # waited 0.1 + 0.2 between the three attempts, then gave up
+    assert result.time_of_processing == pytest.approx(elapsed, abs=0.05)
+
+
+def test_server_down_at_start_is_one_clear_line(tmp_path):
+    _dicom_like(tmp_path / "s1" / "IM1")
+    for command in (
+        ["classify", str(tmp_path / "s1")],
+        ["report", str(tmp_path), "--out", str(tmp_path / "r.xlsx")],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "client", *command, "--url", f"127.0.0.1:{_closed_port()}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 3, done.stderr
+        assert done.stdout == ""
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: Triton server at 127.0.0.1:"), done.stderr
+    assert not (tmp_path / "r.xlsx").exists()
+
+
+def test_retry_schedule_is_bounded_exponential():
+    assert list(client.RetryPolicy(attempts=6, initial_backoff_s=0.5, max_backoff_s=3).backoffs()) == [
+        0.5, 1.0, 2.0, 3.0, 3.0,
+    ]
+    assert list(client.RetryPolicy(attempts=1).backoffs()) == []
+
+
+def test_only_unavailability_is_transient():
+    from tritonclient.utils import InferenceServerException
+
+    assert _is_transient(InferenceServerException("restarting", status="StatusCode.UNAVAILABLE"))
+    assert _is_transient(InferenceServerException("Service Unavailable", status="503"))
+    assert _is_transient(ConnectionRefusedError(111, "Connection refused"))
+    assert not _is_transient(InferenceServerException("no CT series", status="StatusCode.INVALID_ARGUMENT"))
+    assert not _is_transient(InferenceServerException("no CT series", status="400"))
+    assert not _is_transient(InferenceServerException("stub crashed", status="StatusCode.INTERNAL"))
+    assert not _is_transient(TimeoutError("timed out"))
+
+
+def test_byte_budget_bounds_bytes_in_flight():
+    async def scenario() -> tuple[int, int]:
+        budget = _ByteBudget(100)
+        in_flight, peak = 0, 0
+
+        async def study(size: int) -> None:
+            nonlocal in_flight, peak
+            async with budget.hold(size):
+                in_flight += min(size, 100)
+                peak = max(peak, in_flight)
+                await asyncio.sleep(0.01)
+                in_flight -= min(size, 100)
+
+        await asyncio.wait_for(asyncio.gather(*(study(s) for s in [60, 60, 30, 500, 10, 40])), 5)
+        return peak, budget._in_use
+
+    peak, left = asyncio.run(scenario())
+    assert peak <= 100  # the 500-byte study went alone instead of deadlocking
+    assert left == 0
+
+
+def test_payload_keeps_bytes_exactly():
+    element = b"DICM\x00\x01\x00\x00"  # trailing NULs: np.bytes_ would drop them
+    assert client.load_payload(element) == [element]
+    assert client.load_payload([element, b"x"]) == [element, b"x"]
+    assert client.payload_bytes([element, b"x"]) == (4 + 8) + (4 + 1)
+    with pytest.raises(TypeError):
+        client.load_payload([element, "text"])
