@@ -1,0 +1,48 @@
+"""ct_preprocess: DICOM bytes -> model input volume. Thin: the work is `preprocess.preprocess_study`.
+
+A bad study (preprocess.StudyError) fails that request only, with INVALID_ARG and the
+preprocess message; anything else is INTERNAL and is logged without its message (which could
+quote DICOM values, i.e. patient data).
+"""
+import json
+import traceback
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+import preprocess
+from settings import NAMES
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        dims = pb_utils.get_output_config_by_name(config, NAMES.volume)["dims"]
+        self.size = int(dims[-1])  # the volume is [1, 1, S, S, S]; S is written once, by export
+        self.logger = pb_utils.Logger
+
+    def execute(self, requests):
+        return [self._respond(request) for request in requests]
+
+    def _respond(self, request):
+        try:
+            files = pb_utils.get_input_tensor_by_name(request, NAMES.dicom).as_numpy().reshape(-1)
+            study = preprocess.preprocess_study([bytes(f) for f in files], size=self.size, mode="fast")
+        except preprocess.StudyError as error:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+        except Exception as error:  # an internal bug: report the type and where, never the message
+            where = "; ".join(f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)[-3:])
+            self.logger.log_error(f"ct_preprocess internal error {type(error).__name__} at {where}")
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(
+                    f"internal error in preprocessing ({type(error).__name__})", pb_utils.TritonError.INTERNAL
+                )
+            )
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(NAMES.volume, np.ascontiguousarray(study.volume, dtype=np.float32)),
+                pb_utils.Tensor(NAMES.study_uid, np.array([study.study_uid.encode()], dtype=np.object_)),
+                pb_utils.Tensor(NAMES.series_uid, np.array([study.series_uid.encode()], dtype=np.object_)),
+                pb_utils.Tensor(NAMES.meta, np.array([json.dumps(study.meta).encode()], dtype=np.object_)),
+            ]
+        )

@@ -1,0 +1,66 @@
+"""`python -m serve --repository DIR`: run tritonserver in the foreground until SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from serve.launcher import ServerError, TritonServer
+from settings import SERVING
+
+
+class _Stop(Exception):
+    """Raised in the main thread by SIGINT/SIGTERM so start-up and waiting unwind to stop()."""
+
+
+def _raise_stop(signum, _frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__)
+    parser.add_argument("--repository", required=True, help="model repository written by `python -m export`")
+    parser.add_argument("--http-port", type=int, default=SERVING.http_port)
+    parser.add_argument("--grpc-port", type=int, default=SERVING.grpc_port)
+    parser.add_argument("--metrics-port", type=int, default=SERVING.metrics_port)
+    parser.add_argument("--log-file", help="server log (default: a temporary file, its path is printed)")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    server = TritonServer(
+        args.repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_file=args.log_file,
+        log_verbose=args.log_verbose,
+    )
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        server.start()
+        print(
+            f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}\n"
+            f"log: {server.log_file}\nstop with Ctrl-C or SIGTERM",
+            flush=True,
+        )
+        while server.is_running():
+            time.sleep(0.5)
+        print(f"tritonserver exited on its own:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    except _Stop as stop:
+        print(f"{stop}: stopping tritonserver", flush=True)
+        return 0
+    except ServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        # A second signal must not interrupt the clean-up (stop() itself is bounded in time).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

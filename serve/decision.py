@@ -1,0 +1,69 @@
+"""The triage decision and the response metadata, as pure functions (ct_postprocess calls these).
+
+Kept out of model.py so it is tested without a server and so the decision rule exists once.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from settings import NAMES
+
+
+class DecisionError(ValueError):
+    """Classifier output or operating point that cannot give a trustworthy decision."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """P(pathology) and the 0/1 decision at the operating point that produced it."""
+
+    probability: float
+    pathology: int
+    threshold: float
+
+
+def parse_threshold(value: str | float) -> float:
+    """Operating point from a config parameter; a bad value must stop the model from loading."""
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise DecisionError(f"threshold must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
+        raise DecisionError(f"threshold must be a number in [0, 1], got {value!r}")
+    return threshold
+
+
+def decide(probabilities: np.ndarray, threshold: float) -> Decision:
+    """Pathology when P(pathology) >= threshold; probabilities are the softmax over NAMES.labels."""
+    p = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    if p.size != len(NAMES.labels):
+        raise DecisionError(f"expected {len(NAMES.labels)} class probabilities, got {p.size}")
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or abs(p.sum() - 1.0) > 1e-3:
+        raise DecisionError("classifier output is not a probability distribution")
+    probability = float(p[NAMES.labels.index("pathology")])
+    return Decision(probability=probability, pathology=int(probability >= threshold), threshold=threshold)
+
+
+def parse_provenance(value: str) -> object:
+    """Provenance is written by export as JSON; anything else is still reported, as text."""
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def triage_meta(preprocess_meta: bytes | str, decision: Decision, provenance: object) -> str:
+    """The response META: preprocess metadata plus the operating point and the model provenance."""
+    try:
+        meta = json.loads(preprocess_meta)
+    except ValueError:
+        raise DecisionError("preprocess metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise DecisionError("preprocess metadata is not a JSON object")
+    meta["threshold"] = decision.threshold
+    meta["provenance"] = provenance
+    return json.dumps(meta)

@@ -1,0 +1,308 @@
+"""Run the real `tritonserver` bundled in the nvidia-pytriton wheel, on any Linux machine.
+
+The wheel ships the server binary, the Python backend and one backend stub per Python version,
+but not laid out as a backend directory. We assemble one per server (Python backend + the stub
+of the running interpreter), start the server from this virtual environment (so the stub finds
+numpy and the project packages), wait for readiness, and stop it so that no stub process and no
+shared-memory region outlives it. Nothing here is needed by the model code: the same repository
+loads in the NGC `tritonserver` image.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+from settings import SERVING
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHM_DIR = Path("/dev/shm")
+
+
+class ServerError(RuntimeError):
+    """The server could not be started or did not stop cleanly; the message carries the log tail."""
+
+
+@dataclass(frozen=True)
+class Installation:
+    """Where the wheel keeps the pieces a backend directory is assembled from."""
+
+    binary: Path
+    python_backend: Path  # libtriton_python.so + triton_python_backend_utils.py
+    stub: Path  # triton_python_backend_stub built for this Python version
+    libs: Path  # the wheel's bundled shared libraries (libtritonserver, libcudart, ...)
+
+
+def find_installation() -> Installation:
+    """Locate tritonserver, the Python backend and the matching stub inside the installed wheel."""
+    try:
+        import pytriton
+    except ImportError as error:  # pragma: no cover - the dependency is pinned
+        raise ServerError("nvidia-pytriton is not installed: run `make setup`") from error
+    package = Path(pytriton.__file__).resolve().parent
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    installation = Installation(
+        binary=package / "tritonserver" / "bin" / "tritonserver",
+        python_backend=package / "tritonserver" / "backends" / "python",
+        stub=package / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub",
+        libs=package.parent / "nvidia_pytriton.libs",
+    )
+    missing = [str(p) for p in vars(installation).values() if not p.exists()]
+    if missing:
+        raise ServerError(f"incomplete nvidia-pytriton installation (Python {version}): missing {missing}")
+    return installation
+
+
+def prepare_backend_directory(destination: Path, installation: Installation | None = None) -> Path:
+    """Write `destination/python/` = the wheel's Python backend + this interpreter's stub."""
+    installation = installation or find_installation()
+    python_dir = Path(destination) / "python"
+    shutil.copytree(installation.python_backend, python_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(installation.stub, python_dir / "triton_python_backend_stub")
+    return Path(destination)
+
+
+def free_ports(count: int = 3) -> list[int]:
+    """Ports the kernel reports free right now (held open together so they are distinct)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _port_in_use(port: int) -> bool:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    """PIDs whose command line contains marker (our stubs carry our backend path and shm prefix)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+class TritonServer:
+    """One tritonserver process on a model repository; use as a context manager.
+
+    `start()` returns once /v2/health/ready answers 200 (all models loaded) or raises ServerError
+    with the log tail; `stop()` asks for a graceful exit (in-flight requests get
+    `exit_timeout_s`), then kills what is left and removes our shared-memory regions.
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike,
+        *,
+        http_port: int = SERVING.http_port,
+        grpc_port: int = SERVING.grpc_port,
+        metrics_port: int = SERVING.metrics_port,
+        log_file: str | os.PathLike | None = None,
+        startup_timeout_s: float = SERVING.startup_timeout_s,
+        exit_timeout_s: int = SERVING.exit_timeout_s,
+        log_verbose: int = 0,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.startup_timeout_s = startup_timeout_s
+        self.exit_timeout_s = exit_timeout_s
+        self.log_verbose = log_verbose
+        self._log_file = Path(log_file) if log_file else None
+        self._owns_log = log_file is None  # a log we chose is kept (for log_tail) after the rest is removed
+        self._workdir: Path | None = None
+        self._process: subprocess.Popen | None = None
+        # Unique per server: names its shared-memory regions, so leaks can be found and removed.
+        self.shm_prefix = f"ct_triage_{os.getpid()}_{secrets.token_hex(4)}"
+
+    # -- addresses ---------------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        """host:port as tritonclient expects it (no scheme)."""
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    @property
+    def log_file(self) -> Path | None:
+        return self._log_file
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def command(self, backend_directory: Path) -> list[str]:
+        """The tritonserver command line (explicit model control, so the load API can override configs)."""
+        python = "--backend-config=python,"
+        return [
+            str(find_installation().binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_directory}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            "--strict-readiness=true",
+            "--allow-gpu-metrics=false",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--log-verbose={self.log_verbose}",
+            f"{python}shm-default-byte-size={SERVING.shm_default_byte_size}",
+            f"{python}shm-growth-byte-size={SERVING.shm_growth_byte_size}",
+            f"{python}shm-region-prefix-name={self.shm_prefix}",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        """Environment of the server: the wheel's libraries, and this venv's Python for the stubs."""
+        env = dict(os.environ)
+        libs = str(find_installation().libs)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, env.get("LD_LIBRARY_PATH")) if p)
+        # The embedded interpreter in each stub finds its prefix through PATH: put this venv first.
+        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.prefix) / "bin"), env.get("PATH")) if p)
+        return env
+
+    def start(self) -> "TritonServer":
+        if self.is_running():
+            return self
+        if not (self.repository / "ct_triage").exists() and not any(self.repository.glob("*/config.pbtxt")):
+            raise ServerError(f"{self.repository} holds no model (config.pbtxt); run `python -m export` first")
+        busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if _port_in_use(p)]
+        if busy:
+            raise ServerError(f"port(s) {busy} already in use")
+        self._workdir = Path(tempfile.mkdtemp(prefix="ct_triage_triton_"))
+        backends = prepare_backend_directory(self._workdir / "backends")
+        if self._owns_log:
+            self._log_file = self._workdir / "tritonserver.log"
+        self._log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._log_file, "ab") as log:
+            self._process = subprocess.Popen(
+                self.command(backends),
+                env=self.environment(),
+                # The stubs ignore PYTHONPATH but search their working directory: from the project
+                # root they import its packages even when the editable install predates one.
+                cwd=PROJECT_ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # our own process group: a terminal's Ctrl-C reaches us, not it
+            )
+        atexit.register(self.stop)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise ServerError(
+                    f"tritonserver exited with code {self._process.returncode} during start-up:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Graceful SIGTERM, bounded wait, then SIGKILL of the group; leaves no stub and no shm region."""
+        atexit.unregister(self.stop)
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                _kill_group(process.pid)
+                process.wait(timeout=15)
+        if process is not None:
+            _kill_group(process.pid)  # stubs share the server's process group
+        if self._workdir is not None:
+            self._reap_stubs()
+            for region in self.leaked_shm():
+                region.unlink(missing_ok=True)
+            shutil.rmtree(self._workdir / "backends", ignore_errors=True)
+            if not self._owns_log:
+                shutil.rmtree(self._workdir, ignore_errors=True)
+
+    def _reap_stubs(self) -> None:
+        deadline = time.monotonic() + 10
+        while self.orphans() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in self.orphans():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def orphans(self) -> list[int]:
+        """Processes started for this server that are still alive (stubs carry our shm prefix)."""
+        return _processes_mentioning(self.shm_prefix)
+
+    def leaked_shm(self) -> list[Path]:
+        """Shared-memory regions with this server's prefix (none may remain after stop)."""
+        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.exists() else []
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self._log_file is None or not self._log_file.exists():
+            return "(no server log)"
+        text = self._log_file.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
