@@ -21,3 +21,13 @@ test: setup
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# The demo: export with demo weights at S=256, start the bundled Triton, classify a phantom, stop.
+demo: setup
+	$(PY) -m serve.demo
+
+# Serve a repository in the foreground (Ctrl-C stops it cleanly). `make demo` writes the default one.
+REPOSITORY ?= out/demo/repository
+serve: setup
+	@test -f $(REPOSITORY)/ct_triage/config.pbtxt || { echo "no model repository in $(REPOSITORY): run 'make demo' or '$(PY) -m export ... --out $(REPOSITORY)'"; exit 2; }
+	$(PY) -m serve --repository $(REPOSITORY)

@@ -202,7 +202,7 @@ class TritonServer:
     def start(self) -> "TritonServer":
         if self.is_running():
             return self
-        if not (self.repository / "ct_triage").exists() and not any(self.repository.glob("*/config.pbtxt")):
+        if not any(self.repository.glob("*/config.pbtxt")):
             raise ServerError(f"{self.repository} holds no model (config.pbtxt); run `python -m export` first")
         busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if _port_in_use(p)]
         if busy:

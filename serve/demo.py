@@ -1,0 +1,123 @@
+"""`python -m serve.demo`: the whole serving path on this machine, from nothing to a decision.
+
+Exports the classifier with demo weights (untrained: the probability means nothing) at S=256 as
+trained, starts the bundled tritonserver on free ports, sends a generated chest phantom study
+through ct_triage with the project's client, prints what a site would look at (probability,
+decision, chosen series, timings per stage, model provenance) and stops the server.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from serve.launcher import PROJECT_ROOT, TritonServer, free_ports
+from settings import NAMES, PREPROCESSING
+
+DEMO_DIR = PROJECT_ROOT / "out" / "demo"  # git-ignored
+
+
+def model_compute_seconds(triton, models) -> dict[str, float]:
+    """Cumulative server-side time per model (queue + compute), from Triton's statistics extension."""
+    stats = {}
+    for model in models:
+        entry = triton.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
+        stats[model] = {
+            key: int(entry[key]["ns"]) / 1e9 for key in ("queue", "compute_input", "compute_infer", "compute_output")
+        }
+    return stats
+
+
+def run(out_dir: Path, size: int, protocol: str, phantom_options: dict) -> int:
+    import client
+    import export
+    from preprocess import phantom
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    repository = out_dir / "repository"
+    export.write_repository(repository, target="cpu", size=size, demo_weights=True)
+    timings["export (demo weights, ONNX, repository)"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    study = phantom.write_study(out_dir / "phantom_study.zip", form="zip", **phantom_options)
+    timings["generate phantom study"] = time.perf_counter() - started
+
+    http_port, grpc_port, metrics_port = free_ports(3)
+    server = TritonServer(
+        repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+        log_file=out_dir / "tritonserver.log",
+    )
+    started = time.perf_counter()
+    with server:
+        timings["server start (models loaded)"] = time.perf_counter() - started
+        url = server.grpc_url if protocol == "grpc" else server.http_url
+        models = (NAMES.preprocess, NAMES.classifier, NAMES.postprocess)
+        with client.TriageClient(url, protocol=protocol) as triage:
+            triage.check_ready()
+            result = triage.classify(study)
+            per_model = model_compute_seconds(triage.triton, models) if result.ok else {}
+        started = time.perf_counter()
+    timings["server stop"] = time.perf_counter() - started
+
+    print(report(result, study, size, timings, per_model, server))
+    return 0 if result.ok else 1
+
+
+def report(result, study: Path, size: int, timings: dict, per_model: dict, server) -> str:
+    lines = [f"\nStudy {study.name} through {NAMES.triage} (S={size})"]
+    if not result.ok:
+        lines.append(f"  FAILED: {result.error}")
+        lines.append(f"  server log: {server.log_file}")
+        return "\n".join(lines)
+    meta = result.meta
+    threshold = meta.get("threshold")
+    decision = NAMES.labels[result.pathology]
+    lines += [
+        f"  probability of pathology : {result.probability_of_pathology:.6f}",
+        f"  decision                 : {result.pathology} ({decision}) at threshold {threshold}",
+        f"  study / series           : {result.study_uid} / {result.series_uid}",
+    ]
+    selection = meta.get("series_selection", {})
+    lines.append(f"  chosen series            : {selection.get('chosen')} ({selection.get('reason')})")
+    for skipped in selection.get("skipped", []):
+        lines.append(f"    skipped {skipped.get('series_uid')}: {skipped.get('reason')}")
+    lines.append(
+        f"  geometry                 : shape {meta.get('original_shape')}, spacing {meta.get('original_spacing_mm')} mm,"
+        f" crop box {meta.get('crop_box')}"
+    )
+    for warning in meta.get("warnings", []):
+        lines.append(f"  warning                  : {warning}")
+    lines.append("  preprocessing (in ct_preprocess), seconds:")
+    for stage, seconds in meta.get("timings_s", {}).items():
+        lines.append(f"    {stage:<28} {seconds:8.3f}")
+    lines.append("  server time per model (queue / compute), seconds:")
+    for model, stats in per_model.items():
+        compute = stats["compute_input"] + stats["compute_infer"] + stats["compute_output"]
+        lines.append(f"    {model:<28} {stats['queue']:8.3f} / {compute:8.3f}")
+    lines.append(f"  client round trip        : {result.time_of_processing:.3f} s")
+    lines.append("  around the request, seconds:")
+    for step, seconds in timings.items():
+        lines.append(f"    {step:<40} {seconds:8.3f}")
+    lines.append(f"  model provenance         : {json.dumps(meta.get('provenance'), sort_keys=True)}")
+    lines.append("  (demo weights are untrained: this probability says nothing about the phantom)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve.demo", description=__doc__)
+    parser.add_argument("--out", type=Path, default=DEMO_DIR, help="work folder (repository, study, log)")
+    parser.add_argument("--size", type=int, default=PREPROCESSING.size, help="model input S (trained at 256)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--slices", type=int, default=160, help="phantom slices")
+    parser.add_argument("--matrix", type=int, default=256, help="phantom rows and columns")
+    args = parser.parse_args(argv)
+    return run(args.out, args.size, args.protocol, {"slices": args.slices, "rows": args.matrix, "columns": args.matrix})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
