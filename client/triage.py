@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import struct
 import time
@@ -27,6 +28,8 @@ from tritonclient.utils import shared_memory as system_shm
 from settings import NAMES, SERVING
 
 from .result import SUCCESS, TriageResult, failure
+
+_log = logging.getLogger(__name__)
 
 Study = Union[str, "os.PathLike[str]", bytes, Sequence[bytes]]
 """A path (folder, ZIP or DICOM file), one file's bytes, or the elements of a study."""
@@ -92,7 +95,7 @@ class _SharedMemoryPayload:
 
     def __init__(self, payload: Sequence[bytes]):
         self.byte_size = payload_bytes(payload)
-        self.name = f"ct_triage_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+        self.name = f"ct_triage_client_{os.getpid()}_{uuid.uuid4().hex[:12]}"
         self.key = "/" + self.name
         self._handle = system_shm.create_shared_memory_region(
             self.name, self.key, self.byte_size, create_only=True
@@ -106,6 +109,18 @@ class _SharedMemoryPayload:
 
     def close(self) -> None:
         system_shm.destroy_shared_memory_region(self._handle)
+
+
+# The server may hold a region for a moment after answering ("currently in use"): wait it out.
+_UNREGISTER_WAITS_S = (0.01,) * 50 + (0.1,) * 20 + (None,)
+
+
+def _still_in_use(error: InferenceServerException, wait: float | None) -> bool:
+    """Whether to try unregistering again; a region left registered costs server memory, not the answer."""
+    if "in use" in (error.message() or "") and wait is not None:
+        return True
+    _log.warning("shared memory region not unregistered: %s", error.message())
+    return False
 
 
 def _check_protocol(protocol: str) -> str:
@@ -322,7 +337,14 @@ class TriageClient(_Base):
         try:
             return self._triton.infer(**self._infer_kwargs(payload, region))
         finally:
-            self._triton.unregister_system_shared_memory(region.name)
+            for wait in _UNREGISTER_WAITS_S:
+                try:
+                    self._triton.unregister_system_shared_memory(region.name)
+                    break
+                except InferenceServerException as error:
+                    if not _still_in_use(error, wait):
+                        break
+                time.sleep(wait)
 
 
 class AsyncTriageClient(_Base):
@@ -414,4 +436,11 @@ class AsyncTriageClient(_Base):
         try:
             return await self._triton.infer(**self._infer_kwargs(payload, region))
         finally:
-            await self._triton.unregister_system_shared_memory(region.name)
+            for wait in _UNREGISTER_WAITS_S:
+                try:
+                    await self._triton.unregister_system_shared_memory(region.name)
+                    break
+                except InferenceServerException as error:
+                    if not _still_in_use(error, wait):
+                        break
+                await asyncio.sleep(wait)
