@@ -42,6 +42,10 @@ _OUTPUTS = (NAMES.probability, NAMES.pathology, NAMES.study_uid, NAMES.series_ui
 # Only these mean "try again later": the server is restarting, overloaded or not reachable yet.
 # INVALID_ARG (a bad study, HTTP 400) and INTERNAL are answers, and resending cannot change them.
 _TRANSIENT_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "503", "502", "504"})
+# While a model is unloading or reloading (server stopping, repository update) Triton answers
+# NOT_FOUND "... has no available versions"; a wrong model name ("... is not found") is permanent.
+_RELOADING_STATUSES = frozenset({"StatusCode.NOT_FOUND", "404"})
+_RELOADING_MESSAGE = "has no available versions"
 
 
 class ServerUnavailable(ConnectionError):
@@ -179,7 +183,8 @@ def _parse(result, model: str, seconds: float) -> TriageResult:
 
 def _is_transient(error: BaseException) -> bool:
     if isinstance(error, InferenceServerException):
-        return error.status() in _TRANSIENT_STATUSES
+        reloading = error.status() in _RELOADING_STATUSES and _RELOADING_MESSAGE in (error.message() or "")
+        return error.status() in _TRANSIENT_STATUSES or reloading
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
         return False  # the request already used its whole time budget: do not multiply it
     # Refused, reset or dropped connections: the server is down or restarting.
@@ -198,7 +203,7 @@ def _reason(error: BaseException) -> str:
     """The server's own message when there is one, else what went wrong on the way."""
     if isinstance(error, InferenceServerException):
         message = error.message() or str(error)
-        return f"{error.status()}: {message}" if error.status() in _TRANSIENT_STATUSES else message
+        return f"{error.status()}: {message}" if _is_transient(error) else message
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
         return "no answer within the request timeout"
     return f"{type(error).__name__}: {error}"

@@ -183,6 +183,10 @@ def test_only_unavailability_is_transient():
     assert _is_transient(InferenceServerException("restarting", status="StatusCode.UNAVAILABLE"))
     assert _is_transient(InferenceServerException("Service Unavailable", status="503"))
     assert _is_transient(ConnectionRefusedError(111, "Connection refused"))
+    reloading = "Request for unknown model: 'ct_triage' has no available versions"
+    assert _is_transient(InferenceServerException(reloading, status="StatusCode.NOT_FOUND"))
+    assert _is_transient(InferenceServerException(reloading, status="404"))
+    assert not _is_transient(InferenceServerException("Request for unknown model: 'x' is not found", status="404"))
     assert not _is_transient(InferenceServerException("no CT series", status="StatusCode.INVALID_ARGUMENT"))
     assert not _is_transient(InferenceServerException("no CT series", status="400"))
     assert not _is_transient(InferenceServerException("stub crashed", status="StatusCode.INTERNAL"))
