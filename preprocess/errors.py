@@ -1,0 +1,104 @@
+"""Typed errors for studies that cannot become a model input.
+
+Every message is meant for the person who sent the study (radiology IT): it says what is wrong in
+plain words and never contains patient name, ID or birth date. Files are named by their position
+in the input ("file 3, archive member 17"), never by path, because folder names often carry PHI.
+Anything raised by this package that is not a StudyError is an internal bug.
+"""
+from __future__ import annotations
+
+
+class StudyError(ValueError):
+    """Base class: the study (not the software) is the problem; the message is safe to show."""
+
+
+class EmptyInputError(StudyError):
+    """Nothing was sent, or every element was empty."""
+
+
+class NotDicomError(StudyError):
+    """No DICOM image was found among the inputs."""
+
+
+class CorruptDicomError(StudyError):
+    """A file claims to be DICOM (or is needed as one) but cannot be read: truncated or damaged."""
+
+
+class ArchiveError(StudyError):
+    """A ZIP archive is empty, damaged, encrypted or nested too deeply."""
+
+
+class UnsafeArchiveError(ArchiveError):
+    """A ZIP archive with member paths that escape its folder, or a ZIP bomb."""
+
+
+class InputTooLargeError(StudyError):
+    """Declared sizes beyond settings.INPUT_LIMITS: refused before any memory is allocated."""
+
+
+class SeriesNotFoundError(StudyError):
+    """The SeriesInstanceUID asked for is not in the study."""
+
+
+class NoUsableSeriesError(StudyError):
+    """Several series were found and none is a usable chest-CT volume; `skipped` says why each."""
+
+    def __init__(self, message: str, skipped: list[dict[str, str]] | None = None):
+        super().__init__(message)
+        self.skipped = list(skipped or [])
+
+
+class UnusableSeriesError(StudyError):
+    """Base for the reasons a single series cannot be used as the model input."""
+
+
+class NotCTError(UnusableSeriesError):
+    """The series is not CT (MR, PET, secondary capture, ...)."""
+
+
+class LocalizerError(UnusableSeriesError):
+    """The series is a localizer / scout / topogram, not a volume."""
+
+
+class NotAxialError(UnusableSeriesError):
+    """The slices are sagittal, coronal or strongly oblique."""
+
+
+class TooFewSlicesError(UnusableSeriesError):
+    """Too few slices to be a chest volume (e.g. a single image)."""
+
+
+class MissingGeometryError(UnusableSeriesError):
+    """Slices without position, orientation or pixel spacing: the volume cannot be built."""
+
+
+class InconsistentSlicesError(UnusableSeriesError):
+    """Slices of one series disagree in size, pixel spacing or orientation."""
+
+
+class DuplicateSliceError(UnusableSeriesError):
+    """Two different slices at the same position."""
+
+
+class SliceGapError(UnusableSeriesError):
+    """Uneven slice spacing: missing slices or a mix of reconstructions."""
+
+
+class GantryTiltError(UnusableSeriesError):
+    """Slices shifted sideways from one to the next (gantry tilt): not corrected, refused."""
+
+
+class MissingPixelDataError(UnusableSeriesError):
+    """Image objects without pixel data."""
+
+
+class UnsupportedPixelDataError(UnusableSeriesError):
+    """Pixel data this package does not decode (colour, float, unknown compression)."""
+
+
+class DecodeError(CorruptDicomError):
+    """Compressed or native pixel data that fails to decode, or is shorter than declared."""
+
+
+class EmptyVolumeError(StudyError):
+    """No voxel above the region-of-interest threshold: nothing to classify."""

@@ -1,0 +1,242 @@
+"""Group frames into series, check each one as a volume, and choose the series to classify.
+
+The rule is data (`SelectionRule`), applied in this order to every series:
+  1. modality is CT;  2. not a localizer/scout/topogram;  3. every slice has pixels, position,
+  orientation and pixel spacing, all slices the same size, spacing and orientation;
+  4. axial (slice normal within `max_axial_angle_deg` of the patient's cranio-caudal axis);
+  5. at least `min_slices` distinct slices, within settings.INPUT_LIMITS;
+  6. slices sorted by position projected on the slice normal are evenly spaced (no gap, no
+     duplicate position) and stacked along the normal (no gantry tilt).
+Among the series that pass, the thinnest slice spacing wins, then the most slices, then the
+smallest SeriesInstanceUID (so the choice is deterministic). A forced SeriesInstanceUID skips
+the ranking but not the checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from settings import INPUT_LIMITS, InputLimits
+
+from .dicom import Frame, check_decodable
+from .errors import (
+    DuplicateSliceError,
+    GantryTiltError,
+    InconsistentSlicesError,
+    InputTooLargeError,
+    LocalizerError,
+    MissingGeometryError,
+    MissingPixelDataError,
+    NoUsableSeriesError,
+    NotAxialError,
+    NotCTError,
+    NotDicomError,
+    SeriesNotFoundError,
+    SliceGapError,
+    StudyError,
+    TooFewSlicesError,
+)
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """Which series is a usable chest-CT volume, and which usable one to prefer."""
+
+    modality: str = "CT"
+    localizer_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW")
+    max_axial_angle_deg: float = 30.0  # slice normal vs patient z
+    spacing_tolerance: float = 0.10  # relative deviation of one slice step from the median step
+    max_tilt_deg: float = 1.0  # sideways shift of the stack per step, as an angle
+    same_geometry_tolerance: float = 1e-3  # direction cosines and relative pixel spacing
+    limits: InputLimits = INPUT_LIMITS
+
+
+SELECTION_RULE = SelectionRule()
+
+# canonical axes of the model input: D feet->head (+z), H anterior->posterior (+y), W right->left (+x)
+CANONICAL_AXES = ("D", "H", "W")
+ARRAY_AXES = ("slice", "row", "column")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A checked series: frames sorted along patient z and the geometry of the volume they form.
+
+    The volume array is [slice, row, column] in this order. `canonical[a]` gives, for canonical
+    axis a in (D, H, W), the array axis it reads and whether it runs backwards along it.
+    """
+
+    study_uid: str
+    series_uid: str
+    frames: tuple[Frame, ...]
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]  # mm between slices, rows, columns
+    origin: tuple[float, float, float]  # patient position of array voxel [0, 0, 0]
+    directions: tuple[tuple[float, float, float], ...]  # unit vectors of array axes slice, row, column
+    canonical: tuple[tuple[int, bool], ...]
+    duplicates_removed: int = 0
+
+    @property
+    def slopes(self) -> np.ndarray:
+        return np.array([f.slope for f in self.frames], dtype=np.float32)
+
+    @property
+    def intercepts(self) -> np.ndarray:
+        return np.array([f.intercept for f in self.frames], dtype=np.float32)
+
+    def canonical_shape(self) -> tuple[int, int, int]:
+        return tuple(self.shape[axis] for axis, _ in self.canonical)
+
+    def canonical_spacing(self) -> tuple[float, float, float]:
+        return tuple(self.spacing[axis] for axis, _ in self.canonical)
+
+    def describe(self) -> str:
+        return f"{len(self.frames)} axial CT slices, {self.spacing[0]:.2f} mm apart, {self.shape[1]}x{self.shape[2]} pixels"
+
+
+def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -> Stack:
+    """Check one series against the rule and sort it into a volume, or raise the reason it is unusable."""
+    first = frames[0]
+    limits = rule.limits
+    modality = first.modality or "unknown"
+    if modality.upper() != rule.modality:
+        raise NotCTError(f"series is {modality}, not {rule.modality}")
+    if any(t in rule.localizer_image_types for f in frames for t in f.image_type):
+        raise LocalizerError("series is a localizer/scout image, not a volume")
+    missing = sum(not f.pixels.present for f in frames)
+    if missing:
+        raise MissingPixelDataError(f"{missing} of {len(frames)} images have no pixel data (truncated or image-less files)")
+    check_decodable(first)
+    if any(f.position is None or f.orientation is None or f.pixel_spacing is None for f in frames):
+        raise MissingGeometryError("slices lack ImagePositionPatient, ImageOrientationPatient or PixelSpacing: no 3D geometry")
+    if len({(f.rows, f.columns) for f in frames}) > 1:
+        sizes = sorted({f"{f.rows}x{f.columns}" for f in frames})
+        raise InconsistentSlicesError(f"slices have different sizes ({', '.join(sizes)})")
+    if first.rows > limits.max_rows or first.columns > limits.max_columns:
+        raise InputTooLargeError(
+            f"slices of {first.rows}x{first.columns} pixels exceed the limit of {limits.max_rows}x{limits.max_columns}"
+        )
+    if first.rows < 2 or first.columns < 2:
+        raise InconsistentSlicesError(f"slices of {first.rows}x{first.columns} pixels are not CT images")
+    orientations = np.array([f.orientation for f in frames], dtype=np.float64)
+    spacings = np.array([f.pixel_spacing for f in frames], dtype=np.float64)
+    if np.abs(orientations - orientations[0]).max() > rule.same_geometry_tolerance:
+        raise InconsistentSlicesError("slices have different orientations (mixed stacks in one series)")
+    if np.abs(spacings / spacings[0] - 1).max() > rule.same_geometry_tolerance or (spacings[0] <= 0).any():
+        raise InconsistentSlicesError("slices have different or invalid pixel spacing")
+    if any(f.slope <= 0 or not math.isfinite(f.slope) or not math.isfinite(f.intercept) for f in frames):
+        raise InconsistentSlicesError("invalid RescaleSlope/RescaleIntercept (slope must be positive)")
+    row_dir, col_dir = _unit(orientations[0][:3]), _unit(orientations[0][3:])
+    if row_dir is None or col_dir is None or abs(float(row_dir @ col_dir)) > 1e-3:
+        raise MissingGeometryError("ImageOrientationPatient is not two perpendicular unit vectors")
+    normal = np.cross(row_dir, col_dir)
+    angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
+    if angle > rule.max_axial_angle_deg:
+        raise NotAxialError(f"slices are not axial (slice normal {angle:.0f} degrees from the body axis)")
+    if normal[2] < 0:
+        normal = -normal  # stack towards the head whatever the acquisition direction
+    unique: dict[tuple[str, int], Frame] = {}
+    for f in frames:
+        unique.setdefault((f.sop_uid, f.frame), f)
+    duplicates = len(frames) - len(unique)
+    frames = list(unique.values())
+    n = len(frames)
+    if n < limits.min_slices:
+        raise TooFewSlicesError(f"only {n} slice{'s' if n != 1 else ''}: a chest CT volume needs at least {limits.min_slices}")
+    if n > limits.max_slices or n * first.rows * first.columns > limits.max_voxels:
+        raise InputTooLargeError(f"{n} slices of {first.rows}x{first.columns} exceed the limit of {limits.max_slices} slices / {limits.max_voxels} voxels")
+    positions = np.array([f.position for f in frames], dtype=np.float64)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    frames = [frames[i] for i in order]
+    positions, along = positions[order], along[order]
+    steps = np.diff(along)
+    if steps.min() < 1e-3:
+        raise DuplicateSliceError("two different slices share one position (duplicate or overlapping reconstructions)")
+    median = float(np.median(steps))
+    worst = float(np.abs(steps - median).max())
+    if worst > rule.spacing_tolerance * median + 1e-2:
+        gaps = int(np.sum(steps > median * (1 + rule.spacing_tolerance)))
+        raise SliceGapError(
+            f"uneven slice spacing: steps from {steps.min():.2f} to {steps.max():.2f} mm (typical {median:.2f} mm)"
+            + (f", {gaps} gap{'s' if gaps != 1 else ''}: missing slices?" if gaps else "")
+        )
+    sideways = np.diff(positions, axis=0) - steps[:, None] * normal
+    tilt = math.degrees(math.atan(float(np.linalg.norm(sideways, axis=1).max()) / median))
+    if tilt > rule.max_tilt_deg:
+        raise GantryTiltError(f"slices are shifted sideways along the stack (gantry tilt of about {tilt:.1f} degrees): not supported")
+    slice_spacing = float(along[-1] - along[0]) / (n - 1)
+    return Stack(
+        study_uid=first.study_uid,
+        series_uid=first.series_uid,
+        frames=tuple(frames),
+        shape=(n, first.rows, first.columns),
+        spacing=(slice_spacing, float(spacings[0][0]), float(spacings[0][1])),
+        origin=tuple(float(v) for v in positions[0]),
+        directions=(tuple(normal), tuple(col_dir), tuple(row_dir)),
+        canonical=_canonical(row_dir, col_dir),
+        duplicates_removed=duplicates,
+    )
+
+
+def _unit(v: np.ndarray) -> np.ndarray | None:
+    norm = float(np.linalg.norm(v))
+    return v / norm if abs(norm - 1) < 1e-2 else None
+
+
+def _canonical(row_dir: np.ndarray, col_dir: np.ndarray) -> tuple[tuple[int, bool], ...]:
+    """Array axis and flip for D, H, W so that the model sees every series as head-first supine does."""
+    if abs(row_dir[0]) >= abs(row_dir[1]):  # columns run along x (the usual case)
+        return ((0, False), (1, bool(col_dir[1] < 0)), (2, bool(row_dir[0] < 0)))
+    return ((0, False), (2, bool(row_dir[1] < 0)), (1, bool(col_dir[0] < 0)))
+
+
+def select_series(
+    frames: Sequence[Frame], *, series_uid: str | None = None, rule: SelectionRule = SELECTION_RULE
+) -> tuple[Stack, dict]:
+    """The stack to classify and a JSON-ready record of the choice: {chosen, reason, skipped}."""
+    if not frames:
+        raise NotDicomError("no DICOM images found in the input")
+    groups: dict[str, list[Frame]] = {}
+    for f in frames:
+        groups.setdefault(f.series_uid, []).append(f)
+    if series_uid is not None and series_uid not in groups:
+        raise SeriesNotFoundError(f"series {series_uid} is not in the study ({len(groups)} series found)")
+    stacks: dict[str, Stack] = {}
+    errors: dict[str, StudyError] = {}
+    for uid in sorted(groups):
+        if series_uid is not None and uid != series_uid:
+            continue
+        try:
+            stacks[uid] = build_stack(groups[uid], rule)
+        except StudyError as exc:
+            errors[uid] = exc
+    skipped = [{"series_uid": uid, "reason": str(exc)} for uid, exc in errors.items()]
+    if series_uid is not None:
+        skipped += [{"series_uid": uid, "reason": "not the requested series"} for uid in sorted(groups) if uid != series_uid]
+    if not stacks:
+        if len(errors) == 1:
+            (error,) = errors.values()
+            raise error
+        listing = "; ".join(f"series {i + 1}: {s['reason']}" for i, s in enumerate(skipped))
+        raise NoUsableSeriesError(f"no usable chest-CT series among {len(groups)} ({listing})", skipped)
+    ranked = sorted(stacks.values(), key=lambda s: (round(s.spacing[0], 3), -len(s.frames), s.series_uid))
+    chosen = ranked[0]
+    if series_uid is not None:
+        reason = f"{chosen.describe()}: requested by SeriesInstanceUID"
+    elif len(ranked) == 1:
+        reason = f"{chosen.describe()}: the only usable series"
+    else:
+        reason = f"{chosen.describe()}: thinnest slices, then most slices, among {len(ranked)} usable series"
+    skipped += [
+        {"series_uid": s.series_uid, "reason": f"usable ({s.describe()}) but thicker or fewer slices than the chosen series"}
+        for s in ranked[1:]
+    ]
+    return chosen, {"chosen": chosen.series_uid, "reason": reason, "skipped": skipped}
+
+
+__all__ = ["SelectionRule", "SELECTION_RULE", "Stack", "build_stack", "select_series", "CANONICAL_AXES", "ARRAY_AXES"]

@@ -1,0 +1,128 @@
+"""Turn what the user sent into a flat list of candidate DICOM blobs, in memory.
+
+Paths become bytes in exactly one place (`read_study`); ZIP archives are unpacked here, member by
+member, without ever touching the disk, with every size and count checked against
+settings.INPUT_LIMITS before the bytes are read.
+"""
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from settings import INPUT_LIMITS, InputLimits
+
+from .errors import ArchiveError, EmptyInputError, UnsafeArchiveError
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header, or the end record of an empty archive
+
+
+@dataclass(frozen=True)
+class Blob:
+    """One candidate file: its bytes and a PHI-free label saying where it came from."""
+
+    data: bytes
+    label: str
+
+
+def read_study(path: str | os.PathLike) -> list[bytes]:
+    """A folder (recursive, sorted by relative path), a ZIP file (one element) or one file -> payload."""
+    root = Path(path)
+    if root.is_dir():
+        files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+        if not files:
+            raise EmptyInputError("the folder contains no files")
+        return [p.read_bytes() for p in files]
+    if root.is_file():
+        return [root.read_bytes()]
+    raise EmptyInputError("input path does not exist or is not a file or folder")
+
+
+def is_zip(data: bytes) -> bool:
+    return data[:4] in _ZIP_MAGIC
+
+
+def expand(files: Sequence[bytes], limits: InputLimits = INPUT_LIMITS) -> tuple[list[Blob], list[str]]:
+    """Unpack ZIP archives (nested up to limits.max_archive_depth) into blobs; returns (blobs, warnings)."""
+    if isinstance(files, (bytes, bytearray, memoryview)):
+        raise TypeError("files must be a sequence of byte strings, one per file, not a single bytes object")
+    blobs: list[Blob] = []
+    warnings: list[str] = []
+    budget = [limits.max_uncompressed_bytes]
+    for index, data in enumerate(files, start=1):
+        data = bytes(data) if not isinstance(data, bytes) else data
+        label = f"file {index}"
+        if not data:
+            warnings.append(f"{label} is empty: skipped")
+        elif is_zip(data):
+            blobs.extend(_unzip(data, label, 1, limits, budget, warnings))
+        else:
+            blobs.append(Blob(data, label))
+    if not blobs:
+        raise EmptyInputError("no files to read: the input is empty" + ("" if not warnings else f" ({warnings[0]})"))
+    return blobs, warnings
+
+
+def _unzip(data: bytes, label: str, depth: int, limits: InputLimits, budget: list[int], warnings: list[str]) -> list[Blob]:
+    if depth > limits.max_archive_depth:
+        raise ArchiveError(f"{label}: ZIP archives nested more than {limits.max_archive_depth} levels deep")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise ArchiveError(f"{label} is not a readable ZIP archive ({exc})") from None
+    if len(members) > limits.max_archive_members:
+        raise UnsafeArchiveError(f"{label}: ZIP archive has {len(members)} members, more than the limit of {limits.max_archive_members}")
+    files = [m for m in members if not m.is_dir()]
+    for position, member in enumerate(files, start=1):
+        _check_member(member, f"{label}, archive member {position}", limits)
+    total = sum(m.file_size for m in files)
+    if total > budget[0]:
+        raise UnsafeArchiveError(
+            f"{label}: ZIP archive unpacks to {total / 2**20:.0f} MiB, more than the limit of {limits.max_uncompressed_bytes / 2**20:.0f} MiB"
+        )
+    budget[0] -= total
+    if not files:
+        raise ArchiveError(f"{label}: the ZIP archive is empty")
+    blobs: list[Blob] = []
+    for position, member in enumerate(files, start=1):
+        where = f"{label}, archive member {position}"
+        try:
+            with archive.open(member) as stream:
+                content = stream.read(member.file_size + 1)
+        except RuntimeError as exc:  # encrypted members
+            raise ArchiveError(f"{where}: cannot be read ({exc})") from None
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+            raise ArchiveError(f"{where}: damaged ZIP member ({exc})") from None
+        if len(content) != member.file_size:
+            raise ArchiveError(f"{where}: unpacked size differs from the size the archive declares")
+        if not content:
+            warnings.append(f"{where} is empty: skipped")
+        elif is_zip(content):
+            blobs.extend(_unzip(content, where, depth + 1, limits, budget, warnings))
+        else:
+            blobs.append(Blob(content, where))
+    return blobs
+
+
+def _check_member(member: zipfile.ZipInfo, where: str, limits: InputLimits) -> None:
+    """Refuse names that escape the archive's folder and members that expand like a ZIP bomb."""
+    name = member.filename.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in posixpath.normpath(name).split("/") or ".." in name.split("/"):
+        raise UnsafeArchiveError(f"{where}: unsafe path in ZIP archive (absolute or containing '..'): refused")
+    if member.flag_bits & 0x1:
+        raise ArchiveError(f"{where}: encrypted ZIP members are not supported")
+    if member.file_size > limits.max_uncompressed_bytes:
+        raise UnsafeArchiveError(f"{where}: member declares {member.file_size / 2**20:.0f} MiB unpacked, more than the limit")
+    ratio = member.file_size / max(member.compress_size, 1)
+    if member.file_size > 2**20 and ratio > limits.max_compression_ratio:
+        raise UnsafeArchiveError(
+            f"{where}: compression ratio {ratio:.0f}:1 above {limits.max_compression_ratio:.0f}:1, treated as a ZIP bomb"
+        )
+
+
+__all__ = ["Blob", "read_study", "expand", "is_zip"]
