@@ -1,0 +1,231 @@
+"""Weights for the classifier: the research team's checkpoint, or seeded demo weights.
+
+Accepted checkpoints (all read with torch.load(weights_only=True), so no arbitrary objects are
+unpickled): MedicalNet's released format ({'state_dict'} with `module.` and a `conv_seg` head),
+Lightning `.ckpt` files (keys prefixed `model.`, `net.`, ...), and plain state_dicts. After the
+prefix is removed the keys must match the network exactly: a silent partial load would serve a
+model that is not the one that was validated.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ArchitectureError, CheckpointError
+from .network import BLOCKS_PER_LAYER, ResNet34Classifier
+from .volumes import smooth
+
+log = logging.getLogger(__name__)
+
+DEMO_SEED = 0
+DEMO_PROVENANCE = "demo, untrained"
+# BatchNorm statistics are measured at this size: large enough that the dilated layers are not
+# dominated by zero padding (calibrated at 32^3 the logits saturate at 64^3 and above).
+_CALIBRATION_SIZE = 64
+_LIST_LIMIT = 8  # keys named in one error line; the rest are counted
+_STEM_KEYS = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight")
+_KNOWN_BLOCK_LAYOUTS = {(1, 1, 1, 1): "ResNet-10", (2, 2, 2, 2): "ResNet-18", (3, 4, 6, 3): "ResNet-34/50"}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A state_dict with exactly the network's keys, and where it came from."""
+
+    state_dict: dict[str, torch.Tensor]
+    source: str  # checkpoint SHA-256, or DEMO_PROVENANCE
+    checkpoint_format: str  # "medicalnet", "lightning", "state_dict" or "demo"
+    head_trained: bool  # False when the FC layer was initialised here (MedicalNet backbone, demo)
+    warnings: tuple[str, ...] = field(default=())
+
+
+def build_classifier(weights: Weights) -> ResNet34Classifier:
+    """The network in eval mode with these weights loaded (strictly)."""
+    model = ResNet34Classifier()
+    model.load_state_dict(weights.state_dict, strict=True)
+    return model.eval()
+
+
+def _key_list(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_LIST_LIMIT])
+    return shown + (f" (+{len(keys) - _LIST_LIMIT} more)" if len(keys) > _LIST_LIMIT else "")
+
+
+def _read(path: Path) -> object:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is not a file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"checkpoint {path.name} holds pickled Python objects{what}, refused by weights-only loading; "
+            "save the state_dict alone: torch.save(model.state_dict(), path)"
+        ) from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, ... for files that are not checkpoints
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path.name} is not a PyTorch checkpoint: {first_line}") from None
+
+
+def _state_dict_of(loaded: object, name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensor mapping inside a loaded checkpoint, and its format before key handling."""
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{name} is not a state dict (it holds a {type(loaded).__name__})")
+    container = "state_dict"
+    if isinstance(loaded.get("state_dict"), dict):
+        container = "lightning" if "pytorch-lightning_version" in loaded or "epoch" in loaded else "wrapped"
+        loaded = loaded["state_dict"]
+    tensors = {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
+    if not tensors or len(tensors) != len(loaded) or not all(isinstance(key, str) for key in loaded):
+        raise CheckpointError(f"{name} is not a state dict: expected a mapping of parameter names to tensors")
+    return tensors, container
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Remove the wrapper prefix (`module.`, `model.`, `net.`, ...) found in front of the stem keys."""
+    candidates = sorted(
+        (key[: -len(_STEM_KEYS[0])] for key in state if key.endswith(_STEM_KEYS[0])), key=len
+    )
+    for prefix in candidates:
+        if (not prefix or prefix.endswith(".")) and all(prefix + key in state for key in _STEM_KEYS):
+            outside = sorted(key for key in state if not key.startswith(prefix))
+            if outside:
+                raise ArchitectureError(
+                    f"{name}: unexpected keys outside the network '{prefix}': {_key_list(outside)}"
+                )
+            return {key[len(prefix):]: value for key, value in state.items()}
+    raise ArchitectureError(
+        f"{name} is not a MedicalNet ResNet: no stem keys ({', '.join(_STEM_KEYS)}) under any prefix; "
+        f"it holds {_key_list(sorted(state))}"
+    )
+
+
+def _check_layout(state: dict[str, torch.Tensor], name: str) -> None:
+    """Name the architecture when it is clearly another one, before listing key differences."""
+    if any(".downsample." in key for key in state):
+        raise ArchitectureError(
+            f"{name} has downsample (shortcut B) weights: a MONAI/torchvision-style ResNet, "
+            "not MedicalNet's shortcut-A ResNet-34 (layer3/4 dilated at stride 1)"
+        )
+    blocks = [0, 0, 0, 0]
+    for key in state:
+        found = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if found:
+            layer = int(found.group(1)) - 1
+            blocks[layer] = max(blocks[layer], int(found.group(2)) + 1)
+    if tuple(blocks) != BLOCKS_PER_LAYER:
+        known = _KNOWN_BLOCK_LAYOUTS.get(tuple(blocks), "an unknown ResNet")
+        raise ArchitectureError(
+            f"{name} has residual blocks {blocks} per layer ({known}); "
+            f"this network is MedicalNet ResNet-34 {list(BLOCKS_PER_LAYER)}"
+        )
+
+
+def _match(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Strict key and shape matching against the network; fills only num_batches_tracked."""
+    expected = ResNet34Classifier().state_dict()
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(value)  # older checkpoints predate this counter; it is unused in eval
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_key_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_key_list(unexpected)}")
+        raise ArchitectureError(f"{name} does not match MedicalNet ResNet-34: " + "; ".join(parts))
+    mismatched = [key for key in expected if tuple(state[key].shape) != tuple(expected[key].shape)]
+    if mismatched:
+        details = [
+            f"{key} is {list(state[key].shape)} in the checkpoint, {list(expected[key].shape)} in the network"
+            for key in mismatched[:_LIST_LIMIT]
+        ]
+        more = f" (+{len(mismatched) - _LIST_LIMIT} more)" if len(mismatched) > _LIST_LIMIT else ""
+        raise ArchitectureError(f"{name}: shape mismatch: " + "; ".join(details) + more)
+    return {key: state[key].to(expected[key].dtype).contiguous() for key in expected}
+
+
+def _seeded_fc(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    fc = ResNet34Classifier().fc
+    bound = fc.in_features**-0.5  # nn.Linear's own default range, drawn from a fixed seed
+    weight = (torch.rand(fc.weight.shape, generator=generator) * 2 - 1) * bound
+    return {"fc.weight": weight, "fc.bias": torch.zeros(fc.out_features)}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | Path) -> Weights:
+    """Read a checkpoint safely and return weights with exactly the network's keys.
+
+    Raises CheckpointError / ArchitectureError with one line that says what is wrong.
+    """
+    path = Path(path)
+    loaded = _read(path)
+    state, container = _state_dict_of(loaded, path.name)
+    state = _strip_prefix(state, path.name)
+    warnings: list[str] = []
+    checkpoint_format = container if container in ("lightning",) else "state_dict"
+    head_trained = True
+    head = sorted(key for key in state if key.startswith("conv_seg."))
+    if head:
+        if any(key.startswith("fc.") for key in state):
+            raise ArchitectureError(f"{path.name} has both a segmentation head (conv_seg) and a classifier head (fc)")
+        state = {key: value for key, value in state.items() if key not in head}
+        state.update(_seeded_fc(DEMO_SEED))
+        checkpoint_format, head_trained = "medicalnet", False
+        warnings.append(
+            "MedicalNet pretrained backbone: its segmentation head was dropped and the classifier head (fc) is "
+            "UNTRAINED (seeded); the probabilities mean nothing until the model is fine-tuned"
+        )
+    _check_layout(state, path.name)
+    state = _match(state, path.name)
+    for message in warnings:
+        log.warning(message)
+    return Weights(state, file_sha256(path), checkpoint_format, head_trained, tuple(warnings))
+
+
+def demo_weights(seed: int = DEMO_SEED) -> Weights:
+    """Deterministic, untrained weights with realistic BatchNorm statistics.
+
+    Convolutions use MedicalNet's own init (Kaiming, fan_out) from a fixed seed, BatchNorm affine
+    parameters are perturbed, and the running statistics are measured on seeded smooth volumes,
+    so activations stay well scaled, probabilities are not saturated, and an export bug that
+    mishandles BatchNorm (e.g. folding) shows up as a parity failure.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    model = ResNet34Classifier()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv3d):
+                fan_out = module.out_channels * module.weight[0, 0].numel()
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2.0 / fan_out) ** 0.5)
+            elif isinstance(module, nn.BatchNorm3d):
+                module.weight.copy_(0.8 + 0.4 * torch.rand(module.weight.shape, generator=generator))
+                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+                module.momentum = None  # cumulative average: the running stats become the batch stats
+        head = _seeded_fc(seed)
+        model.fc.weight.copy_(head["fc.weight"])
+        model.fc.bias.copy_(head["fc.bias"])
+        model.train()
+        model(smooth(2, _CALIBRATION_SIZE, generator))
+    model.eval()
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    return Weights(state, DEMO_PROVENANCE, "demo", head_trained=False)
