@@ -71,24 +71,28 @@ def hu_volume(*, slices: int = 48, rows: int = 128, columns: int = 128, pixel_sp
     """The phantom in integer HU, int16 [slice (feet->head), row (anterior->posterior), column (right->left)]."""
     g = Geometry(slices, rows, columns, pixel_spacing, slice_spacing)
     half_x, half_y, half_z = columns * pixel_spacing / 2, rows * pixel_spacing / 2, slices * slice_spacing / 2
-    z = (g.origin[2] + np.arange(slices) * slice_spacing)[:, None, None]
-    y = (g.origin[1] + np.arange(rows) * pixel_spacing)[None, :, None]
-    x = (g.origin[0] + np.arange(columns) * pixel_spacing)[None, None, :]
+    y = (g.origin[1] + np.arange(rows) * pixel_spacing)[:, None]
+    x = (g.origin[0] + np.arange(columns) * pixel_spacing)[None, :]
     body = (x / (0.82 * half_x)) ** 2 + (y / (0.62 * half_y)) ** 2
-    hu = np.full((slices, rows, columns), -1000.0)
-    hu = np.where(body <= 1.0, -90.0, hu)  # subcutaneous fat
-    hu = np.where(body <= 0.85, 40.0, hu)  # soft tissue
-    for side in (-1, 1):
-        lung = ((x - side * 0.38 * half_x) / (0.27 * half_x)) ** 2 + ((y + 0.05 * half_y) / (0.42 * half_y)) ** 2 + ((z - 0.1 * half_z) / (0.95 * half_z)) ** 2
-        hu = np.where(lung <= 1.0, -850.0, hu)
-    spine = (x / (0.09 * half_x)) ** 2 + ((y - 0.45 * half_y) / (0.09 * half_x)) ** 2 + 0 * z
-    hu = np.where(spine <= 1.0, 700.0, hu)
+    spine = (x / (0.09 * half_x)) ** 2 + ((y - 0.45 * half_y) / (0.09 * half_x)) ** 2
     c = g.lesion_center_mm
-    lesion = (x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2
-    hu = np.where(lesion <= g.lesion_radius_mm**2, float(LESION_HU), hu)
-    noise = np.random.default_rng(seed).normal(0.0, 12.0, hu.shape)
-    hu = np.where(hu > -1000.0, hu + noise, hu)  # air stays exactly -1000: the crop box is the body
-    return np.round(hu).astype(np.int16)
+    rng = np.random.default_rng(seed)
+    volume = np.empty((slices, rows, columns), dtype=np.int16)
+    for s in range(slices):  # slice by slice: bounded memory for benchmark-sized phantoms
+        z = g.origin[2] + s * slice_spacing
+        hu = np.full((rows, columns), -1000.0)
+        hu[body <= 1.0] = -90.0  # subcutaneous fat
+        hu[body <= 0.85] = 40.0  # soft tissue
+        for side in (-1, 1):
+            lung = ((x - side * 0.38 * half_x) / (0.27 * half_x)) ** 2 + ((y + 0.05 * half_y) / (0.42 * half_y)) ** 2 + ((z - 0.1 * half_z) / (0.95 * half_z)) ** 2
+            hu[lung <= 1.0] = -850.0
+        hu[spine <= 1.0] = 700.0
+        hu[(x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= g.lesion_radius_mm**2] = LESION_HU
+        noise = rng.normal(0.0, 12.0, hu.shape)
+        inside = hu > -1000.0  # air stays exactly -1000: the crop box is the body
+        hu[inside] += noise[inside]
+        volume[s] = np.round(hu)
+    return volume
 
 
 def study_files(

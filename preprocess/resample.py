@@ -22,6 +22,7 @@ the same code runs on CUDA tensors.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -48,16 +49,34 @@ class GridMapping:
     crop_box: tuple[tuple[int, int], ...]  # inclusive 1 mm grid indices, canonical D, H, W
     size: int
 
-    def coordinates(self, stack: Stack) -> list[np.ndarray]:
-        """Original array coordinates sampled by the output grid, per array axis (slice, row, column)."""
-        coords: list[np.ndarray] = [np.empty(0)] * 3
-        for (axis, flip), (lo, hi), spacing in zip(stack.canonical, self.crop_box, stack.canonical_spacing()):
-            length = hi - lo + 1
-            k = np.arange(self.size, dtype=np.float64)
-            x = np.clip((k + 0.5) * length / self.size - 0.5, 0, length - 1)
-            u = np.clip((lo + x) * PREPROCESSING.spacing_mm / spacing, 0, stack.shape[axis] - 1)
-            coords[axis] = stack.shape[axis] - 1 - u if flip else u
-        return coords
+    def crop_points(self, stack: Stack, canonical_axis: int) -> np.ndarray:
+        """Original array coordinates of the 1 mm grid points inside the crop box along one axis."""
+        axis, flip = stack.canonical[canonical_axis]
+        lo, hi = self.crop_box[canonical_axis]
+        n = stack.shape[axis]
+        u = np.clip(np.arange(lo, hi + 1, dtype=np.float64) * PREPROCESSING.spacing_mm / stack.canonical_spacing()[canonical_axis], 0, n - 1)
+        return n - 1 - u if flip else u
+
+    def output_points(self, canonical_axis: int) -> np.ndarray:
+        """Crop-local 1 mm coordinates read by the S output voxels (torch trilinear, align_corners=False)."""
+        lo, hi = self.crop_box[canonical_axis]
+        length = hi - lo + 1
+        return np.clip((np.arange(self.size, dtype=np.float64) + 0.5) * length / self.size - 0.5, 0, length - 1)
+
+    def slice_filter(self, stack: Stack) -> tuple[np.ndarray, np.ndarray]:
+        """Both linear interpolations along D composed into one filter: slice indices and weights [S, K]."""
+        points, x = self.crop_points(stack, 0), self.output_points(0)
+        j0 = np.floor(x).astype(np.int64)
+        f = x - j0
+        j1 = np.minimum(j0 + 1, len(points) - 1)
+        index, weight = [], []
+        for j, wj in ((j0, 1 - f), (j1, f)):
+            i, g = _linear_taps(points[j], stack.shape[0])
+            index += [i, i + 1 if stack.shape[0] > 1 else i]
+            weight += [wj * (1 - g), wj * g]
+        index, weight = np.stack(index, axis=1), np.stack(weight, axis=1)
+        keep = weight.max(axis=0) > 0
+        return index[:, keep], weight[:, keep]
 
     def to_meta(self, stack: Stack) -> dict:
         """Crop box in original voxel indices and the linear map from output index to original index."""
@@ -99,8 +118,15 @@ def _to_unit_range(x: torch.Tensor, settings: Preprocessing) -> torch.Tensor:
     return x.clamp_(lo, hi).sub_(lo).mul_(2.0 / (hi - lo)).sub_(1.0)
 
 
-def fast(raw: np.ndarray, stack: Stack, size: int, *, device: str = "cpu", settings: Preprocessing = PREPROCESSING) -> tuple[np.ndarray, GridMapping]:
-    """One interpolation from the stored values to S^3 over the crop box found on the stored values."""
+def fast(
+    raw: np.ndarray, stack: Stack, size: int, *, device: str = "cpu", threads: int = 1, settings: Preprocessing = PREPROCESSING
+) -> tuple[np.ndarray, GridMapping]:
+    """The reference's result in one pass over the cropped stored values (see the module docstring)."""
+    with _torch_threads(threads):
+        return _fast(raw, stack, size, device, settings)
+
+
+def _fast(raw: np.ndarray, stack: Stack, size: int, device: str, settings: Preprocessing) -> tuple[np.ndarray, GridMapping]:
     volume = torch.from_numpy(raw).to(device)
     slopes = torch.from_numpy(stack.slopes).to(device)
     intercepts = torch.from_numpy(stack.intercepts).to(device)
@@ -127,40 +153,80 @@ def fast(raw: np.ndarray, stack: Stack, size: int, *, device: str = "cpu", setti
         last = min(n_grid - 1, math.ceil((hi + 1) * scale - 1e-9) - 1)
         box_1mm.append((first, last))
     mapping = GridMapping(shape, _margin_box(box_1mm, shape, settings.crop_margin_voxels), size)
-    coords = mapping.coordinates(stack)
-    taps = [_taps(c, stack.shape[a], device) for a, c in enumerate(coords)]
-    (s0, s1, ws), (r0, r1, wr), (c0, c1, wc) = taps
-    s_lo, s_hi = int(s0.min()), int(s1.max())
-    r_lo, r_hi = int(r0.min()), int(r1.max())
-    c_lo, c_hi = int(c0.min()), int(c1.max())
-    cropped = volume[s_lo : s_hi + 1, r_lo : r_hi + 1, c_lo : c_hi + 1]
-    c0, c1, r0, r1 = c0 - c_lo, c1 - c_lo, r0 - r_lo, r1 - r_lo
-    planes = torch.empty((cropped.shape[0], size, size), dtype=torch.float32, device=device)
+    # in-plane: the reference's two linear stages (original -> 1 mm -> S) as two bilinear samplings per
+    # block of slices, which also applies the flips and transpose to the canonical orientation
+    plane_axes = [stack.canonical[1][0], stack.canonical[2][0]]
+    points = {axis: mapping.crop_points(stack, c) for c, axis in zip((1, 2), plane_axes)}
+    bounds = {axis: _span(points[axis], stack.shape[axis]) for axis in (1, 2)}
+    first = _normalised(points[plane_axes[0]] - bounds[plane_axes[0]][0], bounds[plane_axes[0]])
+    second = _normalised(points[plane_axes[1]] - bounds[plane_axes[1]][0], bounds[plane_axes[1]])
+    rows_first = plane_axes[0] == 1
+    grid_1mm = _grid(first, second, y_first=rows_first, device=device)
+    grid_out = _grid(*(_normalised(mapping.output_points(c), (0, len(points[a]) - 1)) for c, a in zip((1, 2), plane_axes)), y_first=True, device=device)
+    # along D: one composed filter. Slope, and the window's scale to [-1, 1], are folded into its
+    # weights, intercept and window offset into a per-slice bias: the end is one add and one clamp.
+    index, weight = mapping.slice_filter(stack)
+    scale = 2.0 / (settings.hu_max - settings.hu_min)
+    bias = ((weight * stack.intercepts.astype(np.float64)[index]).sum(axis=1) - settings.hu_min) * scale - 1.0
+    weight = weight * stack.slopes.astype(np.float64)[index] * scale
+    out = torch.zeros((size, size, size), dtype=torch.float32, device=device)
+    (r_lo, r_hi), (c_lo, c_hi) = bounds[1], bounds[2]
     chunk = 16
-    for start in range(0, cropped.shape[0], chunk):
-        block = cropped[start : start + chunk]
-        x = torch.lerp(block.index_select(2, c0).float(), block.index_select(2, c1).float(), wc)
-        x = torch.lerp(x.index_select(1, r0), x.index_select(1, r1), wr[:, None])
-        x.mul_(slopes[s_lo + start : s_lo + start + chunk, None, None]).add_(intercepts[s_lo + start : s_lo + start + chunk, None, None])
-        planes[start : start + chunk] = x
-    s0, s1 = s0 - s_lo, s1 - s_lo
-    out = torch.empty((size, size, size), dtype=torch.float32, device=device)
-    for start in range(0, size, chunk):
-        sl = slice(start, start + chunk)
-        out[sl] = torch.lerp(planes.index_select(0, s0[sl]), planes.index_select(0, s1[sl]), ws[sl, None, None])
-    del planes
-    _to_unit_range(out, settings)
-    if stack.canonical[1][0] == 2:  # rows run along x: transpose so that H is anterior->posterior
-        out = out.permute(0, 2, 1)
+    for start in range(int(index.min()), int(index.max()) + 1, chunk):
+        stop = min(start + chunk, int(index.max()) + 1)
+        block = volume[start:stop, r_lo : r_hi + 1, c_lo : c_hi + 1].float()[:, None]
+        n = block.shape[0]
+        planes = F.grid_sample(block, grid_1mm.expand(n, -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
+        planes = F.grid_sample(planes, grid_out.expand(n, -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+        for t in range(index.shape[1]):
+            hits = np.nonzero((index[:, t] >= start) & (index[:, t] < stop))[0]
+            if len(hits):
+                source = planes.index_select(0, torch.from_numpy(index[hits, t] - start).to(device))
+                source.mul_(torch.from_numpy(weight[hits, t].astype(np.float32)).to(device)[:, None, None])
+                out.index_add_(0, torch.from_numpy(hits).to(device), source)
+    out.add_(torch.from_numpy(bias.astype(np.float32)).to(device)[:, None, None]).clamp_(-1.0, 1.0)
+    del volume
     return np.ascontiguousarray(out.cpu().numpy())[None, None], mapping
 
 
-def _taps(coords: np.ndarray, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two neighbour indices and the weight of the upper one, for linear interpolation at coords."""
-    low = np.clip(np.floor(coords), 0, max(n - 2, 0)).astype(np.int64)
-    weight = (coords - low).astype(np.float32)
-    high = np.minimum(low + 1, n - 1)
-    return torch.from_numpy(low).to(device), torch.from_numpy(high).to(device), torch.from_numpy(weight).to(device)
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """Run torch ops on `threads` threads, then restore the process setting.
+
+    One by default: the server runs several preprocess instances side by side, and with more
+    OpenMP threads than free cores these ops were measured 10x slower, not faster.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _linear_taps(u: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lower neighbour index and upper weight of linear interpolation at coordinates u in [0, n - 1]."""
+    i = np.clip(np.floor(u + 1e-9), 0, max(n - 2, 0)).astype(np.int64)
+    return i, np.clip(u - i, 0.0, 1.0)
+
+
+def _span(points: np.ndarray, n: int) -> tuple[int, int]:
+    """Smallest index range (at least 2 wide) that holds every interpolation tap of these points."""
+    lo = int(np.floor(points.min() + 1e-9))
+    hi = min(n - 1, int(np.ceil(points.max() - 1e-9)))
+    return (min(lo, hi - 1), hi) if hi > lo else (max(0, hi - 1), max(hi, 1))
+
+
+def _normalised(points: np.ndarray, span: tuple[int, int]) -> np.ndarray:
+    """Index coordinates -> grid_sample's [-1, 1] with align_corners=True (-1 is index 0)."""
+    return 2.0 * points / max(span[1] - span[0], 1) - 1.0
+
+
+def _grid(rows: np.ndarray, columns: np.ndarray, *, y_first: bool, device: str) -> torch.Tensor:
+    """Sampling grid [1, len(rows), len(columns), 2] for grid_sample; y_first=False transposes."""
+    a, b = np.meshgrid(rows, columns, indexing="ij")
+    xy = (b, a) if y_first else (a, b)  # grid_sample wants (x = input column, y = input row)
+    return torch.from_numpy(np.stack(xy, axis=-1).astype(np.float32))[None].to(device)
 
 
 def canonical_array(array: np.ndarray, stack: Stack) -> np.ndarray:

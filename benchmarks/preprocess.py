@@ -1,0 +1,113 @@
+"""Preprocessing speed and memory: fast vs reference on one study, decoding included.
+
+    .venv/bin/python -m benchmarks.preprocess [--study PATH] [--repeat N] [--size S]
+
+Without --study it generates the issue's default: a 300-slice 512x512 phantom (~150 MB of DICOM).
+Prints a table, then as its last line one JSON object: fast_s and reference_s (median seconds per
+study through preprocess.preprocess_study), peak_mb (fast mode's peak resident memory above the
+resident memory before the call, i.e. above the DICOM bytes already in memory), and the same for
+reference, plus the raw int16 volume size the memory target is relative to.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import preprocess
+from preprocess import phantom
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) so each run's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(files: list[bytes], mode: str, size: int, repeat: int) -> dict:
+    preprocess.preprocess_study(files, size=size, mode=mode)  # warm-up: imports, thread pools, allocator
+    seconds, peaks, stages = [], [], []
+    for _ in range(repeat):
+        exact = _reset_peak()
+        before = _rss_mb("VmRSS")
+        start = time.perf_counter()
+        study = preprocess.preprocess_study(files, size=size, mode=mode)
+        seconds.append(time.perf_counter() - start)
+        peaks.append(_rss_mb("VmHWM") - before if exact else float("nan"))
+        stages.append(study.meta["timings_s"])
+        del study
+    return {
+        "median_s": statistics.median(seconds),
+        "min_s": min(seconds),
+        "peak_mb": max(peaks),
+        "stages_s": {k: round(statistics.median(s[k] for s in stages), 4) for k in stages[0]},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__.splitlines()[0])
+    parser.add_argument("--study", help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--size", type=int, default=preprocess.pipeline.PREPROCESSING.size)
+    args = parser.parse_args(argv)
+    if args.study:
+        files, label = preprocess.read_study(args.study), args.study
+    else:
+        with tempfile.TemporaryDirectory() as tmp:  # written and read back like a real folder
+            folder = phantom.write_study(Path(tmp) / "study", "series", slices=300, rows=512, columns=512, pixel_spacing=0.7, slice_spacing=1.0)
+            files, label = preprocess.read_study(folder), "generated phantom 300x512x512, 0.7 mm pixels, 1 mm slices"
+    fast = measure(files, "fast", args.size, args.repeat)
+    reference = measure(files, "reference", args.size, args.repeat)
+    a = preprocess.preprocess_study(files, size=args.size, mode="fast")
+    b = preprocess.preprocess_study(files, size=args.size, mode="reference")
+    diff = np.abs(a.volume - b.volume)
+    shape = a.meta["original_shape"]
+    raw_mb = shape[0] * shape[1] * shape[2] * 2 / 2**20
+    result = {
+        "study": label,
+        "files": len(files),
+        "dicom_mb": round(sum(len(f) for f in files) / 2**20, 1),
+        "original_shape": shape,
+        "size": args.size,
+        "repeat": args.repeat,
+        "torch_threads": torch.get_num_threads(),
+        "fast_s": round(fast["median_s"], 4),
+        "reference_s": round(reference["median_s"], 4),
+        "speedup": round(reference["median_s"] / fast["median_s"], 1),
+        "peak_mb": round(fast["peak_mb"], 1),
+        "reference_peak_mb": round(reference["peak_mb"], 1),
+        "raw_int16_mb": round(raw_mb, 1),
+        "peak_over_raw": round(fast["peak_mb"] / raw_mb, 2),
+        "fast_stages_s": fast["stages_s"],
+        "reference_stages_s": reference["stages_s"],
+        "mean_abs_diff": float(f"{diff.mean():.6f}"),
+        "max_abs_diff": float(f"{diff.max():.6f}"),
+    }
+    print(f"study: {label} ({result['files']} files, {result['dicom_mb']} MB), S={args.size}, {args.repeat} runs, {result['torch_threads']} torch threads")
+    print(f"{'mode':<10}{'median s':>10}{'peak MB':>10}  stages (median s)")
+    for name, m in (("fast", fast), ("reference", reference)):
+        print(f"{name:<10}{m['median_s']:>10.3f}{m['peak_mb']:>10.0f}  {m['stages_s']}")
+    print(f"speed-up {result['speedup']}x; peak/raw int16 volume {result['peak_over_raw']}x; fast vs reference mean |diff| {result['mean_abs_diff']}, max {result['max_abs_diff']}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
