@@ -8,7 +8,7 @@ Public API:
 - check_parity(...) -> ParityReport: torch FP32 vs ONNX Runtime FP32 vs FP16.
 - ExportError and its subclasses: every user-facing failure, one clear line.
 """
-from .checkpoint import DEMO_PROVENANCE, Weights, build_classifier, demo_weights, load_checkpoint
+from .checkpoint import DEMO_PROVENANCE, Weights, build_classifier, demo_weights, file_sha256, load_checkpoint
 from .errors import (
     ArchitectureError,
     CheckpointError,
@@ -47,6 +47,7 @@ __all__ = [
     "build_classifier",
     "check_parity",
     "demo_weights",
+    "file_sha256",
     "load_checkpoint",
     "parse_config",
     "render_configs",

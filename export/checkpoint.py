@@ -65,6 +65,8 @@ def _read(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported operand" in str(error) or "Weights only load failed" not in str(error):
+            raise CheckpointError(f"{path.name} is not a PyTorch checkpoint (not a valid pickle stream)") from None
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(

@@ -1,0 +1,189 @@
+"""Checkpoint formats the research team produces load exactly; everything else is refused clearly."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+
+import pytest
+import torch
+
+from export import (
+    DEMO_PROVENANCE,
+    ArchitectureError,
+    CheckpointError,
+    ResNet34Classifier,
+    build_classifier,
+    demo_weights,
+    load_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict[str, torch.Tensor]:
+    """A stand-in for the fine-tuned weights: random, with non-default BatchNorm statistics."""
+    torch.manual_seed(7)
+    state = ResNet34Classifier().state_dict()
+    for key, value in state.items():
+        if "running_mean" in key:
+            state[key] = 0.1 * torch.randn_like(value)
+        elif "running_var" in key:
+            state[key] = 0.5 + torch.rand_like(value)
+    return state
+
+
+def _medicalnet_seg_head() -> dict[str, torch.Tensor]:
+    """MedicalNet's conv_seg head (ConvTranspose3d, BN, Conv3d ... Conv3d to n_seg_classes)."""
+    return {
+        "conv_seg.0.weight": torch.randn(512, 32, 2, 2, 2),
+        "conv_seg.0.bias": torch.randn(32),
+        "conv_seg.1.weight": torch.ones(32),
+        "conv_seg.1.bias": torch.zeros(32),
+        "conv_seg.1.running_mean": torch.zeros(32),
+        "conv_seg.1.running_var": torch.ones(32),
+        "conv_seg.3.weight": torch.randn(32, 32, 3, 3, 3),
+        "conv_seg.4.weight": torch.ones(32),
+        "conv_seg.6.weight": torch.randn(2, 32, 1, 1, 1),
+    }
+
+
+def test_medicalnet_release_format_loads_backbone_and_warns(tmp_path, trained, caplog):
+    backbone = {f"module.{k}": v for k, v in trained.items() if not k.startswith("fc.") and "num_batches" not in k}
+    path = tmp_path / "resnet_34_23dataset.pth"
+    torch.save({"state_dict": {**backbone, **{f"module.{k}": v for k, v in _medicalnet_seg_head().items()}}}, path)
+    with caplog.at_level(logging.WARNING):
+        weights = load_checkpoint(path)
+    assert weights.checkpoint_format == "medicalnet" and not weights.head_trained
+    assert "UNTRAINED" in weights.warnings[0] and "UNTRAINED" in caplog.text
+    for key in ("conv1.weight", "layer3.5.bn2.running_var", "layer4.2.conv2.weight"):
+        assert torch.equal(weights.state_dict[key], trained[key])
+    assert not any(key.startswith("conv_seg") for key in weights.state_dict)
+    assert weights.state_dict["fc.weight"].shape == (2, 512)
+    assert weights.source == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("prefix", ["model.", "net.", "model.module."])
+def test_lightning_checkpoint_with_prefix(tmp_path, trained, prefix):
+    path = tmp_path / "fold0-epoch=12.ckpt"
+    torch.save(
+        {
+            "epoch": 12,
+            "global_step": 3400,
+            "pytorch-lightning_version": "2.4.0",
+            "state_dict": {prefix + key: value for key, value in trained.items()},
+            "hyper_parameters": {"lr": 1e-4, "gamma": 2.0, "frozen_layers": ["conv1", "layer1"]},
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4}]}],
+        },
+        path,
+    )
+    weights = load_checkpoint(path)
+    assert weights.checkpoint_format == "lightning" and weights.head_trained and not weights.warnings
+    assert all(torch.equal(weights.state_dict[key], value) for key, value in trained.items())
+
+
+def test_plain_state_dict_builds_the_same_model(tmp_path, trained):
+    path = tmp_path / "weights.pt"
+    torch.save(trained, path)
+    model = build_classifier(load_checkpoint(path))
+    reference = ResNet34Classifier()
+    reference.load_state_dict(trained)
+    x = torch.rand(1, 1, 32, 32, 32) * 2 - 1
+    with torch.no_grad():
+        actual, expected = model(x), reference.eval()(x)
+    assert torch.isfinite(expected).all() and torch.allclose(actual, expected, atol=1e-6)
+
+
+def test_missing_num_batches_tracked_is_tolerated(tmp_path, trained):
+    path = tmp_path / "old.pth"
+    torch.save({k: v for k, v in trained.items() if "num_batches_tracked" not in k}, path)
+    assert load_checkpoint(path).state_dict["bn1.num_batches_tracked"].item() == 0
+
+
+def _save(tmp_path, state, name="bad.pth"):
+    path = tmp_path / name
+    torch.save(state, path)
+    return path
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "scan.pth"
+    path.write_bytes(b"DICM this is not a torch file" * 10)
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        load_checkpoint(path)
+
+
+def test_pickle_with_arbitrary_objects_is_refused(tmp_path, trained):
+    path = _save(tmp_path, {"state_dict": trained, "hparams": argparse.Namespace(lr=1e-3)})
+    with pytest.raises(CheckpointError, match=r"pickled Python objects \(argparse.Namespace\)"):
+        load_checkpoint(path)
+
+
+def test_whole_model_pickle_is_refused(tmp_path):
+    path = _save(tmp_path, ResNet34Classifier())
+    with pytest.raises(CheckpointError, match="pickled Python objects"):
+        load_checkpoint(path)
+
+
+def test_not_a_state_dict(tmp_path):
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_checkpoint(_save(tmp_path, [torch.zeros(3)]))
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_checkpoint(_save(tmp_path, {"conv1.weight": torch.zeros(3), "note": "hello"}))
+
+
+def test_resnet18_is_rejected(tmp_path, trained):
+    resnet18 = {k: v for k, v in trained.items() if not k.startswith(("layer1.2", "layer2.2", "layer2.3", "layer3.2",
+                                                                       "layer3.3", "layer3.4", "layer3.5", "layer4.2"))}
+    with pytest.raises(ArchitectureError, match=r"\[2, 2, 2, 2\] per layer \(ResNet-18\)"):
+        load_checkpoint(_save(tmp_path, {"state_dict": {f"module.{k}": v for k, v in resnet18.items()}}))
+
+
+def test_monai_layout_is_rejected(tmp_path, trained):
+    """MONAI's resnet34: shortcut B (downsample conv + BN), 3 input channels, 400-class FC."""
+    monai = dict(trained)
+    monai["conv1.weight"] = torch.randn(64, 3, 7, 7, 7)
+    monai["fc.weight"], monai["fc.bias"] = torch.randn(400, 512), torch.randn(400)
+    for layer, (cin, cout) in {"layer2": (64, 128), "layer3": (128, 256), "layer4": (256, 512)}.items():
+        monai[f"{layer}.0.downsample.0.weight"] = torch.randn(cout, cin, 1, 1, 1)
+        for stat in ("weight", "bias", "running_mean", "running_var"):
+            monai[f"{layer}.0.downsample.1.{stat}"] = torch.ones(cout)
+    with pytest.raises(ArchitectureError, match="shortcut B"):
+        load_checkpoint(_save(tmp_path, monai))
+
+
+def test_shape_mismatch_names_the_layer(tmp_path, trained):
+    state = dict(trained, **{"layer2.1.conv2.weight": torch.zeros(128, 128, 1, 1, 1)})
+    with pytest.raises(ArchitectureError, match=r"layer2\.1\.conv2\.weight is \[128, 128, 1, 1, 1\]"):
+        load_checkpoint(_save(tmp_path, state))
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path, trained):
+    state = {k: v for k, v in trained.items() if k != "layer4.2.bn2.weight"}
+    state["layer4.2.bn3.weight"] = torch.ones(512)
+    with pytest.raises(ArchitectureError, match=r"missing keys layer4\.2\.bn2\.weight; unexpected keys layer4\.2\.bn3"):
+        load_checkpoint(_save(tmp_path, state))
+    with pytest.raises(ArchitectureError, match=r"unexpected keys outside the network 'model\.': loss\.alpha"):
+        load_checkpoint(_save(tmp_path, {**{f"model.{k}": v for k, v in trained.items()}, "loss.alpha": torch.ones(2)}))
+
+
+def test_no_resnet_at_all(tmp_path):
+    with pytest.raises(ArchitectureError, match="no stem keys"):
+        load_checkpoint(_save(tmp_path, {"encoder.weight": torch.zeros(2, 2)}))
+
+
+def test_demo_weights_are_deterministic_with_real_batchnorm_statistics():
+    first, second = demo_weights(), demo_weights()
+    assert first.source == DEMO_PROVENANCE and not first.head_trained
+    assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
+    for key in ("bn1", "layer2.0.bn1", "layer4.2.bn2"):
+        mean, var = first.state_dict[f"{key}.running_mean"], first.state_dict[f"{key}.running_var"]
+        assert mean.abs().max() > 1e-3 and (var - 1).abs().max() > 1e-2 and (var > 0).all()
+    model = build_classifier(first)
+    with torch.no_grad():
+        p = torch.softmax(model(torch.rand(2, 1, 64, 64, 64) * 2 - 1), dim=1)[:, 1]
+    assert ((p > 0.05) & (p < 0.95)).all()  # not saturated: parity on them means something
