@@ -102,7 +102,10 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
             header = _Header(ds, ts.is_little_endian if ts.is_transfer_syntax else True)
             pixels = _pixel_format(header, ts, blob.data, stream.tell())
             if header.ushort("Rows", 0) == 0 and not pixels.present:
-                kind = getattr(UID(header.text("SOPClassUID")), "name", "") or "unknown object"
+                sop_class = header.text("SOPClassUID") or str(ds.file_meta.get("MediaStorageSOPClassUID", ""))
+                kind = getattr(UID(sop_class), "name", "") or "unknown object"
+                if "Image Storage" in kind:  # an image object cut short before its image attributes
+                    raise CorruptDicomError(f"{blob.label} is a truncated or damaged DICOM image ({kind} without image data)")
                 warnings.append(f"{blob.label} is a DICOM object without an image ({kind}): skipped")
                 continue
             frames.extend(_frames(header, index, blob.label, pixels))

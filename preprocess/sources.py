@@ -96,8 +96,8 @@ def _unzip(data: bytes, label: str, depth: int, limits: InputLimits, budget: lis
                 content = stream.read(member.file_size + 1)
         except RuntimeError as exc:  # encrypted members
             raise ArchiveError(f"{where}: cannot be read ({exc})") from None
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
-            raise ArchiveError(f"{where}: damaged ZIP member ({exc})") from None
+        except Exception as exc:  # zlib/bz2/lzma errors, bad CRC, unsupported methods: all a damaged member
+            raise ArchiveError(f"{where}: damaged ZIP member ({type(exc).__name__})") from None
         if len(content) != member.file_size:
             raise ArchiveError(f"{where}: unpacked size differs from the size the archive declares")
         if not content:

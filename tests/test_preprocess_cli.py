@@ -1,0 +1,64 @@
+"""`python -m preprocess`: the contract other checks call (success writes .pt + .json; failure writes nothing)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+
+from preprocess import phantom
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "preprocess", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("form", ["series", "zip", "multiframe"])
+def test_cli_writes_tensor_and_metadata(tmp_path, form):
+    study = phantom.write_study(tmp_path / ("in.zip" if form == "zip" else "in.dcm" if form == "multiframe" else "in"), form)
+    out = tmp_path / "out" / "study.pt"
+    result = run(str(study), "-o", str(out), "--size", "24", "--mode", "fast")
+    assert result.returncode == 0, result.stderr
+    tensor = torch.load(out, weights_only=True)
+    assert tensor.shape == (1, 1, 24, 24, 24) and tensor.dtype == torch.float32
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["size"] == 24 and meta["mode"] == "fast" and meta["original_shape"] == [48, 128, 128]
+
+
+def test_cli_reference_mode_and_forced_series(tmp_path):
+    study = phantom.write_study(tmp_path / "in", "series", slices=20, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
+    uid = str(pydicom.dcmread(study / "IM0001.dcm", stop_before_pixels=True).SeriesInstanceUID)
+    out = tmp_path / "ref.pt"
+    result = run(str(study), "-o", str(out), "--size", "16", "--mode", "reference", "--series", uid)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["mode"] == "reference" and "requested" in meta["series_selection"]["reason"]
+
+
+@pytest.mark.parametrize("case", ["text file", "missing path", "single slice", "unknown series"])
+def test_cli_failure_is_one_line_without_traceback_or_output(tmp_path, case):
+    if case == "text file":
+        source = tmp_path / "notes.txt"
+        source.write_text("not a study")
+        args = [str(source)]
+    elif case == "missing path":
+        args = [str(tmp_path / "nowhere")]
+    elif case == "single slice":
+        source = tmp_path / "one.dcm"
+        source.write_bytes(phantom.study_files("series", slices=16)[0])
+        args = [str(source)]
+    else:
+        args = [str(phantom.write_study(tmp_path / "s.zip", "zip", slices=16, rows=32, columns=32)), "--series", "9.9.9"]
+    out = tmp_path / "out.pt"
+    result = run(*args, "-o", str(out), "--size", "16")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

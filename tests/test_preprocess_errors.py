@@ -1,0 +1,192 @@
+"""preprocess: every kind of bad input gets its typed StudyError with a clear, PHI-free message."""
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+
+import numpy as np
+import pytest
+
+import preprocess
+from preprocess import phantom
+from preprocess.sources import expand
+from settings import InputLimits
+from tests.preprocess_helpers import edit, packaged_file, position
+
+S = 24
+
+
+@pytest.fixture(scope="module")
+def series() -> list[bytes]:
+    return phantom.study_files("series", slices=20, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
+
+
+def refused(files, error, message, **options):
+    with pytest.raises(error, match=message) as info:
+        preprocess.preprocess_study(files, size=S, **options)
+    assert isinstance(info.value, preprocess.StudyError)
+    for value in phantom.FAKE_PHI.values():
+        assert value not in str(info.value)
+    return info.value
+
+
+def zipped(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_nothing_sent():
+    refused([], preprocess.EmptyInputError, "no files to read")
+    refused([b""], preprocess.EmptyInputError, "file 1 is empty")
+
+
+def test_non_dicom_bytes():
+    refused([b"hello, this is a text file", b"\x89PNG\r\n\x1a\n" + bytes(100)], preprocess.NotDicomError, "no DICOM images found")
+
+
+def test_truncated_pixel_data(series):
+    files = list(series)
+    files[7] = files[7][: len(files[7]) - 1000]
+    refused(files, preprocess.DecodeError, "file 8: pixel data is truncated")
+
+
+def test_truncated_header(series):
+    files = list(series)
+    files[3] = files[3][:300]
+    refused(files, preprocess.CorruptDicomError, "file 4")
+
+
+def test_single_slice(series):
+    refused(series[:1], preprocess.TooFewSlicesError, "only 1 slice: a chest CT volume needs at least 16")
+
+
+def test_mr_study():
+    refused([packaged_file("MR_small.dcm").read_bytes()], preprocess.NotCTError, "series is MR, not CT")
+
+
+def test_no_usable_series_lists_every_reason(series):
+    error = refused(series[:5] + [packaged_file("MR_small.dcm").read_bytes()], preprocess.NoUsableSeriesError, "no usable chest-CT series among 2")
+    assert sorted(s["reason"] for s in error.skipped) == ["only 5 slices: a chest CT volume needs at least 16", "series is MR, not CT"]
+
+
+def test_localizer_only(series):
+    files = edit(series, lambda ds, k: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "LOCALIZER"]))
+    refused(files, preprocess.LocalizerError, "localizer")
+
+
+def test_empty_and_corrupt_zip(series):
+    refused([zipped({})], preprocess.ArchiveError, "empty")
+    refused([zipped({"folder/": b""})], preprocess.ArchiveError, "empty")
+    refused([b"PK\x03\x04" + bytes(200)], preprocess.ArchiveError, "not a readable ZIP archive")
+    damaged = bytearray(zipped({"IM1": series[0]}))
+    damaged[60:160] = bytes(100)
+    refused([bytes(damaged)], preprocess.ArchiveError, "archive member 1")
+
+
+@pytest.mark.parametrize("name", ["../evil.dcm", "study/../../evil.dcm", "/etc/evil.dcm", "C:/evil.dcm", "..\\evil.dcm"])
+def test_zip_paths_escaping_the_archive_are_refused(series, name):
+    refused([zipped({"ok.dcm": series[0], name: series[1]})], preprocess.UnsafeArchiveError, "unsafe path in ZIP archive")
+
+
+def test_zip_bomb_is_refused_before_unpacking():
+    refused([zipped({"bomb.dcm": bytes(50 * 2**20)})], preprocess.UnsafeArchiveError, "treated as a ZIP bomb")
+
+
+def test_archive_limits(series):
+    small = InputLimits(max_archive_members=3, max_uncompressed_bytes=10 * len(series[0]), max_archive_depth=1)
+    with pytest.raises(preprocess.UnsafeArchiveError, match="more than the limit of 3"):
+        expand([zipped({f"IM{k}": data for k, data in enumerate(series[:4])})], small)
+    with pytest.raises(preprocess.UnsafeArchiveError, match="unpacks to"):
+        expand([zipped({f"IM{k}": data for k, data in enumerate(series[:3])}), zipped({f"X{k}": data for k, data in enumerate(series[3:11])})], InputLimits(max_uncompressed_bytes=10 * len(series[0])))
+    with pytest.raises(preprocess.ArchiveError, match="nested more than 1 levels"):
+        expand([zipped({"inner.zip": zipped({"IM1": series[0]})})], small)
+
+
+def test_nested_zip_within_the_limit_is_read(series):
+    inner = zipped({f"IM{k}": data for k, data in enumerate(series)})
+    study = preprocess.preprocess_study([zipped({"export/inner.zip": inner})], size=S)
+    assert study.meta["original_shape"] == [20, 64, 64]
+
+
+def test_absurd_dimensions_are_refused_before_allocating(series):
+    files = edit(series, lambda ds, k: (setattr(ds, "Rows", 60000), setattr(ds, "Columns", 60000)))
+    refused(files, preprocess.InputTooLargeError, "60000x60000 pixels exceed the limit of 1024x1024")
+
+
+def test_inconsistent_slice_sizes(series):
+    other = phantom.study_files("series", slices=20, rows=64, columns=48, pixel_spacing=5.0, slice_spacing=5.0)
+    refused(series[:10] + other[10:], preprocess.InconsistentSlicesError, "different sizes \\(64x48, 64x64\\)")
+
+
+def test_missing_pixel_data(series):
+    def drop(ds, k):
+        if k == 4:
+            del ds.PixelData
+    refused(edit(series, drop), preprocess.MissingPixelDataError, "1 of 20 images have no pixel data")
+
+
+def test_missing_geometry(series):
+    def drop(ds, k):
+        if k == 2:
+            del ds.ImagePositionPatient
+    refused(edit(series, drop), preprocess.MissingGeometryError, "no 3D geometry")
+
+
+def test_gap_in_the_stack(series):
+    refused(series[:9] + series[10:], preprocess.SliceGapError, "steps from 5.00 to 10.00 mm .* 1 gap: missing slices")
+
+
+def test_two_slices_at_one_position(series):
+    def clash(ds, k):
+        if k == 6:
+            ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], position(ds) - 5.0]
+    refused(edit(series, clash), preprocess.DuplicateSliceError, "share one position")
+
+
+def test_mixed_orientations(series):
+    def tilt(ds, k):
+        if k == 3:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9950042, -0.0998334]
+    refused(edit(series, tilt), preprocess.InconsistentSlicesError, "different orientations")
+
+
+def test_gantry_tilt(series):
+    shift = math.tan(math.radians(12)) * 5.0
+    def tilt(ds, k):
+        z = position(ds)
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], float(ds.ImagePositionPatient[1]) + shift * z / 5.0, z]
+    refused(edit(series, tilt), preprocess.GantryTiltError, "gantry tilt of about 12.0 degrees")
+
+
+def test_sagittal_series(series):
+    def sagittal(ds, k):
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+        ds.ImagePositionPatient = [position(ds), -100, 100]
+    refused(edit(series, sagittal), preprocess.NotAxialError, "not axial \\(slice normal 90 degrees")
+
+
+def test_all_air_is_an_empty_volume(series):
+    def air(ds, k):
+        ds.PixelData = np.full((ds.Rows, ds.Columns), 24, dtype=np.uint16).tobytes()  # -1000 HU
+    for mode in preprocess.MODES:
+        refused(edit(series, air), preprocess.EmptyVolumeError, "no voxel above -1000 HU", mode=mode)
+
+
+def test_colour_images(series):
+    refused([packaged_file("SC_rgb.dcm").read_bytes()], preprocess.NotCTError, "series is OT, not CT")
+
+
+def test_invalid_rescale(series):
+    refused(edit(series, lambda ds, k: setattr(ds, "RescaleSlope", 0)), preprocess.InconsistentSlicesError, "slope must be positive")
+
+
+def test_programming_errors_are_not_study_errors(series):
+    with pytest.raises(ValueError, match="mode must be one of") as info:
+        preprocess.preprocess_study(series, mode="turbo")
+    assert not isinstance(info.value, preprocess.StudyError)
+    with pytest.raises(TypeError, match="sequence of byte strings"):
+        preprocess.preprocess_study(series[0])
