@@ -1,0 +1,54 @@
+"""Session fixtures shared by the serving and client tests: one real Triton server per pytest run.
+
+`triton_repository` exports a complete repository (demo weights, CPU target) at a small S so the
+suite stays fast; `triton_server` runs the bundled tritonserver on it on free ports and stops it
+at the end of the session.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Small S for speed: the network is fully convolutional, so every code path is the same as at 256.
+TEST_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def triton_repository(tmp_path_factory) -> Path:
+    import export
+
+    out = tmp_path_factory.mktemp("model_repository")
+    export.write_repository(out, target="cpu", size=TEST_SIZE, demo_weights=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def triton_server(triton_repository, tmp_path_factory):
+    from serve import ServerError, TritonServer, free_ports
+
+    log_dir = tmp_path_factory.mktemp("tritonserver")
+    last_error = None
+    for attempt in range(3):  # free ports can be taken by someone else before the server binds them
+        http_port, grpc_port, metrics_port = free_ports(3)
+        server = TritonServer(
+            triton_repository,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            log_file=log_dir / f"tritonserver-{attempt}.log",
+            exit_timeout_s=5,  # tests close their clients; do not wait 30 s for stray keep-alive connections
+        )
+        try:
+            server.start()
+            break
+        except ServerError as error:
+            if "in use" not in str(error).lower():
+                raise
+            last_error = error
+    else:
+        raise last_error
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,279 @@
+"""The serving path against the real tritonserver (session fixture), over HTTP and gRPC.
+
+Every expectation is computed independently where it can be: the offline path (preprocess +
+ONNX Runtime on the same model.onnx) for probabilities, the preprocess package for error messages.
+"""
+from __future__ import annotations
+
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+import preprocess
+from preprocess import phantom
+from serve import set_threshold
+from settings import NAMES, OPERATING_POINT, SERVING
+from tests.conftest import TEST_SIZE
+
+PROTOCOLS = ("http", "grpc")
+MODULES = {"http": triton_http, "grpc": triton_grpc}
+# What each protocol reports for a bad study (INVALID_ARG) and for a request that waited too long.
+INVALID = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
+TIMED_OUT = {"http": "503", "grpc": "StatusCode.UNAVAILABLE"}
+
+
+CLIENT_DEADLINE_S = 120  # a test fails, never hangs, if the server stops answering
+
+
+def connect(server, protocol):
+    module = MODULES[protocol]
+    if protocol == "http":
+        return module, module.InferenceServerClient(server.http_url, network_timeout=CLIENT_DEADLINE_S)
+    return module, module.InferenceServerClient(server.grpc_url)
+
+
+def infer(client, protocol, model, inputs, **kwargs):
+    if protocol == "grpc":
+        kwargs["client_timeout"] = CLIENT_DEADLINE_S
+    return client.infer(model, inputs, **kwargs)
+
+
+def dicom_input(module, payload):
+    tensor = module.InferInput(NAMES.dicom, [len(payload)], "BYTES")
+    # np.object_, not np.bytes_: the latter silently drops trailing NUL bytes of DICOM files.
+    tensor.set_data_from_numpy(np.array(list(payload), dtype=np.object_).reshape(len(payload)))
+    return tensor
+
+
+def triage(server, protocol, payload, **kwargs) -> dict:
+    """One ct_triage request; returns its outputs decoded (META parsed)."""
+    module, client = connect(server, protocol)
+    try:
+        result = infer(client, protocol, NAMES.triage, [dicom_input(module, payload)], **kwargs)
+    finally:
+        client.close()
+    return {
+        "probability": float(result.as_numpy(NAMES.probability)[0]),
+        "pathology": int(result.as_numpy(NAMES.pathology)[0]),
+        "study_uid": result.as_numpy(NAMES.study_uid)[0].decode(),
+        "series_uid": result.as_numpy(NAMES.series_uid)[0].decode(),
+        "meta": json.loads(result.as_numpy(NAMES.meta)[0]),
+    }
+
+
+def classifier_stats(server) -> dict:
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{NAMES.classifier}/stats", timeout=10) as r:
+        return json.loads(r.read())["model_stats"][0]
+
+
+@pytest.fixture(scope="module")
+def study_paths(tmp_path_factory) -> dict[str, Path]:
+    """The same phantom volume as a folder of files, a ZIP archive and one multi-frame file."""
+    root = tmp_path_factory.mktemp("phantom")
+    return {form: phantom.write_study(root / form, form=form) for form in ("series", "zip", "multiframe")}
+
+
+@pytest.fixture(scope="module")
+def good_payload(study_paths) -> list[bytes]:
+    return preprocess.read_study(study_paths["zip"])
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_folder_zip_and_multiframe_give_the_same_result(triton_server, study_paths, protocol):
+    results = {form: triage(triton_server, protocol, preprocess.read_study(p)) for form, p in study_paths.items()}
+    reference = results["series"]
+    assert 0.0 <= reference["probability"] <= 1.0
+    for form, result in results.items():
+        assert result["probability"] == pytest.approx(reference["probability"], abs=1e-6), form
+        assert result["study_uid"] == reference["study_uid"]
+        assert result["pathology"] == int(result["probability"] >= OPERATING_POINT.threshold)
+
+
+def test_probability_equals_the_offline_path(triton_server, triton_repository, study_paths):
+    payload = preprocess.read_study(study_paths["series"])
+    study = preprocess.preprocess_study(payload, size=TEST_SIZE, mode="fast")
+    session = ort.InferenceSession(
+        str(triton_repository / NAMES.classifier / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (probabilities,) = session.run([NAMES.probabilities], {NAMES.volume: study.volume})
+    for protocol in PROTOCOLS:
+        served = triage(triton_server, protocol, payload)
+        assert served["probability"] == pytest.approx(float(probabilities[0, 1]), abs=1e-5)
+        assert served["study_uid"] == study.study_uid and served["series_uid"] == study.series_uid
+
+
+def test_metadata_carries_series_choice_timings_operating_point_and_provenance(triton_server, good_payload):
+    result = triage(triton_server, "grpc", good_payload)
+    meta = result["meta"]
+    assert meta["study_uid"] == result["study_uid"]
+    assert meta["series_uid"] == result["series_uid"] == meta["series_selection"]["chosen"]
+    assert meta["series_selection"]["reason"]
+    assert meta["size"] == TEST_SIZE and meta["mode"] == "fast"
+    assert len(meta["crop_box"]) in (3, 6) or isinstance(meta["crop_box"], dict)
+    assert meta["timings_s"]["total"] > 0
+    assert meta["threshold"] == OPERATING_POINT.threshold
+    provenance = meta["provenance"]
+    assert isinstance(provenance, dict), provenance  # export writes JSON; a plain string means it was mangled
+    assert "demo" in json.dumps(provenance)  # demo weights must say so in every answer
+    assert str(TEST_SIZE) in json.dumps(provenance)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_labels_through_the_classification_extension(triton_server, protocol):
+    module, client = connect(triton_server, protocol)
+    volume = module.InferInput(NAMES.volume, [1, 1, TEST_SIZE, TEST_SIZE, TEST_SIZE], "FP32")
+    volume.set_data_from_numpy(np.zeros((1, 1, TEST_SIZE, TEST_SIZE, TEST_SIZE), dtype=np.float32))
+    try:
+        result = infer(
+            client, protocol, NAMES.classifier, [volume],
+            outputs=[module.InferRequestedOutput(NAMES.probabilities, class_count=2)],
+        )
+    finally:
+        client.close()
+    entries = [e.decode().split(":") for e in result.as_numpy(NAMES.probabilities).reshape(-1)]
+    assert sorted(label for _, _, label in entries) == sorted(NAMES.labels)
+    assert {int(index): label for _, index, label in entries} == dict(enumerate(NAMES.labels))
+    assert sum(float(p) for p, _, _ in entries) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_concurrent_studies_all_succeed_and_batch_at_the_classifier(triton_server, good_payload):
+    before = classifier_stats(triton_server)
+    requests = 8
+    with ThreadPoolExecutor(requests) as pool:
+        results = list(pool.map(lambda i: triage(triton_server, PROTOCOLS[i % 2], good_payload), range(requests)))
+    assert len({round(r["probability"], 6) for r in results}) == 1
+    after = classifier_stats(triton_server)
+    inferences = int(after["inference_count"]) - int(before["inference_count"])
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+    assert inferences == requests
+    assert executions < inferences, "dynamic batching never combined two studies"
+    assert any(int(b["batch_size"]) > 1 for b in after["batch_stats"])
+
+
+def bad_studies() -> dict[str, list[bytes]]:
+    """One payload per kind of bad study; what is wrong with each is decided by preprocess itself."""
+    series = phantom.study_files(form="series")
+    mid = len(series) // 2
+    damaged = list(series)
+    damaged[mid] = damaged[mid][: len(damaged[mid]) // 2]
+    from pydicom.data import get_testdata_file
+
+    return {
+        "nothing sent": [],
+        "empty file": [b""],
+        "not DICOM": [b"this is a report, not an image\n" * 64],
+        "damaged ZIP": [b"PK\x03\x04" + bytes(range(256)) * 8],
+        "single slice": series[:1],
+        "too few slices": series[:4],
+        "truncated slice": damaged,
+        "MR, not CT": [Path(get_testdata_file("MR_small.dcm")).read_bytes()],
+    }
+
+
+BAD = bad_studies()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_study_is_invalid_argument_with_the_preprocess_message(triton_server, good_payload, protocol, case):
+    payload = BAD[case]
+    with pytest.raises(preprocess.StudyError) as offline:
+        preprocess.preprocess_study(payload, size=TEST_SIZE, mode="fast")
+    with pytest.raises(InferenceServerException) as served:
+        triage(triton_server, protocol, payload)
+    assert served.value.status() == INVALID[protocol]
+    assert str(offline.value) in served.value.message()
+    assert NAMES.triage in served.value.message()  # Triton names the ensemble that failed
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_server_keeps_serving_after_bad_studies(triton_server, good_payload, protocol):
+    for payload in BAD.values():
+        with pytest.raises(InferenceServerException):
+            triage(triton_server, protocol, payload)
+    assert 0.0 <= triage(triton_server, protocol, good_payload)["probability"] <= 1.0
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_internal_failure_is_internal_not_a_hang(triton_server, protocol):
+    """A classifier output that is not a distribution must fail loudly, not yield a decision."""
+    module, client = connect(triton_server, protocol)
+    probabilities = module.InferInput(NAMES.probabilities, [1, 2], "FP32")
+    probabilities.set_data_from_numpy(np.array([[0.9, 0.9]], dtype=np.float32))
+    meta = module.InferInput(NAMES.meta, [1], "BYTES")
+    meta.set_data_from_numpy(np.array([b"{}"], dtype=np.object_))
+    try:
+        with pytest.raises(InferenceServerException) as served:
+            infer(client, protocol, NAMES.postprocess, [probabilities, meta])
+    finally:
+        client.close()
+    assert served.value.status() == {"http": "500", "grpc": "StatusCode.INTERNAL"}[protocol]
+    assert "not a probability distribution" in served.value.message()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_request_never_waits_in_a_queue_beyond_its_timeout(triton_server, good_payload, protocol):
+    """Server-side timeout (microseconds): studies queued behind busy preprocess instances are rejected."""
+    requests = 8  # more than the preprocess instances, so some must queue
+
+    def attempt(_):
+        try:
+            triage(triton_server, protocol, good_payload, timeout=1000)
+            return "ok"
+        except InferenceServerException as error:
+            assert error.status() == TIMED_OUT[protocol], error
+            assert "timeout" in error.message().lower()
+            return "timed out"
+
+    with ThreadPoolExecutor(requests) as pool:
+        outcomes = list(pool.map(attempt, range(requests)))
+    assert "timed out" in outcomes
+    assert 0.0 <= triage(triton_server, protocol, good_payload)["probability"] <= 1.0
+
+
+def test_operating_point_changes_without_re_export(triton_server, good_payload):
+    probability = triage(triton_server, "http", good_payload)["probability"]
+    assert 0.0 < probability < 1.0
+    try:
+        config = set_threshold(triton_server.http_url, 1.0)
+        assert config["parameters"]["threshold"]["string_value"] == "1.0"
+        strict = triage(triton_server, "grpc", good_payload)
+        assert strict["pathology"] == 0 and strict["meta"]["threshold"] == 1.0
+        set_threshold(triton_server.http_url, 0.0)
+        sensitive = triage(triton_server, "http", good_payload)
+        assert sensitive["pathology"] == 1 and sensitive["meta"]["threshold"] == 0.0
+        assert strict["probability"] == sensitive["probability"] == pytest.approx(probability, abs=1e-7)
+    finally:
+        set_threshold(triton_server.http_url, OPERATING_POINT.threshold)
+    assert triage(triton_server, "http", good_payload)["meta"]["threshold"] == OPERATING_POINT.threshold
+
+
+def test_server_log_holds_no_patient_data(triton_server, good_payload):
+    """Errors above went through the server: its log may name error types, never patient data."""
+    import pydicom
+    from io import BytesIO
+
+    triage(triton_server, "http", good_payload)
+    dataset = pydicom.dcmread(BytesIO(phantom.study_files(form="series")[0]), stop_before_pixels=True)
+    log = triton_server.log_file.read_text(errors="replace")
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
+        value = str(dataset.get(keyword, "") or "")
+        if len(value) >= 4:
+            assert value not in log, keyword
+
+
+def test_preprocessing_runs_in_parallel_instances_behind_a_bounded_queue(triton_server):
+    """As loaded by the server: settings.SERVING.preprocess_instances instances, a finite queue and timeout."""
+    with urllib.request.urlopen(f"http://{triton_server.http_url}/v2/models/{NAMES.preprocess}/config", timeout=10) as r:
+        config = json.loads(r.read())
+    assert sum(int(g["count"]) for g in config["instance_group"]) == SERVING.preprocess_instances
+    assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] > 0
+    assert int(config["dynamic_batching"]["default_queue_policy"]["default_timeout_microseconds"]) > 0

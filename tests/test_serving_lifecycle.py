@@ -1,0 +1,136 @@
+"""Starting and stopping the bundled server: `python -m serve` under SIGINT/SIGTERM, and failed starts.
+
+These run their own servers (besides the session one) because what they check is what a stop
+leaves behind: no tritonserver, no backend stub, no shared-memory region, the ports free again.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as triton_http
+
+import preprocess
+from preprocess import phantom
+from serve import ServerError, TritonServer, free_ports
+from serve.launcher import PROJECT_ROOT
+from settings import NAMES
+
+SHM = Path("/dev/shm")
+
+
+def children(pid: int) -> set[int]:
+    """All descendants of pid, from /proc (the server and the backend stubs it forks)."""
+    found, frontier = set(), [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = {int(k) for k in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            frontier.extend(kids - found)
+            found |= kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError("server not ready in time")
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on port (SO_REUSEADDR: closed connections in TIME_WAIT do not count)."""
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_cli_serves_then_stops_cleanly_on_signal(triton_repository, tmp_path, stop_signal):
+    http_port, grpc_port, metrics_port = free_ports(3)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--repository", str(triton_repository), f"--http-port={http_port}",
+         f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}"],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url = f"localhost:{http_port}"
+        wait_ready(url, process)
+        # One real request, so every stub has worked and holds its shared memory.
+        payload = preprocess.read_study(phantom.write_study(tmp_path / "study.zip", form="zip"))
+        client = triton_http.InferenceServerClient(url)
+        tensor = triton_http.InferInput(NAMES.dicom, [len(payload)], "BYTES")
+        tensor.set_data_from_numpy(np.array(payload, dtype=np.object_))
+        meta = json.loads(client.infer(NAMES.triage, [tensor]).as_numpy(NAMES.meta)[0])
+        assert meta["provenance"]
+        client.close()
+        server_processes = children(process.pid)
+        stubs = [p for p in server_processes if "triton_python_backend_stub" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        assert len(stubs) >= 4, "expected one stub per Python-model instance"
+        # The launcher names this server's regions after the serving process (other servers may run).
+        prefix = f"ct_triage_{process.pid}_"
+        assert list(SHM.glob(prefix + "*")), "the Python backend should hold shared-memory regions while serving"
+
+        process.send_signal(stop_signal)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert "stopping tritonserver" in output
+    assert [p for p in server_processes if alive(p)] == []
+    assert list(SHM.glob(prefix + "*")) == []
+    assert all(port_free(p) for p in (http_port, grpc_port, metrics_port))
+
+
+def test_failed_start_reports_the_reason_and_leaves_nothing(triton_repository, tmp_path):
+    """A repository whose operating point is not a probability must not load, and must say why."""
+    broken = tmp_path / "repository"
+    shutil.copytree(triton_repository / NAMES.postprocess, broken / NAMES.postprocess)
+    config = broken / NAMES.postprocess / "config.pbtxt"
+    config.write_text(re.sub(r'(key: "threshold" value \{ string_value: )"[^"]*"', r'\1"high"', config.read_text()))
+    http_port, grpc_port, metrics_port = free_ports(3)
+    server = TritonServer(broken, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    with pytest.raises(ServerError, match="threshold must be a number"):
+        server.start()
+    assert not server.is_running()
+    assert server.orphans() == [] and server.leaked_shm() == []
+
+
+def test_start_refuses_a_folder_without_models(tmp_path):
+    with pytest.raises(ServerError, match="no model"):
+        TritonServer(tmp_path).start()
