@@ -179,9 +179,14 @@ def _base(study_uid: str, series_uid: str, sop_class: str, sop_uid: str, ts: str
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
     return ds
+
+
+def _pixel_module(ds: Dataset, signed: bool) -> None:
+    """Unsigned 12-bit stored values (the common CT encoding), or signed 16-bit for per-slice rescale."""
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.BitsStored = 16 if signed else 12
+    ds.HighBit = ds.BitsStored - 1
 
 
 def _stored(hu_slice: np.ndarray, slope: float, intercept: float, signed: bool) -> np.ndarray:
@@ -243,7 +248,7 @@ def _single_frames(hu, geometry, study_uid, series_uid, order, rescale, ts, seed
         ds.Rows, ds.Columns = rows, columns
         slope, intercept = rescales[s]
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "HU"
-        ds.PixelRepresentation = 1 if signed else 0
+        _pixel_module(ds, signed)
         image = hu[s][:, ::-1] if feet_first else hu[s]
         ds.PixelData = np.ascontiguousarray(_stored(image, slope, intercept, signed)).tobytes()
         members.append((f"IM{number:04d}", _encode(ds, ts)))
@@ -261,7 +266,7 @@ def _enhanced_ct(hu, geometry, study_uid, series_uid, order, rescale, ts, seed) 
     ds.PatientPosition = "FFS" if feet_first else "HFS"
     ds.Rows, ds.Columns = rows, columns
     ds.NumberOfFrames = n
-    ds.PixelRepresentation = 1 if signed else 0
+    _pixel_module(ds, signed)
     measures, orientation_item, frame_type = Dataset(), Dataset(), Dataset()
     measures.PixelSpacing = [geometry.pixel_spacing, geometry.pixel_spacing]
     measures.SliceThickness = geometry.slice_spacing
@@ -302,6 +307,6 @@ def _localizer(hu, geometry, study_uid, seed) -> bytes:
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
     ds.PixelSpacing = [geometry.slice_spacing, geometry.pixel_spacing]
     ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-    ds.PixelRepresentation = 0
+    _pixel_module(ds, False)
     ds.PixelData = _stored(projection, 1.0, -1024.0, False).tobytes()
     return _encode(ds, ExplicitVRLittleEndian)

@@ -131,8 +131,14 @@ def _fast(raw: np.ndarray, stack: Stack, size: int, device: str, settings: Prepr
     slopes = torch.from_numpy(stack.slopes).to(device)
     intercepts = torch.from_numpy(stack.intercepts).to(device)
     threshold = (settings.crop_threshold_hu - intercepts) / slopes  # stored value above which HU > -1000
-    above_rows = volume.amax(dim=2) > threshold[:, None]  # [slices, rows]
-    above_cols = volume.amax(dim=1) > threshold[:, None]  # [slices, columns]
+    row_max = torch.empty(volume.shape[:2], dtype=volume.dtype, device=device)
+    col_max = torch.empty((volume.shape[0], volume.shape[2]), dtype=volume.dtype, device=device)
+    for start in range(0, volume.shape[0], 4):  # a few slices at a time: both maxima from cache, one pass
+        block = volume[start : start + 4]
+        torch.amax(block, dim=2, out=row_max[start : start + 4])
+        torch.amax(block, dim=1, out=col_max[start : start + 4])
+    above_rows = row_max > threshold[:, None]  # [slices, rows]
+    above_cols = col_max > threshold[:, None]  # [slices, columns]
     present = [above_rows.any(dim=1), above_rows.any(dim=0), above_cols.any(dim=0)]
     if not bool(present[0].any()):
         raise EmptyVolumeError(f"no voxel above {settings.crop_threshold_hu:.0f} HU: the images are empty")
@@ -169,7 +175,9 @@ def _fast(raw: np.ndarray, stack: Stack, size: int, device: str, settings: Prepr
     scale = 2.0 / (settings.hu_max - settings.hu_min)
     bias = ((weight * stack.intercepts.astype(np.float64)[index]).sum(axis=1) - settings.hu_min) * scale - 1.0
     weight = weight * stack.slopes.astype(np.float64)[index] * scale
-    out = torch.zeros((size, size, size), dtype=torch.float32, device=device)
+    out = torch.empty((size, size, size), dtype=torch.float32, device=device)
+    pending = (weight != 0).sum(axis=1)  # taps still to add per output slice
+    started = np.zeros(size, dtype=bool)
     (r_lo, r_hi), (c_lo, c_hi) = bounds[1], bounds[2]
     chunk = 16
     for start in range(int(index.min()), int(index.max()) + 1, chunk):
@@ -178,13 +186,16 @@ def _fast(raw: np.ndarray, stack: Stack, size: int, device: str, settings: Prepr
         n = block.shape[0]
         planes = F.grid_sample(block, grid_1mm.expand(n, -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
         planes = F.grid_sample(planes, grid_out.expand(n, -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
-        for t in range(index.shape[1]):
-            hits = np.nonzero((index[:, t] >= start) & (index[:, t] < stop))[0]
-            if len(hits):
-                source = planes.index_select(0, torch.from_numpy(index[hits, t] - start).to(device))
-                source.mul_(torch.from_numpy(weight[hits, t].astype(np.float32)).to(device)[:, None, None])
-                out.index_add_(0, torch.from_numpy(hits).to(device), source)
-    out.add_(torch.from_numpy(bias.astype(np.float32)).to(device)[:, None, None]).clamp_(-1.0, 1.0)
+        for k, t in zip(*np.nonzero((index >= start) & (index < stop) & (weight != 0))):
+            plane, w = planes[index[k, t] - start], float(weight[k, t])
+            if started[k]:
+                out[k].add_(plane, alpha=w)
+            else:
+                torch.mul(plane, w, out=out[k])
+                started[k] = True
+            pending[k] -= 1
+            if pending[k] == 0:  # complete: HU offset and window while the slice is still in cache
+                out[k].add_(float(bias[k])).clamp_(-1.0, 1.0)
     del volume
     return np.ascontiguousarray(out.cpu().numpy())[None, None], mapping
 

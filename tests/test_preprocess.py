@@ -214,3 +214,17 @@ def test_duplicate_copies_of_a_file_are_ignored_with_a_warning(baseline):
     study = preprocess.preprocess_study(files + files[:3], size=S)
     assert np.abs(study.volume - baseline.volume).max() == 0
     assert "3 duplicate copies of slices ignored" in study.meta["warnings"]
+
+
+@pytest.mark.parametrize("source", ["phantom explicit", "phantom implicit", "phantom RLE", "CT_small.dcm", "693_UNCR.dcm", "693_J2KR.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm"])
+def test_fast_header_scan_reads_what_pydicom_reads(source, monkeypatch):
+    if source.startswith("phantom"):
+        syntax = {"explicit": "explicit", "implicit": "implicit", "RLE": "rle"}[source.split()[1]]
+        data = phantom.study_files("zip", transfer_syntax=syntax, slices=16, rows=32, columns=32, extras=True)
+    else:
+        data = [packaged_file(source).read_bytes()]
+    blobs, _ = expand(data)
+    scanned, _ = parse(blobs)
+    monkeypatch.setattr("preprocess.dicom._scan", lambda data: None)
+    by_pydicom, _ = parse(blobs)
+    assert scanned == by_pydicom and len(scanned) >= 1
