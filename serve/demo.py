@@ -30,7 +30,7 @@ def model_compute_seconds(triton, models) -> dict[str, float]:
     return stats
 
 
-def run(out_dir: Path, size: int, protocol: str, phantom_options: dict) -> int:
+def run(out_dir: Path, size: int, protocol: str, timeout_s: float, phantom_options: dict) -> int:
     import client
     import export
     from preprocess import phantom
@@ -57,7 +57,7 @@ def run(out_dir: Path, size: int, protocol: str, phantom_options: dict) -> int:
         timings["server start (models loaded)"] = time.perf_counter() - started
         url = server.grpc_url if protocol == "grpc" else server.http_url
         models = (NAMES.preprocess, NAMES.classifier, NAMES.postprocess)
-        with client.TriageClient(url, protocol=protocol) as triage:
+        with client.TriageClient(url, protocol=protocol, timeout_s=timeout_s) as triage:
             triage.check_ready()
             result = triage.classify(study)
             per_model = model_compute_seconds(triage.triton, models) if result.ok else {}
@@ -113,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help="work folder (repository, study, log)")
     parser.add_argument("--size", type=int, default=PREPROCESSING.size, help="model input S (trained at 256)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0,
+        help="client deadline, s (the S=256 classifier alone takes minutes on a 2-core CPU)",
+    )
     parser.add_argument("--slices", type=int, default=160, help="phantom slices")
     parser.add_argument("--matrix", type=int, default=256, help="phantom rows and columns")
     args = parser.parse_args(argv)
-    return run(args.out, args.size, args.protocol, {"slices": args.slices, "rows": args.matrix, "columns": args.matrix})
+    phantom_options = {"slices": args.slices, "rows": args.matrix, "columns": args.matrix}
+    return run(args.out, args.size, args.protocol, args.timeout, phantom_options)
 
 
 if __name__ == "__main__":

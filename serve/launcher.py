@@ -10,6 +10,7 @@ loads in the NGC `tritonserver` image.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import secrets
 import shutil
@@ -223,6 +224,7 @@ class TritonServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # our own process group: a terminal's Ctrl-C reaches us, not it
+                preexec_fn=_die_with_parent,
             )
         atexit.register(self.stop)
         try:
@@ -299,6 +301,16 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM the server if its launcher dies, even by SIGKILL.
+
+    Linux delivers it when the launching *thread* exits, so start servers from a thread that
+    lives as long as they should (the main thread, as the CLI, the demo and the tests do).
+    """
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _kill_group(pgid: int) -> None:

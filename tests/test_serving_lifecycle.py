@@ -134,3 +134,30 @@ def test_failed_start_reports_the_reason_and_leaves_nothing(triton_repository, t
 def test_start_refuses_a_folder_without_models(tmp_path):
     with pytest.raises(ServerError, match="no model"):
         TritonServer(tmp_path).start()
+
+
+def test_a_killed_launcher_takes_its_server_along(triton_repository, tmp_path):
+    """SIGKILL of the launching process (a CI timeout) must not leave a server or stub running."""
+    repository = tmp_path / "repository"
+    shutil.copytree(triton_repository / NAMES.postprocess, repository / NAMES.postprocess)
+    launcher = (
+        "import sys, time\n"
+        "from serve import TritonServer, free_ports\n"
+        "h, g, m = free_ports(3)\n"
+        f"server = TritonServer({str(repository)!r}, http_port=h, grpc_port=g, metrics_port=m).start()\n"
+        "print(server.pid, server.shm_prefix, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", launcher], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        pid, prefix = process.stdout.readline().split()
+        server_processes = {int(pid)} | children(int(pid))
+        assert len(server_processes) >= 2 and list(SHM.glob(prefix + "*"))
+    finally:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 60
+    while any(alive(p) for p in server_processes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p for p in server_processes if alive(p)] == []
+    assert list(SHM.glob(prefix + "*")) == []
