@@ -12,18 +12,26 @@ HU > -1000 plus 5 voxels, clip and scale, torch trilinear resize to S^3. Choices
     volume border (no padding);
   * resize: torch.nn.functional.interpolate(mode="trilinear", align_corners=False), the PyTorch
     default, in float32.
-`fast` computes the same function with one interpolation: the crop box is found on the stored
-values (per-slice threshold from slope/intercept), mapped onto the 1 mm grid, and each S^3 grid point
-is traced back through both interpolations to one position in the original grid. The mapping is
-separable per axis, so it is three 1-D linear passes (columns, rows, then slices) that only read the
-cropped part, with slope/intercept applied per slice between the in-plane and slice passes (exact:
-linear interpolation within a slice commutes with that slice's affine HU mapping). All torch ops, so
-the same code runs on CUDA tensors.
+`fast` computes the same function with far less work, straight from the stored integers:
+  * the crop box is found on the stored values (per-slice threshold from slope/intercept, one pass
+    over the volume) and mapped to the 1 mm grid points whose interpolation touches it;
+  * both linear interpolations (original -> 1 mm -> S^3) are composed, per axis, into one filter of
+    at most 4 taps (the grids are axis-aligned, so the composition is separable and exact); only the
+    cropped part of the volume is read, and the 1 mm volume is never built;
+  * in-plane the filters are banded matrices applied tile by tile (small matrix products over the
+    band), on blocks of slices converted to float32 one block at a time, by worker threads;
+  * along D, slope and the [-1000, 600] -> [-1, 1] window are folded into the filter weights and
+    intercepts into a per-slice offset, so each output slice ends with one add and one clamp;
+  * all of it is torch, so `device="cuda"` runs it on a GPU with only decoding left on the CPU.
+The one remaining difference is where the clip happens: reference clips between the two
+interpolations, fast after both, which only matters next to voxels outside [-1000, 600] HU
+(bone edges): measured mean |fast - reference| ~ 4e-5, max ~ 0.12, on phantoms.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,16 +71,19 @@ class GridMapping:
         length = hi - lo + 1
         return np.clip((np.arange(self.size, dtype=np.float64) + 0.5) * length / self.size - 0.5, 0, length - 1)
 
-    def slice_filter(self, stack: Stack) -> tuple[np.ndarray, np.ndarray]:
-        """Both linear interpolations along D composed into one filter: slice indices and weights [S, K]."""
-        points, x = self.crop_points(stack, 0), self.output_points(0)
+    def axis_filter(self, stack: Stack, canonical_axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """Both linear interpolations along one axis composed into one filter on the original array
+        axis: indices and weights [S, K] (K <= 4; flips included; all-zero taps dropped)."""
+        axis = stack.canonical[canonical_axis][0]
+        n = stack.shape[axis]
+        points, x = self.crop_points(stack, canonical_axis), self.output_points(canonical_axis)
         j0 = np.floor(x).astype(np.int64)
         f = x - j0
         j1 = np.minimum(j0 + 1, len(points) - 1)
         index, weight = [], []
         for j, wj in ((j0, 1 - f), (j1, f)):
-            i, g = _linear_taps(points[j], stack.shape[0])
-            index += [i, i + 1 if stack.shape[0] > 1 else i]
+            i, g = _linear_taps(points[j], n)
+            index += [i, np.minimum(i + 1, n - 1)]
             weight += [wj * (1 - g), wj * g]
         index, weight = np.stack(index, axis=1), np.stack(weight, axis=1)
         keep = weight.max(axis=0) > 0
@@ -119,14 +130,19 @@ def _to_unit_range(x: torch.Tensor, settings: Preprocessing) -> torch.Tensor:
 
 
 def fast(
-    raw: np.ndarray, stack: Stack, size: int, *, device: str = "cpu", threads: int = 1, settings: Preprocessing = PREPROCESSING
+    raw: np.ndarray, stack: Stack, size: int, *, device: str = "cpu", threads: int = 2, settings: Preprocessing = PREPROCESSING
 ) -> tuple[np.ndarray, GridMapping]:
-    """The reference's result in one pass over the cropped stored values (see the module docstring)."""
-    with _torch_threads(threads):
-        return _fast(raw, stack, size, device, settings)
+    """The reference's result in one pass over the cropped stored values (see the module docstring).
+
+    `threads` workers filter blocks of slices in-plane, each torch op on one intra-op thread:
+    OpenMP's own threads were measured 10x slower, not faster, whenever the cores are shared
+    (several server instances, other processes), while plain worker threads degrade gracefully.
+    """
+    with _torch_threads(1):
+        return _fast(raw, stack, size, device, threads, settings)
 
 
-def _fast(raw: np.ndarray, stack: Stack, size: int, device: str, settings: Preprocessing) -> tuple[np.ndarray, GridMapping]:
+def _fast(raw: np.ndarray, stack: Stack, size: int, device: str, threads: int, settings: Preprocessing) -> tuple[np.ndarray, GridMapping]:
     volume = torch.from_numpy(raw).to(device)
     slopes = torch.from_numpy(stack.slopes).to(device)
     intercepts = torch.from_numpy(stack.intercepts).to(device)
@@ -144,8 +160,8 @@ def _fast(raw: np.ndarray, stack: Stack, size: int, device: str, settings: Prepr
         raise EmptyVolumeError(f"no voxel above {settings.crop_threshold_hu:.0f} HU: the images are empty")
     array_box = []
     for mask in present:
-        index = torch.nonzero(mask).flatten()
-        array_box.append((int(index[0]), int(index[-1])))
+        found = torch.nonzero(mask).flatten()
+        array_box.append((int(found[0]), int(found[-1])))
     shape = grid_shape(stack, settings)
     box_1mm = []
     for (axis, flip), n_grid, spacing in zip(stack.canonical, shape, stack.canonical_spacing()):
@@ -159,54 +175,83 @@ def _fast(raw: np.ndarray, stack: Stack, size: int, device: str, settings: Prepr
         last = min(n_grid - 1, math.ceil((hi + 1) * scale - 1e-9) - 1)
         box_1mm.append((first, last))
     mapping = GridMapping(shape, _margin_box(box_1mm, shape, settings.crop_margin_voxels), size)
-    # in-plane: the reference's two linear stages (original -> 1 mm -> S) as two bilinear samplings per
-    # block of slices, which also applies the flips and transpose to the canonical orientation
-    plane_axes = [stack.canonical[1][0], stack.canonical[2][0]]
-    points = {axis: mapping.crop_points(stack, c) for c, axis in zip((1, 2), plane_axes)}
-    bounds = {axis: _span(points[axis], stack.shape[axis]) for axis in (1, 2)}
-    first = _normalised(points[plane_axes[0]] - bounds[plane_axes[0]][0], bounds[plane_axes[0]])
-    second = _normalised(points[plane_axes[1]] - bounds[plane_axes[1]][0], bounds[plane_axes[1]])
-    rows_first = plane_axes[0] == 1
-    grid_1mm = _grid(first, second, y_first=rows_first, device=device)
-    grid_out = _grid(*(_normalised(mapping.output_points(c), (0, len(points[a]) - 1)) for c, a in zip((1, 2), plane_axes)), y_first=True, device=device)
+    # in-plane: each axis's composed filter as a banded matrix, applied as small matrix products over
+    # the band only (tiles of output voxels x the input window they read): far less work than dense
+    # products, and vectorised where a gather is not
+    bands = {}
+    for c in (1, 2):
+        axis = stack.canonical[c][0]
+        bands[axis] = _Band(*mapping.axis_filter(stack, c), device)
+    rows, columns = bands[1], bands[2]
+    transposed = stack.canonical[1][0] == 2
     # along D: one composed filter. Slope, and the window's scale to [-1, 1], are folded into its
     # weights, intercept and window offset into a per-slice bias: the end is one add and one clamp.
-    index, weight = mapping.slice_filter(stack)
+    index, weight = mapping.axis_filter(stack, 0)
     scale = 2.0 / (settings.hu_max - settings.hu_min)
     bias = ((weight * stack.intercepts.astype(np.float64)[index]).sum(axis=1) - settings.hu_min) * scale - 1.0
     weight = weight * stack.slopes.astype(np.float64)[index] * scale
     out = torch.empty((size, size, size), dtype=torch.float32, device=device)
     pending = (weight != 0).sum(axis=1)  # taps still to add per output slice
     started = np.zeros(size, dtype=bool)
-    (r_lo, r_hi), (c_lo, c_hi) = bounds[1], bounds[2]
-    chunk = 16
-    for start in range(int(index.min()), int(index.max()) + 1, chunk):
-        stop = min(start + chunk, int(index.max()) + 1)
-        block = volume[start:stop, r_lo : r_hi + 1, c_lo : c_hi + 1].float()[:, None]
-        n = block.shape[0]
-        planes = F.grid_sample(block, grid_1mm.expand(n, -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
-        planes = F.grid_sample(planes, grid_out.expand(n, -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
-        for k, t in zip(*np.nonzero((index >= start) & (index < stop) & (weight != 0))):
-            plane, w = planes[index[k, t] - start], float(weight[k, t])
-            if started[k]:
-                out[k].add_(plane, alpha=w)
-            else:
-                torch.mul(plane, w, out=out[k])
-                started[k] = True
-            pending[k] -= 1
-            if pending[k] == 0:  # complete: HU offset and window while the slice is still in cache
-                out[k].add_(float(bias[k])).clamp_(-1.0, 1.0)
+
+    def in_plane(start: int) -> tuple[int, torch.Tensor]:
+        block = volume[start : start + chunk, rows.lo : rows.hi + 1, columns.lo : columns.hi + 1].float()
+        planes = rows.apply(columns.apply(block, dim=2), dim=1)  # [n, S rows, S columns]
+        return start, planes.transpose(1, 2) if transposed else planes
+
+    chunk = 8
+    starts = list(range(int(index.min()), int(index.max()) + 1, chunk))
+    with ThreadPoolExecutor(threads) as pool:
+        for wave in range(0, len(starts), 2 * threads):  # bounded look-ahead: bounded memory
+            for start, planes in pool.map(in_plane, starts[wave : wave + 2 * threads]):
+                stop = start + planes.shape[0]
+                for k, t in zip(*np.nonzero((index >= start) & (index < stop) & (weight != 0))):
+                    plane, w = planes[index[k, t] - start], float(weight[k, t])
+                    if started[k]:
+                        out[k].add_(plane, alpha=w)
+                    else:
+                        torch.mul(plane, w, out=out[k])
+                        started[k] = True
+                    pending[k] -= 1
+                    if pending[k] == 0:  # complete: HU offset and window while the slice is in cache
+                        out[k].add_(float(bias[k])).clamp_(-1.0, 1.0)
     del volume
     return np.ascontiguousarray(out.cpu().numpy())[None, None], mapping
 
 
+class _Band:
+    """A composed 1-D filter as a banded matrix, applied tile by tile over its band."""
+
+    tile = 32
+
+    def __init__(self, index: np.ndarray, weight: np.ndarray, device: str):
+        self.lo, self.hi = int(index.min()), int(index.max())
+        matrix = np.zeros((index.shape[0], self.hi - self.lo + 1), dtype=np.float64)
+        np.add.at(matrix, (np.repeat(np.arange(index.shape[0]), index.shape[1]), (index - self.lo).ravel()), weight.ravel())
+        self.tiles = []
+        for k0 in range(0, matrix.shape[0], self.tile):
+            k1 = min(k0 + self.tile, matrix.shape[0])
+            used = np.nonzero(np.abs(matrix[k0:k1]).max(axis=0))[0]
+            j0, j1 = int(used.min()), int(used.max()) + 1
+            self.tiles.append((k0, k1, j0, j1, torch.from_numpy(matrix[k0:k1, j0:j1].astype(np.float32)).to(device)))
+        self.size = matrix.shape[0]
+
+    def apply(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Filter x along dim (1 or 2 of a [n, a, b] tensor)."""
+        shape = list(x.shape)
+        shape[dim] = self.size
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+        for k0, k1, j0, j1, m in self.tiles:
+            if dim == 2:
+                out[:, :, k0:k1] = torch.matmul(x[:, :, j0:j1], m.T)
+            else:
+                out[:, k0:k1, :] = torch.matmul(m, x[:, j0:j1, :])
+        return out
+
+
 @contextlib.contextmanager
 def _torch_threads(threads: int):
-    """Run torch ops on `threads` threads, then restore the process setting.
-
-    One by default: the server runs several preprocess instances side by side, and with more
-    OpenMP threads than free cores these ops were measured 10x slower, not faster.
-    """
+    """Run torch ops on `threads` intra-op threads, then restore the process setting."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -219,25 +264,6 @@ def _linear_taps(u: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Lower neighbour index and upper weight of linear interpolation at coordinates u in [0, n - 1]."""
     i = np.clip(np.floor(u + 1e-9), 0, max(n - 2, 0)).astype(np.int64)
     return i, np.clip(u - i, 0.0, 1.0)
-
-
-def _span(points: np.ndarray, n: int) -> tuple[int, int]:
-    """Smallest index range (at least 2 wide) that holds every interpolation tap of these points."""
-    lo = int(np.floor(points.min() + 1e-9))
-    hi = min(n - 1, int(np.ceil(points.max() - 1e-9)))
-    return (min(lo, hi - 1), hi) if hi > lo else (max(0, hi - 1), max(hi, 1))
-
-
-def _normalised(points: np.ndarray, span: tuple[int, int]) -> np.ndarray:
-    """Index coordinates -> grid_sample's [-1, 1] with align_corners=True (-1 is index 0)."""
-    return 2.0 * points / max(span[1] - span[0], 1) - 1.0
-
-
-def _grid(rows: np.ndarray, columns: np.ndarray, *, y_first: bool, device: str) -> torch.Tensor:
-    """Sampling grid [1, len(rows), len(columns), 2] for grid_sample; y_first=False transposes."""
-    a, b = np.meshgrid(rows, columns, indexing="ij")
-    xy = (b, a) if y_first else (a, b)  # grid_sample wants (x = input column, y = input row)
-    return torch.from_numpy(np.stack(xy, axis=-1).astype(np.float32))[None].to(device)
 
 
 def canonical_array(array: np.ndarray, stack: Stack) -> np.ndarray:
