@@ -2,8 +2,8 @@
 
     python -m client.measure_shared_memory --grpc-url localhost:8001 --http-url localhost:8000 [STUDY]
 
-Without STUDY it sends a generated phantom as large as a real chest CT (300 slices of 512 x 512,
-about 157 MB of DICOM). The study is read once, so every request sends the same bytes in memory;
+Without STUDY it sends a generated phantom as large as a real chest CT (300 slices of 512 x 512
+at 0.7 x 0.7 x 1 mm, about 157 MB of DICOM). The study is read once, so every request sends the same bytes in memory;
 the numbers are whole `classify` calls through `ct_triage` (client wall time), median of --repeats.
 """
 from __future__ import annotations
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from preprocess import phantom
 
-        payload = phantom.study_files(form="series", slices=300, rows=512, columns=512)
+        payload = phantom.study_files(
+            form="series", slices=300, rows=512, columns=512, pixel_spacing=0.7, slice_spacing=1.0
+        )
     print(f"payload: {len(payload)} elements, {payload_bytes(payload) / 1024**2:.0f} MiB")
     print("| protocol | transport | status | median s | min s |\n|---|---|---|---|---|")
     for row in measure(payload, urls, repeats=args.repeats):
