@@ -3,8 +3,9 @@
     .venv/bin/python -m benchmarks.preprocess [--study PATH] [--repeat N] [--size S]
 
 Without --study it generates the issue's default: a 300-slice 512x512 phantom (~150 MB of DICOM).
-Prints a table, then as its last line one JSON object: fast_s and reference_s (median seconds per
-study through preprocess.preprocess_study), peak_mb (fast mode's peak resident memory above the
+Prints a table, then as its last line one JSON object: fast_s and reference_s (median wall seconds
+per study through preprocess.preprocess_study), their CPU seconds and the load average (the wall
+time is only meaningful on an otherwise idle machine), peak_mb (fast mode's peak resident memory above the
 resident memory before the call, i.e. above the DICOM bytes already in memory), and the same for
 reference, plus the raw int16 volume size the memory target is relative to.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -43,19 +45,21 @@ def _reset_peak() -> bool:
 
 def measure(files: list[bytes], mode: str, size: int, repeat: int) -> dict:
     preprocess.preprocess_study(files, size=size, mode=mode)  # warm-up: imports, thread pools, allocator
-    seconds, peaks, stages = [], [], []
+    seconds, cpu, peaks, stages = [], [], [], []
     for _ in range(repeat):
         exact = _reset_peak()
         before = _rss_mb("VmRSS")
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         study = preprocess.preprocess_study(files, size=size, mode=mode)
         seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         peaks.append(_rss_mb("VmHWM") - before if exact else float("nan"))
         stages.append(study.meta["timings_s"])
         del study
     return {
         "median_s": statistics.median(seconds),
         "min_s": min(seconds),
+        "cpu_s": statistics.median(cpu),
         "peak_mb": max(peaks),
         "stages_s": {k: round(statistics.median(s[k] for s in stages), 4) for k in stages[0]},
     }
@@ -91,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         "fast_s": round(fast["median_s"], 4),
         "reference_s": round(reference["median_s"], 4),
         "speedup": round(reference["median_s"] / fast["median_s"], 1),
+        "fast_cpu_s": round(fast["cpu_s"], 4),
+        "reference_cpu_s": round(reference["cpu_s"], 4),
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "cpus": os.cpu_count(),
         "peak_mb": round(fast["peak_mb"], 1),
         "reference_peak_mb": round(reference["peak_mb"], 1),
         "raw_int16_mb": round(raw_mb, 1),
@@ -101,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_diff": float(f"{diff.max():.6f}"),
     }
     print(f"study: {label} ({result['files']} files, {result['dicom_mb']} MB), S={args.size}, {args.repeat} runs, {result['torch_threads']} torch threads")
-    print(f"{'mode':<10}{'median s':>10}{'peak MB':>10}  stages (median s)")
+    print(f"{'mode':<10}{'median s':>10}{'CPU s':>8}{'peak MB':>10}  stages (median s)")
     for name, m in (("fast", fast), ("reference", reference)):
-        print(f"{name:<10}{m['median_s']:>10.3f}{m['peak_mb']:>10.0f}  {m['stages_s']}")
+        print(f"{name:<10}{m['median_s']:>10.3f}{m['cpu_s']:>8.3f}{m['peak_mb']:>10.0f}  {m['stages_s']}")
+    print(f"load average {result['load_average']} on {result['cpus']} CPUs: wall times grow with other processes' load, CPU times much less")
     print(f"speed-up {result['speedup']}x; peak/raw int16 volume {result['peak_over_raw']}x; fast vs reference mean |diff| {result['mean_abs_diff']}, max {result['max_abs_diff']}")
     print(json.dumps(result))
     return 0

@@ -13,7 +13,6 @@ the ranking but not the checks.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
