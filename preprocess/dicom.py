@@ -21,7 +21,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import UID
 
-from .errors import CorruptDicomError, DecodeError, UnsupportedPixelDataError
+from settings import INPUT_LIMITS
+
+from .errors import CorruptDicomError, DecodeError, InputTooLargeError, StudyError, UnsupportedPixelDataError
 from .sources import Blob
 
 _PIXEL_DATA = (0x7FE0, 0x0010)
@@ -100,7 +102,7 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
                 warnings.append(f"{blob.label} is a DICOM object without an image ({kind}): skipped")
                 continue
             frames.extend(_frames(header, index, blob.label, pixels))
-        except CorruptDicomError:
+        except StudyError:
             raise
         except Exception as exc:
             raise CorruptDicomError(f"{blob.label}: DICOM header has invalid or missing values ({type(exc).__name__})") from None
@@ -363,6 +365,8 @@ def _first(value, default):
 
 
 def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Frame]:
+    if pixels.frames > INPUT_LIMITS.max_slices:  # before one record per declared frame is made
+        raise InputTooLargeError(f"{label}: {pixels.frames} frames, more than the limit of {INPUT_LIMITS.max_slices}")
     common = dict(
         blob=blob,
         label=label,

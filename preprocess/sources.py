@@ -52,7 +52,7 @@ def expand(files: Sequence[bytes], limits: InputLimits = INPUT_LIMITS) -> tuple[
         raise TypeError("files must be a sequence of byte strings, one per file, not a single bytes object")
     blobs: list[Blob] = []
     warnings: list[str] = []
-    budget = [limits.max_uncompressed_bytes]
+    budget = _Budget(limits.max_uncompressed_bytes, limits.max_archive_members)
     for index, data in enumerate(files, start=1):
         data = bytes(data) if not isinstance(data, bytes) else data
         label = f"file {index}"
@@ -67,7 +67,15 @@ def expand(files: Sequence[bytes], limits: InputLimits = INPUT_LIMITS) -> tuple[
     return blobs, warnings
 
 
-def _unzip(data: bytes, label: str, depth: int, limits: InputLimits, budget: list[int], warnings: list[str]) -> list[Blob]:
+@dataclass
+class _Budget:
+    """What all archives of one study may still unpack: bytes and members, nested archives included."""
+
+    bytes_left: int
+    members_left: int
+
+
+def _unzip(data: bytes, label: str, depth: int, limits: InputLimits, budget: _Budget, warnings: list[str]) -> list[Blob]:
     if depth > limits.max_archive_depth:
         raise ArchiveError(f"{label}: ZIP archives nested more than {limits.max_archive_depth} levels deep")
     try:
@@ -75,17 +83,18 @@ def _unzip(data: bytes, label: str, depth: int, limits: InputLimits, budget: lis
         members = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
         raise ArchiveError(f"{label} is not a readable ZIP archive ({exc})") from None
-    if len(members) > limits.max_archive_members:
-        raise UnsafeArchiveError(f"{label}: ZIP archive has {len(members)} members, more than the limit of {limits.max_archive_members}")
+    if len(members) > budget.members_left:
+        raise UnsafeArchiveError(f"{label}: ZIP archives hold more than the limit of {limits.max_archive_members} members")
+    budget.members_left -= len(members)
     files = [m for m in members if not m.is_dir()]
     for position, member in enumerate(files, start=1):
         _check_member(member, f"{label}, archive member {position}", limits)
     total = sum(m.file_size for m in files)
-    if total > budget[0]:
+    if total > budget.bytes_left:
         raise UnsafeArchiveError(
             f"{label}: ZIP archive unpacks to {total / 2**20:.0f} MiB, more than the limit of {limits.max_uncompressed_bytes / 2**20:.0f} MiB"
         )
-    budget[0] -= total
+    budget.bytes_left -= total
     if not files:
         raise ArchiveError(f"{label}: the ZIP archive is empty")
     blobs: list[Blob] = []

@@ -98,8 +98,11 @@ def test_zip_bomb_is_refused_before_unpacking():
 
 def test_archive_limits(series):
     small = InputLimits(max_archive_members=3, max_uncompressed_bytes=10 * len(series[0]), max_archive_depth=1)
-    with pytest.raises(preprocess.UnsafeArchiveError, match="more than the limit of 3"):
+    with pytest.raises(preprocess.UnsafeArchiveError, match="more than the limit of 3 members"):
         expand([zipped({f"IM{k}": data for k, data in enumerate(series[:4])})], small)
+    nested = InputLimits(max_archive_members=3)  # counted over all archives of a study, nested ones too
+    with pytest.raises(preprocess.UnsafeArchiveError, match="more than the limit of 3 members"):
+        expand([zipped({"a.zip": zipped({"IM1": series[0], "IM2": series[1]}), "IM3": series[2]})], nested)
     with pytest.raises(preprocess.UnsafeArchiveError, match="unpacks to"):
         expand([zipped({f"IM{k}": data for k, data in enumerate(series[:3])}), zipped({f"X{k}": data for k, data in enumerate(series[3:11])})], InputLimits(max_uncompressed_bytes=10 * len(series[0])))
     with pytest.raises(preprocess.ArchiveError, match="nested more than 1 levels"):
@@ -115,6 +118,11 @@ def test_nested_zip_within_the_limit_is_read(series):
 def test_absurd_dimensions_are_refused_before_allocating(series):
     files = edit(series, lambda ds, k: (setattr(ds, "Rows", 60000), setattr(ds, "Columns", 60000)))
     refused(files, preprocess.InputTooLargeError, "60000x60000 pixels exceed the limit of 1024x1024")
+
+
+def test_absurd_frame_count_is_refused_before_allocating(series):
+    files = edit(series[:1], lambda ds, k: setattr(ds, "NumberOfFrames", 10**9))
+    refused(files, preprocess.InputTooLargeError, "1000000000 frames, more than the limit of 2000")
 
 
 def test_inconsistent_slice_sizes(series):
