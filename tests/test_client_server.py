@@ -247,3 +247,25 @@ def test_killing_the_server_mid_run_loses_no_row(triton_repository, triton_serve
     after = client.read_report(out)
     assert [row["processing_status"] for row in after] == ["Success"] * 4
     assert [row for row in after if row["path_to_study"] == "study_0.zip"] == rows[:1]
+
+
+def test_ctrl_c_keeps_the_finished_rows(triton_server, archive, tmp_path):
+    out = tmp_path / "report.xlsx"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "client", "report", str(archive), "--out", str(out), "--url", triton_server.grpc_url],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None and not (out.exists() and client.read_report(out)):
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+
+    assert run.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted"  # no traceback
+    rows = client.read_report(out)
+    studies = [study.path_to_study for study in client.discover_studies(archive)]
+    assert 1 <= len(rows) < len(studies)
+    assert [row["path_to_study"] for row in rows] == [path for path in studies if path in {r["path_to_study"] for r in rows}]
+    assert all(row["processing_status"] in ("Success", "Failure") and row["model"] for row in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.xlsx"]  # no temporary file left
