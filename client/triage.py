@@ -99,6 +99,12 @@ class _SharedMemoryPayload:
 
     def __init__(self, payload: Sequence[bytes]):
         self.byte_size = payload_bytes(payload)
+        # Writing past the free space of /dev/shm kills the process with SIGBUS: check first.
+        free = _shm_free_bytes()
+        if free < self.byte_size:
+            raise system_shm.SharedMemoryException(
+                f"/dev/shm has {free / 1024**2:.0f} MiB free, the study needs {self.byte_size / 1024**2:.0f} MiB"
+            )
         self.name = f"ct_triage_client_{os.getpid()}_{uuid.uuid4().hex[:12]}"
         self.key = "/" + self.name
         self._handle = system_shm.create_shared_memory_region(
@@ -125,6 +131,14 @@ def _still_in_use(error: InferenceServerException, wait: float | None) -> bool:
         return True
     _log.warning("shared memory region not unregistered: %s", error.message())
     return False
+
+
+def _shm_free_bytes() -> int:
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize
 
 
 def _check_protocol(protocol: str) -> str:
@@ -228,6 +242,16 @@ def _read_failure(error: Exception, model: str, started: float) -> TriageResult 
     return None
 
 
+def _region_failure(error: Exception, model: str, started: float) -> TriageResult:
+    """No room in /dev/shm (or no /dev/shm): say so instead of crashing; the wire still works."""
+    cause = f": {error.__cause__}" if error.__cause__ else ""
+    return failure(
+        f"cannot use shared memory ({error}{cause}); retry without it",
+        seconds=time.perf_counter() - started,
+        model=model,
+    )
+
+
 class _Base:
     def __init__(self, url, protocol, model, timeout_s, retry, shared_memory):
         self.protocol = _check_protocol(protocol)
@@ -312,7 +336,10 @@ class TriageClient(_Base):
             if result is None:
                 raise
             return result
-        region = _SharedMemoryPayload(payload) if self.shared_memory else None
+        try:
+            region = _SharedMemoryPayload(payload) if self.shared_memory else None
+        except system_shm.SharedMemoryException as error:
+            return _region_failure(error, self.model, started)
         try:
             return self._send(payload, region, started)
         finally:
@@ -406,12 +433,10 @@ class AsyncTriageClient(_Base):
             if result is None:
                 raise
             return result
-        return await self.classify_payload(payload, started=started)
-
-    async def classify_payload(self, payload: list[bytes], *, started: float | None = None) -> TriageResult:
-        """Classify elements already in memory (the report reads them under its memory budget)."""
-        started = time.perf_counter() if started is None else started
-        region = _SharedMemoryPayload(payload) if self.shared_memory else None
+        try:
+            region = _SharedMemoryPayload(payload) if self.shared_memory else None
+        except system_shm.SharedMemoryException as error:
+            return _region_failure(error, self.model, started)
         try:
             return await self._send(payload, region, started)
         finally:

@@ -221,3 +221,13 @@ def test_payload_keeps_bytes_exactly():
     assert client.payload_bytes([element, b"x"]) == (4 + 8) + (4 + 1)
     with pytest.raises(TypeError):
         client.load_payload([element, "text"])
+
+
+def test_missing_paths_are_one_line_usage_errors(tmp_path):
+    for command in (["classify", str(tmp_path / "nope.zip")], ["report", str(tmp_path / "nope"), "--out", "r.xlsx"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "client", *command, "--url", f"127.0.0.1:{_closed_port()}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "nope" in done.stderr
