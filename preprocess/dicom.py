@@ -461,17 +461,28 @@ def decode_into(out: np.ndarray, frames: Sequence[Frame], blobs: Sequence[Blob],
             _decode_with_pydicom(out, frames, ks, blobs[blob_index])
 
 
-def _copy_native(out: np.ndarray, frames: Sequence[Frame], ks: list[int], data: bytes) -> None:
-    first = frames[ks[0]]
-    p = first.pixels
-    count = first.rows * first.columns
-    dtype = np.dtype("<i2" if p.signed else "<u2")
+def native_views(frames: Sequence[Frame], blobs: Sequence[Blob]) -> list[np.ndarray] | None:
+    """Read-only [rows, columns] views of each frame's stored values inside the input bytes (no copy),
+    or None when some frame needs decoding or sign extension (then use decode_into)."""
+    if not all(f.pixels.native_fast and not (f.pixels.signed and f.pixels.bits_stored < 16) for f in frames):
+        return None
+    return [_native_view(f, blobs[f.blob].data) for f in frames]
+
+
+def _native_view(frame: Frame, data: bytes) -> np.ndarray:
+    p = frame.pixels
+    count = frame.rows * frame.columns
+    start = p.offset + frame.frame * count * 2
     end = min(len(data), p.offset + p.length)
+    if start + count * 2 > end:
+        raise DecodeError(f"{frame.label}: pixel data is truncated ({max(0, end - start)} of {count * 2} bytes)")
+    return np.frombuffer(data, np.dtype("<i2" if p.signed else "<u2"), count, start).reshape(frame.rows, frame.columns)
+
+
+def _copy_native(out: np.ndarray, frames: Sequence[Frame], ks: list[int], data: bytes) -> None:
     for k in ks:
-        start = p.offset + frames[k].frame * count * 2
-        if start + count * 2 > end:
-            raise DecodeError(f"{frames[k].label}: pixel data is truncated ({max(0, end - start)} of {count * 2} bytes)")
-        out[k] = np.frombuffer(data, dtype, count, start).reshape(first.rows, first.columns)
+        out[k] = _native_view(frames[k], data)
+        p = frames[k].pixels
         if p.signed and p.bits_stored < 16:
             shift = 16 - p.bits_stored  # sign-extend values stored in fewer bits
             out[k] = (out[k] << shift) >> shift

@@ -11,7 +11,7 @@ import numpy as np
 from settings import PREPROCESSING
 
 from . import resample
-from .dicom import decode_into, parse, volume_dtype
+from .dicom import decode_into, native_views, parse, volume_dtype
 from .series import CANONICAL_AXES, ARRAY_AXES, select_series
 from .sources import expand
 
@@ -64,14 +64,16 @@ def preprocess_study(
     if stack.duplicates_removed:
         warnings.append(f"{stack.duplicates_removed} duplicate copies of slices ignored")
     lap("select")
-    raw = np.empty(stack.shape, dtype=volume_dtype(stack.frames))
-    decode_into(raw, stack.frames, blobs)
+    slices = native_views(stack.frames, blobs) if mode == "fast" else None
+    if slices is None:  # compressed, sign-extended, or reference mode: one decoded array
+        slices = np.empty(stack.shape, dtype=volume_dtype(stack.frames))
+        decode_into(slices, stack.frames, blobs)
     lap("decode")
     if mode == "fast":
-        volume, mapping = resample.fast(raw, stack, size, device=device)
+        volume, mapping = resample.fast(slices, stack, size, device=device)
     else:
-        volume, mapping = resample.reference(raw, stack, size)
-    del raw
+        volume, mapping = resample.reference(slices, stack, size)
+    del slices
     lap("resample")
     timings["total"] = round(time.perf_counter() - start, 4)
     for warning in warnings:
