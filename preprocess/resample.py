@@ -53,7 +53,7 @@ class GridMapping:
     """Where each S^3 output voxel reads the original volume (for localisation back in DICOM space).
 
     For canonical axis a and output index k: x = clamp((k + 0.5) * L / S - 0.5, 0, L - 1) in the
-    L voxels of the 1 mm crop, i.e. original array index = offset + step * k before clamping.
+    L voxels of the 1 mm crop, i.e. original array index = offset + step * k, clamped to the crop box.
     """
 
     grid_shape: tuple[int, int, int]  # 1 mm grid, canonical D, H, W
@@ -104,8 +104,8 @@ class GridMapping:
             ends = sorted(((n - 1 - lo * scale) if flip else lo * scale, (n - 1 - hi * scale) if flip else hi * scale))
             if flip:
                 offset, step = n - 1 - offset, -step
-            axes[name] = {"source_axis": ARRAY_AXES[axis], "offset": round(offset, 6), "step": round(step, 6), "clamp": [0, n - 1]}
             crop[ARRAY_AXES[axis]] = [round(ends[0], 4), round(ends[1], 4)]
+            axes[name] = {"source_axis": ARRAY_AXES[axis], "offset": round(offset, 6), "step": round(step, 6), "clamp": crop[ARRAY_AXES[axis]]}
             factors[name] = round(length / self.size, 6)
         return {
             "crop_box": crop,

@@ -11,7 +11,7 @@ import preprocess
 from preprocess import phantom
 from preprocess.dicom import decode_into, parse
 from preprocess.sources import expand
-from tests.preprocess_helpers import packaged_file
+from tests.preprocess_helpers import edit, packaged_file
 
 S = 32
 
@@ -228,3 +228,14 @@ def test_fast_header_scan_reads_what_pydicom_reads(source, monkeypatch):
     monkeypatch.setattr("preprocess.dicom._scan", lambda data: None)
     by_pydicom, _ = parse(blobs)
     assert scanned == by_pydicom and len(scanned) >= 1
+
+
+def test_signed_values_stored_in_12_bits_are_sign_extended(baseline):
+    def twelve_bit(ds, k):
+        hu = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+        ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 1, 12, 11
+        ds.RescaleIntercept = 0
+        ds.PixelData = (hu & 0x0FFF).astype(np.uint16).tobytes()  # two's complement in 12 bits, high bits 0
+
+    study = preprocess.preprocess_study(edit(phantom.study_files("series"), twelve_bit), size=S)
+    assert np.abs(study.volume - baseline.volume).max() <= 1e-4
