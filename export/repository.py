@@ -190,6 +190,9 @@ def write_repository(
     for name, value in (("max batch size", max_batch_size), ("preprocess instances", preprocess_instances)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ExportError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(max_queue_delay_microseconds, bool) or not isinstance(max_queue_delay_microseconds, int) \
+            or max_queue_delay_microseconds < 0:
+        raise ExportError(f"max queue delay must be a non-negative integer, got {max_queue_delay_microseconds!r}")
     if not 0.0 < threshold < 1.0:
         raise ExportError(f"threshold must be strictly between 0 and 1, got {threshold}")
     _check_output_folder(out_dir)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +16,23 @@ import torch
 import export
 from export.repository import TEMPLATES
 from settings import NAMES
+from tests.conftest import TEST_SIZE
 
-SIZE = 32  # small S: the graph has dynamic spatial axes, so nothing here depends on S
 ROOT = Path(__file__).resolve().parent.parent
+SIZE = TEST_SIZE  # small S: the graph has dynamic spatial axes, so nothing here depends on S
+
+
+@dataclass(frozen=True)
+class Exported:
+    repository: Path
+    provenance: dict
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> export.ExportResult:
-    return export.write_repository(tmp_path_factory.mktemp("repo"), target="cpu", size=SIZE, demo_weights=True)
+def exported(triton_repository) -> Exported:
+    """The session's repository (conftest: write_repository, cpu target, demo weights, TEST_SIZE)."""
+    provenance = json.loads((triton_repository / NAMES.classifier / "provenance.json").read_text())
+    return Exported(triton_repository, provenance)
 
 
 def test_layout(exported):
@@ -85,8 +95,7 @@ def test_configs_for_every_target_parse_as_triton_model_config(target):
 
 
 def test_provenance_is_served_with_the_config(exported):
-    provenance = json.loads((exported.repository / NAMES.classifier / "provenance.json").read_text())
-    assert provenance == exported.provenance
+    provenance = exported.provenance
     assert provenance["checkpoint"] == export.DEMO_PROVENANCE and provenance["size"] == SIZE
     assert provenance["precision"] == "fp32" and provenance["target"] == "cpu" and "exported_at" in provenance
     config = export.parse_config((exported.repository / NAMES.classifier / "config.pbtxt").read_text(), "cpu")
@@ -134,7 +143,7 @@ def test_user_folder_is_never_replaced(tmp_path):
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(export.OutputFolderError, match="not written by export"):
-        export.write_repository(folder, target="cpu", size=SIZE, demo_weights=True)
+        export.write_repository(folder, target="cpu", size=32, demo_weights=True)
     assert (folder / "notes.txt").read_text() == "mine" and len(list(folder.iterdir())) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my_models"]  # no staging left behind
 
@@ -143,6 +152,7 @@ def test_user_folder_is_never_replaced(tmp_path):
 def test_bad_sizes(tmp_path, size):
     with pytest.raises(export.InvalidSizeError, match="multiple of 8 between 16 and 512"):
         export.write_repository(tmp_path / "repo", target="cpu", size=size, demo_weights=True)
+    assert not list(tmp_path.iterdir())
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
