@@ -158,6 +158,15 @@ def test_concurrent_studies_all_succeed_and_batch_at_the_classifier(triton_serve
     assert any(int(b["batch_size"]) > 1 for b in after["batch_stats"])
 
 
+def test_a_150_mb_study_passes_the_python_backend_shared_memory(triton_server):
+    """300 slices of 512x512 (~158 MB of DICOM): the size the shm-default/growth settings are for."""
+    payload = phantom.study_files(form="series", slices=300, rows=512, columns=512, pixel_spacing=0.7, slice_spacing=1.0)
+    assert sum(map(len, payload)) > 150e6
+    results = [triage(triton_server, protocol, payload) for protocol in PROTOCOLS]
+    assert results[0]["probability"] == pytest.approx(results[1]["probability"], abs=1e-6)
+    assert results[0]["meta"]["original_shape"] == [300, 512, 512]
+
+
 def bad_studies() -> dict[str, list[bytes]]:
     """One payload per kind of bad study; what is wrong with each is decided by preprocess itself."""
     series = phantom.study_files(form="series")
