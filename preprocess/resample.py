@@ -229,7 +229,7 @@ def _empty(shape: tuple[int, ...], device: str) -> torch.Tensor:
 class _Band:
     """A composed 1-D filter as a banded matrix, applied tile by tile over its band."""
 
-    tile = 32
+    tile = 16  # output voxels per product: measured fastest among 16..128 (less band waste, few calls)
 
     def __init__(self, index: np.ndarray, weight: np.ndarray, device: str):
         self.lo, self.hi = int(index.min()), int(index.max())
