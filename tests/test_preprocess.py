@@ -239,3 +239,20 @@ def test_signed_values_stored_in_12_bits_are_sign_extended(baseline):
 
     study = preprocess.preprocess_study(edit(phantom.study_files("series"), twelve_bit), size=S)
     assert np.abs(study.volume - baseline.volume).max() <= 1e-4
+
+
+@pytest.mark.parametrize("mode", preprocess.MODES)
+def test_rows_along_x_are_transposed_back(mode):
+    """Image rows running along the patient's x axis (IOP 0\\1\\0\\1\\0\\0) give the canonical tensor."""
+    options = dict(slices=24, rows=112, columns=96, pixel_spacing=3.0, slice_spacing=5.0)
+
+    def transpose(ds, k):
+        image = ds.pixel_array.T.copy()
+        ds.ImageOrientationPatient = [0, 1, 0, 1, 0, 0]
+        ds.Rows, ds.Columns = image.shape
+        ds.PixelData = image.tobytes()
+
+    expected = preprocess.preprocess_study(phantom.study_files(**options), size=S, mode=mode)
+    study = preprocess.preprocess_study(edit(phantom.study_files(**options), transpose), size=S, mode=mode)
+    assert study.meta["output_axes"]["H"] == {"source_axis": "column", "reversed": False}
+    assert np.abs(study.volume - expected.volume).max() <= 1e-4
