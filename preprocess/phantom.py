@@ -66,14 +66,22 @@ class Geometry:
         return 0.09 * self.columns * self.pixel_spacing / 2
 
 
-def hu_volume(*, slices: int = 48, rows: int = 128, columns: int = 128, pixel_spacing: float = 2.5, slice_spacing: float = 4.0, seed: int = 0) -> np.ndarray:
-    """The phantom in integer HU, int16 [slice (feet->head), row (anterior->posterior), column (right->left)]."""
+def hu_volume(
+    *, slices: int = 48, rows: int = 128, columns: int = 128, pixel_spacing: float = 2.5, slice_spacing: float = 4.0, seed: int = 0, scanner_air: bool = False
+) -> np.ndarray:
+    """The phantom in integer HU, int16 [slice (feet->head), row (anterior->posterior), column (right->left)].
+
+    Air is exactly -1000 HU by default, so the crop box is the body. scanner_air=True makes it look
+    like a scanner's image instead: noisy air inside the circular field of view, -2048 HU padding
+    outside it; then, as on real scans, the crop box is the whole field of view.
+    """
     g = Geometry(slices, rows, columns, pixel_spacing, slice_spacing)
     half_x, half_y, half_z = columns * pixel_spacing / 2, rows * pixel_spacing / 2, slices * slice_spacing / 2
     y = (g.origin[1] + np.arange(rows) * pixel_spacing)[:, None]
     x = (g.origin[0] + np.arange(columns) * pixel_spacing)[None, :]
     body = (x / (0.82 * half_x)) ** 2 + (y / (0.62 * half_y)) ** 2
     spine = (x / (0.09 * half_x)) ** 2 + ((y - 0.45 * half_y) / (0.09 * half_x)) ** 2
+    field_of_view = x**2 + y**2 <= min(half_x, half_y) ** 2
     c = g.lesion_center_mm
     rng = np.random.default_rng(seed)
     volume = np.empty((slices, rows, columns), dtype=np.int16)
@@ -88,8 +96,10 @@ def hu_volume(*, slices: int = 48, rows: int = 128, columns: int = 128, pixel_sp
         hu[spine <= 1.0] = 700.0
         hu[(x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= g.lesion_radius_mm**2] = LESION_HU
         noise = rng.normal(0.0, 12.0, hu.shape)
-        inside = hu > -1000.0  # air stays exactly -1000: the crop box is the body
+        inside = field_of_view if scanner_air else hu > -1000.0
         hu[inside] += noise[inside]
+        if scanner_air:
+            hu[~field_of_view] = -2048.0
         volume[s] = np.round(hu)
     return volume
 
@@ -107,6 +117,7 @@ def study_files(
     rescale: str = "constant",
     transfer_syntax: str = "explicit",
     extras: bool = False,
+    scanner_air: bool = False,
 ) -> list[bytes]:
     """The phantom as a payload for preprocess_study / Triton: one element per file (or one ZIP).
 
@@ -116,7 +127,7 @@ def study_files(
     if form not in FORMS or order not in ORDERS or rescale not in RESCALES or transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"form {FORMS}, order {ORDERS}, rescale {RESCALES}, transfer_syntax {tuple(TRANSFER_SYNTAXES)}")
     geometry = Geometry(slices, rows, columns, pixel_spacing, slice_spacing)
-    hu = hu_volume(slices=slices, rows=rows, columns=columns, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, seed=seed)
+    hu = hu_volume(slices=slices, rows=rows, columns=columns, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, seed=seed, scanner_air=scanner_air)
     study_uid = generate_uid(entropy_srcs=["phantom study", str(seed)])
     series_uid = generate_uid(entropy_srcs=["phantom series", str(seed), str(slices), str(rows)])
     ts = TRANSFER_SYNTAXES[transfer_syntax]
@@ -229,7 +240,7 @@ def _single_frames(hu, geometry, study_uid, series_uid, order, rescale, ts, seed
     n, rows, columns = hu.shape
     feet_first = order == "feet_first"
     rescales = _rescales(n, rescale)
-    signed = rescale == "per_slice"
+    signed = rescale == "per_slice" or bool((hu < -1024).any())
     members = []
     for number, s in enumerate(_order(n, order, seed), start=1):
         sop_uid = generate_uid(entropy_srcs=[series_uid, str(s)])
@@ -258,7 +269,7 @@ def _enhanced_ct(hu, geometry, study_uid, series_uid, order, rescale, ts, seed) 
     n, rows, columns = hu.shape
     feet_first = order == "feet_first"
     rescales = _rescales(n, rescale)
-    signed = rescale == "per_slice"
+    signed = rescale == "per_slice" or bool((hu < -1024).any())
     ds = _base(study_uid, series_uid, EnhancedCTImageStorage, generate_uid(entropy_srcs=[series_uid, "enhanced"]), ts, "CT", seed)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
     ds.SeriesNumber, ds.InstanceNumber = 1, 1
@@ -306,6 +317,7 @@ def _localizer(hu, geometry, study_uid, seed) -> bytes:
     ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
     ds.PixelSpacing = [geometry.slice_spacing, geometry.pixel_spacing]
     ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-    _pixel_module(ds, False)
-    ds.PixelData = _stored(projection, 1.0, -1024.0, False).tobytes()
+    signed = bool((projection < -1024).any())
+    _pixel_module(ds, signed)
+    ds.PixelData = _stored(projection, 1.0, -1024.0, signed).tobytes()
     return _encode(ds, ExplicitVRLittleEndian)

@@ -256,3 +256,11 @@ def test_rows_along_x_are_transposed_back(mode):
     study = preprocess.preprocess_study(edit(phantom.study_files(**options), transpose), size=S, mode=mode)
     assert study.meta["output_axes"]["H"] == {"source_axis": "column", "reversed": False}
     assert np.abs(study.volume - expected.volume).max() <= 1e-4
+
+
+def test_scanner_air_crops_to_the_field_of_view():
+    study = preprocess.preprocess_study(phantom.study_files("zip", scanner_air=True, extras=True, rescale="per_slice"), size=S)
+    # noisy air fills the circular field of view (diameter 320 mm, grid 318 mm): the crop is everything
+    assert study.meta["crop_box_1mm"] == {"D": [0, 188], "H": [0, 317], "W": [0, 317]}
+    fast, reference = study.volume, preprocess.preprocess_study(phantom.study_files("series", scanner_air=True), size=S, mode="reference").volume
+    assert np.abs(fast - reference).mean() < FAST_VS_REFERENCE_MEAN
