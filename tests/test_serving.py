@@ -149,7 +149,8 @@ def test_concurrent_studies_all_succeed_and_batch_at_the_classifier(triton_serve
     requests = 8
     with ThreadPoolExecutor(requests) as pool:
         results = list(pool.map(lambda i: triage(triton_server, PROTOCOLS[i % 2], good_payload), range(requests)))
-    assert len({round(r["probability"], 6) for r in results}) == 1
+    probabilities = [r["probability"] for r in results]
+    assert max(probabilities) - min(probabilities) < 1e-5  # batched or not, the same study gets the same answer
     after = classifier_stats(triton_server)
     inferences = int(after["inference_count"]) - int(before["inference_count"])
     executions = int(after["execution_count"]) - int(before["execution_count"])
