@@ -19,8 +19,11 @@ HU > -1000 plus 5 voxels, clip and scale, torch trilinear resize to S^3. Choices
   * both linear interpolations (original -> 1 mm -> S^3) are composed, per axis, into one filter of
     at most 4 taps (the grids are axis-aligned, so the composition is separable and exact); only the
     cropped part of the volume is read, and the 1 mm volume is never built;
-  * in-plane the filters are banded matrices applied tile by tile (small matrix products over the
-    band), on blocks of slices converted to float32 one block at a time, by worker threads;
+  * in-plane, rows (the strided axis) by a sparse matrix product, which computes only the taps, and
+    columns (the contiguous axis) by the band of their matrix in small dense tiles (a gather along
+    the contiguous axis, or transposing to avoid it, measured slower), on blocks of stored slices
+    converted to float32 one block at a time, by worker threads; each stored slice is filtered
+    in-plane once, then each output slice combines at most 4 filtered planes along D;
   * along D, slope and the [-1000, 600] -> [-1, 1] window are folded into the filter weights and
     intercepts into a per-slice offset, so each output slice ends with one add and one clamp;
   * the filtering is torch, so `device="cuda"` runs it on a GPU; decoding, the crop-box pass and
@@ -148,14 +151,70 @@ def fast(
 
 
 def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, threads: int, settings: Preprocessing) -> tuple[np.ndarray, GridMapping]:
+    with ThreadPoolExecutor(threads) as pool:
+        mapping = GridMapping(grid_shape(stack, settings), _crop_box_1mm(slices, stack, settings, pool), size)
+        # in-plane: rows (the strided axis) by a sparse matrix product, which computes only the
+        # taps; columns (the contiguous axis) by the band of their matrix, in small dense tiles
+        transposed = stack.canonical[1][0] == 2  # image rows run along canonical W
+        rows, columns = (mapping.axis_filter(stack, c) for c in ((2, 1) if transposed else (1, 2)))
+        rows, columns = _Sparse(*rows, device), _Band(*columns, device)
+        crop = (slice(rows.lo, rows.hi + 1), slice(columns.lo, columns.hi + 1))
+        # along D: one composed filter. Slope, and the window's scale to [-1, 1], are folded into
+        # its weights, intercept and window offset into a per-slice bias: one add and one clamp.
+        index, weight = mapping.axis_filter(stack, 0)
+        scale = 2.0 / (settings.hu_max - settings.hu_min)
+        bias = ((weight * stack.intercepts.astype(np.float64)[index]).sum(axis=1) - settings.hu_min) * scale - 1.0
+        bias = torch.tensor(bias, dtype=torch.float32, device=device)[:, None, None]
+        weight = weight * stack.slopes.astype(np.float64)[index] * scale
+        taps = [[(int(i), float(w)) for i, w in zip(*row) if w != 0] for row in zip(index, weight)]
+        first = min(i for row in taps for i, _ in row)
+        planes = _empty((max(i for row in taps for i, _ in row) + 1 - first, size, size), device)  # stored slices, in-plane filtered
+        out = _empty((size, size, size), device)
+
+        def in_plane(j0: int) -> None:  # stored slices first + j0 ... : int -> float32 of the crop only, then both axes
+            j1 = min(j0 + _CHUNK, len(planes))
+            stored = np.empty((j1 - j0, rows.n, columns.n), dtype=np.float32)
+            for plane, values in zip(stored, slices[first + j0 : first + j1]):
+                np.copyto(plane, values[crop], casting="unsafe")
+            rows_done = torch.empty((j1 - j0, size, columns.n), dtype=torch.float32, device=device)
+            for plane, result in zip(torch.from_numpy(stored).to(device), rows_done):
+                rows.apply(plane, out=result)
+            if transposed:
+                planes[j0:j1] = columns.apply(rows_done).transpose(1, 2)
+            else:
+                columns.apply(rows_done, out=planes[j0:j1])
+
+        def along_d(k0: int) -> None:  # output slices k0 ...: at most 4 planes each, then HU offset and window
+            k1 = min(k0 + _CHUNK, size)
+            for k in range(k0, k1):
+                (i, w), *rest = taps[k]
+                torch.mul(planes[i - first], w, out=out[k])
+                for i, w in rest:
+                    out[k].add_(planes[i - first], alpha=w)
+            out[k0:k1].add_(bias[k0:k1]).clamp_(-1.0, 1.0)
+
+        list(pool.map(in_plane, range(0, len(planes), _CHUNK)))
+        list(pool.map(along_d, range(0, size, _CHUNK)))
+    return np.ascontiguousarray(out.cpu().numpy())[None, None], mapping
+
+
+_CHUNK = 8  # slices per worker task: amortises per-call overhead while the buffers stay small
+
+
+def _crop_box_1mm(slices: Sequence[np.ndarray], stack: Stack, settings: Preprocessing, pool: ThreadPoolExecutor) -> tuple[tuple[int, int], ...]:
+    """The reference's crop box (canonical, 1 mm grid indices), found on the stored values: the
+    1 mm points whose interpolation touches a voxel above the threshold, plus the margin."""
     threshold = (settings.crop_threshold_hu - stack.intercepts.astype(np.float64)) / stack.slopes  # stored value above which HU > -1000
+
+    def above(i: int) -> tuple[np.ndarray, np.ndarray]:  # rows and columns with a voxel above threshold
+        return slices[i].max(axis=1) > threshold[i], slices[i].max(axis=0) > threshold[i]
+
     present = [np.zeros(n, dtype=bool) for n in stack.shape]
-    for i, values in enumerate(slices):  # one pass, slice by slice from cache: both maxima at once
-        rows_above = values.max(axis=1) > threshold[i]
+    for i, (rows_above, columns_above) in enumerate(pool.map(above, range(len(slices)))):
         if rows_above.any():
             present[0][i] = True
             present[1] |= rows_above
-            present[2] |= values.max(axis=0) > threshold[i]
+            present[2] |= columns_above
     if not present[0].any():
         raise EmptyVolumeError(f"no voxel above {settings.crop_threshold_hu:.0f} HU: the images are empty")
     array_box = [(int(np.argmax(mask)), len(mask) - 1 - int(np.argmax(mask[::-1]))) for mask in present]
@@ -171,51 +230,7 @@ def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, th
         first = max(0, math.floor((lo - 1) * scale + 1e-9) + 1)
         last = min(n_grid - 1, math.ceil((hi + 1) * scale - 1e-9) - 1)
         box_1mm.append((first, last))
-    mapping = GridMapping(shape, _margin_box(box_1mm, shape, settings.crop_margin_voxels), size)
-    # in-plane: each axis's composed filter as a banded matrix, applied as small matrix products over
-    # the band only (tiles of output voxels x the input window they read): far less work than dense
-    # products, and vectorised where a gather is not
-    bands = {}
-    for c in (1, 2):
-        axis = stack.canonical[c][0]
-        bands[axis] = _Band(*mapping.axis_filter(stack, c), device)
-    rows, columns = bands[1], bands[2]
-    transposed = stack.canonical[1][0] == 2
-    # along D: one composed filter. Slope, and the window's scale to [-1, 1], are folded into its
-    # weights, intercept and window offset into a per-slice bias: the end is one add and one clamp.
-    index, weight = mapping.axis_filter(stack, 0)
-    scale = 2.0 / (settings.hu_max - settings.hu_min)
-    bias = ((weight * stack.intercepts.astype(np.float64)[index]).sum(axis=1) - settings.hu_min) * scale - 1.0
-    weight = weight * stack.slopes.astype(np.float64)[index] * scale
-    out = _empty((size, size, size), device)
-    pending = (weight != 0).sum(axis=1)  # taps still to add per output slice
-    started = np.zeros(size, dtype=bool)
-
-    def in_plane(start: int) -> tuple[int, torch.Tensor]:
-        stop = min(start + chunk, last + 1)
-        block = np.empty((stop - start, rows.hi - rows.lo + 1, columns.hi - columns.lo + 1), dtype=np.float32)
-        for j, values in enumerate(slices[start:stop]):  # int -> float32 of the cropped part only
-            np.copyto(block[j], values[rows.lo : rows.hi + 1, columns.lo : columns.hi + 1], casting="unsafe")
-        planes = rows.apply(columns.apply(torch.from_numpy(block).to(device), dim=2), dim=1)  # [n, S rows, S columns]
-        return start, planes.transpose(1, 2) if transposed else planes
-
-    chunk, last = 8, int(index.max())
-    starts = list(range(int(index.min()), last + 1, chunk))
-    with ThreadPoolExecutor(threads) as pool:
-        for wave in range(0, len(starts), 2 * threads):  # bounded look-ahead: bounded memory
-            for start, planes in pool.map(in_plane, starts[wave : wave + 2 * threads]):
-                stop = start + planes.shape[0]
-                for k, t in zip(*np.nonzero((index >= start) & (index < stop) & (weight != 0))):
-                    plane, w = planes[index[k, t] - start], float(weight[k, t])
-                    if started[k]:
-                        out[k].add_(plane, alpha=w)
-                    else:
-                        torch.mul(plane, w, out=out[k])
-                        started[k] = True
-                    pending[k] -= 1
-                    if pending[k] == 0:  # complete: HU offset and window while the slice is in cache
-                        out[k].add_(float(bias[k])).clamp_(-1.0, 1.0)
-    return np.ascontiguousarray(out.cpu().numpy())[None, None], mapping
+    return _margin_box(box_1mm, shape, settings.crop_margin_voxels)
 
 
 def _empty(shape: tuple[int, ...], device: str) -> torch.Tensor:
@@ -227,34 +242,47 @@ def _empty(shape: tuple[int, ...], device: str) -> torch.Tensor:
 
 
 class _Band:
-    """A composed 1-D filter as a banded matrix, applied tile by tile over its band."""
+    """A composed 1-D filter as a banded matrix, applied along the contiguous axis tile by tile."""
 
-    tile = 16  # output voxels per product: measured fastest among 16..128 (less band waste, few calls)
+    tile = 32  # output voxels per product: measured fastest among 8..128 (less band waste vs fewer, larger products)
 
     def __init__(self, index: np.ndarray, weight: np.ndarray, device: str):
         self.lo, self.hi = int(index.min()), int(index.max())
-        matrix = np.zeros((index.shape[0], self.hi - self.lo + 1), dtype=np.float64)
-        np.add.at(matrix, (np.repeat(np.arange(index.shape[0]), index.shape[1]), (index - self.lo).ravel()), weight.ravel())
+        self.n, self.size = self.hi - self.lo + 1, index.shape[0]
+        matrix = np.zeros((self.size, self.n), dtype=np.float64)
+        np.add.at(matrix, (np.repeat(np.arange(self.size), index.shape[1]), (index - self.lo).ravel()), weight.ravel())
         self.tiles = []
-        for k0 in range(0, matrix.shape[0], self.tile):
-            k1 = min(k0 + self.tile, matrix.shape[0])
+        for k0 in range(0, self.size, self.tile):
+            k1 = min(k0 + self.tile, self.size)
             used = np.nonzero(np.abs(matrix[k0:k1]).max(axis=0))[0]
             j0, j1 = int(used.min()), int(used.max()) + 1
-            self.tiles.append((k0, k1, j0, j1, torch.from_numpy(matrix[k0:k1, j0:j1].astype(np.float32)).to(device)))
-        self.size = matrix.shape[0]
+            self.tiles.append((k0, k1, j0, j1, torch.from_numpy(matrix[k0:k1, j0:j1].T.astype(np.float32)).to(device)))
 
-    def apply(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """Filter a contiguous [n, a, b] tensor along dim 1 or 2."""
-        n, a, b = x.shape
-        if dim == 2:  # one 2-D product per tile: [n * a, window] @ [window, tile]
-            flat, out = x.reshape(n * a, b), torch.empty((n * a, self.size), dtype=x.dtype, device=x.device)
-            for k0, k1, j0, j1, m in self.tiles:
-                out[:, k0:k1] = flat[:, j0:j1] @ m.T
-            return out.view(n, a, self.size)
-        out = torch.empty((n, self.size, b), dtype=x.dtype, device=x.device)
+    def apply(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Filter a contiguous [..., n] tensor along its last axis into out (contiguous [..., S]):
+        one [rows, window] @ [window, tile] product per tile."""
+        flat = x.reshape(-1, self.n)
+        if out is None:
+            out = torch.empty((*x.shape[:-1], self.size), dtype=x.dtype, device=x.device)
+        flat_out = out.view(-1, self.size)
         for k0, k1, j0, j1, m in self.tiles:
-            out[:, k0:k1, :] = torch.matmul(m, x[:, j0:j1, :])
+            torch.mm(flat[:, j0:j1], m, out=flat_out[:, k0:k1])
         return out
+
+
+class _Sparse:
+    """A composed 1-D filter as a sparse [S, n] matrix over the input window it reads."""
+
+    def __init__(self, index: np.ndarray, weight: np.ndarray, device: str):
+        self.lo, self.hi = int(index.min()), int(index.max())
+        self.n = self.hi - self.lo + 1
+        rows = np.repeat(np.arange(index.shape[0]), index.shape[1])
+        coo = torch.sparse_coo_tensor(np.stack([rows, (index - self.lo).ravel()]), weight.ravel(), (index.shape[0], self.n), check_invariants=True)
+        self.matrix = coo.coalesce().to(torch.float32).to(device)  # duplicate taps summed; COO measured faster than CSR here
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Filter the rows of a [n, m] tensor into out [S, m]."""
+        return torch.mm(self.matrix, x, out=out)
 
 
 @contextlib.contextmanager
