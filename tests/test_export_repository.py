@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import export
-from export.repository import TEMPLATES
+from export.repository import TEMPLATES, _copy_model_files
 from settings import NAMES
 from tests.conftest import TEST_SIZE
 
@@ -35,6 +35,19 @@ def exported(triton_repository) -> Exported:
     return Exported(triton_repository, provenance)
 
 
+def test_template_caches_are_not_copied(tmp_path):
+    """Bytecode beside a template's model.py stays behind (the session repository itself gains a
+    __pycache__ once the server has imported its model.py, so this is checked on its own)."""
+    template = tmp_path / "ct_example"
+    (template / "1" / "__pycache__").mkdir(parents=True)
+    (template / "1" / "model.py").write_text("")
+    (template / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"")
+    destination = tmp_path / "out"
+    config = 'name: "ct_example"\nbackend: "python"\n'
+    _copy_model_files(template, destination, config)
+    assert sorted(p.relative_to(destination).as_posix() for p in destination.rglob("*")) == ["1", "1/model.py"]
+
+
 def test_layout(exported):
     repo = exported.repository
     assert (repo / export.MARKER).is_file()
@@ -43,7 +56,6 @@ def test_layout(exported):
     for model in templates:
         assert (repo / model / "config.pbtxt").is_file()
         assert not list((repo / model).glob("config.*.pbtxt"))  # templates are rendered, not copied
-        assert not list((repo / model).rglob("__pycache__"))
     classifier = repo / NAMES.classifier
     for name in ("1/model.onnx", "1/model.py", "labels.txt", "weights.pt", "provenance.json", "parity.json",
                  "model.fp16.onnx"):
