@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -164,37 +166,37 @@ def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, th
         index, weight = mapping.axis_filter(stack, 0)
         scale = 2.0 / (settings.hu_max - settings.hu_min)
         bias = ((weight * stack.intercepts.astype(np.float64)[index]).sum(axis=1) - settings.hu_min) * scale - 1.0
-        bias = torch.tensor(bias, dtype=torch.float32, device=device)[:, None, None]
         weight = weight * stack.slopes.astype(np.float64)[index] * scale
         taps = [[(int(i), float(w)) for i, w in zip(*row) if w != 0] for row in zip(index, weight)]
-        first = min(i for row in taps for i, _ in row)
-        planes = _empty((max(i for row in taps for i, _ in row) + 1 - first, size, size), device)  # stored slices, in-plane filtered
+        feeds = defaultdict(list)  # stored slice -> the output slices it feeds, with weights
+        for k, row in enumerate(taps):
+            for i, w in row:
+                feeds[i].append((k, w))
+        pending = [len(row) for row in taps]  # taps still to add per output slice
+        locks = [threading.Lock() for _ in range(size)]  # two workers may feed one output slice
         out = _empty((size, size, size), device)
 
-        def in_plane(j0: int) -> None:  # stored slices first + j0 ... : int -> float32 of the crop only, then both axes
-            j1 = min(j0 + _CHUNK, len(planes))
-            stored = np.empty((j1 - j0, rows.n, columns.n), dtype=np.float32)
-            for plane, values in zip(stored, slices[first + j0 : first + j1]):
+        def filter_slices(i0: int) -> None:  # stored slices i0 ...: int -> float32 of the crop only, both in-plane axes, then along D
+            i1 = min(i0 + _CHUNK, max(feeds) + 1)
+            stored = np.empty((i1 - i0, rows.n, columns.n), dtype=np.float32)
+            for plane, values in zip(stored, slices[i0:i1]):
                 np.copyto(plane, values[crop], casting="unsafe")
-            rows_done = torch.empty((j1 - j0, size, columns.n), dtype=torch.float32, device=device)
+            rows_done = torch.empty((i1 - i0, size, columns.n), dtype=torch.float32, device=device)
             for plane, result in zip(torch.from_numpy(stored).to(device), rows_done):
                 rows.apply(plane, out=result)
-            if transposed:
-                planes[j0:j1] = columns.apply(rows_done).transpose(1, 2)
-            else:
-                columns.apply(rows_done, out=planes[j0:j1])
+            planes = columns.apply(rows_done)
+            for i, plane in zip(range(i0, i1), planes.transpose(1, 2) if transposed else planes):
+                for k, w in feeds[i]:  # added while the plane is in cache
+                    with locks[k]:
+                        if pending[k] == len(taps[k]):
+                            torch.mul(plane, w, out=out[k])
+                        else:
+                            out[k].add_(plane, alpha=w)
+                        pending[k] -= 1
+                        if pending[k] == 0:  # complete: HU offset and window
+                            out[k].add_(bias[k]).clamp_(-1.0, 1.0)
 
-        def along_d(k0: int) -> None:  # output slices k0 ...: at most 4 planes each, then HU offset and window
-            k1 = min(k0 + _CHUNK, size)
-            for k in range(k0, k1):
-                (i, w), *rest = taps[k]
-                torch.mul(planes[i - first], w, out=out[k])
-                for i, w in rest:
-                    out[k].add_(planes[i - first], alpha=w)
-            out[k0:k1].add_(bias[k0:k1]).clamp_(-1.0, 1.0)
-
-        list(pool.map(in_plane, range(0, len(planes), _CHUNK)))
-        list(pool.map(along_d, range(0, size, _CHUNK)))
+        list(pool.map(filter_slices, range(min(feeds), max(feeds) + 1, _CHUNK)))
     return np.ascontiguousarray(out.cpu().numpy())[None, None], mapping
 
 
