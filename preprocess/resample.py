@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import queue
 import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -176,15 +177,20 @@ def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, th
         locks = [threading.Lock() for _ in range(size)]  # two workers may feed one output slice
         out = _empty((size, size, size), device)
 
+        buffers = queue.SimpleQueue()  # one set per worker, reused: fresh 8 MB blocks cost page faults
+        for _ in range(threads):
+            buffers.put((np.empty((_CHUNK, rows.n, columns.n), dtype=np.float32), torch.empty((_CHUNK, size, columns.n), device=device)))
+
         def filter_slices(i0: int) -> None:  # stored slices i0 ...: int -> float32 of the crop only, both in-plane axes, then along D
             i1 = min(i0 + _CHUNK, max(feeds) + 1)
-            stored = np.empty((i1 - i0, rows.n, columns.n), dtype=np.float32)
+            buffer = buffers.get()
+            stored, rows_done = buffer[0][: i1 - i0], buffer[1][: i1 - i0]
             for plane, values in zip(stored, slices[i0:i1]):
                 np.copyto(plane, values[crop], casting="unsafe")
-            rows_done = torch.empty((i1 - i0, size, columns.n), dtype=torch.float32, device=device)
             for plane, result in zip(torch.from_numpy(stored).to(device), rows_done):
                 rows.apply(plane, out=result)
             planes = columns.apply(rows_done)
+            buffers.put(buffer)
             for i, plane in zip(range(i0, i1), planes.transpose(1, 2) if transposed else planes):
                 for k, w in feeds[i]:  # added while the plane is in cache
                     with locks[k]:
