@@ -173,8 +173,9 @@ def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, th
         for k, row in enumerate(taps):
             for i, w in row:
                 feeds[i].append((k, w))
-        pending = [len(row) for row in taps]  # taps still to add per output slice
-        locks = [threading.Lock() for _ in range(size)]  # two workers may feed one output slice
+        done = [0] * size  # taps filtered per output slice
+        kept = {}  # filtered planes that an output slice still waits for, from blocks already done
+        lock = threading.Lock()
         out = _empty((size, size, size), device)
 
         buffers = queue.SimpleQueue()  # one set per worker, reused: fresh 8 MB blocks cost page faults
@@ -191,16 +192,19 @@ def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, th
                 rows.apply(plane, out=result)
             planes = columns.apply(rows_done)
             buffers.put(buffer)
-            for i, plane in zip(range(i0, i1), planes.transpose(1, 2) if transposed else planes):
-                for k, w in feeds[i]:  # added while the plane is in cache
-                    with locks[k]:
-                        if pending[k] == len(taps[k]):
-                            torch.mul(plane, w, out=out[k])
-                        else:
-                            out[k].add_(plane, alpha=w)
-                        pending[k] -= 1
-                        if pending[k] == 0:  # complete: HU offset and window
-                            out[k].add_(bias[k]).clamp_(-1.0, 1.0)
+            local = dict(zip(range(i0, i1), planes.transpose(1, 2) if transposed else planes))
+            for k in sorted({k for i in local for k, _ in feeds[i]}):
+                with lock:
+                    done[k] += sum(i in local for i, _ in taps[k])
+                    complete = done[k] == len(taps[k])
+                    if not complete:  # the other taps come from another block: keep this block's
+                        kept.update((i, local[i].clone()) for i, _ in taps[k] if i in local and i not in kept)
+                if complete:  # combined in tap order, so the result never depends on thread timing
+                    (i, w), *rest = taps[k]
+                    torch.mul(local.get(i, kept.get(i)), w, out=out[k])
+                    for i, w in rest:
+                        out[k].add_(local.get(i, kept.get(i)), alpha=w)
+                    out[k].add_(float(bias[k])).clamp_(-1.0, 1.0)  # HU offset and window, while in cache
 
         list(pool.map(filter_slices, range(min(feeds), max(feeds) + 1, _CHUNK)))
     return np.ascontiguousarray(out.cpu().numpy())[None, None], mapping
