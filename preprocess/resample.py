@@ -14,8 +14,9 @@ HU > -1000 plus 5 voxels, clip and scale, torch trilinear resize to S^3. Choices
     default, in float32.
 `fast` computes the same function with far less work, straight from the stored integers:
   * uncompressed slices are read where they lie in the DICOM bytes (no volume is assembled); the
-    crop box is found on the stored values (per-slice threshold from slope/intercept, one pass) and
-    mapped to the 1 mm grid points whose interpolation touches it;
+    crop box is found on the stored values (per-slice threshold from slope/intercept; once a box is
+    found only the bands outside it are scanned) and mapped to the 1 mm grid points whose
+    interpolation touches it;
   * both linear interpolations (original -> 1 mm -> S^3) are composed, per axis, into one filter of
     at most 4 taps (the grids are axis-aligned, so the composition is separable and exact); only the
     cropped part of the volume is read, and the 1 mm volume is never built;
@@ -23,7 +24,8 @@ HU > -1000 plus 5 voxels, clip and scale, torch trilinear resize to S^3. Choices
     columns (the contiguous axis) by the band of their matrix in small dense tiles (a gather along
     the contiguous axis, or transposing to avoid it, measured slower), on blocks of stored slices
     converted to float32 one block at a time, by worker threads; each stored slice is filtered
-    in-plane once, then each output slice combines at most 4 filtered planes along D;
+    in-plane once, and each output slice combines its (at most 4) filtered planes along D, in tap
+    order (deterministic), as soon as they are all filtered, while they are in cache;
   * along D, slope and the [-1000, 600] -> [-1, 1] window are folded into the filter weights and
     intercepts into a per-slice offset, so each output slice ends with one add and one clamp;
   * the filtering is torch, so `device="cuda"` runs it on a GPU; decoding, the crop-box pass and
