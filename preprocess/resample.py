@@ -187,13 +187,15 @@ def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, th
         def filter_slices(i0: int) -> None:  # stored slices i0 ...: int -> float32 of the crop only, both in-plane axes, then along D
             i1 = min(i0 + _CHUNK, max(feeds) + 1)
             buffer = buffers.get()
-            stored, rows_done = buffer[0][: i1 - i0], buffer[1][: i1 - i0]
-            for plane, values in zip(stored, slices[i0:i1]):
-                np.copyto(plane, values[crop], casting="unsafe")
-            for plane, result in zip(torch.from_numpy(stored).to(device), rows_done):
-                rows.apply(plane, out=result)
-            planes = columns.apply(rows_done)
-            buffers.put(buffer)
+            try:  # the buffer goes back even on failure: a lost one would leave later tasks waiting forever
+                stored, rows_done = buffer[0][: i1 - i0], buffer[1][: i1 - i0]
+                for plane, values in zip(stored, slices[i0:i1]):
+                    np.copyto(plane, values[crop], casting="unsafe")
+                for plane, result in zip(torch.from_numpy(stored).to(device), rows_done):
+                    rows.apply(plane, out=result)
+                planes = columns.apply(rows_done)
+            finally:
+                buffers.put(buffer)
             local = dict(zip(range(i0, i1), planes.transpose(1, 2) if transposed else planes))
             for k in sorted({k for i in local for k, _ in feeds[i]}):
                 with lock:

@@ -264,3 +264,16 @@ def test_scanner_air_crops_to_the_field_of_view():
     assert study.meta["crop_box_1mm"] == {"D": [0, 188], "H": [0, 317], "W": [0, 317]}
     fast, reference = study.volume, preprocess.preprocess_study(phantom.study_files("series", scanner_air=True), size=S, mode="reference").volume
     assert np.abs(fast - reference).mean() < FAST_VS_REFERENCE_MEAN
+
+
+@pytest.mark.timeout(60)
+def test_a_failure_inside_the_fast_filter_raises_instead_of_hanging(monkeypatch):
+    """Worker threads share reusable buffers; one that fails must not leave the others waiting."""
+    from preprocess import resample
+
+    def broken(self, planes):
+        raise RuntimeError("simulated filter failure")
+
+    monkeypatch.setattr(resample._Band, "apply", broken)
+    with pytest.raises(RuntimeError, match="simulated filter failure"):
+        preprocess.preprocess_study(phantom.study_files("series", slices=120), size=S)
