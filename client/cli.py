@@ -34,17 +34,22 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _connection(args: argparse.Namespace) -> dict:
+    """The connection options both commands share, as TriageClient / AsyncTriageClient arguments."""
+    return dict(
+        url=args.url,
+        protocol=args.protocol,
+        model=args.model,
+        timeout_s=args.timeout,
+        retry=RetryPolicy(attempts=args.attempts),
+        shared_memory=args.shared_memory,
+    )
+
+
 def _classify(args: argparse.Namespace) -> int:
     if not Path(args.study).exists():
         raise FileNotFoundError(f"no such study: {args.study}")
-    with TriageClient(
-        args.url,
-        args.protocol,
-        args.model,
-        args.timeout,
-        retry=RetryPolicy(attempts=args.attempts),
-        shared_memory=args.shared_memory,
-    ) as client:
+    with TriageClient(**_connection(args)) as client:
         client.check_ready()
         result = client.classify(args.study)
     print(json.dumps(result.to_dict(), indent=2))
@@ -56,14 +61,7 @@ def _classify(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     def client() -> AsyncTriageClient:
-        return AsyncTriageClient(
-            args.url,
-            args.protocol,
-            args.model,
-            args.timeout,
-            retry=RetryPolicy(attempts=args.attempts),
-            shared_memory=args.shared_memory,
-        )
+        return AsyncTriageClient(**_connection(args))
 
     summary = asyncio.run(
         build_report(

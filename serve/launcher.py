@@ -87,7 +87,8 @@ def free_ports(count: int = 3) -> list[int]:
             s.close()
 
 
-def _port_in_use(port: int) -> bool:
+def port_in_use(port: int) -> bool:
+    """Something listens on port (SO_REUSEADDR: connections in TIME_WAIT do not count)."""
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -205,7 +206,7 @@ class TritonServer:
             return self
         if not any(self.repository.glob("*/config.pbtxt")):
             raise ServerError(f"{self.repository} holds no model (config.pbtxt); run `python -m export` first")
-        busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if _port_in_use(p)]
+        busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(p)]
         if busy:
             raise ServerError(f"port(s) {busy} already in use")
         self._workdir = Path(tempfile.mkdtemp(prefix="ct_triage_triton_"))

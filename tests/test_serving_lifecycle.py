@@ -22,7 +22,7 @@ import tritonclient.http as triton_http
 import preprocess
 from preprocess import phantom
 from serve import ServerError, TritonServer, free_ports
-from serve.launcher import PROJECT_ROOT
+from serve.launcher import PROJECT_ROOT, port_in_use
 from settings import NAMES
 
 SHM = Path("/dev/shm")
@@ -65,19 +65,6 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> N
     raise AssertionError("server not ready in time")
 
 
-def port_free(port: int) -> bool:
-    """Nothing listens on port (SO_REUSEADDR: closed connections in TIME_WAIT do not count)."""
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_cli_serves_then_stops_cleanly_on_signal(triton_repository, tmp_path, stop_signal):
     http_port, grpc_port, metrics_port = free_ports(3)
@@ -114,7 +101,7 @@ def test_cli_serves_then_stops_cleanly_on_signal(triton_repository, tmp_path, st
     assert "stopping tritonserver" in output
     assert [p for p in server_processes if alive(p)] == []
     assert list(SHM.glob(prefix + "*")) == []
-    assert all(port_free(p) for p in (http_port, grpc_port, metrics_port))
+    assert not any(port_in_use(p) for p in (http_port, grpc_port, metrics_port))
 
 
 def test_failed_start_reports_the_reason_and_leaves_nothing(triton_repository, tmp_path):
