@@ -6,6 +6,7 @@ ONNX Runtime on the same model.onnx) for probabilities, the preprocess package f
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -72,6 +73,22 @@ def triage(server, protocol, payload, **kwargs) -> dict:
 def classifier_stats(server) -> dict:
     with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{NAMES.classifier}/stats", timeout=10) as r:
         return json.loads(r.read())["model_stats"][0]
+
+
+def settled_classifier_stats(server, quiet_s: float = 3.0, limit_s: float = 120.0) -> dict:
+    """The classifier's statistics once nothing has reached it for quiet_s. Studies that earlier
+    tests abandoned (a client interrupted mid-run) still finish on the shared server, and Triton
+    updates the counts just after answering: both would otherwise leak into a test's window."""
+    last, since = classifier_stats(server), time.monotonic()
+    deadline = since + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = classifier_stats(server)
+        if now["inference_count"] != last["inference_count"]:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    raise AssertionError(f"the classifier did not go idle within {limit_s} s")
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +162,13 @@ def test_labels_through_the_classification_extension(triton_server, protocol):
 
 
 def test_concurrent_studies_all_succeed_and_batch_at_the_classifier(triton_server, good_payload):
-    before = classifier_stats(triton_server)
+    before = settled_classifier_stats(triton_server)
     requests = 8
     with ThreadPoolExecutor(requests) as pool:
         results = list(pool.map(lambda i: triage(triton_server, PROTOCOLS[i % 2], good_payload), range(requests)))
     probabilities = [r["probability"] for r in results]
     assert max(probabilities) - min(probabilities) < 1e-5  # batched or not, the same study gets the same answer
-    after = classifier_stats(triton_server)
+    after = settled_classifier_stats(triton_server)
     inferences = int(after["inference_count"]) - int(before["inference_count"])
     executions = int(after["execution_count"]) - int(before["execution_count"])
     assert inferences == requests
