@@ -69,8 +69,10 @@ def pbtxt_string(text: str) -> str:
 
 def template_values(*, size: int, provenance: dict, max_batch_size: int, max_queue_delay_microseconds: int,
                     preprocess_instances: int, threshold: float) -> dict[str, str]:
-    """The placeholders every config.pbtxt template may use."""
+    """The placeholders every config.pbtxt template may use; queue bounds come from settings.SERVING."""
     return {
+        "queue_timeout_microseconds": str(int(SERVING.request_timeout_s * 1_000_000)),
+        "max_queue_size": str(SERVING.max_queue_size),
         "size": str(size),
         "max_batch_size": str(max_batch_size),
         "max_queue_delay_microseconds": str(max_queue_delay_microseconds),

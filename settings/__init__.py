@@ -81,6 +81,7 @@ class Serving:
     max_batch_size: int = 4  # 4 x 256^3 activations fit an 8 GB card in FP16
     max_queue_delay_microseconds: int = 20_000
     request_timeout_s: float = 300.0  # bound on any single request, client and server side
+    max_queue_size: int = 32  # studies waiting per model queue before new ones are rejected (back-pressure)
     startup_timeout_s: float = 180.0
     exit_timeout_s: int = 30  # on stop, in-flight requests get this long before the server exits
 
