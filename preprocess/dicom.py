@@ -146,15 +146,18 @@ _WANTED = {
 }
 
 
+_SHORT = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length (explicit VR)
+_LENGTH32 = struct.Struct("<I")
+
+
 def _element(data: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bytes]:
     """(tag, value length, value start, VR) of the element header at pos, little endian."""
-    group, element = struct.unpack_from("<HH", data, pos)
+    group, element, vr, length = _SHORT.unpack_from(data, pos)
     if implicit or group == 0xFFFE:
-        return group << 16 | element, struct.unpack_from("<I", data, pos + 4)[0], pos + 8, b""
-    vr = data[pos + 4 : pos + 6]
+        return group << 16 | element, _LENGTH32.unpack_from(data, pos + 4)[0], pos + 8, b""
     if vr in _LONG_VRS:
-        return group << 16 | element, struct.unpack_from("<I", data, pos + 8)[0], pos + 12, vr
-    return group << 16 | element, struct.unpack_from("<H", data, pos + 6)[0], pos + 8, vr
+        return group << 16 | element, _LENGTH32.unpack_from(data, pos + 8)[0], pos + 12, vr
+    return group << 16 | element, length, pos + 8, vr
 
 
 def _scan(data: bytes) -> "tuple[dict[int, bytes], UID, int] | None":
