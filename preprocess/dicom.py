@@ -9,6 +9,7 @@ pylibjpeg plugins (libjpeg, openjpeg, rle) that support numpy 1.26.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -169,13 +170,19 @@ def _scan(data: bytes) -> "tuple[dict[int, bytes], UID, int] | None":
     pos, implicit, in_meta = 132, False, True
     try:
         while pos + 8 <= size:
-            tag, length, start, vr = _element(data, pos, implicit)
-            if in_meta and tag >> 16 != 0x0002:  # end of the file meta group: the data set's encoding
-                ts = _transfer_syntax(values)
-                if not ts.is_transfer_syntax or not ts.is_little_endian or ts.is_deflated:
+            group, element, vr, length = _SHORT.unpack_from(data, pos)  # `_element`, inlined: the hot loop of a study
+            if in_meta and group != 0x0002:  # end of the file meta group: the data set's encoding
+                known, little, implicit, deflated = _encoding(_transfer_syntax(values))
+                if not known or not little or deflated:
                     return None  # big endian, deflated or unknown: pydicom
-                in_meta, implicit = False, ts.is_implicit_VR
-                tag, length, start, vr = _element(data, pos, implicit)
+                in_meta = False
+            tag = group << 16 | element
+            if implicit or group == 0xFFFE:
+                length, start, vr = _LENGTH32.unpack_from(data, pos + 4)[0], pos + 8, b""
+            elif vr in _LONG_VRS:
+                length, start = _LENGTH32.unpack_from(data, pos + 8)[0], pos + 12
+            else:
+                start = pos + 8
             if tag == 0x7FE00010:
                 break
             if tag in _FUNCTIONAL_GROUPS or tag in _PIXEL_TAGS:
@@ -196,7 +203,24 @@ def _scan(data: bytes) -> "tuple[dict[int, bytes], UID, int] | None":
 
 
 def _transfer_syntax(values: dict[int, bytes]) -> UID:
-    return UID(values.get(0x00020010, b"").decode("ascii", "replace").strip(" \0"))
+    return _uid(values.get(0x00020010, b""))
+
+
+@functools.lru_cache(maxsize=256)
+def _encoding(ts: UID) -> tuple[bool, bool, bool, bool]:
+    """(known transfer syntax, little endian, implicit VR, deflated), computed once per syntax."""
+    if not ts.is_transfer_syntax:
+        return False, False, False, False
+    return True, ts.is_little_endian, ts.is_implicit_VR, ts.is_deflated
+
+
+_tag = functools.lru_cache(maxsize=None)(tag_for_keyword)  # a few dozen keywords, looked up per slice
+
+
+@functools.lru_cache(maxsize=256)
+def _uid(raw: bytes) -> UID:
+    """A UID value decoded once per distinct value (pydicom validates each new UID object)."""
+    return UID(raw.decode("ascii", "replace").strip(" \0"))
 
 
 def _skip_sequence(data: bytes, pos: int, implicit: bool) -> int | None:
@@ -230,8 +254,8 @@ def _skip_sequence(data: bytes, pos: int, implicit: bool) -> int | None:
 def _pixel_format(header: "_Header", ts: UID, data: bytes, at: int) -> PixelFormat:
     offset, length, present = None, 0, False
     if at + 8 <= len(data):
-        little = ts.is_little_endian if ts.is_transfer_syntax else True
-        implicit = ts.is_implicit_VR if ts.is_transfer_syntax else False
+        known, little, implicit, _ = _encoding(ts)
+        little, implicit = little or not known, implicit and known
         group, element = struct.unpack_from("<HH" if little else ">HH", data, at)
         if (group, element) == _PIXEL_DATA:
             present = True
@@ -322,7 +346,7 @@ class _RawHeader(_Header):
         self.values = values
 
     def raw(self, keyword: str):
-        return self.values.get(tag_for_keyword(keyword))
+        return self.values.get(_tag(keyword))
 
 
 class _DatasetHeader(_Header):
@@ -333,7 +357,7 @@ class _DatasetHeader(_Header):
         self.little = little_endian
 
     def raw(self, keyword: str):
-        tag = tag_for_keyword(keyword)
+        tag = _tag(keyword)
         if tag >> 16 == 0x0002:
             elem = self.ds.file_meta.get_item(tag) if hasattr(self.ds, "file_meta") else None
         else:

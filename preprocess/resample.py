@@ -194,7 +194,7 @@ def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, th
             try:  # the buffer goes back even on failure: a lost one would leave later tasks waiting forever
                 stored, rows_done = buffer
                 # one stored slice at a time, so that its float copy is still in cache for the rows
-                for values, result in zip(slices[i0:i1], rows_done[: (i1 - i0) * size * columns.n].view(i1 - i0, size, columns.n)):
+                for values, result in zip(slices[i0:i1], columns.input_rows(rows_done, (i1 - i0) * size).view(i1 - i0, size, columns.n)):
                     np.copyto(stored, values[crop], casting="unsafe")
                     rows.apply(torch.from_numpy(stored).to(device), out=result)
                 planes = columns.apply(rows_done, (i1 - i0) * size).view(i1 - i0, size, size)
@@ -300,7 +300,8 @@ class _Band:
 
     Tile t (`tile` consecutive outputs) reads a window of `width` inputs starting at
     `first + t * step`: equally spaced windows, so all tiles are one batched product over a strided
-    view of the input (no copy), written straight into the output rows. A filter whose inputs run
+    view of the input rows (no copy), written straight into the output rows. The step is the
+    integer near the tiles' mean step that gives the narrowest windows. A filter whose inputs run
     backwards (a flipped axis) is applied to its outputs in reverse order, then mirrored back.
     """
 
@@ -317,22 +318,32 @@ class _Band:
         self.tiles = -(-self.size // self.tile)
         used = [np.nonzero(np.abs(matrix[t * self.tile : (t + 1) * self.tile]).max(axis=0))[0] for t in range(self.tiles)]
         starts, ends = [int(u.min()) for u in used], [int(u.max()) for u in used]
-        self.first = starts[0]
-        self.step = min([(a - self.first) // t for t, a in enumerate(starts) if t] or [0])  # window t starts at or before its first input
-        self.width = max(b - self.first - t * self.step + 1 for t, b in enumerate(ends))
-        self.pad = max(0, self.first + (self.tiles - 1) * self.step + self.width - self.n)  # the last window may end past the row
-        padded = np.pad(matrix, ((0, self.tiles * self.tile - self.size), (0, self.pad)))
-        windows = [padded[t * self.tile : (t + 1) * self.tile, self.first + t * self.step :][:, : self.width].T for t in range(self.tiles)]
+
+        def layout(step: int) -> tuple[int, int, int]:  # (width, step, first): every window covers its tile's inputs
+            first = min(a - t * step for t, a in enumerate(starts))
+            return max(b - first - t * step + 1 for t, b in enumerate(ends)), step, first
+
+        mean = (starts[-1] - starts[0]) / max(self.tiles - 1, 1)
+        self.width, self.step, self.first = min(layout(step) for step in range(max(0, math.floor(mean) - 1), math.ceil(mean) + 2))
+        # windows may start before the row or end after it: they then read the neighbouring row, or
+        # zeros before the first and after the last, always with weight 0
+        self.front = max(0, -self.first)
+        self.back = max(0, self.first + (self.tiles - 1) * self.step + self.width - self.n)
+        padded = np.pad(matrix, ((0, self.tiles * self.tile - self.size), (self.front, self.back)))
+        windows = [padded[t * self.tile : (t + 1) * self.tile, self.front + self.first + t * self.step :][:, : self.width].T for t in range(self.tiles)]
         self.matrices = torch.from_numpy(np.stack(windows).astype(np.float32)).to(device)  # [tiles, width, tile]
 
     def input_buffer(self, rows: int, device: str) -> torch.Tensor:
-        """Flat storage for `rows` input rows plus the tail the last window may read (zeros, never
-        written: a window that runs past the end of a row reads the next row, always with weight 0)."""
-        return torch.zeros(rows * self.n + self.pad, device=device)
+        """Flat storage for up to `rows` input rows and the zeros around them (never written)."""
+        return torch.zeros(self.front + rows * self.n + self.back, device=device)
+
+    def input_rows(self, storage: torch.Tensor, rows: int) -> torch.Tensor:
+        """The first `rows` input rows in `storage`, [rows, n], to be filled before `apply`."""
+        return storage[self.front : self.front + rows * self.n].view(rows, self.n)
 
     def apply(self, storage: torch.Tensor, rows: int) -> torch.Tensor:
-        """Filter the first `rows` rows held in `storage` (from `input_buffer`) into [rows, S]."""
-        windows = storage.as_strided((self.tiles, rows, self.width), (self.step, self.n, 1), self.first)
+        """Filter the first `rows` input rows held in `storage` into [rows, S]."""
+        windows = storage.as_strided((self.tiles, rows, self.width), (self.step, self.n, 1), self.front + self.first)
         out = torch.empty((rows, self.tiles, self.tile), device=storage.device)
         torch.bmm(windows, self.matrices, out=out.permute(1, 0, 2))  # each tile's [rows, tile] lands in place
         out = out.view(rows, self.tiles * self.tile)[:, : self.size]
