@@ -68,8 +68,9 @@ def test_benchmark_prints_its_json_last(tmp_path, capsys):
     from benchmarks import preprocess as benchmark
 
     study = phantom.write_study(tmp_path / "s.zip", "zip", slices=20, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
-    assert benchmark.main(["--study", str(study), "--repeat", "1", "--size", "16"]) == 0
+    assert benchmark.main(["--study", str(study), "--repeat", "2", "--size", "16"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["files"] == 1 and result["original_shape"] == [20, 64, 64]
     assert result["fast_s"] > 0 and result["reference_s"] > 0 and result["peak_mb"] >= 0
+    assert len(result["paired_speedups"]) == 2
     assert result["mean_abs_diff"] < 1e-3
