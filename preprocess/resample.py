@@ -276,11 +276,9 @@ def _crop_box_1mm(slices: Sequence[np.ndarray], stack: Stack, settings: Preproce
 
 def _extent(block: np.ndarray, threshold: float, row: int, column: int) -> tuple[int, int, int, int] | None:
     """First and last row and column of `block` (at `row`, `column` in its slice) holding a value above threshold."""
-    if block.size == 0:
+    if block.size == 0 or block.max() <= threshold:  # one reduction answers the common case: nothing there
         return None
     rows = np.flatnonzero(block.max(axis=1) > threshold)
-    if not len(rows):
-        return None
     columns = np.flatnonzero(block.max(axis=0) > threshold)
     return row + int(rows[0]), row + int(rows[-1]), column + int(columns[0]), column + int(columns[-1])
 
