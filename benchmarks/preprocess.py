@@ -28,6 +28,7 @@ import torch
 
 import preprocess
 from preprocess import phantom
+from settings import PREPROCESSING
 
 
 # the default study; scanner air (noisy air in the field of view, padding outside) makes the
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__.splitlines()[0])
     parser.add_argument("--study", help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--size", type=int, default=preprocess.pipeline.PREPROCESSING.size)
+    parser.add_argument("--size", type=int, default=PREPROCESSING.size)
     args = parser.parse_args(argv)
     if args.study:
         files, label = preprocess.read_study(args.study), args.study

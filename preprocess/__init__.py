@@ -3,6 +3,8 @@
 Public API: `preprocess_study` (bytes in), `read_study` (path -> bytes), `PreprocessedStudy`,
 the `StudyError` hierarchy, the series `SelectionRule`, and `phantom` (synthetic studies as DICOM).
 No Triton imports: the serving layer, the CLI, benchmarks and tests all call these functions.
+`preprocess_study`, `PreprocessedStudy` and `MODES` load on first use: they bring torch and
+SimpleITK (seconds), which a client that only reads studies from disk never needs.
 """
 from . import phantom
 from .errors import (
@@ -30,9 +32,19 @@ from .errors import (
     UnsupportedPixelDataError,
     UnusableSeriesError,
 )
-from .pipeline import MODES, PreprocessedStudy, preprocess_study
 from .series import SELECTION_RULE, SelectionRule
 from .sources import read_study
+
+_PIPELINE = ("preprocess_study", "PreprocessedStudy", "MODES")
+
+
+def __getattr__(name: str):
+    if name in _PIPELINE:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "preprocess_study",

@@ -223,6 +223,17 @@ def test_payload_keeps_bytes_exactly():
         client.load_payload([element, "text"])
 
 
+def test_reading_a_study_does_not_load_the_imaging_stack(tmp_path):
+    """A client process reads DICOM from disk; torch and SimpleITK (seconds to import) stay out."""
+    from preprocess import phantom
+
+    study = phantom.write_study(tmp_path / "study.zip", "zip", slices=8, rows=32, columns=32)
+    code = f"import sys, client; client.load_payload({str(study)!r}); print(sorted({{'torch', 'SimpleITK'}} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_missing_paths_are_one_line_usage_errors(tmp_path):
     for command in (["classify", str(tmp_path / "nope.zip")], ["report", str(tmp_path / "nope"), "--out", "r.xlsx"]):
         done = subprocess.run(

@@ -20,6 +20,7 @@ class TritonPythonModel:
         dims = pb_utils.get_output_config_by_name(config, NAMES.volume)["dims"]
         self.size = int(dims[-1])  # the volume is [1, 1, S, S, S]; S is written once, by export
         self.logger = pb_utils.Logger
+        self.preprocess_study = preprocess.preprocess_study  # loads torch now, not on the first request
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -27,7 +28,7 @@ class TritonPythonModel:
     def _respond(self, request):
         try:
             files = pb_utils.get_input_tensor_by_name(request, NAMES.dicom).as_numpy().reshape(-1)
-            study = preprocess.preprocess_study([bytes(f) for f in files], size=self.size, mode="fast")
+            study = self.preprocess_study([bytes(f) for f in files], size=self.size, mode="fast")
         except preprocess.StudyError as error:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
         except Exception as error:  # an internal bug: report the type and where, never the message
