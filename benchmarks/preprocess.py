@@ -88,7 +88,6 @@ def measure(files: list[bytes], size: int, repeat: int) -> dict[str, dict]:
     result = {
         mode: {
             "median_s": statistics.median(r["s"] for r in rs),
-            "min_s": min(r["s"] for r in rs),
             "cpu_s": statistics.median(r["cpu"] for r in rs),
             "peak_mb": max(r["peak"] for r in rs),
             "stages_s": {k: round(statistics.median(r["stages"][k] for r in rs), 4) for k in rs[0]["stages"]},
