@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _ZIP_MAGIC = b"PK\x03\x04"
-_DICOM_MAGIC_OFFSET = 128  # after the 128-byte preamble of a DICOM Part 10 file
+_DICOM_HEAD = 132  # the 128-byte preamble of a Part-10 file and "DICM"
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -92,4 +92,6 @@ def _is_zip(path: Path) -> bool:
 def _is_dicom(path: Path) -> bool:
     if path.suffix.lower() in _DICOM_SUFFIXES:
         return True
-    return _head(path, _DICOM_MAGIC_OFFSET + 4)[_DICOM_MAGIC_OFFSET:] == b"DICM"
+    from preprocess.dicom import looks_like_dicom  # the reader's own rule, so discovery finds what it reads
+
+    return looks_like_dicom(_head(path, _DICOM_HEAD))

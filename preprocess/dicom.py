@@ -29,6 +29,9 @@ from .sources import Blob
 
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UT", b"UC", b"UR", b"SV", b"UV"}
+_VRS = _LONG_VRS | {
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+}
 _UNDEFINED = 0xFFFFFFFF
 _ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
@@ -88,12 +91,14 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
     """Every image frame found in the blobs, plus warnings for what was skipped (non-DICOM, DICOMDIR...)."""
     frames: list[Frame] = []
     warnings: list[str] = []
+    raw = 0  # files without preamble and file meta, read as bare data sets
     for index, blob in enumerate(blobs):
         read = _read_header(blob)
         if read is None:
             warnings.append(f"{blob.label} is not a DICOM file: skipped")
             continue
         header, ts, at = read
+        raw += header.bare
         try:
             pixels = _pixel_format(header, ts, blob.data, at)
             if header.ushort("Rows", 0) == 0 and not pixels.present:
@@ -107,7 +112,29 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
             raise
         except Exception as exc:
             raise CorruptDicomError(f"{blob.label}: DICOM header has invalid or missing values ({type(exc).__name__})") from None
+    if raw:
+        warnings.append(f"{raw} files have no DICOM file header (preamble and file meta): read as bare little-endian data sets")
     return frames, warnings
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """Whether a file starting with `head` (its first 132 bytes or more) is DICOM: a Part-10 file
+    (128-byte preamble + "DICM"), or a bare data set as older archives and some exports hold."""
+    return head[128:132] == b"DICM" or _bare_syntax(head) is not None
+
+
+def _bare_syntax(data: bytes) -> UID | None:
+    """The transfer syntax of a bare data set (no preamble, no file meta), or None if `data` does not
+    start like one: its first element must be one of the low elements of the identification group
+    (0008,00xx), which every image data set starts with, encoded in explicit or implicit VR little endian."""
+    if len(data) < 8:
+        return None
+    group, element, vr, _ = _SHORT.unpack_from(data, 0)
+    if group != 0x0008 or element > 0x0020:
+        return None
+    if vr in _VRS:
+        return pydicom.uid.ExplicitVRLittleEndian
+    return pydicom.uid.ImplicitVRLittleEndian if _LENGTH32.unpack_from(data, 4)[0] < 1024 else None
 
 
 def _read_header(blob: Blob) -> "tuple[_Header, UID, int] | None":
@@ -120,15 +147,22 @@ def _read_header(blob: Blob) -> "tuple[_Header, UID, int] | None":
     if scanned is not None:
         values, ts, at = scanned
         return _RawHeader(values), ts, at
+    bare = blob.data[128:132] != b"DICM" and _bare_syntax(blob.data)
+    if blob.data[128:132] != b"DICM" and not bare:
+        return None
     stream = io.BytesIO(blob.data)
     try:
-        ds = pydicom.dcmread(stream, stop_before_pixels=True)
+        ds = pydicom.dcmread(stream, stop_before_pixels=True, force=bool(bare))
     except InvalidDicomError:
         return None
     except Exception as exc:  # pydicom raises many types on damaged headers
-        if blob.data[128:132] == b"DICM":
+        if not bare:
             raise CorruptDicomError(f"{blob.label} is a damaged or truncated DICOM file ({type(exc).__name__})") from None
         return None
+    if bare:
+        if "SOPClassUID" not in ds and "Modality" not in ds:
+            return None  # bytes that merely start like a data set
+        return _DatasetHeader(ds, True, bare=True), bare, stream.tell()
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)))
     return _DatasetHeader(ds, ts.is_little_endian if ts.is_transfer_syntax else True), ts, stream.tell()
 
@@ -293,6 +327,7 @@ class _Header:
     """
 
     little = True
+    bare = False  # read without preamble and file meta
 
     def raw(self, keyword: str):
         raise NotImplementedError
@@ -352,9 +387,10 @@ class _RawHeader(_Header):
 class _DatasetHeader(_Header):
     """A pydicom dataset read up to the pixel data; reads raw element values where still unconverted."""
 
-    def __init__(self, ds: pydicom.Dataset, little_endian: bool):
+    def __init__(self, ds: pydicom.Dataset, little_endian: bool, bare: bool = False):
         self.ds = ds
         self.little = little_endian
+        self.bare = bare
 
     def raw(self, keyword: str):
         tag = _tag(keyword)
@@ -520,7 +556,9 @@ def _decode_with_pydicom(out: np.ndarray, frames: Sequence[Frame], ks: list[int]
     if not first.pixels.present:
         raise DecodeError(f"{blob.label}: no pixel data")
     try:
-        ds = pydicom.dcmread(io.BytesIO(blob.data))
+        ds = pydicom.dcmread(io.BytesIO(blob.data), force=True)  # force: bare data sets (the header was already read)
+        if "TransferSyntaxUID" not in ds.file_meta:
+            ds.file_meta.TransferSyntaxUID = UID(first.pixels.transfer_syntax)
         array = ds.pixel_array
     except Exception as exc:
         name = getattr(UID(first.pixels.transfer_syntax), "name", first.pixels.transfer_syntax)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
@@ -118,22 +119,30 @@ def study_files(
     transfer_syntax: str = "explicit",
     extras: bool = False,
     scanner_air: bool = False,
+    file_header: bool = True,
 ) -> list[bytes]:
     """The phantom as a payload for preprocess_study / Triton: one element per file (or one ZIP).
 
     extras (zip form): adds a localizer, a thick (3x) reconstruction of the same volume, a text file
     and a fake thumbnail, all of which the series selection must skip.
+    file_header=False: the images are bare data sets (implicit VR little endian, no preamble, no
+    file meta), as older archives and some exports hold them.
     """
     if form not in FORMS or order not in ORDERS or rescale not in RESCALES or transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"form {FORMS}, order {ORDERS}, rescale {RESCALES}, transfer_syntax {tuple(TRANSFER_SYNTAXES)}")
+    if not file_header and transfer_syntax not in ("explicit", "implicit"):
+        raise ValueError("a bare data set (file_header=False) has no transfer syntax to declare compression in")
     geometry = Geometry(slices, rows, columns, pixel_spacing, slice_spacing)
     hu = hu_volume(slices=slices, rows=rows, columns=columns, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, seed=seed, scanner_air=scanner_air)
     study_uid = generate_uid(entropy_srcs=["phantom study", str(seed)])
     series_uid = generate_uid(entropy_srcs=["phantom series", str(seed), str(slices), str(rows)])
     ts = TRANSFER_SYNTAXES[transfer_syntax]
     if form == "multiframe":
-        return [_enhanced_ct(hu, geometry, study_uid, series_uid, order, rescale, ts, seed)]
+        data = _enhanced_ct(hu, geometry, study_uid, series_uid, order, rescale, ts, seed)
+        return [data if file_header else _bare(data)]
     members = _single_frames(hu, geometry, study_uid, series_uid, order, rescale, ts, seed, "CT", ("ORIGINAL", "PRIMARY", "AXIAL"))
+    if not file_header:
+        members = [(name, _bare(data)) for name, data in members]
     if form == "series":
         return [data for _, data in members]
     names = [(f"DICOM/ST0001/SE0001/{name}", data) for name, data in members]
@@ -233,6 +242,15 @@ def _encode(ds: Dataset, ts: str) -> bytes:
         ds.compress(ts)  # pydicom's RLE encoder / pylibjpeg-openjpeg, both lossless
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _bare(data: bytes) -> bytes:
+    """The same object without preamble and file meta, in implicit VR little endian."""
+    ds = dcmread(io.BytesIO(data))
+    ds.preamble, ds.file_meta = None, FileMetaDataset()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=False, implicit_vr=True, little_endian=True)
     return buffer.getvalue()
 
 

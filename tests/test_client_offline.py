@@ -51,6 +51,8 @@ def test_discovery_finds_zips_and_dicom_folders_in_stable_order(tmp_path):
     _dicom_like(tmp_path / "a_study" / "series1" / "IM0001")  # series in deeper folders: one study
     _dicom_like(tmp_path / "a_study" / "series2" / "IM0001")
     _dicom_like(tmp_path / "c_study" / "slice.dcm")
+    (tmp_path / "e_bare").mkdir()
+    (tmp_path / "e_bare" / "IM0001").write_bytes(b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100")  # a data set without file header
     (tmp_path / "grouped" / "nested").mkdir(parents=True)
     (tmp_path / "grouped" / "nested" / "d.ZIP").write_bytes(b"not really a zip")  # corrupt: still a study
     (tmp_path / "empty").mkdir()
@@ -67,6 +69,7 @@ def test_discovery_finds_zips_and_dicom_folders_in_stable_order(tmp_path):
         "archive_without_suffix",
         "b.zip",
         "c_study",
+        "e_bare",
         "grouped/nested/d.ZIP",
         "loose_multiframe.dcm",
     ]

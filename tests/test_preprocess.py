@@ -31,6 +31,7 @@ ENCODINGS = {
     "enhanced CT multi-frame": dict(form="multiframe"),
     "multi-frame feet first, per-frame rescale": dict(form="multiframe", order="feet_first", rescale="per_slice"),
     "ZIP with localizer, thick series, non-DICOM files": dict(form="zip", extras=True, order="shuffled"),
+    "bare data sets (no preamble, no file meta)": dict(form="zip", file_header=False, order="shuffled"),
 }
 
 
@@ -39,6 +40,19 @@ def test_every_encoding_of_one_volume_gives_the_same_tensor(baseline, encoding):
     study = preprocess.preprocess_study(phantom.study_files(**ENCODINGS[encoding]), size=S)
     assert study.series_uid == baseline.series_uid
     assert np.abs(study.volume - baseline.volume).max() <= 1e-4
+
+
+def test_bare_data_sets_are_read_and_said_so():
+    study = preprocess.preprocess_study(phantom.study_files("series", file_header=False), size=S)
+    assert "48 files have no DICOM file header (preamble and file meta): read as bare little-endian data sets" in study.meta["warnings"]
+    assert study.meta["transfer_syntaxes"] == ["1.2.840.10008.1.2"]
+
+
+def test_bytes_that_merely_start_like_a_data_set_are_skipped():
+    """(0008,0008) Image Type, then text: no SOP class, no modality, so not a DICOM image."""
+    fake = b"\x08\x00\x08\x00CS\x08\x00ORIGINAL" + b"notes from a CD burner\n" * 10
+    study = preprocess.preprocess_study([fake, *phantom.study_files("series")], size=S)
+    assert sum("is not a DICOM file: skipped" in w for w in study.meta["warnings"]) == 1
 
 
 def test_output_contract(baseline):
