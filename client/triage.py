@@ -277,6 +277,29 @@ class _Base:
             f"Triton server at {self.url} ({self.protocol}) is not usable: {reason}"
         )
 
+    def _check_answers(self, live: bool, ready: bool) -> None:
+        if not live:
+            raise self._not_ready("server is not live")
+        if not ready:
+            raise self._not_ready(f"model {self.model!r} is not ready")
+
+    def _region(self, payload, started) -> tuple["_SharedMemoryPayload | None", TriageResult | None]:
+        """The payload's shared-memory region when one is asked for, or the failure that replaces the request."""
+        if not self.shared_memory:
+            return None, None
+        try:
+            return _SharedMemoryPayload(payload), None
+        except system_shm.SharedMemoryException as error:
+            return None, _region_failure(error, self.model, started)
+
+    def _after_error(self, error: Exception, backoffs, started) -> tuple[float | None, TriageResult | None]:
+        """(seconds to wait before the next try, None) for a transient error while retries remain,
+        else (None, the failure result)."""
+        wait = next(backoffs, None) if _is_transient(error) else None
+        if wait is None:
+            return None, failure(_describe(error, self.url), seconds=time.perf_counter() - started, model=self.model)
+        return wait, None
+
 
 class TriageClient(_Base):
     """Blocking client: `TriageClient(url, "grpc").classify(path) -> TriageResult`."""
@@ -322,10 +345,7 @@ class TriageClient(_Base):
             ready = live and self._triton.is_model_ready(self.model)
         except Exception as error:  # any transport failure means "not reachable"
             raise self._not_ready(_reason(error)) from None
-        if not live:
-            raise self._not_ready("server is not live")
-        if not ready:
-            raise self._not_ready(f"model {self.model!r} is not ready")
+        self._check_answers(live, ready)
 
     def classify(self, study: Study) -> TriageResult:
         started = time.perf_counter()
@@ -336,10 +356,9 @@ class TriageClient(_Base):
             if result is None:
                 raise
             return result
-        try:
-            region = _SharedMemoryPayload(payload) if self.shared_memory else None
-        except system_shm.SharedMemoryException as error:
-            return _region_failure(error, self.model, started)
+        region, failed = self._region(payload, started)
+        if failed is not None:
+            return failed
         try:
             return self._send(payload, region, started)
         finally:
@@ -353,13 +372,9 @@ class TriageClient(_Base):
                 answer = self._infer_once(payload, region)
                 return _parse(answer, self.model, time.perf_counter() - started)
             except Exception as error:
-                wait = next(backoffs, None) if _is_transient(error) else None
-                if wait is None:
-                    return failure(
-                        _describe(error, self.url),
-                        seconds=time.perf_counter() - started,
-                        model=self.model,
-                    )
+                wait, failed = self._after_error(error, backoffs, started)
+                if failed is not None:
+                    return failed
             time.sleep(wait)
 
     def _infer_once(self, payload, region):
@@ -419,10 +434,7 @@ class AsyncTriageClient(_Base):
             ready = live and await self._triton.is_model_ready(self.model)
         except Exception as error:
             raise self._not_ready(_reason(error)) from None
-        if not live:
-            raise self._not_ready("server is not live")
-        if not ready:
-            raise self._not_ready(f"model {self.model!r} is not ready")
+        self._check_answers(live, ready)
 
     async def classify(self, study: Study) -> TriageResult:
         started = time.perf_counter()
@@ -433,10 +445,9 @@ class AsyncTriageClient(_Base):
             if result is None:
                 raise
             return result
-        try:
-            region = _SharedMemoryPayload(payload) if self.shared_memory else None
-        except system_shm.SharedMemoryException as error:
-            return _region_failure(error, self.model, started)
+        region, failed = self._region(payload, started)
+        if failed is not None:
+            return failed
         try:
             return await self._send(payload, region, started)
         finally:
@@ -450,13 +461,9 @@ class AsyncTriageClient(_Base):
                 answer = await self._infer_once(payload, region)
                 return _parse(answer, self.model, time.perf_counter() - started)
             except Exception as error:
-                wait = next(backoffs, None) if _is_transient(error) else None
-                if wait is None:
-                    return failure(
-                        _describe(error, self.url),
-                        seconds=time.perf_counter() - started,
-                        model=self.model,
-                    )
+                wait, failed = self._after_error(error, backoffs, started)
+                if failed is not None:
+                    return failed
             await asyncio.sleep(wait)
 
     async def _infer_once(self, payload, region):

@@ -6,32 +6,8 @@ No Triton imports: the serving layer, the CLI, benchmarks and tests all call the
 `preprocess_study`, `PreprocessedStudy` and `MODES` load on first use: they bring torch and
 SimpleITK (seconds), which a client that only reads studies from disk never needs.
 """
-from . import phantom
-from .errors import (
-    ArchiveError,
-    CorruptDicomError,
-    DecodeError,
-    DuplicateSliceError,
-    EmptyInputError,
-    EmptyVolumeError,
-    GantryTiltError,
-    InconsistentSlicesError,
-    InputTooLargeError,
-    LocalizerError,
-    MissingGeometryError,
-    MissingPixelDataError,
-    NoUsableSeriesError,
-    NotAxialError,
-    NotCTError,
-    NotDicomError,
-    SeriesNotFoundError,
-    SliceGapError,
-    StudyError,
-    TooFewSlicesError,
-    UnsafeArchiveError,
-    UnsupportedPixelDataError,
-    UnusableSeriesError,
-)
+from . import errors, phantom
+from .errors import *  # noqa: F403  (the StudyError hierarchy, listed in errors.__all__)
 from .series import SELECTION_RULE, SelectionRule
 from .sources import read_study
 
@@ -46,35 +22,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "preprocess_study",
-    "read_study",
-    "PreprocessedStudy",
-    "MODES",
-    "SelectionRule",
-    "SELECTION_RULE",
-    "phantom",
-    "StudyError",
-    "ArchiveError",
-    "CorruptDicomError",
-    "DecodeError",
-    "DuplicateSliceError",
-    "EmptyInputError",
-    "EmptyVolumeError",
-    "GantryTiltError",
-    "InconsistentSlicesError",
-    "InputTooLargeError",
-    "LocalizerError",
-    "MissingGeometryError",
-    "MissingPixelDataError",
-    "NoUsableSeriesError",
-    "NotAxialError",
-    "NotCTError",
-    "NotDicomError",
-    "SeriesNotFoundError",
-    "SliceGapError",
-    "TooFewSlicesError",
-    "UnsafeArchiveError",
-    "UnsupportedPixelDataError",
-    "UnusableSeriesError",
-]
+__all__ = [*_PIPELINE, "read_study", "SelectionRule", "SELECTION_RULE", "phantom", *errors.__all__]

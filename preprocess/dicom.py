@@ -54,10 +54,9 @@ class PixelFormat:
     @property
     def native_fast(self) -> bool:
         """Whether the pixels can be copied straight from the bytes (the common CT case)."""
-        ts = UID(self.transfer_syntax)
         return (
             self.offset is not None
-            and ts in (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
+            and self.transfer_syntax in (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
             and self.bits_allocated == 16
             and self.samples_per_pixel == 1
         )
@@ -164,7 +163,8 @@ def _read_header(blob: Blob) -> "tuple[_Header, UID, int] | None":
             return None  # bytes that merely start like a data set
         return _DatasetHeader(ds, True, bare=True), bare, stream.tell()
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)))
-    return _DatasetHeader(ds, ts.is_little_endian if ts.is_transfer_syntax else True), ts, stream.tell()
+    known, little, _, _ = _encoding(ts)
+    return _DatasetHeader(ds, little or not known), ts, stream.tell()
 
 
 _ITEM, _ITEM_END, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
@@ -430,6 +430,7 @@ def _first(value, default):
 def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Frame]:
     if pixels.frames > INPUT_LIMITS.max_slices:  # before one record per declared frame is made
         raise InputTooLargeError(f"{label}: {pixels.frames} frames, more than the limit of {INPUT_LIMITS.max_slices}")
+    instance_number = h.number("InstanceNumber")
     common = dict(
         blob=blob,
         label=label,
@@ -437,7 +438,7 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
         series_uid=h.text("SeriesInstanceUID"),
         sop_uid=h.text("SOPInstanceUID"),
         modality=h.text("Modality"),
-        instance_number=int(h.number("InstanceNumber")) if h.number("InstanceNumber") is not None else None,
+        instance_number=None if instance_number is None else int(instance_number),
         rows=h.ushort("Rows", 0),
         columns=h.ushort("Columns", 0),
         pixels=pixels,

@@ -102,3 +102,6 @@ class DecodeError(CorruptDicomError):
 
 class EmptyVolumeError(StudyError):
     """No voxel above the region-of-interest threshold: nothing to classify."""
+
+
+__all__ = [name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, StudyError)]
