@@ -14,7 +14,7 @@ from pathlib import Path
 from settings import NAMES, SERVING
 
 from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, ReportError, build_report
-from .triage import PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient
+from .triage import PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(run=_report)
 
     for command in (classify, report):
-        command.add_argument("--url", help="HOST:PORT (default localhost:8001 for grpc, :8000 for http)")
+        command.add_argument("--url", help=f"HOST:PORT (default {default_url('grpc')} for grpc, {default_url('http')} for http)")
         command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
         command.add_argument("--model", default=NAMES.triage)
         command.add_argument(

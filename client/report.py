@@ -7,6 +7,7 @@ whenever studies complete, so a crash or Ctrl-C loses at most the studies still 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import os
 import sys
@@ -84,17 +85,15 @@ def write_report(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -
 def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a report written by `write_report`, values typed back (numbers, None for empty)."""
     source = Path(path)
-    if source.suffix.lower() == ".xlsx":
+    if _format(source) == ".xlsx":
         workbook = openpyxl.load_workbook(source, read_only=True)
         try:
             table = [list(row) for row in workbook.active.iter_rows(values_only=True)]
         finally:
             workbook.close()
-    elif source.suffix.lower() == ".csv":
+    else:
         with open(source, newline="", encoding="utf-8") as stream:
             table = list(csv.reader(stream))
-    else:
-        raise ReportError(f"a report is .xlsx or .csv, not {source.name}")
     if not table or tuple(table[0][: len(COLUMNS)]) != COLUMNS:
         raise ReportError(f"{source.name} is not a triage report: its header is not {', '.join(COLUMNS)}")
     return [_typed(dict(zip(COLUMNS, values))) for values in table[1:] if any(v not in (None, "") for v in values)]
@@ -119,6 +118,9 @@ async def build_report(
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    paths = [Path(out)] + ([Path(csv_out)] if csv_out else [])
+    for path in paths:
+        _format(path)  # a wrong suffix stops the run now, not after every study was classified
     studies = discover_studies(folder)
     found = {study.path_to_study for study in studies}
     rows: dict[str, dict[str, Any]] = {}
@@ -128,21 +130,18 @@ async def build_report(
                 rows[row["path_to_study"]] = row
     todo = [study for study in studies if study.path_to_study not in rows]
     skipped = len(studies) - len(todo)
-    writer = _IncrementalWriter(studies, rows, [Path(out)] + ([Path(csv_out)] if csv_out else []))
+    writer = _IncrementalWriter(studies, rows, paths)
     async with client_factory() as client:
         if todo:
             await client.check_ready()
         writer.schedule()  # the report exists (resumed rows, or just the header) from the start
-        queue: asyncio.Queue[StudyRef] = asyncio.Queue()
-        for study in todo:
-            queue.put_nowait(study)
+        pending = iter(todo)  # shared by the workers: each study is taken once
         budget = _ByteBudget(max_bytes_in_flight)
         show = sys.stderr.isatty() if progress is None else progress
         with tqdm(total=len(todo), unit="study", disable=not show, dynamic_ncols=True) as bar:
 
             async def worker() -> None:
-                while not queue.empty():
-                    study = queue.get_nowait()
+                for study in pending:
                     async with budget.hold(study.size_bytes):
                         result = await _classify_guarded(client, study)
                     writer.add(row_for(study, result))
@@ -187,29 +186,18 @@ class _ByteBudget:
         self._in_use = 0
         self._changed = asyncio.Condition()
 
-    def hold(self, size: int) -> "_Hold":
-        return _Hold(self, min(max(int(size), 0), self._capacity))
-
-    async def _acquire(self, size: int) -> None:
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int):
+        size = min(max(int(size), 0), self._capacity)
         async with self._changed:
             await self._changed.wait_for(lambda: self._in_use + size <= self._capacity)
             self._in_use += size
-
-    async def _release(self, size: int) -> None:
-        async with self._changed:
-            self._in_use -= size
-            self._changed.notify_all()
-
-
-class _Hold:
-    def __init__(self, budget: _ByteBudget, size: int):
-        self._budget, self._size = budget, size
-
-    async def __aenter__(self) -> None:
-        await self._budget._acquire(self._size)
-
-    async def __aexit__(self, *exc) -> None:
-        await self._budget._release(self._size)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._in_use -= size
+                self._changed.notify_all()
 
 
 class _IncrementalWriter:
@@ -247,13 +235,16 @@ class _IncrementalWriter:
                 await asyncio.to_thread(write_report, snapshot, path)
 
 
+def _format(path: Path) -> str:
+    """The report format, by suffix: ".xlsx" or ".csv"."""
+    suffix = path.suffix.lower()
+    if suffix not in (".xlsx", ".csv"):
+        raise ReportError(f"a report is .xlsx or .csv, not {path.name}")
+    return suffix
+
+
 def _writer_for(target: Path) -> Callable[[list[dict[str, Any]], Path], None]:
-    suffix = target.suffix.lower()
-    if suffix == ".xlsx":
-        return _write_xlsx
-    if suffix == ".csv":
-        return _write_csv
-    raise ReportError(f"a report is .xlsx or .csv, not {target.name}")
+    return _write_xlsx if _format(target) == ".xlsx" else _write_csv
 
 
 def _write_xlsx(rows: list[dict[str, Any]], path: Path) -> None:

@@ -9,8 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-_ZIP_MAGIC = b"PK\x03\x04"
-_DICOM_HEAD = 132  # the 128-byte preamble of a Part-10 file and "DICM"
+_HEAD = 132  # enough to recognise a ZIP or a DICOM file (128-byte preamble and "DICM")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -35,22 +34,17 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
     studies: list[StudyRef] = []
-    _search(root, root, studies, is_root=True)
-    return sorted(studies, key=lambda study: study.path_to_study)
-
-
-def _search(directory: Path, root: Path, studies: list[StudyRef], *, is_root: bool) -> None:
-    for entry in sorted(_visible(directory)):
+    for entry in _visible(root):
         if entry.is_dir():
             if _holds_dicom(entry):
                 studies.append(_ref(entry, root, _tree_size(entry)))
-            else:
-                _search(entry, root, studies, is_root=False)
+            else:  # nothing below is DICOM: only the ZIPs in it are studies
+                studies.extend(_ref(path, root, path.stat().st_size) for path in _files(entry) if _is_zip(path, _head(path)))
         elif entry.is_file():
-            if _is_zip(entry):
+            head = _head(entry)
+            if _is_zip(entry, head) or _is_dicom(entry, head):
                 studies.append(_ref(entry, root, entry.stat().st_size))
-            elif is_root and _is_dicom(entry):
-                studies.append(_ref(entry, root, entry.stat().st_size))
+    return sorted(studies, key=lambda study: study.path_to_study)
 
 
 def _ref(path: Path, root: Path, size: int) -> StudyRef:
@@ -70,28 +64,30 @@ def _files(directory: Path):
 
 
 def _holds_dicom(directory: Path) -> bool:
-    return any(_is_dicom(path) for path in _files(directory))
+    return any(_is_dicom(path, _head(path)) for path in _files(directory))
 
 
 def _tree_size(directory: Path) -> int:
     return sum(path.stat().st_size for path in _files(directory) if path.is_file())
 
 
-def _head(path: Path, size: int) -> bytes:
+def _head(path: Path) -> bytes:
     try:
         with open(path, "rb") as stream:
-            return stream.read(size)
+            return stream.read(_HEAD)
     except OSError:
         return b""
 
 
-def _is_zip(path: Path) -> bool:
-    return path.suffix.lower() == ".zip" or _head(path, 4) == _ZIP_MAGIC
+# The reader's own rules (imported here: `python -m client --help` does not load pydicom), so
+# discovery finds exactly what preprocess reads.
+def _is_zip(path: Path, head: bytes) -> bool:
+    from preprocess.sources import is_zip
+
+    return path.suffix.lower() == ".zip" or is_zip(head)
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in _DICOM_SUFFIXES:
-        return True
-    from preprocess.dicom import looks_like_dicom  # the reader's own rule, so discovery finds what it reads
+def _is_dicom(path: Path, head: bytes) -> bool:
+    from preprocess.dicom import looks_like_dicom
 
-    return looks_like_dicom(_head(path, _DICOM_HEAD))
+    return path.suffix.lower() in _DICOM_SUFFIXES or looks_like_dicom(head)

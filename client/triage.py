@@ -2,7 +2,8 @@
 
 `TriageClient` (blocking) and `AsyncTriageClient` (asyncio) differ only in how they wait; the
 payload, the tensors, the parsing of the answer, the error policy and the retry schedule are the
-shared functions below, so the CLI, the report, the tests and the benchmarks send identical requests.
+shared functions below, so the CLI, the report, the demo, the tests and the measurement script send
+identical requests.
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ Study = Union[str, "os.PathLike[str]", bytes, Sequence[bytes]]
 
 PROTOCOLS = ("grpc", "http")
 _SYNC = {"grpc": tritonclient.grpc, "http": tritonclient.http}
-_ASYNC = {"grpc": tritonclient.grpc.aio, "http": tritonclient.http.aio}
 _DEFAULT_PORT = {"grpc": SERVING.grpc_port, "http": SERVING.http_port}
 _OUTPUTS = (NAMES.probability, NAMES.pathology, NAMES.study_uid, NAMES.series_uid, NAMES.meta)
 # Only these mean "try again later": the server is restarting, overloaded or not reachable yet.
@@ -445,14 +445,14 @@ class AsyncTriageClient(_Base):
             if result is None:
                 raise
             return result
-        region, failed = self._region(payload, started)
+        region, failed = await asyncio.to_thread(self._region, payload, started)  # copies the study: off the event loop
         if failed is not None:
             return failed
         try:
             return await self._send(payload, region, started)
         finally:
             if region is not None:
-                region.close()
+                await asyncio.to_thread(region.close)
 
     async def _send(self, payload, region, started) -> TriageResult:
         backoffs = self.retry.backoffs()

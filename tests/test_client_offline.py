@@ -111,6 +111,18 @@ def test_report_write_is_atomic_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["report.xlsx"]
 
 
+def test_a_wrong_report_suffix_stops_the_run_before_any_study(tmp_path):
+    _dicom_like(tmp_path / "studies" / "a" / "IM0001")
+
+    def no_server():
+        raise AssertionError("the server was contacted")
+
+    for out, csv_out in ((tmp_path / "r.txt", None), (tmp_path / "r.xlsx", tmp_path / "r.txt")):
+        with pytest.raises(client.ReportError, match="r.txt"):
+            asyncio.run(client.build_report(tmp_path / "studies", out, no_server, csv_out=csv_out))
+    assert not list(tmp_path.glob("r.*"))
+
+
 def test_read_report_refuses_other_tables(tmp_path):
     other = tmp_path / "other.csv"
     other.write_text("name,value\nx,1\n")
