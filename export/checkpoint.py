@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ArchitectureError, CheckpointError
-from .network import BLOCKS_PER_LAYER, ResNet34Classifier
+from .network import BLOCKS_PER_LAYER, CHANNELS, NUM_CLASSES, ResNet34Classifier
 from .volumes import smooth
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ DEMO_PROVENANCE = "demo, untrained"
 _CALIBRATION_SIZE = 64
 _LIST_LIMIT = 8  # keys named in one error line; the rest are counted
 _STEM_KEYS = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight")
-_KNOWN_BLOCK_LAYOUTS = {(1, 1, 1, 1): "ResNet-10", (2, 2, 2, 2): "ResNet-18", (3, 4, 6, 3): "ResNet-34/50"}
+_KNOWN_BLOCK_LAYOUTS = {(1, 1, 1, 1): "ResNet-10", (2, 2, 2, 2): "ResNet-18"}  # ResNet-50's layout is ResNet-34's: its shapes differ
 
 
 @dataclass(frozen=True)
@@ -79,17 +79,18 @@ def _read(path: Path) -> object:
 
 
 def _state_dict_of(loaded: object, name: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensor mapping inside a loaded checkpoint, and its format before key handling."""
+    """The tensor mapping inside a loaded checkpoint, and its format ("lightning" or "state_dict")."""
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{name} is not a state dict (it holds a {type(loaded).__name__})")
-    container = "state_dict"
+    checkpoint_format = "state_dict"  # also a plain {"state_dict": ...} wrapper
     if isinstance(loaded.get("state_dict"), dict):
-        container = "lightning" if "pytorch-lightning_version" in loaded or "epoch" in loaded else "wrapped"
+        if "pytorch-lightning_version" in loaded or "epoch" in loaded:
+            checkpoint_format = "lightning"
         loaded = loaded["state_dict"]
     tensors = {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
     if not tensors or len(tensors) != len(loaded) or not all(isinstance(key, str) for key in loaded):
         raise CheckpointError(f"{name} is not a state dict: expected a mapping of parameter names to tensors")
-    return tensors, container
+    return tensors, checkpoint_format
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -160,10 +161,9 @@ def _match(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]
 
 def _seeded_fc(seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    fc = ResNet34Classifier().fc
-    bound = fc.in_features**-0.5  # nn.Linear's own default range, drawn from a fixed seed
-    weight = (torch.rand(fc.weight.shape, generator=generator) * 2 - 1) * bound
-    return {"fc.weight": weight, "fc.bias": torch.zeros(fc.out_features)}
+    bound = CHANNELS[-1] ** -0.5  # nn.Linear's own default range, drawn from a fixed seed
+    weight = (torch.rand((NUM_CLASSES, CHANNELS[-1]), generator=generator) * 2 - 1) * bound
+    return {"fc.weight": weight, "fc.bias": torch.zeros(NUM_CLASSES)}
 
 
 def file_sha256(path: Path) -> str:
@@ -181,10 +181,9 @@ def load_checkpoint(path: str | Path) -> Weights:
     """
     path = Path(path)
     loaded = _read(path)
-    state, container = _state_dict_of(loaded, path.name)
+    state, checkpoint_format = _state_dict_of(loaded, path.name)
     state = _strip_prefix(state, path.name)
     warnings: list[str] = []
-    checkpoint_format = container if container in ("lightning",) else "state_dict"
     head_trained = True
     head = sorted(key for key in state if key.startswith("conv_seg."))
     if head:

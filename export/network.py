@@ -11,11 +11,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from settings import NAMES
+
 BLOCKS_PER_LAYER = (3, 4, 6, 3)  # ResNet-34
 CHANNELS = (64, 128, 256, 512)
 STRIDES = (1, 2, 1, 1)
 DILATIONS = (1, 1, 2, 4)
-NUM_CLASSES = 2
+NUM_CLASSES = len(NAMES.labels)
 
 
 def _conv3x3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
@@ -28,12 +30,13 @@ class ShortcutA(nn.Module):
     """MedicalNet's shortcut A: subsample by stride, then zero-pad the extra channels.
 
     It has no weights (real checkpoints hold no downsample keys). The original built the zeros
-    with legacy Variable/.cuda() checks; F.pad computes the same values and exports as one Pad op.
+    with legacy Variable/.cuda() checks; F.pad computes the same values and exports as a Pad whose pads are a constant subgraph
+    (folded by the runtimes).
     """
 
     def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
         super().__init__()
-        self.extra_channels = out_planes - in_planes  # a constant, so the graph holds a static Pad
+        self.extra_channels = out_planes - in_planes  # a constant, so the Pad's pads are constant-foldable
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from serve.decision import DecisionError, parse_threshold
 from settings import NAMES, OPERATING_POINT, PREPROCESSING, SERVING
 
 from . import onnx_graph, parity, tensorrt_engine
@@ -62,6 +63,11 @@ def validate_size(size: int, what: str = "size") -> int:
     return size
 
 
+def _check_integer(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ExportError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+
+
 def pbtxt_string(text: str) -> str:
     """Escape text for the inside of a double-quoted protobuf text-format string."""
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
@@ -69,10 +75,14 @@ def pbtxt_string(text: str) -> str:
 
 def template_values(*, size: int, provenance: dict, max_batch_size: int, max_queue_delay_microseconds: int,
                     preprocess_instances: int, threshold: float) -> dict[str, str]:
-    """The placeholders every config.pbtxt template may use; queue bounds come from settings.SERVING."""
+    """The placeholders every config.pbtxt template may use; queue bounds and the TensorRT workspace come
+    from settings.SERVING."""
     return {
         "queue_timeout_microseconds": str(int(SERVING.request_timeout_s * 1_000_000)),
         "max_queue_size": str(SERVING.max_queue_size),
+        "postprocess_queue_timeout_microseconds": str(int(SERVING.postprocess_queue_timeout_s * 1_000_000)),
+        "postprocess_max_queue_size": str(SERVING.postprocess_max_queue_size),
+        "tensorrt_workspace_bytes": str(SERVING.tensorrt_workspace_bytes),
         "size": str(size),
         "max_batch_size": str(max_batch_size),
         "max_queue_delay_microseconds": str(max_queue_delay_microseconds),
@@ -189,14 +199,13 @@ def write_repository(
                                 "parity size")
     if (checkpoint is None) == (not demo_weights):
         raise ExportError("give exactly one of a checkpoint or demo weights")
-    for name, value in (("max batch size", max_batch_size), ("preprocess instances", preprocess_instances)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ExportError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(max_queue_delay_microseconds, bool) or not isinstance(max_queue_delay_microseconds, int) \
-            or max_queue_delay_microseconds < 0:
-        raise ExportError(f"max queue delay must be a non-negative integer, got {max_queue_delay_microseconds!r}")
-    if not 0.0 < threshold < 1.0:
-        raise ExportError(f"threshold must be strictly between 0 and 1, got {threshold}")
+    _check_integer("max batch size", max_batch_size, 1)
+    _check_integer("preprocess instances", preprocess_instances, 1)
+    _check_integer("max queue delay", max_queue_delay_microseconds, 0)
+    try:
+        threshold = parse_threshold(threshold)  # the rule ct_postprocess and set_threshold apply
+    except DecisionError as error:
+        raise ExportError(str(error)) from None
     _check_output_folder(out_dir)
     if target == "tensorrt":
         tensorrt_engine.require_tensorrt()  # before minutes of work, not after

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from settings import NAMES
+from settings import NAMES, SERVING
 
 from .errors import ExportError, TargetUnavailableError
 
-WORKSPACE_BYTES = 2 * 1024**3  # bounded so engine building fits next to the server on an 8 GB card
 
 
 def require_tensorrt():
@@ -40,7 +39,7 @@ def build_engine(onnx_path: Path, plan_path: Path, *, size: int, max_batch_size:
         errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, SERVING.tensorrt_workspace_bytes)
     config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     volume = (1, size, size, size)

@@ -5,17 +5,10 @@ structure at several scales) without any patient data.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
-from settings import PREPROCESSING
-
-
-def _normalised(hu: float) -> float:
-    """HU -> model value, the same linear map as preprocessing (clip window to [-1, 1])."""
-    low, high = PREPROCESSING.hu_min, PREPROCESSING.hu_max
-    return float(np.clip((hu - low) / (high - low) * 2 - 1, -1, 1))
+from preprocess.resample import hu_to_model_range
 
 
 def uniform(size: int, generator: torch.Generator) -> torch.Tensor:
@@ -34,14 +27,15 @@ def chest_phantom(size: int, generator: torch.Generator, nodule: bool = False) -
     """An idealised cropped chest: body ellipse, two lungs, heart, spine, optional lung nodule."""
     axis = torch.linspace(-1, 1, size)
     z, y, x = torch.meshgrid(axis, axis, axis, indexing="ij")  # D (cranio-caudal), H (anterior-posterior), W
-    volume = torch.full((size, size, size), _normalised(-1000.0))
-    volume[(x / 0.95) ** 2 + (y / 0.75) ** 2 <= 1] = _normalised(40.0)  # soft tissue
+    volume = torch.full((size, size, size), -1000.0)
+    volume[(x / 0.95) ** 2 + (y / 0.75) ** 2 <= 1] = 40.0  # soft tissue
     for side in (-1, 1):
         lung = ((x - side * 0.45) / 0.35) ** 2 + ((y + 0.05) / 0.5) ** 2 + (z / 0.95) ** 2 <= 1
-        volume[lung] = _normalised(-850.0)
-    volume[(x / 0.25) ** 2 + ((y + 0.1) / 0.3) ** 2 + ((z + 0.2) / 0.5) ** 2 <= 1] = _normalised(45.0)  # heart
-    volume[(x / 0.12) ** 2 + ((y - 0.55) / 0.12) ** 2 <= 1] = _normalised(700.0)  # spine (bone, clipped)
+        volume[lung] = -850.0
+    volume[(x / 0.25) ** 2 + ((y + 0.1) / 0.3) ** 2 + ((z + 0.2) / 0.5) ** 2 <= 1] = 45.0  # heart
+    volume[(x / 0.12) ** 2 + ((y - 0.55) / 0.12) ** 2 <= 1] = 700.0  # spine (bone, clipped)
     if nodule:
-        volume[(x + 0.45) ** 2 + (y + 0.1) ** 2 + (z - 0.3) ** 2 <= 0.1**2] = _normalised(30.0)
+        volume[(x + 0.45) ** 2 + (y + 0.1) ** 2 + (z - 0.3) ** 2 <= 0.1**2] = 30.0
+    volume = hu_to_model_range(volume)  # HU above, then the preprocessing's own window
     volume = volume + 0.02 * torch.randn(volume.shape, generator=generator)
     return volume.clamp(-1, 1)[None, None]

@@ -138,7 +138,8 @@ def _margin_box(lo_hi: list[tuple[int, int]], shape: tuple[int, int, int], margi
     return tuple((max(0, lo - margin), min(n - 1, hi + margin)) for (lo, hi), n in zip(lo_hi, shape))
 
 
-def _to_unit_range(x: torch.Tensor, settings: Preprocessing) -> torch.Tensor:
+def hu_to_model_range(x: torch.Tensor, settings: Preprocessing = PREPROCESSING) -> torch.Tensor:
+    """HU -> model input, in place: clip to [hu_min, hu_max], then map linearly to [-1, 1] (SEED.md)."""
     lo, hi = settings.hu_min, settings.hu_max
     return x.clamp_(lo, hi).sub_(lo).mul_(2.0 / (hi - lo)).sub_(1.0)
 
@@ -434,6 +435,6 @@ def reference(raw: np.ndarray, stack: Stack, size: int, *, settings: Preprocessi
     crop = _margin_box(box, shape, settings.crop_margin_voxels)
     cropped = torch.from_numpy(np.ascontiguousarray(hu_1mm[tuple(slice(lo, hi + 1) for lo, hi in crop)]))
     del hu_1mm
-    _to_unit_range(cropped, settings)
+    hu_to_model_range(cropped, settings)
     out = F.interpolate(cropped[None, None], size=(size, size, size), mode="trilinear", align_corners=False)
     return np.ascontiguousarray(out.numpy()), GridMapping(shape, crop, size)

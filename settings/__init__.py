@@ -78,10 +78,14 @@ class Serving:
     shm_default_byte_size: int = 64 * 1024**2
     shm_growth_byte_size: int = 64 * 1024**2
     preprocess_instances: int = 2
-    max_batch_size: int = 4  # 4 x 256^3 activations fit an 8 GB card in FP16
+    max_batch_size: int = 4  # meant to fit 4 x 256^3 activations on an 8 GB card in FP16: not measured yet (no GPU)
     max_queue_delay_microseconds: int = 20_000
-    request_timeout_s: float = 300.0  # bound on any single request, client and server side
+    request_timeout_s: float = 300.0  # the client's deadline per request; on the server, the longest queue wait
     max_queue_size: int = 32  # studies waiting per model queue before new ones are rejected (back-pressure)
+    # ct_postprocess takes microseconds: a shorter wait and a longer queue than the heavy models
+    postprocess_queue_timeout_s: float = 60.0
+    postprocess_max_queue_size: int = 64
+    tensorrt_workspace_bytes: int = 2 * 1024**3  # bounded so engine building fits next to the server on an 8 GB card
     startup_timeout_s: float = 180.0
     exit_timeout_s: int = 30  # on stop, in-flight requests get this long before the server exits
 

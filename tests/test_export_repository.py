@@ -167,6 +167,19 @@ def test_bad_sizes(tmp_path, size):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("threshold", 1.5, r"threshold must be a number in \[0, 1\]"), ("threshold", "high", "threshold must be a number"),
+     ("max_batch_size", 0, "max batch size must be an integer of at least 1"),
+     ("max_queue_delay_microseconds", -1, "max queue delay must be an integer of at least 0")],
+)
+def test_bad_serving_options_are_refused_before_any_work(tmp_path, option, value, message):
+    """The operating point follows the one rule ct_postprocess and set_threshold apply."""
+    with pytest.raises(export.ExportError, match=message):
+        export.write_repository(tmp_path / "repo", target="cpu", size=16, demo_weights=True, **{option: value})
+    assert not list(tmp_path.iterdir())
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "export", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
