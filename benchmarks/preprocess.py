@@ -1,6 +1,6 @@
 """Preprocessing speed and memory: fast vs reference on one study, decoding included.
 
-    .venv/bin/python -m benchmarks.preprocess [--study PATH] [--repeat N] [--size S]
+    .venv/bin/python -m benchmarks.preprocess [--study PATH] [--repeat N] [--size S] [--exact-air] [--transfer-syntax TS]
 
 Without --study it generates the issue's default: a 300-slice 512x512 phantom (~150 MB of DICOM).
 The two modes run interleaved, N times each, so that both see the same minutes of a shared machine.
@@ -61,7 +61,7 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _run(files: list[bytes], mode: str, size: int) -> dict:
+def _run(files: list[bytes], mode: str, size: int) -> tuple[dict, preprocess.PreprocessedStudy]:
     gc.collect()
     _release_freed_memory()
     exact = _reset_peak()
@@ -73,7 +73,7 @@ def _run(files: list[bytes], mode: str, size: int) -> dict:
         "cpu": time.process_time() - start_cpu,
         "peak": _rss_mb("VmHWM") - before if exact else float("nan"),
         "stages": study.meta["timings_s"],
-    }
+    }, study
 
 
 def measure(files: list[bytes], size: int, repeat: int) -> dict[str, dict]:
@@ -82,18 +82,23 @@ def measure(files: list[bytes], size: int, repeat: int) -> dict[str, dict]:
     for mode in preprocess.MODES:
         preprocess.preprocess_study(files, size=size, mode=mode)  # warm-up: imports, thread pools, allocator
     runs: dict[str, list[dict]] = {mode: [] for mode in preprocess.MODES}
+    last: dict[str, preprocess.PreprocessedStudy] = {}  # each mode's latest output, for the comparison
     for k in range(repeat):
         for mode in preprocess.MODES if k % 2 == 0 else reversed(preprocess.MODES):
-            runs[mode].append(_run(files, mode, size))
+            last.pop(mode, None)  # freed before the run, so it does not count in the next peak
+            run, last[mode] = _run(files, mode, size)
+            runs[mode].append(run)
     result = {
         mode: {
             "median_s": statistics.median(r["s"] for r in rs),
             "cpu_s": statistics.median(r["cpu"] for r in rs),
             "peak_mb": max(r["peak"] for r in rs),
             "stages_s": {k: round(statistics.median(r["stages"][k] for r in rs), 4) for k in rs[0]["stages"]},
+            "volume": last[mode].volume,
         }
         for mode, rs in runs.items()
     }
+    result["original_shape"] = last["fast"].meta["original_shape"]
     result["paired_speedups"] = [ref["s"] / fast["s"] for fast, ref in zip(runs["fast"], runs["reference"])]
     return result
 
@@ -103,19 +108,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--size", type=int, default=PREPROCESSING.size)
+    parser.add_argument("--exact-air", action="store_true",
+                        help="generated study: air at exactly -1000 HU, so only the body is cropped")
+    parser.add_argument("--transfer-syntax", choices=tuple(phantom.TRANSFER_SYNTAXES), default="explicit",
+                        help="generated study's encoding (rle, jpeg2000: decoding included in the times)")
     args = parser.parse_args(argv)
     if args.study:
         files, label = preprocess.read_study(args.study), args.study
     else:
+        options = dict(DEFAULT_STUDY, scanner_air=not args.exact_air, transfer_syntax=args.transfer_syntax)
         with tempfile.TemporaryDirectory() as tmp:  # written and read back like a real folder
-            folder = phantom.write_study(Path(tmp) / "study", "series", **DEFAULT_STUDY)
-            files, label = preprocess.read_study(folder), "generated phantom 300x512x512, 0.7 mm pixels, 1 mm slices, scanner air"
+            folder = phantom.write_study(Path(tmp) / "study", "series", **options)
+            files = preprocess.read_study(folder)
+        air = "air at -1000 HU" if args.exact_air else "scanner air"
+        label = f"generated phantom 300x512x512, 0.7 mm pixels, 1 mm slices, {air}, {args.transfer_syntax}"
     measured = measure(files, args.size, args.repeat)
     fast, reference = measured["fast"], measured["reference"]
-    a = preprocess.preprocess_study(files, size=args.size, mode="fast")
-    b = preprocess.preprocess_study(files, size=args.size, mode="reference")
-    diff = np.abs(a.volume - b.volume)
-    shape = a.meta["original_shape"]
+    diff = np.abs(fast["volume"] - reference["volume"])
+    shape = measured["original_shape"]
     raw_mb = shape[0] * shape[1] * shape[2] * 2 / 2**20
     result = {
         "study": label,

@@ -5,7 +5,6 @@ Kept out of model.py so it is tested without a server and so the decision rule e
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ def parse_threshold(value: str | float) -> float:
         threshold = float(value)
     except (TypeError, ValueError):
         raise DecisionError(f"threshold must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= threshold <= 1.0 or math.isnan(threshold):
+    if not 0.0 <= threshold <= 1.0:  # NaN fails this too
         raise DecisionError(f"threshold must be a number in [0, 1], got {value!r}")
     return threshold
 

@@ -19,7 +19,7 @@ from settings import NAMES, PREPROCESSING
 DEMO_DIR = PROJECT_ROOT / "out" / "demo"  # git-ignored
 
 
-def model_compute_seconds(triton, models) -> dict[str, float]:
+def model_compute_seconds(triton, models) -> dict[str, dict[str, float]]:
     """Cumulative server-side time per model (queue + compute), from Triton's statistics extension."""
     stats = {}
     for model in models:

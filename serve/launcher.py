@@ -10,6 +10,8 @@ loads in the NGC `tritonserver` image.
 from __future__ import annotations
 
 import atexit
+import functools
+import importlib.util
 import ctypes
 import os
 import secrets
@@ -46,13 +48,14 @@ class Installation:
     libs: Path  # the wheel's bundled shared libraries (libtritonserver, libcudart, ...)
 
 
+@functools.cache
 def find_installation() -> Installation:
-    """Locate tritonserver, the Python backend and the matching stub inside the installed wheel."""
-    try:
-        import pytriton
-    except ImportError as error:  # pragma: no cover - the dependency is pinned
-        raise ServerError("nvidia-pytriton is not installed: run `make setup`") from error
-    package = Path(pytriton.__file__).resolve().parent
+    """Locate tritonserver, the Python backend and the matching stub inside the installed wheel
+    (found, not imported: importing pytriton loads grpc and tritonclient, ~0.7 s)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:  # pragma: no cover - the dependency is pinned
+        raise ServerError("nvidia-pytriton is not installed: run `make setup`")
+    package = Path(spec.origin).resolve().parent
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     installation = Installation(
         binary=package / "tritonserver" / "bin" / "tritonserver",
@@ -269,9 +272,8 @@ class TritonServer:
             self._reap_stubs()
             for region in self.leaked_shm():
                 region.unlink(missing_ok=True)
-            shutil.rmtree(self._workdir / "backends", ignore_errors=True)
-            if not self._owns_log:
-                shutil.rmtree(self._workdir, ignore_errors=True)
+            # the log we placed in the work folder stays (its path was printed); a caller's log lives elsewhere
+            shutil.rmtree(self._workdir if not self._owns_log else self._workdir / "backends", ignore_errors=True)
 
     def _reap_stubs(self) -> None:
         deadline = time.monotonic() + 10
