@@ -6,12 +6,20 @@ at the end of the session.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 # Small S for speed: the network is fully convolutional, so every code path is the same as at 256.
 TEST_SIZE = 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m module args` from the project root, as a user runs the CLIs (text output captured)."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ import pytest
 import client
 from client.report import _ByteBudget
 from client.triage import _is_transient
+from tests.conftest import ROOT, run_module
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _dicom_like(path: Path, body: bytes = b"") -> None:
@@ -174,10 +174,7 @@ def test_server_down_at_start_is_one_clear_line(tmp_path):
         ["classify", str(tmp_path / "s1")],
         ["report", str(tmp_path), "--out", str(tmp_path / "r.xlsx")],
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "client", *command, "--url", f"127.0.0.1:{_closed_port()}"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-        )
+        done = run_module("client", *command, "--url", f"127.0.0.1:{_closed_port()}", timeout=60)
         assert done.returncode == 3, done.stderr
         assert done.stdout == ""
         lines = done.stderr.strip().splitlines()
@@ -251,9 +248,6 @@ def test_reading_a_study_does_not_load_the_imaging_stack(tmp_path):
 
 def test_missing_paths_are_one_line_usage_errors(tmp_path):
     for command in (["classify", str(tmp_path / "nope.zip")], ["report", str(tmp_path / "nope"), "--out", "r.xlsx"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "client", *command, "--url", f"127.0.0.1:{_closed_port()}"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-        )
+        done = run_module("client", *command, "--url", f"127.0.0.1:{_closed_port()}", timeout=60)
         assert done.returncode == 2, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and "nope" in done.stderr

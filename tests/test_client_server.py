@@ -17,18 +17,13 @@ import pytest
 import client
 from settings import NAMES
 from preprocess import phantom
+from tests.conftest import ROOT, run_module
+from tests.preprocess_helpers import packaged_file
 
-ROOT = Path(__file__).resolve().parents[1]
 GOOD_ZIPS = ("good_a.zip", "good_b.zip", "good_c.zip")
 GOOD_FOLDER = "good_folder"
 CORRUPT = "corrupt.zip"
 NON_CT = "non_ct"
-
-
-def _non_ct_file() -> Path:
-    import pydicom
-
-    return Path(pydicom.__file__).parent / "data" / "test_files" / "MR_small.dcm"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def archive(tmp_path_factory) -> Path:
     whole = (folder / GOOD_ZIPS[0]).read_bytes()
     (folder / CORRUPT).write_bytes(whole[: len(whole) // 2])
     (folder / NON_CT).mkdir()
-    shutil.copy(_non_ct_file(), folder / NON_CT / "MR_small.dcm")
+    shutil.copy(packaged_file("MR_small.dcm"), folder / NON_CT / "MR_small.dcm")
     (folder / "empty").mkdir()
     return folder
 
@@ -64,9 +59,7 @@ def _stats(server, *, at_least: int = 0) -> dict[str, int]:
 
 
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
-    )
+    return run_module("client", *args, timeout=timeout)
 
 
 def _report(folder, out, server, **options) -> client.ReportSummary:

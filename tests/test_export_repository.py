@@ -5,7 +5,6 @@ import json
 import shutil
 from dataclasses import dataclass
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,8 @@ import torch
 import export
 from export.repository import TEMPLATES, _copy_model_files
 from settings import NAMES
-from tests.conftest import TEST_SIZE
+from tests.conftest import TEST_SIZE, run_module
 
-ROOT = Path(__file__).resolve().parent.parent
 SIZE = TEST_SIZE  # small S: the graph has dynamic spatial axes, so nothing here depends on S
 
 
@@ -181,8 +179,7 @@ def test_bad_serving_options_are_refused_before_any_work(tmp_path, option, value
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "export", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return run_module("export", *args, timeout=600)
 
 
 @pytest.mark.parametrize(

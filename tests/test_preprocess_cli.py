@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pydicom
 import pytest
 import torch
 
 from preprocess import phantom
+from tests.conftest import run_module
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "preprocess", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_module("preprocess", *args)
 
 
 @pytest.mark.parametrize("form", ["series", "zip", "multiframe"])

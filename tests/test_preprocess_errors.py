@@ -64,10 +64,6 @@ def test_single_slice(series):
     refused(series[:1], preprocess.TooFewSlicesError, "only 1 slice: a chest CT volume needs at least 16")
 
 
-def test_mr_study():
-    refused([packaged_file("MR_small.dcm").read_bytes()], preprocess.NotCTError, "series is MR, not CT")
-
-
 def test_no_usable_series_lists_every_reason(series):
     error = refused(series[:5] + [packaged_file("MR_small.dcm").read_bytes()], preprocess.NoUsableSeriesError, "no usable chest-CT series among 2")
     assert sorted(s["reason"] for s in error.skipped) == ["only 5 slices: a chest CT volume needs at least 16", "series is MR, not CT"]
@@ -184,8 +180,20 @@ def test_all_air_is_an_empty_volume(series):
         refused(edit(series, air), preprocess.EmptyVolumeError, "no voxel above -1000 HU", mode=mode)
 
 
-def test_colour_images(series):
-    refused([packaged_file("SC_rgb.dcm").read_bytes()], preprocess.NotCTError, "series is OT, not CT")
+def test_colour_and_unsupported_bit_depths(series):
+    def rgb(ds, k):
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        ds.PixelData = np.zeros((ds.Rows, ds.Columns, 3), dtype=np.uint8).tobytes()
+
+    def float32(ds, k):
+        ds.BitsAllocated = ds.BitsStored = 32
+        ds.HighBit = 31
+        ds.PixelData = np.zeros((ds.Rows, ds.Columns), dtype=np.uint32).tobytes()
+
+    refused(edit(series, rgb), preprocess.UnsupportedPixelDataError, r"colour images \(RGB\) are not CT slices")
+    refused(edit(series, float32), preprocess.UnsupportedPixelDataError, "32-bit pixels are not supported for CT")
 
 
 def test_invalid_rescale(series):

@@ -22,7 +22,9 @@ import preprocess
 from preprocess import phantom
 from serve import set_threshold
 from settings import NAMES, OPERATING_POINT, SERVING
+from export import DEMO_PROVENANCE
 from tests.conftest import TEST_SIZE
+from tests.preprocess_helpers import packaged_file
 
 PROTOCOLS = ("http", "grpc")
 MODULES = {"http": triton_http, "grpc": triton_grpc}
@@ -134,13 +136,15 @@ def test_metadata_carries_series_choice_timings_operating_point_and_provenance(t
     assert meta["series_uid"] == result["series_uid"] == meta["series_selection"]["chosen"]
     assert meta["series_selection"]["reason"]
     assert meta["size"] == TEST_SIZE and meta["mode"] == "fast"
-    assert len(meta["crop_box"]) in (3, 6) or isinstance(meta["crop_box"], dict)
+    offline = preprocess.preprocess_study(good_payload, size=TEST_SIZE).meta
+    for key in ("crop_box", "output_to_original", "series_selection", "original_shape"):
+        assert meta[key] == offline[key], key
     assert meta["timings_s"]["total"] > 0
     assert meta["threshold"] == OPERATING_POINT.threshold
     provenance = meta["provenance"]
     assert isinstance(provenance, dict), provenance  # export writes JSON; a plain string means it was mangled
-    assert "demo" in json.dumps(provenance)  # demo weights must say so in every answer
-    assert str(TEST_SIZE) in json.dumps(provenance)
+    assert provenance["checkpoint"] == DEMO_PROVENANCE  # demo weights must say so in every answer
+    assert provenance["size"] == TEST_SIZE
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -173,7 +177,6 @@ def test_concurrent_studies_all_succeed_and_batch_at_the_classifier(triton_serve
     executions = int(after["execution_count"]) - int(before["execution_count"])
     assert inferences == requests
     assert executions < inferences, "dynamic batching never combined two studies"
-    assert any(int(b["batch_size"]) > 1 for b in after["batch_stats"])
 
 
 def test_a_150_mb_study_passes_the_python_backend_shared_memory(triton_server):
@@ -191,8 +194,6 @@ def bad_studies() -> dict[str, list[bytes]]:
     mid = len(series) // 2
     damaged = list(series)
     damaged[mid] = damaged[mid][: len(damaged[mid]) // 2]
-    from pydicom.data import get_testdata_file
-
     return {
         "nothing sent": [],
         "empty file": [b""],
@@ -201,7 +202,7 @@ def bad_studies() -> dict[str, list[bytes]]:
         "single slice": series[:1],
         "too few slices": series[:4],
         "truncated slice": damaged,
-        "MR, not CT": [Path(get_testdata_file("MR_small.dcm")).read_bytes()],
+        "MR, not CT": [packaged_file("MR_small.dcm").read_bytes()],
     }
 
 
@@ -210,7 +211,7 @@ BAD = bad_studies()
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_study_is_invalid_argument_with_the_preprocess_message(triton_server, good_payload, protocol, case):
+def test_bad_study_is_invalid_argument_with_the_preprocess_message(triton_server, protocol, case):
     payload = BAD[case]
     with pytest.raises(preprocess.StudyError) as offline:
         preprocess.preprocess_study(payload, size=TEST_SIZE, mode="fast")
@@ -284,17 +285,14 @@ def test_operating_point_changes_without_re_export(triton_server, good_payload):
 
 
 def test_server_log_holds_no_patient_data(triton_server, good_payload):
-    """Errors above went through the server: its log may name error types, never patient data."""
-    import pydicom
-    from io import BytesIO
-
+    """A good and a damaged study through the server: its log may name error types, never patient data."""
     triage(triton_server, "http", good_payload)
-    dataset = pydicom.dcmread(BytesIO(phantom.study_files(form="series")[0]), stop_before_pixels=True)
+    with pytest.raises(InferenceServerException):
+        triage(triton_server, "http", BAD["truncated slice"])
     log = triton_server.log_file.read_text(errors="replace")
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
-        value = str(dataset.get(keyword, "") or "")
-        if len(value) >= 4:
-            assert value not in log, keyword
+    for keyword, value in phantom.FAKE_PHI.items():
+        for form in {value, value.replace("^", " ")}:
+            assert form not in log, keyword
 
 
 def test_preprocessing_runs_in_parallel_instances_behind_a_bounded_queue(triton_server):
