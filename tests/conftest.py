@@ -6,15 +6,41 @@ at the end of the session.
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from settings import NAMES
+
 # Small S for speed: the network is fully convolutional, so every code path is the same as at 256.
 TEST_SIZE = 64
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def classifier_stats(server) -> dict:
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{NAMES.classifier}/stats", timeout=10) as r:
+        return json.loads(r.read())["model_stats"][0]
+
+
+def settled_classifier_stats(server, quiet_s: float = 3.0, limit_s: float = 120.0) -> dict:
+    """The classifier's statistics once nothing has reached it for quiet_s. Studies that earlier
+    tests abandoned (a client interrupted mid-run) still finish on the shared server, and Triton
+    updates the counts just after answering: both would otherwise leak into a test's window."""
+    last, since = classifier_stats(server), time.monotonic()
+    deadline = since + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = classifier_stats(server)
+        if now.get("inference_count") != last.get("inference_count"):
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    raise AssertionError(f"the classifier did not go idle within {limit_s} s")
 
 
 def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ import tritonclient.http as httpclient
 
 from export.parity import parity_inputs
 from settings import NAMES
+from tests.conftest import settled_classifier_stats
 
 
 def _request(volume: np.ndarray, class_count: int = 0) -> dict:
@@ -27,13 +28,13 @@ def test_served_classifier_matches_parity_report_and_batches(triton_server, trit
     try:
         config = client.get_model_config(NAMES.classifier)
         assert json.loads(config["parameters"]["provenance"]["string_value"]) == provenance
-        before = client.get_inference_statistics(NAMES.classifier)["model_stats"][0]
+        before = settled_classifier_stats(triton_server)
 
         # One request per study, all at once: the dynamic batcher must merge them into fewer runs.
         pending = [client.async_infer(**_request(volumes[i : i + 1])) for i in range(len(names))]
         served = np.array([p.get_result().as_numpy(NAMES.probabilities)[0, 1] for p in pending])
         assert np.abs(served - expected).max() <= 1e-5, dict(zip(names, served - expected))
-        merged = client.get_inference_statistics(NAMES.classifier)["model_stats"][0]
+        merged = settled_classifier_stats(triton_server)  # Triton counts just after answering
         executions = int(merged["execution_count"]) - int(before.get("execution_count", 0))
         assert int(merged["inference_count"]) - int(before.get("inference_count", 0)) == len(names)
         assert executions < len(names)  # at least two of the single requests ran as one batch

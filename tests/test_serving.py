@@ -6,7 +6,6 @@ ONNX Runtime on the same model.onnx) for probabilities, the preprocess package f
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,7 @@ from preprocess import phantom
 from serve import set_threshold
 from settings import NAMES, OPERATING_POINT, SERVING
 from export import DEMO_PROVENANCE
-from tests.conftest import TEST_SIZE
+from tests.conftest import TEST_SIZE, settled_classifier_stats
 from tests.preprocess_helpers import packaged_file
 
 PROTOCOLS = ("http", "grpc")
@@ -70,27 +69,6 @@ def triage(server, protocol, payload, **kwargs) -> dict:
         "series_uid": result.as_numpy(NAMES.series_uid)[0].decode(),
         "meta": json.loads(result.as_numpy(NAMES.meta)[0]),
     }
-
-
-def classifier_stats(server) -> dict:
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{NAMES.classifier}/stats", timeout=10) as r:
-        return json.loads(r.read())["model_stats"][0]
-
-
-def settled_classifier_stats(server, quiet_s: float = 3.0, limit_s: float = 120.0) -> dict:
-    """The classifier's statistics once nothing has reached it for quiet_s. Studies that earlier
-    tests abandoned (a client interrupted mid-run) still finish on the shared server, and Triton
-    updates the counts just after answering: both would otherwise leak into a test's window."""
-    last, since = classifier_stats(server), time.monotonic()
-    deadline = since + limit_s
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
-        now = classifier_stats(server)
-        if now["inference_count"] != last["inference_count"]:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return now
-    raise AssertionError(f"the classifier did not go idle within {limit_s} s")
 
 
 @pytest.fixture(scope="module")
