@@ -1,33 +1,46 @@
-# Two commands matter: `make demo` and `make test`. Each does its own set-up in .venv.
+# `make demo` and `make test` are the two commands; each does its own set-up in .venv (Linux).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The verified torch, installed before the project so that its `torch>=2.4` range is already met:
+# on these machines pip takes the local CPU wheel. Elsewhere give pip PyTorch's CPU-only index through
+# PIP_TORCH_OPTIONS, or on a GPU machine TORCH= to keep the CUDA build (the venv must then see it).
+TORCH ?= torch==2.13.0
+PIP_TORCH_OPTIONS ?=
 
-.PHONY: setup test demo serve clean
+.PHONY: setup test test-fast lint demo serve clean
 
-# torch==2.13.0 is pinned: on these machines pip takes the local CPU wheel; a looser pin would
-# pull a multi-GB CUDA build onto a CPU-only machine.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(if $(TORCH),$(PY) -m pip install --quiet $(PIP_TORCH_OPTIONS) "$(TORCH)")
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# Everything: library tests, then the tests against the real bundled tritonserver.
 test: setup
 	$(PY) -m pytest -q
+
+# Library tests only (no server): under a minute.
+test-fast: setup
+	$(PY) -m pytest -q tests/library
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
 # The demo: export with demo weights at S=256, start the bundled Triton, classify a phantom, stop.
 demo: setup
-	$(PY) -m serve.demo
+	$(PY) -m demo
 
-# Serve a repository in the foreground (Ctrl-C stops it cleanly). `make demo` writes the default one.
-REPOSITORY ?= out/demo/repository
+# Serve a repository in the foreground (Ctrl-C stops it cleanly): the committed one once exported.
+REPOSITORY ?= model_repository
 serve: setup
-	@test -f $(REPOSITORY)/ct_triage/config.pbtxt || { echo "no model repository in $(REPOSITORY): run 'make demo' or '$(PY) -m export ... --out $(REPOSITORY)'"; exit 2; }
+	@test -n "$$(ls $(REPOSITORY)/ct_classifier/1/model.* 2>/dev/null | grep -v model.py)" || { echo "no exported model in $(REPOSITORY): run '$(PY) -m export --checkpoint CKPT --target cpu' first"; exit 2; }
 	$(PY) -m serve --repository $(REPOSITORY)

@@ -10,6 +10,7 @@ interleaved pair), CPU seconds and the load average, peak_mb (fast mode's peak r
 above the resident memory before the call, i.e. above the DICOM bytes already in memory), the same
 for reference, and the raw int16 volume size the memory target is relative to.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,6 @@ import torch
 import preprocess
 from preprocess import phantom
 from settings import PREPROCESSING
-
 
 # the issue's default study; scanner air (noisy air in the field of view, padding outside) makes the
 # crop box the whole field of view, as on real scans, instead of just the body
@@ -108,10 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--size", type=int, default=PREPROCESSING.size)
-    parser.add_argument("--exact-air", action="store_true",
-                        help="generated study: air at exactly -1000 HU, so only the body is cropped")
-    parser.add_argument("--transfer-syntax", choices=tuple(phantom.TRANSFER_SYNTAXES), default="explicit",
-                        help="generated study's encoding (rle, jpeg2000: decoding included in the times)")
+    parser.add_argument("--exact-air", action="store_true", help="generated study: air at exactly -1000 HU, so only the body is cropped")
+    parser.add_argument(
+        "--transfer-syntax",
+        choices=tuple(phantom.TRANSFER_SYNTAXES),
+        default="explicit",
+        help="generated study's encoding (rle, jpeg2000: decoding included in the times)",
+    )
     args = parser.parse_args(argv)
     if args.study:
         files, label = preprocess.read_study(args.study), args.study
@@ -152,12 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         "mean_abs_diff": float(f"{diff.mean():.6f}"),
         "max_abs_diff": float(f"{diff.max():.6f}"),
     }
-    print(f"study: {label} ({result['files']} files, {result['dicom_mb']} MB), S={args.size}, {args.repeat} runs, {result['torch_threads']} torch threads")
+    print(
+        f"study: {label} ({result['files']} files, {result['dicom_mb']} MB), S={args.size}, "
+        f"{args.repeat} runs, {result['torch_threads']} torch threads"
+    )
     print(f"{'mode':<10}{'median s':>10}{'CPU s':>8}{'peak MB':>10}  stages (median s)")
     for name, m in (("fast", fast), ("reference", reference)):
         print(f"{name:<10}{m['median_s']:>10.3f}{m['cpu_s']:>8.3f}{m['peak_mb']:>10.0f}  {m['stages_s']}")
-    print(f"load average {result['load_average']} on {result['cpus']} CPUs: wall times grow with other processes' load, CPU times much less")
-    print(f"speed-up {result['speedup']}x (ratio of medians; per interleaved pair {result['paired_speedups']}); peak/raw int16 volume {result['peak_over_raw']}x; fast vs reference mean |diff| {result['mean_abs_diff']}, max {result['max_abs_diff']}")
+    print(
+        f"load average {result['load_average']} on {result['cpus']} CPUs: wall times grow with other processes' load, CPU times much less"
+    )
+    print(
+        f"speed-up {result['speedup']}x (ratio of medians; per interleaved pair {result['paired_speedups']}); "
+        f"peak/raw int16 volume {result['peak_over_raw']}x; "
+        f"fast vs reference mean |diff| {result['mean_abs_diff']}, max {result['max_abs_diff']}"
+    )
     print(json.dumps(result))
     return 0
 

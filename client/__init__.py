@@ -1,4 +1,7 @@
-"""Clients of the chest-CT triage server: classify one study, or a folder into the triage report."""
+"""Clients of the chest-CT triage server: classify one study, or a folder into the triage report,
+and change a running server's operating point."""
+
+from .operating_point import set_threshold
 from .report import COLUMNS, ReportError, ReportSummary, build_report, read_report, write_report
 from .result import FAILURE, SUCCESS, TriageResult
 from .studies import StudyRef, discover_studies
@@ -12,13 +15,13 @@ from .triage import (
 )
 
 __all__ = [
-    "AsyncTriageClient",
     "COLUMNS",
     "FAILURE",
+    "SUCCESS",
+    "AsyncTriageClient",
     "ReportError",
     "ReportSummary",
     "RetryPolicy",
-    "SUCCESS",
     "ServerUnavailable",
     "StudyRef",
     "TriageClient",
@@ -28,5 +31,6 @@ __all__ = [
     "load_payload",
     "payload_bytes",
     "read_report",
+    "set_threshold",
     "write_report",
 ]

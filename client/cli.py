@@ -3,6 +3,7 @@
 Exit status: 0 done; 1 the study failed (classify); 2 bad arguments or unusable paths;
 3 the server or model is not reachable; 130 interrupted (the report keeps finished studies).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("folder", help="each ZIP file and each sub-folder holding DICOM files is one study")
     report.add_argument("--out", required=True, help="report file, .xlsx (or .csv)")
     report.add_argument("--csv", help="also write the report as this .csv file")
-    report.add_argument("--concurrency", type=_positive_int, default=1, help="studies in flight (default 1)")
+    report.add_argument("--concurrency", type=positive_int, default=1, help="studies in flight (default 1)")
     report.add_argument("--resume", action="store_true", help="skip studies already Success in --out")
     report.add_argument(
         "--max-mb-in-flight",
@@ -108,21 +109,22 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--url", help=f"HOST:PORT (default {default_url('grpc')} for grpc, {default_url('http')} for http)")
         command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
         command.add_argument("--model", default=NAMES.triage)
+        command.add_argument("--timeout", type=float, default=SERVING.request_timeout_s, help="seconds per request")
         command.add_argument(
-            "--timeout", type=float, default=SERVING.request_timeout_s, help="seconds per request"
-        )
-        command.add_argument(
-            "--attempts", type=_positive_int, default=RetryPolicy().attempts,
+            "--attempts",
+            type=positive_int,
+            default=RetryPolicy().attempts,
             help="tries per study on transient errors (server restarting or unreachable)",
         )
         command.add_argument(
-            "--shared-memory", action="store_true",
+            "--shared-memory",
+            action="store_true",
             help="pass the DICOM payload through system shared memory (server on this host only)",
         )
     return parser
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")

@@ -4,21 +4,25 @@ Rows are kept in discovery order and the report file is rewritten atomically (te
 whenever studies complete, so a crash or Ctrl-C loses at most the studies still in flight, and
 `resume` can skip every study already reported as Success.
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import csv
+import io
 import os
 import sys
-import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import IO, Any
 
 import openpyxl
 from tqdm import tqdm
+
+from preprocess.output import write_atomically
 
 from .result import SUCCESS, TriageResult, failure
 from .studies import StudyRef, discover_studies
@@ -71,15 +75,8 @@ def write_report(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -
     """Write rows as .xlsx or .csv (by suffix) atomically: readers never see a half-written file."""
     target = Path(path)
     writer = _writer_for(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=target.suffix)
-    os.close(handle)
-    try:
-        writer(list(rows), Path(temporary))
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    rows = list(rows)
+    write_atomically(target, lambda stream: writer(rows, stream))
 
 
 def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -170,7 +167,7 @@ async def _classify_guarded(client: AsyncTriageClient, study: StudyRef) -> Triag
     started = time.perf_counter()
     try:
         return await client.classify(study.path)
-    except Exception as error:  # noqa: BLE001 - the row must exist; the message says what broke
+    except Exception as error:
         return failure(
             f"internal client error: {type(error).__name__}: {error}",
             seconds=time.perf_counter() - started,
@@ -243,25 +240,27 @@ def _format(path: Path) -> str:
     return suffix
 
 
-def _writer_for(target: Path) -> Callable[[list[dict[str, Any]], Path], None]:
+def _writer_for(target: Path) -> Callable[[list[dict[str, Any]], IO[bytes]], None]:
     return _write_xlsx if _format(target) == ".xlsx" else _write_csv
 
 
-def _write_xlsx(rows: list[dict[str, Any]], path: Path) -> None:
+def _write_xlsx(rows: list[dict[str, Any]], stream: IO[bytes]) -> None:
     workbook = openpyxl.Workbook(write_only=True)
     sheet = workbook.create_sheet("triage")
     sheet.append(list(COLUMNS))
     for row in rows:
         sheet.append([row.get(column) for column in COLUMNS])
-    workbook.save(path)
+    workbook.save(stream)
 
 
-def _write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as stream:
-        table = csv.writer(stream)
-        table.writerow(COLUMNS)
-        for row in rows:
-            table.writerow(["" if row.get(column) is None else row.get(column) for column in COLUMNS])
+def _write_csv(rows: list[dict[str, Any]], stream: IO[bytes]) -> None:
+    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    table = csv.writer(text)
+    table.writerow(COLUMNS)
+    for row in rows:
+        table.writerow(["" if row.get(column) is None else row.get(column) for column in COLUMNS])
+    text.flush()
+    text.detach()  # the stream stays open for write_atomically to sync and close
 
 
 def _typed(row: dict[str, Any]) -> dict[str, Any]:

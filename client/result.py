@@ -1,4 +1,5 @@
 """What one classified study looks like to a client: one row of the triage report."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

@@ -3,6 +3,7 @@
 Discovery only looks at names, sizes and the first bytes of files; the studies are read later,
 one at a time, under the report's memory budget.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ payload, the tensors, the parsing of the answer, the error policy and the retry 
 shared functions below, so the CLI, the report, the demo, the tests and the measurement script send
 identical requests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +15,10 @@ import os
 import struct
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import tritonclient.grpc
@@ -107,9 +109,7 @@ class _SharedMemoryPayload:
             )
         self.name = f"ct_triage_client_{os.getpid()}_{uuid.uuid4().hex[:12]}"
         self.key = "/" + self.name
-        self._handle = system_shm.create_shared_memory_region(
-            self.name, self.key, self.byte_size, create_only=True
-        )
+        self._handle = system_shm.create_shared_memory_region(self.name, self.key, self.byte_size, create_only=True)
         # Length prefixes and file bytes written in place: no concatenated copy of the study.
         values = []
         for element in payload:
@@ -208,9 +208,7 @@ def _is_transient(error: BaseException) -> bool:
 def _is_aiohttp_connection_error(error: BaseException) -> bool:
     import aiohttp  # tritonclient.http.aio depends on it
 
-    return isinstance(error, aiohttp.ClientConnectionError) and not isinstance(
-        error, aiohttp.ServerTimeoutError
-    )
+    return isinstance(error, aiohttp.ClientConnectionError) and not isinstance(error, aiohttp.ServerTimeoutError)
 
 
 def _reason(error: BaseException) -> str:
@@ -273,9 +271,7 @@ class _Base:
         return kwargs
 
     def _not_ready(self, reason: str) -> ServerUnavailable:
-        return ServerUnavailable(
-            f"Triton server at {self.url} ({self.protocol}) is not usable: {reason}"
-        )
+        return ServerUnavailable(f"Triton server at {self.url} ({self.protocol}) is not usable: {reason}")
 
     def _check_answers(self, live: bool, ready: bool) -> None:
         if not live:
@@ -283,7 +279,7 @@ class _Base:
         if not ready:
             raise self._not_ready(f"model {self.model!r} is not ready")
 
-    def _region(self, payload, started) -> tuple["_SharedMemoryPayload | None", TriageResult | None]:
+    def _region(self, payload, started) -> tuple[_SharedMemoryPayload | None, TriageResult | None]:
         """The payload's shared-memory region when one is asked for, or the failure that replaces the request."""
         if not self.shared_memory:
             return None, None
@@ -324,7 +320,7 @@ class TriageClient(_Base):
         else:
             self._triton = tritonclient.grpc.InferenceServerClient(self.url)
 
-    def __enter__(self) -> "TriageClient":
+    def __enter__(self) -> TriageClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -409,13 +405,11 @@ class AsyncTriageClient(_Base):
     ):
         super().__init__(url, protocol, model, timeout_s, retry, shared_memory)
         if self.protocol == "http":
-            self._triton = tritonclient.http.aio.InferenceServerClient(
-                self.url, conn_timeout=self.timeout_s
-            )
+            self._triton = tritonclient.http.aio.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
         else:
             self._triton = tritonclient.grpc.aio.InferenceServerClient(self.url)
 
-    async def __aenter__(self) -> "AsyncTriageClient":
+    async def __aenter__(self) -> AsyncTriageClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

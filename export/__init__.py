@@ -1,36 +1,36 @@
-"""Export the trained MedicalNet ResNet-34 to ONNX / TensorRT inside a complete Triton repository.
+"""Export the trained MedicalNet ResNet-34 to ONNX / TensorRT for a Triton model repository.
 
 Public API:
 - ResNet34Classifier: the network (MedicalNet layout and key names, GAP + FC, logits [B, 2]).
 - load_checkpoint(path) / demo_weights(seed) -> Weights; build_classifier(weights) -> eval-mode model.
-- write_repository(out_dir, *, target, size, checkpoint | demo_weights, ...) -> ExportResult.
-- render_configs(target, values) / template_values(...) / parse_config(text, source): the config templates.
+- write_repository(out_dir=None, *, target, checkpoint | demo_weights, ...) -> ExportResult: the
+  artifacts into the committed model_repository/, or a rendered copy at other serving options.
+- target_configs / render_configs / serving_options / parse_config: the repository's configs.
 - check_parity(...) -> ParityReport: torch FP32 vs ONNX Runtime FP32 vs FP16.
-- ExportError and its subclasses: every user-facing failure, one clear line.
+- ExportError and its subclasses: every user-facing failure, one clear line (sizes and operating
+  points are checked by `contract`, whose ContractError is the other error a caller sees).
 """
+
 from .checkpoint import DEMO_PROVENANCE, Weights, build_classifier, demo_weights, file_sha256, load_checkpoint
-from .errors import (
-    ArchitectureError,
-    CheckpointError,
-    ExportError,
-    InvalidSizeError,
-    OutputFolderError,
-    TargetUnavailableError,
-)
+from .errors import ArchitectureError, CheckpointError, ExportError, OutputFolderError, TargetUnavailableError
 from .network import ResNet34Classifier
 from .parity import ParityReport, check_parity
 from .repository import (
+    COMMITTED,
     MARKER,
     TARGETS,
     ExportResult,
+    ServingOptions,
+    config_path,
     parse_config,
     render_configs,
-    template_values,
-    validate_size,
+    serving_options,
+    target_configs,
     write_repository,
 )
 
 __all__ = [
+    "COMMITTED",
     "DEMO_PROVENANCE",
     "MARKER",
     "TARGETS",
@@ -38,20 +38,21 @@ __all__ = [
     "CheckpointError",
     "ExportError",
     "ExportResult",
-    "InvalidSizeError",
     "OutputFolderError",
     "ParityReport",
     "ResNet34Classifier",
+    "ServingOptions",
     "TargetUnavailableError",
     "Weights",
     "build_classifier",
     "check_parity",
+    "config_path",
     "demo_weights",
     "file_sha256",
     "load_checkpoint",
     "parse_config",
     "render_configs",
-    "template_values",
-    "validate_size",
+    "serving_options",
+    "target_configs",
     "write_repository",
 ]

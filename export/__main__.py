@@ -1,4 +1,5 @@
-"""CLI: python -m export (--checkpoint PATH | --demo-weights) --target T --size S --out DIR."""
+"""CLI: python -m export (--checkpoint PATH | --demo-weights) --target T [--out DIR [serving options]]."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,56 +7,71 @@ import json
 import logging
 import sys
 
-from settings import OPERATING_POINT, PREPROCESSING, SERVING
+from contract import ContractError
 
 from .errors import ExportError
-from .repository import TARGETS, write_repository
+from .repository import COMMITTED, TARGETS, write_repository
+
+RENDERING = ("size", "max_batch_size", "max_queue_delay_us", "preprocess_instances", "threshold")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export",
-        description="Export the ResNet-34 classifier and write a complete Triton model repository.",
+        description="Export the ResNet-34 classifier into the Triton model repository (model_repository/), "
+        "or render a copy of the repository with other serving options (--out).",
     )
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", help="MedicalNet .pth, Lightning .ckpt or plain state_dict")
     weights.add_argument("--demo-weights", action="store_true", help="seeded untrained weights (no checkpoint)")
     parser.add_argument("--target", required=True, choices=TARGETS)
-    parser.add_argument("--size", type=int, default=PREPROCESSING.size, help="model input S (S^3 volume)")
-    parser.add_argument("--out", required=True, help="repository folder (new, empty, or an earlier export)")
-    parser.add_argument("--max-batch-size", type=int, default=SERVING.max_batch_size)
-    parser.add_argument("--max-queue-delay-us", type=int, default=SERVING.max_queue_delay_microseconds)
-    parser.add_argument("--preprocess-instances", type=int, default=SERVING.preprocess_instances)
-    parser.add_argument("--threshold", type=float, default=OPERATING_POINT.threshold,
-                        help="operating point: pathology when P(pathology) >= threshold")
-    parser.add_argument("--parity-size", type=int, default=None,
-                        help="size of the parity check volumes (default min(S, 64))")
+    parser.add_argument("--out", help=f"render a copy here (new, empty, or an earlier copy) instead of exporting into {COMMITTED.name}/")
+    parser.add_argument("--artifacts", help="where what Triton does not serve goes (default: <repository>.artifacts beside it)")
+    parser.add_argument("--parity-size", type=int, default=None, help="size of the parity check volumes (default min(S, 64))")
+    rendering = parser.add_argument_group("serving options of a rendered copy (--out; defaults from settings)")
+    rendering.add_argument("--size", type=int, help="model input S (S^3 volume)")
+    rendering.add_argument("--max-batch-size", type=int)
+    rendering.add_argument("--max-queue-delay-us", type=int)
+    rendering.add_argument("--preprocess-instances", type=int)
+    rendering.add_argument("--threshold", type=float, help="operating point: pathology when P(pathology) >= threshold")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    given = [f"--{name.replace('_', '-')}" for name in RENDERING if getattr(args, name) is not None]
+    if given and args.out is None:
+        parser.error(
+            f"{', '.join(given)} only apply to a rendered copy (--out DIR); "
+            f"the committed repository's configs set them in {COMMITTED.name}/"
+        )
     logging.basicConfig(level=logging.WARNING, format="WARNING: %(message)s")
     try:
         result = write_repository(
             args.out,
             target=args.target,
-            size=args.size,
             checkpoint=args.checkpoint,
             demo_weights=args.demo_weights,
+            size=args.size,
             max_batch_size=args.max_batch_size,
             max_queue_delay_microseconds=args.max_queue_delay_us,
             preprocess_instances=args.preprocess_instances,
             threshold=args.threshold,
             parity_size=args.parity_size,
+            artifacts_dir=args.artifacts,
         )
-    except ExportError as error:
+    except (ExportError, ContractError) as error:
         print(f"export: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result.parity.to_dict(), indent=2))
     print(result.parity.summary())
     print(f"weights: {result.provenance['checkpoint']}; timings (s): {json.dumps(result.timings_s)}")
-    print(f"repository written: {result.repository} (target {args.target}, S={args.size})")
+    print(f"not served, kept in: {result.artifacts}")
+    serve = f"python -m serve --repository {result.repository}"
+    if result.model_config_name:
+        serve = f"tritonserver --model-repository={result.repository} --model-config-name={result.model_config_name}"
+    print(f"repository ready: {result.repository} (target {args.target}, S={result.options.size}); serve it with: {serve}")
     return 0
 
 

@@ -6,6 +6,7 @@ Lightning `.ckpt` files (keys prefixed `model.`, `net.`, ...), and plain state_d
 prefix is removed the keys must match the network exactly: a silent partial load would serve a
 model that is not the one that was validated.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,10 +47,18 @@ class Weights:
 
 
 def build_classifier(weights: Weights) -> ResNet34Classifier:
-    """The network in eval mode with these weights loaded (strictly)."""
-    model = ResNet34Classifier()
-    model.load_state_dict(weights.state_dict, strict=True)
+    """The network in eval mode with these weights loaded (strictly). Built on the meta device and
+    given the weights' own tensors, so no second random initialisation of 63 M parameters is paid."""
+    with torch.device("meta"):
+        model = ResNet34Classifier()
+    model.load_state_dict(weights.state_dict, strict=True, assign=True)
     return model.eval()
+
+
+def _network_state() -> dict[str, torch.Tensor]:
+    """The network's keys, shapes and dtypes, without allocating or initialising its weights."""
+    with torch.device("meta"):
+        return ResNet34Classifier().state_dict()
 
 
 def _key_list(keys: list[str]) -> str:
@@ -95,20 +104,15 @@ def _state_dict_of(loaded: object, name: str) -> tuple[dict[str, torch.Tensor], 
 
 def _strip_prefix(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """Remove the wrapper prefix (`module.`, `model.`, `net.`, ...) found in front of the stem keys."""
-    candidates = sorted(
-        (key[: -len(_STEM_KEYS[0])] for key in state if key.endswith(_STEM_KEYS[0])), key=len
-    )
+    candidates = sorted((key[: -len(_STEM_KEYS[0])] for key in state if key.endswith(_STEM_KEYS[0])), key=len)
     for prefix in candidates:
         if (not prefix or prefix.endswith(".")) and all(prefix + key in state for key in _STEM_KEYS):
             outside = sorted(key for key in state if not key.startswith(prefix))
             if outside:
-                raise ArchitectureError(
-                    f"{name}: unexpected keys outside the network '{prefix}': {_key_list(outside)}"
-                )
-            return {key[len(prefix):]: value for key, value in state.items()}
+                raise ArchitectureError(f"{name}: unexpected keys outside the network '{prefix}': {_key_list(outside)}")
+            return {key[len(prefix) :]: value for key, value in state.items()}
     raise ArchitectureError(
-        f"{name} is not a MedicalNet ResNet: no stem keys ({', '.join(_STEM_KEYS)}) under any prefix; "
-        f"it holds {_key_list(sorted(state))}"
+        f"{name} is not a MedicalNet ResNet: no stem keys ({', '.join(_STEM_KEYS)}) under any prefix; it holds {_key_list(sorted(state))}"
     )
 
 
@@ -128,17 +132,16 @@ def _check_layout(state: dict[str, torch.Tensor], name: str) -> None:
     if tuple(blocks) != BLOCKS_PER_LAYER:
         known = _KNOWN_BLOCK_LAYOUTS.get(tuple(blocks), "an unknown ResNet")
         raise ArchitectureError(
-            f"{name} has residual blocks {blocks} per layer ({known}); "
-            f"this network is MedicalNet ResNet-34 {list(BLOCKS_PER_LAYER)}"
+            f"{name} has residual blocks {blocks} per layer ({known}); this network is MedicalNet ResNet-34 {list(BLOCKS_PER_LAYER)}"
         )
 
 
 def _match(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     """Strict key and shape matching against the network; fills only num_batches_tracked."""
-    expected = ResNet34Classifier().state_dict()
+    expected = _network_state()
     for key, value in expected.items():
         if key.endswith("num_batches_tracked") and key not in state:
-            state[key] = torch.zeros_like(value)  # older checkpoints predate this counter; it is unused in eval
+            state[key] = torch.zeros((), dtype=value.dtype)  # older checkpoints predate this counter; it is unused in eval
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -1,4 +1,5 @@
 """Typed, user-facing export errors: one clear line each, never a traceback, never PHI."""
+
 from __future__ import annotations
 
 
@@ -12,10 +13,6 @@ class CheckpointError(ExportError):
 
 class ArchitectureError(CheckpointError):
     """The weights are not MedicalNet's ResNet-34 (missing/unexpected keys, wrong shapes, other layout)."""
-
-
-class InvalidSizeError(ExportError):
-    """The input size S cannot be served by the network."""
 
 
 class OutputFolderError(ExportError):

@@ -5,6 +5,7 @@ the research team's checkpoints (fine-tuned from MedicalNet) load without renami
 stride 2, BasicBlocks [3, 4, 6, 3], layer3/layer4 at stride 1 with dilation 2/4, shortcut type A.
 The segmentation head is replaced by global average pooling and a 2-class FC layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,9 +22,7 @@ NUM_CLASSES = len(NAMES.labels)
 
 
 def _conv3x3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:
-    return nn.Conv3d(
-        in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, dilation=dilation, bias=False
-    )
+    return nn.Conv3d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, dilation=dilation, bias=False)
 
 
 class ShortcutA(nn.Module):
@@ -69,7 +68,7 @@ class ResNet34Classifier(nn.Module):
     Fully convolutional up to the pooling, so any D, H, W >= 16 works; the model is trained at 256^3.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm3d(64)
@@ -85,7 +84,7 @@ class ResNet34Classifier(nn.Module):
                 layer.append(BasicBlock(in_planes, planes, block_stride, dilation, shortcut))
                 in_planes = planes
             setattr(self, f"layer{index + 1}", nn.Sequential(*layer))
-        self.fc = nn.Linear(CHANNELS[-1], num_classes)
+        self.fc = nn.Linear(CHANNELS[-1], NUM_CLASSES)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last residual layer's output (what Grad-CAM attributes on)."""

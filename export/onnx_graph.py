@@ -3,6 +3,7 @@
 One graph serves every S (the network is fully convolutional up to the pooling), so parity can be
 proven at a small size and the same file deployed at 256^3.
 """
+
 from __future__ import annotations
 
 import warnings

@@ -4,6 +4,7 @@ torch FP32 (the reference) vs ONNX Runtime FP32 vs ONNX Runtime FP16 on random a
 volumes: max abs difference of the probabilities, agreement of the decision at the operating
 point, and batch > 1 giving the same per-item result as batch 1.
 """
+
 from __future__ import annotations
 
 import time
@@ -85,8 +86,7 @@ class ParityReport:
             f"FP16 vs FP32 {self.onnx_fp16_vs_onnx_fp32.max_abs_diff:.1e}, "
             f"decisions at {self.threshold:g} agree: "
             f"{self.onnx_fp32_vs_torch.decisions_agree and self.onnx_fp16_vs_onnx_fp32.decisions_agree}, "
-            f"batch {self.batch_size} vs 1: {self.batch_vs_single_max_abs_diff:.1e} -> "
-            + ("PASSED" if self.passed else "FAILED")
+            f"batch {self.batch_size} vs 1: {self.batch_vs_single_max_abs_diff:.1e} -> " + ("PASSED" if self.passed else "FAILED")
         )
 
 
@@ -98,8 +98,8 @@ def parity_inputs(size: int, seed: int = PARITY_SEED) -> tuple[list[str], np.nda
         ("uniform-1", volumes.uniform(size, generator)),
         ("smooth-0", volumes.smooth(1, size, generator)),
         ("smooth-1", volumes.smooth(1, size, generator)),
-        ("chest", volumes.chest_phantom(size, generator)),
-        ("chest-nodule", volumes.chest_phantom(size, generator, nodule=True)),
+        ("chest", volumes.chest(size, seed, lesion=False)),
+        ("chest-lesion", volumes.chest(size, seed + 1, lesion=True)),
         ("air", torch.full((1, 1, size, size, size), -1.0)),
     ]
     return [name for name, _ in named], torch.cat([volume for _, volume in named]).numpy()
@@ -118,9 +118,7 @@ def _compare(names: list[str], probabilities: np.ndarray, reference: np.ndarray,
     return Comparison(float(np.abs(probabilities - reference).max()), not disagree, disagree, bound)
 
 
-def check_parity(
-    classifier: ResNet34Classifier, fp32_path: Path, fp16_path: Path, *, size: int, threshold: float
-) -> ParityReport:
+def check_parity(classifier: ResNet34Classifier, fp32_path: Path, fp16_path: Path, *, size: int, threshold: float) -> ParityReport:
     """Run every engine on the same inputs and compare; the caller decides what a failure means."""
     names, inputs = parity_inputs(size)
     timings: dict[str, float] = {}
@@ -136,9 +134,7 @@ def check_parity(
     timings["onnx_fp32"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    single = np.concatenate(
-        [fp32.run([NAMES.probabilities], {NAMES.volume: inputs[i : i + 1]})[0] for i in range(len(names))]
-    )
+    single = np.concatenate([fp32.run([NAMES.probabilities], {NAMES.volume: inputs[i : i + 1]})[0] for i in range(len(names))])
     timings["onnx_fp32_batch1"] = time.perf_counter() - started
     del fp32
 

@@ -1,18 +1,28 @@
-"""Writes a complete Triton model repository for one target from the committed templates.
+"""The Triton model repository for one target: the committed one, or a rendered copy.
 
-Every folder under model_repository/ is copied, its config template rendered with the same values
-(S, batching, threshold, provenance) so all models agree; ct_classifier gets the exported graph,
-its labels, the weights it was exported from and the parity report. The result holds no absolute
-paths, so it can be copied into a container or a volume as is.
+`model_repository/` is a real repository at the trained size S=256: its configs are committed and
+parse as they are; the classifier's per-target configs are `configs/<target>.pbtxt`, which Triton
+loads instead of `config.pbtxt` when started with `--model-config-name=<target>` (the `cpu`
+target is `config.pbtxt` itself). Export adds only what the target serves:
+- in place (the default): `ct_classifier/1/model.onnx` (cpu, onnx-gpu) or `1/model.plan`
+  (tensorrt), and `provenance.json` beside ct_classifier's and ct_postprocess's model files. S, the
+  largest batch and the operating point are read from the committed configs.
+- a rendered copy (`out`, another folder): every model folder copied, the target's configs rendered
+  with other serving options (S, batching, instances, threshold) as plain `config.pbtxt` files, and
+  the same artifacts. Tests and benchmarks use small S this way.
+What Triton never serves (the exported weights, the FP16 graph, the parity report, the ONNX graph a
+TensorRT plan was built from) goes to the artifacts folder beside the repository,
+`<repository>.artifacts/`, so the repository ships nothing it does not load.
 """
+
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import string
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,26 +30,44 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from serve.decision import DecisionError, parse_threshold
+from contract import parse_threshold, validate_size
 from settings import NAMES, OPERATING_POINT, PREPROCESSING, SERVING
 
 from . import onnx_graph, parity, tensorrt_engine
 from .checkpoint import DEMO_PROVENANCE, Weights, build_classifier, file_sha256, load_checkpoint
 from .checkpoint import demo_weights as make_demo_weights
-from .errors import ExportError, InvalidSizeError, OutputFolderError
+from .errors import ExportError, OutputFolderError
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
+COMMITTED = Path(__file__).resolve().parent.parent / "model_repository"
 TARGETS = ("cpu", "onnx-gpu", "tensorrt")
 PRECISION = {"cpu": "fp32", "onnx-gpu": "fp32 graph, fp16 TensorRT accelerator", "tensorrt": "fp16"}
+SERVED_GRAPH = {"cpu": "model.onnx", "onnx-gpu": "model.onnx", "tensorrt": "model.plan"}
 MARKER = ".ct-triage-export.json"  # says "export wrote this folder": only such folders are ever replaced
-SIZE_MULTIPLE = 8  # stem stride 2, max-pool stride 2, layer2 stride 2
-MIN_SIZE = 16  # below this the dilated layers see almost only padding
-MAX_SIZE = 512
-WEIGHTS_FILE = "weights.pt"
 PROVENANCE_FILE = "provenance.json"
+ARTIFACTS_SUFFIX = ".artifacts"
+WEIGHTS_FILE = "weights.pt"
 PARITY_FILE = "parity.json"
-LABELS_FILE = "labels.txt"
 FP16_FILE = "model.fp16.onnx"
+CONFIG = "config.pbtxt"
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """What a rendered copy may change; the committed configs hold the production values."""
+
+    size: int = PREPROCESSING.size
+    max_batch_size: int = SERVING.max_batch_size
+    max_queue_delay_microseconds: int = SERVING.max_queue_delay_microseconds
+    preprocess_instances: int = SERVING.preprocess_instances
+    threshold: float = OPERATING_POINT.threshold
+
+    def validated(self) -> ServingOptions:
+        """The same options with the threshold as a float; ContractError/ExportError on a bad value."""
+        validate_size(self.size)
+        _check_integer("max batch size", self.max_batch_size, 1)
+        _check_integer("preprocess instances", self.preprocess_instances, 1)
+        _check_integer("max queue delay", self.max_queue_delay_microseconds, 0)
+        return replace(self, threshold=parse_threshold(self.threshold))
 
 
 @dataclass(frozen=True)
@@ -47,20 +75,20 @@ class ExportResult:
     """What write_repository produced."""
 
     repository: Path
+    artifacts: Path
+    target: str
+    options: ServingOptions
     provenance: dict
     parity: parity.ParityReport
     timings_s: dict
 
+    in_place: bool
 
-def validate_size(size: int, what: str = "size") -> int:
-    """S must survive the network's three stride-2 stages and leave the dilated layers real voxels."""
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise InvalidSizeError(f"{what} must be an integer, got {size!r}")
-    if size % SIZE_MULTIPLE or not MIN_SIZE <= size <= MAX_SIZE:
-        raise InvalidSizeError(
-            f"{what} {size} is not usable: it must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}"
-        )
-    return size
+    @property
+    def model_config_name(self) -> str | None:
+        """What tritonserver needs as --model-config-name to serve this target from this repository
+        (a rendered copy's config.pbtxt is already the target's)."""
+        return self.target if self.in_place and self.target != "cpu" else None
 
 
 def _check_integer(name: str, value, minimum: int) -> None:
@@ -68,42 +96,22 @@ def _check_integer(name: str, value, minimum: int) -> None:
         raise ExportError(f"{name} must be an integer of at least {minimum}, got {value!r}")
 
 
-def pbtxt_string(text: str) -> str:
-    """Escape text for the inside of a double-quoted protobuf text-format string."""
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
 
 
-def template_values(*, size: int, provenance: dict, max_batch_size: int, max_queue_delay_microseconds: int,
-                    preprocess_instances: int, threshold: float) -> dict[str, str]:
-    """The placeholders every config.pbtxt template may use; queue bounds and the TensorRT workspace come
-    from settings.SERVING."""
-    return {
-        "queue_timeout_microseconds": str(int(SERVING.request_timeout_s * 1_000_000)),
-        "max_queue_size": str(SERVING.max_queue_size),
-        "postprocess_queue_timeout_microseconds": str(int(SERVING.postprocess_queue_timeout_s * 1_000_000)),
-        "postprocess_max_queue_size": str(SERVING.postprocess_max_queue_size),
-        "tensorrt_workspace_bytes": str(SERVING.tensorrt_workspace_bytes),
-        "size": str(size),
-        "max_batch_size": str(max_batch_size),
-        "max_queue_delay_microseconds": str(max_queue_delay_microseconds),
-        "preprocess_instances": str(preprocess_instances),
-        "threshold": repr(float(threshold)),
-        "provenance": pbtxt_string(json.dumps(provenance, sort_keys=True, separators=(",", ":"))),
-    }
-
-
-def _model_folders(templates: Path) -> list[Path]:
-    folders = sorted(p for p in templates.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+def model_folders(repository: Path = COMMITTED) -> list[Path]:
+    folders = sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     if not any(folder.name == NAMES.classifier for folder in folders):
-        raise ExportError(f"template folder {templates} has no {NAMES.classifier} model")
+        raise ExportError(f"{repository} holds no {NAMES.classifier} model")
     return folders
 
 
-def _template_for(folder: Path, target: str) -> Path:
-    for candidate in (folder / f"config.{target}.pbtxt", folder / "config.pbtxt"):
-        if candidate.is_file():
-            return candidate
-    raise ExportError(f"model template {folder.name} has neither config.{target}.pbtxt nor config.pbtxt")
+def config_path(folder: Path, target: str) -> Path:
+    """The config Triton loads for this model under `--model-config-name=<target>`."""
+    special = folder / "configs" / f"{target}.pbtxt"
+    return special if target != "cpu" and special.is_file() else folder / CONFIG
 
 
 def parse_config(text: str, source: str) -> model_config_pb2.ModelConfig:
@@ -114,99 +122,169 @@ def parse_config(text: str, source: str) -> model_config_pb2.ModelConfig:
         raise ExportError(f"{source} is not a valid Triton model config: {error}") from None
 
 
-def render_configs(target: str, values: dict[str, str], templates: Path = TEMPLATES) -> dict[str, str]:
-    """model name -> rendered, parsed and name-checked config.pbtxt text for this target."""
-    if target not in TARGETS:
-        raise ExportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    rendered = {}
-    for folder in _model_folders(templates):
-        template = _template_for(folder, target)
-        try:
-            text = string.Template(template.read_text()).substitute(values)
-        except (KeyError, ValueError) as error:
-            raise ExportError(f"{folder.name}/{template.name}: unknown or malformed placeholder {error}") from None
-        config = parse_config(text, f"{folder.name}/{template.name}")
+def target_configs(target: str, repository: Path = COMMITTED) -> dict[str, model_config_pb2.ModelConfig]:
+    """model name -> the config Triton loads for `target`, parsed and name-checked."""
+    _check_target(target)
+    configs = {}
+    for folder in model_folders(repository):
+        path = config_path(folder, target)
+        config = parse_config(path.read_text(), str(path.relative_to(repository.parent)))
         if config.name and config.name != folder.name:
-            raise ExportError(f"{folder.name}/{template.name} names the model {config.name!r}, not {folder.name!r}")
-        rendered[folder.name] = text
-    return rendered
+            raise ExportError(f"{path} names the model {config.name!r}, not {folder.name!r}")
+        configs[folder.name] = config
+    return configs
 
 
-def _copy_model_files(folder: Path, destination: Path, config_text: str) -> None:
-    """Copy a model's committed files; a model.py only where the rendered config runs the Python backend."""
-    python_backend = parse_config(config_text, folder.name).backend == "python"
+def _volume(config: model_config_pb2.ModelConfig, tensors: str):
+    (tensor,) = [t for t in getattr(config, tensors) if t.name == NAMES.volume]
+    return tensor
+
+
+def serving_options(configs: dict[str, model_config_pb2.ModelConfig]) -> ServingOptions:
+    """The options a set of configs serves with; ExportError if its models disagree on S."""
+    classifier, preprocess = configs[NAMES.classifier], configs[NAMES.preprocess]
+    size = int(_volume(classifier, "input").dims[-1])
+    if list(_volume(classifier, "input").dims) != [1, size, size, size] or list(_volume(preprocess, "output").dims) != [
+        1,
+        1,
+        size,
+        size,
+        size,
+    ]:
+        raise ExportError(f"{NAMES.preprocess} and {NAMES.classifier} configs disagree on the volume shape (S)")
+    return ServingOptions(
+        size=validate_size(size, "the configs' S"),
+        max_batch_size=classifier.max_batch_size,
+        max_queue_delay_microseconds=classifier.dynamic_batching.max_queue_delay_microseconds,
+        preprocess_instances=sum(group.count for group in preprocess.instance_group),
+        threshold=parse_threshold(configs[NAMES.postprocess].parameters["threshold"].string_value),
+    ).validated()
+
+
+def render_configs(target: str, options: ServingOptions, repository: Path = COMMITTED) -> dict[str, model_config_pb2.ModelConfig]:
+    """The committed configs for `target` with `options` applied (S, batching, instances, threshold)."""
+    options = options.validated()
+    configs = target_configs(target, repository)
+    size = options.size
+    preprocess = configs[NAMES.preprocess]
+    _volume(preprocess, "output").dims[:] = [1, 1, size, size, size]
+    (group,) = preprocess.instance_group
+    group.count = options.preprocess_instances
+    classifier = configs[NAMES.classifier]
+    _volume(classifier, "input").dims[:] = [1, size, size, size]
+    classifier.max_batch_size = options.max_batch_size
+    classifier.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_microseconds
+    for warmup in classifier.model_warmup:
+        warmup.inputs[NAMES.volume].dims[:] = [1, size, size, size]
+        if warmup.batch_size > 1:  # the warm-up at the largest batch
+            warmup.batch_size = options.max_batch_size
+    configs[NAMES.postprocess].parameters["threshold"].string_value = repr(options.threshold)
+    return configs
+
+
+def config_text(config: model_config_pb2.ModelConfig, source: str) -> str:
+    return f"# Rendered by `python -m export` from model_repository/{source} (its comments say why).\n" + text_format.MessageToString(
+        config
+    )
+
+
+def _check_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise OutputFolderError(f"output {folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise OutputFolderError(f"output folder {folder} exists, is not empty and was not written by export: refusing to replace it")
+
+
+def _staging(folder: Path) -> Path:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.export-", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+    return staging
+
+
+def _install(staging: Path, folder: Path) -> None:
+    """Move a finished folder into place; an older export there is replaced only at the end."""
+    _check_folder(folder)  # again: someone may have filled it meanwhile
+    if folder.is_dir() and any(folder.iterdir()):
+        retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        folder.rename(retired / folder.name)
+        staging.rename(folder)
+        shutil.rmtree(retired)
+    else:
+        if folder.is_dir():
+            folder.rmdir()  # empty: nothing of the user's is lost
+        staging.rename(folder)
+
+
+def _copy_model_files(folder: Path, destination: Path, config: model_config_pb2.ModelConfig) -> None:
+    """A model's committed files without its configs; model.py only where the config runs the Python backend."""
     for source in sorted(folder.rglob("*")):
         relative = source.relative_to(folder)
         if (
             not source.is_file()
             or "__pycache__" in relative.parts
             or source.suffix == ".pyc"
-            or (len(relative.parts) == 1 and source.name.startswith("config") and source.suffix == ".pbtxt")
-            or (source.name == "model.py" and not python_backend)
+            or relative.parts[0] == "configs"
+            or relative.as_posix() == CONFIG
+            or (source.name == "model.py" and config.backend != "python")
         ):
             continue
         (destination / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, destination / relative)
 
 
-def _check_output_folder(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputFolderError(f"output {out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
-        raise OutputFolderError(
-            f"output folder {out_dir} exists, is not empty and was not written by export: refusing to replace it"
-        )
-
-
-def _install(staging: Path, out_dir: Path) -> None:
-    """Move the finished repository into place; an older export there is replaced only at the end."""
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(retired / out_dir.name)
-        staging.rename(out_dir)
-        shutil.rmtree(retired)
-    else:
-        if out_dir.is_dir():
-            out_dir.rmdir()  # empty: nothing of the user's is lost
-        staging.rename(out_dir)
-
-
 def write_repository(
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
     *,
     target: str,
-    size: int = PREPROCESSING.size,
     checkpoint: str | Path | None = None,
     demo_weights: bool = False,
-    max_batch_size: int = SERVING.max_batch_size,
-    max_queue_delay_microseconds: int = SERVING.max_queue_delay_microseconds,
-    preprocess_instances: int = SERVING.preprocess_instances,
-    threshold: float = OPERATING_POINT.threshold,
+    size: int | None = None,
+    max_batch_size: int | None = None,
+    max_queue_delay_microseconds: int | None = None,
+    preprocess_instances: int | None = None,
+    threshold: float | None = None,
     parity_size: int | None = None,
-    templates: Path = TEMPLATES,
+    artifacts_dir: str | Path | None = None,
+    source: Path = COMMITTED,
 ) -> ExportResult:
-    """Export the classifier and write a complete Triton repository for `target` into out_dir.
+    """Export the classifier for `target` into the `source` repository (out_dir None: the committed
+    one), or render a copy of it into out_dir with the serving options given (the others from settings).
 
-    Fails (ExportError) before writing anything if the inputs are wrong, and without touching
-    out_dir if the export or the parity check fails.
+    Fails (ExportError, ContractError) before writing anything if the inputs are wrong, and without
+    touching the repository if the export or the parity check fails.
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    if target not in TARGETS:
-        raise ExportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    validate_size(size)
-    parity_size = validate_size(min(size, parity.MAX_PARITY_SIZE) if parity_size is None else parity_size,
-                                "parity size")
+    _check_target(target)
+    source = Path(source).resolve()
+    in_place = out_dir is None or Path(out_dir).resolve() == source
+    repository = source if in_place else Path(out_dir)
+    given = dict(
+        size=size,
+        max_batch_size=max_batch_size,
+        max_queue_delay_microseconds=max_queue_delay_microseconds,
+        preprocess_instances=preprocess_instances,
+        threshold=threshold,
+    )
+    given = {key: value for key, value in given.items() if value is not None}
+    if in_place and given:
+        raise ExportError(
+            f"{', '.join(sorted(given))}: the committed repository's configs set these; edit them there, "
+            "or render a copy with other values into another folder (--out)"
+        )
+    if in_place:
+        configs = target_configs(target, source)
+        options = serving_options(configs)
+    else:
+        options = replace(ServingOptions(), **given).validated()
+        configs = render_configs(target, options, source)
+    parity_size = validate_size(min(options.size, parity.MAX_PARITY_SIZE) if parity_size is None else parity_size, "parity size")
     if (checkpoint is None) == (not demo_weights):
         raise ExportError("give exactly one of a checkpoint or demo weights")
-    _check_integer("max batch size", max_batch_size, 1)
-    _check_integer("preprocess instances", preprocess_instances, 1)
-    _check_integer("max queue delay", max_queue_delay_microseconds, 0)
-    try:
-        threshold = parse_threshold(threshold)  # the rule ct_postprocess and set_threshold apply
-    except DecisionError as error:
-        raise ExportError(str(error)) from None
-    _check_output_folder(out_dir)
+    artifacts = Path(artifacts_dir) if artifacts_dir is not None else repository.with_name(repository.name + ARTIFACTS_SUFFIX)
+    _check_folder(artifacts)
+    if not in_place:
+        _check_folder(repository)
     if target == "tensorrt":
         tensorrt_engine.require_tensorrt()  # before minutes of work, not after
 
@@ -222,63 +300,91 @@ def write_repository(
     classifier = build_classifier(weights)
     mark = lap("weights", mark)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
+    kept = _staging(artifacts)
+    staged: list[Path] = [kept]
     try:
-        classifier_dir = staging / NAMES.classifier
-        version_dir = classifier_dir / "1"
-        version_dir.mkdir(parents=True)
-        fp32_path = version_dir / "model.onnx" if target != "tensorrt" else classifier_dir / "model.onnx"
-        fp16_path = classifier_dir / FP16_FILE
-        onnx_graph.export_fp32(classifier, fp32_path)
+        graph = kept / "model.onnx"
+        onnx_graph.export_fp32(classifier, graph)
         mark = lap("onnx_fp32", mark)
-        clamped = onnx_graph.convert_fp16(fp32_path, fp16_path)
+        clamped = onnx_graph.convert_fp16(graph, kept / FP16_FILE)
         mark = lap("onnx_fp16", mark)
-        graphs = [onnx_graph.check_graph(fp32_path), onnx_graph.check_graph(fp16_path, clamped)]
+        graphs = [onnx_graph.check_graph(graph), onnx_graph.check_graph(kept / FP16_FILE, clamped)]
         mark = lap("graph_checks", mark)
-        report = parity.check_parity(classifier, fp32_path, fp16_path, size=parity_size, threshold=threshold)
-        report.graphs = [vars(graph) for graph in graphs]
+        report = parity.check_parity(classifier, graph, kept / FP16_FILE, size=parity_size, threshold=options.threshold)
+        report.graphs = [vars(checked) for checked in graphs]
         mark = lap("parity", mark)
-        (classifier_dir / PARITY_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        (kept / PARITY_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         if not report.passed:
             raise ExportError("exported graph does not match the checkpoint: " + "; ".join(report.failures))
+        served = kept / SERVED_GRAPH[target]
         if target == "tensorrt":
-            tensorrt_engine.build_engine(fp32_path, version_dir / "model.plan", size=size, max_batch_size=max_batch_size)
+            tensorrt_engine.build_engine(graph, served, size=options.size, max_batch_size=options.max_batch_size)
             mark = lap("tensorrt_engine", mark)
-
-        torch.save(weights.state_dict, classifier_dir / WEIGHTS_FILE)
+        torch.save(weights.state_dict, kept / WEIGHTS_FILE)
         provenance = {
             "checkpoint": weights.source if weights.source == DEMO_PROVENANCE else f"sha256:{weights.source}",
             "checkpoint_format": weights.checkpoint_format,
             "classifier_head_trained": weights.head_trained,
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "size": size,
+            "size": options.size,
             "precision": PRECISION[target],
             "target": target,
             "opset": onnx_graph.OPSET,
-            "weights_sha256": file_sha256(classifier_dir / WEIGHTS_FILE),
+            "weights_sha256": file_sha256(kept / WEIGHTS_FILE),
+            "served_sha256": file_sha256(served),
             "parity": report.summary(),
             "warnings": list(weights.warnings),
         }
-        (classifier_dir / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        (classifier_dir / LABELS_FILE).write_text("\n".join(NAMES.labels) + "\n")
-
-        values = template_values(
-            size=size, provenance=provenance, max_batch_size=max_batch_size,
-            max_queue_delay_microseconds=max_queue_delay_microseconds,
-            preprocess_instances=preprocess_instances, threshold=threshold,
-        )
-        for model, text in render_configs(target, values, templates).items():
-            (staging / model).mkdir(exist_ok=True)
-            _copy_model_files(templates / model, staging / model, text)
-            (staging / model / "config.pbtxt").write_text(text)
-        (staging / MARKER).write_text(json.dumps({"written_by": "python -m export", **provenance}, indent=2) + "\n")
-        _check_output_folder(out_dir)  # again: someone may have filled it meanwhile
-        _install(staging, out_dir)
+        provenance_text = json.dumps(provenance, indent=2) + "\n"
+        (kept / PROVENANCE_FILE).write_text(provenance_text)
+        (kept / MARKER).write_text(json.dumps({"written_by": "python -m export", "repository": repository.name}) + "\n")
+        served_files = {
+            Path(NAMES.classifier, "1", served.name): served,
+            Path(NAMES.classifier, "1", PROVENANCE_FILE): kept / PROVENANCE_FILE,
+            Path(NAMES.postprocess, "1", PROVENANCE_FILE): kept / PROVENANCE_FILE,
+        }
+        if in_place:
+            _install_in_place(source, served_files, target)
+        else:
+            rendered = _staging(repository)
+            staged.append(rendered)
+            for folder in model_folders(source):
+                config = configs[folder.name]
+                (rendered / folder.name).mkdir()
+                _copy_model_files(folder, rendered / folder.name, config)
+                origin = config_path(folder, target).relative_to(source).as_posix()
+                (rendered / folder.name / CONFIG).write_text(config_text(config, origin))
+            for relative, source in served_files.items():
+                shutil.copy2(source, rendered / relative)
+            (rendered / MARKER).write_text(json.dumps({"written_by": "python -m export", **provenance}, indent=2) + "\n")
+            _install(rendered, repository)
+        served.unlink()  # now in the repository: the artifacts keep only what Triton does not load
+        _install(kept, artifacts)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        for folder in staged:
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     lap("total", started)
-    return ExportResult(out_dir, provenance, report, timings)
+    return ExportResult(repository, artifacts, target, options, provenance, report, timings, in_place)
 
+
+def _install_in_place(repository: Path, files: dict[Path, Path], target: str) -> None:
+    """Copy each served file into the repository under a temporary name, then rename it over the
+    old one; the other target's graph goes, so version 1 holds exactly what is served."""
+    placed = []
+    try:
+        for relative, source in files.items():
+            destination = repository / relative
+            handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+            os.close(handle)
+            shutil.copyfile(source, temporary)
+            os.chmod(temporary, 0o644)
+            placed.append((Path(temporary), destination))
+    except BaseException:
+        for temporary, _ in placed:
+            temporary.unlink(missing_ok=True)
+        raise
+    for temporary, destination in placed:
+        os.replace(temporary, destination)
+    for name in set(SERVED_GRAPH.values()) - {SERVED_GRAPH[target]}:
+        (repository / NAMES.classifier / "1" / name).unlink(missing_ok=True)

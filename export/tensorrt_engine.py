@@ -3,6 +3,7 @@
 A plan file is specific to the GPU model and the TensorRT release, so it is built where it runs
 (inside nvcr.io/nvidia/tritonserver:24.10-py3, TensorRT 10.5), never shipped.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,11 +13,10 @@ from settings import NAMES, SERVING
 from .errors import ExportError, TargetUnavailableError
 
 
-
 def require_tensorrt():
     """The TensorRT module, or one clear error line when this machine cannot build engines."""
     try:
-        import tensorrt  # noqa: PLC0415  (only present on GPU machines)
+        import tensorrt
     except ImportError:
         raise TargetUnavailableError(
             "target tensorrt needs the TensorRT Python API and an NVIDIA GPU (e.g. inside "

@@ -1,15 +1,19 @@
-"""DICOM chest-CT study -> the trained model's input tensor [1, 1, S, S, S] (SEED.md preprocessing).
+"""DICOM chest-CT study -> the trained model's input tensor [1, 1, S, S, S] (docs/model.md).
 
 Public API: `preprocess_study` (bytes in), `read_study` (path -> bytes), `PreprocessedStudy`,
-the `StudyError` hierarchy, the series `SelectionRule`, and `phantom` (synthetic studies as DICOM).
+the `StudyError` hierarchy, the series `SelectionRule`, `phantom` (synthetic studies as DICOM),
+`available_cpus` (the default worker count) and `write_atomically` (result files).
 No Triton imports: the serving layer, the CLI, benchmarks and tests all call these functions.
 `preprocess_study`, `PreprocessedStudy` and `MODES` load on first use: they bring torch and
 SimpleITK (seconds), which a client that only reads studies from disk never needs.
 """
+
 from . import errors, phantom
 from .errors import *  # noqa: F403  (the StudyError hierarchy, listed in errors.__all__)
+from .output import write_atomically
 from .series import SELECTION_RULE, SelectionRule
 from .sources import read_study
+from .workers import available_cpus
 
 _PIPELINE = ("preprocess_study", "PreprocessedStudy", "MODES")
 
@@ -22,4 +26,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [*_PIPELINE, "read_study", "SelectionRule", "SELECTION_RULE", "phantom", *errors.__all__]
+__all__ = [  # noqa: PLE0604 (the pipeline names and the error classes are strings too)
+    *_PIPELINE,
+    "read_study",
+    "SelectionRule",
+    "SELECTION_RULE",
+    "phantom",
+    "available_cpus",
+    "write_atomically",
+    *errors.__all__,
+]

@@ -6,20 +6,21 @@ input bytes into the volume with numpy (no per-file pixel copy); compressed tran
 (JPEG Lossless, JPEG 2000, RLE, JPEG-LS) go through pydicom's pixel handlers, backed by the pinned
 pylibjpeg plugins (libjpeg, openjpeg, rle) that support numpy 1.26.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import io
 import struct
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.datadict import tag_for_keyword
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from settings import INPUT_LIMITS
@@ -30,10 +31,30 @@ from .sources import Blob
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UT", b"UC", b"UR", b"SV", b"UV"}
 _VRS = _LONG_VRS | {
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+    b"AE",
+    b"AS",
+    b"AT",
+    b"CS",
+    b"DA",
+    b"DS",
+    b"DT",
+    b"FL",
+    b"FD",
+    b"IS",
+    b"LO",
+    b"LT",
+    b"PN",
+    b"SH",
+    b"SL",
+    b"SS",
+    b"ST",
+    b"TM",
+    b"UI",
+    b"UL",
+    b"US",
 }
+_SHORT_VRS = _VRS - _LONG_VRS
 _UNDEFINED = 0xFFFFFFFF
-_ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
 @dataclass(frozen=True)
@@ -136,7 +157,7 @@ def _bare_syntax(data: bytes) -> UID | None:
     return pydicom.uid.ImplicitVRLittleEndian if _LENGTH32.unpack_from(data, 4)[0] < 1024 else None
 
 
-def _read_header(blob: Blob) -> "tuple[_Header, UID, int] | None":
+def _read_header(blob: Blob) -> tuple[_Header, UID, int] | None:
     """(header, transfer syntax, offset of the pixel data element or end of file); None if not DICOM.
 
     The common case (Part-10 file, little-endian transfer syntax, no functional groups) is read by
@@ -170,13 +191,33 @@ def _read_header(blob: Blob) -> "tuple[_Header, UID, int] | None":
 _ITEM, _ITEM_END, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
 _FUNCTIONAL_GROUPS = {0x52009229, 0x52009230}  # shared and per-frame: left to pydicom
 _PIXEL_TAGS = {0x7FE00008, 0x7FE00009}  # float pixel data: left to pydicom (then refused)
+# Item tags never stand outside a sequence in a valid file, and pydicom ends the data set at a stray
+# item delimiter: such files are left to it.
+_LEFT_TO_PYDICOM = _FUNCTIONAL_GROUPS | _PIXEL_TAGS | {0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD}
 _WANTED = {
     tag_for_keyword(k)
     for k in (
-        "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "InstanceNumber", "ImageType",
-        "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-        "RescaleSlope", "RescaleIntercept", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
-        "PhotometricInterpretation", "NumberOfFrames",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "InstanceNumber",
+        "ImageType",
+        "Rows",
+        "Columns",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "BitsAllocated",
+        "BitsStored",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "NumberOfFrames",
     )
 }
 
@@ -195,7 +236,7 @@ def _element(data: bytes, pos: int, implicit: bool) -> tuple[int, int, int, byte
     return group << 16 | element, length, pos + 8, vr
 
 
-def _scan(data: bytes) -> "tuple[dict[int, bytes], UID, int] | None":
+def _scan(data: bytes) -> tuple[dict[int, bytes], UID, int] | None:
     """The wanted top-level values of a little-endian Part-10 file; None when pydicom should read it."""
     size = len(data)
     if size < 144 or data[128:132] != b"DICM":
@@ -213,13 +254,15 @@ def _scan(data: bytes) -> "tuple[dict[int, bytes], UID, int] | None":
             tag = group << 16 | element
             if implicit or group == 0xFFFE:
                 length, start, vr = _LENGTH32.unpack_from(data, pos + 4)[0], pos + 8, b""
+            elif vr in _SHORT_VRS:  # the most common case first: one set lookup per element
+                start = pos + 8
             elif vr in _LONG_VRS:
                 length, start = _LENGTH32.unpack_from(data, pos + 8)[0], pos + 12
-            else:
-                start = pos + 8
+            else:  # not a VR: pydicom may read this element (or, if first, the whole data set) as implicit VR
+                return None
             if tag == 0x7FE00010:
                 break
-            if tag in _FUNCTIONAL_GROUPS or tag in _PIXEL_TAGS:
+            if tag in _LEFT_TO_PYDICOM:
                 return None
             if length == _UNDEFINED:
                 pos = _skip_sequence(data, start, implicit or vr == b"UN")
@@ -285,7 +328,7 @@ def _skip_sequence(data: bytes, pos: int, implicit: bool) -> int | None:
     return None
 
 
-def _pixel_format(header: "_Header", ts: UID, data: bytes, at: int) -> PixelFormat:
+def _pixel_format(header: _Header, ts: UID, data: bytes, at: int) -> PixelFormat:
     offset, length, present = None, 0, False
     if at + 8 <= len(data):
         known, little, implicit, _ = _encoding(ts)
@@ -367,10 +410,10 @@ class _Header:
             return struct.unpack("<H" if self.little else ">H", value[:2])[0]
         return int(value)
 
-    def item(self, sequence: str) -> "_Header | None":
+    def item(self, sequence: str) -> _Header | None:
         return None
 
-    def items(self, sequence: str) -> "list[_Header] | None":
+    def items(self, sequence: str) -> list[_Header] | None:
         return None
 
 
@@ -400,19 +443,19 @@ class _DatasetHeader(_Header):
             elem = self.ds.get_item(tag)
         return None if elem is None else elem.value
 
-    def item(self, sequence: str) -> "_Header | None":
+    def item(self, sequence: str) -> _Header | None:
         """First item of a sequence (functional groups hold one item per macro)."""
         if sequence not in self.ds or not self.ds[sequence].value:
             return None
         return _DatasetHeader(self.ds[sequence].value[0], self.little)
 
-    def items(self, sequence: str) -> "list[_Header] | None":
+    def items(self, sequence: str) -> list[_Header] | None:
         if sequence not in self.ds:
             return None
         return [_DatasetHeader(item, self.little) for item in self.ds[sequence].value]
 
 
-def _functional(groups: "list[_Header | None]", sequence: str, read):
+def _functional(groups: list[_Header | None], sequence: str, read):
     """A value from the per-frame functional group, else from the shared one (Enhanced CT rules)."""
     for group in groups:
         macro = group.item(sequence) if group is not None else None
@@ -479,7 +522,9 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
                 pixel_spacing=_functional(groups, "PixelMeasuresSequence", lambda m: m.floats("PixelSpacing", 2)),
                 slice_thickness=_functional(groups, "PixelMeasuresSequence", lambda m: m.number("SliceThickness")),
                 slope=_first(_functional(groups, "PixelValueTransformationSequence", lambda m: m.number("RescaleSlope")), slope),
-                intercept=_first(_functional(groups, "PixelValueTransformationSequence", lambda m: m.number("RescaleIntercept")), intercept),
+                intercept=_first(
+                    _functional(groups, "PixelValueTransformationSequence", lambda m: m.number("RescaleIntercept")), intercept
+                ),
                 **common,
             )
         )
@@ -502,7 +547,7 @@ def check_decodable(frame: Frame) -> None:
         raise UnsupportedPixelDataError(f"{frame.label}: {p.bits_allocated}-bit pixels are not supported for CT")
 
 
-def decode_into(out: np.ndarray, frames: Sequence[Frame], blobs: Sequence[Blob], threads: int = 2) -> None:
+def decode_into(out: np.ndarray, frames: Sequence[Frame], blobs: Sequence[Blob], *, threads: int) -> None:
     """Fill out[k] with the stored values of frames[k].
 
     Native pixels are copied straight from the input bytes on the calling thread (a memory copy

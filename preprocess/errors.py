@@ -5,6 +5,7 @@ plain words and never contains patient name, ID or birth date. Files are named b
 in the input ("file 3, archive member 17"), never by path, because folder names often carry PHI.
 Anything raised by this package that is not a StudyError is an internal bug.
 """
+
 from __future__ import annotations
 
 

@@ -7,6 +7,7 @@ one ZIP of that folder ("zip"), or one Enhanced CT multi-frame file ("multiframe
 patient position, rescale per slice and transfer syntax vary the bytes, never the volume.
 The fake patient name/ID/birth date exist so tests can check that they never leak.
 """
+
 from __future__ import annotations
 
 import io
@@ -19,12 +20,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
-    PYDICOM_IMPLEMENTATION_UID,
     RLELossless,
     generate_uid,
 )
@@ -32,7 +33,12 @@ from pydicom.uid import (
 FORMS = ("series", "zip", "multiframe")
 ORDERS = ("ascending", "shuffled", "feet_first")
 RESCALES = ("constant", "per_slice")
-TRANSFER_SYNTAXES = {"explicit": ExplicitVRLittleEndian, "implicit": ImplicitVRLittleEndian, "rle": RLELossless, "jpeg2000": JPEG2000Lossless}
+TRANSFER_SYNTAXES = {
+    "explicit": ExplicitVRLittleEndian,
+    "implicit": ImplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg2000": JPEG2000Lossless,
+}
 FAKE_PHI = {"PatientName": "Phantom^Jane^Q", "PatientID": "PHI-0123456789", "PatientBirthDate": "19510704"}
 LESION_HU = 300
 # per-slice (slope, intercept) cycle: each maps integer HU to integer stored values exactly
@@ -51,7 +57,13 @@ class Geometry:
 
     @property
     def origin(self) -> np.ndarray:
-        return np.array([-(self.columns - 1) / 2 * self.pixel_spacing, -(self.rows - 1) / 2 * self.pixel_spacing, -(self.slices - 1) / 2 * self.slice_spacing])
+        return np.array(
+            [
+                -(self.columns - 1) / 2 * self.pixel_spacing,
+                -(self.rows - 1) / 2 * self.pixel_spacing,
+                -(self.slices - 1) / 2 * self.slice_spacing,
+            ]
+        )
 
     def to_patient(self, slice_index: float, row: float, column: float) -> np.ndarray:
         return self.origin + np.array([column * self.pixel_spacing, row * self.pixel_spacing, slice_index * self.slice_spacing])
@@ -59,7 +71,11 @@ class Geometry:
     @property
     def lesion_center_mm(self) -> np.ndarray:
         """Centre of the lesion: right lung (negative x), slightly anterior, upper half of the stack."""
-        half_x, half_y, half_z = self.columns * self.pixel_spacing / 2, self.rows * self.pixel_spacing / 2, self.slices * self.slice_spacing / 2
+        half_x, half_y, half_z = (
+            self.columns * self.pixel_spacing / 2,
+            self.rows * self.pixel_spacing / 2,
+            self.slices * self.slice_spacing / 2,
+        )
         return np.array([-0.36 * half_x, -0.08 * half_y, 0.2 * half_z])
 
     @property
@@ -68,13 +84,22 @@ class Geometry:
 
 
 def hu_volume(
-    *, slices: int = 48, rows: int = 128, columns: int = 128, pixel_spacing: float = 2.5, slice_spacing: float = 4.0, seed: int = 0, scanner_air: bool = False
+    *,
+    slices: int = 48,
+    rows: int = 128,
+    columns: int = 128,
+    pixel_spacing: float = 2.5,
+    slice_spacing: float = 4.0,
+    seed: int = 0,
+    scanner_air: bool = False,
+    lesion: bool = True,
 ) -> np.ndarray:
     """The phantom in integer HU, int16 [slice (feet->head), row (anterior->posterior), column (right->left)].
 
     Air is exactly -1000 HU by default, so the crop box is the body. scanner_air=True makes it look
     like a scanner's image instead: noisy air inside the circular field of view, -2048 HU padding
-    outside it; then, as on real scans, the crop box is the whole field of view.
+    outside it; then, as on real scans, the crop box is the whole field of view. lesion=False leaves
+    the lungs clear.
     """
     g = Geometry(slices, rows, columns, pixel_spacing, slice_spacing)
     half_x, half_y, half_z = columns * pixel_spacing / 2, rows * pixel_spacing / 2, slices * slice_spacing / 2
@@ -92,10 +117,15 @@ def hu_volume(
         hu[body <= 1.0] = -90.0  # subcutaneous fat
         hu[body <= 0.85] = 40.0  # soft tissue
         for side in (-1, 1):
-            lung = ((x - side * 0.38 * half_x) / (0.27 * half_x)) ** 2 + ((y + 0.05 * half_y) / (0.42 * half_y)) ** 2 + ((z - 0.1 * half_z) / (0.95 * half_z)) ** 2
+            lung = (
+                ((x - side * 0.38 * half_x) / (0.27 * half_x)) ** 2
+                + ((y + 0.05 * half_y) / (0.42 * half_y)) ** 2
+                + ((z - 0.1 * half_z) / (0.95 * half_z)) ** 2
+            )
             hu[lung <= 1.0] = -850.0
         hu[spine <= 1.0] = 700.0
-        hu[(x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= g.lesion_radius_mm**2] = LESION_HU
+        if lesion:
+            hu[(x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2 <= g.lesion_radius_mm**2] = LESION_HU
         noise = rng.normal(0.0, 12.0, hu.shape)
         inside = field_of_view if scanner_air else hu > -1000.0
         hu[inside] += noise[inside]
@@ -133,7 +163,15 @@ def study_files(
     if not file_header and transfer_syntax not in ("explicit", "implicit"):
         raise ValueError("a bare data set (file_header=False) has no transfer syntax to declare compression in")
     geometry = Geometry(slices, rows, columns, pixel_spacing, slice_spacing)
-    hu = hu_volume(slices=slices, rows=rows, columns=columns, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing, seed=seed, scanner_air=scanner_air)
+    hu = hu_volume(
+        slices=slices,
+        rows=rows,
+        columns=columns,
+        pixel_spacing=pixel_spacing,
+        slice_spacing=slice_spacing,
+        seed=seed,
+        scanner_air=scanner_air,
+    )
     study_uid = generate_uid(entropy_srcs=["phantom study", str(seed)])
     series_uid = generate_uid(entropy_srcs=["phantom series", str(seed), str(slices), str(rows)])
     ts = TRANSFER_SYNTAXES[transfer_syntax]
@@ -150,10 +188,25 @@ def study_files(
         thick = hu[: slices - slices % 3].reshape(-1, 3, rows, columns).mean(axis=1).round().astype(np.int16)
         thick_geometry = Geometry(thick.shape[0], rows, columns, pixel_spacing, slice_spacing * 3)
         thick_uid = generate_uid(entropy_srcs=["phantom thick", str(seed)])
-        thick_members = _single_frames(thick, thick_geometry, study_uid, thick_uid, "ascending", "constant", ExplicitVRLittleEndian, seed, "CT", ("DERIVED", "SECONDARY", "AXIAL"), z_shift=slice_spacing)
+        thick_members = _single_frames(
+            thick,
+            thick_geometry,
+            study_uid,
+            thick_uid,
+            "ascending",
+            "constant",
+            ExplicitVRLittleEndian,
+            seed,
+            "CT",
+            ("DERIVED", "SECONDARY", "AXIAL"),
+            z_shift=slice_spacing,
+        )
         names += [(f"DICOM/ST0001/SE0003/{name}", data) for name, data in thick_members]
         names.append(("DICOM/ST0001/SE0002/IM0001", _localizer(hu, geometry, study_uid, seed)))
-        names += [("README.txt", b"Study exported by a CD burner. Open with any DICOM viewer.\n"), ("thumbs/preview.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")]
+        names += [
+            ("README.txt", b"Study exported by a CD burner. Open with any DICOM viewer.\n"),
+            ("thumbs/preview.jpg", b"\xff\xd8\xff\xe0 not really a jpeg"),
+        ]
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for name, data in names:

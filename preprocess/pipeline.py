@@ -1,19 +1,22 @@
 """The one entry point: DICOM payload (bytes) -> model input tensor plus metadata."""
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
+from contract import validate_size
 from settings import PREPROCESSING
 
 from . import resample
 from .dicom import decode_into, native_views, parse, volume_dtype
-from .series import CANONICAL_AXES, ARRAY_AXES, select_series
+from .series import ARRAY_AXES, CANONICAL_AXES, select_series
 from .sources import expand
+from .workers import worker_threads
 
 MODES = ("fast", "reference")
 log = logging.getLogger("preprocess")
@@ -36,15 +39,18 @@ def preprocess_study(
     mode: str = "fast",
     series_uid: str | None = None,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> PreprocessedStudy:
     """Each element of `files` is one DICOM file, one ZIP archive or one multi-frame file.
 
-    Raises a StudyError subclass (message safe to show, no PHI) for anything wrong with the study.
+    `threads`: worker threads for decoding and resampling (None: every CPU this process may use).
+    Raises a StudyError subclass (message safe to show, no PHI) for anything wrong with the study,
+    and contract.InvalidSizeError / ValueError for a size, mode or thread count the caller got wrong.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
-    if not isinstance(size, int) or size < 2:
-        raise ValueError(f"size must be an integer >= 2, not {size!r}")
+    validate_size(size)
+    threads = worker_threads(threads)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     start = clock
@@ -67,10 +73,10 @@ def preprocess_study(
     slices = native_views(stack.frames, blobs) if mode == "fast" else None
     if slices is None:  # compressed, sign-extended, or reference mode: one decoded array
         slices = np.empty(stack.shape, dtype=volume_dtype(stack.frames))
-        decode_into(slices, stack.frames, blobs)
+        decode_into(slices, stack.frames, blobs, threads=threads)
     lap("decode")
     if mode == "fast":
-        volume, mapping = resample.fast(slices, stack, size, device=device)
+        volume, mapping = resample.fast(slices, stack, size, device=device, threads=threads)
     else:
         volume, mapping = resample.reference(slices, stack, size)
     del slices

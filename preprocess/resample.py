@@ -1,6 +1,6 @@
 """HU volume -> model input [1, 1, S, S, S] in [-1, 1]: the seed's algorithm twice.
 
-`reference` runs SEED.md literally: HU float volume, SimpleITK linear resample to 1 mm, crop to
+`reference` runs the trained preprocessing (docs/model.md) literally: HU float volume, SimpleITK linear resample to 1 mm, crop to
 HU > -1000 plus 5 voxels, clip and scale, torch trilinear resize to S^3. Choices the seed leaves open:
   * orientation: the volume is first reoriented so that D runs feet->head, H anterior->posterior and
     W right->left (array flips/transposes only; the identity for head-first supine axial series, which
@@ -37,6 +37,7 @@ The one remaining difference is where the clip happens: reference clips between 
 interpolations, fast after both, which only matters next to voxels outside [-1000, 600] HU
 (bone edges): measured mean |fast - reference| ~ 4e-5, max ~ 0.12, on phantoms.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,15 +45,15 @@ import math
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from contract import hu_to_model_range, hu_window_affine
 from settings import PREPROCESSING, Preprocessing
 
 from .errors import EmptyVolumeError
@@ -76,7 +77,9 @@ class GridMapping:
         axis, flip = stack.canonical[canonical_axis]
         lo, hi = self.crop_box[canonical_axis]
         n = stack.shape[axis]
-        u = np.clip(np.arange(lo, hi + 1, dtype=np.float64) * PREPROCESSING.spacing_mm / stack.canonical_spacing()[canonical_axis], 0, n - 1)
+        u = np.clip(
+            np.arange(lo, hi + 1, dtype=np.float64) * PREPROCESSING.spacing_mm / stack.canonical_spacing()[canonical_axis], 0, n - 1
+        )
         return n - 1 - u if flip else u
 
     def output_points(self, canonical_axis: int) -> np.ndarray:
@@ -116,7 +119,12 @@ class GridMapping:
             if flip:
                 offset, step = n - 1 - offset, -step
             crop[ARRAY_AXES[axis]] = [round(ends[0], 4), round(ends[1], 4)]
-            axes[name] = {"source_axis": ARRAY_AXES[axis], "offset": round(offset, 6), "step": round(step, 6), "clamp": crop[ARRAY_AXES[axis]]}
+            axes[name] = {
+                "source_axis": ARRAY_AXES[axis],
+                "offset": round(offset, 6),
+                "step": round(step, 6),
+                "clamp": crop[ARRAY_AXES[axis]],
+            }
             factors[name] = round(length / self.size, 6)
         return {
             "crop_box": crop,
@@ -130,7 +138,7 @@ class GridMapping:
 def grid_shape(stack: Stack, settings: Preprocessing = PREPROCESSING) -> tuple[int, int, int]:
     """Points of the 1 mm grid per canonical axis: floor((n - 1) * spacing / 1 mm) + 1."""
     return tuple(
-        int(math.floor((n - 1) * s / settings.spacing_mm + 1e-6)) + 1 for n, s in zip(stack.canonical_shape(), stack.canonical_spacing())
+        math.floor((n - 1) * s / settings.spacing_mm + 1e-6) + 1 for n, s in zip(stack.canonical_shape(), stack.canonical_spacing())
     )
 
 
@@ -138,14 +146,8 @@ def _margin_box(lo_hi: list[tuple[int, int]], shape: tuple[int, int, int], margi
     return tuple((max(0, lo - margin), min(n - 1, hi + margin)) for (lo, hi), n in zip(lo_hi, shape))
 
 
-def hu_to_model_range(x: torch.Tensor, settings: Preprocessing = PREPROCESSING) -> torch.Tensor:
-    """HU -> model input, in place: clip to [hu_min, hu_max], then map linearly to [-1, 1] (SEED.md)."""
-    lo, hi = settings.hu_min, settings.hu_max
-    return x.clamp_(lo, hi).sub_(lo).mul_(2.0 / (hi - lo)).sub_(1.0)
-
-
 def fast(
-    slices: Sequence[np.ndarray], stack: Stack, size: int, *, device: str = "cpu", threads: int = 2, settings: Preprocessing = PREPROCESSING
+    slices: Sequence[np.ndarray], stack: Stack, size: int, *, threads: int, device: str = "cpu", settings: Preprocessing = PREPROCESSING
 ) -> tuple[np.ndarray, GridMapping]:
     """The reference's result in one pass over the cropped stored values (see the module docstring).
 
@@ -159,7 +161,9 @@ def fast(
         return _fast(slices, stack, size, device, threads, settings)
 
 
-def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, threads: int, settings: Preprocessing) -> tuple[np.ndarray, GridMapping]:
+def _fast(
+    slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, threads: int, settings: Preprocessing
+) -> tuple[np.ndarray, GridMapping]:
     with ThreadPoolExecutor(threads) as pool:
         mapping = GridMapping(grid_shape(stack, settings), _crop_box_1mm(slices, stack, settings), size)
         # in-plane: rows (the strided axis) by a sparse matrix product, which computes only the
@@ -171,8 +175,8 @@ def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, th
         # along D: one composed filter. Slope, and the window's scale to [-1, 1], are folded into
         # its weights, intercept and window offset into a per-slice bias: one add and one clamp.
         index, weight = mapping.axis_filter(stack, 0)
-        scale = 2.0 / (settings.hu_max - settings.hu_min)
-        bias = ((weight * stack.intercepts.astype(np.float64)[index]).sum(axis=1) - settings.hu_min) * scale - 1.0
+        scale, offset = hu_window_affine(settings)
+        bias = (weight * stack.intercepts.astype(np.float64)[index]).sum(axis=1) * scale + offset
         weight = weight * stack.slopes.astype(np.float64)[index] * scale
         taps = [[(int(i), float(w)) for i, w in zip(*row) if w != 0] for row in zip(index, weight)]
         mixing = np.zeros((size, stack.shape[0]), dtype=np.float64)  # the same filter as a matrix [output, stored slice]
@@ -256,7 +260,9 @@ def _crop_box_1mm(slices: Sequence[np.ndarray], stack: Stack, settings: Preproce
         if found or (box is not None and _any_above(inner[:, c0 : c1 + 1], threshold[i])):
             present.append(i)
         for extent in found:
-            box = extent if box is None else (min(box[0], extent[0]), max(box[1], extent[1]), min(box[2], extent[2]), max(box[3], extent[3]))
+            box = (
+                extent if box is None else (min(box[0], extent[0]), max(box[1], extent[1]), min(box[2], extent[2]), max(box[3], extent[3]))
+            )
     if not present:
         raise EmptyVolumeError(f"no voxel above {settings.crop_threshold_hu:.0f} HU: the images are empty")
     array_box = [(present[0], present[-1]), box[:2], box[2:]]
@@ -332,7 +338,10 @@ class _Band:
         self.front = max(0, -self.first)
         self.back = max(0, self.first + (self.tiles - 1) * self.step + self.width - self.n)
         padded = np.pad(matrix, ((0, self.tiles * self.tile - self.size), (self.front, self.back)))
-        windows = [padded[t * self.tile : (t + 1) * self.tile, self.front + self.first + t * self.step :][:, : self.width].T for t in range(self.tiles)]
+        windows = [
+            padded[t * self.tile : (t + 1) * self.tile, self.front + self.first + t * self.step :][:, : self.width].T
+            for t in range(self.tiles)
+        ]
         self.matrices = torch.from_numpy(np.stack(windows).astype(np.float32)).to(device)  # [tiles, width, tile]
 
     def input_buffer(self, rows: int, device: str) -> torch.Tensor:
@@ -359,7 +368,9 @@ class _Sparse:
         self.lo, self.hi = int(index.min()), int(index.max())
         self.n = self.hi - self.lo + 1
         rows = np.repeat(np.arange(index.shape[0]), index.shape[1])
-        coo = torch.sparse_coo_tensor(np.stack([rows, (index - self.lo).ravel()]), weight.ravel(), (index.shape[0], self.n), check_invariants=True)
+        coo = torch.sparse_coo_tensor(
+            np.stack([rows, (index - self.lo).ravel()]), weight.ravel(), (index.shape[0], self.n), check_invariants=True
+        )
         self.matrix = coo.coalesce().to(torch.float32).to(device)  # duplicate taps summed; COO measured faster than CSR here
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -392,7 +403,10 @@ def canonical_array(array: np.ndarray, stack: Stack) -> np.ndarray:
 
 
 def reference(raw: np.ndarray, stack: Stack, size: int, *, settings: Preprocessing = PREPROCESSING) -> tuple[np.ndarray, GridMapping]:
-    """SEED.md step by step with SimpleITK and torch (see the module docstring for the open choices)."""
+    """The trained preprocessing step by step with SimpleITK and torch (see the module docstring for the
+    open choices). SimpleITK is imported here: the fast path and the GPU never need it."""
+    import SimpleITK as sitk
+
     hu = raw.astype(np.float32)
     hu *= stack.slopes[:, None, None]
     hu += stack.intercepts[:, None, None]

@@ -11,11 +11,12 @@ Among the series that pass, the thinnest slice spacing wins, then the most slice
 smallest SeriesInstanceUID (so the choice is deterministic). A forced SeriesInstanceUID skips
 the ranking but not the checks.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -30,10 +31,10 @@ from .errors import (
     LocalizerError,
     MissingGeometryError,
     MissingPixelDataError,
-    NoUsableSeriesError,
     NotAxialError,
     NotCTError,
     NotDicomError,
+    NoUsableSeriesError,
     SeriesNotFoundError,
     SliceGapError,
     StudyError,
@@ -147,7 +148,9 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
     if n < limits.min_slices:
         raise TooFewSlicesError(f"only {n} slice{'s' if n != 1 else ''}: a chest CT volume needs at least {limits.min_slices}")
     if n > limits.max_slices or n * first.rows * first.columns > limits.max_voxels:
-        raise InputTooLargeError(f"{n} slices of {first.rows}x{first.columns} exceed the limit of {limits.max_slices} slices / {limits.max_voxels} voxels")
+        raise InputTooLargeError(
+            f"{n} slices of {first.rows}x{first.columns} exceed the limit of {limits.max_slices} slices / {limits.max_voxels} voxels"
+        )
     positions = np.array([f.position for f in frames], dtype=np.float64)
     along = positions @ normal
     order = np.argsort(along, kind="stable")
@@ -194,9 +197,7 @@ def _canonical(row_dir: np.ndarray, col_dir: np.ndarray) -> tuple[tuple[int, boo
     return ((0, False), (2, bool(row_dir[1] < 0)), (1, bool(col_dir[0] < 0)))
 
 
-def select_series(
-    frames: Sequence[Frame], *, series_uid: str | None = None, rule: SelectionRule = SELECTION_RULE
-) -> tuple[Stack, dict]:
+def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rule: SelectionRule = SELECTION_RULE) -> tuple[Stack, dict]:
     """The stack to classify and a JSON-ready record of the choice: {chosen, reason, skipped}."""
     if not frames:
         raise NotDicomError("no DICOM images found in the input")
@@ -238,4 +239,4 @@ def select_series(
     return chosen, {"chosen": chosen.series_uid, "reason": reason, "skipped": skipped}
 
 
-__all__ = ["SelectionRule", "SELECTION_RULE", "Stack", "build_stack", "select_series", "CANONICAL_AXES", "ARRAY_AXES"]
+__all__ = ["ARRAY_AXES", "CANONICAL_AXES", "SELECTION_RULE", "SelectionRule", "Stack", "build_stack", "select_series"]

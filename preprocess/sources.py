@@ -4,14 +4,15 @@ Paths become bytes in exactly one place (`read_study`); ZIP archives are unpacke
 member, without ever touching the disk, with every size and count checked against
 settings.INPUT_LIMITS before the bytes are read.
 """
+
 from __future__ import annotations
 
 import io
 import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from settings import INPUT_LIMITS, InputLimits
 
@@ -52,8 +53,8 @@ def expand(files: Sequence[bytes], limits: InputLimits = INPUT_LIMITS) -> tuple[
     blobs: list[Blob] = []
     warnings: list[str] = []
     budget = _Budget(limits.max_uncompressed_bytes, limits.max_archive_members)
-    for index, data in enumerate(files, start=1):
-        data = bytes(data) if not isinstance(data, bytes) else data
+    for index, element in enumerate(files, start=1):
+        data = element if isinstance(element, bytes) else bytes(element)
         label = f"file {index}"
         if not data:
             warnings.append(f"{label} is empty: skipped")
@@ -91,7 +92,8 @@ def _unzip(data: bytes, label: str, depth: int, limits: InputLimits, budget: _Bu
     total = sum(m.file_size for m in files)
     if total > budget.bytes_left:
         raise UnsafeArchiveError(
-            f"{label}: ZIP archive unpacks to {total / 2**20:.0f} MiB, more than the limit of {limits.max_uncompressed_bytes / 2**20:.0f} MiB"
+            f"{label}: ZIP archive unpacks to {total / 2**20:.0f} MiB, "
+            f"more than the limit of {limits.max_uncompressed_bytes / 2**20:.0f} MiB"
         )
     budget.bytes_left -= total
     if not files:
@@ -133,4 +135,4 @@ def _check_member(member: zipfile.ZipInfo, where: str, limits: InputLimits) -> N
         )
 
 
-__all__ = ["Blob", "read_study", "expand", "is_zip"]
+__all__ = ["Blob", "expand", "is_zip", "read_study"]

@@ -1,13 +1,17 @@
 """`python -m serve --repository DIR`: run tritonserver in the foreground until SIGINT/SIGTERM."""
+
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
 import time
+from pathlib import Path
 
 from serve.launcher import ServerError, TritonServer
 from settings import SERVING
+
+COMMITTED_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
 
 class _Stop(Exception):
@@ -20,12 +24,17 @@ def _raise_stop(signum, _frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__)
-    parser.add_argument("--repository", required=True, help="model repository written by `python -m export`")
+    parser.add_argument(
+        "--repository",
+        default=str(COMMITTED_REPOSITORY),
+        help="model repository (default: the project's model_repository/, once `python -m export` has filled it)",
+    )
     parser.add_argument("--http-port", type=int, default=SERVING.http_port)
     parser.add_argument("--grpc-port", type=int, default=SERVING.grpc_port)
     parser.add_argument("--metrics-port", type=int, default=SERVING.metrics_port)
     parser.add_argument("--log-file", help="server log (default: a temporary file, its path is printed)")
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--model-config-name", help="load configs/<name>.pbtxt where a model has one (Triton's own option)")
     args = parser.parse_args(argv)
 
     server = TritonServer(
@@ -35,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         log_file=args.log_file,
         log_verbose=args.log_verbose,
+        model_config_name=args.model_config_name,
     )
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)

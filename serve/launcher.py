@@ -2,17 +2,18 @@
 
 The wheel ships the server binary, the Python backend and one backend stub per Python version,
 but not laid out as a backend directory. We assemble one per server (Python backend + the stub
-of the running interpreter), start the server from this virtual environment (so the stub finds
-numpy and the project packages), wait for readiness, and stop it so that no stub process and no
-shared-memory region outlives it. Nothing here is needed by the model code: the same repository
-loads in the NGC `tritonserver` image.
+of the running interpreter), start the server with this virtual environment first on PATH (so each
+stub's embedded Python uses its site-packages: numpy 1.26 and the installed project packages),
+wait for readiness, and stop it so that no stub process and no shared-memory region outlives it.
+Nothing here is needed by the model code: the same repository loads in the NGC `tritonserver` image.
 """
+
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import importlib.util
-import ctypes
 import os
 import secrets
 import shutil
@@ -30,7 +31,6 @@ from pathlib import Path
 
 from settings import SERVING
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHM_DIR = Path("/dev/shm")
 
 
@@ -135,8 +135,10 @@ class TritonServer:
         startup_timeout_s: float = SERVING.startup_timeout_s,
         exit_timeout_s: int = SERVING.exit_timeout_s,
         log_verbose: int = 0,
+        model_config_name: str | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
+        self.model_config_name = model_config_name
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.startup_timeout_s = startup_timeout_s
         self.exit_timeout_s = exit_timeout_s
@@ -193,6 +195,7 @@ class TritonServer:
             f"{python}shm-default-byte-size={SERVING.shm_default_byte_size}",
             f"{python}shm-growth-byte-size={SERVING.shm_growth_byte_size}",
             f"{python}shm-region-prefix-name={self.shm_prefix}",
+            *([f"--model-config-name={self.model_config_name}"] if self.model_config_name else []),
         ]
 
     def environment(self) -> dict[str, str]:
@@ -200,11 +203,12 @@ class TritonServer:
         env = dict(os.environ)
         libs = str(find_installation().libs)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, env.get("LD_LIBRARY_PATH")) if p)
-        # The embedded interpreter in each stub finds its prefix through PATH: put this venv first.
+        # The embedded interpreter in each stub finds its prefix through PATH: put this venv first,
+        # so the models import the packages installed there, whatever the working directory.
         env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.prefix) / "bin"), env.get("PATH")) if p)
         return env
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         if self.is_running():
             return self
         if not any(self.repository.glob("*/config.pbtxt")):
@@ -221,9 +225,7 @@ class TritonServer:
             self._process = subprocess.Popen(
                 self.command(backends),
                 env=self.environment(),
-                # The stubs ignore PYTHONPATH but search their working directory: from the project
-                # root they import its packages even when the editable install predates one.
-                cwd=PROJECT_ROOT,
+                cwd=self._workdir,  # never the checkout: the models must import installed packages
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -243,9 +245,7 @@ class TritonServer:
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise ServerError(
-                    f"tritonserver exited with code {self._process.returncode} during start-up:\n{self.log_tail()}"
-                )
+                raise ServerError(f"tritonserver exited with code {self._process.returncode} during start-up:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
@@ -299,7 +299,7 @@ class TritonServer:
         text = self._log_file.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,10 +1,12 @@
 """The project's configuration in one typed place.
 
 Everything that more than one package must agree on lives here: the preprocessing the model was
-trained with (SEED.md), the input limits that protect the server, the Triton model and tensor names
-(DESIGN.md contracts), the default operating point and the serving defaults. Packages import these
-objects instead of repeating literals.
+trained with (docs/model.md), the input limits that protect the server, the Triton model and tensor
+names, the default operating point and the serving defaults. Packages import these objects instead
+of repeating literals; `contract` holds the rules over them. The committed model_repository/ configs
+carry the serving values as Triton reads them, and a test keeps the two equal.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ class InputLimits:
 
 @dataclass(frozen=True)
 class TritonNames:
-    """Model and tensor names: other tools and checks rely on these (DESIGN.md)."""
+    """Model and tensor names, and the classifier's labels in output order: clients rely on these."""
 
     triage: str = "ct_triage"
     preprocess: str = "ct_preprocess"
@@ -97,14 +99,14 @@ OPERATING_POINT = OperatingPoint()
 SERVING = Serving()
 
 __all__ = [
-    "Preprocessing",
-    "InputLimits",
-    "TritonNames",
-    "OperatingPoint",
-    "Serving",
-    "PREPROCESSING",
     "INPUT_LIMITS",
     "NAMES",
     "OPERATING_POINT",
+    "PREPROCESSING",
     "SERVING",
+    "InputLimits",
+    "OperatingPoint",
+    "Preprocessing",
+    "Serving",
+    "TritonNames",
 ]

@@ -3,6 +3,7 @@
 Thin on purpose: the graph (network + softmax) and its parity proof come from `python -m export`;
 this file only moves tensors between Triton and ONNX Runtime. Needs numpy and onnxruntime only.
 """
+
 import json
 import os
 
@@ -34,6 +35,5 @@ class TritonPythonModel:
             return [pb_utils.InferenceResponse(error=failure) for _ in requests]
         ends = np.cumsum([len(volume) for volume in volumes])[:-1]
         return [
-            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)])
-            for part in np.split(probabilities, ends)
+            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)]) for part in np.split(probabilities, ends)
         ]

@@ -1,14 +1,17 @@
 """ct_postprocess: class probabilities -> P(pathology), the decision, and the response META.
 
-Thin: the rule is `serve.decision`. The operating point and the model provenance are config
-parameters, so a site changes its threshold without re-exporting (serve/README.md).
+Thin: the rule is `contract.decide`. The operating point is a config parameter, so a site changes
+its threshold without re-exporting (serve/README.md); the model provenance is the provenance.json
+export writes beside this file, added to every answer.
 """
+
 import json
+import os
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from serve.decision import DecisionError, decide, parse_provenance, parse_threshold, triage_meta
+from contract import DecisionError, decide, parse_provenance, parse_threshold, triage_meta
 from settings import NAMES
 
 
@@ -17,7 +20,15 @@ class TritonPythonModel:
         parameters = json.loads(args["model_config"]).get("parameters", {})
         # A missing or invalid threshold fails loading: never decide at an operating point nobody chose.
         self.threshold = parse_threshold(parameters.get("threshold", {}).get("string_value"))
-        self.provenance = parse_provenance(parameters.get("provenance", {}).get("string_value", ""))
+        path = os.path.join(args["model_repository"], args["model_version"], "provenance.json")
+        try:
+            with open(path, encoding="utf-8") as stream:
+                self.provenance = parse_provenance(stream.read())
+        except FileNotFoundError:
+            # Never answer without saying which model answered: this repository was not exported yet.
+            raise pb_utils.TritonModelException(
+                f"{NAMES.postprocess}: no {args['model_version']}/provenance.json: run `python -m export` on this repository"
+            ) from None
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]

@@ -1,10 +1,12 @@
 """ct_preprocess: DICOM bytes -> model input volume. Thin: the work is `preprocess.preprocess_study`.
 
-A bad study (preprocess.StudyError) fails that request only, with INVALID_ARG and the
-preprocess message; anything else is INTERNAL and is logged without its message (which could
-quote DICOM values, i.e. patient data).
+A bad study (preprocess.StudyError) fails that request only, with INVALID_ARG and the preprocess
+message (written for the sender, free of patient data), and is logged with that message; anything
+else is INTERNAL and is logged without its message (which could quote DICOM values).
 """
+
 import json
+import time
 import traceback
 
 import numpy as np
@@ -18,7 +20,12 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         dims = pb_utils.get_output_config_by_name(config, NAMES.volume)["dims"]
-        self.size = int(dims[-1])  # the volume is [1, 1, S, S, S]; S is written once, by export
+        self.size = int(dims[-1])  # the volume is [1, 1, S, S, S]; S is written once, in the config
+        threads = int(config.get("parameters", {}).get("threads", {}).get("string_value", "0"))
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
+        # "0": the CPUs this server may use, shared evenly among the instances that run at once
+        self.threads = threads or max(1, preprocess.available_cpus() // instances)
+        self.instance = args["model_instance_name"]
         self.logger = pb_utils.Logger
         self.preprocess_study = preprocess.preprocess_study  # loads torch now, not on the first request
 
@@ -26,19 +33,21 @@ class TritonPythonModel:
         return [self._respond(request) for request in requests]
 
     def _respond(self, request):
+        started = time.time()
         try:
             files = pb_utils.get_input_tensor_by_name(request, NAMES.dicom).as_numpy().reshape(-1)
-            study = self.preprocess_study([bytes(f) for f in files], size=self.size, mode="fast")
+            study = self.preprocess_study([bytes(f) for f in files], size=self.size, mode="fast", threads=self.threads)
         except preprocess.StudyError as error:
+            self.logger.log_info(f"{NAMES.preprocess}: study refused ({type(error).__name__}): {error}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
         except Exception as error:  # an internal bug: report the type and where, never the message
             where = "; ".join(f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)[-3:])
-            self.logger.log_error(f"ct_preprocess internal error {type(error).__name__} at {where}")
+            self.logger.log_error(f"{NAMES.preprocess} internal error {type(error).__name__} at {where}")
             return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(
-                    f"internal error in preprocessing ({type(error).__name__})", pb_utils.TritonError.INTERNAL
-                )
+                error=pb_utils.TritonError(f"internal error in preprocessing ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
             )
+        # Which instance did the work, and when (epoch seconds): for tracing a study through the server.
+        study.meta["served_by"] = {"instance": self.instance, "threads": self.threads, "started": started, "finished": time.time()}
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(NAMES.volume, np.ascontiguousarray(study.volume, dtype=np.float32)),

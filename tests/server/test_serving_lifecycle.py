@@ -3,6 +3,7 @@
 These run their own servers (besides the session one) because what they check is what a stop
 leaves behind: no tritonserver, no backend stub, no shared-memory region, the ports free again.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ import tritonclient.http as triton_http
 
 import preprocess
 from preprocess import phantom
-from serve import ServerError, TritonServer, free_ports
-from serve.launcher import PROJECT_ROOT, port_in_use
+from serve import ServerError, TritonServer, free_ports, port_in_use
 from settings import NAMES
 
 SHM = Path("/dev/shm")
@@ -69,9 +69,20 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> N
 def test_cli_serves_then_stops_cleanly_on_signal(triton_repository, tmp_path, stop_signal):
     http_port, grpc_port, metrics_port = free_ports(3)
     process = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--repository", str(triton_repository), f"--http-port={http_port}",
-         f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}"],
-        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "serve",
+            "--repository",
+            str(triton_repository),
+            f"--http-port={http_port}",
+            f"--grpc-port={grpc_port}",
+            f"--metrics-port={metrics_port}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,  # any folder: the CLI is installed
     )
     try:
         url = f"localhost:{http_port}"
@@ -109,13 +120,23 @@ def test_failed_start_reports_the_reason_and_leaves_nothing(triton_repository, t
     broken = tmp_path / "repository"
     shutil.copytree(triton_repository / NAMES.postprocess, broken / NAMES.postprocess)
     config = broken / NAMES.postprocess / "config.pbtxt"
-    config.write_text(re.sub(r'(key: "threshold" value \{ string_value: )"[^"]*"', r'\1"high"', config.read_text()))
+    config.write_text(re.sub(r'string_value: "[^"]*"', 'string_value: "high"', config.read_text()))  # its one parameter
     http_port, grpc_port, metrics_port = free_ports(3)
     server = TritonServer(broken, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
     with pytest.raises(ServerError, match="threshold must be a number"):
         server.start()
     assert not server.is_running()
     assert server.orphans() == [] and server.leaked_shm() == []
+
+
+def test_a_repository_that_was_never_exported_says_so(triton_repository, tmp_path):
+    """Without the provenance export writes, ct_postprocess refuses to load: no answer without its model's name."""
+    broken = tmp_path / "repository"
+    shutil.copytree(triton_repository / NAMES.postprocess, broken / NAMES.postprocess)
+    (broken / NAMES.postprocess / "1" / "provenance.json").unlink()
+    http_port, grpc_port, metrics_port = free_ports(3)
+    with pytest.raises(ServerError, match=r"no 1/provenance.json: run `python -m export`"):
+        TritonServer(broken, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port).start()
 
 
 def test_start_refuses_a_folder_without_models(tmp_path):
@@ -135,7 +156,7 @@ def test_a_killed_launcher_takes_its_server_along(triton_repository, tmp_path):
         "print(server.pid, server.shm_prefix, flush=True)\n"
         "time.sleep(600)\n"
     )
-    process = subprocess.Popen([sys.executable, "-c", launcher], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-c", launcher], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
     try:
         pid, prefix = process.stdout.readline().split()
         server_processes = {int(pid)} | children(int(pid))

@@ -1,12 +1,28 @@
-"""The decision rule and response metadata of ct_postprocess, and the launcher's preparation (no server)."""
+"""The triage contract (no server): the operating-point rule, the response META, the valid sizes S
+and the HU window; and the launcher's backend directory."""
+
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
+from helpers import ROOT
 
-from serve import DecisionError, decide, find_installation, parse_threshold, prepare_backend_directory, triage_meta
-from serve.decision import parse_provenance
+from contract import (
+    DecisionError,
+    InvalidSizeError,
+    decide,
+    hu_to_model_range,
+    parse_provenance,
+    parse_threshold,
+    triage_meta,
+    validate_size,
+)
+from serve import find_installation, prepare_backend_directory
+from settings import PREPROCESSING
 
 
 @pytest.mark.parametrize("p, threshold, expected", [(0.3, 0.5, 0), (0.5, 0.5, 1), (0.7, 0.5, 1), (0.05, 0.1, 0), (0.1, 0.1, 1)])
@@ -57,3 +73,38 @@ def test_backend_directory_holds_python_backend_and_the_stub_for_this_python(tmp
     assert (python / "libtriton_python.so").is_file()
     assert (python / "triton_python_backend_utils.py").is_file()
     assert os.access(python / "triton_python_backend_stub", os.X_OK)
+
+
+@pytest.mark.parametrize("size", [16, 64, 256, 512])
+def test_sizes_the_network_takes(size):
+    assert validate_size(size) == size
+
+
+@pytest.mark.parametrize("size", [8, 30, 37, 520, 1024, 5000, 0, -64, 64.0, True, "64"])
+def test_every_other_size_is_refused_with_the_rule(size):
+    with pytest.raises(InvalidSizeError, match="must be"):
+        validate_size(size)
+
+
+def test_hu_window_maps_to_the_model_range_for_numpy_and_torch():
+    hu = np.array([-3000.0, PREPROCESSING.hu_min, -200.0, PREPROCESSING.hu_max, 3000.0], dtype=np.float32)
+    expected = np.array([-1.0, -1.0, 0.0, 1.0, 1.0], dtype=np.float32)
+    assert np.allclose(hu_to_model_range(hu.copy()), expected, atol=1e-6)
+    tensor = torch.from_numpy(hu.copy())
+    assert hu_to_model_range(tensor) is tensor and np.allclose(tensor.numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "imported, never",
+    [
+        ("contract", ("serve", "export", "preprocess", "client", "torch", "SimpleITK")),  # ct_postprocess
+        ("preprocess", ("serve", "export", "client", "torch", "SimpleITK")),  # ct_preprocess, before its first study
+        ("client", ("serve", "export", "torch", "SimpleITK")),
+        ("serve", ("contract", "preprocess", "export", "client", "torch")),
+    ],
+)
+def test_imports_run_one_way(imported, never):
+    """What the Python-backend models and the clients import never loads the launcher or export."""
+    code = f"import sys, {imported}; print(sorted(m for m in {never!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

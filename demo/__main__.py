@@ -1,10 +1,12 @@
-"""`python -m serve.demo`: the whole serving path on this machine, from nothing to a decision.
+"""`python -m demo`: the whole serving path on this machine, from nothing to a decision.
 
-Exports the classifier with demo weights (untrained: the probability means nothing) at S=256 as
-trained, starts the bundled tritonserver on free ports, sends a generated chest phantom study
-through ct_triage with the project's client, prints what a site would look at (probability,
-decision, chosen series, timings per stage, model provenance) and stops the server.
+Renders a copy of the model repository with the classifier exported from demo weights (untrained:
+the probability means nothing) at S=256 as trained, starts the bundled tritonserver on free ports,
+sends a generated chest phantom study through ct_triage with the project's client, prints what a
+site would look at (probability, decision, chosen series, timings per stage, model provenance) and
+stops the server. The committed model_repository/ is left as it is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,10 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from serve.launcher import PROJECT_ROOT, TritonServer, free_ports
+import client
+import export
+from preprocess import phantom
+from serve import TritonServer, free_ports
 from settings import NAMES, PREPROCESSING
 
-DEMO_DIR = PROJECT_ROOT / "out" / "demo"  # git-ignored
+DEMO_DIR = Path(__file__).resolve().parent.parent / "out" / "demo"  # git-ignored
 
 
 def model_compute_seconds(triton, models) -> dict[str, dict[str, float]]:
@@ -24,17 +29,11 @@ def model_compute_seconds(triton, models) -> dict[str, dict[str, float]]:
     stats = {}
     for model in models:
         entry = triton.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_stats"]
-        stats[model] = {
-            key: int(entry[key]["ns"]) / 1e9 for key in ("queue", "compute_input", "compute_infer", "compute_output")
-        }
+        stats[model] = {key: int(entry[key]["ns"]) / 1e9 for key in ("queue", "compute_input", "compute_infer", "compute_output")}
     return stats
 
 
 def run(out_dir: Path, size: int, protocol: str, timeout_s: float, phantom_options: dict) -> int:
-    import client
-    import export
-    from preprocess import phantom
-
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -49,7 +48,10 @@ def run(out_dir: Path, size: int, protocol: str, timeout_s: float, phantom_optio
 
     http_port, grpc_port, metrics_port = free_ports(3)
     server = TritonServer(
-        repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+        repository,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
         log_file=out_dir / "tritonserver.log",
     )
     started = time.perf_counter()
@@ -109,12 +111,14 @@ def report(result, study: Path, size: int, timings: dict, per_model: dict, serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help="work folder (repository, study, log)")
     parser.add_argument("--size", type=int, default=PREPROCESSING.size, help="model input S (trained at 256)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument(
-        "--timeout", type=float, default=900.0,
+        "--timeout",
+        type=float,
+        default=900.0,
         help="client deadline, s (the S=256 classifier alone takes minutes on a 2-core CPU)",
     )
     parser.add_argument("--slices", type=int, default=160, help="phantom slices")

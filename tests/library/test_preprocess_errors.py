@@ -1,4 +1,5 @@
 """preprocess: every kind of bad input gets its typed StudyError with a clear, PHI-free message."""
+
 from __future__ import annotations
 
 import io
@@ -7,12 +8,12 @@ import zipfile
 
 import numpy as np
 import pytest
+from helpers import edit, packaged_file, position
 
 import preprocess
 from preprocess import phantom
 from preprocess.sources import expand
 from settings import InputLimits
-from tests.preprocess_helpers import edit, packaged_file, position
 
 S = 24
 
@@ -65,7 +66,9 @@ def test_single_slice(series):
 
 
 def test_no_usable_series_lists_every_reason(series):
-    error = refused(series[:5] + [packaged_file("MR_small.dcm").read_bytes()], preprocess.NoUsableSeriesError, "no usable chest-CT series among 2")
+    error = refused(
+        [*series[:5], packaged_file("MR_small.dcm").read_bytes()], preprocess.NoUsableSeriesError, "no usable chest-CT series among 2"
+    )
     assert sorted(s["reason"] for s in error.skipped) == ["only 5 slices: a chest CT volume needs at least 16", "series is MR, not CT"]
 
 
@@ -100,7 +103,10 @@ def test_archive_limits(series):
     with pytest.raises(preprocess.UnsafeArchiveError, match="more than the limit of 3 members"):
         expand([zipped({"a.zip": zipped({"IM1": series[0], "IM2": series[1]}), "IM3": series[2]})], nested)
     with pytest.raises(preprocess.UnsafeArchiveError, match="unpacks to"):
-        expand([zipped({f"IM{k}": data for k, data in enumerate(series[:3])}), zipped({f"X{k}": data for k, data in enumerate(series[3:11])})], InputLimits(max_uncompressed_bytes=10 * len(series[0])))
+        expand(
+            [zipped({f"IM{k}": data for k, data in enumerate(series[:3])}), zipped({f"X{k}": data for k, data in enumerate(series[3:11])})],
+            InputLimits(max_uncompressed_bytes=10 * len(series[0])),
+        )
     with pytest.raises(preprocess.ArchiveError, match="nested more than 1 levels"):
         expand([zipped({"inner.zip": zipped({"IM1": series[0]})})], small)
 
@@ -130,6 +136,7 @@ def test_missing_pixel_data(series):
     def drop(ds, k):
         if k == 4:
             del ds.PixelData
+
     refused(edit(series, drop), preprocess.MissingPixelDataError, "1 of 20 images have no pixel data")
 
 
@@ -137,6 +144,7 @@ def test_missing_geometry(series):
     def drop(ds, k):
         if k == 2:
             del ds.ImagePositionPatient
+
     refused(edit(series, drop), preprocess.MissingGeometryError, "no 3D geometry")
 
 
@@ -148,6 +156,7 @@ def test_two_slices_at_one_position(series):
     def clash(ds, k):
         if k == 6:
             ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], position(ds) - 5.0]
+
     refused(edit(series, clash), preprocess.DuplicateSliceError, "share one position")
 
 
@@ -155,14 +164,17 @@ def test_mixed_orientations(series):
     def tilt(ds, k):
         if k == 3:
             ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9950042, -0.0998334]
+
     refused(edit(series, tilt), preprocess.InconsistentSlicesError, "different orientations")
 
 
 def test_gantry_tilt(series):
     shift = math.tan(math.radians(12)) * 5.0
+
     def tilt(ds, k):
         z = position(ds)
         ds.ImagePositionPatient = [ds.ImagePositionPatient[0], float(ds.ImagePositionPatient[1]) + shift * z / 5.0, z]
+
     refused(edit(series, tilt), preprocess.GantryTiltError, "gantry tilt of about 12.0 degrees")
 
 
@@ -170,12 +182,14 @@ def test_sagittal_series(series):
     def sagittal(ds, k):
         ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
         ds.ImagePositionPatient = [position(ds), -100, 100]
+
     refused(edit(series, sagittal), preprocess.NotAxialError, "not axial \\(slice normal 90 degrees")
 
 
 def test_all_air_is_an_empty_volume(series):
     def air(ds, k):
         ds.PixelData = np.full((ds.Rows, ds.Columns), 24, dtype=np.uint16).tobytes()  # -1000 HU
+
     for mode in preprocess.MODES:
         refused(edit(series, air), preprocess.EmptyVolumeError, "no voxel above -1000 HU", mode=mode)
 

@@ -1,31 +1,30 @@
 """Does system shared memory help? Time `classify` with the payload on the wire vs in shared memory.
 
-    python -m client.measure_shared_memory --grpc-url localhost:8001 --http-url localhost:8000 [STUDY]
+    python -m benchmarks.shared_memory --grpc-url localhost:8001 --http-url localhost:8000 [STUDY]
 
 Without STUDY it sends a generated phantom as large as a real chest CT (300 slices of 512 x 512
 at 0.7 x 0.7 x 1 mm, about 157 MB of DICOM). The study is read once, so every request sends the same bytes in memory;
 the numbers are whole `classify` calls through `ct_triage` (client wall time), median of --repeats.
 """
+
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
-from .cli import _positive_int
-from .triage import RetryPolicy, TriageClient, load_payload, payload_bytes
+from client import RetryPolicy, TriageClient, load_payload, payload_bytes
+from client.cli import positive_int
+from preprocess import phantom
 
 
-def measure(
-    payload: list[bytes], urls: dict[str, str], *, repeats: int = 5, timeout_s: float = 600.0
-) -> list[dict[str, object]]:
+def measure(payload: list[bytes], urls: dict[str, str], *, repeats: int = 5, timeout_s: float = 600.0) -> list[dict[str, object]]:
     """One row per (protocol, transport): median and min seconds of `repeats` classify calls."""
     rows = []
     for protocol, url in urls.items():
         for shared_memory in (False, True):
-            with TriageClient(
-                url, protocol, timeout_s=timeout_s, retry=RetryPolicy(attempts=1), shared_memory=shared_memory
-            ) as triage:
+            with TriageClient(url, protocol, timeout_s=timeout_s, retry=RetryPolicy(attempts=1), shared_memory=shared_memory) as triage:
                 triage.check_ready()
                 results = [triage.classify(payload)]  # first call: connections, server-side buffers
                 seconds = []
@@ -46,11 +45,11 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.measure_shared_memory", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.shared_memory", description=__doc__)
     parser.add_argument("study", nargs="?", help="folder, ZIP or DICOM file (default: a 300-slice phantom)")
     parser.add_argument("--grpc-url", help="HOST:PORT of the gRPC endpoint")
     parser.add_argument("--http-url", help="HOST:PORT of the HTTP endpoint")
-    parser.add_argument("--repeats", type=_positive_int, default=5)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     args = parser.parse_args(argv)
     urls = {name: url for name, url in (("grpc", args.grpc_url), ("http", args.http_url)) if url}
     if not urls:
@@ -58,18 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.study:
         payload = load_payload(args.study)
     else:
-        from preprocess import phantom
-
-        payload = phantom.study_files(
-            form="series", slices=300, rows=512, columns=512, pixel_spacing=0.7, slice_spacing=1.0
-        )
+        payload = phantom.study_files(form="series", slices=300, rows=512, columns=512, pixel_spacing=0.7, slice_spacing=1.0)
     print(f"payload: {len(payload)} elements, {payload_bytes(payload) / 1024**2:.0f} MiB")
+    rows = measure(payload, urls, repeats=args.repeats)
     print("| protocol | transport | status | median s | min s |\n|---|---|---|---|---|")
-    for row in measure(payload, urls, repeats=args.repeats):
-        print(
-            f"| {row['protocol']} | {row['transport']} | {row['status']} "
-            f"| {row['median_s']:.3f} | {row['min_s']:.3f} |"
-        )
+    for row in rows:
+        print(f"| {row['protocol']} | {row['transport']} | {row['status']} | {row['median_s']:.3f} | {row['min_s']:.3f} |")
+    print(json.dumps({"payload_mib": round(payload_bytes(payload) / 1024**2, 1), "rows": rows}))
     return 0
 
 

@@ -1,4 +1,5 @@
 """Client parts that need no server: study discovery, report files, resume, retries, memory bound."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,12 +11,12 @@ from pathlib import Path
 
 import openpyxl
 import pytest
+from helpers import ROOT, run_module
 
 import client
+from client.cli import main as client_main
 from client.report import _ByteBudget
 from client.triage import _is_transient
-from tests.conftest import ROOT, run_module
-
 
 
 def _dicom_like(path: Path, body: bytes = b"") -> None:
@@ -118,7 +119,7 @@ def test_a_wrong_report_suffix_stops_the_run_before_any_study(tmp_path):
         raise AssertionError("the server was contacted")
 
     for out, csv_out in ((tmp_path / "r.txt", None), (tmp_path / "r.xlsx", tmp_path / "r.txt")):
-        with pytest.raises(client.ReportError, match="r.txt"):
+        with pytest.raises(client.ReportError, match=r"r\.txt"):
             asyncio.run(client.build_report(tmp_path / "studies", out, no_server, csv_out=csv_out))
     assert not list(tmp_path.glob("r.*"))
 
@@ -143,9 +144,7 @@ def test_resume_with_everything_done_sends_nothing(tmp_path):
     def unreachable() -> client.AsyncTriageClient:
         return client.AsyncTriageClient(f"127.0.0.1:{_closed_port()}", "grpc")
 
-    summary = asyncio.run(
-        client.build_report(folder, out, unreachable, csv_out=tmp_path / "r.csv", resume=True)
-    )
+    summary = asyncio.run(client.build_report(folder, out, unreachable, csv_out=tmp_path / "r.csv", resume=True))
 
     assert (summary.studies, summary.sent, summary.skipped) == (2, 0, 2)
     rows = client.read_report(out)
@@ -168,23 +167,28 @@ def test_unreachable_server_gives_failure_after_bounded_retries(protocol):
     assert result.time_of_processing == pytest.approx(elapsed, abs=0.05)
 
 
-def test_server_down_at_start_is_one_clear_line(tmp_path):
+def test_server_down_at_start_is_one_clear_line(tmp_path, capsys):
     _dicom_like(tmp_path / "s1" / "IM1")
     for command in (
         ["classify", str(tmp_path / "s1")],
         ["report", str(tmp_path), "--out", str(tmp_path / "r.xlsx")],
     ):
-        done = run_module("client", *command, "--url", f"127.0.0.1:{_closed_port()}", timeout=60)
-        assert done.returncode == 3, done.stderr
-        assert done.stdout == ""
-        lines = done.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: Triton server at 127.0.0.1:"), done.stderr
+        code = client_main([*command, "--url", f"127.0.0.1:{_closed_port()}"])
+        done = capsys.readouterr()
+        assert code == 3, done.err
+        assert done.out == ""
+        lines = done.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: Triton server at 127.0.0.1:"), done.err
     assert not (tmp_path / "r.xlsx").exists()
 
 
 def test_retry_schedule_is_bounded_exponential():
     assert list(client.RetryPolicy(attempts=6, initial_backoff_s=0.5, max_backoff_s=3).backoffs()) == [
-        0.5, 1.0, 2.0, 3.0, 3.0,
+        0.5,
+        1.0,
+        2.0,
+        3.0,
+        3.0,
     ]
     assert list(client.RetryPolicy(attempts=1).backoffs()) == []
 
@@ -248,6 +252,6 @@ def test_reading_a_study_does_not_load_the_imaging_stack(tmp_path):
 
 def test_missing_paths_are_one_line_usage_errors(tmp_path):
     for command in (["classify", str(tmp_path / "nope.zip")], ["report", str(tmp_path / "nope"), "--out", "r.xlsx"]):
-        done = run_module("client", *command, "--url", f"127.0.0.1:{_closed_port()}", timeout=60)
+        done = run_module("client", *command, "--url", f"127.0.0.1:{_closed_port()}", timeout=60, cwd=tmp_path)
         assert done.returncode == 2, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and "nope" in done.stderr

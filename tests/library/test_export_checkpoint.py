@@ -1,4 +1,5 @@
 """Checkpoint formats the research team produces load exactly; everything else is refused clearly."""
+
 from __future__ import annotations
 
 import argparse
@@ -137,8 +138,11 @@ def test_not_a_state_dict(tmp_path):
 
 
 def test_resnet18_is_rejected(tmp_path, trained):
-    resnet18 = {k: v for k, v in trained.items() if not k.startswith(("layer1.2", "layer2.2", "layer2.3", "layer3.2",
-                                                                       "layer3.3", "layer3.4", "layer3.5", "layer4.2"))}
+    resnet18 = {
+        k: v
+        for k, v in trained.items()
+        if not k.startswith(("layer1.2", "layer2.2", "layer2.3", "layer3.2", "layer3.3", "layer3.4", "layer3.5", "layer4.2"))
+    }
     with pytest.raises(ArchitectureError, match=r"\[2, 2, 2, 2\] per layer \(ResNet-18\)"):
         load_checkpoint(_save(tmp_path, {"state_dict": {f"module.{k}": v for k, v in resnet18.items()}}))
 

@@ -1,4 +1,5 @@
 """The network is MedicalNet's ResNet-34 layout exactly (keys, strides, dilations, shortcut A)."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,7 @@ def model() -> ResNet34Classifier:
 
 
 def test_parameter_count_matches_medicalnet_resnet34(model):
-    # SEED.md: about 63.3 M parameters (backbone 63.29 M + FC 512 x 2).
+    # docs/model.md: about 63.3 M parameters (backbone 63.29 M + FC 512 x 2).
     assert sum(p.numel() for p in model.parameters()) == 63_296_834
 
 

@@ -1,7 +1,9 @@
-"""The triage decision and the response metadata, as pure functions (ct_postprocess calls these).
+"""The operating-point rule and the response META, as pure functions.
 
-Kept out of model.py so it is tested without a server and so the decision rule exists once.
+ct_postprocess applies them; export and the operating-point client validate thresholds with the
+same `parse_threshold`, so the rule exists once and is tested without a server.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +13,10 @@ import numpy as np
 
 from settings import NAMES
 
+from .errors import ContractError
 
-class DecisionError(ValueError):
+
+class DecisionError(ContractError):
     """Classifier output or operating point that cannot give a trustworthy decision."""
 
 

@@ -3,6 +3,7 @@
 Every expectation is computed independently where it can be: the offline path (preprocess +
 ONNX Runtime on the same model.onnx) for probabilities, the preprocess package for error messages.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,14 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from helpers import TEST_SIZE, packaged_file
 from tritonclient.utils import InferenceServerException
 
 import preprocess
-from preprocess import phantom
-from serve import set_threshold
-from settings import NAMES, OPERATING_POINT, SERVING
+from client import set_threshold
 from export import DEMO_PROVENANCE
-from tests.conftest import TEST_SIZE, settled_classifier_stats
-from tests.preprocess_helpers import packaged_file
+from preprocess import phantom
+from settings import NAMES, OPERATING_POINT, SERVING
 
 PROTOCOLS = ("http", "grpc")
 MODULES = {"http": triton_http, "grpc": triton_grpc}
@@ -97,9 +97,7 @@ def test_folder_zip_and_multiframe_give_the_same_result(triton_server, study_pat
 def test_probability_equals_the_offline_path(triton_server, triton_repository, study_paths):
     payload = preprocess.read_study(study_paths["series"])
     study = preprocess.preprocess_study(payload, size=TEST_SIZE, mode="fast")
-    session = ort.InferenceSession(
-        str(triton_repository / NAMES.classifier / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
-    )
+    session = ort.InferenceSession(str(triton_repository / NAMES.classifier / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     (probabilities,) = session.run([NAMES.probabilities], {NAMES.volume: study.volume})
     for protocol in PROTOCOLS:
         served = triage(triton_server, protocol, payload)
@@ -118,6 +116,7 @@ def test_metadata_carries_series_choice_timings_operating_point_and_provenance(t
     for key in ("crop_box", "output_to_original", "series_selection", "original_shape"):
         assert meta[key] == offline[key], key
     assert meta["timings_s"]["total"] > 0
+    assert meta["served_by"]["instance"].startswith(NAMES.preprocess) and meta["served_by"]["threads"] >= 1
     assert meta["threshold"] == OPERATING_POINT.threshold
     provenance = meta["provenance"]
     assert isinstance(provenance, dict), provenance  # export writes JSON; a plain string means it was mangled
@@ -132,7 +131,10 @@ def test_labels_through_the_classification_extension(triton_server, protocol):
     volume.set_data_from_numpy(np.zeros((1, 1, TEST_SIZE, TEST_SIZE, TEST_SIZE), dtype=np.float32))
     try:
         result = infer(
-            client, protocol, NAMES.classifier, [volume],
+            client,
+            protocol,
+            NAMES.classifier,
+            [volume],
             outputs=[module.InferRequestedOutput(NAMES.probabilities, class_count=2)],
         )
     finally:
@@ -143,18 +145,13 @@ def test_labels_through_the_classification_extension(triton_server, protocol):
     assert sum(float(p) for p, _, _ in entries) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_concurrent_studies_all_succeed_and_batch_at_the_classifier(triton_server, good_payload):
-    before = settled_classifier_stats(triton_server)
+def test_concurrent_studies_over_both_protocols_get_the_same_answer(triton_server, good_payload):
+    """Batched together at the classifier or not (test_export_serving checks that it batches)."""
     requests = 8
     with ThreadPoolExecutor(requests) as pool:
         results = list(pool.map(lambda i: triage(triton_server, PROTOCOLS[i % 2], good_payload), range(requests)))
     probabilities = [r["probability"] for r in results]
-    assert max(probabilities) - min(probabilities) < 1e-5  # batched or not, the same study gets the same answer
-    after = settled_classifier_stats(triton_server)
-    inferences = int(after["inference_count"]) - int(before["inference_count"])
-    executions = int(after["execution_count"]) - int(before["execution_count"])
-    assert inferences == requests
-    assert executions < inferences, "dynamic batching never combined two studies"
+    assert max(probabilities) - min(probabilities) < 1e-5
 
 
 def test_a_150_mb_study_passes_the_python_backend_shared_memory(triton_server):
@@ -245,38 +242,54 @@ def test_a_request_never_waits_in_a_queue_beyond_its_timeout(triton_server, good
     assert 0.0 <= triage(triton_server, protocol, good_payload)["probability"] <= 1.0
 
 
-def test_operating_point_changes_without_re_export(triton_server, good_payload):
-    probability = triage(triton_server, "http", good_payload)["probability"]
+def test_operating_point_changes_without_re_export(private_server, good_payload):
+    """On a server of its own: a threshold left changed would skew every later answer."""
+    probability = triage(private_server, "http", good_payload)["probability"]
     assert 0.0 < probability < 1.0
-    try:
-        config = set_threshold(triton_server.http_url, 1.0)
-        assert config["parameters"]["threshold"]["string_value"] == "1.0"
-        strict = triage(triton_server, "grpc", good_payload)
-        assert strict["pathology"] == 0 and strict["meta"]["threshold"] == 1.0
-        set_threshold(triton_server.http_url, 0.0)
-        sensitive = triage(triton_server, "http", good_payload)
-        assert sensitive["pathology"] == 1 and sensitive["meta"]["threshold"] == 0.0
-        assert strict["probability"] == sensitive["probability"] == pytest.approx(probability, abs=1e-7)
-    finally:
-        set_threshold(triton_server.http_url, OPERATING_POINT.threshold)
-    assert triage(triton_server, "http", good_payload)["meta"]["threshold"] == OPERATING_POINT.threshold
+    config = set_threshold(private_server.http_url, 1.0)
+    assert config["parameters"]["threshold"]["string_value"] == "1.0"
+    strict = triage(private_server, "grpc", good_payload)
+    assert strict["pathology"] == 0 and strict["meta"]["threshold"] == 1.0
+    set_threshold(private_server.http_url, 0.0)
+    sensitive = triage(private_server, "http", good_payload)
+    assert sensitive["pathology"] == 1 and sensitive["meta"]["threshold"] == 0.0
+    assert strict["probability"] == sensitive["probability"] == pytest.approx(probability, abs=1e-7)
 
 
-def test_server_log_holds_no_patient_data(triton_server, good_payload):
-    """A good and a damaged study through the server: its log may name error types, never patient data."""
-    triage(triton_server, "http", good_payload)
+def test_server_log_holds_no_patient_data(triton_server):
+    """Studies that make the server log (a refusal, preprocess warnings) carry fake patient data in
+    every header: the log says what happened, and never whose study it was."""
+    series = phantom.study_files(form="series")
+    damaged = list(series)
+    damaged[5] = damaged[5][: len(damaged[5]) // 2]
+    warned = phantom.study_files(form="zip", extras=True)  # skipped non-DICOM files: warnings
+    triage(triton_server, "http", warned)
+    with pytest.raises(preprocess.StudyError) as refusal:
+        preprocess.preprocess_study(damaged, size=TEST_SIZE)
     with pytest.raises(InferenceServerException):
-        triage(triton_server, "http", BAD["truncated slice"])
+        triage(triton_server, "http", damaged)
     log = triton_server.log_file.read_text(errors="replace")
+    assert f"{NAMES.preprocess}: study refused ({type(refusal.value).__name__}): {refusal.value}" in log
+    assert "is not a DICOM file: skipped" in log  # and so were preprocess's warnings
     for keyword, value in phantom.FAKE_PHI.items():
         for form in {value, value.replace("^", " ")}:
             assert form not in log, keyword
 
 
 def test_preprocessing_runs_in_parallel_instances_behind_a_bounded_queue(triton_server):
-    """As loaded by the server: settings.SERVING.preprocess_instances instances, a finite queue and timeout."""
+    """Studies sent together are preprocessed at the same time by different instances."""
+    payload = phantom.study_files(form="series", slices=96, rows=192, columns=192)
+    with ThreadPoolExecutor(4) as pool:
+        served = [r["meta"]["served_by"] for r in pool.map(lambda _: triage(triton_server, "grpc", payload), range(4))]
+    assert len({s["instance"] for s in served}) == SERVING.preprocess_instances
+    overlapping = [
+        (a["instance"], b["instance"])
+        for a in served
+        for b in served
+        if a["instance"] != b["instance"] and a["started"] < b["finished"] and b["started"] < a["finished"]
+    ]
+    assert overlapping, served
     with urllib.request.urlopen(f"http://{triton_server.http_url}/v2/models/{NAMES.preprocess}/config", timeout=10) as r:
-        config = json.loads(r.read())
-    assert sum(int(g["count"]) for g in config["instance_group"]) == SERVING.preprocess_instances
-    assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] > 0
-    assert int(config["dynamic_batching"]["default_queue_policy"]["default_timeout_microseconds"]) > 0
+        policy = json.loads(r.read())["dynamic_batching"]["default_queue_policy"]
+    assert policy["max_queue_size"] == SERVING.max_queue_size
+    assert int(policy["default_timeout_microseconds"]) == int(SERVING.request_timeout_s * 1e6)

@@ -1,13 +1,16 @@
 """Change a running server's operating point without re-export (Triton's model load API).
 
 The override lives in the server only: it is lost on restart. To make it permanent, edit the
-`threshold` parameter in the repository's ct_postprocess/config.pbtxt (serve/README.md).
+`threshold` parameter of the repository's ct_postprocess/config.pbtxt (serve/README.md).
 """
+
 from __future__ import annotations
 
 import json
 
-from serve.decision import parse_threshold
+import tritonclient.http as triton_http
+
+from contract import parse_threshold
 from settings import NAMES
 
 
@@ -17,10 +20,8 @@ def set_threshold(http_url: str, threshold: float) -> dict:
     The load API replaces the whole config, so the running one is read, changed in one field
     and sent back. ct_triage keeps serving: Triton swaps the composing model in place.
     """
-    import tritonclient.http as triton_http  # here, not at import: model code imports `serve` too
-
     value = parse_threshold(threshold)
-    client = triton_http.InferenceServerClient(http_url)
+    client = triton_http.InferenceServerClient(http_url.split("://", 1)[-1])
     try:
         config = client.get_model_config(NAMES.postprocess)
         config.setdefault("parameters", {})["threshold"] = {"string_value": repr(value)}

@@ -1,4 +1,6 @@
-"""The client against the real Triton server (conftest's session server, or one of our own)."""
+"""The client against the real Triton server: the shared one, or a private one where a test kills or
+interrupts (an interrupted report leaves studies running that would skew later tests)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,12 +15,11 @@ from pathlib import Path
 
 import openpyxl
 import pytest
+from helpers import ROOT, packaged_file, run_module, start_server
 
 import client
-from settings import NAMES
 from preprocess import phantom
-from tests.conftest import ROOT, run_module
-from tests.preprocess_helpers import packaged_file
+from settings import NAMES
 
 GOOD_ZIPS = ("good_a.zip", "good_b.zip", "good_c.zip")
 GOOD_FOLDER = "good_folder"
@@ -46,6 +47,7 @@ def _stats(server, *, at_least: int = 0) -> dict[str, int]:
     Triton counts one failed ensemble request twice in the ensemble's own `fail`). Triton updates
     statistics just after answering, so wait (briefly) until `at_least` studies are counted."""
     with client.TriageClient(server.http_url, "http") as triage:
+
         def counts(model: str) -> dict:
             stats = triage.triton.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
             return {field: int(stats[field]["count"]) for field in ("success", "fail")}
@@ -97,7 +99,10 @@ def test_http_and_grpc_sync_async_and_shared_memory_agree(triton_server, archive
     for key, result in results.items():
         assert result.ok, (key, result.error)
         assert (result.study_uid, result.series_uid, result.pathology, result.model) == (
-            reference.study_uid, reference.series_uid, reference.pathology, reference.model,
+            reference.study_uid,
+            reference.series_uid,
+            reference.pathology,
+            reference.model,
         ), key
         assert result.probability_of_pathology == pytest.approx(reference.probability_of_pathology, abs=1e-5)
     assert not list(Path("/dev/shm").glob(f"ct_triage_client_{os.getpid()}_*"))  # regions released
@@ -118,8 +123,7 @@ def test_classify_cli_prints_json_and_exit_status(triton_server, archive):
     done = _cli("classify", str(archive / GOOD_FOLDER), "--url", triton_server.http_url, "--protocol", "http")
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
-    for key in ("study_uid", "series_uid", "probability_of_pathology", "pathology", "processing_status",
-                "time_of_processing", "meta"):
+    for key in ("study_uid", "series_uid", "probability_of_pathology", "pathology", "processing_status", "time_of_processing", "meta"):
         assert key in printed
     assert printed["processing_status"] == "Success" and printed["meta"]["study_uid"] == printed["study_uid"]
 
@@ -130,18 +134,17 @@ def test_classify_cli_prints_json_and_exit_status(triton_server, archive):
 
 
 @pytest.fixture(scope="module")
-def serial_report(triton_server, archive, tmp_path_factory) -> Path:
+def serial_report(shared_server, archive, tmp_path_factory) -> Path:
     """The archive reported one study at a time (the reference for concurrency and resume)."""
     out = tmp_path_factory.mktemp("serial") / "report.xlsx"
-    summary = _report(archive, out, triton_server, concurrency=1)
+    summary = _report(archive, out, shared_server, concurrency=1)
     assert (summary.studies, summary.sent, summary.succeeded, summary.failed) == (6, 6, 4, 2)
     return out
 
 
 def test_report_cli_over_a_mixed_folder(triton_server, archive, serial_report, tmp_path):
     out, csv_out = tmp_path / "report.xlsx", tmp_path / "report.csv"
-    done = _cli("report", str(archive), "--out", str(out), "--csv", str(csv_out), "--concurrency", "3",
-                "--url", triton_server.grpc_url)
+    done = _cli("report", str(archive), "--out", str(out), "--csv", str(csv_out), "--concurrency", "3", "--url", triton_server.grpc_url)
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr  # not a terminal: no progress bar
 
@@ -167,7 +170,10 @@ def test_report_cli_over_a_mixed_folder(triton_server, archive, serial_report, t
     # Concurrency 3 (studies batched together in the classifier) gives the numbers of concurrency 1.
     for one, many in zip(client.read_report(serial_report), rows, strict=True):
         assert (one["path_to_study"], one["study_uid"], one["series_uid"], one["pathology"]) == (
-            many["path_to_study"], many["study_uid"], many["series_uid"], many["pathology"],
+            many["path_to_study"],
+            many["study_uid"],
+            many["series_uid"],
+            many["pathology"],
         )
         assert (one["processing_status"], one["error"]) == (many["processing_status"], many["error"])
         if one["probability_of_pathology"] is not None:
@@ -195,28 +201,19 @@ def test_resume_does_not_resend_finished_studies(triton_server, archive, serial_
         assert new["processing_status"] == old["processing_status"]
 
 
-def _start_server(repository: Path, log: Path):
-    """A server of our own, to kill without disturbing the session's."""
-    from serve import TritonServer, free_ports
-
-    http_port, grpc_port, metrics_port = free_ports(3)
-    return TritonServer(
-        repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-        log_file=log, exit_timeout_s=5,
-    ).start()
-
-
 def test_killing_the_server_mid_run_loses_no_row(triton_repository, triton_server, tmp_path):
     folder = tmp_path / "studies"
     for seed in range(4):
         phantom.write_study(folder / f"study_{seed}.zip", form="zip", seed=seed)
     out = tmp_path / "report.xlsx"
-    server = _start_server(triton_repository, tmp_path / "server.log")
+    server = start_server(triton_repository, tmp_path / "server.log")
     try:
         run = subprocess.Popen(
-            [sys.executable, "-m", "client", "report", str(folder), "--out", str(out),
-             "--url", server.grpc_url, "--attempts", "3"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "client", "report", str(folder), "--out", str(out), "--url", server.grpc_url, "--attempts", "3"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and run.poll() is None:
@@ -242,11 +239,14 @@ def test_killing_the_server_mid_run_loses_no_row(triton_repository, triton_serve
     assert [row for row in after if row["path_to_study"] == "study_0.zip"] == rows[:1]
 
 
-def test_ctrl_c_keeps_the_finished_rows(triton_server, archive, tmp_path):
+def test_ctrl_c_keeps_the_finished_rows(private_server, archive, tmp_path):
     out = tmp_path / "report.xlsx"
     run = subprocess.Popen(
-        [sys.executable, "-m", "client", "report", str(archive), "--out", str(out), "--url", triton_server.grpc_url],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "client", "report", str(archive), "--out", str(out), "--url", private_server.grpc_url],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run.poll() is None and not (out.exists() and client.read_report(out)):
@@ -262,3 +262,14 @@ def test_ctrl_c_keeps_the_finished_rows(triton_server, archive, tmp_path):
     assert [row["path_to_study"] for row in rows] == [path for path in studies if path in {r["path_to_study"] for r in rows}]
     assert all(row["processing_status"] in ("Success", "Failure") and row["model"] for row in rows)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.xlsx"]  # no temporary file left
+
+
+def test_shared_memory_benchmark_measures_every_protocol_and_transport(triton_server, archive):
+    from benchmarks.shared_memory import measure
+
+    payload = client.load_payload(archive / GOOD_ZIPS[0])
+    rows = measure(payload, {"grpc": triton_server.grpc_url, "http": triton_server.http_url}, repeats=1)
+    assert [(row["protocol"], row["transport"]) for row in rows] == [
+        ("grpc", "wire"), ("grpc", "shared memory"), ("http", "wire"), ("http", "shared memory"),
+    ]
+    assert all(row["status"] == "Success" and row["min_s"] > 0 for row in rows)

@@ -1,4 +1,9 @@
-"""`python -m preprocess`: the contract other checks call (success writes .pt + .json; failure writes nothing)."""
+"""`python -m preprocess`: the contract other checks call (success writes .pt + .json; failure writes nothing).
+
+The CLI's `main` runs in this process (a new Python per case would cost seconds of imports each);
+one case runs the real `python -m preprocess` from another working directory.
+"""
+
 from __future__ import annotations
 
 import json
@@ -7,18 +12,24 @@ import subprocess
 import pydicom
 import pytest
 import torch
+from helpers import run_module
 
 from preprocess import phantom
-from tests.conftest import run_module
+from preprocess.__main__ import main
 
 
+@pytest.fixture
+def run(capsys):
+    def call(*args: str) -> subprocess.CompletedProcess:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(["python", "-m", "preprocess", *args], code, captured.out, captured.err)
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return run_module("preprocess", *args)
+    return call
 
 
 @pytest.mark.parametrize("form", ["series", "zip", "multiframe"])
-def test_cli_writes_tensor_and_metadata(tmp_path, form):
+def test_cli_writes_tensor_and_metadata(run, tmp_path, form):
     study = phantom.write_study(tmp_path / ("in.zip" if form == "zip" else "in.dcm" if form == "multiframe" else "in"), form)
     out = tmp_path / "out" / "study.pt"
     result = run(str(study), "-o", str(out), "--size", "24", "--mode", "fast")
@@ -29,7 +40,7 @@ def test_cli_writes_tensor_and_metadata(tmp_path, form):
     assert meta["size"] == 24 and meta["mode"] == "fast" and meta["original_shape"] == [48, 128, 128]
 
 
-def test_cli_reference_mode_and_forced_series(tmp_path):
+def test_cli_reference_mode_and_forced_series(run, tmp_path):
     study = phantom.write_study(tmp_path / "in", "series", slices=20, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
     uid = str(pydicom.dcmread(study / "IM0001.dcm", stop_before_pixels=True).SeriesInstanceUID)
     out = tmp_path / "ref.pt"
@@ -40,7 +51,7 @@ def test_cli_reference_mode_and_forced_series(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["text file", "missing path", "single slice", "unknown series"])
-def test_cli_failure_is_one_line_without_traceback_or_output(tmp_path, case):
+def test_cli_failure_is_one_line_without_traceback_or_output(run, tmp_path, case):
     if case == "text file":
         source = tmp_path / "notes.txt"
         source.write_text("not a study")
@@ -54,7 +65,13 @@ def test_cli_failure_is_one_line_without_traceback_or_output(tmp_path, case):
     else:
         args = [str(phantom.write_study(tmp_path / "s.zip", "zip", slices=16, rows=32, columns=32)), "--series", "9.9.9"]
     out = tmp_path / "out.pt"
-    result = run(*args, "-o", str(out), "--size", "16")
+    result = (
+        run(*args, "-o", str(out), "--size", "16")
+        if case != "text file"
+        else (
+            run_module("preprocess", *args, "-o", str(out), "--size", "16", cwd=tmp_path)  # the real command, once
+        )
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
@@ -72,3 +89,10 @@ def test_benchmark_prints_its_json_last(tmp_path, capsys):
     assert result["fast_s"] > 0 and result["reference_s"] > 0 and result["peak_mb"] >= 0
     assert len(result["paired_speedups"]) == 2
     assert result["mean_abs_diff"] < 1e-3
+
+
+def test_cli_refuses_a_size_the_network_cannot_take(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path), "-o", str(tmp_path / "out.pt"), "--size", "5000"])
+    assert stopped.value.code == 2
+    assert "size 5000 is not usable: it must be a multiple of 8 between 16 and 512" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""The triage contract: what the trained model, its preprocessing, the served models and their
+clients must agree on, as pure functions over `settings`.
+
+- model input: the valid sizes S (`validate_size`), the HU window mapped to [-1, 1]
+  (`hu_to_model_range`, `hu_window_affine`);
+- decision: the operating-point rule (`parse_threshold`, `decide`), and the response META the
+  server adds to preprocess's metadata (`triage_meta`, `parse_provenance`);
+- labels: `settings.NAMES.labels`, in the classifier's output order.
+
+It imports only `settings` and numpy, so the Python-backend models, export, preprocess, the
+launcher and the clients can all import it without loading each other.
+"""
+
+from .decision import Decision, DecisionError, decide, parse_provenance, parse_threshold, triage_meta
+from .errors import ContractError
+from .model_input import (
+    MAX_SIZE,
+    MIN_SIZE,
+    SIZE_MULTIPLE,
+    InvalidSizeError,
+    hu_to_model_range,
+    hu_window_affine,
+    validate_size,
+)
+
+__all__ = [
+    "MAX_SIZE",
+    "MIN_SIZE",
+    "SIZE_MULTIPLE",
+    "ContractError",
+    "Decision",
+    "DecisionError",
+    "InvalidSizeError",
+    "decide",
+    "hu_to_model_range",
+    "hu_window_affine",
+    "parse_provenance",
+    "parse_threshold",
+    "triage_meta",
+    "validate_size",
+]

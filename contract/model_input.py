@@ -1,0 +1,44 @@
+"""The model input: a [1, 1, S, S, S] float32 volume, the HU window mapped linearly to [-1, 1]."""
+
+from __future__ import annotations
+
+from settings import PREPROCESSING, Preprocessing
+
+from .errors import ContractError
+
+SIZE_MULTIPLE = 8  # the network's stem, max-pool and layer2 each halve the grid
+MIN_SIZE = 16  # below this the dilated layers see almost only padding
+MAX_SIZE = 512  # 8x the trained input's voxels: beyond any card or CPU this serves on
+
+
+class InvalidSizeError(ContractError):
+    """S that the network cannot take or that no deployment would serve."""
+
+
+def validate_size(size: object, what: str = "size") -> int:
+    """S as an int, or InvalidSizeError naming the rule (the one check every package applies)."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise InvalidSizeError(f"{what} must be an integer, got {size!r}")
+    if size % SIZE_MULTIPLE or not MIN_SIZE <= size <= MAX_SIZE:
+        raise InvalidSizeError(f"{what} {size} is not usable: it must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}")
+    return size
+
+
+def hu_window_affine(settings: Preprocessing = PREPROCESSING) -> tuple[float, float]:
+    """(scale, offset) with model value = scale * HU + offset, before clipping to [-1, 1]."""
+    scale = 2.0 / (settings.hu_max - settings.hu_min)
+    return scale, -settings.hu_min * scale - 1.0
+
+
+def hu_to_model_range(x, settings: Preprocessing = PREPROCESSING):
+    """HU -> model input, in place, for a numpy array or a torch tensor: clip to the window, then
+    map it linearly to [-1, 1] (the trained preprocessing). Returns x."""
+    lo, hi = settings.hu_min, settings.hu_max
+    if hasattr(x, "clamp_"):
+        x.clamp_(lo, hi)
+    else:
+        x.clip(lo, hi, out=x)
+    scale, offset = hu_window_affine(settings)
+    x *= scale
+    x += offset
+    return x

@@ -1,0 +1,1 @@
+"""The demo: `python -m demo` (what `make demo` runs) exports, serves and classifies a phantom."""

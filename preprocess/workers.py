@@ -1,0 +1,34 @@
+"""How many worker threads a study may use: what this process is allowed, not the machine's size."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cpusets), further bounded by a
+    cgroup CPU quota (a container's --cpus or a Kubernetes CPU limit), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = _CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def worker_threads(requested: int | None) -> int:
+    """`requested` threads, or every available CPU when None or 0."""
+    if requested is None or requested == 0:
+        return available_cpus()
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+        raise ValueError(f"threads must be a positive integer (or 0 for every available CPU), not {requested!r}")
+    return requested

@@ -1,0 +1,91 @@
+"""Helpers shared by the library and server tests (importable as `helpers`: pytest's `pythonpath`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small S for the server tests: the network is fully convolutional, so every code path is the one of S=256.
+TEST_SIZE = 64
+
+
+def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` as a user runs the CLIs (text output captured), from `cwd` (default the
+    project root)."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def packaged_file(name: str) -> Path:
+    """A test file shipped by pydicom or pydicom-data, found on disk (get_testdata_files may hit the network)."""
+    import data_store
+    import pydicom.data
+
+    for folder in (Path(pydicom.data.__file__).parent / "test_files", Path(data_store.__file__).parent / "data"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(name)
+
+
+def edit(files: list[bytes], change: Callable[[pydicom.Dataset, int], None]) -> list[bytes]:
+    """Re-encode each file after change(dataset, index): a phantom with one defect."""
+    out = []
+    for k, data in enumerate(files):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        change(ds, k)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        out.append(buffer.getvalue())
+    return out
+
+
+def position(ds: pydicom.Dataset) -> float:
+    return float(ds.ImagePositionPatient[2])
+
+
+def start_server(repository: Path, log_file: Path, **options):
+    """A started TritonServer on free ports (retried when another process takes a port first)."""
+    from serve import ServerError, TritonServer, free_ports
+
+    for attempt in range(3):
+        http_port, grpc_port, metrics_port = free_ports(3)
+        server = TritonServer(
+            repository,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            log_file=log_file,
+            exit_timeout_s=5,
+            **options,  # tests close their clients: no 30 s grace
+        )
+        try:
+            return server.start()
+        except ServerError as error:
+            if "in use" not in str(error).lower() or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def model_stats(server, model: str) -> dict:
+    """Triton's statistics of one model (its only version)."""
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats", timeout=10) as response:
+        return json.loads(response.read())["model_stats"][0]
+
+
+def counted_stats(server, model: str, inferences: int, limit_s: float = 30.0) -> dict:
+    """A model's statistics once they count at least `inferences`: Triton updates them just after
+    answering, so a client can see its answers before the counts."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        stats = model_stats(server, model)
+        if int(stats.get("inference_count", 0)) >= inferences or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)

@@ -1,0 +1,175 @@
+"""The committed model_repository/ (no export, no server): configs that parse as they are, agree with
+settings and with each other, and the rules that render a copy at another S or for a target."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+import export
+from contract import ContractError, InvalidSizeError
+from export.__main__ import main as export_main
+from export.repository import _copy_model_files
+from settings import NAMES, OPERATING_POINT, PREPROCESSING, SERVING
+
+DEFAULTS = export.ServingOptions()
+
+
+@pytest.mark.parametrize("target", export.TARGETS)
+def test_committed_configs_parse_as_triton_model_configs_for_every_target(target):
+    configs = export.target_configs(target)
+    assert sorted(configs) == sorted([NAMES.triage, NAMES.preprocess, NAMES.classifier, NAMES.postprocess])
+    assert all(config.name == name for name, config in configs.items())
+    classifier = configs[NAMES.classifier]
+    (volume,), (probabilities,) = classifier.input, classifier.output
+    assert (volume.name, list(volume.dims)) == (NAMES.volume, [1, PREPROCESSING.size] + [PREPROCESSING.size] * 2)
+    assert (probabilities.name, list(probabilities.dims), probabilities.label_filename) == (NAMES.probabilities, [2], "labels.txt")
+    kind = classifier.instance_group[0].kind
+    expected = {
+        "cpu": ("python", "", kind == classifier.instance_group[0].KIND_CPU),
+        "onnx-gpu": ("", "onnxruntime_onnx", kind == classifier.instance_group[0].KIND_GPU),
+        "tensorrt": ("", "tensorrt_plan", kind == classifier.instance_group[0].KIND_GPU),
+    }[target]
+    assert (classifier.backend, classifier.platform, True) == expected
+    if target == "onnx-gpu":
+        (accelerator,) = classifier.optimization.execution_accelerators.gpu_execution_accelerator
+        assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+        assert int(accelerator.parameters["max_workspace_size_bytes"]) == SERVING.tensorrt_workspace_bytes
+    # only the classifier has per-target configs: the other models are the same on every server
+    assert export.config_path(export.COMMITTED / NAMES.preprocess, target).name == "config.pbtxt"
+
+
+def test_committed_configs_serve_what_settings_say():
+    """The repository is the served truth and settings the typed one: they must not drift apart."""
+    assert export.serving_options(export.target_configs("cpu")) == DEFAULTS
+    for target in export.TARGETS:
+        for name, config in export.target_configs(target).items():
+            if config.platform == "ensemble":
+                continue
+            policy = config.dynamic_batching.default_queue_policy
+            heavy = name != NAMES.postprocess
+            timeout_s = SERVING.request_timeout_s if heavy else SERVING.postprocess_queue_timeout_s
+            assert policy.default_timeout_microseconds == int(timeout_s * 1e6), (target, name)
+            assert policy.max_queue_size == (SERVING.max_queue_size if heavy else SERVING.postprocess_max_queue_size)
+            assert policy.timeout_action == policy.REJECT and policy.allow_timeout_override
+    assert (export.COMMITTED / NAMES.classifier / "labels.txt").read_text().split() == list(NAMES.labels)
+    assert DEFAULTS.threshold == OPERATING_POINT.threshold
+
+
+def test_rendering_the_defaults_gives_the_committed_configs():
+    for target in export.TARGETS:
+        rendered = export.render_configs(target, DEFAULTS)
+        assert rendered == export.target_configs(target), target
+
+
+def test_a_rendered_copy_changes_size_batching_instances_and_threshold_everywhere():
+    options = export.ServingOptions(size=64, max_batch_size=8, max_queue_delay_microseconds=5, preprocess_instances=3, threshold=0.25)
+    configs = export.render_configs("onnx-gpu", options)
+    assert export.serving_options(configs) == options
+    classifier = configs[NAMES.classifier]
+    assert [list(w.inputs[NAMES.volume].dims) for w in classifier.model_warmup] == [[1, 64, 64, 64]] * 2
+    assert [w.batch_size for w in classifier.model_warmup] == [1, 8]
+    text = export.repository.config_text(classifier, "ct_classifier/configs/onnx-gpu.pbtxt")
+    assert text_format.Parse(text, model_config_pb2.ModelConfig()) == classifier  # what the copy's file holds
+
+
+def test_configs_that_disagree_on_the_volume_are_refused():
+    configs = export.target_configs("cpu")
+    configs[NAMES.preprocess].output[0].dims[:] = [1, 1, 128, 128, 128]
+    with pytest.raises(export.ExportError, match="disagree on the volume shape"):
+        export.serving_options(configs)
+
+
+def test_model_files_are_copied_without_caches_configs_or_an_unused_model_py(tmp_path):
+    source = tmp_path / "ct_example"
+    (source / "1" / "__pycache__").mkdir(parents=True)
+    (source / "configs").mkdir()
+    (source / "1" / "model.py").write_text("")
+    (source / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"")
+    (source / "configs" / "gpu.pbtxt").write_text("")
+    (source / "config.pbtxt").write_text("")
+    (source / "labels.txt").write_text("a\n")
+    python, onnx = model_config_pb2.ModelConfig(backend="python"), model_config_pb2.ModelConfig(platform="onnxruntime_onnx")
+    _copy_model_files(source, tmp_path / "python", python)
+    _copy_model_files(source, tmp_path / "onnx", onnx)
+    assert sorted(p.relative_to(tmp_path / "python").as_posix() for p in (tmp_path / "python").rglob("*")) == [
+        "1",
+        "1/model.py",
+        "labels.txt",
+    ]
+    assert sorted(p.relative_to(tmp_path / "onnx").as_posix() for p in (tmp_path / "onnx").rglob("*")) == ["labels.txt"]
+
+
+@pytest.mark.parametrize("size", [30, 8, 0, 1024])
+def test_bad_sizes_are_refused_before_any_work(tmp_path, size):
+    with pytest.raises(InvalidSizeError, match="multiple of 8 between 16 and 512"):
+        export.write_repository(tmp_path / "repo", target="cpu", size=size, demo_weights=True)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("threshold", 1.5, r"threshold must be a number in \[0, 1\]"),
+        ("threshold", "high", "threshold must be a number"),
+        ("max_batch_size", 0, "max batch size must be an integer of at least 1"),
+        ("max_queue_delay_microseconds", -1, "max queue delay must be an integer of at least 0"),
+    ],
+)
+def test_bad_serving_options_are_refused_before_any_work(tmp_path, option, value, message):
+    """The operating point follows the one rule ct_postprocess and set_threshold apply."""
+    with pytest.raises((export.ExportError, ContractError), match=message):
+        export.write_repository(tmp_path / "repo", target="cpu", size=16, demo_weights=True, **{option: value})
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_committed_repository_takes_no_serving_options(tmp_path):
+    with pytest.raises(export.ExportError, match="committed repository's configs set these"):
+        export.write_repository(target="cpu", demo_weights=True, threshold=0.3, artifacts_dir=tmp_path / "kept")
+    assert not list(tmp_path.iterdir())
+
+
+def test_user_folders_are_never_replaced(tmp_path):
+    folder = tmp_path / "my_models"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    for out, artifacts in ((folder, None), (tmp_path / "repo", folder)):
+        with pytest.raises(export.OutputFolderError, match="not written by export"):
+            export.write_repository(out, target="cpu", size=32, demo_weights=True, artifacts_dir=artifacts)
+    assert (folder / "notes.txt").read_text() == "mine" and len(list(folder.iterdir())) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_models"]  # no staging left behind
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "missing.pth", "--size", "32", "--out", "{tmp}/repo"], "export: error: checkpoint not found"),
+        (["--demo-weights", "--size", "36", "--out", "{tmp}/repo"], "export: error: size 36 is not usable"),
+        (["--demo-weights", "--size", "32", "--out", "{tmp}/repo", "--target", "tensorrt"], "needs the TensorRT Python API"),
+        (["--demo-weights", "--threshold", "0.3"], "--threshold only apply to a rendered copy (--out DIR)"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    if "--target" not in args:
+        args = [*args, "--target", "cpu"]
+    try:
+        code = export_main(args)
+    except SystemExit as stopped:  # argparse's own usage errors
+        code = stopped.code
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]  # argparse prints usage first
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in errors[0], errors
+    assert not list(tmp_path.iterdir())
+
+
+def test_parity_inputs_include_the_preprocess_chest_phantom():
+    """One phantom description: export's chest volumes are preprocess's phantom in model range."""
+    names, volumes = export.parity.parity_inputs(16)
+    chest = volumes[names.index("chest-lesion")]
+    assert volumes.shape == (len(names), 1, 16, 16, 16) and -1.0 <= volumes.min() and volumes.max() <= 1.0
+    assert (chest == -1.0).any() and (chest == 1.0).any()  # air outside the body, bone clipped at the top
+    assert json.dumps(names) == json.dumps(["uniform-0", "uniform-1", "smooth-0", "smooth-1", "chest", "chest-lesion", "air"])

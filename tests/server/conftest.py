@@ -1,0 +1,51 @@
+"""Fixtures of the server tests: one real Triton server per pytest run, and private ones on demand.
+
+`triton_repository` renders a copy of the model repository (demo weights, CPU target) at a small S
+so the suite stays fast; `triton_server` runs the bundled tritonserver on it on free ports for the
+whole session. Tests that kill, interrupt or reconfigure a server use `private_server` instead, so
+no test depends on what another left on the shared one. If the shared server dies, the test during
+which it died fails with its log, and every later test that needs it fails at once, without retries.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import TEST_SIZE, start_server
+
+
+@pytest.fixture(scope="session")
+def triton_repository(tmp_path_factory):
+    import export
+
+    out = tmp_path_factory.mktemp("exported") / "repository"
+    export.write_repository(out, target="cpu", size=TEST_SIZE, demo_weights=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_server(triton_repository, tmp_path_factory):
+    server = start_server(triton_repository, tmp_path_factory.mktemp("tritonserver") / "tritonserver.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def triton_server(shared_server):
+    """The shared server, checked alive before and after the test (no request is spent on a dead one)."""
+    if not shared_server.is_running():
+        pytest.fail("the shared tritonserver died during an earlier test (see that test's failure)", pytrace=False)
+    yield shared_server
+    if not shared_server.is_running():
+        pytest.fail(f"the shared tritonserver died during this test:\n{shared_server.log_tail()}", pytrace=False)
+
+
+@pytest.fixture
+def private_server(triton_repository, tmp_path_factory):
+    """A server of this test's own on the session repository, for tests that kill or reconfigure it."""
+    server = start_server(triton_repository, tmp_path_factory.mktemp("private") / "tritonserver.log")
+    try:
+        yield server
+    finally:
+        server.stop()

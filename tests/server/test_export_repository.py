@@ -1,0 +1,142 @@
+"""What export writes: a rendered copy (the session's) and an export into the committed repository,
+which then serves as it is; provenance, parity, the artifacts Triton does not load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from helpers import TEST_SIZE, run_module, start_server
+
+import export
+from settings import NAMES
+
+SERVED = {
+    NAMES.classifier: ["1/model.onnx", "1/model.py", "1/provenance.json", "config.pbtxt", "labels.txt"],
+    NAMES.postprocess: ["1/model.py", "1/provenance.json", "config.pbtxt"],
+    NAMES.preprocess: ["1/model.py", "config.pbtxt"],
+    NAMES.triage: ["1/.gitkeep", "config.pbtxt"],
+}
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+@pytest.fixture(scope="module")
+def artifacts(triton_repository) -> Path:
+    return triton_repository.with_name(triton_repository.name + ".artifacts")
+
+
+@pytest.fixture(scope="module")
+def provenance(artifacts) -> dict:
+    return json.loads((artifacts / "provenance.json").read_text())
+
+
+def test_a_rendered_copy_holds_what_triton_serves_and_nothing_else(triton_repository, artifacts):
+    for model, expected in SERVED.items():
+        assert files(triton_repository / model) == expected, model
+    assert files(artifacts) == [".ct-triage-export.json", "model.fp16.onnx", "parity.json", "provenance.json", "weights.pt"]
+    configs = export.target_configs("cpu", triton_repository)
+    assert export.serving_options(configs).size == TEST_SIZE
+    for path in triton_repository.rglob("*"):
+        if path.is_file() and path.suffix in (".pbtxt", ".json", ".txt", ".py"):
+            assert str(triton_repository.parent) not in path.read_text() and "/work/" not in path.read_text(), path
+
+
+def test_served_provenance_names_the_served_graph_and_the_kept_weights(triton_repository, artifacts, provenance):
+    for model in (NAMES.classifier, NAMES.postprocess):
+        assert json.loads((triton_repository / model / "1" / "provenance.json").read_text()) == provenance
+    assert provenance["checkpoint"] == export.DEMO_PROVENANCE and provenance["size"] == TEST_SIZE
+    assert provenance["precision"] == "fp32" and provenance["target"] == "cpu" and "exported_at" in provenance
+    assert provenance["served_sha256"] == export.file_sha256(triton_repository / NAMES.classifier / "1" / "model.onnx")
+    assert provenance["weights_sha256"] == export.file_sha256(artifacts / "weights.pt")
+
+
+def test_parity_report_within_bounds(artifacts):
+    report = json.loads((artifacts / "parity.json").read_text())
+    assert report["passed"] and report["size"] == TEST_SIZE and len(report["inputs"]) >= 6
+    assert report["onnx_fp32_vs_torch"]["max_abs_diff"] <= 1e-4
+    assert report["onnx_fp16_vs_onnx_fp32"]["max_abs_diff"] <= 1e-2
+    assert report["onnx_fp32_vs_torch"]["decisions_agree"] and report["onnx_fp16_vs_onnx_fp32"]["decisions_agree"]
+    assert report["batch_size"] > 1 and report["batch_vs_single_max_abs_diff"] <= 1e-5
+    fp32, fp16 = report["graphs"]
+    assert fp32["opset"] == 17 and fp32["input_shape"] == ["batch", 1, "depth", "height", "width"]
+    assert fp16["output_shape"] == ["batch", 2]
+
+
+def test_kept_weights_load_safely_and_match_the_served_graph_at_another_size(triton_repository, artifacts):
+    state = torch.load(artifacts / "weights.pt", weights_only=True)
+    model = export.build_classifier(export.Weights(state, "kept", "state_dict", False))
+    x = np.random.default_rng(3).uniform(-1, 1, (2, 1, 24, 40, 48)).astype(np.float32)  # not the export S
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
+    session = ort.InferenceSession(str(triton_repository / NAMES.classifier / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    actual = session.run([NAMES.probabilities], {NAMES.volume: x})[0]
+    assert np.abs(actual - expected).max() <= 1e-4 and np.allclose(actual.sum(axis=1), 1, atol=1e-6)
+
+
+def test_parity_detects_a_graph_that_is_not_the_checkpoint(triton_repository, artifacts):
+    state = torch.load(artifacts / "weights.pt", weights_only=True)
+    state["fc.bias"] = state["fc.bias"] + torch.tensor([0.0, 0.5])  # a different head
+    other = export.build_classifier(export.Weights(state, "other", "state_dict", False))
+    report = export.check_parity(
+        other, triton_repository / NAMES.classifier / "1" / "model.onnx", artifacts / "model.fp16.onnx", size=16, threshold=0.5
+    )
+    assert not report.passed and report.onnx_fp32_vs_torch.max_abs_diff > 1e-2
+    assert any("onnx_fp32_vs_torch" in failure for failure in report.failures)
+
+
+def test_cli_renders_a_medicalnet_checkpoint_over_an_earlier_copy(triton_repository, artifacts, tmp_path):
+    """End to end: MedicalNet release format in, an earlier copy replaced, loud warning out."""
+    state = torch.load(artifacts / "weights.pt", weights_only=True)
+    backbone = {f"module.{k}": v for k, v in state.items() if not k.startswith("fc.")}
+    seg_head = {"module.conv_seg.0.weight": torch.randn(512, 32, 2, 2, 2), "module.conv_seg.6.weight": torch.randn(2, 32, 1, 1, 1)}
+    checkpoint = tmp_path / "resnet_34.pth"
+    torch.save({"state_dict": {**backbone, **seg_head}}, checkpoint)
+    repo = tmp_path / "repo"
+    shutil.copytree(triton_repository, repo)  # an earlier copy (it carries the marker)
+    result = run_module(
+        "export", "--checkpoint", str(checkpoint), "--target", "onnx-gpu", "--size", "16", "--out", str(repo), timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "UNTRAINED" in result.stderr and "PASSED" in result.stdout
+    provenance = json.loads((repo / NAMES.classifier / "1" / "provenance.json").read_text())
+    assert provenance["checkpoint"] == "sha256:" + export.file_sha256(checkpoint)
+    assert provenance["checkpoint_format"] == "medicalnet" and provenance["target"] == "onnx-gpu"
+    assert not (repo / NAMES.classifier / "1" / "model.py").exists()  # the ONNX Runtime backend runs model.onnx
+    config = export.parse_config((repo / NAMES.classifier / "config.pbtxt").read_text(), "onnx-gpu")
+    assert config.platform == "onnxruntime_onnx" and list(config.input[0].dims) == [1, 16, 16, 16]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "repo.artifacts", "resnet_34.pth"]  # old copy gone
+
+
+def test_export_into_the_committed_repository_serves_it_as_it_is(tmp_path):
+    """The committed configs unchanged, only the served files added, and tritonserver loads it at S=256."""
+    committed = tmp_path / "model_repository"
+    shutil.copytree(
+        export.COMMITTED, committed, ignore=shutil.ignore_patterns("__pycache__", "provenance.json", "model.onnx", "model.plan")
+    )
+    before = {path: (committed / path).read_bytes() for path in files(committed)}
+    (committed / NAMES.classifier / "1" / "model.plan").write_bytes(b"an older tensorrt export")
+
+    result = export.write_repository(target="cpu", demo_weights=True, parity_size=16, source=committed)
+
+    assert result.in_place and result.repository == committed and result.model_config_name is None
+    assert result.artifacts == tmp_path / "model_repository.artifacts" and result.options == export.ServingOptions()
+    assert {path: (committed / path).read_bytes() for path in before} == before  # configs, model.py: untouched
+    added = sorted(set(files(committed)) - set(before))
+    assert added == ["ct_classifier/1/model.onnx", "ct_classifier/1/provenance.json", "ct_postprocess/1/provenance.json"]
+    server = start_server(committed, tmp_path / "tritonserver.log")  # started from a folder that is not the checkout
+    try:
+        url = f"http://{server.http_url}/v2/models/{NAMES.classifier}/config"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            config = json.loads(response.read())
+        assert config["backend"] == "python" and config["input"][0]["dims"] == [1, 256, 256, 256]
+    finally:
+        server.stop()
