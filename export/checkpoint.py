@@ -215,9 +215,13 @@ def demo_weights(seed: int = DEMO_SEED) -> Weights:
     mishandles BatchNorm (e.g. folding) shows up as a parity failure.
     """
     generator = torch.Generator().manual_seed(seed)
-    model = ResNet34Classifier()
+    with torch.device("meta"):
+        model = ResNet34Classifier()  # every tensor is set below: no default initialisation to pay for
+    model.to_empty(device="cpu")
     with torch.no_grad():
         for module in model.modules():
+            if isinstance(module, nn.BatchNorm3d):
+                module.reset_running_stats()
             if isinstance(module, nn.Conv3d):
                 fan_out = module.out_channels * module.weight[0, 0].numel()
                 module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * (2.0 / fan_out) ** 0.5)

@@ -250,8 +250,11 @@ def test_reading_a_study_does_not_load_the_imaging_stack(tmp_path):
     assert done.stdout.strip() == "[]"
 
 
-def test_missing_paths_are_one_line_usage_errors(tmp_path):
-    for command in (["classify", str(tmp_path / "nope.zip")], ["report", str(tmp_path / "nope"), "--out", "r.xlsx"]):
-        done = run_module("client", *command, "--url", f"127.0.0.1:{_closed_port()}", timeout=60, cwd=tmp_path)
-        assert done.returncode == 2, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1 and "nope" in done.stderr
+def test_missing_paths_are_one_line_usage_errors(tmp_path, capsys):
+    """The real command once (exit status, nothing else on stderr), then main() in this process."""
+    done = run_module("client", "classify", str(tmp_path / "nope.zip"), "--url", f"127.0.0.1:{_closed_port()}", timeout=60, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "nope" in done.stderr
+    assert client_main(["report", str(tmp_path / "nope"), "--out", "r.xlsx", "--url", f"127.0.0.1:{_closed_port()}"]) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and "nope" in stderr

@@ -9,13 +9,13 @@ import logging
 import pytest
 import torch
 
+import export
 from export import (
     DEMO_PROVENANCE,
     ArchitectureError,
     CheckpointError,
     ResNet34Classifier,
     build_classifier,
-    demo_weights,
     load_checkpoint,
 )
 
@@ -180,8 +180,8 @@ def test_no_resnet_at_all(tmp_path):
         load_checkpoint(_save(tmp_path, {"encoder.weight": torch.zeros(2, 2)}))
 
 
-def test_demo_weights_are_deterministic_with_real_batchnorm_statistics():
-    first, second = demo_weights(), demo_weights()
+def test_demo_weights_are_deterministic_with_real_batchnorm_statistics(demo_weights):
+    first, second = demo_weights, export.demo_weights()
     assert first.source == DEMO_PROVENANCE and not first.head_trained
     assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
     for key in ("bn1", "layer2.0.bn1", "layer4.2.bn2"):

@@ -180,13 +180,13 @@ def test_fast_mode_stays_close_to_reference(options, size):
     assert fast.meta["output_to_original"] == reference.meta["output_to_original"]
 
 
-def test_fast_and_reference_give_the_classifier_the_same_answer():
+def test_fast_and_reference_give_the_classifier_the_same_answer(demo_weights):
     """Where the two modes' voxel differences end up: the (demo-weight) classifier's probability."""
     import export
 
     files = phantom.study_files("series", scanner_air=True, rescale="per_slice")
     volumes = [preprocess.preprocess_study(files, size=64, mode=mode).volume for mode in preprocess.MODES]
-    classifier = export.build_classifier(export.demo_weights())
+    classifier = export.build_classifier(demo_weights)
     with torch.no_grad():
         fast, reference = (float(torch.softmax(classifier(torch.from_numpy(v)), dim=1)[0, 1]) for v in volumes)
     assert abs(fast - reference) <= 1e-3, (fast, reference)

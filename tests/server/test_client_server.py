@@ -270,6 +270,9 @@ def test_shared_memory_benchmark_measures_every_protocol_and_transport(triton_se
     payload = client.load_payload(archive / GOOD_ZIPS[0])
     rows = measure(payload, {"grpc": triton_server.grpc_url, "http": triton_server.http_url}, repeats=1)
     assert [(row["protocol"], row["transport"]) for row in rows] == [
-        ("grpc", "wire"), ("grpc", "shared memory"), ("http", "wire"), ("http", "shared memory"),
+        ("grpc", "wire"),
+        ("grpc", "shared memory"),
+        ("http", "wire"),
+        ("http", "shared memory"),
     ]
     assert all(row["status"] == "Success" and row["min_s"] > 0 for row in rows)
