@@ -49,6 +49,7 @@ WEIGHTS_FILE = "weights.pt"
 PARITY_FILE = "parity.json"
 FP16_FILE = "model.fp16.onnx"
 CONFIG = "config.pbtxt"
+GENERATED = frozenset({*SERVED_GRAPH.values(), PROVENANCE_FILE})
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ def _copy_model_files(folder: Path, destination: Path, config: model_config_pb2.
             or source.suffix == ".pyc"
             or relative.parts[0] == "configs"
             or relative.as_posix() == CONFIG
+            or source.name in GENERATED  # what an earlier export put into this checkout: this export writes its own
             or (source.name == "model.py" and config.backend != "python")
         ):
             continue
@@ -355,6 +357,7 @@ def write_repository(
                 origin = config_path(folder, target).relative_to(source).as_posix()
                 (rendered / folder.name / CONFIG).write_text(config_text(config, origin))
             for relative, source in served_files.items():
+                (rendered / relative).parent.mkdir(parents=True, exist_ok=True)  # a version folder may hold no model.py
                 shutil.copy2(source, rendered / relative)
             (rendered / MARKER).write_text(json.dumps({"written_by": "python -m export", **provenance}, indent=2) + "\n")
             _install(rendered, repository)

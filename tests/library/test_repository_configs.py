@@ -83,11 +83,13 @@ def test_configs_that_disagree_on_the_volume_are_refused():
         export.serving_options(configs)
 
 
-def test_model_files_are_copied_without_caches_configs_or_an_unused_model_py(tmp_path):
+def test_model_files_are_copied_without_caches_configs_earlier_exports_or_an_unused_model_py(tmp_path):
     source = tmp_path / "ct_example"
     (source / "1" / "__pycache__").mkdir(parents=True)
     (source / "configs").mkdir()
     (source / "1" / "model.py").write_text("")
+    (source / "1" / "model.onnx").write_bytes(b"an earlier export's graph")
+    (source / "1" / "provenance.json").write_text("{}")
     (source / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"")
     (source / "configs" / "gpu.pbtxt").write_text("")
     (source / "config.pbtxt").write_text("")
