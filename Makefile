@@ -9,19 +9,27 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PIP_TORCH_OPTIONS ?=
 
-.PHONY: setup test test-fast lint demo serve clean
+.PHONY: setup perf-analyzer test test-fast lint bench demo serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(if $(TORCH),$(PY) -m pip install --quiet $(PIP_TORCH_OPTIONS) "$(TORCH)")
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+# Triton's perf_analyzer, for the benchmarks and their tests (not the demo): a binary taken from the
+# tritonclient 2.51 wheel, libcudart from PyPI, Debian's libb64-0d (apt-get: run as root).
+PERF_ANALYZER := $(VENV)/perf_analyzer/bin/perf_analyzer
+$(PERF_ANALYZER): | $(STAMP)
+	$(PY) -m benchmarks.perf_analyzer install
+
+perf-analyzer: $(PERF_ANALYZER)
+
 # Everything: library tests, then the tests against the real bundled tritonserver.
-test: setup
+test: setup $(PERF_ANALYZER)
 	$(PY) -m pytest -q
 
 # Library tests only (no server): under a minute.
@@ -31,6 +39,10 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The serving benchmarks on this machine at a small S (about 10 min on 2 cores): benchmarks/results/.
+bench: setup $(PERF_ANALYZER)
+	$(PY) -m benchmarks.serving --size 64 --out benchmarks/results
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,6 +1,6 @@
 """Preprocessing speed and memory: fast vs reference on one study, decoding included.
 
-    .venv/bin/python -m benchmarks.preprocess [--study PATH] [--repeat N] [--size S] [--exact-air] [--transfer-syntax TS]
+    .venv/bin/python -m benchmarks.preprocessing [--study PATH] [--repeat N] [--size S] [--exact-air] [--transfer-syntax TS]
 
 Without --study it generates the issue's default: a 300-slice 512x512 phantom (~150 MB of DICOM).
 The two modes run interleaved, N times each, so that both see the same minutes of a shared machine.
@@ -104,7 +104,7 @@ def measure(files: list[bytes], size: int, repeat: int) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocessing", description=__doc__.splitlines()[0])
     parser.add_argument("--study", help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--size", type=int, default=PREPROCESSING.size)

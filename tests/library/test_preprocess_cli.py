@@ -80,7 +80,7 @@ def test_cli_failure_is_one_line_without_traceback_or_output(run, tmp_path, case
 
 
 def test_benchmark_prints_its_json_last(tmp_path, capsys):
-    from benchmarks import preprocess as benchmark
+    from benchmarks import preprocessing as benchmark
 
     study = phantom.write_study(tmp_path / "s.zip", "zip", slices=20, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
     assert benchmark.main(["--study", str(study), "--repeat", "2", "--size", "16"]) == 0

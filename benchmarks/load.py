@@ -1,0 +1,137 @@
+"""One closed-loop load generator for every service measured, so that their numbers compare.
+
+`concurrency` worker threads each send studies back to back until `requests` have been sent; the
+result is throughput (successful studies per second of wall time) and latency percentiles. The
+Triton ensemble is called through the project's client (`TriageClient`, HTTP), the baseline with a
+plain HTTP POST of the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+from client import RetryPolicy, TriageClient
+
+Sender = Callable[[], None]  # sends one study; raises if the answer is not a result
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    target: str
+    concurrency: int
+    requests: int
+    failures: int
+    seconds: float
+    studies_per_s: float
+    mean_s: float
+    p50_s: float
+    p95_s: float
+    first_error: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation between closest ranks."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def closed_loop(target: str, make_sender: Callable[[], Sender], concurrency: int, requests: int) -> LevelResult:
+    """`requests` studies through `concurrency` workers. Each worker makes its own sender (client) in
+    its own thread (tritonclient's HTTP client belongs to the thread that made it) and sends one
+    warm-up study; the clock starts when every worker is warm."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    remaining = [requests]
+    lock = threading.Lock()
+    warm = threading.Barrier(concurrency + 1)
+
+    def work() -> None:
+        try:
+            send = make_sender()
+            send()
+        except Exception as error:
+            errors.append(f"warm-up: {error}")
+            send = None
+        warm.wait()
+        while send is not None:
+            with lock:
+                if remaining[0] == 0:
+                    return
+                remaining[0] -= 1
+            started = time.perf_counter()
+            try:
+                send()
+            except Exception as error:  # a failed study is counted, whatever broke
+                with lock:
+                    errors.append(str(error))
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        workers = [pool.submit(work) for _ in range(concurrency)]
+        warm.wait()
+        started = time.perf_counter()
+        for worker in workers:
+            worker.result()
+        seconds = time.perf_counter() - started
+    return LevelResult(
+        target=target,
+        concurrency=concurrency,
+        requests=requests,
+        failures=requests - len(latencies),
+        seconds=round(seconds, 3),
+        studies_per_s=round(len(latencies) / seconds, 4),
+        mean_s=round(statistics.fmean(latencies), 4) if latencies else float("nan"),
+        p50_s=round(percentile(latencies, 50), 4),
+        p95_s=round(percentile(latencies, 95), 4),
+        first_error=errors[0][:300] if errors else "",
+    )
+
+
+def triton_sender(url: str, payload: list[bytes], timeout_s: float = 600) -> Callable[[], Sender]:
+    """Studies through ct_triage with the project's HTTP client, one client per worker."""
+
+    def make() -> Sender:
+        client = TriageClient(url, "http", timeout_s=timeout_s, retry=RetryPolicy(attempts=1))
+
+        def send() -> None:
+            result = client.classify(payload)
+            if not result.ok:
+                raise RuntimeError(result.error)
+
+        return send
+
+    return make
+
+
+def baseline_sender(url: str, study: bytes, timeout_s: float = 600) -> Callable[[], Sender]:
+    """Studies POSTed to the FastAPI baseline (benchmarks.baseline)."""
+
+    def make() -> Sender:
+        def send() -> None:
+            request = urllib.request.Request(
+                f"http://{url}/classify", data=study, method="POST", headers={"Content-Type": "application/octet-stream"}
+            )
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                if "probability_of_pathology" not in json.loads(response.read()):
+                    raise RuntimeError("the baseline answered without a probability")
+
+        return send
+
+    return make

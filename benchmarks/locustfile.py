@@ -1,0 +1,100 @@
+"""A locust scenario: studies through ct_triage with the project's client, HTTP and gRPC users.
+
+    .venv/bin/locust -f benchmarks/locustfile.py --headless -u 4 -r 2 -t 60s --host http://127.0.0.1:8000 \
+        [--grpc-url 127.0.0.1:8001] [--study PATH] [--summary-json out/locust.json] --csv out/locust
+
+Every study is reported to locust's statistics (response time, size of the answer's metadata, the
+failure message); locust exits non-zero when any request failed. --host is the HTTP endpoint (any
+host: a remote server works), --grpc-url the gRPC one (default: the same host, port 8001), --study
+a folder, ZIP or DICOM file (default: a generated 48-slice phantom ZIP). HTTP users outnumber gRPC
+users 2 to 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from urllib.parse import urlsplit
+
+from grpc.experimental import gevent as grpc_gevent
+from locust import User, constant, events, task
+
+from client import RetryPolicy, TriageClient, load_payload, payload_bytes
+from settings import NAMES, SERVING
+
+grpc_gevent.init_gevent()  # locust runs users as greenlets: gRPC's core must cooperate with gevent
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:
+    parser.add_argument("--grpc-url", default="", help="HOST:PORT of ct_triage over gRPC (default: --host's, port 8001)")
+    parser.add_argument("--study", default="", help="folder, ZIP or DICOM file to send (default: a generated phantom)")
+    parser.add_argument("--summary-json", default="", help="also write the run's totals here as JSON, when locust quits")
+
+
+@events.quitting.add_listener
+def _summary(environment, **_) -> None:
+    path = environment.parsed_options.summary_json if environment.parsed_options else ""
+    if not path:
+        return
+    total = environment.stats.total
+    summary = {
+        "requests": total.num_requests,
+        "failures": total.num_failures,
+        "studies_per_s": round(total.total_rps, 3),
+        "p50_ms": total.get_response_time_percentile(0.5) if total.num_requests else None,
+        "p95_ms": total.get_response_time_percentile(0.95) if total.num_requests else None,
+        "requests_per_type": {entry.method: entry.num_requests for entry in environment.stats.entries.values()},
+        "errors": [str(error.error) for error in environment.stats.errors.values()][:5],
+    }
+    with open(path, "w") as stream:
+        json.dump(summary, stream)
+
+
+@functools.cache
+def _payload(study: str) -> tuple[bytes, ...]:
+    if study:
+        return tuple(load_payload(study))
+    from preprocess import phantom
+
+    return tuple(phantom.study_files("zip"))
+
+
+class _TriageUser(User):
+    abstract = True
+    protocol = "http"
+    wait_time = constant(0)  # closed loop: the next study as soon as the answer is in
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        host = urlsplit(self.host if "://" in self.host else f"http://{self.host}")
+        url = host.netloc if self.protocol == "http" else (options.grpc_url or f"{host.hostname}:{SERVING.grpc_port}")
+        self.client = TriageClient(url, self.protocol, retry=RetryPolicy(attempts=1))
+        self.payload = list(_payload(options.study))
+
+    def on_stop(self) -> None:
+        self.client.close()
+
+    @task
+    def classify(self) -> None:
+        started = time.perf_counter()
+        result = self.client.classify(self.payload)
+        events.request.fire(
+            request_type=self.protocol,
+            name=NAMES.triage,
+            response_time=(time.perf_counter() - started) * 1000,
+            response_length=len(json.dumps(result.meta)) if result.ok else 0,
+            exception=None if result.ok else RuntimeError(result.error),
+            context={"request_bytes": payload_bytes(self.payload)},
+        )
+
+
+class HttpTriageUser(_TriageUser):
+    protocol = "http"
+    weight = 2
+
+
+class GrpcTriageUser(_TriageUser):
+    protocol = "grpc"
+    weight = 1

@@ -1,0 +1,78 @@
+"""The load tools against the real server, at a tiny scale: perf_analyzer on both models, a bounded
+locust run, and the FastAPI baseline answering what the offline model answers."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TEST_SIZE
+
+import preprocess
+from benchmarks import baseline, serving
+from benchmarks import perf_analyzer as pa
+from preprocess import phantom
+from settings import NAMES
+
+
+@pytest.fixture(scope="module")
+def study_zip(tmp_path_factory) -> Path:
+    return phantom.write_study(tmp_path_factory.mktemp("bench") / "study.zip", "zip", slices=24, rows=64, columns=64, pixel_spacing=5.0)
+
+
+def test_perf_analyzer_runs_one_level_on_the_classifier_and_the_ensemble(triton_server, study_zip, tmp_path):
+    classifier = pa.run(NAMES.classifier, triton_server.grpc_url, "grpc", 1, tmp_path / "classifier.csv", requests_per_window=2)
+    assert classifier["Concurrency"] == 1 and classifier["Inferences/Second"] > 0 and classifier["Server Compute Infer"] > 0
+    input_json = tmp_path / "input.json"
+    input_json.write_text(json.dumps(pa.input_data([study_zip.read_bytes()])))
+    before = serving.statistics_of(triton_server.http_url)
+    triage = pa.run(
+        NAMES.triage,
+        triton_server.http_url,
+        "http",
+        1,
+        tmp_path / "triage.csv",
+        input_json=input_json,
+        shared_memory=True,
+        requests_per_window=2,
+    )
+    assert triage["Inferences/Second"] > 0 and triage["p95 latency"] > 0
+    per_model = serving.breakdown(before, serving.statistics_of(triton_server.http_url))
+    assert per_model[NAMES.preprocess]["requests"] >= 2 and per_model[NAMES.preprocess]["compute_infer_ms"] > 0
+    assert sum(per_model[NAMES.classifier]["executions_per_batch_size"].values()) >= 1
+    assert (tmp_path / "triage.log").read_text()  # perf_analyzer's own report, kept beside its CSV
+
+
+def test_locust_scenario_completes_a_bounded_run_without_failures(triton_server, study_zip, tmp_path):
+    result = serving.locust_run(triton_server, users=2, seconds=4, prefix=tmp_path / "locust", study=study_zip)
+    assert result["exit_code"] == 0 and result["failures"] == 0
+    assert result["requests"] >= 2 and set(result["requests_per_type"]) <= {"http", "grpc"}
+
+
+def test_locust_exits_non_zero_when_studies_fail(triton_server, tmp_path):
+    not_a_study = tmp_path / "notes.txt"
+    not_a_study.write_text("not DICOM")
+    result = serving.locust_run(triton_server, users=1, seconds=2, prefix=tmp_path / "locust", study=not_a_study)
+    assert result["failures"] >= 1 and result["exit_code"] != 0
+
+
+def test_baseline_answers_what_the_offline_model_answers(triton_repository, study_zip):
+    weights = triton_repository.with_name(triton_repository.name + ".artifacts") / "weights.pt"
+    study = study_zip.read_bytes()
+    volume = preprocess.preprocess_study([study], size=TEST_SIZE, mode="reference").volume
+    classifier = baseline.load_classifier(str(weights))
+    with torch.inference_mode():
+        expected = float(torch.softmax(classifier(torch.from_numpy(volume)), dim=1)[0, 1])
+    with serving.baseline_service(weights, TEST_SIZE) as (url, _):
+        request = urllib.request.Request(f"http://{url}/classify", data=study, method="POST")
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        bad = urllib.request.Request(f"http://{url}/classify", data=b"not DICOM", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(bad, timeout=60)
+    assert answer["probability_of_pathology"] == pytest.approx(expected, abs=1e-6)
+    assert answer["pathology"] == int(expected >= 0.5) and answer["study_uid"]
+    assert refused.value.code == 400 and "DICOM" in json.loads(refused.value.read())["error"]
