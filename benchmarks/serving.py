@@ -19,7 +19,9 @@
 6. With --s256: one study through the ensemble at the trained S=256.
 
 Writes to --out: <name>.md (machine, versions, tables, targets met or not), perf_analyzer's CSV per
-sweep, the load and breakdown CSVs, and PNG plots; prints one JSON object as its last line.
+sweep, the load and breakdown CSVs, a PNG plot and <name>.json (all of it); prints one JSON object
+as its last line. <name> is cpu-s<S> (remote-s<S> with --url, which measures a running server
+instead: perf_analyzer without shared memory, the client loop and locust only).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import threading
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -280,16 +283,34 @@ def single_study_s256(work: Path, study: list[bytes]) -> dict:
 
 
 # -- the run ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RemoteServer:
+    """A server this benchmark did not start (--url): no export, no baseline, no process memory."""
+
+    http_url: str
+    grpc_url: str
+    metrics_url: str | None
+    pid: None = None
+
+
+def served_size(http_url: str) -> int:
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/{NAMES.classifier}/config", timeout=30) as response:
+        return int(json.loads(response.read())["input"][0]["dims"][-1])
+
+
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"cpu-s{args.size}"
     work = Path(tempfile.mkdtemp(prefix="ct_triage_bench_"))
-    results: dict = {"machine": machine(args.size), "levels": args.levels, "requests_per_level": args.requests}
+    remote = RemoteServer(args.url, args.grpc_url, args.metrics_url) if args.url else None
+    size = served_size(args.url) if remote else args.size
+    name = f"cpu-s{size}" if not remote else f"remote-s{size}"
+    results: dict = {"machine": machine(size), "levels": args.levels, "requests_per_level": args.requests, "server": args.url or "bundled"}
     try:
         started = time.perf_counter()
         repository = work / "repository"
-        export.write_repository(repository, target="cpu", size=args.size, demo_weights=True)
+        if not remote:
+            export.write_repository(repository, target="cpu", size=size, demo_weights=True)
         study_options = dict(
             slices=args.slices, rows=args.matrix, columns=args.matrix, pixel_spacing=400.0 / args.matrix, slice_spacing=2.5
         )
@@ -299,26 +320,15 @@ def run(args: argparse.Namespace) -> dict:
         input_json.write_text(json.dumps(pa.input_data([study])))
         results["study"] = {**study_options, "dicom_mib": round(len(study) / 1024**2, 1)}
         results["setup_s"] = round(time.perf_counter() - started, 1)
-
-        shm_before = shm_used_mib()
-        http_port, grpc_port, metrics_port = free_ports(3)
-        server = TritonServer(
-            repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, log_file=work / "tritonserver.log"
-        ).start()
-        try:
-            time.sleep(2)  # let the stubs settle before the idle reading
-            results["memory"] = {"idle_rss_mib": rss_by_process(server.pid), "shm_before_mib": shm_before, "shm_idle_mib": shm_used_mib()}
-            with MemoryPeaks(server.pid) as peaks:
-                results["perf_analyzer"] = sweeps(server, input_json, args, out, name)
-                results["load"], results["in_process"] = compare(server, repository, study, args)
-                results["locust"] = locust_run(server, max(args.levels), args.locust_seconds, work / "locust", study_path)
-                results["memory"]["client_300_slices"] = client_300_slices(server, work, args.client_slices)
-            results["memory"].update(peak_rss_mib=peaks.rss, shm_peak_mib=peaks.shm_mib)
-        finally:
-            server.stop()
-        results["memory"]["shm_after_stop_mib"] = shm_used_mib()
-        if args.s256:
-            results["s256"] = single_study_s256(work, [study])
+        if remote:
+            results["perf_analyzer"] = sweeps(remote, input_json, args, out, name)
+            results["load"] = [
+                load.closed_loop("triton", load.triton_sender(remote.http_url, [study]), level, args.requests).to_dict()
+                for level in args.levels
+            ]
+            results["locust"] = locust_run(remote, max(args.levels), args.locust_seconds, work / "locust", study_path)
+        else:
+            measure_bundled(results, repository, study, study_path, input_json, work, args, out, name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["targets"] = targets(results)
@@ -326,13 +336,46 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def measure_bundled(
+    results: dict,
+    repository: Path,
+    study: bytes,
+    study_path: Path,
+    input_json: Path,
+    work: Path,
+    args: argparse.Namespace,
+    out: Path,
+    name: str,
+) -> None:
+    """Everything, on a bundled server this run starts and stops (so memory and /dev/shm are its own)."""
+    shm_before = shm_used_mib()
+    http_port, grpc_port, metrics_port = free_ports(3)
+    server = TritonServer(
+        repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, log_file=work / "tritonserver.log"
+    ).start()
+    try:
+        time.sleep(2)  # let the stubs settle before the idle reading
+        results["memory"] = {"idle_rss_mib": rss_by_process(server.pid), "shm_before_mib": shm_before, "shm_idle_mib": shm_used_mib()}
+        with MemoryPeaks(server.pid) as peaks:
+            results["perf_analyzer"] = sweeps(server, input_json, args, out, name)
+            results["load"], results["in_process"] = compare(server, repository, study, args)
+            results["locust"] = locust_run(server, max(args.levels), args.locust_seconds, work / "locust", study_path)
+            results["memory"]["client_300_slices"] = client_300_slices(server, work, args.client_slices)
+        results["memory"].update(peak_rss_mib=peaks.rss, shm_peak_mib=peaks.shm_mib)
+    finally:
+        server.stop()
+    results["memory"]["shm_after_stop_mib"] = shm_used_mib()
+    if args.s256:
+        results["s256"] = single_study_s256(work, [study])
+
+
 def sweeps(server: TritonServer, input_json: Path, args: argparse.Namespace, out: Path, name: str) -> dict:
     """perf_analyzer on ct_classifier (random volumes) and on ct_triage (the study), per level."""
     plan = [("classifier-grpc", NAMES.classifier, "grpc", False, args.levels)]
     plan += [(f"triage-{protocol}", NAMES.triage, protocol, False, args.levels) for protocol in ("grpc", "http")]
-    plan += [
-        (f"triage-{protocol}-shm", NAMES.triage, protocol, True, sorted({args.levels[0], args.levels[-1]})) for protocol in ("grpc", "http")
-    ]
+    if not args.url:  # system shared memory needs the server's own host
+        ends = sorted({args.levels[0], args.levels[-1]})
+        plan += [(f"triage-{protocol}-shm", NAMES.triage, protocol, True, ends) for protocol in ("grpc", "http")]
     found = {}
     for sweep, model, protocol, shared, levels in plan:
         rows = []
@@ -381,33 +424,47 @@ def client_300_slices(server: TritonServer, work: Path, slices: int) -> dict:
 
 
 def targets(results: dict) -> dict:
-    """The issue's targets, met or not, with the numbers they compare."""
+    """The issue's targets, met or not, with the numbers they compare ("not measured" against a
+    server this run did not start: no baseline, no in-process reference, no /dev/shm of its own)."""
+    missing = {"value": "not measured (--url)", "met": None}
     by = {(row["target"], row["concurrency"]): row for row in results["load"]}
     top = max(results["levels"]) if 4 not in results["levels"] else 4
-    triton, baseline = by[("triton", top)], by[("baseline", top)]
-    ratio = triton["studies_per_s"] / baseline["studies_per_s"] if baseline["studies_per_s"] else float("inf")
     first = min(results["levels"])
-    overhead = by[("triton", first)]["p50_s"] / results["in_process"]["total_s"] - 1
-    memory = results["memory"]
-    return {
-        f"throughput at concurrency {top} >= 1.5x baseline": {"value": round(ratio, 2), "met": ratio >= TARGETS["throughput_ratio_c4"]},
-        f"p95 at concurrency {first} no worse than baseline": {
+    found = {}
+    if ("baseline", top) in by:
+        triton, baseline = by[("triton", top)], by[("baseline", top)]
+        ratio = triton["studies_per_s"] / baseline["studies_per_s"] if baseline["studies_per_s"] else float("inf")
+        found[f"throughput at concurrency {top} >= 1.5x baseline"] = {
+            "value": round(ratio, 2),
+            "met": ratio >= TARGETS["throughput_ratio_c4"],
+        }
+        found[f"p95 at concurrency {first} no worse than baseline"] = {
             "value": f"{by[('triton', first)]['p95_s']} s vs {by[('baseline', first)]['p95_s']} s",
             "met": by[("triton", first)]["p95_s"] <= by[("baseline", first)]["p95_s"],
-        },
-        f"ensemble p50 at concurrency {first} within 15% of in-process fast preprocessing + classifier": {
+        }
+    else:
+        found[f"throughput at concurrency {top} >= 1.5x baseline"] = found[f"p95 at concurrency {first} no worse than baseline"] = missing
+    if "in_process" in results:
+        overhead = by[("triton", first)]["p50_s"] / results["in_process"]["total_s"] - 1
+        found[f"ensemble p50 at concurrency {first} within 15% of in-process fast preprocessing + classifier"] = {
             "value": f"{overhead:+.1%}",
             "met": overhead <= TARGETS["overhead_c1"],
-        },
-        "zero failed requests in the locust run": {
-            "value": results["locust"]["failures"],
-            "met": results["locust"]["failures"] == 0 and results["locust"]["exit_code"] == 0,
-        },
-        "/dev/shm back to its start after the server stopped": {
+        }
+    else:
+        found[f"ensemble p50 at concurrency {first} within 15% of in-process fast preprocessing + classifier"] = missing
+    found["zero failed requests in the locust run"] = {
+        "value": results["locust"]["failures"],
+        "met": results["locust"]["failures"] == 0 and results["locust"]["exit_code"] == 0,
+    }
+    if "memory" in results:
+        memory = results["memory"]
+        found["/dev/shm back to its start after the server stopped"] = {
             "value": f"{memory['shm_before_mib']} -> {memory['shm_after_stop_mib']} MiB",
             "met": memory["shm_after_stop_mib"] <= memory["shm_before_mib"],
-        },
-    }
+        }
+    else:
+        found["/dev/shm back to its start after the server stopped"] = missing
+    return found
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -449,6 +506,7 @@ def write_results(results: dict, out: Path, name: str) -> None:
                     )
     plot(results, out, name)
     (out / f"{name}.md").write_text(markdown(results, name))
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")  # everything, for later comparisons
 
 
 def plot(results: dict, out: Path, name: str) -> None:
@@ -493,18 +551,24 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def markdown(results: dict, name: str) -> str:
-    m, study, memory = results["machine"], results["study"], results["memory"]
+    m, study = results["machine"], results["study"]
+    where = "the bundled tritonserver on this machine" if results["server"] == "bundled" else f"the server at {results['server']}"
+    by_level = {(row["target"], row["concurrency"]): row for row in results["load"]}
+    none = {"studies_per_s": "-", "p50_s": "-", "p95_s": "-", "failures": 0}
     parts = [
         f"# Serving benchmark: CPU, S={m['size']}",
         f"`python -m benchmarks.serving --size {m['size']} --levels {' '.join(map(str, results['levels']))} "
-        f"--requests {results['requests_per_level']}` on {m['date']}. Machine: {m['cpu']}, {m['cores']} cores "
+        f"--requests {results['requests_per_level']}` on {m['date']}, against {where}. Client machine: {m['cpu']}, {m['cores']} cores "
         f"({m['available_cpus']} available), {m['memory_gib']} GiB, no GPU; Python {m['python']}; Triton {m['triton']}; "
         + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
         + ". Demo weights (untrained): the numbers are about speed only.",
         f"Study: a generated chest phantom, {study['slices']} slices of {study['rows']}x{study['columns']}, "
         f"one ZIP of {study['dicom_mib']} MiB.",
         "## Targets",
-        _table(["target", "measured", "met"], [[k, v["value"], "yes" if v["met"] else "**no**"] for k, v in results["targets"].items()]),
+        _table(
+            ["target", "measured", "met"],
+            [[k, v["value"], {True: "yes", False: "**no**", None: "-"}[v["met"]]] for k, v in results["targets"].items()],
+        ),
         "## The ensemble against the baseline (same client loop, same study, interleaved)",
         "Triton: `ct_triage` through the project's client over HTTP. Baseline: FastAPI + uvicorn, PyTorch FP32 eager, "
         "reference preprocessing, one study at a time (`benchmarks/baseline.py`).",
@@ -512,20 +576,27 @@ def markdown(results: dict, name: str) -> str:
             ["concurrency", "Triton studies/s", "baseline studies/s", "ratio", "Triton p50 / p95 s", "baseline p50 / p95 s", "failures"],
             [
                 [
-                    t["concurrency"],
+                    level,
                     t["studies_per_s"],
                     b["studies_per_s"],
-                    round(t["studies_per_s"] / b["studies_per_s"], 2) if b["studies_per_s"] else "-",
+                    round(t["studies_per_s"] / b["studies_per_s"], 2)
+                    if isinstance(b["studies_per_s"], float) and b["studies_per_s"]
+                    else "-",
                     f"{t['p50_s']} / {t['p95_s']}",
                     f"{b['p50_s']} / {b['p95_s']}",
                     t["failures"] + b["failures"],
                 ]
-                for t, b in zip(results["load"][0::2], results["load"][1::2])
+                for level in results["levels"]
+                for t, b in [(by_level[("triton", level)], by_level.get(("baseline", level), none))]
             ],
         ),
-        f"In-process (fast preprocessing + ONNX Runtime on the served model.onnx, no server): preprocessing "
-        f"{results['in_process']['preprocess_s']} s + classifier {results['in_process']['classifier_s']} s "
-        f"= {results['in_process']['total_s']} s.",
+        (
+            f"In-process (fast preprocessing + ONNX Runtime on the served model.onnx, no server): preprocessing "
+            f"{results['in_process']['preprocess_s']} s + classifier {results['in_process']['classifier_s']} s "
+            f"= {results['in_process']['total_s']} s."
+            if "in_process" in results
+            else "No baseline and no in-process reference: the server is not this run's."
+        ),
         "## perf_analyzer",
         _table(
             ["sweep", "concurrency", "inferences/s", "p50 ms", "p95 ms", "server queue ms", "server compute ms"],
@@ -571,21 +642,9 @@ def markdown(results: dict, name: str) -> str:
         f"(HTTP and gRPC users, 2:1): {results['locust']['requests']} studies {results['locust']['requests_per_type']}, "
         f"{results['locust']['failures']} failures, {results['locust']['studies_per_s']} studies/s, p50 {results['locust']['p50_ms']} ms, "
         f"p95 {results['locust']['p95_ms']} ms; exit code {results['locust']['exit_code']}.",
-        "## Memory",
-        _table(
-            ["process", "idle RSS MiB", "peak RSS MiB under load"],
-            [
-                [process, memory["idle_rss_mib"].get(process, "-"), memory["peak_rss_mib"].get(process, "-")]
-                for process in sorted(set(memory["idle_rss_mib"]) | set(memory["peak_rss_mib"]))
-            ],
-        ),
-        f"/dev/shm in use: {memory['shm_before_mib']} MiB before the server, {memory['shm_idle_mib']} MiB idle, "
-        f"{memory['shm_peak_mib']} MiB at its peak, {memory['shm_after_stop_mib']} MiB after it stopped. "
-        f"A client process sending a {memory['client_300_slices']['slices']}-slice 512x512 study "
-        f"({memory['client_300_slices']['dicom_mib']} MiB of DICOM, "
-        f"`python -m client classify`, HTTP): peak RSS {memory['client_300_slices']['client_peak_rss_mib']} MiB "
-        f"({memory['client_300_slices']['status']}).",
     ]
+    if "memory" in results:
+        parts += memory_section(results["memory"])
     if "s256" in results:
         s = results["s256"]
         parts += [
@@ -598,6 +657,24 @@ def markdown(results: dict, name: str) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def memory_section(memory: dict) -> list[str]:
+    client = memory["client_300_slices"]
+    return [
+        "## Memory",
+        _table(
+            ["process", "idle RSS MiB", "peak RSS MiB under load"],
+            [
+                [process, memory["idle_rss_mib"].get(process, "-"), memory["peak_rss_mib"].get(process, "-")]
+                for process in sorted(set(memory["idle_rss_mib"]) | set(memory["peak_rss_mib"]))
+            ],
+        ),
+        f"/dev/shm in use: {memory['shm_before_mib']} MiB before the server, {memory['shm_idle_mib']} MiB idle, "
+        f"{memory['shm_peak_mib']} MiB at its peak, {memory['shm_after_stop_mib']} MiB after it stopped. "
+        f"A client process sending a {client['slices']}-slice 512x512 study ({client['dicom_mib']} MiB of DICOM, "
+        f"`python -m client classify`, HTTP): peak RSS {client['client_peak_rss_mib']} MiB ({client['status']}).",
+    ]
+
+
 def _split(entry: dict) -> str:
     compute = entry["compute_input_ms"] + entry["compute_infer_ms"] + entry["compute_output_ms"]
     return f"{entry['queue_ms']:.0f} / {compute:.0f}"
@@ -605,7 +682,10 @@ def _split(entry: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=64, help="model input S of the served repository")
+    parser.add_argument("--size", type=int, default=64, help="model input S of the repository this run renders and serves")
+    parser.add_argument("--url", help="HOST:PORT (HTTP) of a running server to measure instead (no export, baseline or memory)")
+    parser.add_argument("--grpc-url", help="with --url: HOST:PORT of its gRPC endpoint")
+    parser.add_argument("--metrics-url", help="with --url: its metrics endpoint, http://HOST:8002/metrics")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the markdown, CSV and PNG results")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4], help="concurrency levels")
     parser.add_argument("--requests", type=int, default=8, help="studies per level in the client loop")
@@ -616,10 +696,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-slices", type=int, default=300, help="slices of the 512x512 study the client's memory is measured with")
     parser.add_argument("--s256", action=argparse.BooleanOptionalAction, default=True, help="also one study at S=256")
     args = parser.parse_args(argv)
+    if args.url and not args.grpc_url:
+        parser.error("--url needs --grpc-url")
     args.levels = sorted(set(args.levels))
     results = run(args)
     for target, verdict in results["targets"].items():
-        print(f"{'met' if verdict['met'] else 'NOT MET'}: {target}: {verdict['value']}", file=sys.stderr)
+        print(f"{ {True: 'met', False: 'NOT MET', None: 'not measured'}[verdict['met']] }: {target}: {verdict['value']}", file=sys.stderr)
     print(json.dumps({key: value for key, value in results.items() if key != "perf_analyzer"}, default=str))
     return 0
 
