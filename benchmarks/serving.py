@@ -51,7 +51,7 @@ from benchmarks import load
 from benchmarks import perf_analyzer as pa
 from client import TriageClient
 from preprocess import phantom
-from serve import TritonServer, free_ports
+from serve import TritonServer, free_ports, process_tree, start_on_free_ports
 from settings import NAMES
 
 MODELS = (NAMES.preprocess, NAMES.classifier, NAMES.postprocess)
@@ -86,19 +86,6 @@ def shm_used_mib() -> float:
     return round((stats.f_blocks - stats.f_bfree) * stats.f_frsize / 1024**2, 1)
 
 
-def _descendants(pid: int) -> set[int]:
-    found, frontier = {pid}, [pid]
-    while frontier:
-        for task in Path(f"/proc/{frontier.pop()}/task").glob("*"):
-            try:
-                children = {int(child) for child in (task / "children").read_text().split()}
-            except OSError:
-                continue
-            frontier.extend(children - found)
-            found |= children
-    return found
-
-
 def _process_name(pid: int) -> str | None:
     """ "tritonserver", or "stub <model>" for a Python-backend stub (its model path is on its command line)."""
     try:
@@ -121,7 +108,7 @@ def _rss_mib(pid: int) -> float:
 def rss_by_process(server_pid: int) -> dict[str, float]:
     """Resident MiB of the server and of each stub, summed per name (a model's instances together)."""
     totals: dict[str, float] = {}
-    for pid in _descendants(server_pid):
+    for pid in process_tree(server_pid):
         name = _process_name(pid)
         try:
             if name:
@@ -271,10 +258,7 @@ def single_study_s256(work: Path, study: list[bytes]) -> dict:
     """One study through the ensemble at the trained S=256: client round trip and time per model."""
     repository = work / "repository-256"
     export.write_repository(repository, target="cpu", size=256, demo_weights=True)
-    http_port, grpc_port, metrics_port = free_ports(3)
-    with TritonServer(
-        repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, log_file=work / "tritonserver-256.log"
-    ) as server:
+    with start_on_free_ports(repository, log_file=work / "tritonserver-256.log") as server:
         before = statistics_of(server.http_url)
         with TriageClient(server.http_url, "http", timeout_s=1800) as client:
             result = client.classify(study)
@@ -349,10 +333,7 @@ def measure_bundled(
 ) -> None:
     """Everything, on a bundled server this run starts and stops (so memory and /dev/shm are its own)."""
     shm_before = shm_used_mib()
-    http_port, grpc_port, metrics_port = free_ports(3)
-    server = TritonServer(
-        repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, log_file=work / "tritonserver.log"
-    ).start()
+    server = start_on_free_ports(repository, log_file=work / "tritonserver.log")
     try:
         time.sleep(2)  # let the stubs settle before the idle reading
         results["memory"] = {"idle_rss_mib": rss_by_process(server.pid), "shm_before_mib": shm_before, "shm_idle_mib": shm_used_mib()}

@@ -18,7 +18,7 @@ from pathlib import Path
 import client
 import export
 from preprocess import phantom
-from serve import TritonServer, free_ports
+from serve import start_on_free_ports
 from settings import NAMES, PREPROCESSING
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "out" / "demo"  # git-ignored
@@ -46,16 +46,8 @@ def run(out_dir: Path, size: int, protocol: str, timeout_s: float, phantom_optio
     study = phantom.write_study(out_dir / "phantom_study.zip", form="zip", **phantom_options)
     timings["generate phantom study"] = time.perf_counter() - started
 
-    http_port, grpc_port, metrics_port = free_ports(3)
-    server = TritonServer(
-        repository,
-        http_port=http_port,
-        grpc_port=grpc_port,
-        metrics_port=metrics_port,
-        log_file=out_dir / "tritonserver.log",
-    )
     started = time.perf_counter()
-    with server:
+    with start_on_free_ports(repository, log_file=out_dir / "tritonserver.log") as server:
         timings["server start (models loaded)"] = time.perf_counter() - started
         url = server.grpc_url if protocol == "grpc" else server.http_url
         models = (NAMES.preprocess, NAMES.classifier, NAMES.postprocess)

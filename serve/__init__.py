@@ -1,7 +1,7 @@
 """Serving: run the bundled Triton server on a model repository, on any Linux machine.
 
-Public API: TritonServer (context manager), ServerError, free_ports, port_in_use,
-find_installation, prepare_backend_directory. `python -m serve` runs a server in the foreground.
+Public API: TritonServer (context manager), start_on_free_ports, ServerError, free_ports,
+port_in_use, process_tree, find_installation, prepare_backend_directory. `python -m serve` runs a server in the foreground.
 Nothing here is imported by the models: the same repository loads in the NGC `tritonserver` image.
 """
 
@@ -12,6 +12,8 @@ from serve.launcher import (
     free_ports,
     port_in_use,
     prepare_backend_directory,
+    process_tree,
+    start_on_free_ports,
 )
 
 __all__ = [
@@ -21,4 +23,6 @@ __all__ = [
     "free_ports",
     "port_in_use",
     "prepare_backend_directory",
+    "process_tree",
+    "start_on_free_ports",
 ]

@@ -101,6 +101,20 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+def process_tree(pid: int) -> set[int]:
+    """pid and all its descendants, from /proc (a server and the backend stubs it forks)."""
+    found, frontier = {pid}, [pid]
+    while frontier:
+        for task in Path(f"/proc/{frontier.pop()}/task").glob("*"):
+            try:
+                children = {int(child) for child in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            frontier.extend(children - found)
+            found |= children
+    return found
+
+
 def _processes_mentioning(marker: str) -> list[int]:
     """PIDs whose command line contains marker (our stubs carry our backend path and shm prefix)."""
     pids = []
@@ -304,6 +318,20 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_on_free_ports(repository: str | os.PathLike, *, attempts: int = 3, **options) -> TritonServer:
+    """A started TritonServer on ports the kernel reports free. Another process can take one between
+    that check and the server's bind, so a port clash is retried (with new ports), anything else raised."""
+    for attempt in range(attempts):
+        http_port, grpc_port, metrics_port = free_ports(3)
+        server = TritonServer(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, **options)
+        try:
+            return server.start()
+        except ServerError as error:
+            if "in use" not in str(error).lower() or attempt == attempts - 1:
+                raise
+    raise ServerError("no free ports")  # attempts < 1
 
 
 def _die_with_parent() -> None:

@@ -51,29 +51,6 @@ def position(ds: pydicom.Dataset) -> float:
     return float(ds.ImagePositionPatient[2])
 
 
-def start_server(repository: Path, log_file: Path, **options):
-    """A started TritonServer on free ports (retried when another process takes a port first)."""
-    from serve import ServerError, TritonServer, free_ports
-
-    for attempt in range(3):
-        http_port, grpc_port, metrics_port = free_ports(3)
-        server = TritonServer(
-            repository,
-            http_port=http_port,
-            grpc_port=grpc_port,
-            metrics_port=metrics_port,
-            log_file=log_file,
-            exit_timeout_s=5,
-            **options,  # tests close their clients: no 30 s grace
-        )
-        try:
-            return server.start()
-        except ServerError as error:
-            if "in use" not in str(error).lower() or attempt == 2:
-                raise
-    raise AssertionError("unreachable")
-
-
 def model_stats(server, model: str) -> dict:
     """Triton's statistics of one model (its only version)."""
     with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats", timeout=10) as response:

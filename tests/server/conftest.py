@@ -10,7 +10,9 @@ which it died fails with its log, and every later test that needs it fails at on
 from __future__ import annotations
 
 import pytest
-from helpers import TEST_SIZE, start_server
+from helpers import TEST_SIZE
+
+from serve import start_on_free_ports
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +26,8 @@ def triton_repository(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shared_server(triton_repository, tmp_path_factory):
-    server = start_server(triton_repository, tmp_path_factory.mktemp("tritonserver") / "tritonserver.log")
+    log_file = tmp_path_factory.mktemp("tritonserver") / "tritonserver.log"
+    server = start_on_free_ports(triton_repository, log_file=log_file, exit_timeout_s=5)  # tests close their clients: no 30 s grace
     try:
         yield server
     finally:
@@ -44,7 +47,8 @@ def triton_server(shared_server):
 @pytest.fixture
 def private_server(triton_repository, tmp_path_factory):
     """A server of this test's own on the session repository, for tests that kill or reconfigure it."""
-    server = start_server(triton_repository, tmp_path_factory.mktemp("private") / "tritonserver.log")
+    log_file = tmp_path_factory.mktemp("private") / "tritonserver.log"
+    server = start_on_free_ports(triton_repository, log_file=log_file, exit_timeout_s=5)
     try:
         yield server
     finally:

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import openpyxl
 import pytest
-from helpers import ROOT, packaged_file, run_module, start_server
+from helpers import ROOT, packaged_file, run_module
 
 import client
 from preprocess import phantom
+from serve import start_on_free_ports
 from settings import NAMES
 
 GOOD_ZIPS = ("good_a.zip", "good_b.zip", "good_c.zip")
@@ -206,7 +207,7 @@ def test_killing_the_server_mid_run_loses_no_row(triton_repository, triton_serve
     for seed in range(4):
         phantom.write_study(folder / f"study_{seed}.zip", form="zip", seed=seed)
     out = tmp_path / "report.xlsx"
-    server = start_server(triton_repository, tmp_path / "server.log")
+    server = start_on_free_ports(triton_repository, log_file=tmp_path / "server.log", exit_timeout_s=5)
     try:
         run = subprocess.Popen(
             [sys.executable, "-m", "client", "report", str(folder), "--out", str(out), "--url", server.grpc_url, "--attempts", "3"],

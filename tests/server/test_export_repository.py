@@ -12,9 +12,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import TEST_SIZE, run_module, start_server
+from helpers import TEST_SIZE, run_module
 
 import export
+from serve import start_on_free_ports
 from settings import NAMES
 
 SERVED = {
@@ -132,7 +133,7 @@ def test_export_into_the_committed_repository_serves_it_as_it_is(tmp_path):
     assert {path: (committed / path).read_bytes() for path in before} == before  # configs, model.py: untouched
     added = sorted(set(files(committed)) - set(before))
     assert added == ["ct_classifier/1/model.onnx", "ct_classifier/1/provenance.json", "ct_postprocess/1/provenance.json"]
-    server = start_server(committed, tmp_path / "tritonserver.log")  # started from a folder that is not the checkout
+    server = start_on_free_ports(committed, log_file=tmp_path / "tritonserver.log", exit_timeout_s=5)
     try:
         url = f"http://{server.http_url}/v2/models/{NAMES.classifier}/config"
         with urllib.request.urlopen(url, timeout=10) as response:

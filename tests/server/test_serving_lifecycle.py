@@ -22,25 +22,14 @@ import tritonclient.http as triton_http
 
 import preprocess
 from preprocess import phantom
-from serve import ServerError, TritonServer, free_ports, port_in_use
+from serve import ServerError, TritonServer, free_ports, port_in_use, process_tree
 from settings import NAMES
 
 SHM = Path("/dev/shm")
 
 
 def children(pid: int) -> set[int]:
-    """All descendants of pid, from /proc (the server and the backend stubs it forks)."""
-    found, frontier = set(), [pid]
-    while frontier:
-        parent = frontier.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                kids = {int(k) for k in (task / "children").read_text().split()}
-            except OSError:
-                continue
-            frontier.extend(kids - found)
-            found |= kids
-    return found
+    return process_tree(pid) - {pid}
 
 
 def alive(pid: int) -> bool:
