@@ -117,18 +117,18 @@ def run(
     input_json: Path | None = None,
     shared_memory: bool = False,
     metrics_url: str | None = None,
-    requests_per_window: int = 4,
+    requests: int = 16,
     timeout_s: float = 600,
 ) -> dict:
-    """perf_analyzer at one concurrency level: its verbose CSV stays at csv_path (its console report,
-    which breaks an ensemble down by composing model, beside it as .log); returns the CSV's row."""
+    """perf_analyzer at one concurrency level, for exactly `requests` requests (`--request-count`:
+    bounded in time, and no stability loop to fail on a shared machine's noise). Its verbose CSV stays
+    at csv_path (its console report, which breaks an ensemble down by composing model, beside it as
+    .log); returns the CSV's row."""
     if not installed():
         raise PerfAnalyzerError(f"perf_analyzer is not installed: run `python -m benchmarks.perf_analyzer install` ({BINARY})")
     command = [
         str(BINARY), "-m", model, "-u", url, "-i", protocol, "--async",
-        "--concurrency-range", f"{concurrency}:{concurrency}",
-        "--measurement-mode", "count_windows", "--measurement-request-count", str(requests_per_window),
-        "--stability-percentage", "50", "--max-trials", "10",
+        "--concurrency-range", f"{concurrency}:{concurrency}", "--request-count", str(requests),
         "-f", str(csv_path), "--verbose-csv",
         "--input-data", str(input_json) if input_json else "random",
     ]  # fmt: skip

@@ -372,7 +372,7 @@ def sweeps(server: TritonServer, input_json: Path, args: argparse.Namespace, out
                 input_json=None if model == NAMES.classifier else input_json,
                 shared_memory=shared,
                 metrics_url=server.metrics_url,
-                requests_per_window=args.window,
+                requests=args.pa_requests,
             )
             level_csv.unlink()
             level_csv.with_suffix(".log").unlink()
@@ -670,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results", help="folder for the markdown, CSV and PNG results")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4], help="concurrency levels")
     parser.add_argument("--requests", type=int, default=8, help="studies per level in the client loop")
-    parser.add_argument("--window", type=int, default=6, help="perf_analyzer requests per measurement window")
+    parser.add_argument("--pa-requests", type=int, default=16, help="perf_analyzer requests per level")
     parser.add_argument("--slices", type=int, default=120, help="phantom study: slices")
     parser.add_argument("--matrix", type=int, default=256, help="phantom study: rows and columns")
     parser.add_argument("--locust-seconds", type=int, default=20)

@@ -24,7 +24,7 @@ def study_zip(tmp_path_factory) -> Path:
 
 
 def test_perf_analyzer_runs_one_level_on_the_classifier_and_the_ensemble(triton_server, study_zip, tmp_path):
-    classifier = pa.run(NAMES.classifier, triton_server.grpc_url, "grpc", 1, tmp_path / "classifier.csv", requests_per_window=2)
+    classifier = pa.run(NAMES.classifier, triton_server.grpc_url, "grpc", 1, tmp_path / "classifier.csv", requests=3)
     assert classifier["Concurrency"] == 1 and classifier["Inferences/Second"] > 0 and classifier["Server Compute Infer"] > 0
     input_json = tmp_path / "input.json"
     input_json.write_text(json.dumps(pa.input_data([study_zip.read_bytes()])))
@@ -37,7 +37,7 @@ def test_perf_analyzer_runs_one_level_on_the_classifier_and_the_ensemble(triton_
         tmp_path / "triage.csv",
         input_json=input_json,
         shared_memory=True,
-        requests_per_window=2,
+        requests=3,
     )
     assert triage["Inferences/Second"] > 0 and triage["p95 latency"] > 0
     per_model = serving.breakdown(before, serving.statistics_of(triton_server.http_url))

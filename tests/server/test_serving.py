@@ -7,6 +7,7 @@ ONNX Runtime on the same model.onnx) for probabilities, the preprocess package f
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -268,8 +269,11 @@ def test_server_log_holds_no_patient_data(triton_server):
         preprocess.preprocess_study(damaged, size=TEST_SIZE)
     with pytest.raises(InferenceServerException):
         triage(triton_server, "http", damaged)
-    log = triton_server.log_file.read_text(errors="replace")
-    assert f"{NAMES.preprocess}: study refused ({type(refusal.value).__name__}): {refusal.value}" in log
+    refused = f"{NAMES.preprocess}: study refused ({type(refusal.value).__name__}): {refusal.value}"
+    deadline = time.monotonic() + 30  # the stubs' log lines reach the server's log after the answer
+    while refused not in (log := triton_server.log_file.read_text(errors="replace")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert refused in log
     assert "is not a DICOM file: skipped" in log  # and so were preprocess's warnings
     for keyword, value in phantom.FAKE_PHI.items():
         for form in {value, value.replace("^", " ")}:
