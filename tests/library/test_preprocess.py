@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pydicom
@@ -336,3 +337,19 @@ def test_a_failure_inside_the_fast_filter_raises_instead_of_hanging(monkeypatch)
     monkeypatch.setattr(resample._Band, "apply", broken)
     with pytest.raises(RuntimeError, match="simulated filter failure"):
         preprocess.preprocess_study(phantom.study_files("series", slices=120), size=S)
+
+
+def test_worker_threads_come_from_what_the_process_may_use(tmp_path, monkeypatch):
+    from preprocess import workers
+
+    assert 1 <= preprocess.available_cpus() <= os.cpu_count()
+    assert workers.worker_threads(None) == workers.worker_threads(0) == preprocess.available_cpus()
+    assert workers.worker_threads(3) == 3
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        workers.worker_threads(-1)
+    quota = tmp_path / "cpu.max"
+    quota.write_text("50000 100000\n")  # a container limited to half a CPU
+    monkeypatch.setattr(workers, "_CGROUP_CPU_MAX", quota)
+    assert preprocess.available_cpus() == 1
+    quota.write_text("max 100000\n")
+    assert preprocess.available_cpus() == len(os.sched_getaffinity(0))
