@@ -56,11 +56,12 @@ def closed_loop(target: str, make_sender: Callable[[], Sender], concurrency: int
     warm-up study; the clock starts when every worker is warm."""
     latencies: list[float] = []
     errors: list[str] = []
-    remaining = [requests]
+    remaining = requests
     lock = threading.Lock()
     warm = threading.Barrier(concurrency + 1)
 
     def work() -> None:
+        nonlocal remaining
         try:
             send = make_sender()
             send()
@@ -70,9 +71,9 @@ def closed_loop(target: str, make_sender: Callable[[], Sender], concurrency: int
         warm.wait()
         while send is not None:
             with lock:
-                if remaining[0] == 0:
+                if remaining == 0:
                     return
-                remaining[0] -= 1
+                remaining -= 1
             started = time.perf_counter()
             try:
                 send()

@@ -212,7 +212,7 @@ def baseline_service(weights: Path, size: int):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the baseline service did not start in 120 s") from None
                 time.sleep(0.25)
-        yield url, process.pid
+        yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -274,7 +274,6 @@ class RemoteServer:
     http_url: str
     grpc_url: str
     metrics_url: str | None
-    pid: None = None
 
 
 def served_size(http_url: str) -> int:
@@ -389,7 +388,7 @@ def compare(server: TritonServer, repository: Path, study: bytes, args: argparse
     """The same client loop against the ensemble and the baseline, level by level, interleaved."""
     weights = repository.with_name(repository.name + ".artifacts") / "weights.pt"
     rows = []
-    with baseline_service(weights, args.size) as (baseline_url, _):
+    with baseline_service(weights, args.size) as baseline_url:
         for level in args.levels:
             rows.append(load.closed_loop("triton", load.triton_sender(server.http_url, [study]), level, args.requests).to_dict())
             rows.append(load.closed_loop("baseline", load.baseline_sender(baseline_url, study), level, args.requests).to_dict())

@@ -13,6 +13,8 @@ import tritonclient.http as triton_http
 from contract import parse_threshold
 from settings import NAMES
 
+from .triage import _strip_scheme
+
 
 def set_threshold(http_url: str, threshold: float) -> dict:
     """Reload ct_postprocess with `threshold`; returns the config now in force.
@@ -21,7 +23,7 @@ def set_threshold(http_url: str, threshold: float) -> dict:
     and sent back. ct_triage keeps serving: Triton swaps the composing model in place.
     """
     value = parse_threshold(threshold)
-    client = triton_http.InferenceServerClient(http_url.split("://", 1)[-1])
+    client = triton_http.InferenceServerClient(_strip_scheme(http_url))
     try:
         config = client.get_model_config(NAMES.postprocess)
         config.setdefault("parameters", {})["threshold"] = {"string_value": repr(value)}

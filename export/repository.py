@@ -257,7 +257,6 @@ def write_repository(
     touching the repository if the export or the parity check fails.
     """
     started = time.perf_counter()
-    _check_target(target)
     source = Path(source).resolve()
     in_place = out_dir is None or Path(out_dir).resolve() == source
     repository = source if in_place else Path(out_dir)

@@ -66,7 +66,7 @@ def test_baseline_answers_what_the_offline_model_answers(triton_repository, stud
     classifier = baseline.load_classifier(str(weights))
     with torch.inference_mode():
         expected = float(torch.softmax(classifier(torch.from_numpy(volume)), dim=1)[0, 1])
-    with serving.baseline_service(weights, TEST_SIZE) as (url, _):
+    with serving.baseline_service(weights, TEST_SIZE) as url:
         request = urllib.request.Request(f"http://{url}/classify", data=study, method="POST")
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
