@@ -17,13 +17,11 @@ import json
 import time
 from urllib.parse import urlsplit
 
-from grpc.experimental import gevent as grpc_gevent
+import gevent
 from locust import User, constant, events, task
 
 from client import RetryPolicy, TriageClient, load_payload, payload_bytes
 from settings import NAMES, SERVING
-
-grpc_gevent.init_gevent()  # locust runs users as greenlets: gRPC's core must cooperate with gevent
 
 
 @events.init_command_line_parser.add_listener
@@ -70,16 +68,23 @@ class _TriageUser(User):
         options = self.environment.parsed_options
         host = urlsplit(self.host if "://" in self.host else f"http://{self.host}")
         url = host.netloc if self.protocol == "http" else (options.grpc_url or f"{host.hostname}:{SERVING.grpc_port}")
-        self.client = TriageClient(url, self.protocol, retry=RetryPolicy(attempts=1))
         self.payload = list(_payload(options.study))
+        self.client = self._blocking(TriageClient, url, self.protocol, retry=RetryPolicy(attempts=1))
 
     def on_stop(self) -> None:
-        self.client.close()
+        self._blocking(self.client.close)
+
+    def _blocking(self, function, *args, **kwargs):
+        """gRPC's core blocks in C, which would stall every greenlet (and locust's own timers): its
+        calls run on gevent's pool of real threads. HTTP (geventhttpclient) cooperates as it is."""
+        if self.protocol == "grpc":
+            return gevent.get_hub().threadpool.apply(function, args, kwargs)
+        return function(*args, **kwargs)
 
     @task
     def classify(self) -> None:
         started = time.perf_counter()
-        result = self.client.classify(self.payload)
+        result = self._blocking(self.client.classify, self.payload)
         events.request.fire(
             request_type=self.protocol,
             name=NAMES.triage,
