@@ -6,7 +6,8 @@ Public API:
 - write_repository(out_dir=None, *, target, checkpoint | demo_weights, ...) -> ExportResult: the
   artifacts into the committed model_repository/, or a rendered copy at other serving options.
 - target_configs / render_configs / serving_options / parse_config: the repository's configs.
-- check_parity(...) -> ParityReport: torch FP32 vs ONNX Runtime FP32 vs FP16.
+- check_parity(...) / check_torch_parity(...) -> ParityReport: what a target serves vs torch FP32.
+- TorchClassifier: the network run by PyTorch on a device at a precision (the torch-gpu target).
 - ExportError and its subclasses: every user-facing failure, one clear line (sizes and operating
   points are checked by `contract`, whose ContractError is the other error a caller sees).
 """
@@ -14,7 +15,7 @@ Public API:
 from .checkpoint import DEMO_PROVENANCE, Weights, build_classifier, demo_weights, file_sha256, load_checkpoint
 from .errors import ArchitectureError, CheckpointError, ExportError, OutputFolderError, TargetUnavailableError
 from .network import ResNet34Classifier
-from .parity import ParityReport, check_parity
+from .parity import ParityReport, check_parity, check_torch_parity
 from .repository import (
     COMMITTED,
     MARKER,
@@ -28,6 +29,7 @@ from .repository import (
     target_configs,
     write_repository,
 )
+from .torch_engine import TorchClassifier
 
 __all__ = [
     "COMMITTED",
@@ -43,9 +45,11 @@ __all__ = [
     "ResNet34Classifier",
     "ServingOptions",
     "TargetUnavailableError",
+    "TorchClassifier",
     "Weights",
     "build_classifier",
     "check_parity",
+    "check_torch_parity",
     "config_path",
     "demo_weights",
     "file_sha256",

@@ -1,12 +1,15 @@
-"""Proof that the exported graphs compute what the checkpoint computes.
+"""Proof that what a target serves computes what the checkpoint computes.
 
-torch FP32 (the reference) vs ONNX Runtime FP32 vs ONNX Runtime FP16 on random and chest-like
-volumes: max abs difference of the probabilities, agreement of the decision at the operating
-point, and batch > 1 giving the same per-item result as batch 1.
+The reference is torch FP32 on the CPU. ONNX targets: ONNX Runtime FP32 vs the reference, FP16 vs
+FP32. The torch-gpu target: the served engine at FP32 on its device vs the reference, at its
+precision (FP16) vs FP32. On random and chest-like volumes: max abs difference of the
+probabilities, agreement of the decision at the operating point, and batch > 1 giving the same
+per-item result as batch 1.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from settings import NAMES
 
 from . import volumes
 from .network import ResNet34Classifier
+from .torch_engine import TorchClassifier
 
 # The issue's bounds: the FP32 graph must be the checkpoint; FP16 may drift a little, never flip a decision.
 FP32_BOUND = 1e-4
@@ -44,30 +48,31 @@ class Comparison:
 
 @dataclass
 class ParityReport:
-    """Kept as parity.json beside the artifacts and printed by the CLI."""
+    """Kept as parity.json beside the artifacts and printed by the CLI.
+
+    `comparisons` names each check "<engine>_vs_<reference>"; `not_checked` says which checks could
+    not run where export ran, and why (the FP16 PyTorch engine needs a GPU)."""
 
     size: int
     threshold: float
     inputs: list[str]
     probability_of_pathology: dict[str, list[float]]  # engine -> one value per input
-    onnx_fp32_vs_torch: Comparison
-    onnx_fp16_vs_onnx_fp32: Comparison
-    onnx_fp16_vs_torch: Comparison
+    comparisons: dict[str, Comparison]
     batch_size: int
     batch_vs_single_max_abs_diff: float
+    device: str = "cpu"
+    not_checked: list[str] = field(default_factory=list)
     graphs: list[dict] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def failures(self) -> list[str]:
-        found = []
-        for name in ("onnx_fp32_vs_torch", "onnx_fp16_vs_onnx_fp32"):
-            comparison: Comparison = getattr(self, name)
-            if not comparison.passed:
-                found.append(
-                    f"{name}: max abs diff {comparison.max_abs_diff:.2e} (bound {comparison.bound:.0e}), "
-                    f"decision differs on {comparison.disagreeing_inputs or 'none'}"
-                )
+        found = [
+            f"{name}: max abs diff {comparison.max_abs_diff:.2e} (bound {comparison.bound:.0e}), "
+            f"decision differs on {comparison.disagreeing_inputs or 'none'}"
+            for name, comparison in self.comparisons.items()
+            if not comparison.passed
+        ]
         if self.batch_vs_single_max_abs_diff > BATCH_BOUND:
             found.append(f"batch {self.batch_size} vs batch 1: max abs diff {self.batch_vs_single_max_abs_diff:.2e}")
         return found
@@ -80,13 +85,13 @@ class ParityReport:
         return {**asdict(self), "passed": self.passed, "failures": self.failures}
 
     def summary(self) -> str:
+        checks = ", ".join(f"{name} {comparison.max_abs_diff:.1e}" for name, comparison in self.comparisons.items())
+        agree = all(comparison.decisions_agree for comparison in self.comparisons.values())
+        skipped = f"; not checked: {'; '.join(self.not_checked)}" if self.not_checked else ""
         return (
-            f"parity at {self.size}^3 on {len(self.inputs)} inputs: "
-            f"ONNX FP32 vs torch {self.onnx_fp32_vs_torch.max_abs_diff:.1e}, "
-            f"FP16 vs FP32 {self.onnx_fp16_vs_onnx_fp32.max_abs_diff:.1e}, "
-            f"decisions at {self.threshold:g} agree: "
-            f"{self.onnx_fp32_vs_torch.decisions_agree and self.onnx_fp16_vs_onnx_fp32.decisions_agree}, "
-            f"batch {self.batch_size} vs 1: {self.batch_vs_single_max_abs_diff:.1e} -> " + ("PASSED" if self.passed else "FAILED")
+            f"parity at {self.size}^3 on {len(self.inputs)} inputs ({self.device}): {checks}, "
+            f"decisions at {self.threshold:g} agree: {agree}, "
+            f"batch {self.batch_size} vs 1: {self.batch_vs_single_max_abs_diff:.1e}{skipped} -> " + ("PASSED" if self.passed else "FAILED")
         )
 
 
@@ -124,8 +129,7 @@ def check_parity(classifier: ResNet34Classifier, fp32_path: Path, fp16_path: Pat
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    with torch.no_grad():
-        reference = torch.softmax(classifier.eval()(torch.from_numpy(inputs)), dim=1).numpy()
+    reference = _reference(classifier, inputs)
     timings["torch_fp32"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -151,10 +155,62 @@ def check_parity(classifier: ResNet34Classifier, fp32_path: Path, fp16_path: Pat
             "onnx_fp32": batched[:, 1].tolist(),
             "onnx_fp16": half[:, 1].tolist(),
         },
-        onnx_fp32_vs_torch=_compare(names, batched, reference, threshold, FP32_BOUND),
-        onnx_fp16_vs_onnx_fp32=_compare(names, half, batched, threshold, FP16_BOUND),
-        onnx_fp16_vs_torch=_compare(names, half, reference, threshold, FP16_BOUND),
+        comparisons={
+            "onnx_fp32_vs_torch": _compare(names, batched, reference, threshold, FP32_BOUND),
+            "onnx_fp16_vs_onnx_fp32": _compare(names, half, batched, threshold, FP16_BOUND),
+        },
         batch_size=len(names),
         batch_vs_single_max_abs_diff=float(np.abs(batched - single).max()),
+        timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
+    )
+
+
+def _reference(classifier: ResNet34Classifier, inputs: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch.softmax(classifier.eval()(torch.from_numpy(inputs)), dim=1).numpy()
+
+
+def check_torch_parity(classifier: ResNet34Classifier, *, device: str, precision: str, size: int, threshold: float) -> ParityReport:
+    """The torch-gpu target's engine on `device`. Half precision needs a GPU (on a CPU it has no
+    fast kernels: minutes per volume), so on a CPU only FP32 is checked and the report says so."""
+    names, inputs = parity_inputs(size)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    reference = _reference(classifier, inputs)
+    timings["torch_fp32"] = time.perf_counter() - started
+    volumes = torch.from_numpy(inputs)
+
+    def run(engine_precision: str) -> tuple[np.ndarray, np.ndarray | None]:
+        engine = TorchClassifier(copy.deepcopy(classifier), device=device, precision=engine_precision)
+        started = time.perf_counter()
+        batched = engine(volumes).cpu().numpy()
+        timings[f"served_{engine_precision}"] = time.perf_counter() - started
+        if engine_precision != "fp32":
+            return batched, None
+        started = time.perf_counter()
+        single = np.concatenate([engine(volumes[i : i + 1]).cpu().numpy() for i in range(len(names))])
+        timings["served_fp32_batch1"] = time.perf_counter() - started
+        return batched, single
+
+    fp32, single = run("fp32")
+    probabilities = {"torch_fp32": reference[:, 1].tolist(), "served_fp32": fp32[:, 1].tolist()}
+    comparisons = {"served_fp32_vs_torch": _compare(names, fp32, reference, threshold, FP32_BOUND)}
+    not_checked = []
+    if precision != "fp32" and torch.device(device).type == "cuda":
+        half, _ = run(precision)
+        probabilities[f"served_{precision}"] = half[:, 1].tolist()
+        comparisons[f"served_{precision}_vs_served_fp32"] = _compare(names, half, fp32, threshold, FP16_BOUND)
+    elif precision != "fp32":
+        not_checked.append(f"served {precision} vs fp32: needs a CUDA device (benchmarks/gpu_check.sh checks it on the GPU)")
+    return ParityReport(
+        size=size,
+        threshold=threshold,
+        inputs=names,
+        probability_of_pathology=probabilities,
+        comparisons=comparisons,
+        batch_size=len(names),
+        batch_vs_single_max_abs_diff=float(np.abs(fp32 - single).max()),
+        device=str(device),
+        not_checked=not_checked,
         timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
     )

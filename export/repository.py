@@ -4,8 +4,9 @@
 parse as they are; the classifier's per-target configs are `configs/<target>.pbtxt`, which Triton
 loads instead of `config.pbtxt` when started with `--model-config-name=<target>` (the `cpu`
 target is `config.pbtxt` itself). Export adds only what the target serves:
-- in place (the default): `ct_classifier/1/model.onnx` (cpu, onnx-gpu) or `1/model.plan`
-  (tensorrt), and `provenance.json` beside ct_classifier's and ct_postprocess's model files. S, the
+- in place (the default): `ct_classifier/1/model.onnx` (cpu, onnx-gpu), `1/model.plan`
+  (tensorrt) or `1/model.pt` (torch-gpu: the weights PyTorch runs), and `provenance.json` beside
+  ct_classifier's and ct_postprocess's model files. S, the
   largest batch and the operating point are read from the committed configs.
 - a rendered copy (`out`, another folder): every model folder copied, the target's configs rendered
   with other serving options (S, batching, instances, threshold) as plain `config.pbtxt` files, and
@@ -33,15 +34,14 @@ from tritonclient.grpc import model_config_pb2
 from contract import parse_threshold, validate_size
 from settings import NAMES, OPERATING_POINT, PREPROCESSING, SERVING
 
-from . import onnx_graph, parity, tensorrt_engine
+from . import onnx_graph, parity, tensorrt_engine, torch_engine
 from .checkpoint import DEMO_PROVENANCE, Weights, build_classifier, file_sha256, load_checkpoint
 from .checkpoint import demo_weights as make_demo_weights
 from .errors import ExportError, OutputFolderError
 
 COMMITTED = Path(__file__).resolve().parent.parent / "model_repository"
-TARGETS = ("cpu", "onnx-gpu", "tensorrt")
-PRECISION = {"cpu": "fp32", "onnx-gpu": "fp32 graph, fp16 TensorRT accelerator", "tensorrt": "fp16"}
-SERVED_GRAPH = {"cpu": "model.onnx", "onnx-gpu": "model.onnx", "tensorrt": "model.plan"}
+TARGETS = ("cpu", "onnx-gpu", "tensorrt", "torch-gpu")
+SERVED_FILE = {"cpu": "model.onnx", "onnx-gpu": "model.onnx", "tensorrt": "model.plan", "torch-gpu": "model.pt"}
 MARKER = ".ct-triage-export.json"  # says "export wrote this folder": only such folders are ever replaced
 PROVENANCE_FILE = "provenance.json"
 ARTIFACTS_SUFFIX = ".artifacts"
@@ -49,7 +49,9 @@ WEIGHTS_FILE = "weights.pt"
 PARITY_FILE = "parity.json"
 FP16_FILE = "model.fp16.onnx"
 CONFIG = "config.pbtxt"
-GENERATED = frozenset({*SERVED_GRAPH.values(), PROVENANCE_FILE})
+TORCH_TARGET = "torch-gpu"
+ONNX_PRECISION = {"cpu": "fp32", "onnx-gpu": "fp32 graph, fp16 TensorRT accelerator", "tensorrt": "fp16"}
+GENERATED = frozenset({*SERVED_FILE.values(), PROVENANCE_FILE})
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,17 @@ def _check_integer(name: str, value, minimum: int) -> None:
 def _check_target(target: str) -> None:
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+
+
+def served_precision(target: str, classifier: model_config_pb2.ModelConfig) -> str:
+    """What the target computes in; the torch-gpu config's `precision` parameter is checked here,
+    before any work, rather than when the server loads it."""
+    if target != TORCH_TARGET:
+        return ONNX_PRECISION[target]
+    precision = classifier.parameters["precision"].string_value if "precision" in classifier.parameters else "fp16"
+    if precision not in torch_engine.PRECISIONS:
+        raise ExportError(f"{NAMES.classifier} precision {precision!r}: choose one of {', '.join(torch_engine.PRECISIONS)}")
+    return precision
 
 
 def model_folders(repository: Path = COMMITTED) -> list[Path]:
@@ -217,8 +230,13 @@ def _install(staging: Path, folder: Path) -> None:
         staging.rename(folder)
 
 
+def _python_model(config: model_config_pb2.ModelConfig) -> str | None:
+    return (config.default_model_filename or "model.py") if config.backend == "python" else None
+
+
 def _copy_model_files(folder: Path, destination: Path, config: model_config_pb2.ModelConfig) -> None:
-    """A model's committed files without its configs; model.py only where the config runs the Python backend."""
+    """A model's committed files without its configs; of the Python files in its version folder only
+    the one the config runs (`model.py` or its default_model_filename), and none for other backends."""
     for source in sorted(folder.rglob("*")):
         relative = source.relative_to(folder)
         if (
@@ -228,7 +246,7 @@ def _copy_model_files(folder: Path, destination: Path, config: model_config_pb2.
             or relative.parts[0] == "configs"
             or relative.as_posix() == CONFIG
             or source.name in GENERATED  # what an earlier export put into this checkout: this export writes its own
-            or (source.name == "model.py" and config.backend != "python")
+            or (source.suffix == ".py" and source.name != _python_model(config))
         ):
             continue
         (destination / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -304,33 +322,43 @@ def write_repository(
     kept = _staging(artifacts)
     staged: list[Path] = [kept]
     try:
-        graph = kept / "model.onnx"
-        onnx_graph.export_fp32(classifier, graph)
-        mark = lap("onnx_fp32", mark)
-        clamped = onnx_graph.convert_fp16(graph, kept / FP16_FILE)
-        mark = lap("onnx_fp16", mark)
-        graphs = [onnx_graph.check_graph(graph), onnx_graph.check_graph(kept / FP16_FILE, clamped)]
-        mark = lap("graph_checks", mark)
-        report = parity.check_parity(classifier, graph, kept / FP16_FILE, size=parity_size, threshold=options.threshold)
-        report.graphs = [vars(checked) for checked in graphs]
-        mark = lap("parity", mark)
+        precision = served_precision(target, configs[NAMES.classifier])
+        if target == TORCH_TARGET:  # the served engine itself, on the GPU when this machine has one
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            report = parity.check_torch_parity(
+                classifier, device=device, precision=precision, size=parity_size, threshold=options.threshold
+            )
+            mark = lap("parity", mark)
+        else:
+            graph = kept / "model.onnx"
+            onnx_graph.export_fp32(classifier, graph)
+            mark = lap("onnx_fp32", mark)
+            clamped = onnx_graph.convert_fp16(graph, kept / FP16_FILE)
+            mark = lap("onnx_fp16", mark)
+            graphs = [onnx_graph.check_graph(graph), onnx_graph.check_graph(kept / FP16_FILE, clamped)]
+            mark = lap("graph_checks", mark)
+            report = parity.check_parity(classifier, graph, kept / FP16_FILE, size=parity_size, threshold=options.threshold)
+            report.graphs = [vars(checked) for checked in graphs]
+            mark = lap("parity", mark)
         (kept / PARITY_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         if not report.passed:
-            raise ExportError("exported graph does not match the checkpoint: " + "; ".join(report.failures))
-        served = kept / SERVED_GRAPH[target]
+            raise ExportError("exported model does not match the checkpoint: " + "; ".join(report.failures))
+        served = kept / SERVED_FILE[target]
         if target == "tensorrt":
             tensorrt_engine.build_engine(graph, served, size=options.size, max_batch_size=options.max_batch_size)
             mark = lap("tensorrt_engine", mark)
         torch.save(weights.state_dict, kept / WEIGHTS_FILE)
+        if target == TORCH_TARGET:
+            shutil.copyfile(kept / WEIGHTS_FILE, served)
         provenance = {
             "checkpoint": weights.source if weights.source == DEMO_PROVENANCE else f"sha256:{weights.source}",
             "checkpoint_format": weights.checkpoint_format,
             "classifier_head_trained": weights.head_trained,
             "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "size": options.size,
-            "precision": PRECISION[target],
+            "precision": precision,
             "target": target,
-            "opset": onnx_graph.OPSET,
+            **({} if target == TORCH_TARGET else {"opset": onnx_graph.OPSET}),
             "weights_sha256": file_sha256(kept / WEIGHTS_FILE),
             "served_sha256": file_sha256(served),
             "parity": report.summary(),
@@ -388,5 +416,5 @@ def _install_in_place(repository: Path, files: dict[Path, Path], target: str) ->
         raise
     for temporary, destination in placed:
         os.replace(temporary, destination)
-    for name in set(SERVED_GRAPH.values()) - {SERVED_GRAPH[target]}:
+    for name in set(SERVED_FILE.values()) - {SERVED_FILE[target]}:
         (repository / NAMES.classifier / "1" / name).unlink(missing_ok=True)

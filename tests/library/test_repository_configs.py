@@ -27,8 +27,12 @@ def test_committed_configs_parse_as_triton_model_configs_for_every_target(target
     assert (probabilities.name, list(probabilities.dims), probabilities.label_filename) == (NAMES.probabilities, [2], "labels.txt")
     (group,) = classifier.instance_group
     expected = {"cpu": ("python", "", group.KIND_CPU), "onnx-gpu": ("", "onnxruntime_onnx", group.KIND_GPU),
-                "tensorrt": ("", "tensorrt_plan", group.KIND_GPU)}  # fmt: skip
+                "tensorrt": ("", "tensorrt_plan", group.KIND_GPU), "torch-gpu": ("python", "", group.KIND_GPU)}  # fmt: skip
     assert (classifier.backend, classifier.platform, group.kind) == expected[target]
+    if target == "torch-gpu":  # GPU volumes stay on the GPU; the model file it runs is committed
+        assert classifier.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+        assert classifier.parameters["precision"].string_value == "fp16"
+        assert (export.COMMITTED / NAMES.classifier / "1" / classifier.default_model_filename).is_file()
     if target == "onnx-gpu":
         (accelerator,) = classifier.optimization.execution_accelerators.gpu_execution_accelerator
         assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
@@ -83,6 +87,7 @@ def test_model_files_are_copied_without_caches_configs_earlier_exports_or_an_unu
     (source / "1" / "__pycache__").mkdir(parents=True)
     (source / "configs").mkdir()
     (source / "1" / "model.py").write_text("")
+    (source / "1" / "torch_model.py").write_text("")
     (source / "1" / "model.onnx").write_bytes(b"an earlier export's graph")
     (source / "1" / "provenance.json").write_text("{}")
     (source / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"")
@@ -90,11 +95,17 @@ def test_model_files_are_copied_without_caches_configs_earlier_exports_or_an_unu
     (source / "config.pbtxt").write_text("")
     (source / "labels.txt").write_text("a\n")
     python, onnx = model_config_pb2.ModelConfig(backend="python"), model_config_pb2.ModelConfig(platform="onnxruntime_onnx")
-    _copy_model_files(source, tmp_path / "python", python)
-    _copy_model_files(source, tmp_path / "onnx", onnx)
+    torch_gpu = model_config_pb2.ModelConfig(backend="python", default_model_filename="torch_model.py")
+    for name, config in (("python", python), ("onnx", onnx), ("torch", torch_gpu)):
+        _copy_model_files(source, tmp_path / name, config)
     assert sorted(p.relative_to(tmp_path / "python").as_posix() for p in (tmp_path / "python").rglob("*")) == [
         "1",
         "1/model.py",
+        "labels.txt",
+    ]
+    assert sorted(p.relative_to(tmp_path / "torch").as_posix() for p in (tmp_path / "torch").rglob("*")) == [
+        "1",
+        "1/torch_model.py",
         "labels.txt",
     ]
     assert sorted(p.relative_to(tmp_path / "onnx").as_posix() for p in (tmp_path / "onnx").rglob("*")) == ["labels.txt"]
