@@ -1,6 +1,7 @@
-"""Preprocessing speed and memory: fast vs reference on one study, decoding included.
+"""Preprocessing speed and memory: fast vs reference on one study, decoding included; the device path.
 
     .venv/bin/python -m benchmarks.preprocessing [--study PATH] [--repeat N] [--size S] [--exact-air] [--transfer-syntax TS]
+    .venv/bin/python -m benchmarks.preprocessing --device cuda [--repeat N] [--size S]
 
 Without --study it generates the issue's default: a 300-slice 512x512 phantom (~150 MB of DICOM).
 The two modes run interleaved, N times each, so that both see the same minutes of a shared machine.
@@ -9,6 +10,7 @@ per study through preprocess.preprocess_study), speedup (their ratio) and paired
 interleaved pair), CPU seconds and the load average, peak_mb (fast mode's peak resident memory
 above the resident memory before the call, i.e. above the DICOM bytes already in memory), the same
 for reference, and the raw int16 volume size the memory target is relative to.
+With --device, it prints `device_report`'s JSON instead (the default study's shape, generated).
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ import numpy as np
 import torch
 
 import preprocess
-from preprocess import phantom
+from preprocess import phantom, resample
+from preprocess.dicom import parse
+from preprocess.pipeline import stored_values
+from preprocess.series import select_series
+from preprocess.sources import expand
+from preprocess.workers import worker_threads
 from settings import PREPROCESSING
 
 # the issue's default study; scanner air (noisy air in the field of view, padding outside) makes the
@@ -103,6 +110,70 @@ def measure(files: list[bytes], size: int, repeat: int) -> dict[str, dict]:
     return result
 
 
+def device_report(device: str, *, slices: int = 300, rows: int = 512, columns: int = 512, size: int = 256, repeats: int = 5) -> dict:
+    """The tensor path (`resample.on_device`) on `device` against the CPU fast path, on one
+    uncompressed phantom of the default study's kind (scanner air, 0.7 mm pixels, 1 mm slices)
+    generated in memory, parsed and read on the CPU as the pipeline does (slices in place).
+
+    Times, each synchronised with the device, one warm-up then `repeats` runs (median and min):
+    upload_ms (gathering the stored values into one page-locked buffer and copying them to the
+    device), device_ms (everything after: crop box, filters, clamp), and the CPU fast path's
+    fast_s on the same slices. Also the largest difference from the fast path and whether the crop
+    box and mapping are the same, the device's peak memory during the last run (CUDA: the stored
+    values and the working memory) and the float32 matmul precision (TF32 would change the results).
+    No SimpleITK: this runs where only the serving dependencies are installed.
+    """
+    files = phantom.study_files("series", **dict(DEFAULT_STUDY, slices=slices, rows=rows, columns=columns))
+    blobs, _ = expand(files)
+    stack, _ = select_series(parse(blobs)[0])
+    threads = worker_threads(None)
+    values = stored_values(stack, blobs, in_place=True, threads=threads)
+    cuda = torch.device(device).type == "cuda"
+
+    def timed(step, *args, **kwargs):  # seconds of one call, with everything queued before and by it finished
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = step(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start, result
+
+    upload, run, fast = [], [], []
+    for k in range(repeats + 1):  # the first run is the warm-up (allocators, kernels, thread pools)
+        stored = volume = None  # the previous run's memory is released first
+        seconds, stored = timed(resample.upload, values, device)
+        upload.append(seconds)
+        if cuda and k == repeats:
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, (volume, mapping) = timed(resample.from_stored, stored, stack, size)
+        run.append(seconds)
+        seconds, (expected, expected_mapping) = timed(resample.fast, values, stack, size, threads=threads)
+        fast.append(seconds)
+
+    def summary(times: list[float], scale: float) -> dict:
+        return {"median": round(statistics.median(times[1:]) * scale, 3), "min": round(min(times[1:]) * scale, 3)}
+
+    return {
+        "device": str(volume.device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "CPU",
+        "shape": [slices, rows, columns],
+        "size": size,
+        "repeats": repeats,
+        "stored_dtype": str(stored.dtype).removeprefix("torch."),
+        "upload_ms": summary(upload, 1e3),
+        "device_ms": summary(run, 1e3),
+        "fast_s": summary(fast, 1.0),
+        "fast_threads": threads,
+        "max_abs_diff_vs_fast": float(np.abs(volume.cpu().numpy() - expected).max()),
+        "same_mapping": mapping == expected_mapping,
+        "peak_allocated_mib": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if cuda else None,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocessing", description=__doc__.splitlines()[0])
     parser.add_argument("--study", help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
@@ -115,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         default="explicit",
         help="generated study's encoding (rle, jpeg2000: decoding included in the times)",
     )
+    parser.add_argument("--device", help="instead: device_report on this torch device (cuda, cpu), as one JSON line")
     args = parser.parse_args(argv)
+    if args.device:
+        shape = {k: DEFAULT_STUDY[k] for k in ("slices", "rows", "columns")}
+        print(json.dumps(device_report(args.device, **shape, size=args.size, repeats=args.repeat)))
+        return 0
     if args.study:
         files, label = preprocess.read_study(args.study), args.study
     else:

@@ -1,6 +1,6 @@
-"""CLI: python -m preprocess INPUT -o OUT.pt [--size S] [--mode fast|reference] [--series UID] [--threads N]
+"""CLI: python -m preprocess INPUT -o OUT.pt [--size S] [--mode fast|reference] [--series UID] [--device D] [--threads N]
 
-Writes OUT.pt (torch.save of the [1, 1, S, S, S] float32 tensor) and OUT.json (the metadata).
+Writes OUT.pt (torch.save of the [1, 1, S, S, S] float32 tensor, on the CPU whatever --device) and OUT.json (the metadata).
 A bad study exits with status 1 and one line on stderr; no output file is written.
 """
 
@@ -18,6 +18,7 @@ from settings import PREPROCESSING
 
 from . import MODES, StudyError, preprocess_study, read_study
 from .output import write_atomically
+from .pipeline import check_device
 
 
 def _size(text: str) -> int:
@@ -45,17 +46,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--mode", choices=MODES, default="fast", help="fast (served) or reference (the trained preprocessing step by step)")
     parser.add_argument("--series", default=None, help="use this SeriesInstanceUID instead of the automatic choice")
+    parser.add_argument(
+        "--device", default=None, help="fast mode's tensor path on this torch device (cuda, cuda:1, cpu); default: the CPU fast path"
+    )
     parser.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: every CPU this process may use)")
     args = parser.parse_args(argv)
+    if args.device is not None:
+        try:
+            check_device(args.device, args.mode)
+        except ValueError as exc:
+            parser.error(str(exc))
     out = Path(args.out)
     meta_path = out.with_suffix(".json")
     try:
-        study = preprocess_study(read_study(args.input), size=args.size, mode=args.mode, series_uid=args.series, threads=args.threads)
+        study = preprocess_study(
+            read_study(args.input), size=args.size, mode=args.mode, series_uid=args.series, device=args.device, threads=args.threads
+        )
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        write_atomically(out, lambda f: torch.save(torch.from_numpy(study.volume), f))
+        write_atomically(out, lambda f: torch.save(torch.as_tensor(study.volume).cpu(), f))
         write_atomically(meta_path, lambda f: f.write(json.dumps(study.meta, indent=1).encode()))
     except OSError as exc:
         out.unlink(missing_ok=True)

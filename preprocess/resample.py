@@ -12,7 +12,7 @@ HU > -1000 plus 5 voxels, clip and scale, torch trilinear resize to S^3. Choices
     volume border (no padding);
   * resize: torch.nn.functional.interpolate(mode="trilinear", align_corners=False), the PyTorch
     default, in float32.
-`fast` computes the same function with far less work, straight from the stored integers:
+`fast` computes the same function on the CPU with far less work, straight from the stored integers:
   * uncompressed slices are read where they lie in the DICOM bytes (no volume is assembled); the
     crop box is found on the stored values (per-slice threshold from slope/intercept; once a box is
     found only the bands outside it are scanned) and mapped to the 1 mm grid points whose
@@ -30,12 +30,19 @@ HU > -1000 plus 5 voxels, clip and scale, torch trilinear resize to S^3. Choices
     intercepts into a per-slice offset; the output slices whose (at most 4) taps all lie in one
     block are one matrix product over that block's planes plus the offsets, then one clamp; the
     few that straddle two blocks wait for the other block and are combined in tap order, so the
-    result never depends on thread timing;
-  * the filtering is torch, so `device="cuda"` runs it on a GPU; decoding, the crop-box pass and
-    the int -> float conversion of each slice stay on the CPU (numpy, faster there than torch).
-The one remaining difference is where the clip happens: reference clips between the two
-interpolations, fast after both, which only matters next to voxels outside [-1000, 600] HU
-(bone edges): measured mean |fast - reference| ~ 4e-5, max ~ 0.12, on phantoms.
+    result never depends on thread timing.
+`on_device` computes `fast`'s function again, for a GPU, as a few whole-volume tensor operations
+instead of thousands of small ones: the stored values go to the device once (one page-locked host
+buffer, one copy); the crop box is found there (per-slice row and column maxima against the same
+thresholds) and mapped to the 1 mm grid by the same code as `fast`; the cropped values are
+converted to float32 and filtered by three dense products with the same composed filters (the same
+folded D filter and bias), then one clamp. Decoding and DICOM parsing stay on the CPU. It agrees
+with `fast` to float32 rounding (~1e-6) as long as float32 products are IEEE, torch's default
+(TF32, e.g. after torch.set_float32_matmul_precision("high"), keeps 10 mantissa bits: expect
+differences near 1e-3).
+The one remaining difference from reference is where the clip happens: reference clips between the
+two interpolations, fast and on_device after both, which only matters next to voxels outside
+[-1000, 600] HU (bone edges): measured mean |fast - reference| ~ 4e-5, max ~ 0.12, on phantoms.
 """
 
 from __future__ import annotations
@@ -147,9 +154,9 @@ def _margin_box(lo_hi: list[tuple[int, int]], shape: tuple[int, int, int], margi
 
 
 def fast(
-    slices: Sequence[np.ndarray], stack: Stack, size: int, *, threads: int, device: str = "cpu", settings: Preprocessing = PREPROCESSING
+    slices: Sequence[np.ndarray], stack: Stack, size: int, *, threads: int, settings: Preprocessing = PREPROCESSING
 ) -> tuple[np.ndarray, GridMapping]:
-    """The reference's result in one pass over the cropped stored values (see the module docstring).
+    """The reference's result in one pass over the cropped stored values, on the CPU (see the module docstring).
 
     `slices`: the stored values of each sorted slice, [rows, columns] each: views into the DICOM
     bytes (nothing copied) or a decoded [slices, rows, columns] array. `threads` workers filter
@@ -158,31 +165,23 @@ def fast(
     other processes), while plain worker threads degrade gracefully.
     """
     with _torch_threads(1):
-        return _fast(slices, stack, size, device, threads, settings)
+        return _fast(slices, stack, size, threads, settings)
 
 
-def _fast(
-    slices: Sequence[np.ndarray], stack: Stack, size: int, device: str, threads: int, settings: Preprocessing
-) -> tuple[np.ndarray, GridMapping]:
+def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, threads: int, settings: Preprocessing) -> tuple[np.ndarray, GridMapping]:
     with ThreadPoolExecutor(threads) as pool:
-        mapping = GridMapping(grid_shape(stack, settings), _crop_box_1mm(slices, stack, settings), size)
+        mapping = GridMapping(grid_shape(stack, settings), _box_1mm(_array_box(slices, stack, settings), stack, settings), size)
         # in-plane: rows (the strided axis) by a sparse matrix product, which computes only the
         # taps; columns (the contiguous axis) by the band of their matrix, in tiles
         transposed = stack.canonical[1][0] == 2  # image rows run along canonical W
         rows, columns = (mapping.axis_filter(stack, c) for c in ((2, 1) if transposed else (1, 2)))
-        rows, columns = _Sparse(*rows, device), _Band(*columns, device)
+        rows, columns = _Sparse(*rows), _Band(*columns)
         crop = (slice(rows.lo, rows.hi + 1), slice(columns.lo, columns.hi + 1))
-        # along D: one composed filter. Slope, and the window's scale to [-1, 1], are folded into
-        # its weights, intercept and window offset into a per-slice bias: one add and one clamp.
-        index, weight = mapping.axis_filter(stack, 0)
-        scale, offset = hu_window_affine(settings)
-        bias = (weight * stack.intercepts.astype(np.float64)[index]).sum(axis=1) * scale + offset
-        weight = weight * stack.slopes.astype(np.float64)[index] * scale
+        # along D: one composed filter, with rescale and window folded in (one add and one clamp)
+        index, weight, bias = _depth_filter(mapping, stack, settings)
         taps = [[(int(i), float(w)) for i, w in zip(*row) if w != 0] for row in zip(index, weight)]
-        mixing = np.zeros((size, stack.shape[0]), dtype=np.float64)  # the same filter as a matrix [output, stored slice]
-        np.add.at(mixing, (np.repeat(np.arange(size), index.shape[1]), index.ravel()), weight.ravel())
-        mixing = torch.from_numpy(mixing.astype(np.float32)).to(device)
-        offsets = torch.from_numpy(bias.astype(np.float32)[:, None]).to(device)
+        mixing = torch.from_numpy(_matrix(index, weight, 0, stack.shape[0]).astype(np.float32))  # [output, stored slice]
+        offsets = torch.from_numpy(bias.astype(np.float32)[:, None])
         feeds = defaultdict(list)  # stored slice -> the output slices it feeds, with weights
         for k, row in enumerate(taps):
             for i, w in row:
@@ -190,11 +189,13 @@ def _fast(
         done = [0] * size  # taps filtered per output slice
         kept = {}  # filtered planes that an output slice still waits for, from blocks already done
         lock = threading.Lock()
-        out = _empty((size, size, size), device)
+        # allocated by numpy, which asks for huge pages (measured 3x fewer page-fault costs on a
+        # 64 MB output than torch's allocator)
+        out = torch.from_numpy(np.empty((size, size, size), dtype=np.float32))
 
         buffers = queue.SimpleQueue()  # one set per worker, reused: fresh blocks cost page faults
         for _ in range(threads):
-            buffers.put((np.empty((rows.n, columns.n), dtype=np.float32), columns.input_buffer(_CHUNK * size, device)))
+            buffers.put((np.empty((rows.n, columns.n), dtype=np.float32), columns.input_buffer(_CHUNK * size)))
 
         def filter_slices(i0: int) -> None:  # stored slices i0 ...: int -> float32 of the crop only, both in-plane axes, then along D
             i1 = min(i0 + _CHUNK, max(feeds) + 1)
@@ -204,7 +205,7 @@ def _fast(
                 # one stored slice at a time, so that its float copy is still in cache for the rows
                 for values, result in zip(slices[i0:i1], columns.input_rows(rows_done, (i1 - i0) * size).view(i1 - i0, size, columns.n)):
                     np.copyto(stored, values[crop], casting="unsafe")
-                    rows.apply(torch.from_numpy(stored).to(device), out=result)
+                    rows.apply(torch.from_numpy(stored), out=result)
                 planes = columns.apply(rows_done, (i1 - i0) * size).view(i1 - i0, size, size)
             finally:
                 buffers.put(buffer)
@@ -231,16 +232,93 @@ def _fast(
                     out[k].add_(float(bias[k])).clamp_(-1.0, 1.0)  # HU offset and window, while in cache
 
         list(pool.map(filter_slices, range(min(feeds), max(feeds) + 1, _CHUNK)))
-    return np.ascontiguousarray(out.cpu().numpy())[None, None], mapping
+    return out.numpy()[None, None], mapping
 
 
 _CHUNK = 8  # slices per worker task: amortises per-call overhead while the buffers stay small
 
 
-def _crop_box_1mm(slices: Sequence[np.ndarray], stack: Stack, settings: Preprocessing) -> tuple[tuple[int, int], ...]:
-    """The reference's crop box (canonical, 1 mm grid indices), found on the stored values: the
-    1 mm points whose interpolation touches a voxel above the threshold, plus the margin."""
-    threshold = (settings.crop_threshold_hu - stack.intercepts.astype(np.float64)) / stack.slopes  # stored value above which HU > -1000
+def on_device(
+    slices: Sequence[np.ndarray], stack: Stack, size: int, *, device: str, settings: Preprocessing = PREPROCESSING
+) -> tuple[torch.Tensor, GridMapping]:
+    """`fast`'s function as whole-volume tensor operations on `device` (a GPU, or "cpu" for tests):
+    the stored values go there once (`upload`), then `from_stored`."""
+    return from_stored(upload(slices, device), stack, size, settings=settings)
+
+
+def upload(slices: Sequence[np.ndarray], device: str) -> torch.Tensor:
+    """The stored values of the sorted slices as one [slices, rows, columns] tensor on `device`.
+
+    Gathered into one host buffer (page-locked for CUDA, so that the copy is one DMA transfer that
+    does not block the host). int16 stays int16; unsigned 16-bit values become int32, with the same
+    values (torch's uint16 support is limited), and so do decoded int32 arrays.
+    """
+    device = torch.device(device)
+    dtypes = {slices.dtype} if isinstance(slices, np.ndarray) else {values.dtype for values in slices}
+    dtype = np.promote_types(np.result_type(*dtypes), np.int16)  # int16 -> int16, uint16 -> int32
+    host = torch.empty((len(slices), *slices[0].shape), dtype=getattr(torch, dtype.name), pin_memory=device.type == "cuda")
+    buffer = host.numpy()
+    for k, values in enumerate(slices):
+        buffer[k] = values
+    return host.to(device, non_blocking=True)
+
+
+def from_stored(
+    stored: torch.Tensor, stack: Stack, size: int, *, settings: Preprocessing = PREPROCESSING
+) -> tuple[torch.Tensor, GridMapping]:
+    """The model input [1, 1, S, S, S] (float32, C-contiguous, on the device of `stored`) from the
+    uploaded stored values, and its mapping: the same function as `fast`.
+
+    Crop box: per slice, the row and column maxima of the stored values against the slice's integer
+    threshold (exact, as on the CPU), one transfer of three flag vectors back, then the CPU path's
+    own mapping to the 1 mm grid. Then the cropped values only are converted to float32 and filtered
+    by three dense products with the composed filters (along D, with rescale and window folded in,
+    then columns, then rows), plus the bias and one clamp. Device memory: the stored values, plus at
+    any time at most two float32 arrays: the crop and its product along D ([S, crop rows, crop
+    columns]), then each product and the next, smaller one. For CUDA it returns once the result is
+    computed (the current stream is synchronised), so that other streams, DLPack consumers and
+    timings all see the finished values.
+    """
+    device = stored.device
+    n, rows, _ = stored.shape
+    # a stored integer v is above threshold t exactly when v > floor(t)
+    limits = torch.from_numpy(np.floor(_thresholds(stack, settings)).clip(-(2**31), 2**31 - 1).astype(np.int64)).to(device)[:, None]
+    above_rows, above_columns = stored.amax(dim=2) > limits, stored.amax(dim=1) > limits  # [slice, row], [slice, column]
+    flags = torch.cat([above_rows.any(dim=1), above_rows.any(dim=0), above_columns.any(dim=0)]).cpu().numpy()
+    present, found = np.flatnonzero(flags[:n]), [np.flatnonzero(part) for part in np.split(flags[n:], [rows])]
+    array_box = [(int(a[0]), int(a[-1])) for a in (present, *found)] if len(present) else None
+    mapping = GridMapping(grid_shape(stack, settings), _box_1mm(array_box, stack, settings), size)
+
+    *depth_filter, bias = _depth_filter(mapping, stack, settings)
+    canonical = {axis: c for c, (axis, _) in enumerate(stack.canonical)}  # array axis -> canonical axis
+    crop, matrices = [], []  # per array axis: the stored values it reads, its filter as a dense matrix
+    for index, weight in [depth_filter, *(mapping.axis_filter(stack, canonical[axis]) for axis in (1, 2))]:
+        lo, hi = int(index.min()), int(index.max())
+        crop.append(slice(lo, hi + 1))
+        matrices.append(torch.from_numpy(_matrix(index, weight, lo, hi - lo + 1).astype(np.float32)).to(device))
+    depth, row_filter, column_filter = matrices
+    region = stored[tuple(crop)].to(torch.float32, memory_format=torch.contiguous_format)  # int -> float32 of the crop only
+    d, r, c = region.shape
+    volume = torch.mm(depth, region.view(d, r * c)).view(size, r, c)
+    del region
+    volume = torch.mm(volume.view(size * r, c), column_filter.T).view(size, r, size)
+    volume = torch.matmul(row_filter, volume)  # [S, S, S]: rows filtered in each output slice
+    volume.add_(torch.from_numpy(bias.astype(np.float32)).to(device)[:, None, None]).clamp_(-1.0, 1.0)
+    volume = volume.permute([axis for axis, _ in stack.canonical]).contiguous()[None, None]  # array axes -> D, H, W
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return volume, mapping
+
+
+def _thresholds(stack: Stack, settings: Preprocessing) -> np.ndarray:
+    """Per slice, the stored value above which HU > the crop threshold."""
+    return (settings.crop_threshold_hu - stack.intercepts.astype(np.float64)) / stack.slopes
+
+
+def _array_box(slices: Sequence[np.ndarray], stack: Stack, settings: Preprocessing) -> list[tuple[int, int]] | None:
+    """First and last present slice, row and column holding a stored value above the slice's
+    threshold (None: there is none), in one pass that reads little more than the box's border."""
+    threshold = _thresholds(stack, settings)
     present, box = [], None  # box: extent in-plane of the voxels above threshold so far
     for i, values in enumerate(slices):
         # only the bands outside the box can widen it (a few rows and columns once the box has
@@ -263,9 +341,14 @@ def _crop_box_1mm(slices: Sequence[np.ndarray], stack: Stack, settings: Preproce
             box = (
                 extent if box is None else (min(box[0], extent[0]), max(box[1], extent[1]), min(box[2], extent[2]), max(box[3], extent[3]))
             )
-    if not present:
+    return [(present[0], present[-1]), box[:2], box[2:]] if present else None
+
+
+def _box_1mm(array_box: list[tuple[int, int]] | None, stack: Stack, settings: Preprocessing) -> tuple[tuple[int, int], ...]:
+    """The reference's crop box (canonical, 1 mm grid indices) from the array box of the values above
+    the threshold: the 1 mm points whose interpolation touches such a voxel, plus the margin."""
+    if array_box is None:
         raise EmptyVolumeError(f"no voxel above {settings.crop_threshold_hu:.0f} HU: the images are empty")
-    array_box = [(present[0], present[-1]), box[:2], box[2:]]
     shape = grid_shape(stack, settings)
     box_1mm = []
     for (axis, flip), n_grid, spacing in zip(stack.canonical, shape, stack.canonical_spacing()):
@@ -279,6 +362,24 @@ def _crop_box_1mm(slices: Sequence[np.ndarray], stack: Stack, settings: Preproce
         last = min(n_grid - 1, math.ceil((hi + 1) * scale - 1e-9) - 1)
         box_1mm.append((first, last))
     return _margin_box(box_1mm, shape, settings.crop_margin_voxels)
+
+
+def _depth_filter(mapping: GridMapping, stack: Stack, settings: Preprocessing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The composed filter along D with each slice's slope and the window's scale to [-1, 1] folded
+    into its weights, and intercepts and the window's offset into one bias per output slice:
+    filtering the stored values, adding the bias and clamping to [-1, 1] gives the model input.
+    Indices and weights [S, K] (float64), bias [S]."""
+    index, weight = mapping.axis_filter(stack, 0)
+    scale, offset = hu_window_affine(settings)
+    bias = (weight * stack.intercepts.astype(np.float64)[index]).sum(axis=1) * scale + offset
+    return index, weight * stack.slopes.astype(np.float64)[index] * scale, bias
+
+
+def _matrix(index: np.ndarray, weight: np.ndarray, lo: int, n: int) -> np.ndarray:
+    """A composed filter as a dense float64 matrix [S, n] over inputs lo .. lo + n - 1 (duplicate taps summed)."""
+    matrix = np.zeros((index.shape[0], n), dtype=np.float64)
+    np.add.at(matrix, (np.repeat(np.arange(index.shape[0]), index.shape[1]), (index - lo).ravel()), weight.ravel())
+    return matrix
 
 
 def _extent(block: np.ndarray, threshold: float, row: int, column: int) -> tuple[int, int, int, int] | None:
@@ -295,14 +396,6 @@ def _any_above(block: np.ndarray, threshold: float) -> bool:
     return bool(block[len(block) // 2].max() > threshold or block.max() > threshold)
 
 
-def _empty(shape: tuple[int, ...], device: str) -> torch.Tensor:
-    """A float32 tensor; on the CPU allocated by numpy, which asks for huge pages (measured 3x fewer
-    page-fault costs on a 64 MB output than torch's allocator)."""
-    if torch.device(device).type == "cpu":
-        return torch.from_numpy(np.empty(shape, dtype=np.float32))
-    return torch.empty(shape, dtype=torch.float32, device=device)
-
-
 class _Band:
     """A composed 1-D filter as a banded matrix, applied along the contiguous axis in tiles.
 
@@ -315,14 +408,13 @@ class _Band:
 
     tile = 16  # outputs per tile: measured fastest among 8..64 (less band waste vs fewer, larger products)
 
-    def __init__(self, index: np.ndarray, weight: np.ndarray, device: str):
+    def __init__(self, index: np.ndarray, weight: np.ndarray):
         self.lo, self.hi = int(index.min()), int(index.max())
         self.n, self.size = self.hi - self.lo + 1, index.shape[0]
         self.reversed = self.size > 1 and index[-1].max() < index[0].max()
         if self.reversed:
             index, weight = index[::-1], weight[::-1]
-        matrix = np.zeros((self.size, self.n), dtype=np.float64)
-        np.add.at(matrix, (np.repeat(np.arange(self.size), index.shape[1]), (index - self.lo).ravel()), weight.ravel())
+        matrix = _matrix(index, weight, self.lo, self.n)
         self.tiles = -(-self.size // self.tile)
         used = [np.nonzero(np.abs(matrix[t * self.tile : (t + 1) * self.tile]).max(axis=0))[0] for t in range(self.tiles)]
         starts, ends = [int(u.min()) for u in used], [int(u.max()) for u in used]
@@ -342,11 +434,11 @@ class _Band:
             padded[t * self.tile : (t + 1) * self.tile, self.front + self.first + t * self.step :][:, : self.width].T
             for t in range(self.tiles)
         ]
-        self.matrices = torch.from_numpy(np.stack(windows).astype(np.float32)).to(device)  # [tiles, width, tile]
+        self.matrices = torch.from_numpy(np.stack(windows).astype(np.float32))  # [tiles, width, tile]
 
-    def input_buffer(self, rows: int, device: str) -> torch.Tensor:
+    def input_buffer(self, rows: int) -> torch.Tensor:
         """Flat storage for up to `rows` input rows and the zeros around them (never written)."""
-        return torch.zeros(self.front + rows * self.n + self.back, device=device)
+        return torch.zeros(self.front + rows * self.n + self.back)
 
     def input_rows(self, storage: torch.Tensor, rows: int) -> torch.Tensor:
         """The first `rows` input rows in `storage`, [rows, n], to be filled before `apply`."""
@@ -355,7 +447,7 @@ class _Band:
     def apply(self, storage: torch.Tensor, rows: int) -> torch.Tensor:
         """Filter the first `rows` input rows held in `storage` into [rows, S]."""
         windows = storage.as_strided((self.tiles, rows, self.width), (self.step, self.n, 1), self.front + self.first)
-        out = torch.empty((rows, self.tiles, self.tile), device=storage.device)
+        out = torch.empty((rows, self.tiles, self.tile))
         torch.bmm(windows, self.matrices, out=out.permute(1, 0, 2))  # each tile's [rows, tile] lands in place
         out = out.view(rows, self.tiles * self.tile)[:, : self.size]
         return out.flip(1) if self.reversed else out
@@ -364,14 +456,14 @@ class _Band:
 class _Sparse:
     """A composed 1-D filter as a sparse [S, n] matrix over the input window it reads."""
 
-    def __init__(self, index: np.ndarray, weight: np.ndarray, device: str):
+    def __init__(self, index: np.ndarray, weight: np.ndarray):
         self.lo, self.hi = int(index.min()), int(index.max())
         self.n = self.hi - self.lo + 1
         rows = np.repeat(np.arange(index.shape[0]), index.shape[1])
         coo = torch.sparse_coo_tensor(
             np.stack([rows, (index - self.lo).ravel()]), weight.ravel(), (index.shape[0], self.n), check_invariants=True
         )
-        self.matrix = coo.coalesce().to(torch.float32).to(device)  # duplicate taps summed; COO measured faster than CSR here
+        self.matrix = coo.coalesce().to(torch.float32)  # duplicate taps summed; COO measured faster than CSR here
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Filter the rows of a [n, m] tensor into out [S, m]."""

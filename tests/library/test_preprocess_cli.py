@@ -96,3 +96,22 @@ def test_cli_refuses_a_size_the_network_cannot_take(tmp_path, capsys):
         main([str(tmp_path), "-o", str(tmp_path / "out.pt"), "--size", "5000"])
     assert stopped.value.code == 2
     assert "size 5000 is not usable: it must be a multiple of 8 between 16 and 512" in capsys.readouterr().err
+
+
+def test_cli_device_writes_the_same_tensor_on_the_cpu(run, tmp_path):
+    study = phantom.write_study(tmp_path / "in", "series", slices=20, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
+    saved = {}
+    for device in (None, "cpu"):
+        out = tmp_path / f"{device}.pt"
+        result = run(str(study), "-o", str(out), "--size", "16", *(["--device", device] if device else []))
+        assert result.returncode == 0, result.stderr
+        saved[device] = torch.load(out, weights_only=True)
+        assert json.loads(out.with_suffix(".json").read_text())["device"] == device
+    assert saved["cpu"].device.type == "cpu" and (saved["cpu"] - saved[None]).abs().max() <= 1e-4
+
+
+def test_cli_refuses_a_device_with_reference_mode(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path), "-o", str(tmp_path / "out.pt"), "--mode", "reference", "--device", "cpu"])
+    assert stopped.value.code == 2
+    assert "reference mode runs on the CPU only" in capsys.readouterr().err
