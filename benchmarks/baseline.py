@@ -22,11 +22,12 @@ from fastapi.responses import JSONResponse
 
 import export
 import preprocess
+from classifier import ResNet34Classifier
 from contract import decide
 from settings import NAMES, OPERATING_POINT
 
 
-def load_classifier(weights_path: str) -> export.ResNet34Classifier:
+def load_classifier(weights_path: str) -> ResNet34Classifier:
     state = torch.load(weights_path, map_location="cpu", weights_only=True)
     return export.build_classifier(export.Weights(state, "baseline", "state_dict", head_trained=True))
 

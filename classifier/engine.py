@@ -2,7 +2,7 @@
 
 Why PyTorch: the Python backend is the one backend every tritonserver has (the bundled one has no
 ONNX Runtime or TensorRT backend), so this is the GPU path that runs in any server whose Python
-environment has a CUDA build of PyTorch, the NGC image included. The same class is what the export
+environment has a CUDA build of PyTorch, the NGC image included. The same class is what export's
 parity check and `benchmarks/gpu_check.py` measure, so the numbers are those of the served code.
 
 Choices (each a parameter of the served config, measured by gpu_check.sh):
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import build_classifier, load_checkpoint
 from .network import ResNet34Classifier
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,9 +51,8 @@ class TorchClassifier:
 
     @classmethod
     def from_file(cls, path: str | Path, **options) -> TorchClassifier:
-        """Weights written by export (a plain state_dict), read with weights-only loading and
-        checked key by key like any checkpoint."""
-        return cls(build_classifier(load_checkpoint(path)), **options)
+        """Weights as export writes them (a plain state_dict), read with weights-only loading."""
+        return cls(ResNet34Classifier.from_state_dict(torch.load(path, map_location="cpu", weights_only=True)), **options)
 
     def __call__(self, volumes: torch.Tensor) -> torch.Tensor:
         """Probabilities on this engine's device; the input may live on any device."""

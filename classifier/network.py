@@ -86,6 +86,15 @@ class ResNet34Classifier(nn.Module):
             setattr(self, f"layer{index + 1}", nn.Sequential(*layer))
         self.fc = nn.Linear(CHANNELS[-1], NUM_CLASSES)
 
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> ResNet34Classifier:
+        """The network in eval mode with exactly these weights (strict keys and shapes). Built on the
+        meta device and given the tensors themselves: no random initialisation of 63 M parameters is paid."""
+        with torch.device("meta"):
+            model = cls()
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.eval()
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The last residual layer's output (what Grad-CAM attributes on)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

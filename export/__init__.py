@@ -1,20 +1,17 @@
-"""Export the trained MedicalNet ResNet-34 to ONNX / TensorRT for a Triton model repository.
+"""Export the trained MedicalNet ResNet-34 (`classifier`) to ONNX / TensorRT / PyTorch weights for a Triton model repository.
 
 Public API:
-- ResNet34Classifier: the network (MedicalNet layout and key names, GAP + FC, logits [B, 2]).
 - load_checkpoint(path) / demo_weights(seed) -> Weights; build_classifier(weights) -> eval-mode model.
 - write_repository(out_dir=None, *, target, checkpoint | demo_weights, ...) -> ExportResult: the
   artifacts into the committed model_repository/, or a rendered copy at other serving options.
 - target_configs / render_configs / serving_options / parse_config: the repository's configs.
 - check_parity(...) / check_torch_parity(...) -> ParityReport: what a target serves vs torch FP32.
-- TorchClassifier: the network run by PyTorch on a device at a precision (the torch-gpu target).
 - ExportError and its subclasses: every user-facing failure, one clear line (sizes and operating
   points are checked by `contract`, whose ContractError is the other error a caller sees).
 """
 
 from .checkpoint import DEMO_PROVENANCE, Weights, build_classifier, demo_weights, file_sha256, load_checkpoint
 from .errors import ArchitectureError, CheckpointError, ExportError, OutputFolderError, TargetUnavailableError
-from .network import ResNet34Classifier
 from .parity import ParityReport, check_parity, check_torch_parity
 from .repository import (
     COMMITTED,
@@ -29,7 +26,6 @@ from .repository import (
     target_configs,
     write_repository,
 )
-from .torch_engine import TorchClassifier
 
 __all__ = [
     "COMMITTED",
@@ -42,10 +38,8 @@ __all__ = [
     "ExportResult",
     "OutputFolderError",
     "ParityReport",
-    "ResNet34Classifier",
     "ServingOptions",
     "TargetUnavailableError",
-    "TorchClassifier",
     "Weights",
     "build_classifier",
     "check_parity",

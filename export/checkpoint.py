@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from classifier.network import BLOCKS_PER_LAYER, CHANNELS, NUM_CLASSES, ResNet34Classifier
+
 from .errors import ArchitectureError, CheckpointError
-from .network import BLOCKS_PER_LAYER, CHANNELS, NUM_CLASSES, ResNet34Classifier
 from .volumes import smooth
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,8 @@ class Weights:
 
 
 def build_classifier(weights: Weights) -> ResNet34Classifier:
-    """The network in eval mode with these weights loaded (strictly). Built on the meta device and
-    given the weights' own tensors, so no second random initialisation of 63 M parameters is paid."""
-    with torch.device("meta"):
-        model = ResNet34Classifier()
-    model.load_state_dict(weights.state_dict, strict=True, assign=True)
-    return model.eval()
+    """The network in eval mode with these weights loaded (strictly)."""
+    return ResNet34Classifier.from_state_dict(weights.state_dict)
 
 
 def _network_state() -> dict[str, torch.Tensor]:

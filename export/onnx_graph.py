@@ -14,9 +14,8 @@ import onnx
 import torch
 from onnxconverter_common import float16
 
+from classifier.network import ResNet34Classifier, WithSoftmax
 from settings import NAMES
-
-from .network import ResNet34Classifier, WithSoftmax
 
 # Opset 17: run by ONNX Runtime 1.32 and parsed by TensorRT 10.5 (NGC 24.10); has every op used here.
 OPSET = 17

@@ -18,11 +18,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from classifier import ResNet34Classifier, TorchClassifier
 from settings import NAMES
 
 from . import volumes
-from .network import ResNet34Classifier
-from .torch_engine import TorchClassifier
 
 # The bounds: the FP32 graph must be the checkpoint; FP16 may drift a little, never flip a decision.
 FP32_BOUND = 1e-4

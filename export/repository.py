@@ -31,10 +31,11 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from classifier import PRECISIONS
 from contract import parse_threshold, validate_size
 from settings import NAMES, OPERATING_POINT, PREPROCESSING, SERVING
 
-from . import onnx_graph, parity, tensorrt_engine, torch_engine
+from . import onnx_graph, parity, tensorrt_engine
 from .checkpoint import DEMO_PROVENANCE, Weights, build_classifier, file_sha256, load_checkpoint
 from .checkpoint import demo_weights as make_demo_weights
 from .errors import ExportError, OutputFolderError
@@ -110,8 +111,8 @@ def served_precision(target: str, classifier: model_config_pb2.ModelConfig) -> s
     if target != TORCH_TARGET:
         return ONNX_PRECISION[target]
     precision = classifier.parameters["precision"].string_value if "precision" in classifier.parameters else "fp16"
-    if precision not in torch_engine.PRECISIONS:
-        raise ExportError(f"{NAMES.classifier} precision {precision!r}: choose one of {', '.join(torch_engine.PRECISIONS)}")
+    if precision not in PRECISIONS:
+        raise ExportError(f"{NAMES.classifier} precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     return precision
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import export
+from classifier import ResNet34Classifier
 from export import (
     DEMO_PROVENANCE,
     ArchitectureError,
     CheckpointError,
-    ResNet34Classifier,
     build_classifier,
     load_checkpoint,
 )

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export import ResNet34Classifier
-from export.network import ShortcutA
+from classifier import ResNet34Classifier
+from classifier.network import ShortcutA
 
 
 @pytest.fixture(scope="module")

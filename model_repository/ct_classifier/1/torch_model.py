@@ -1,21 +1,21 @@
-"""ct_classifier on a GPU (the torch-gpu config): export.TorchClassifier over 1/model.pt, one run per dynamic batch.
+"""ct_classifier on a GPU (the torch-gpu config): classifier.TorchClassifier over 1/model.pt, one run per dynamic batch.
 
-Thin on purpose: the engine, its precision choices and its parity proof live in `export`; this file
+Thin on purpose: the engine and its precision choices live in `classifier`, its parity proof in `export`; this file
 moves tensors between Triton and PyTorch. The weights must be the ones export recorded in
 1/provenance.json (SHA-256), or the model refuses to load. A KIND_CPU instance runs on the CPU
 (tests on machines without a GPU, at FP32).
 """
 
+import hashlib
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
-from export import TorchClassifier, file_sha256
+from classifier import TorchClassifier
 
 
 class TritonPythonModel:
@@ -26,7 +26,7 @@ class TritonPythonModel:
         weights = os.path.join(folder, "model.pt")
         with open(os.path.join(folder, "provenance.json")) as stream:
             expected = json.load(stream)["served_sha256"]
-        if file_sha256(Path(weights)) != expected:
+        if _sha256(weights) != expected:
             raise pb_utils.TritonModelException(f"{weights} is not the file export recorded in provenance.json: export again")
         gpu = args["model_instance_kind"] == "GPU"
         if gpu and not torch.cuda.is_available():
@@ -67,3 +67,11 @@ def _as_torch(tensor):
     if tensor.is_cpu():
         return torch.from_numpy(tensor.as_numpy())
     return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
