@@ -104,8 +104,9 @@ def test_hu_window_maps_to_the_model_range_for_numpy_and_torch():
             ("client", "serve export torch SimpleITK"),
         ],
         [("serve", "contract preprocess export client torch")],  # the launcher needs none of them
+        [("classifier", "serve export preprocess client contract onnx onnxruntime tritonclient")],  # the torch-gpu model
     ],
-    ids=["models and clients", "launcher"],
+    ids=["models and clients", "launcher", "torch classifier"],
 )
 def test_imports_run_one_way(steps):
     """Each package, imported after the ones before it, loads none of the packages it must not."""
