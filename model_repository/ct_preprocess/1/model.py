@@ -1,5 +1,9 @@
 """ct_preprocess: DICOM bytes -> model input volume. Thin: the work is `preprocess.preprocess_study`.
 
+The config's `device` parameter says where the volume is computed: "cpu" (KIND_CPU instances, the
+CPU fast path, a numpy volume) or "cuda" (KIND_GPU instances, each on its own GPU; the volume stays
+on that GPU and goes to Triton by DLPack, so the classifier reads it there without a host copy).
+
 A bad study (preprocess.StudyError) fails that request only, with INVALID_ARG and the preprocess
 message (written for the sender, free of patient data), and is logged with that message; anything
 else is INTERNAL and is logged without its message (which could quote DICOM values).
@@ -10,6 +14,7 @@ import time
 import traceback
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 import preprocess
@@ -21,13 +26,15 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         dims = pb_utils.get_output_config_by_name(config, NAMES.volume)["dims"]
         self.size = int(dims[-1])  # the volume is [1, 1, S, S, S]; S is written once, in the config
-        threads = int(config.get("parameters", {}).get("threads", {}).get("string_value", "0"))
+        parameters = config.get("parameters", {})
+        threads = int(parameters.get("threads", {}).get("string_value", "0"))
+        self.device = _device(parameters.get("device", {}).get("string_value", "cpu"), args)
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
         # "0": the CPUs this server may use, shared evenly among the instances that run at once
         self.threads = threads or max(1, preprocess.available_cpus() // instances)
         self.instance = args["model_instance_name"]
         self.logger = pb_utils.Logger
-        self.preprocess_study = preprocess.preprocess_study  # loads torch now, not on the first request
+        self.preprocess_study = preprocess.preprocess_study  # loads the pipeline now, not on the first request
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -36,7 +43,7 @@ class TritonPythonModel:
         started = time.time()
         try:
             files = pb_utils.get_input_tensor_by_name(request, NAMES.dicom).as_numpy().reshape(-1)
-            study = self.preprocess_study([bytes(f) for f in files], size=self.size, mode="fast", threads=self.threads)
+            study = self.preprocess_study([bytes(f) for f in files], size=self.size, mode="fast", device=self.device, threads=self.threads)
         except preprocess.StudyError as error:
             self.logger.log_info(f"{NAMES.preprocess}: study refused ({type(error).__name__}): {error}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
@@ -48,11 +55,29 @@ class TritonPythonModel:
             )
         # Which instance did the work, and when (epoch seconds): for tracing a study through the server.
         study.meta["served_by"] = {"instance": self.instance, "threads": self.threads, "started": started, "finished": time.time()}
+        if self.device is None:
+            volume = pb_utils.Tensor(NAMES.volume, np.ascontiguousarray(study.volume, dtype=np.float32))
+        else:  # C-contiguous and computed (preprocess synchronises the stream): Triton reads it in place
+            volume = pb_utils.Tensor.from_dlpack(NAMES.volume, torch.utils.dlpack.to_dlpack(study.volume))
         return pb_utils.InferenceResponse(
             output_tensors=[
-                pb_utils.Tensor(NAMES.volume, np.ascontiguousarray(study.volume, dtype=np.float32)),
+                volume,
                 pb_utils.Tensor(NAMES.study_uid, np.array([study.study_uid.encode()], dtype=np.object_)),
                 pb_utils.Tensor(NAMES.series_uid, np.array([study.series_uid.encode()], dtype=np.object_)),
                 pb_utils.Tensor(NAMES.meta, np.array([json.dumps(study.meta).encode()], dtype=np.object_)),
             ]
         )
+
+
+def _device(setting: str, args: dict) -> str | None:
+    """The `device` parameter as preprocess_study's device: None (CPU fast path) or this instance's GPU.
+    Refused at load time, with the fix in the message, rather than on every request."""
+    if setting == "cpu":
+        return None
+    if setting != "cuda":
+        raise ValueError(f"{NAMES.preprocess}: parameter device must be 'cpu' or 'cuda', not {setting!r}")
+    if args["model_instance_kind"] != "GPU":
+        raise ValueError(f"{NAMES.preprocess}: device 'cuda' needs instance_group kind KIND_GPU, not {args['model_instance_kind']}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{NAMES.preprocess}: device 'cuda' but torch sees no CUDA device (a CPU-only torch build, or no GPU visible)")
+    return f"cuda:{args['model_instance_device_id']}"
