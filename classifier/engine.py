@@ -7,7 +7,8 @@ parity check and `benchmarks/gpu_check.py` measure, so the numbers are those of 
 
 Choices (each a parameter of the served config, measured by gpu_check.sh):
 - precision: FP16 by default (tensor cores; parity with FP32 is checked), BF16, or FP32. FP32 is
-  IEEE FP32: TF32 is switched off for it, so it stays the exact reference the FP16 path is judged by.
+  IEEE FP32: TF32 convolutions are switched off for it, so it stays the exact reference the FP16
+  path is judged by.
 - channels-last 3D memory format (cuDNN's fastest layout for 3-D convolutions in half precision).
 - cuDNN autotuning (`cudnn.benchmark`): the algorithm per input shape is chosen on the first batch of
   that shape; the served config's warm-up at batch 1 and at the largest batch pays for it at load.
@@ -45,8 +46,7 @@ class TorchClassifier:
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cudnn_benchmark
-            torch.backends.cudnn.allow_tf32 = precision != "fp32"
-            torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+            torch.backends.cudnn.allow_tf32 = precision != "fp32"  # convolutions only: matmuls elsewhere in the process stay IEEE
         self.model = classifier.eval().to(device=self.device, dtype=self.dtype, memory_format=self.memory_format)
 
     @classmethod
