@@ -6,6 +6,12 @@ of the running interpreter), start the server with this virtual environment firs
 stub's embedded Python uses its site-packages: numpy 1.26 and the installed project packages),
 wait for readiness, and stop it so that no stub process and no shared-memory region outlives it.
 Nothing here is needed by the model code: the same repository loads in the NGC `tritonserver` image.
+
+`CT_TRIAGE_STUB_PYTHONPATH` (folders, `:`-separated), when set, goes first on the stubs' import path,
+then this process's PYTHONPATH, then this environment's site-packages: numpy<2 for the stubs on a
+machine whose own Python has numpy 2 (benchmarks/gpu_carry.sh), the launching process left as it is.
+The stubs' embedded interpreter ignores PYTHONPATH (it starts isolated), so the server is then given a
+virtual environment of its own whose `.pth` file lists those folders (`prepare_stub_python`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import secrets
 import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -32,6 +39,7 @@ from pathlib import Path
 from settings import SERVING
 
 SHM_DIR = Path("/dev/shm")
+STUB_PYTHONPATH = "CT_TRIAGE_STUB_PYTHONPATH"  # see the module docstring
 
 
 class ServerError(RuntimeError):
@@ -76,6 +84,23 @@ def prepare_backend_directory(destination: Path, installation: Installation | No
     shutil.copytree(installation.python_backend, python_dir, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(installation.stub, python_dir / "triton_python_backend_stub")
     return Path(destination)
+
+
+def prepare_stub_python(destination: Path, first: list[str]) -> Path:
+    """Write a virtual environment on this interpreter at `destination` whose import path is `first`,
+    then PYTHONPATH, then this environment's site-packages; return its bin/ (for the server's PATH)."""
+    destination = Path(destination)
+    base = Path(getattr(sys, "_base_executable", sys.executable))  # a venv's own python is a link to it
+    (destination / "bin").mkdir(parents=True)
+    (destination / "bin" / "python3").symlink_to(base)
+    (destination / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n")
+    site_packages = Path(site.getsitepackages([str(destination)])[0])  # where site.py looks, in that prefix
+    site_packages.mkdir(parents=True)
+    folders = [os.path.abspath(p) for p in (*first, *os.environ.get("PYTHONPATH", "").split(os.pathsep)) if p]
+    # addsitedir, not a plain line: the site-packages' own .pth files (editable installs) count too
+    sites = [f"import site; site.addsitedir({p!r})" for p in site.getsitepackages()]
+    (site_packages / "ct_triage_stub_path.pth").write_text("\n".join([*folders, *sites]) + "\n")
+    return destination / "bin"
 
 
 def free_ports(count: int = 3) -> list[int]:
@@ -160,6 +185,7 @@ class TritonServer:
         self._log_file = Path(log_file) if log_file else None
         self._owns_log = log_file is None  # a log we chose is kept (for log_tail) after the rest is removed
         self._workdir: Path | None = None
+        self._stub_python: Path | None = None  # bin/ of the stubs' own environment, if CT_TRIAGE_STUB_PYTHONPATH asks for one
         self._process: subprocess.Popen | None = None
         # Unique per server: names its shared-memory regions, so leaks can be found and removed.
         self.shm_prefix = f"ct_triage_{os.getpid()}_{secrets.token_hex(4)}"
@@ -219,7 +245,8 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, env.get("LD_LIBRARY_PATH")) if p)
         # The embedded interpreter in each stub finds its prefix through PATH: put this venv first,
         # so the models import the packages installed there, whatever the working directory.
-        env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.prefix) / "bin"), env.get("PATH")) if p)
+        python = self._stub_python or Path(sys.prefix) / "bin"
+        env["PATH"] = os.pathsep.join(p for p in (str(python), env.get("PATH")) if p)
         return env
 
     def start(self) -> TritonServer:
@@ -232,6 +259,8 @@ class TritonServer:
             raise ServerError(f"port(s) {busy} already in use")
         self._workdir = Path(tempfile.mkdtemp(prefix="ct_triage_triton_"))
         backends = prepare_backend_directory(self._workdir / "backends")
+        if os.environ.get(STUB_PYTHONPATH):
+            self._stub_python = prepare_stub_python(self._workdir / "stub-python", os.environ[STUB_PYTHONPATH].split(os.pathsep))
         if self._owns_log:
             self._log_file = self._workdir / "tritonserver.log"
         self._log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +317,8 @@ class TritonServer:
                 region.unlink(missing_ok=True)
             # the log we placed in the work folder stays (its path was printed); a caller's log lives elsewhere
             shutil.rmtree(self._workdir if not self._owns_log else self._workdir / "backends", ignore_errors=True)
+            shutil.rmtree(self._workdir / "stub-python", ignore_errors=True)
+            self._stub_python = None
 
     def _reap_stubs(self) -> None:
         deadline = time.monotonic() + 10
