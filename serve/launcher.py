@@ -175,9 +175,11 @@ class TritonServer:
         exit_timeout_s: int = SERVING.exit_timeout_s,
         log_verbose: int = 0,
         model_config_name: str | None = None,
+        cuda_memory_pool_bytes: int | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.model_config_name = model_config_name
+        self.cuda_memory_pool_bytes = cuda_memory_pool_bytes  # on GPU 0; None: Triton's default (64 MiB)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.startup_timeout_s = startup_timeout_s
         self.exit_timeout_s = exit_timeout_s
@@ -236,6 +238,7 @@ class TritonServer:
             f"{python}shm-growth-byte-size={SERVING.shm_growth_byte_size}",
             f"{python}shm-region-prefix-name={self.shm_prefix}",
             *([f"--model-config-name={self.model_config_name}"] if self.model_config_name else []),
+            *([f"--cuda-memory-pool-byte-size=0:{self.cuda_memory_pool_bytes}"] if self.cuda_memory_pool_bytes else []),
         ]
 
     def environment(self) -> dict[str, str]:

@@ -1,0 +1,557 @@
+"""The GPU checks in one run (`benchmarks/gpu_check.sh` starts it): what the torch-gpu classifier and
+GPU preprocessing achieve on the card at hand, and what fits on an 8 GB card.
+
+Sections, each written to the results as it completes (a section that fails or runs out of time is
+recorded as such, and the others still run):
+1. classifier: studies/s, latency and achieved TFLOP/s per batch size and precision (the served
+   engine, classifier.TorchClassifier, on random volumes at S); channels-last vs contiguous at FP16;
+2. memory: peak GPU memory per batch and precision under a cap that emulates an 8 GB card (the
+   caching allocator limited to 8 GiB minus the CUDA context this process holds), and the largest
+   batch that fits, found by bisection above the last fitting batch size;
+3. parity: the served engine at FP16 and BF16 vs FP32 (export's check on the parity set), and FP16
+   vs FP32 on the GPU at S;
+4. preprocessing: a 300 x 512 x 512 study on the device (upload and device time) vs the CPU fast path;
+5. served: the ensemble on the bundled tritonserver (torch-gpu classifier, ct_preprocess on the
+   device) at a few concurrency levels, when the server is installed.
+`--smoke` runs every section on the CPU at a tiny S in well under a minute of compute (the test suite
+runs it, so the script cannot rot between GPU runs); the memory section needs CUDA and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from classifier import ResNet34Classifier, TorchClassifier
+from export import build_classifier, check_torch_parity, demo_weights
+from export.parity import FP16_BOUND, parity_inputs
+
+GIB = 1024**3
+CARD_BYTES = 8 * GIB  # the card the product promises to fit
+TARGETS = {"fp16_studies_per_s": 40.0, "fp16_batch_in_8gb": 4, "preprocess_ms": 20.0, "parity_max_abs": 1e-4, "served_studies_per_s": 20.0}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures; `--smoke` shrinks it to a CPU-sized run of the same code."""
+
+    device: str
+    size: int
+    batches: tuple[int, ...]
+    precisions: tuple[str, ...]
+    seconds: float  # per measurement, after the warm-up
+    study_shape: tuple[int, int, int]  # slices, rows, columns of the preprocessing study
+    served_shape: tuple[int, int, int]
+    served_levels: tuple[int, ...]
+    served_requests: int
+    budget_s: float  # the whole run; later sections are skipped when it is spent
+
+    @staticmethod
+    def gpu() -> Plan:
+        return Plan(
+            "cuda", 256, (1, 2, 4, 8, 16), ("fp32", "fp16", "bf16"), 2.0, (300, 512, 512), (300, 512, 512), (1, 4, 8, 16), 64, 420.0
+        )
+
+    @staticmethod
+    def smoke() -> Plan:
+        return Plan("cpu", 16, (1, 2), ("fp32",), 0.2, (24, 64, 64), (24, 64, 64), (1, 2), 4, 240.0)
+
+
+def study_tflop(size: int) -> float:
+    """Floating-point operations of one forward pass at S (multiply-add = 2), counted on the meta device."""
+    with torch.device("meta"):
+        model = ResNet34Classifier().eval()
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 1, size, size, size))
+    return counter.get_total_flops() / 1e12
+
+
+def environment(plan: Plan) -> dict:
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "numpy": __import__("numpy").__version__,
+        "cpu_cores": os.cpu_count(),
+        "size": plan.size,
+        "study_tflop": round(study_tflop(plan.size), 4),
+        "device": plan.device,
+    }
+    if plan.device == "cuda":
+        properties = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=properties.name, gpu_memory_gib=round(properties.total_memory / GIB, 1), multiprocessors=properties.multi_processor_count
+        )
+    else:
+        info["gpu"] = "none (smoke run on the CPU)"
+    return info
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _volumes(batch: int, size: int, device: str) -> torch.Tensor:
+    return torch.rand((batch, 1, size, size, size), device=device) * 2 - 1
+
+
+def _timed(engine: TorchClassifier, x: torch.Tensor, seconds: float, device: str) -> tuple[int, float]:
+    """Iterations and seconds of back-to-back forward passes, after one warm-up (cuDNN autotuning)."""
+    engine(x)
+    _synchronize(device)
+    iterations, started = 0, time.perf_counter()
+    while iterations < 3 or time.perf_counter() - started < seconds:
+        engine(x)
+        iterations += 1
+        if iterations >= 2 and time.perf_counter() - started > 4 * seconds:
+            break
+    _synchronize(device)
+    return iterations, time.perf_counter() - started
+
+
+def classifier_section(classifier: ResNet34Classifier, plan: Plan, tflop: float) -> dict:
+    rows = []
+    for precision in plan.precisions:
+        engine = TorchClassifier(copy.deepcopy(classifier), device=plan.device, precision=precision)
+        for batch in plan.batches:
+            row = {"precision": precision, "batch": batch, "layout": "channels_last"}
+            try:
+                if plan.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                iterations, seconds = _timed(engine, _volumes(batch, plan.size, plan.device), plan.seconds, plan.device)
+                per_s = iterations * batch / seconds
+                row.update(
+                    studies_per_s=round(per_s, 2),
+                    latency_ms=round(1000 * seconds / iterations, 2),
+                    tflop_per_s=_rounded(per_s * tflop),
+                    iterations=iterations,
+                )
+                if plan.device == "cuda":
+                    row["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+            rows.append(row)
+            _release(plan.device)
+        del engine
+        _release(plan.device)
+    measured = [row for row in rows if "studies_per_s" in row]
+    half = [row for row in measured if row["precision"] == "fp16"] or measured
+    best = max(half, key=lambda row: row["studies_per_s"])
+    # the layout's effect, at the best batch of the default precision
+    engine = TorchClassifier(copy.deepcopy(classifier), device=plan.device, precision=best["precision"], channels_last=False)
+    iterations, seconds = _timed(engine, _volumes(best["batch"], plan.size, plan.device), plan.seconds, plan.device)
+    contiguous = {"precision": best["precision"], "batch": best["batch"], "layout": "contiguous"}
+    contiguous.update(studies_per_s=round(iterations * best["batch"] / seconds, 2), latency_ms=round(1000 * seconds / iterations, 2))
+    contiguous["tflop_per_s"] = _rounded(contiguous["studies_per_s"] * tflop)
+    del engine
+    _release(plan.device)
+    return {
+        "rows": [*rows, contiguous],
+        "best": best,
+        "channels_last_speedup": round(best["studies_per_s"] / contiguous["studies_per_s"], 3),
+    }
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.3g}")
+
+
+def _release(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _fits(engine: TorchClassifier, batch: int, size: int) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        engine(_volumes(batch, size, "cuda"))
+        torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError:
+        return {"batch": batch, "fits": False}
+    finally:
+        torch.cuda.empty_cache()
+    return {
+        "batch": batch,
+        "fits": True,
+        "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20),
+        "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20),
+    }
+
+
+def memory_section(classifier: ResNet34Classifier, plan: Plan) -> dict:
+    if plan.device != "cuda":
+        return {"not_measured": "needs a CUDA device"}
+    engine = TorchClassifier(copy.deepcopy(classifier), device="cuda", precision="fp32")
+    engine(_volumes(1, 16, "cuda"))  # creates the cuDNN and cuBLAS handles: part of the context
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    context = (total - free) - torch.cuda.memory_reserved()  # what the allocator does not see
+    cap = CARD_BYTES - context
+    del engine
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    per_precision = {}
+    try:
+        for precision in plan.precisions:
+            engine = TorchClassifier(copy.deepcopy(classifier), device="cuda", precision=precision)
+            weights_mib = round(torch.cuda.memory_allocated() / 2**20)
+            rows = [_fits(engine, batch, plan.size) for batch in plan.batches]
+            fitting = [row["batch"] for row in rows if row["fits"]]
+            failing = [row["batch"] for row in rows if not row["fits"]]
+            low, high = (max(fitting) if fitting else 0), (min(failing) if failing else None)
+            while high is not None and high - low > 1:  # the largest batch that fits, between two measured sizes
+                middle = (low + high) // 2
+                row = _fits(engine, middle, plan.size)
+                rows.append(row)
+                low, high = (middle, high) if row["fits"] else (low, middle)
+            per_precision[precision] = {
+                "weights_mib": weights_mib,
+                "rows": sorted(rows, key=lambda row: row["batch"]),
+                "largest_batch": low,
+                "largest_batch_bounded_by_measurement": high is None,  # every batch tried fitted
+            }
+            del engine
+            torch.cuda.empty_cache()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return {"card_gib": CARD_BYTES / GIB, "context_mib": round(context / 2**20), "cap_mib": round(cap / 2**20), "precisions": per_precision}
+
+
+def parity_section(classifier: ResNet34Classifier, plan: Plan) -> dict:
+    result = {}
+    threshold = 0.5
+    for precision in [p for p in plan.precisions if p != "fp32"] or ["fp32"]:
+        report = check_torch_parity(classifier, device=plan.device, precision=precision, size=min(plan.size, 64), threshold=threshold)
+        result[f"parity_set_{precision}"] = {**report.to_dict(), "summary": report.summary()}
+    if plan.device == "cuda":  # at S itself, on chest-like and random volumes: FP16 against FP32 on the GPU
+        names, volumes = parity_inputs(plan.size)
+        fp32 = TorchClassifier(copy.deepcopy(classifier), device="cuda", precision="fp32")
+        reference = torch.cat([fp32(torch.from_numpy(volumes[i : i + 1])) for i in range(len(names))]).cpu()
+        del fp32
+        half = TorchClassifier(copy.deepcopy(classifier), device="cuda", precision="fp16")
+        probabilities = torch.cat([half(torch.from_numpy(volumes[i : i + 1])) for i in range(len(names))]).cpu()
+        del half
+        difference = (probabilities - reference).abs().max().item()
+        flips = [n for n, a, b in zip(names, probabilities[:, 1], reference[:, 1]) if (a >= threshold) != (b >= threshold)]
+        result[f"fp16_vs_fp32_at_{plan.size}"] = {
+            "max_abs_diff": difference,
+            "decisions_differ_on": flips,
+            "passed": difference <= FP16_BOUND and not flips,
+        }
+        _release("cuda")
+    return result
+
+
+def preprocessing_section(plan: Plan) -> dict:
+    from benchmarks.preprocessing import device_report
+
+    slices, rows, columns = plan.study_shape
+    return device_report(plan.device, slices=slices, rows=rows, columns=columns, size=plan.size)
+
+
+def served_repository(out: Path, size: int, device: str, preprocess_instances: int = 2) -> Path:
+    """A rendered copy for the torch-gpu target with preprocessing on `device`: on a GPU both models
+    run there (the volume stays on it); on a CPU the classifier runs on a KIND_CPU instance at FP32."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from export import parse_config, write_repository
+    from settings import NAMES
+
+    write_repository(out, target="torch-gpu", size=size, preprocess_instances=preprocess_instances, demo_weights=True)
+    kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if device == "cuda" else model_config_pb2.ModelInstanceGroup.KIND_CPU
+    for model in (NAMES.preprocess, NAMES.classifier):
+        path = out / model / "config.pbtxt"
+        config = parse_config(path.read_text(), str(path))
+        for group in config.instance_group:
+            group.kind = kind
+        if model == NAMES.preprocess:
+            config.parameters["device"].string_value = device
+        elif device != "cuda":
+            config.parameters["precision"].string_value = "fp32"
+        path.write_text(text_format.MessageToString(config))
+    return out
+
+
+def served_section(plan: Plan, work: Path) -> dict:
+    """Studies through ct_triage on the bundled server, closed loop (benchmarks.load), per concurrency level."""
+    from benchmarks.load import closed_loop, triton_sender
+    from preprocess import phantom
+    from serve import ServerError, start_on_free_ports
+    from serve.launcher import find_installation
+
+    try:
+        find_installation()
+    except ServerError as error:
+        return {"not_measured": f"no bundled tritonserver here ({error}); benchmarks/gpu_carry.sh carries one"}
+    instances = 4 if plan.device == "cuda" else 2
+    repository = served_repository(work / "repository", plan.size, plan.device, instances)
+    slices, rows, columns = plan.served_shape
+    payload = phantom.study_files("series", slices=slices, rows=rows, columns=columns, pixel_spacing=0.7, slice_spacing=1.0)
+    # one FP32 volume per ct_preprocess instance and per batched classifier input in the CUDA pool
+    pool = (instances + 4) * 4 * plan.size**3
+    server = start_on_free_ports(
+        repository, log_file=work / "tritonserver.log", exit_timeout_s=5, cuda_memory_pool_bytes=pool if plan.device == "cuda" else None
+    )
+    try:
+        levels = [
+            closed_loop("triton", triton_sender(server.http_url, payload), level, max(plan.served_requests, 2 * level)).to_dict()
+            for level in plan.served_levels
+        ]
+    finally:
+        server.stop()
+    return {
+        "study": {"slices": slices, "rows": rows, "columns": columns, "megabytes": round(sum(map(len, payload)) / 1e6, 1)},
+        "preprocess_instances": instances,
+        "cuda_memory_pool_bytes": pool if plan.device == "cuda" else None,
+        "levels": levels,
+    }
+
+
+def targets(results: dict, plan: Plan) -> dict:
+    """Each target of the GPU issue: met / not met with the number, or not measured."""
+    met = {}
+    rows = results.get("classifier", {}).get("rows", [])
+    half = [row for row in rows if row["precision"] == "fp16" and row.get("layout") == "channels_last" and "studies_per_s" in row]
+    if half and plan.size == 256:
+        best = max(row["studies_per_s"] for row in half)
+        met["classifier FP16 >= 40 studies/s"] = {"value": best, "met": best >= TARGETS["fp16_studies_per_s"]}
+    memory = results.get("memory", {}).get("precisions", {}).get("fp16")
+    if memory and plan.size == 256:
+        met["FP16 batch >= 4 in 8 GB"] = {"value": memory["largest_batch"], "met": memory["largest_batch"] >= TARGETS["fp16_batch_in_8gb"]}
+    preprocessing = results.get("preprocessing", {})
+    if "device_ms" in preprocessing and plan.study_shape == (300, 512, 512):
+        value = preprocessing["device_ms"]["median"]
+        parity = preprocessing["max_abs_diff_vs_fast"]
+        met["GPU preprocessing <= 20 ms, parity <= 1e-4"] = {
+            "value": f"{value} ms, {parity:.1e}",
+            "met": value <= TARGETS["preprocess_ms"] and parity <= TARGETS["parity_max_abs"],
+        }
+    served = results.get("served", {})
+    if served.get("levels") and plan.size == 256:
+        best = max(level["studies_per_s"] for level in served["levels"])
+        met["served >= 20 studies/s"] = {"value": best, "met": best >= TARGETS["served_studies_per_s"]}
+    return met
+
+
+def _passed(comparison: dict) -> bool:
+    return comparison["max_abs_diff"] <= comparison["bound"] and comparison["decisions_agree"]
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
+def markdown(results: dict) -> str:
+    env = results["environment"]
+    lines = [
+        f"# GPU check: {env['gpu']}, S={env['size']}",
+        "",
+        f"{env['date']}; torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), numpy {env['numpy']}, Python {env['python']}, "
+        f"{env['cpu_cores']} CPU cores. One forward pass at S={env['size']}: {env['study_tflop']} TFLOP. "
+        f"Command: `{results['command']}`; {results['seconds']:.0f} s.",
+        "",
+    ]
+    if results.get("targets"):
+        lines += ["## Targets", ""]
+        lines += _table(
+            ["target", "measured", "met"], [[k, v["value"], "met" if v["met"] else "NOT met"] for k, v in results["targets"].items()]
+        )
+        lines.append("")
+    classifier = results.get("classifier")
+    if classifier and "rows" in classifier:
+        lines += ["## Classifier (classifier.TorchClassifier, the torch-gpu target's engine)", ""]
+        rows = [
+            [
+                r["precision"],
+                r["layout"],
+                r["batch"],
+                r.get("studies_per_s", r.get("error")),
+                r.get("latency_ms", ""),
+                r.get("tflop_per_s", ""),
+            ]
+            + ([r.get("peak_allocated_mib", "")] if env["device"] == "cuda" else [])
+            for r in classifier["rows"]
+        ]
+        header = ["precision", "layout", "batch", "studies/s", "latency per batch (ms)", "TFLOP/s"]
+        lines += _table(header + (["peak allocated (MiB)"] if env["device"] == "cuda" else []), rows)
+        lines += ["", f"Channels-last vs contiguous at the best batch: {classifier['channels_last_speedup']}x.", ""]
+    memory = results.get("memory")
+    if memory and "precisions" in memory:
+        lines += [
+            "## Memory under an 8 GB cap",
+            "",
+            f"Allocator capped at {memory['cap_mib']} MiB = 8 GiB minus the {memory['context_mib']} MiB CUDA context of this process.",
+            "",
+        ]
+        rows = []
+        for precision, entry in memory["precisions"].items():
+            for row in entry["rows"]:
+                rows.append(
+                    [
+                        precision,
+                        row["batch"],
+                        "yes" if row["fits"] else "no",
+                        row.get("peak_allocated_mib", ""),
+                        row.get("peak_reserved_mib", ""),
+                    ]
+                )
+        lines += _table(["precision", "batch", "fits", "peak allocated (MiB)", "peak reserved (MiB)"], rows)
+        largest = ", ".join(f"{p} {e['largest_batch']}" for p, e in memory["precisions"].items())
+        lines += ["", f"Largest batch that fits: {largest}.", ""]
+    elif memory:
+        lines += ["## Memory under an 8 GB cap", "", f"Not measured: {memory.get('not_measured') or memory.get('error')}.", ""]
+    parity = results.get("parity", {})
+    if parity:
+        lines += ["## Parity (probabilities; decisions at 0.5)", ""]
+        rows = []
+        for check, report in parity.items():
+            for name, comparison in report.get("comparisons", {}).items():
+                rows.append([check, name, f"{comparison['max_abs_diff']:.2e}", comparison["decisions_agree"], _passed(comparison)])
+            if "decisions_differ_on" in report:
+                rows.append(
+                    [check, "fp16 vs fp32 on the GPU", f"{report['max_abs_diff']:.2e}", not report["decisions_differ_on"], report["passed"]]
+                )
+            if "error" in report or "not_measured" in report:
+                rows.append([check, report.get("error") or report.get("not_measured"), "", "", ""])
+        lines += [*_table(["check", "comparison", "max abs diff", "decisions agree", "passed"], rows), ""]
+    preprocessing = results.get("preprocessing", {})
+    if "device_ms" in preprocessing:
+        shape = " x ".join(map(str, preprocessing["shape"]))
+        lines += [f"## Preprocessing a {shape} study to {preprocessing['size']}^3 ({preprocessing['device_name']})", ""]
+        lines += [
+            *_table(
+                ["upload ms (median / min)", "on the device ms (median / min)", "CPU fast path s (median)", "max abs diff vs CPU"],
+                [
+                    [
+                        f"{preprocessing['upload_ms']['median']} / {preprocessing['upload_ms']['min']}",
+                        f"{preprocessing['device_ms']['median']} / {preprocessing['device_ms']['min']}",
+                        preprocessing["fast_s"]["median"],
+                        f"{preprocessing['max_abs_diff_vs_fast']:.1e}",
+                    ]
+                ],
+            ),
+            "",
+        ]
+    served = results.get("served", {})
+    if served.get("levels"):
+        study = served["study"]
+        lines += [
+            f"## Served ensemble (ct_triage, bundled tritonserver, {study['slices']} x {study['rows']} x {study['columns']} study, "
+            f"{study['megabytes']} MB, {served['preprocess_instances']} ct_preprocess instances)",
+            "",
+        ]
+        rows = [
+            [lv["concurrency"], lv["requests"], lv["failures"], lv["studies_per_s"], lv["p50_s"], lv["p95_s"]] for lv in served["levels"]
+        ]
+        lines += [*_table(["concurrency", "requests", "failures", "studies/s", "p50 s", "p95 s"], rows), ""]
+    for name in ("classifier", "memory", "parity", "preprocessing", "served"):
+        entry = results.get(name, {})
+        if "error" in entry or "not_measured" in entry:
+            lines += [f"{name}: {entry.get('error') or entry.get('not_measured')}", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = [r for r in results.get("classifier", {}).get("rows", []) if r.get("layout") == "channels_last" and "studies_per_s" in r]
+    for precision in sorted({r["precision"] for r in rows}):
+        mine = [r for r in rows if r["precision"] == precision]
+        speed.plot([r["batch"] for r in mine], [r["studies_per_s"] for r in mine], marker="o", label=precision)
+    speed.set(title="Classifier throughput", xlabel="batch size", ylabel="studies per second", xscale="log", xticks=[])
+    for precision, entry in results.get("memory", {}).get("precisions", {}).items():
+        fitting = [r for r in entry["rows"] if r["fits"]]
+        memory.plot([r["batch"] for r in fitting], [r["peak_allocated_mib"] / 1024 for r in fitting], marker="o", label=precision)
+    if results.get("memory", {}).get("cap_mib"):
+        memory.axhline(results["memory"]["cap_mib"] / 1024, color="crimson", linestyle="--", label="8 GB card (allocator cap)")
+    memory.set(title="Peak GPU memory", xlabel="batch size", ylabel="GiB")
+    for axis in (speed, memory):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"{results['environment']['gpu']}, S={results['environment']['size']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run(plan: Plan, out: Path, command: str) -> dict:
+    started = time.perf_counter()
+    results: dict = {"command": command, "plan": asdict(plan)}
+    results["environment"] = environment(plan)
+    name = re.sub(r"[^a-z0-9]+", "-", results["environment"]["gpu"].split(" (")[0].lower()).strip("-")
+    stem = f"gpu-{name}-s{plan.size}" if plan.device == "cuda" else f"smoke-cpu-s{plan.size}"
+    classifier = build_classifier(demo_weights())
+    tflop = results["environment"]["study_tflop"]
+    sections = [
+        ("classifier", lambda: classifier_section(classifier, plan, tflop)),
+        ("memory", lambda: memory_section(classifier, plan)),
+        ("parity", lambda: parity_section(classifier, plan)),
+        ("preprocessing", lambda: preprocessing_section(plan)),
+        ("served", lambda: served_section(plan, Path(tempfile.mkdtemp(prefix="gpu-check-")))),
+    ]
+    for section, measure in sections:
+        spent = time.perf_counter() - started
+        if spent > plan.budget_s:
+            results[section] = {"not_measured": f"time budget of {plan.budget_s:.0f} s spent ({spent:.0f} s)"}
+            continue
+        print(f"gpu_check: {section} ({spent:.0f} s so far)", file=sys.stderr, flush=True)
+        section_started = time.perf_counter()
+        try:
+            results[section] = measure()
+        except Exception as error:  # one section's failure is a result too; the others still run
+            results[section] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=6)}
+        results[section + "_seconds"] = round(time.perf_counter() - section_started, 1)
+        _write(results, out, stem, started)
+    results["targets"] = targets(results, plan)
+    _write(results, out, stem, started)
+    plot(results, out / f"{stem}.png")
+    return results
+
+
+def _write(results: dict, out: Path, stem: str, started: float) -> None:
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for the JSON, markdown and plot")
+    parser.add_argument("--smoke", action="store_true", help="on the CPU at a tiny S: the same code, for tests")
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU machine, or use --smoke")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = Plan.smoke() if args.smoke else Plan.gpu()
+    results = run(plan, out, "bash benchmarks/gpu_check.sh" + (" --smoke" if args.smoke else ""))
+    failed = [name for name, value in results.items() if isinstance(value, dict) and "error" in value]
+    print(json.dumps({"out": str(out), "targets": results["targets"], "failed_sections": failed, "seconds": results["seconds"]}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

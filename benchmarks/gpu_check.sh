@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The project's GPU checks in one run: classifier speed per batch and precision, memory under an
+# 8 GB cap, FP16/BF16 parity, GPU preprocessing, and the served ensemble when the bundled server is
+# there. Results (JSON, markdown, plot) go to $OUT, or to benchmarks/results/ when OUT is unset.
+#
+#   bash benchmarks/gpu_check.sh            on a machine with a CUDA GPU (S=256, about 6 minutes)
+#   bash benchmarks/gpu_check.sh --smoke    anywhere, on the CPU at S=16 (the test suite runs this)
+#
+# On a GPU machine without the project's dependencies (no network), first run
+# `bash benchmarks/gpu_carry.sh` on a machine with one: what it writes to .gpu-carry/ (the trimmed
+# bundled server and the wheels the checks need) is installed here from the files alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+out=${OUT:-benchmarks/results}
+# the carried packages, only where the project's own are missing (the GPU machine, not a set-up checkout)
+if [ -d .gpu-carry ] && ! "$python" -c "import pydicom, pytriton, tritonclient.http" 2>/dev/null; then
+    carried=$(mktemp -d)
+    exports=$(bash benchmarks/gpu_carry.sh --install "$carried")
+    eval "$exports"
+fi
+export PYTHONUNBUFFERED=1
+exec "$python" -m benchmarks.gpu_check --out "$out" "$@"

@@ -1,0 +1,41 @@
+"""benchmarks/gpu_check.sh --smoke: the GPU script end to end on the CPU at S=16, so it cannot rot
+between runs on a GPU (every section runs the code the GPU run runs; memory needs CUDA and says so)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
+    environment = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--smoke"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["failed_sections"] == [] and summary["out"] == str(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smoke-cpu-s16.json", "smoke-cpu-s16.md", "smoke-cpu-s16.png"]
+    results = json.loads((tmp_path / "smoke-cpu-s16.json").read_text())
+
+    rows = results["classifier"]["rows"]
+    assert {(row["precision"], row["batch"], row["layout"]) for row in rows} >= {("fp32", 1, "channels_last"), ("fp32", 2, "channels_last")}
+    assert all(row["studies_per_s"] > 0 and row["tflop_per_s"] >= 0 for row in rows)
+    assert results["environment"]["study_tflop"] > 0 and results["memory"] == {"not_measured": "needs a CUDA device"}
+
+    parity = results["parity"]["parity_set_fp32"]
+    assert parity["passed"] and parity["comparisons"]["served_fp32_vs_torch"]["max_abs_diff"] <= 1e-4
+
+    preprocessing = results["preprocessing"]
+    assert preprocessing["max_abs_diff_vs_fast"] <= 1e-4 and preprocessing["same_mapping"]
+    assert preprocessing["device_ms"]["median"] > 0 and preprocessing["upload_ms"]["median"] > 0
+
+    served = results["served"]  # the ensemble on the torch classifier, through the bundled server
+    assert [level["concurrency"] for level in served["levels"]] == [1, 2]
+    assert all(level["failures"] == 0 and level["studies_per_s"] > 0 for level in served["levels"]), served
+    markdown = (tmp_path / "smoke-cpu-s16.md").read_text()
+    assert "## Classifier" in markdown and "Not measured: needs a CUDA device" in markdown
