@@ -105,11 +105,12 @@ def closed_loop(target: str, make_sender: Callable[[], Sender], concurrency: int
     )
 
 
-def triton_sender(url: str, payload: list[bytes], timeout_s: float = 600) -> Callable[[], Sender]:
-    """Studies through ct_triage with the project's HTTP client, one client per worker."""
+def triton_sender(url: str, payload: list[bytes], timeout_s: float = 600, shared_memory: bool = False) -> Callable[[], Sender]:
+    """Studies through ct_triage with the project's HTTP client, one client per worker (each with its
+    own system shared-memory region when `shared_memory`: client and server on one host)."""
 
     def make() -> Sender:
-        client = TriageClient(url, "http", timeout_s=timeout_s, retry=RetryPolicy(attempts=1))
+        client = TriageClient(url, "http", timeout_s=timeout_s, retry=RetryPolicy(attempts=1), shared_memory=shared_memory)
 
         def send() -> None:
             result = client.classify(payload)

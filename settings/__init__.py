@@ -80,7 +80,7 @@ class Serving:
     shm_default_byte_size: int = 64 * 1024**2
     shm_growth_byte_size: int = 64 * 1024**2
     preprocess_instances: int = 2
-    max_batch_size: int = 4  # meant to fit 4 x 256^3 activations on an 8 GB card in FP16: not measured yet (no GPU)
+    max_batch_size: int = 4  # meant to fit 4 x 256^3 in FP16 on an 8 GB card: benchmarks/gpu_check.sh measures it, not run yet
     max_queue_delay_microseconds: int = 20_000
     request_timeout_s: float = 300.0  # the client's deadline per request; on the server, the longest queue wait
     max_queue_size: int = 32  # studies waiting per model queue before new ones are rejected (back-pressure)
