@@ -64,7 +64,7 @@ class Plan:
     @staticmethod
     def gpu() -> Plan:
         return Plan(
-            "cuda", 256, (1, 2, 4, 8, 16), ("fp32", "fp16", "bf16"), 2.0, (300, 512, 512), (300, 512, 512), (1, 4, 8, 16), 64, 420.0
+            "cuda", 256, (1, 2, 4, 8, 16), ("fp32", "fp16", "bf16"), 2.0, (300, 512, 512), (300, 512, 512), (1, 4, 8, 16), 24, 420.0
         )
 
     @staticmethod
@@ -292,7 +292,7 @@ def served_repository(out: Path, size: int, device: str, preprocess_instances: i
     return out
 
 
-def served_section(plan: Plan, work: Path) -> dict:
+def served_section(plan: Plan, work: Path, deadline: float) -> dict:
     """Studies through ct_triage on the bundled server, closed loop (benchmarks.load), per concurrency level."""
     from benchmarks.load import closed_loop, triton_sender
     from preprocess import phantom
@@ -317,12 +317,13 @@ def served_section(plan: Plan, work: Path) -> dict:
         repository, log_file=work / "tritonserver.log", exit_timeout_s=5, cuda_memory_pool_bytes=pool if plan.device == "cuda" else None
     )
     try:
-        levels = [
-            closed_loop(
-                "triton", triton_sender(server.http_url, payload, shared_memory=shared_memory), level, max(plan.served_requests, 2 * level)
-            ).to_dict()
-            for level in plan.served_levels
-        ]
+        levels, skipped = [], []
+        for level in plan.served_levels:
+            if time.monotonic() > deadline:  # the run must end in time: the levels not reached say so
+                skipped.append(level)
+                continue
+            sender = triton_sender(server.http_url, payload, shared_memory=shared_memory)
+            levels.append(closed_loop("triton", sender, level, max(plan.served_requests, 2 * level)).to_dict())
     finally:
         server.stop()
     return {
@@ -331,6 +332,7 @@ def served_section(plan: Plan, work: Path) -> dict:
         "transport": "system shared memory" if shared_memory else "HTTP wire",
         "cuda_memory_pool_bytes": pool if plan.device == "cuda" else None,
         "levels": levels,
+        "levels_skipped_for_time": skipped,
     }
 
 
@@ -511,6 +513,7 @@ def run(plan: Plan, out: Path, command: str) -> dict:
     results["environment"] = environment(plan)
     name = re.sub(r"[^a-z0-9]+", "-", results["environment"]["gpu"].split(" (")[0].lower()).strip("-")
     stem = f"gpu-{name}-s{plan.size}" if plan.device == "cuda" else f"smoke-cpu-s{plan.size}"
+    deadline = time.monotonic() + plan.budget_s
     classifier = build_classifier(demo_weights())
     tflop = results["environment"]["study_tflop"]
     sections = [
@@ -518,7 +521,7 @@ def run(plan: Plan, out: Path, command: str) -> dict:
         ("memory", lambda: memory_section(classifier, plan)),
         ("parity", lambda: parity_section(classifier, plan)),
         ("preprocessing", lambda: preprocessing_section(plan)),
-        ("served", lambda: served_section(plan, Path(tempfile.mkdtemp(prefix="gpu-check-")))),
+        ("served", lambda: served_section(plan, Path(tempfile.mkdtemp(prefix="gpu-check-")), deadline)),
     ]
     for section, measure in sections:
         spent = time.perf_counter() - started
