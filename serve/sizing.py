@@ -1,0 +1,114 @@
+"""How much shared memory and CUDA memory pool a deployment needs: one formula for the compose file,
+the Kubernetes manifests and the tests that check it against a measured run.
+
+Python-backend shared memory (`/dev/shm`): every Python-backend model instance (a stub process) owns
+one region of `shm-default-byte-size`, enough for its control messages and small tensors. A request
+whose tensors do not fit grows that instance's region in steps of `shm-growth-byte-size`, enough for
+its input and output together, and the region keeps its size. So, per instance:
+
+    region = default + ceil(need / growth) * growth     (need: tensor bytes of its largest request;
+                                                         0 when need <= default / 2: it fits the default)
+
+with need = largest study + one FP32 volume (4 S^3) for ct_preprocess, max batch x 4 S^3 for a
+Python-backend ct_classifier that receives its volumes on the CPU (0 when they arrive on the GPU, or
+when the classifier runs on the ONNX Runtime or TensorRT backend), and ~0 for ct_postprocess. The
+deployment's `/dev/shm` is the sum over instances, plus Triton's own headroom.
+
+Measured (benchmarks/results/cpu-s64.md, S=64, 4 stubs, one 150.3 MiB study at a time): 256 MiB
+idle (4 x 64 MiB) and 448 MiB at the peak; the regions above give 448 MiB for that run (one
+ct_preprocess region grown to 64 + 3 x 64 MiB, three at 64 MiB). A deployment is sized for every
+instance at its peak at once, plus headroom (tests/server/test_sizing.py measures a run against it).
+
+CUDA memory pool (`--cuda-memory-pool-byte-size`): with ct_preprocess on the GPU, each volume in
+flight between it and the classifier is one FP32 volume in the pool: one per ct_preprocess instance
+plus one batch waiting at the classifier.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from settings import SERVING
+
+MIB = 1024**2
+HEADROOM_BYTES = 64 * MIB  # Triton's own use of /dev/shm beyond the stubs' regions, rounded up
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What the sizes depend on: the served configs' instance counts, S, batching and the largest study."""
+
+    size: int
+    preprocess_instances: int
+    max_batch_size: int
+    largest_study_bytes: int = SERVING.largest_study_bytes
+    classifier_python_instances: int = 1  # Python-backend classifier instances (cpu, torch-gpu targets); 0 for onnx-gpu/tensorrt
+    classifier_inputs_on_gpu: bool = False  # torch-gpu with FORCE_CPU_ONLY_INPUT_TENSORS "no" and ct_preprocess on the GPU
+    postprocess_instances: int = 1
+    preprocess_on_gpu: bool = False
+
+    @property
+    def volume_bytes(self) -> int:
+        return 4 * self.size**3
+
+
+def region_bytes(need: int, default: int = SERVING.shm_default_byte_size, growth: int = SERVING.shm_growth_byte_size) -> int:
+    """One stub's region once a request of `need` tensor bytes has passed through it."""
+    steps = 0 if need <= default // 2 else math.ceil(need / growth)
+    return default + steps * growth
+
+
+def shm_bytes(deployment: Deployment) -> int:
+    """/dev/shm the Python backend needs at the peak (compose `shm_size`, the Kubernetes emptyDir)."""
+    d = deployment
+    classifier_need = 0 if d.classifier_inputs_on_gpu else d.max_batch_size * d.volume_bytes
+    preprocess_need = d.largest_study_bytes + (0 if d.preprocess_on_gpu else d.volume_bytes)
+    return (
+        d.preprocess_instances * region_bytes(preprocess_need)
+        + d.classifier_python_instances * region_bytes(classifier_need)
+        + d.postprocess_instances * region_bytes(0)
+        + HEADROOM_BYTES
+    )
+
+
+def cuda_pool_bytes(deployment: Deployment) -> int:
+    """Triton's CUDA memory pool on each GPU: the volumes in flight from GPU preprocessing (at least
+    Triton's default 64 MiB)."""
+    if not deployment.preprocess_on_gpu:
+        return 64 * MIB
+    return (deployment.preprocess_instances + deployment.max_batch_size) * deployment.volume_bytes
+
+
+def mib(value: int) -> int:
+    """Whole MiB, rounded up (what compose and Kubernetes quantities are written in)."""
+    return -(-value // MIB)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m serve.sizing", description="/dev/shm and CUDA memory pool for a deployment")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--preprocess-instances", type=int, default=SERVING.preprocess_instances)
+    parser.add_argument("--max-batch-size", type=int, default=SERVING.max_batch_size)
+    parser.add_argument("--largest-study-mib", type=int, default=SERVING.largest_study_bytes // MIB)
+    parser.add_argument("--target", choices=("cpu", "onnx-gpu", "tensorrt", "torch-gpu"), default="torch-gpu")
+    parser.add_argument("--gpu-preprocessing", action="store_true", help="ct_preprocess with device 'cuda'")
+    args = parser.parse_args(argv)
+    deployment = Deployment(
+        size=args.size,
+        preprocess_instances=args.preprocess_instances,
+        max_batch_size=args.max_batch_size,
+        largest_study_bytes=args.largest_study_mib * MIB,
+        classifier_python_instances=1 if args.target in ("cpu", "torch-gpu") else 0,
+        classifier_inputs_on_gpu=args.target == "torch-gpu" and args.gpu_preprocessing,
+        preprocess_on_gpu=args.gpu_preprocessing,
+    )
+    print(json.dumps({"shm_mib": mib(shm_bytes(deployment)), "cuda_memory_pool_mib": mib(cuda_pool_bytes(deployment))}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
