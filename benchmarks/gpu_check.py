@@ -277,17 +277,13 @@ def served_repository(out: Path, size: int, device: str, preprocess_instances: i
     from export import parse_config, write_repository
     from settings import NAMES
 
-    write_repository(out, target="torch-gpu", size=size, preprocess_instances=preprocess_instances, demo_weights=True)
-    kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if device == "cuda" else model_config_pb2.ModelInstanceGroup.KIND_CPU
-    for model in (NAMES.preprocess, NAMES.classifier):
-        path = out / model / "config.pbtxt"
+    options = {"size": size, "preprocess_instances": preprocess_instances, "preprocess_device": device}
+    write_repository(out, target="torch-gpu", demo_weights=True, **options)
+    if device != "cuda":  # no GPU: the classifier on a CPU instance, at FP32
+        path = out / NAMES.classifier / "config.pbtxt"
         config = parse_config(path.read_text(), str(path))
-        for group in config.instance_group:
-            group.kind = kind
-        if model == NAMES.preprocess:
-            config.parameters["device"].string_value = device
-        elif device != "cuda":
-            config.parameters["precision"].string_value = "fp32"
+        config.instance_group[0].kind = model_config_pb2.ModelInstanceGroup.KIND_CPU
+        config.parameters["precision"].string_value = "fp32"
         path.write_text(text_format.MessageToString(config))
     return out
 

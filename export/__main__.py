@@ -12,7 +12,7 @@ from contract import ContractError
 from .errors import ExportError
 from .repository import COMMITTED, TARGETS, write_repository
 
-RENDERING = ("size", "max_batch_size", "max_queue_delay_us", "preprocess_instances", "threshold")
+RENDERING = ("size", "max_batch_size", "max_queue_delay_us", "preprocess_instances", "preprocess_device", "threshold")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     rendering.add_argument("--max-batch-size", type=int)
     rendering.add_argument("--max-queue-delay-us", type=int)
     rendering.add_argument("--preprocess-instances", type=int)
+    rendering.add_argument("--preprocess-device", choices=("cpu", "cuda"), help="cuda: preprocessing on the GPU (KIND_GPU instances)")
     rendering.add_argument("--threshold", type=float, help="operating point: pathology when P(pathology) >= threshold")
     return parser
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
             max_queue_delay_microseconds=args.max_queue_delay_us,
             preprocess_instances=args.preprocess_instances,
+            preprocess_device=args.preprocess_device,
             threshold=args.threshold,
             parity_size=args.parity_size,
             artifacts_dir=args.artifacts,

@@ -51,6 +51,7 @@ PARITY_FILE = "parity.json"
 FP16_FILE = "model.fp16.onnx"
 CONFIG = "config.pbtxt"
 TORCH_TARGET = "torch-gpu"
+PREPROCESS_DEVICES = ("cpu", "cuda")
 ONNX_PRECISION = {"cpu": "fp32", "onnx-gpu": "fp32 graph, fp16 TensorRT accelerator", "tensorrt": "fp16"}
 GENERATED = frozenset({*SERVED_FILE.values(), PROVENANCE_FILE})
 
@@ -63,6 +64,7 @@ class ServingOptions:
     max_batch_size: int = SERVING.max_batch_size
     max_queue_delay_microseconds: int = SERVING.max_queue_delay_microseconds
     preprocess_instances: int = SERVING.preprocess_instances
+    preprocess_device: str = "cpu"  # "cuda": ct_preprocess on KIND_GPU instances, the volume handed over on the GPU
     threshold: float = OPERATING_POINT.threshold
 
     def validated(self) -> ServingOptions:
@@ -71,6 +73,8 @@ class ServingOptions:
         _check_integer("max batch size", self.max_batch_size, 1)
         _check_integer("preprocess instances", self.preprocess_instances, 1)
         _check_integer("max queue delay", self.max_queue_delay_microseconds, 0)
+        if self.preprocess_device not in PREPROCESS_DEVICES:
+            raise ExportError(f"preprocess device must be one of {', '.join(PREPROCESS_DEVICES)}, not {self.preprocess_device!r}")
         return replace(self, threshold=parse_threshold(self.threshold))
 
 
@@ -172,12 +176,14 @@ def serving_options(configs: dict[str, model_config_pb2.ModelConfig]) -> Serving
         max_batch_size=classifier.max_batch_size,
         max_queue_delay_microseconds=classifier.dynamic_batching.max_queue_delay_microseconds,
         preprocess_instances=sum(group.count for group in preprocess.instance_group),
+        preprocess_device=preprocess.parameters["device"].string_value if "device" in preprocess.parameters else "cpu",
         threshold=parse_threshold(configs[NAMES.postprocess].parameters["threshold"].string_value),
     ).validated()
 
 
 def render_configs(target: str, options: ServingOptions, repository: Path = COMMITTED) -> dict[str, model_config_pb2.ModelConfig]:
-    """The committed configs for `target` with `options` applied (S, batching, instances, threshold)."""
+    """The committed configs for `target` with `options` applied (S, batching, instances and device of
+    preprocessing, threshold)."""
     options = options.validated()
     configs = target_configs(target, repository)
     size = options.size
@@ -185,6 +191,8 @@ def render_configs(target: str, options: ServingOptions, repository: Path = COMM
     _volume(preprocess, "output").dims[:] = [1, 1, size, size, size]
     (group,) = preprocess.instance_group
     group.count = options.preprocess_instances
+    group.kind = group.KIND_GPU if options.preprocess_device == "cuda" else group.KIND_CPU
+    preprocess.parameters["device"].string_value = options.preprocess_device
     classifier = configs[NAMES.classifier]
     _volume(classifier, "input").dims[:] = [1, size, size, size]
     classifier.max_batch_size = options.max_batch_size
@@ -264,6 +272,7 @@ def write_repository(
     max_batch_size: int | None = None,
     max_queue_delay_microseconds: int | None = None,
     preprocess_instances: int | None = None,
+    preprocess_device: str | None = None,
     threshold: float | None = None,
     parity_size: int | None = None,
     artifacts_dir: str | Path | None = None,
@@ -284,6 +293,7 @@ def write_repository(
         max_batch_size=max_batch_size,
         max_queue_delay_microseconds=max_queue_delay_microseconds,
         preprocess_instances=preprocess_instances,
+        preprocess_device=preprocess_device,
         threshold=threshold,
     )
     given = {key: value for key, value in given.items() if value is not None}

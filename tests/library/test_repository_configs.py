@@ -75,6 +75,16 @@ def test_a_rendered_copy_changes_size_batching_instances_and_threshold_everywher
     assert text_format.Parse(text, model_config_pb2.ModelConfig()) == classifier  # what the copy's file holds
 
 
+def test_a_rendered_copy_can_put_preprocessing_on_the_gpu():
+    options = export.ServingOptions(preprocess_device="cuda")
+    configs = export.render_configs("torch-gpu", options)
+    (group,) = configs[NAMES.preprocess].instance_group
+    assert group.kind == group.KIND_GPU and configs[NAMES.preprocess].parameters["device"].string_value == "cuda"
+    assert export.serving_options(configs) == options.validated()
+    with pytest.raises(export.ExportError, match="preprocess device must be one of cpu, cuda, not 'gpu'"):
+        export.ServingOptions(preprocess_device="gpu").validated()
+
+
 def test_configs_that_disagree_on_the_volume_are_refused():
     configs = export.target_configs("cpu")
     configs[NAMES.preprocess].output[0].dims[:] = [1, 1, 128, 128, 128]
