@@ -1,0 +1,378 @@
+"""The Kubernetes manifests in deploy/k8s/ (no cluster): every object valid against the Kubernetes
+OpenAPI schemas (kubernetes-validate, offline, strict: unknown fields fail), and the numbers and names
+they share with the project equal to their sources: serve.sizing for /dev/shm and the CUDA memory pool,
+settings.SERVING for ports and flags, the model repository for model and config names, the
+prometheus-adapter rule for the HPA's metric."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import functools
+import io
+import json
+import re
+import shlex
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from helpers import ROOT
+
+from serve import sizing
+from settings import NAMES, PREPROCESSING, SERVING
+
+K8S = ROOT / "deploy" / "k8s"
+REPOSITORY = ROOT / "model_repository"
+KUBERNETES_VERSION = "1.31.0"  # the oldest Kubernetes still maintained upstream when written; the schemas ship with the package
+# In the folder, deliberately not applied by `kubectl apply -k` (kustomization.yaml says why).
+NOT_APPLIED = {"secret.example.yaml", "prometheus-adapter.yaml"}
+# What the restricted-API flags must put behind the admin key, and what must stay open (probes and
+# clients send no key).
+ADMIN_APIS = {"model-repository", "shared-memory", "trace", "logging"}
+OPEN_APIS = {"health", "inference", "metadata"}
+TRITON_APIS = {"health", "metadata", "inference", "shared-memory", "model-config", "model-repository", "statistics", "trace", "logging"}
+MANIFESTS = sorted(path.name for path in K8S.glob("*.yaml"))
+
+
+@functools.cache
+def documents(name: str) -> tuple[dict, ...]:
+    return tuple(doc for doc in yaml.safe_load_all((K8S / name).read_text()) if doc is not None)
+
+
+def the(kind: str, name: str | None = None) -> dict:
+    """The one object of `kind` (and `name`) in the folder."""
+    found = [doc for file in MANIFESTS for doc in documents(file) if doc["kind"] == kind and name in (None, doc["metadata"].get("name"))]
+    assert len(found) == 1, f"{len(found)} {kind} objects named {name} in {K8S}"
+    return found[0]
+
+
+def pod_spec() -> dict:
+    return the("Deployment")["spec"]["template"]["spec"]
+
+
+def container() -> dict:
+    (server,) = pod_spec()["containers"]
+    return server
+
+
+def flags() -> dict[str, list[str]]:
+    """tritonserver's `--name=value` arguments, by name (some are repeated). The container keeps the
+    image's entrypoint (NVIDIA's, which execs its arguments) and its args are the server's command line."""
+    server = container()
+    assert "command" not in server
+    assert server["args"][0] == "tritonserver"
+    parsed: dict[str, list[str]] = {}
+    for argument in server["args"][1:]:
+        name, equals, value = argument.partition("=")
+        assert argument.startswith("--") and equals, f"not a --name=value flag: {argument}"
+        parsed.setdefault(name[2:], []).append(value)
+    return parsed
+
+
+def flag(name: str) -> str:
+    (value,) = flags()[name]
+    return value
+
+
+def mebibytes(quantity: str) -> float:
+    match = re.fullmatch(r"(\d+)(Mi|Gi)", quantity)
+    assert match, f"write sizes in Mi or Gi: {quantity}"
+    return int(match[1]) * {"Mi": 1, "Gi": 1024}[match[2]]
+
+
+def sizing_args() -> argparse.Namespace:
+    """The deployment's `ct-triage/serve-sizing` annotation: the arguments of `python -m serve.sizing`
+    its /dev/shm and CUDA pool were computed with (the same options and defaults as that CLI)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--preprocess-instances", type=int, default=SERVING.preprocess_instances)
+    parser.add_argument("--max-batch-size", type=int, default=SERVING.max_batch_size)
+    parser.add_argument("--largest-study-mib", type=int, default=SERVING.largest_study_bytes // sizing.MIB)
+    parser.add_argument("--target", default="torch-gpu")
+    parser.add_argument("--gpu-preprocessing", action="store_true")
+    return parser.parse_args(shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/serve-sizing"]))
+
+
+def deployment_sizing() -> sizing.Deployment:
+    args = sizing_args()
+    return sizing.Deployment(
+        size=args.size,
+        preprocess_instances=args.preprocess_instances,
+        max_batch_size=args.max_batch_size,
+        largest_study_bytes=args.largest_study_mib * sizing.MIB,
+        classifier_python_instances=1 if args.target in ("cpu", "torch-gpu") else 0,
+        classifier_inputs_on_gpu=args.target == "torch-gpu" and args.gpu_preprocessing,
+        preprocess_on_gpu=args.gpu_preprocessing,
+    )
+
+
+def sizing_cli() -> dict:
+    """What `python -m serve.sizing` prints for the annotation's arguments."""
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        assert sizing.main(shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/serve-sizing"])) == 0
+    return json.loads(output.getvalue())
+
+
+def export_targets() -> tuple[str, ...]:
+    """export.TARGETS, read from its source: importing `export` imports torch (seconds on these machines)."""
+    for node in ast.parse((ROOT / "export" / "repository.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "TARGETS" for target in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError("export/repository.py defines no TARGETS")
+
+
+def pod_labels_selected(selector: dict) -> bool:
+    labels = the("Deployment")["spec"]["template"]["metadata"]["labels"]
+    return all(labels.get(key) == value for key, value in selector["matchLabels"].items())
+
+
+# -- every file, every object --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_every_manifest_parses_and_validates_against_the_kubernetes_schemas(name):
+    docs = documents(name)
+    assert docs, f"{name} holds no object"
+    for doc in docs:
+        if doc["kind"] == "Kustomization":  # kustomize's own file, not an API object: no OpenAPI schema
+            assert doc["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+            assert set(doc) <= {"apiVersion", "kind", "namespace", "resources", "images", "labels", "commonAnnotations"}
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{name}: {doc['kind']} {doc['metadata'].get('name')}: {error}")
+
+
+def test_the_kustomization_lists_existing_files_and_leaves_out_only_what_it_says():
+    (kustomization,) = documents("kustomization.yaml")
+    resources = kustomization["resources"]
+    assert len(resources) == len(set(resources))
+    assert all((K8S / resource).is_file() for resource in resources), resources
+    assert set(resources) | NOT_APPLIED | {"kustomization.yaml"} == set(MANIFESTS)
+    assert not set(resources) & NOT_APPLIED
+    # the image the deployment names is the one kustomize rewrites
+    (image,) = kustomization["images"]
+    assert container()["image"].split(":")[0] == image["name"]
+
+
+def test_labels_and_selectors_agree():
+    deployment = the("Deployment")
+    assert pod_labels_selected(deployment["spec"]["selector"])
+    assert pod_labels_selected({"matchLabels": the("Service")["spec"]["selector"]})
+    assert pod_labels_selected(the("PodDisruptionBudget")["spec"]["selector"])
+    assert pod_labels_selected(the("NetworkPolicy")["spec"]["podSelector"])
+    assert all(pod_labels_selected(spread["labelSelector"]) for spread in pod_spec()["topologySpreadConstraints"])
+    target = the("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+
+
+# -- sizes: serve.sizing -------------------------------------------------------------------------------
+
+
+def test_the_sizing_annotation_describes_what_the_deployment_serves():
+    args = sizing_args()
+    # S and the largest batch are the committed repository's (a rendered copy at other values would
+    # need its own sizes): the defaults, not overridden
+    assert (args.size, args.max_batch_size) == (PREPROCESSING.size, SERVING.max_batch_size)
+    assert args.largest_study_mib * sizing.MIB == SERVING.largest_study_bytes
+    assert args.target == flag("model-config-name")
+    # GPU preprocessing is what the CUDA pool flag is for
+    assert args.gpu_preprocessing == ("cuda-memory-pool-byte-size" in flags())
+    # the repository on the volume is written for the same target, device and instance count
+    export = argparse.ArgumentParser()
+    for option in ("--checkpoint", "--target", "--out", "--preprocess-device"):
+        export.add_argument(option)
+    export.add_argument("--preprocess-instances", type=int)
+    command = shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/model-repository"])
+    assert command[0] in ("python", "python3") and command[1:3] == ["-m", "export"]
+    written = export.parse_args(command[3:])
+    assert written.target == args.target
+    assert written.out == flag("model-repository")
+    assert written.preprocess_device == ("cuda" if args.gpu_preprocessing else "cpu")
+    assert written.preprocess_instances == args.preprocess_instances
+
+
+def test_dev_shm_is_a_memory_emptydir_of_the_size_serve_sizing_gives():
+    volumes = {volume["name"]: volume for volume in pod_spec()["volumes"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in container()["volumeMounts"]}
+    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert shm["medium"] == "Memory"
+    expected = sizing.mib(sizing.shm_bytes(deployment_sizing()))
+    assert mebibytes(shm["sizeLimit"]) == expected == sizing_cli()["shm_mib"]
+    # memory-backed: its pages count against the container's memory limit, which must hold them and more
+    limits = container()["resources"]["limits"]
+    assert mebibytes(limits["memory"]) >= 2 * expected
+    # the Python backend's regions are the ones serve.sizing counts
+    backend = flags()["backend-config"]
+    assert f"python,shm-default-byte-size={SERVING.shm_default_byte_size}" in backend
+    assert f"python,shm-growth-byte-size={SERVING.shm_growth_byte_size}" in backend
+
+
+def test_the_cuda_memory_pool_is_serve_sizing_for_gpu_preprocessing():
+    deployment = deployment_sizing()
+    assert deployment.preprocess_on_gpu
+    gpu, size = flag("cuda-memory-pool-byte-size").split(":")
+    assert gpu == "0"  # the pod's one GPU
+    assert int(size) == sizing.cuda_pool_bytes(deployment)
+    assert sizing.mib(int(size)) == sizing_cli()["cuda_memory_pool_mib"]
+
+
+# -- the server's flags, ports and probes ----------------------------------------------------------------
+
+
+def test_flags_are_the_projects():
+    parsed = flags()
+    assert flag("model-control-mode") == "explicit"
+    assert flag("load-model") == "*"
+    assert flag("strict-readiness") == "true"
+    assert int(flag("exit-timeout-secs")) == SERVING.exit_timeout_s
+    assert len(parsed["backend-config"]) == len(set(parsed["backend-config"]))
+    # the served repository is on the read-only volume, which is the model-repository PVC
+    repository = Path(flag("model-repository"))
+    (mount,) = [mount for mount in container()["volumeMounts"] if Path(mount["mountPath"]) in repository.parents]
+    assert mount["readOnly"] is True
+    volume = next(volume for volume in pod_spec()["volumes"] if volume["name"] == mount["name"])
+    claim = the("PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+
+
+def test_the_model_config_name_is_a_target_with_a_committed_config():
+    name = flag("model-config-name")
+    assert name in export_targets()
+    assert (REPOSITORY / NAMES.classifier / "configs" / f"{name}.pbtxt").is_file()
+
+
+def test_every_model_named_in_the_manifests_is_in_the_model_repository():
+    text = "\n".join((K8S / name).read_text() for name in MANIFESTS)
+    # model label matchers in PromQL (model="x", model=~"x|y"), and any bare ct_<word> name
+    matchers = re.findall(r'model=~?"([^"]+)"', text)
+    assert matchers, "the adapter rule selects models by name"
+    named = {model for matcher in matchers for model in matcher.split("|")} | set(re.findall(r"\bct_[a-z]+\b", text))
+    served = {path.parent.name for path in REPOSITORY.glob("*/config.pbtxt")}
+    assert named <= served, named - served
+    assert {NAMES.triage, NAMES.preprocess, NAMES.classifier} <= named
+
+
+def test_ports_are_the_settings():
+    ports = {port["name"]: port["containerPort"] for port in container()["ports"]}
+    assert ports == {"http": SERVING.http_port, "grpc": SERVING.grpc_port, "metrics": SERVING.metrics_port}
+    assert (int(flag("http-port")), int(flag("grpc-port")), int(flag("metrics-port"))) == (
+        SERVING.http_port,
+        SERVING.grpc_port,
+        SERVING.metrics_port,
+    )
+    service = {port["name"]: (port["port"], port["targetPort"]) for port in the("Service")["spec"]["ports"]}
+    assert service == {name: (number, name) for name, number in ports.items()}
+    scrape = the("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert (scrape["prometheus.io/scrape"], int(scrape["prometheus.io/port"])) == ("true", SERVING.metrics_port)
+
+
+def test_network_policy_opens_inference_to_all_and_metrics_to_monitoring_only():
+    rules = the("NetworkPolicy")["spec"]["ingress"]
+    opened = {port["port"]: rule.get("from") for rule in rules for port in rule["ports"]}
+    assert set(opened) == {SERVING.http_port, SERVING.grpc_port, SERVING.metrics_port}
+    assert opened[SERVING.http_port] is None and opened[SERVING.grpc_port] is None  # no `from`: any source
+    (monitoring,) = opened[SERVING.metrics_port]
+    assert monitoring == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def test_probes_ask_triton_for_readiness_and_liveness_on_the_http_port():
+    server = container()
+    named_ports = {port["name"]: port["containerPort"] for port in server["ports"]}
+
+    def probed(probe: str) -> tuple[str, int]:
+        get = server[probe]["httpGet"]
+        return get["path"], named_ports.get(get["port"], get["port"])
+
+    assert probed("startupProbe") == ("/v2/health/ready", SERVING.http_port)
+    assert probed("readinessProbe") == ("/v2/health/ready", SERVING.http_port)
+    assert probed("livenessProbe") == ("/v2/health/live", SERVING.http_port)
+    startup = server["startupProbe"]
+    # generous: at least the bundled launcher's start-up allowance for loading and warming up the models
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= SERVING.startup_timeout_s
+
+
+def test_termination_outlasts_the_pre_stop_pause_and_the_exit_timeout():
+    pause = container()["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep"
+    assert pod_spec()["terminationGracePeriodSeconds"] > int(pause[1]) + int(flag("exit-timeout-secs"))
+
+
+# -- access and privileges -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["http-restricted-api", "grpc-restricted-protocol"])
+def test_admin_apis_need_the_key_from_a_secret(option):
+    (value,) = flags()[option]
+    apis, _, header = value.partition(":")
+    key, _, secret = header.partition("=")
+    restricted = set(apis.split(","))
+    assert ADMIN_APIS <= restricted <= TRITON_APIS
+    assert not restricted & OPEN_APIS  # probes and clients send no key
+    assert re.fullmatch(r"[a-z0-9-]+", key), key  # a header (HTTP) and metadata key (gRPC): lower case
+    variable = re.fullmatch(r"\$\(([A-Z_]+)\)", secret)
+    assert variable, f"the key must come from the environment, not the manifest: {secret}"
+    (env,) = [env for env in container()["env"] if env["name"] == variable[1]]
+    reference = env["valueFrom"]["secretKeyRef"]
+    assert reference.get("optional") is not True  # no secret, no server: never an empty key
+    example = the("Secret", reference["name"])
+    assert reference["key"] in example["stringData"]
+
+
+def test_the_server_runs_as_the_images_non_root_user_without_privileges():
+    pod, server = pod_spec()["securityContext"], container()["securityContext"]
+    assert pod["runAsNonRoot"] is True and server["runAsNonRoot"] is True
+    assert pod["runAsUser"] == server["runAsUser"] == 1000
+    assert server["allowPrivilegeEscalation"] is False
+    assert server["capabilities"]["drop"] == ["ALL"]
+    assert server["readOnlyRootFilesystem"] is True
+    volumes = {volume["name"]: volume for volume in pod_spec()["volumes"]}
+    (tmp,) = [mount for mount in container()["volumeMounts"] if mount["mountPath"] == "/tmp"]
+    assert "emptyDir" in volumes[tmp["name"]]
+    assert pod_spec()["automountServiceAccountToken"] is False
+
+
+def test_one_gpu_per_pod_and_guaranteed_resources():
+    resources = container()["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 1
+    assert resources["requests"] == resources["limits"]  # Guaranteed QoS
+    assert float(resources["limits"]["cpu"]) >= SERVING.preprocess_instances  # at least a core per preprocessing instance
+
+
+# -- autoscaling ---------------------------------------------------------------------------------------
+
+
+def adapter_rule() -> dict:
+    (rule,) = yaml.safe_load(the("ConfigMap")["data"]["config.yaml"])["rules"]
+    return rule
+
+
+def test_the_hpa_scales_on_the_metric_the_adapter_rule_serves():
+    spec = the("HorizontalPodAutoscaler")["spec"]
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "Pods"
+    rule = adapter_rule()
+    assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    assert 2 <= spec["minReplicas"] < spec["maxReplicas"]
+    assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    # the PDB lets at most one of the minimum go
+    assert the("PodDisruptionBudget")["spec"]["maxUnavailable"] < spec["minReplicas"]
+
+
+def test_the_adapter_rule_is_queue_time_per_request_per_pod():
+    rule = adapter_rule()
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    series = re.match(r"[a-z_]+", rule["seriesQuery"].strip("'\""))[0]
+    assert re.search(rule["name"]["matches"], series)
+    query = rule["metricsQuery"]
+    queue = re.search(r"rate\(nv_inference_queue_duration_us\{[^}]*<<\.LabelMatchers>>\}\[1m\]\)", query)
+    success = re.search(r"rate\(nv_inference_request_success\{[^}]*<<\.LabelMatchers>>\}\[1m\]\)", query)
+    assert queue and success and queue.start() < query.index("/") < success.start(), query
+    assert query.count("by (<<.GroupBy>>)") == 2
