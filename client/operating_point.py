@@ -2,6 +2,7 @@
 
 The override lives in the server only: it is lost on restart. To make it permanent, edit the
 `threshold` parameter of the repository's ct_postprocess/config.pbtxt (serve/README.md).
+A server started with an admin key (CT_TRIAGE_ADMIN_KEY) accepts the load only with that key.
 """
 
 from __future__ import annotations
@@ -9,25 +10,37 @@ from __future__ import annotations
 import json
 
 import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 
 from contract import parse_threshold
+from serve.launcher import ADMIN_KEY_ENV, ADMIN_KEY_HEADER
 from settings import NAMES
 
 from .triage import _strip_scheme
 
+_FORBIDDEN = "403"  # what Triton answers over HTTP when a restricted API is called without the right key
 
-def set_threshold(http_url: str, threshold: float) -> dict:
+
+def set_threshold(http_url: str, threshold: float, *, admin_key: str | None = None) -> dict:
     """Reload ct_postprocess with `threshold`; returns the config now in force.
 
     The load API replaces the whole config, so the running one is read, changed in one field
     and sent back. ct_triage keeps serving: Triton swaps the composing model in place.
+    Raises PermissionError when the server refuses the load for want of the right admin key.
     """
     value = parse_threshold(threshold)
     client = triton_http.InferenceServerClient(_strip_scheme(http_url))
     try:
         config = client.get_model_config(NAMES.postprocess)
         config.setdefault("parameters", {})["threshold"] = {"string_value": repr(value)}
-        client.load_model(NAMES.postprocess, config=json.dumps(config))
+        headers = {ADMIN_KEY_HEADER: admin_key} if admin_key is not None else None
+        try:
+            client.load_model(NAMES.postprocess, headers=headers, config=json.dumps(config))
+        except InferenceServerException as error:
+            if error.status() != _FORBIDDEN:
+                raise
+            which = "without the admin key" if admin_key is None else "with this admin key"
+            raise PermissionError(f"the server refuses model-repository changes {which} ({ADMIN_KEY_ENV})") from None
         return client.get_model_config(NAMES.postprocess)
     finally:
         client.close()

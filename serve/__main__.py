@@ -1,14 +1,20 @@
-"""`python -m serve --repository DIR`: run tritonserver in the foreground until SIGINT/SIGTERM."""
+"""`python -m serve --repository DIR`: run tritonserver in the foreground until SIGINT/SIGTERM.
+
+CT_TRIAGE_ADMIN_KEY, when set, restricts the model-repository, shared-memory, trace and logging APIs
+to requests carrying it (serve/README.md, "Security"). It is read from the environment only: a
+command-line argument would show in `ps`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from serve.launcher import ServerError, TritonServer
+from serve.launcher import ADMIN_KEY_ENV, RESTRICTED_APIS, ServerError, TritonServer
 from settings import SERVING
 
 COMMITTED_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -23,7 +29,7 @@ def _raise_stop(signum, _frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--repository",
         default=str(COMMITTED_REPOSITORY),
@@ -37,21 +43,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config-name", help="load configs/<name>.pbtxt where a model has one (Triton's own option)")
     args = parser.parse_args(argv)
 
-    server = TritonServer(
-        args.repository,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_file=args.log_file,
-        log_verbose=args.log_verbose,
-        model_config_name=args.model_config_name,
-    )
+    admin_key = os.environ.get(ADMIN_KEY_ENV)  # set but empty: refused below, never served open by mistake
+    try:
+        server = TritonServer(
+            args.repository,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            log_file=args.log_file,
+            log_verbose=args.log_verbose,
+            model_config_name=args.model_config_name,
+            admin_key=admin_key,
+        )
+    except ValueError as error:
+        print(f"error: {ADMIN_KEY_ENV}: {error}", file=sys.stderr)
+        return 2
+    access = f"restricted to holders of {ADMIN_KEY_ENV}" if admin_key is not None else f"open to every client ({ADMIN_KEY_ENV} not set)"
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         server.start()
         print(
             f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}\n"
+            f"{', '.join(RESTRICTED_APIS)} APIs: {access}\n"
             f"log: {server.log_file}\nstop with Ctrl-C or SIGTERM",
             flush=True,
         )

@@ -40,6 +40,11 @@ from settings import SERVING
 
 SHM_DIR = Path("/dev/shm")
 STUB_PYTHONPATH = "CT_TRIAGE_STUB_PYTHONPATH"  # see the module docstring
+# With an admin key, these APIs answer only requests carrying it (serve/README.md, "Security").
+ADMIN_KEY_ENV = "CT_TRIAGE_ADMIN_KEY"
+ADMIN_KEY_HEADER = "ct-triage-admin-key"  # HTTP header; lower case, as gRPC metadata keys must be
+ADMIN_KEY_GRPC_METADATA = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # Triton prefixes the gRPC one
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 
 
 class ServerError(RuntimeError):
@@ -176,6 +181,7 @@ class TritonServer:
         log_verbose: int = 0,
         model_config_name: str | None = None,
         cuda_memory_pool_bytes: int | None = None,
+        admin_key: str | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.model_config_name = model_config_name
@@ -184,6 +190,7 @@ class TritonServer:
         self.startup_timeout_s = startup_timeout_s
         self.exit_timeout_s = exit_timeout_s
         self.log_verbose = log_verbose
+        self._admin_key = _checked_admin_key(admin_key)  # private: never printed, logged or put in an error
         self._log_file = Path(log_file) if log_file else None
         self._owns_log = log_file is None  # a log we chose is kept (for log_tail) after the rest is removed
         self._workdir: Path | None = None
@@ -219,7 +226,8 @@ class TritonServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def command(self, backend_directory: Path) -> list[str]:
-        """The tritonserver command line (explicit model control, so the load API can override configs)."""
+        """The tritonserver command line (explicit model control, so the load API can override configs);
+        it holds the admin key when there is one: never print it."""
         python = "--backend-config=python,"
         return [
             str(find_installation().binary),
@@ -239,11 +247,22 @@ class TritonServer:
             f"{python}shm-region-prefix-name={self.shm_prefix}",
             *([f"--model-config-name={self.model_config_name}"] if self.model_config_name else []),
             *([f"--cuda-memory-pool-byte-size=0:{self.cuda_memory_pool_bytes}"] if self.cuda_memory_pool_bytes else []),
+            *self._restriction_flags(),
         ]
+
+    def _restriction_flags(self) -> list[str]:
+        """Triton's own access control: the restricted APIs answer only requests whose HTTP header
+        ADMIN_KEY_HEADER or gRPC metadata ADMIN_KEY_GRPC_METADATA holds the key; inference, health,
+        metadata and statistics stay open."""
+        if self._admin_key is None:
+            return []
+        restriction = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self._admin_key}"
+        return [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
 
     def environment(self) -> dict[str, str]:
         """Environment of the server: the wheel's libraries, and this venv's Python for the stubs."""
         env = dict(os.environ)
+        env.pop(ADMIN_KEY_ENV, None)  # the models never need it
         libs = str(find_installation().libs)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, env.get("LD_LIBRARY_PATH")) if p)
         # The embedded interpreter in each stub finds its prefix through PATH: put this venv first,
@@ -366,6 +385,16 @@ def start_on_free_ports(repository: str | os.PathLike, *, attempts: int = 3, **o
             if "in use" not in str(error).lower() or attempt == attempts - 1:
                 raise
     raise ServerError("no free ports")  # attempts < 1
+
+
+def _checked_admin_key(key: str | None) -> str | None:
+    """The key as Triton and both protocols carry it intact (HTTP trims spaces, gRPC metadata is printable
+    ASCII); a refusal names the rule, never the key."""
+    if key is None:
+        return None
+    if not key or key != key.strip() or not all(" " <= c <= "~" for c in key):
+        raise ValueError("the admin key must be non-empty printable ASCII without leading or trailing spaces")
+    return key
 
 
 def _die_with_parent() -> None:
