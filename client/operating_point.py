@@ -13,8 +13,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from contract import parse_threshold
-from serve.launcher import ADMIN_KEY_ENV, ADMIN_KEY_HEADER
-from settings import NAMES
+from settings import ADMIN, NAMES
 
 from .triage import _strip_scheme
 
@@ -33,14 +32,14 @@ def set_threshold(http_url: str, threshold: float, *, admin_key: str | None = No
     try:
         config = client.get_model_config(NAMES.postprocess)
         config.setdefault("parameters", {})["threshold"] = {"string_value": repr(value)}
-        headers = {ADMIN_KEY_HEADER: admin_key} if admin_key is not None else None
+        headers = {ADMIN.header: admin_key} if admin_key is not None else None
         try:
             client.load_model(NAMES.postprocess, headers=headers, config=json.dumps(config))
         except InferenceServerException as error:
             if error.status() != _FORBIDDEN:
                 raise
             which = "without the admin key" if admin_key is None else "with this admin key"
-            raise PermissionError(f"the server refuses model-repository changes {which} ({ADMIN_KEY_ENV})") from None
+            raise PermissionError(f"the server refuses model-repository changes {which} ({ADMIN.key_env})") from None
         return client.get_model_config(NAMES.postprocess)
     finally:
         client.close()

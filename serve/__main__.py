@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from serve.launcher import ADMIN_KEY_ENV, RESTRICTED_APIS, ServerError, TritonServer
-from settings import SERVING
+from serve.launcher import ServerError, TritonServer
+from settings import ADMIN, SERVING
 
 COMMITTED_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config-name", help="load configs/<name>.pbtxt where a model has one (Triton's own option)")
     args = parser.parse_args(argv)
 
-    admin_key = os.environ.get(ADMIN_KEY_ENV)  # set but empty: refused below, never served open by mistake
+    admin_key = os.environ.get(ADMIN.key_env)  # set but empty: refused below, never served open by mistake
     try:
         server = TritonServer(
             args.repository,
@@ -56,16 +56,16 @@ def main(argv: list[str] | None = None) -> int:
             admin_key=admin_key,
         )
     except ValueError as error:
-        print(f"error: {ADMIN_KEY_ENV}: {error}", file=sys.stderr)
+        print(f"error: {ADMIN.key_env}: {error}", file=sys.stderr)
         return 2
-    access = f"restricted to holders of {ADMIN_KEY_ENV}" if admin_key is not None else f"open to every client ({ADMIN_KEY_ENV} not set)"
+    access = f"restricted to holders of {ADMIN.key_env}" if admin_key is not None else f"open to every client ({ADMIN.key_env} not set)"
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         server.start()
         print(
             f"tritonserver ready: http {server.http_url}  grpc {server.grpc_url}  metrics {server.metrics_url}\n"
-            f"{', '.join(RESTRICTED_APIS)} APIs: {access}\n"
+            f"{', '.join(ADMIN.restricted_apis)} APIs: {access}\n"
             f"log: {server.log_file}\nstop with Ctrl-C or SIGTERM",
             flush=True,
         )

@@ -36,15 +36,10 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings import SERVING
+from settings import ADMIN, SERVING
 
 SHM_DIR = Path("/dev/shm")
 STUB_PYTHONPATH = "CT_TRIAGE_STUB_PYTHONPATH"  # see the module docstring
-# With an admin key, these APIs answer only requests carrying it (serve/README.md, "Security").
-ADMIN_KEY_ENV = "CT_TRIAGE_ADMIN_KEY"
-ADMIN_KEY_HEADER = "ct-triage-admin-key"  # HTTP header; lower case, as gRPC metadata keys must be
-ADMIN_KEY_GRPC_METADATA = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"  # Triton prefixes the gRPC one
-RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 
 
 class ServerError(RuntimeError):
@@ -252,17 +247,17 @@ class TritonServer:
 
     def _restriction_flags(self) -> list[str]:
         """Triton's own access control: the restricted APIs answer only requests whose HTTP header
-        ADMIN_KEY_HEADER or gRPC metadata ADMIN_KEY_GRPC_METADATA holds the key; inference, health,
+        ADMIN.header or gRPC metadata ADMIN.grpc_metadata holds the key; inference, health,
         metadata and statistics stay open."""
         if self._admin_key is None:
             return []
-        restriction = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self._admin_key}"
+        restriction = f"{','.join(ADMIN.restricted_apis)}:{ADMIN.header}={self._admin_key}"
         return [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
 
     def environment(self) -> dict[str, str]:
         """Environment of the server: the wheel's libraries, and this venv's Python for the stubs."""
         env = dict(os.environ)
-        env.pop(ADMIN_KEY_ENV, None)  # the models never need it
+        env.pop(ADMIN.key_env, None)  # the models never need it
         libs = str(find_installation().libs)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, env.get("LD_LIBRARY_PATH")) if p)
         # The embedded interpreter in each stub finds its prefix through PATH: put this venv first,

@@ -7,7 +7,7 @@ whose tensors do not fit grows that instance's region in steps of `shm-growth-by
 its input and output together, and the region keeps its size. So, per instance:
 
     region = default + ceil(need / growth) * growth     (need: tensor bytes of its largest request;
-                                                         0 when need <= default / 2: it fits the default)
+                                                         no growth while need fits the default region)
 
 with need = largest study + one FP32 volume (4 S^3) for ct_preprocess, max batch x 4 S^3 for a
 Python-backend ct_classifier that receives its volumes on the CPU (0 when they arrive on the GPU, or
@@ -16,8 +16,9 @@ deployment's `/dev/shm` is the sum over instances, plus Triton's own headroom.
 
 Measured (benchmarks/results/cpu-s64.md, S=64, 4 stubs, one 150.3 MiB study at a time): 256 MiB
 idle (4 x 64 MiB) and 448 MiB at the peak; the regions above give 448 MiB for that run (one
-ct_preprocess region grown to 64 + 3 x 64 MiB, three at 64 MiB). A deployment is sized for every
-instance at its peak at once, plus headroom (tests/server/test_sizing.py measures a run against it).
+ct_preprocess region grown to 64 + 3 x 64 MiB, three at 64 MiB). A 40 MiB study did not grow its
+region, a 73 MiB one grew it by 2 x 64 MiB, as the formula says (tests/server/test_deploy.py
+measures such a run). A deployment is sized for every instance at its peak at once, plus headroom.
 
 CUDA memory pool (`--cuda-memory-pool-byte-size`): with ct_preprocess on the GPU, each volume in
 flight between it and the classifier is one FP32 volume in the pool: one per ct_preprocess instance
@@ -33,6 +34,7 @@ from settings import SERVING
 
 MIB = 1024**2
 HEADROOM_BYTES = 64 * MIB  # Triton's own use of /dev/shm beyond the stubs' regions, rounded up
+FITS_MARGIN_BYTES = 4 * MIB  # what a stub's own messages may hold of its default region
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Deployment:
 
 def region_bytes(need: int, default: int = SERVING.shm_default_byte_size, growth: int = SERVING.shm_growth_byte_size) -> int:
     """One stub's region once a request of `need` tensor bytes has passed through it."""
-    steps = 0 if need <= default // 2 else math.ceil(need / growth)
+    steps = 0 if need <= default - FITS_MARGIN_BYTES else math.ceil(need / growth)
     return default + steps * growth
 
 

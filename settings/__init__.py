@@ -94,18 +94,36 @@ class Serving:
     exit_timeout_s: int = 30  # on stop, in-flight requests get this long before the server exits
 
 
+@dataclass(frozen=True)
+class AdminAccess:
+    """Triton's admin APIs (model control, shared memory, tracing, logging) answer only requests that
+    carry the deployment's key (server flags --http-restricted-api / --grpc-restricted-protocol)."""
+
+    key_env: str = "CT_TRIAGE_ADMIN_KEY"  # where the server and the clients read the key
+    header: str = "ct-triage-admin-key"  # HTTP header; lower case, as gRPC metadata keys must be
+    restricted_apis: tuple[str, ...] = ("model-repository", "shared-memory", "trace", "logging")
+
+    @property
+    def grpc_metadata(self) -> str:
+        """Triton prefixes the gRPC metadata key."""
+        return f"triton-grpc-protocol-{self.header}"
+
+
 PREPROCESSING = Preprocessing()
 INPUT_LIMITS = InputLimits()
 NAMES = TritonNames()
 OPERATING_POINT = OperatingPoint()
 SERVING = Serving()
+ADMIN = AdminAccess()
 
 __all__ = [
+    "ADMIN",
     "INPUT_LIMITS",
     "NAMES",
     "OPERATING_POINT",
     "PREPROCESSING",
     "SERVING",
+    "AdminAccess",
     "InputLimits",
     "OperatingPoint",
     "Preprocessing",

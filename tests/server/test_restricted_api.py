@@ -22,20 +22,19 @@ from tritonclient.utils import InferenceServerException
 import client
 from preprocess import phantom
 from serve import TritonServer, process_tree, start_on_free_ports
-from serve.launcher import ADMIN_KEY_ENV, ADMIN_KEY_GRPC_METADATA, ADMIN_KEY_HEADER
-from settings import NAMES, OPERATING_POINT
+from settings import ADMIN, NAMES, OPERATING_POINT
 
 KEY = secrets.token_urlsafe(24)
 WRONG = secrets.token_urlsafe(24)
 REFUSED = {"http": "This API is restricted", "grpc": "This protocol is restricted"}
-KEY_HEADERS = {"http": ADMIN_KEY_HEADER, "grpc": ADMIN_KEY_GRPC_METADATA}
+KEY_HEADERS = {"http": ADMIN.header, "grpc": ADMIN.grpc_metadata}
 
 
 @pytest.fixture(scope="module")
 def keyed_server(triton_repository, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("restricted") / "tritonserver.log"
     with pytest.MonkeyPatch.context() as environment:
-        environment.setenv(ADMIN_KEY_ENV, KEY)  # as a deployment sets it: the launcher must not pass it on
+        environment.setenv(ADMIN.key_env, KEY)  # as a deployment sets it: the launcher must not pass it on
         server = start_on_free_ports(triton_repository, log_file=log_file, exit_timeout_s=5, admin_key=KEY)
     try:
         yield server
@@ -73,7 +72,7 @@ def test_admin_apis_are_refused_without_the_right_key(keyed_server, protocol):
         "no key": None,
         "a wrong key": {KEY_HEADERS[protocol]: WRONG},
         # over gRPC the plain header name is not enough: Triton expects its prefixed metadata key
-        "the key under another name": {(ADMIN_KEY_HEADER if protocol == "grpc" else "admin-key"): KEY},
+        "the key under another name": {(ADMIN.header if protocol == "grpc" else "admin-key"): KEY},
     }
     triton = _triton(keyed_server, protocol)
     accepted = []
@@ -121,7 +120,7 @@ def test_a_shared_memory_client_without_the_key_gets_one_clear_failure(keyed_ser
     with client.TriageClient(keyed_server.http_url, "http", shared_memory=True) as triage:
         result = triage.classify(study)
     assert result.processing_status == client.FAILURE
-    assert REFUSED["http"] in result.error and ADMIN_KEY_HEADER in result.error
+    assert REFUSED["http"] in result.error and ADMIN.header in result.error
     assert not list(Path("/dev/shm").glob(f"ct_triage_client_{os.getpid()}_*"))
 
 
@@ -129,7 +128,7 @@ def test_set_threshold_needs_the_key(keyed_server, study):
     for admin_key, which in ((None, "without the admin key"), (WRONG, "with this admin key")):
         with pytest.raises(PermissionError) as refusal:
             client.set_threshold(keyed_server.http_url, 1.0, admin_key=admin_key)
-        assert str(refusal.value) == f"the server refuses model-repository changes {which} ({ADMIN_KEY_ENV})"
+        assert str(refusal.value) == f"the server refuses model-repository changes {which} ({ADMIN.key_env})"
     try:
         config = client.set_threshold(keyed_server.http_url, 1.0, admin_key=KEY)
         assert config["parameters"]["threshold"]["string_value"] == "1.0"
@@ -164,11 +163,11 @@ def test_python_m_serve_refuses_an_unusable_key_before_starting(tmp_path, key):
     done = subprocess.run(
         [sys.executable, "-m", "serve", "--repository", str(tmp_path)],
         cwd=tmp_path,
-        env={**os.environ, ADMIN_KEY_ENV: key},
+        env={**os.environ, ADMIN.key_env: key},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 2
-    assert done.stderr.startswith(f"error: {ADMIN_KEY_ENV}: ") and len(done.stderr.splitlines()) == 1
+    assert done.stderr.startswith(f"error: {ADMIN.key_env}: ") and len(done.stderr.splitlines()) == 1
     assert KEY not in done.stdout + done.stderr
