@@ -1,0 +1,182 @@
+"""Checks a running deployment end to end and prints a pass/fail summary (deploy/verify.sh runs it).
+
+1. ready: the server and ct_triage answer ready over HTTP and gRPC;
+2. studies: generated chest studies through ct_triage over HTTP and gRPC give a result with the
+   model's provenance, the same probability on both protocols, and a file that is not DICOM gets a
+   clear refusal (not an internal error);
+3. parity: the parity set (export's 7 volumes) at the served S through ct_classifier, against the
+   FP32 reference of the same export: ONNX Runtime on the FP32 graph (model.onnx in the repository,
+   or the one a TensorRT plan was built from in the artifacts), else PyTorch FP32 on the exported
+   weights; bounds of the export: <= 1e-4 for an FP32 target, <= 1e-2 for FP16, same decisions;
+4. sweep: perf_analyzer on ct_triage at concurrency 1 and 2 (skipped, and said so, when perf_analyzer
+   is not installed).
+Exit status 0 only if every check that ran passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def _ready(http: str, grpc: str) -> str:
+    from client import TriageClient
+
+    for url, protocol in ((http, "http"), (grpc, "grpc")):
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with TriageClient(url, protocol) as triage:
+                    triage.check_ready()
+                break
+            except Exception as error:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{protocol} {url}: {error}") from None
+                time.sleep(2)
+    return "server and ct_triage ready over HTTP and gRPC"
+
+
+def _studies(http: str, grpc: str, work: Path) -> tuple[str, dict]:
+    from client import TriageClient
+    from preprocess import phantom
+
+    provenance = {}
+    for seed in (0, 1):
+        study = phantom.write_study(work / f"study_{seed}.zip", form="zip", seed=seed)
+        answers = {}
+        for url, protocol in ((http, "http"), (grpc, "grpc")):
+            with TriageClient(url, protocol) as triage:
+                result = triage.classify(study)
+            assert result.ok, f"{protocol}: study {seed} failed: {result.error}"
+            answers[protocol] = result
+        difference = abs(answers["http"].probability_of_pathology - answers["grpc"].probability_of_pathology)
+        assert difference <= 1e-2, f"study {seed}: HTTP and gRPC answers differ by {difference:.1e}"
+        provenance = answers["http"].meta.get("provenance", {})
+        assert provenance.get("target"), "the answer's META carries no model provenance"
+    broken = work / "not_dicom.zip"
+    broken.write_bytes(b"PK\x05\x06" + bytes(18))  # an empty ZIP: no DICOM in it
+    with TriageClient(http, "http") as triage:
+        refused = triage.classify(broken)
+    assert not refused.ok and "internal" not in (refused.error or "").lower(), f"a study with no DICOM got: {refused.error}"
+    return f"2 studies over HTTP and gRPC agree; an empty study is refused ({refused.error})", provenance
+
+
+def _reference(repository: Path, artifacts: Path, volumes: np.ndarray) -> tuple[str, np.ndarray]:
+    from settings import NAMES
+
+    for graph in (repository / NAMES.classifier / "1" / "model.onnx", artifacts / "model.onnx"):
+        if graph.is_file():
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+            return f"ONNX Runtime FP32 on {graph.name}", np.concatenate(
+                [session.run([NAMES.probabilities], {NAMES.volume: volumes[i : i + 1]})[0] for i in range(len(volumes))]
+            )
+    import torch
+
+    from classifier import ResNet34Classifier
+
+    weights = artifacts / "weights.pt"
+    if not weights.is_file():
+        raise AssertionError(f"no FP32 reference: neither model.onnx nor {weights} found")
+    model = ResNet34Classifier.from_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    with torch.inference_mode():
+        return "PyTorch FP32 on weights.pt", torch.cat([torch.softmax(model(torch.from_numpy(v[None])), 1) for v in volumes]).numpy()
+
+
+def _parity(http: str, repository: Path, artifacts: Path, provenance: dict, inputs: int) -> str:
+    import tritonclient.http as triton_http
+
+    from export.parity import FP16_BOUND, FP32_BOUND, parity_inputs
+    from settings import NAMES, OPERATING_POINT
+
+    with urllib.request.urlopen(f"http://{http}/v2/models/{NAMES.classifier}/config", timeout=30) as response:
+        size = int(json.loads(response.read())["input"][0]["dims"][-1])
+    names, volumes = parity_inputs(size)
+    names, volumes = names[:inputs], volumes[:inputs]
+    client = triton_http.InferenceServerClient(http, network_timeout=600)
+    served = []
+    try:
+        for volume in volumes:
+            tensor = triton_http.InferInput(NAMES.volume, [1, *volume.shape], "FP32")
+            tensor.set_data_from_numpy(volume[None])
+            served.append(client.infer(NAMES.classifier, [tensor]).as_numpy(NAMES.probabilities)[0])
+    finally:
+        client.close()
+    served = np.stack(served)
+    source, reference = _reference(repository, artifacts, volumes)
+    bound = FP32_BOUND if provenance.get("precision") == "fp32" else FP16_BOUND
+    difference = float(np.abs(served - reference).max())
+    threshold = OPERATING_POINT.threshold
+    flips = [n for n, a, b in zip(names, served[:, 1], reference[:, 1]) if (a >= threshold) != (b >= threshold)]
+    summary = (
+        f"served {provenance.get('target')} ({provenance.get('precision')}) vs {source} on {len(names)} volumes at {size}^3: "
+        f"max |dP| {difference:.1e} (bound {bound:.0e}), decisions differ on {flips or 'none'}"
+    )
+    assert difference <= bound and not flips, summary
+    return summary
+
+
+def _sweep(grpc: str, work: Path) -> str:
+    from benchmarks import perf_analyzer
+    from preprocess import phantom
+    from settings import NAMES
+
+    if not perf_analyzer.installed():
+        return "SKIPPED: perf_analyzer is not installed (python -m benchmarks.perf_analyzer install)"
+    data = work / "study.json"
+    data.write_text(json.dumps(perf_analyzer.input_data(phantom.study_files("zip", seed=2))))
+    rows = [
+        perf_analyzer.run(NAMES.triage, grpc, "grpc", level, work / f"sweep_c{level}.csv", input_json=data, requests=8) for level in (1, 2)
+    ]
+    return "; ".join(
+        f"concurrency {row['Concurrency']}: {row['Inferences/Second']:.2f} studies/s, p95 {row['p95 latency'] / 1e6:.2f} s" for row in rows
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deploy/verify.sh", description=__doc__.splitlines()[0])
+    parser.add_argument("--http", default="localhost:8000", help="HOST:PORT of Triton's HTTP endpoint")
+    parser.add_argument("--grpc", default="localhost:8001", help="HOST:PORT of Triton's gRPC endpoint")
+    parser.add_argument("--repository", default="/models/ct-triage", help="the served repository (for its FP32 graph)")
+    parser.add_argument(
+        "--artifacts", default="/models/ct-triage.artifacts", help="export's artifacts (weights, the graph a plan came from)"
+    )
+    parser.add_argument("--parity-inputs", type=int, default=7, help="volumes of the parity set to compare (1-7)")
+    args = parser.parse_args(argv)
+    results: list[tuple[str, bool, str]] = []
+    provenance: dict = {}
+    with tempfile.TemporaryDirectory(prefix="ct-triage-verify-") as folder:
+        work = Path(folder)
+
+        def check(name: str, run) -> None:
+            try:
+                outcome = run()
+                results.append((name, True, outcome))
+            except Exception as error:  # every check reports; one failure does not hide the others
+                results.append((name, False, f"{type(error).__name__}: {error}" if not isinstance(error, AssertionError) else str(error)))
+            print(f"{'PASS' if results[-1][1] else 'FAIL'}  {name}: {results[-1][2]}", flush=True)
+
+        def studies() -> str:
+            nonlocal provenance
+            summary, provenance = _studies(args.http, args.grpc, work)
+            return summary
+
+        check("ready", lambda: _ready(args.http, args.grpc))
+        check("studies", studies)
+        check("parity", lambda: _parity(args.http, Path(args.repository), Path(args.artifacts), provenance, args.parity_inputs))
+        check("sweep", lambda: _sweep(args.grpc, work))
+    failed = [name for name, passed, _ in results if not passed]
+    print(f"verify: {len(results) - len(failed)}/{len(results)} checks passed" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Verify a running deployment: readiness, generated studies through ct_triage over HTTP and gRPC,
+# the served classifier against the export's FP32 reference on the parity set, a short
+# perf_analyzer sweep; prints PASS/FAIL per check and a summary, exits non-zero on any failure.
+#
+#   bash deploy/verify.sh                   after `docker compose up -d`: runs inside the `triton`
+#                                           container, where every dependency and the repository are
+#   bash deploy/verify.sh --local [ARGS]    with this machine's Python and the project installed;
+#                                           ARGS: --http HOST:PORT --grpc HOST:PORT --repository DIR
+#                                           --artifacts DIR --parity-inputs N (python3 deploy/verify.py -h)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--local" ]; then
+    shift
+    exec "${PYTHON:-python3}" deploy/verify.py "$@"
+fi
+exec docker compose exec -T triton python3 /opt/ct-triage/deploy/verify.py "$@"

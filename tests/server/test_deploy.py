@@ -1,0 +1,218 @@
+"""The files a platform team deploys with, checked without Docker or a GPU: the compose file against
+the Compose specification's schema and against what the project really has (export's options,
+targets, the server's flags, the sizing formula), the image's Dockerfile, Prometheus' config, the
+sizing formula against a measured run, and deploy/verify.sh against the real (CPU) server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import check_jsonschema
+import jsonschema
+import pytest
+import yaml
+from helpers import ROOT
+
+import client
+import export
+from export.__main__ import _parser as export_parser
+from preprocess import phantom
+from serve import sizing, start_on_free_ports
+from settings import NAMES, SERVING
+
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+COMPOSE_SCHEMA = Path(check_jsonschema.__file__).parent / "builtin_schemas" / "vendor" / "compose-spec.json"
+MIB = 1024**2
+
+
+def env_example() -> dict[str, str]:
+    pairs = [line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")]
+    return {key: value for key, value in pairs}
+
+
+def interpolate(text: str, values: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?message}, with values as the .env file."""
+
+    def one(match: re.Match) -> str:
+        name, operator, rest = match.group(1), match.group(2), match.group(3)
+        if values.get(name):
+            return values[name]
+        if operator == ":?":
+            raise KeyError(f"{name} is required: {rest}")
+        return rest or ""
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, text)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    values = {**env_example(), "CHECKPOINT_FILE": "fold0.ckpt", "CT_TRIAGE_ADMIN_KEY": "test-key"}
+    return yaml.safe_load(interpolate(COMPOSE.read_text(), values))
+
+
+def _flags(command: list[str]) -> dict[str, list[str]]:
+    flags: dict[str, list[str]] = {}
+    for item in command:
+        if item.startswith("--"):
+            key, _, value = item.partition("=")
+            flags.setdefault(key, []).append(value)
+    return flags
+
+
+def test_the_compose_file_follows_the_compose_specification(compose):
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    jsonschema.validate(yaml.safe_load(COMPOSE.read_text()), schema)  # as written, variables and all
+    jsonschema.validate(compose, schema)  # as docker compose sees it with .env.example's values
+    assert sorted(compose["services"]) == ["export", "locust", "prometheus", "triton"]
+    assert compose["services"]["locust"]["profiles"] == ["load"]
+
+
+def test_every_knob_is_in_env_example_and_every_env_example_key_is_used():
+    used = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text()))
+    assert used == set(env_example()), used ^ set(env_example())
+    with pytest.raises(KeyError, match="CT_TRIAGE_ADMIN_KEY is required"):  # no default key, ever
+        interpolate(COMPOSE.read_text(), {**env_example(), "CHECKPOINT_FILE": "x"})
+
+
+def test_triton_reserves_the_gpu_and_serves_what_export_writes(compose):
+    services = compose["services"]
+    triton, job = services["triton"], services["export"]
+    for service in (triton, job):
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+    assert triton["depends_on"]["export"]["condition"] == "service_completed_successfully"
+    assert job["restart"] == "no" and triton["restart"] == "unless-stopped"
+    options = export_parser().parse_args(job["command"][3:])  # python3 -m export ... as the export CLI parses it
+    assert options.target in export.TARGETS and options.checkpoint == "/checkpoints/fold0.ckpt"
+    flags = _flags(triton["command"])
+    assert flags["--model-repository"] == [options.out] and f"{options.out}:" not in str(triton["volumes"])
+    assert "models:/models:ro" in triton["volumes"] and "models:/models" in job["volumes"]
+    assert options.artifacts.startswith("/models/") and options.out.startswith("/models/")
+    assert flags["--backend-config"] == [
+        f"python,shm-default-byte-size={SERVING.shm_default_byte_size}",
+        f"python,shm-growth-byte-size={SERVING.shm_growth_byte_size}",
+    ]
+    assert flags["--load-model"] == ["*"] and flags["--model-control-mode"] == ["explicit"] and flags["--strict-readiness"] == ["true"]
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        (value,) = flags[flag]
+        apis, _, header = value.partition(":")
+        assert (
+            set(apis.split(",")) == {"model-repository", "shared-memory", "trace", "logging"} and header == "ct-triage-admin-key=test-key"
+        )
+    ports = {port.split(":")[1] for port in triton["ports"]}
+    assert ports == {str(SERVING.http_port), str(SERVING.grpc_port), str(SERVING.metrics_port)}
+    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+
+
+def test_shared_memory_and_the_cuda_pool_follow_the_sizing_formula(compose):
+    job = export_parser().parse_args(compose["services"]["export"]["command"][3:])
+    deployment = sizing.Deployment(
+        size=job.size,
+        preprocess_instances=job.preprocess_instances,
+        max_batch_size=job.max_batch_size,
+        classifier_python_instances=1 if job.target in ("cpu", "torch-gpu") else 0,
+        classifier_inputs_on_gpu=job.target == "torch-gpu" and job.preprocess_device == "cuda",
+        preprocess_on_gpu=job.preprocess_device == "cuda",
+    )
+    triton = compose["services"]["triton"]
+    assert triton["shm_size"] == f"{sizing.mib(sizing.shm_bytes(deployment))}m"
+    (pool,) = _flags(triton["command"])["--cuda-memory-pool-byte-size"]
+    assert pool == f"0:{sizing.cuda_pool_bytes(deployment)}"
+
+
+def test_the_image_is_the_ngc_release_with_the_project_installed_and_runs_as_its_user():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:24\.10-py3$", text, re.M)
+    for source in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (ROOT / source).exists(), source
+    packages = {p.rstrip("*") for p in re.findall(r'"(\w+)\*"', (ROOT / "pyproject.toml").read_text())}
+    copied = set(re.findall(r"^COPY (\w+) \1$", text, re.M))
+    assert packages <= copied, packages - copied
+    assert "model_repository" in copied and re.search(r'pip install -e "\.\[bench\]"', text)
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+
+
+def test_prometheus_scrapes_triton_metrics(compose):
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == [f"triton:{SERVING.metrics_port}"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in compose["services"]["prometheus"]["volumes"]
+
+
+def _shm_used(prefix: str) -> int:
+    return sum(path.stat().st_size for path in Path("/dev/shm").glob(f"{prefix}*"))
+
+
+def test_the_sizing_formula_matches_a_measured_run(triton_repository, tmp_path):
+    """One uncompressed 140-slice 512 x 512 study (73 MiB) through a fresh server: its regions as the formula says."""
+    study = phantom.write_study(tmp_path / "study", form="series", slices=140, rows=512, columns=512, pixel_spacing=0.7, slice_spacing=2.0)
+    configs = export.target_configs("cpu", triton_repository)
+    options = export.serving_options(configs)
+    server = start_on_free_ports(triton_repository, log_file=tmp_path / "tritonserver.log", exit_timeout_s=5)
+    try:
+        idle = _shm_used(server.shm_prefix)
+        peak, running = idle, True
+
+        def sample() -> None:
+            nonlocal peak
+            while running:
+                peak = max(peak, _shm_used(server.shm_prefix))
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            with client.TriageClient(server.grpc_url, "grpc") as triage:
+                assert triage.classify(study).ok
+        finally:
+            running = False
+            sampler.join()
+    finally:
+        server.stop()
+    stubs = options.preprocess_instances + 2  # + ct_classifier (Python backend on the cpu target) + ct_postprocess
+    assert idle == stubs * SERVING.shm_default_byte_size
+    payload = sum(path.stat().st_size + 4 for path in study.rglob("*") if path.is_file())  # + each BYTES element's length
+    grown = sizing.region_bytes(payload + 4 * options.size**3) - SERVING.shm_default_byte_size  # the instance that read the study
+    assert grown > 0 and peak == idle + grown, (peak / MIB, idle / MIB, grown / MIB)
+    deployment = sizing.Deployment(
+        size=options.size, preprocess_instances=options.preprocess_instances, max_batch_size=1, largest_study_bytes=payload
+    )
+    assert peak <= sizing.shm_bytes(deployment) - sizing.HEADROOM_BYTES  # the deployment size covers it
+
+
+def test_verify_passes_against_the_running_server(triton_server, triton_repository):
+    artifacts = triton_repository.with_name(triton_repository.name + ".artifacts")
+    command = ["bash", "deploy/verify.sh", "--local", "--http", triton_server.http_url, "--grpc", triton_server.grpc_url]
+    command += ["--repository", str(triton_repository), "--artifacts", str(artifacts)]
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:4]] == ["PASS"] * 4 and lines[-1] == "verify: 4/4 checks passed", lines
+    assert "max |dP|" in lines[2] and "studies/s" in lines[3]
+
+
+def test_verify_fails_loudly_when_the_served_model_is_not_the_export(triton_server, triton_repository, tmp_path):
+    """The parity check compares against the repository's own FP32 graph: another graph must fail it."""
+    other = tmp_path / "repository" / NAMES.classifier / "1"
+    other.mkdir(parents=True)
+    weights = tmp_path / "artifacts"
+    weights.mkdir()
+    import torch
+
+    state = torch.load(triton_repository.with_name(triton_repository.name + ".artifacts") / "weights.pt", weights_only=True)
+    state["fc.bias"] = state["fc.bias"] + torch.tensor([0.0, 1.0])  # a different head: a different model
+    torch.save(state, weights / "weights.pt")
+    command = [sys.executable, "deploy/verify.py", "--http", triton_server.http_url, "--grpc", triton_server.grpc_url]
+    command += ["--repository", str(tmp_path / "repository"), "--artifacts", str(weights), "--parity-inputs", "3"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "FAIL  parity" in done.stdout and "FAILED: parity" in done.stdout.splitlines()[-1], done.stdout
