@@ -5,6 +5,7 @@ sizing formula against a measured run, and deploy/verify.sh against the real (CP
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import export
 from export.__main__ import _parser as export_parser
 from preprocess import phantom
 from serve import sizing, start_on_free_ports
-from settings import NAMES, SERVING
+from settings import SERVING
 
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -199,7 +200,7 @@ def test_the_sizing_formula_matches_a_measured_run(triton_repository, tmp_path):
 def test_verify_passes_against_the_running_server(triton_server, triton_repository):
     artifacts = triton_repository.with_name(triton_repository.name + ".artifacts")
     command = ["bash", "deploy/verify.sh", "--local", "--http", triton_server.http_url, "--grpc", triton_server.grpc_url]
-    command += ["--repository", str(triton_repository), "--artifacts", str(artifacts)]
+    command += ["--repository", str(triton_repository), "--artifacts", str(artifacts), "--parity-inputs", "4"]
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -208,17 +209,14 @@ def test_verify_passes_against_the_running_server(triton_server, triton_reposito
 
 
 def test_verify_fails_loudly_when_the_served_model_is_not_the_export(triton_server, triton_repository, tmp_path):
-    """The parity check compares against the repository's own FP32 graph: another graph must fail it."""
-    other = tmp_path / "repository" / NAMES.classifier / "1"
-    other.mkdir(parents=True)
-    weights = tmp_path / "artifacts"
-    weights.mkdir()
+    """The parity check compares against the export's own FP32 reference: another model must fail it."""
     import torch
 
+    spec = importlib.util.spec_from_file_location("deploy_verify", ROOT / "deploy" / "verify.py")
+    verify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verify)
     state = torch.load(triton_repository.with_name(triton_repository.name + ".artifacts") / "weights.pt", weights_only=True)
     state["fc.bias"] = state["fc.bias"] + torch.tensor([0.0, 1.0])  # a different head: a different model
-    torch.save(state, weights / "weights.pt")
-    command = [sys.executable, "deploy/verify.py", "--http", triton_server.http_url, "--grpc", triton_server.grpc_url]
-    command += ["--repository", str(tmp_path / "repository"), "--artifacts", str(weights), "--parity-inputs", "3"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 1 and "FAIL  parity" in done.stdout and "FAILED: parity" in done.stdout.splitlines()[-1], done.stdout
+    torch.save(state, tmp_path / "weights.pt")  # no model.onnx in tmp_path: the reference is PyTorch FP32 on these weights
+    with pytest.raises(AssertionError, match=r"vs PyTorch FP32 on weights\.pt on 3 volumes at 64\^3: max \|dP\| .* \(bound 1e-04\)"):
+        verify._parity(triton_server.http_url, tmp_path, tmp_path, {"target": "cpu", "precision": "fp32"}, 3)
