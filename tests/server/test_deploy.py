@@ -133,18 +133,17 @@ def test_shared_memory_and_the_cuda_pool_follow_the_sizing_formula(compose):
 
 def test_the_image_is_the_ngc_release_with_the_project_installed_and_runs_as_its_user():
     text = DOCKERFILE.read_text()
-    for source in re.findall(r"^COPY (\S+)", text, re.M):
-        assert (ROOT / source).exists(), source
+    stages = re.findall(r"^FROM (\S+) AS (\w+)$", text, re.M)
+    assert stages == [("scratch", "source"), ("python:3.11-slim", "load"), ("nvcr.io/nvidia/tritonserver:24.10-py3", "serving")]
+    source = text[text.index("AS source") : text.index("AS load")]
+    copied = set(re.findall(r"^COPY (\w+) \1$", source, re.M))
+    for path in [*re.findall(r"^COPY (\S+)", source, re.M), "pyproject.toml", "README.md"]:
+        assert (ROOT / path).exists(), path
     packages = {p.rstrip("*") for p in re.findall(r'"(\w+)\*"', (ROOT / "pyproject.toml").read_text())}
-    copied = set(re.findall(r"^COPY (\w+) \1$", text, re.M))
-    assert packages <= copied, packages - copied
+    assert packages | {"model_repository", "deploy"} <= copied, packages - copied
     serving = text[text.index("AS serving") :]  # the last stage: what `docker build` gives by default
-    assert "model_repository" in set(re.findall(r"^COPY (\w+) \1$", serving, re.M)) and "pip install -e ." in serving
-    assert re.findall(r"^FROM (\S+) AS (\w+)$", text, re.M) == [
-        ("python:3.11-slim", "load"),
-        ("nvcr.io/nvidia/tritonserver:24.10-py3", "serving"),
-    ]
-    for stage in text.split("\nFROM ")[1:]:
+    assert "COPY --from=source /opt/ct-triage /opt/ct-triage" in serving and "pip install -e ." in serving
+    for stage in text.split("\nFROM ")[2:]:  # the two images
         users = re.findall(r"^USER (\S+)", stage, re.M)
         assert users and users[-1] not in ("root", "0"), stage.splitlines()[0]
 
