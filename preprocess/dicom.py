@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import math
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -395,12 +396,12 @@ class _Header:
         parts = self.texts(keyword)
         if parts is None:
             return None
-        values = tuple(float(v) for v in parts)
+        values = tuple(_number(v) for v in parts)
         return values if len(values) == n else None
 
     def number(self, keyword: str, default: float | None = None) -> float | None:
         parts = self.texts(keyword)
-        return float(parts[0]) if parts else default
+        return _number(parts[0]) if parts else default
 
     def ushort(self, keyword: str, default: int) -> int:
         value = self.raw(keyword)
@@ -470,6 +471,15 @@ def _first(value, default):
     return default if value is None else value
 
 
+def _number(text: str) -> float:
+    """A decimal string as a float; one that is not a number is NaN, so that the series check names
+    the attribute (and only a series that needs it is refused), not the parser."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Frame]:
     if pixels.frames > INPUT_LIMITS.max_slices:  # before one record per declared frame is made
         raise InputTooLargeError(f"{label}: {pixels.frames} frames, more than the limit of {INPUT_LIMITS.max_slices}")
@@ -481,7 +491,7 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
         series_uid=h.text("SeriesInstanceUID"),
         sop_uid=h.text("SOPInstanceUID"),
         modality=h.text("Modality"),
-        instance_number=None if instance_number is None else int(instance_number),
+        instance_number=None if instance_number is None or not math.isfinite(instance_number) else int(instance_number),
         rows=h.ushort("Rows", 0),
         columns=h.ushort("Columns", 0),
         pixels=pixels,

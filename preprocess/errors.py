@@ -73,6 +73,10 @@ class MissingGeometryError(UnusableSeriesError):
     """Slices without position, orientation or pixel spacing: the volume cannot be built."""
 
 
+class ImplausibleValueError(UnusableSeriesError):
+    """A geometry or rescale value is not a finite number, or outside what a CT series can have."""
+
+
 class InconsistentSlicesError(UnusableSeriesError):
     """Slices of one series disagree in size, pixel spacing or orientation."""
 

@@ -26,6 +26,7 @@ from .dicom import Frame, check_decodable
 from .errors import (
     DuplicateSliceError,
     GantryTiltError,
+    ImplausibleValueError,
     InconsistentSlicesError,
     InputTooLargeError,
     LocalizerError,
@@ -113,6 +114,7 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
     check_decodable(first)
     if any(f.position is None or f.orientation is None or f.pixel_spacing is None for f in frames):
         raise MissingGeometryError("slices lack ImagePositionPatient, ImageOrientationPatient or PixelSpacing: no 3D geometry")
+    _check_finite(frames)
     if len({(f.rows, f.columns) for f in frames}) > 1:
         sizes = sorted({f"{f.rows}x{f.columns}" for f in frames})
         raise InconsistentSlicesError(f"slices have different sizes ({', '.join(sizes)})")
@@ -128,8 +130,19 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
         raise InconsistentSlicesError("slices have different orientations (mixed stacks in one series)")
     if np.abs(spacings / spacings[0] - 1).max() > rule.same_geometry_tolerance or (spacings[0] <= 0).any():
         raise InconsistentSlicesError("slices have different or invalid pixel spacing")
-    if any(f.slope <= 0 or not math.isfinite(f.slope) or not math.isfinite(f.intercept) for f in frames):
+    if not all(limits.min_spacing_mm <= s <= limits.max_spacing_mm for s in spacings[0]):
+        raise ImplausibleValueError(
+            f"PixelSpacing {spacings[0][0]:g}\\{spacings[0][1]:g} mm is outside {limits.min_spacing_mm:g}-{limits.max_spacing_mm:g} mm"
+        )
+    if any(f.slope <= 0 for f in frames):
         raise InconsistentSlicesError("invalid RescaleSlope/RescaleIntercept (slope must be positive)")
+    slope = max(f.slope for f in frames)
+    intercept = max((f.intercept for f in frames), key=abs)
+    if slope > limits.max_rescale_slope or abs(intercept) > limits.max_abs_rescale_intercept:
+        raise ImplausibleValueError(
+            f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} are outside what CT uses "
+            f"(slope up to {limits.max_rescale_slope:g}, |intercept| up to {limits.max_abs_rescale_intercept:g})"
+        )
     row_dir, col_dir = _unit(orientations[0][:3]), _unit(orientations[0][3:])
     if row_dir is None or col_dir is None or abs(float(row_dir @ col_dir)) > 1e-3:
         raise MissingGeometryError("ImageOrientationPatient is not two perpendicular unit vectors")
@@ -160,6 +173,8 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
     if steps.min() < 1e-3:
         raise DuplicateSliceError("two different slices share one position (duplicate or overlapping reconstructions)")
     median = float(np.median(steps))
+    if not limits.min_spacing_mm <= median <= limits.max_spacing_mm:
+        raise ImplausibleValueError(f"slices {median:g} mm apart: outside {limits.min_spacing_mm:g}-{limits.max_spacing_mm:g} mm")
     worst = float(np.abs(steps - median).max())
     if worst > rule.spacing_tolerance * median + 1e-2:
         gaps = int(np.sum(steps > median * (1 + rule.spacing_tolerance)))
@@ -183,6 +198,21 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
         canonical=_canonical(row_dir, col_dir),
         duplicates_removed=duplicates,
     )
+
+
+def _check_finite(frames: Sequence[Frame]) -> None:
+    """Every geometry and rescale value a finite number (a NaN or text there would propagate into
+    the volume silently): the first attribute that is not, named, with how many slices hold it."""
+    for name, values in (
+        ("ImagePositionPatient", [f.position for f in frames]),
+        ("ImageOrientationPatient", [f.orientation for f in frames]),
+        ("PixelSpacing", [f.pixel_spacing for f in frames]),
+        ("RescaleSlope", [(f.slope,) for f in frames]),
+        ("RescaleIntercept", [(f.intercept,) for f in frames]),
+    ):
+        bad = sum(not all(math.isfinite(v) for v in value) for value in values)
+        if bad:
+            raise ImplausibleValueError(f"{name} is not a finite number in {bad} of {len(frames)} slices")
 
 
 def _unit(v: np.ndarray) -> np.ndarray | None:

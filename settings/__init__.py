@@ -37,6 +37,11 @@ class InputLimits:
     max_uncompressed_bytes: int = 4 * 1024**3  # total bytes unpacked from ZIP archives per study
     max_compression_ratio: float = 200.0  # per ZIP member; above this it is treated as a ZIP bomb
     max_archive_depth: int = 2  # a ZIP inside a ZIP is followed this many levels deep
+    # geometry and rescale values a CT series can have; outside them a header is broken or hostile
+    min_spacing_mm: float = 0.05  # pixel spacing and slice step
+    max_spacing_mm: float = 20.0
+    max_rescale_slope: float = 1000.0  # HU per stored unit (CT: almost always 1)
+    max_abs_rescale_intercept: float = 100_000.0
 
 
 @dataclass(frozen=True)

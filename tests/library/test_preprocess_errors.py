@@ -220,3 +220,52 @@ def test_programming_errors_are_not_study_errors(series):
     assert not isinstance(info.value, preprocess.StudyError)
     with pytest.raises(TypeError, match="sequence of byte strings"):
         preprocess.preprocess_study(series[0])
+
+
+def _as_text(keyword: str, value):
+    """Store a value as text whatever it is (pydicom would refuse a non-number in a DS element)."""
+    from pydicom.datadict import tag_for_keyword
+
+    def change(ds, k):
+        if keyword in ds:
+            del ds[keyword]
+        ds.add_new(tag_for_keyword(keyword), "LO", value)
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "keyword, value, message",
+    [
+        ("ImagePositionPatient", ["0", "0", "nan"], "ImagePositionPatient is not a finite number in 20 of 20 slices"),
+        ("ImageOrientationPatient", ["1", "0", "0", "0", "inf", "0"], "ImageOrientationPatient is not a finite number"),
+        ("PixelSpacing", ["abc", "5"], "PixelSpacing is not a finite number"),
+        ("RescaleSlope", "inf", "RescaleSlope is not a finite number"),
+        ("RescaleIntercept", "x", "RescaleIntercept is not a finite number"),
+        ("RescaleSlope", "1e300", "RescaleSlope 1e\\+300 / RescaleIntercept -1024 are outside what CT uses"),
+        ("RescaleIntercept", "-1e9", "RescaleIntercept -1e\\+09 are outside what CT uses"),
+        ("PixelSpacing", ["0.001", "0.001"], r"PixelSpacing 0.001\\0.001 mm is outside 0.05-20 mm"),
+    ],
+)
+def test_non_finite_or_absurd_geometry_and_rescale_are_named(series, keyword, value, message):
+    """NaN, infinity, text or absurd values never reach the volume: the attribute is named."""
+    refused(edit(series, _as_text(keyword, value)), preprocess.ImplausibleValueError, message)
+
+
+def test_slices_packed_closer_than_any_ct_are_refused(series):
+    def squash(ds, k):
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], position(ds) / 1000]
+
+    refused(edit(series, squash), preprocess.ImplausibleValueError, "slices 0.005 mm apart: outside 0.05-20 mm")
+
+
+def test_a_broken_value_in_an_unused_attribute_or_another_series_refuses_nothing(series):
+    """A malformed InstanceNumber is not needed; a second series with NaN geometry is skipped, named."""
+    text_instance = edit(series, _as_text("InstanceNumber", "x"))
+    assert preprocess.preprocess_study(text_instance, size=S).volume.shape == (1, 1, S, S, S)
+    other = phantom.study_files("series", slices=20, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=2.5, seed=9)
+    broken = edit(other, _as_text("PixelSpacing", ["nan", "nan"]))
+    study = preprocess.preprocess_study(series + broken, size=S)
+    assert study.series_uid == preprocess.preprocess_study(series, size=S).series_uid
+    (skipped,) = study.meta["series_selection"]["skipped"]
+    assert "PixelSpacing is not a finite number" in skipped["reason"]
