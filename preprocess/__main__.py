@@ -1,7 +1,8 @@
 """CLI: python -m preprocess INPUT -o OUT.pt [--size S] [--mode fast|reference] [--series UID] [--device D] [--threads N]
 
 Writes OUT.pt (torch.save of the [1, 1, S, S, S] float32 tensor, on the CPU whatever --device) and OUT.json (the metadata).
-A bad study exits with status 1 and one line on stderr; no output file is written.
+A bad study exits with status 1 and one line on stderr; no output file is written, and the outputs of
+an earlier run at OUT are removed (they are not this study's). A bad command line exits with status 2.
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ def _threads(text: str) -> int:
     return value
 
 
+def _output_problem(out: Path) -> str | None:
+    """What is wrong with -o before any work: the tensor and its metadata need two files in a folder."""
+    if out.suffix == ".json":
+        return f"-o {out}: name the tensor file (OUT.pt); its metadata is written beside it as OUT.json"
+    if out.is_dir():
+        return f"-o {out} is a folder: name the tensor file (OUT.pt)"
+    blocking = next((parent for parent in out.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        return f"-o {out}: {blocking} is a file, not a folder"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m preprocess", description="DICOM chest-CT study -> model input tensor (.pt) and metadata (.json)"
@@ -58,12 +71,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
     out = Path(args.out)
     meta_path = out.with_suffix(".json")
+    problem = _output_problem(out)
+    if problem:
+        parser.error(problem)
     try:
         study = preprocess_study(
             read_study(args.input), size=args.size, mode=args.mode, series_uid=args.series, device=args.device, threads=args.threads
         )
     except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        stale = [path for path in (out, meta_path) if path.is_file()]
+        for path in stale:
+            path.unlink()
+        print(f"error: {exc}" + (" (the earlier outputs at -o were removed)" if stale else ""), file=sys.stderr)
         return 1
     try:
         write_atomically(out, lambda f: torch.save(torch.as_tensor(study.volume).cpu(), f))

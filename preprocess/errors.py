@@ -25,6 +25,10 @@ class CorruptDicomError(StudyError):
     """A file claims to be DICOM (or is needed as one) but cannot be read: truncated or damaged."""
 
 
+class UnreadableInputError(StudyError):
+    """A file or folder of the study cannot be read: reading the rest would classify part of it."""
+
+
 class ArchiveError(StudyError):
     """A ZIP archive is empty, damaged, encrypted or nested too deeply."""
 

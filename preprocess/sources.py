@@ -16,8 +16,9 @@ from pathlib import Path
 
 from settings import INPUT_LIMITS, InputLimits
 
-from .errors import ArchiveError, EmptyInputError, UnsafeArchiveError
+from .errors import ArchiveError, EmptyInputError, InputTooLargeError, UnreadableInputError, UnsafeArchiveError
 
+_HEAD = 132  # enough to recognise a ZIP, a DICOM file (128-byte preamble and "DICM") or a bare data set
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header, or the end record of an empty archive
 
 
@@ -29,17 +30,73 @@ class Blob:
     label: str
 
 
-def read_study(path: str | os.PathLike) -> list[bytes]:
-    """A folder (recursive, sorted by relative path), a ZIP file (one element) or one file -> payload."""
+def read_study(path: str | os.PathLike, limits: InputLimits = INPUT_LIMITS) -> list[bytes]:
+    """A folder (recursive, sorted by relative path), a ZIP file (one element) or one file -> payload.
+
+    In a folder, only files that start like DICOM or ZIP are read (a report, a film or a 3 GB export
+    beside the study costs one 132-byte read), and their total size is checked before any is read.
+    A file or folder that cannot be read refuses the study, since it could hold slices; messages
+    name it by its place in the folder, never by its path (paths often name the patient).
+    """
     root = Path(path)
     if root.is_dir():
-        files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+        files = _study_files(root, limits)
         if not files:
-            raise EmptyInputError("the folder contains no files")
-        return [p.read_bytes() for p in files]
+            raise EmptyInputError("the folder contains no DICOM or ZIP files")
+        total = sum(size for _, size in files)
+        if total > limits.max_uncompressed_bytes:
+            limit = _amount(limits.max_uncompressed_bytes)
+            raise InputTooLargeError(f"the folder holds {_amount(total)} of DICOM, more than the limit of {limit}")
+        return [_read(file, f"file {k} of the folder") for k, (file, _) in enumerate(files, start=1)]
     if root.is_file():
-        return [root.read_bytes()]
+        size = root.stat().st_size
+        if size > limits.max_uncompressed_bytes:
+            raise InputTooLargeError(f"the file is {_amount(size)}, more than the limit of {_amount(limits.max_uncompressed_bytes)}")
+        return [_read(root, "the input file")]
     raise EmptyInputError("input path does not exist or is not a file or folder")
+
+
+def _amount(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _read(path: Path, label: str, size: int | None = None) -> bytes:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(size) if size is not None else stream.read()
+    except OSError as error:
+        raise UnreadableInputError(f"{label} cannot be read ({error.strerror or type(error).__name__})") from None
+
+
+def _study_files(root: Path, limits: InputLimits) -> list[tuple[Path, int]]:
+    """The DICOM and ZIP files below root with their sizes, sorted by relative path. Iterative (a
+    deep tree cannot exhaust the stack) and bounded in depth and count; folder links are not followed."""
+    from .dicom import looks_like_dicom  # dicom imports this module (Blob)
+
+    found: list[tuple[str, Path, int]] = []
+    pending = [(root, 0)]
+    looked_at = 0
+    while pending:
+        folder, depth = pending.pop()
+        if depth > limits.max_folder_depth:
+            raise InputTooLargeError(f"folders nested more than {limits.max_folder_depth} levels deep")
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as error:
+            where = "the study folder" if depth == 0 else f"a folder {depth} level{'s' if depth > 1 else ''} down"
+            raise UnreadableInputError(f"{where} cannot be read ({error.strerror or type(error).__name__})") from None
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append((Path(entry.path), depth + 1))
+            elif entry.is_file():
+                looked_at += 1
+                if looked_at > limits.max_folder_files:
+                    raise InputTooLargeError(f"more than {limits.max_folder_files} files in the folder")
+                path = Path(entry.path)
+                head = _read(path, f"a file {depth} level{'s' if depth != 1 else ''} down", _HEAD)
+                if is_zip(head) or looks_like_dicom(head):
+                    found.append((path.relative_to(root).as_posix(), path, entry.stat().st_size))
+    return [(path, size) for _, path, size in sorted(found)]
 
 
 def is_zip(data: bytes) -> bool:

@@ -37,6 +37,8 @@ class InputLimits:
     max_uncompressed_bytes: int = 4 * 1024**3  # total bytes unpacked from ZIP archives per study
     max_compression_ratio: float = 200.0  # per ZIP member; above this it is treated as a ZIP bomb
     max_archive_depth: int = 2  # a ZIP inside a ZIP is followed this many levels deep
+    max_folder_files: int = 10_000  # files looked at in a study folder
+    max_folder_depth: int = 32  # sub-folder levels below a study folder (DICOM exports use about 5)
     # geometry and rescale values a CT series can have; outside them a header is broken or hostile
     min_spacing_mm: float = 0.05  # pixel spacing and slice step
     max_spacing_mm: float = 20.0

@@ -115,3 +115,38 @@ def test_cli_refuses_a_device_with_reference_mode(tmp_path, capsys):
         main([str(tmp_path), "-o", str(tmp_path / "out.pt"), "--mode", "reference", "--device", "cpu"])
     assert stopped.value.code == 2
     assert "reference mode runs on the CPU only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("folder", "-o {tmp}/folder is a folder: name the tensor file"),
+        ("a_file/study.pt", "-o {tmp}/a_file/study.pt: {tmp}/a_file is a file, not a folder"),
+        ("study.json", "name the tensor file (OUT.pt); its metadata is written beside it as OUT.json"),
+    ],
+)
+def test_an_output_path_that_cannot_hold_the_results_is_refused_before_any_work(run, tmp_path, out, message):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("mine")
+    study = phantom.write_study(tmp_path / "in.zip", "zip")
+    with pytest.raises(SystemExit) as stopped:
+        run(str(study), "-o", str(tmp_path / out), "--size", "16")
+    assert stopped.value.code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "folder", "in.zip"] and (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_usage_errors_name_the_output_problem_in_one_line(tmp_path, capsys):
+    study = phantom.write_study(tmp_path / "in.zip", "zip")
+    with pytest.raises(SystemExit):
+        main([str(study), "-o", str(tmp_path / "study.json")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "its metadata is written beside it as OUT.json" in errors[0]
+
+
+def test_a_failed_run_removes_the_outputs_of_an_earlier_one(run, tmp_path):
+    out = tmp_path / "study.pt"
+    assert run(str(phantom.write_study(tmp_path / "good.zip", "zip")), "-o", str(out), "--size", "16").returncode == 0
+    (tmp_path / "bad.dcm").write_bytes(b"not a study")
+    failed = run(str(tmp_path / "bad.dcm"), "-o", str(out), "--size", "16")
+    assert failed.returncode == 1 and "the earlier outputs at -o were removed" in failed.stderr
+    assert not out.exists() and not out.with_suffix(".json").exists()

@@ -269,3 +269,57 @@ def test_a_broken_value_in_an_unused_attribute_or_another_series_refuses_nothing
     assert study.series_uid == preprocess.preprocess_study(series, size=S).series_uid
     (skipped,) = study.meta["series_selection"]["skipped"]
     assert "PixelSpacing is not a finite number" in skipped["reason"]
+
+
+def test_a_folder_is_read_iteratively_bounded_and_only_its_dicom_files(tmp_path):
+    study = phantom.write_study(tmp_path / "study", form="series", slices=20, rows=64, columns=64)
+    with open(study / "export.bin", "wb") as big:  # a 3 GiB non-DICOM file beside the slices: never read whole
+        big.truncate(3 * 2**30)
+    (study / "notes.txt").write_text("not DICOM")
+    assert len(preprocess.read_study(study)) == 20
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    path = deep
+    for _ in range(40):  # deeper than the limit: refused, without recursion
+        path = path / "d"
+        path.mkdir()
+    with pytest.raises(preprocess.InputTooLargeError, match="folders nested more than 32 levels deep"):
+        preprocess.read_study(deep)
+    with pytest.raises(preprocess.InputTooLargeError, match=r"holds 0\.2 MiB of DICOM, more than the limit of 0\.1 MiB"):
+        preprocess.read_study(study, InputLimits(max_uncompressed_bytes=2**30 // 10_000))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("nothing here")
+    with pytest.raises(preprocess.EmptyInputError, match="no DICOM or ZIP files"):
+        preprocess.read_study(tmp_path / "empty")
+
+
+def test_an_unreadable_part_of_a_folder_refuses_the_study_without_its_path(tmp_path, monkeypatch):
+    """Half a study must not be classified; tests run as root, where permissions do not stop reads,
+    so the refusals the kernel would give are raised where the folder and a file are opened."""
+    from preprocess import sources
+
+    study = phantom.write_study(tmp_path / "Smith_John", form="series", slices=20, rows=64, columns=64)
+    (study / "sub").mkdir()
+    real_scandir, real_open = sources.os.scandir, open
+
+    def scandir(path):
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(sources.os, "scandir", scandir)
+    with pytest.raises(preprocess.UnreadableInputError, match=r"a folder 1 level down cannot be read \(Permission denied\)") as info:
+        preprocess.read_study(study)
+    assert "Smith" not in str(info.value)
+    monkeypatch.setattr(sources.os, "scandir", real_scandir)
+    victim = sorted(study.glob("*.dcm"))[3]
+
+    def guarded_open(path, *args, **kwargs):
+        if str(path) == str(victim):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", guarded_open)
+    with pytest.raises(preprocess.UnreadableInputError, match=r"a file 0 levels down cannot be read \(Permission denied\)") as info:
+        preprocess.read_study(study)
+    assert "Smith" not in str(info.value)
