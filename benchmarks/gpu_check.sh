@@ -3,7 +3,7 @@
 # 8 GB cap, FP16/BF16 parity, GPU preprocessing, and the served ensemble when the bundled server is
 # there. Results (JSON, markdown, plot) go to $OUT, or to benchmarks/results/ when OUT is unset.
 #
-#   bash benchmarks/gpu_check.sh            on a machine with a CUDA GPU (S=256, about 6 minutes)
+#   bash benchmarks/gpu_check.sh            on a machine with a CUDA GPU (S=256; sections stop at a 7-minute budget)
 #   bash benchmarks/gpu_check.sh --smoke    anywhere, on the CPU at S=16 (the test suite runs this)
 #
 # On a GPU machine without the project's dependencies (no network), first run
