@@ -6,9 +6,10 @@ Public API:
   `ResNet34Classifier.from_state_dict(state)` builds it with exactly those weights.
 - TorchClassifier: the network on a device at a precision (fp32, fp16, bf16), volumes in,
   probabilities out; PRECISIONS names them.
+- file_sha256(path): the checksum provenance records for exported files.
 """
 
-from .engine import PRECISIONS, TorchClassifier
+from .engine import PRECISIONS, TorchClassifier, file_sha256
 from .network import ResNet34Classifier
 
-__all__ = ["PRECISIONS", "ResNet34Classifier", "TorchClassifier"]
+__all__ = ["PRECISIONS", "ResNet34Classifier", "TorchClassifier", "file_sha256"]

@@ -9,7 +9,6 @@ model that is not the one that was validated.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import re
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from classifier import file_sha256
 from classifier.network import BLOCKS_PER_LAYER, CHANNELS, NUM_CLASSES, ResNet34Classifier
 
 from .errors import ArchitectureError, CheckpointError
@@ -164,14 +164,6 @@ def _seeded_fc(seed: int) -> dict[str, torch.Tensor]:
     bound = CHANNELS[-1] ** -0.5  # nn.Linear's own default range, drawn from a fixed seed
     weight = (torch.rand((NUM_CLASSES, CHANNELS[-1]), generator=generator) * 2 - 1) * bound
     return {"fc.weight": weight, "fc.bias": torch.zeros(NUM_CLASSES)}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | Path) -> Weights:

@@ -6,7 +6,6 @@ moves tensors between Triton and PyTorch. The weights must be the ones export re
 (tests on machines without a GPU, at FP32).
 """
 
-import hashlib
 import json
 import os
 
@@ -15,7 +14,7 @@ import torch
 import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
-from classifier import TorchClassifier
+from classifier import TorchClassifier, file_sha256
 
 
 class TritonPythonModel:
@@ -26,7 +25,7 @@ class TritonPythonModel:
         weights = os.path.join(folder, "model.pt")
         with open(os.path.join(folder, "provenance.json")) as stream:
             expected = json.load(stream)["served_sha256"]
-        if _sha256(weights) != expected:
+        if file_sha256(weights) != expected:
             raise pb_utils.TritonModelException(f"{weights} is not the file export recorded in provenance.json: export again")
         gpu = args["model_instance_kind"] == "GPU"
         if gpu and not torch.cuda.is_available():
@@ -67,11 +66,3 @@ def _as_torch(tensor):
     if tensor.is_cpu():
         return torch.from_numpy(tensor.as_numpy())
     return torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
