@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import math
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
@@ -105,7 +106,9 @@ class Frame:
     slice_thickness: float | None
     slope: float
     intercept: float
+    rescaled: bool  # RescaleIntercept was given: without it stored values are not known to be HU
     pixels: PixelFormat
+    patient: str = field(repr=False)  # a digest of PatientID: tells patients apart without holding the ID
 
 
 def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
@@ -200,6 +203,7 @@ _WANTED = {
     for k in (
         "SOPClassUID",
         "SOPInstanceUID",
+        "PatientID",
         "StudyInstanceUID",
         "SeriesInstanceUID",
         "Modality",
@@ -491,13 +495,16 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
         series_uid=h.text("SeriesInstanceUID"),
         sop_uid=h.text("SOPInstanceUID"),
         modality=h.text("Modality"),
+        patient=hashlib.sha256(h.text("PatientID").encode("utf-8", "replace")).hexdigest()[:16],
         instance_number=None if instance_number is None or not math.isfinite(instance_number) else int(instance_number),
         rows=h.ushort("Rows", 0),
         columns=h.ushort("Columns", 0),
         pixels=pixels,
     )
     image_type = tuple(v.upper() for v in (h.texts("ImageType") or []))
-    slope, intercept = h.number("RescaleSlope", 1.0), h.number("RescaleIntercept", 0.0)
+    slope, intercept = h.number("RescaleSlope", 1.0), h.number("RescaleIntercept")
+    rescaled = intercept is not None
+    intercept = _first(intercept, 0.0)
     per_frame = h.items("PerFrameFunctionalGroupsSequence")
     shared = h.item("SharedFunctionalGroupsSequence")
     if per_frame is None and shared is None:
@@ -510,6 +517,7 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
             slice_thickness=h.number("SliceThickness"),
             slope=slope,
             intercept=intercept,
+            rescaled=rescaled,
             **common,
         )
         if pixels.frames == 1:
@@ -523,6 +531,7 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
     for k, group in enumerate(per_frame):
         groups = [group, shared]
         frame_type = _functional(groups, "CTImageFrameTypeSequence", lambda m: m.texts("FrameType"))
+        frame_intercept = _functional(groups, "PixelValueTransformationSequence", lambda m: m.number("RescaleIntercept"))
         result.append(
             Frame(
                 frame=k,
@@ -532,9 +541,8 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
                 pixel_spacing=_functional(groups, "PixelMeasuresSequence", lambda m: m.floats("PixelSpacing", 2)),
                 slice_thickness=_functional(groups, "PixelMeasuresSequence", lambda m: m.number("SliceThickness")),
                 slope=_first(_functional(groups, "PixelValueTransformationSequence", lambda m: m.number("RescaleSlope")), slope),
-                intercept=_first(
-                    _functional(groups, "PixelValueTransformationSequence", lambda m: m.number("RescaleIntercept")), intercept
-                ),
+                intercept=_first(frame_intercept, intercept),
+                rescaled=rescaled or frame_intercept is not None,
                 **common,
             )
         )
