@@ -108,7 +108,7 @@ class Frame:
     intercept: float
     rescaled: bool  # RescaleIntercept was given: without it stored values are not known to be HU
     pixels: PixelFormat
-    patient: str = field(repr=False)  # a digest of PatientID: tells patients apart without holding the ID
+    patient: str = field(repr=False)  # a digest of PatientID ("" if none): tells patients apart without holding the ID
 
 
 def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
@@ -471,6 +471,11 @@ def _functional(groups: list[_Header | None], sequence: str, read):
     return None
 
 
+def _digest(text: str) -> str:
+    """A short digest of an identifier ("" when there is none): compared, never shown."""
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16] if text else ""
+
+
 def _first(value, default):
     return default if value is None else value
 
@@ -495,7 +500,7 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
         series_uid=h.text("SeriesInstanceUID"),
         sop_uid=h.text("SOPInstanceUID"),
         modality=h.text("Modality"),
-        patient=hashlib.sha256(h.text("PatientID").encode("utf-8", "replace")).hexdigest()[:16],
+        patient=_digest(h.text("PatientID")),
         instance_number=None if instance_number is None or not math.isfinite(instance_number) else int(instance_number),
         rows=h.ushort("Rows", 0),
         columns=h.ushort("Columns", 0),
