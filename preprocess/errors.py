@@ -45,6 +45,10 @@ class SeriesNotFoundError(StudyError):
     """The SeriesInstanceUID asked for is not in the study."""
 
 
+class MixedPatientsError(StudyError):
+    """Images of more than one patient: no series is chosen across patients unless the caller names it."""
+
+
 class NoUsableSeriesError(StudyError):
     """Several series were found and none is a usable chest-CT volume; `skipped` says why each."""
 
@@ -82,7 +86,11 @@ class ImplausibleValueError(UnusableSeriesError):
 
 
 class InconsistentSlicesError(UnusableSeriesError):
-    """Slices of one series disagree in size, pixel spacing or orientation."""
+    """Slices of one series disagree in size, pixel spacing, orientation or how their pixels are stored."""
+
+
+class NotHounsfieldError(UnusableSeriesError):
+    """Stored values without RescaleIntercept that cannot be Hounsfield units as they are (8-bit or unsigned)."""
 
 
 class DuplicateSliceError(UnusableSeriesError):

@@ -75,8 +75,7 @@ def preprocess_study(
     warnings += parse_warnings
     lap("parse")
     stack, selection = select_series(frames, series_uid=series_uid)
-    if stack.duplicates_removed:
-        warnings.append(f"{stack.duplicates_removed} duplicate copies of slices ignored")
+    warnings += stack.notes
     lap("select")
     slices = stored_values(stack, blobs, in_place=mode == "fast", threads=threads)
     lap("decode")

@@ -1,13 +1,15 @@
 """Group frames into series, check each one as a volume, and choose the series to classify.
 
 The rule is data (`SelectionRule`), applied in this order to every series:
-  1. modality is CT;  2. not a localizer/scout/topogram;  3. every slice has pixels, position,
-  orientation and pixel spacing, all slices the same size, spacing and orientation;
+  1. modality is CT;  2. not a localizer/scout/topogram (localizer images filed in a volume's series
+  are set aside);  3. every slice has pixels, position, orientation and pixel spacing, all slices the
+  same size, spacing, orientation and pixel storage, with stored values that are (or rescale to) HU;
   4. axial (slice normal within `max_axial_angle_deg` of the patient's cranio-caudal axis);
   5. at least `min_slices` distinct slices, within settings.INPUT_LIMITS;
   6. slices sorted by position projected on the slice normal are evenly spaced (no gap, no
      duplicate position) and stacked along the normal (no gantry tilt).
-Among the series that pass, the thinnest slice spacing wins, then the most slices, then the
+A study is one patient's: images of several patients (PatientID, or the study when it is absent)
+are refused unless the caller names the series. Among the series that pass, the thinnest slice spacing wins, then the most slices, then the
 smallest SeriesInstanceUID (so the choice is deterministic). A forced SeriesInstanceUID skips
 the ranking but not the checks.
 """
@@ -32,9 +34,11 @@ from .errors import (
     LocalizerError,
     MissingGeometryError,
     MissingPixelDataError,
+    MixedPatientsError,
     NotAxialError,
     NotCTError,
     NotDicomError,
+    NotHounsfieldError,
     NoUsableSeriesError,
     SeriesNotFoundError,
     SliceGapError,
@@ -79,7 +83,7 @@ class Stack:
     origin: tuple[float, float, float]  # patient position of array voxel [0, 0, 0]
     directions: tuple[tuple[float, float, float], ...]  # unit vectors of array axes slice, row, column
     canonical: tuple[tuple[int, bool], ...]
-    duplicates_removed: int = 0
+    notes: tuple[str, ...] = ()  # images set aside or read despite a flaw: warnings for the metadata
 
     @property
     def slopes(self) -> np.ndarray:
@@ -106,12 +110,18 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
     modality = first.modality or "unknown"
     if modality.upper() != rule.modality:
         raise NotCTError(f"series is {modality}, not {rule.modality}")
-    if any(t in rule.localizer_image_types for f in frames for t in f.image_type):
+    notes: list[str] = []
+    volume = [f for f in frames if not any(t in rule.localizer_image_types for t in f.image_type)]
+    if not volume:
         raise LocalizerError("series is a localizer/scout image, not a volume")
+    if len(volume) < len(frames):  # some scanners file the scout in the series of the volume
+        notes.append(f"{_count(len(frames) - len(volume), 'localizer image')} in the series set aside")
+        frames, first = volume, volume[0]
     missing = sum(not f.pixels.present for f in frames)
     if missing:
         raise MissingPixelDataError(f"{missing} of {len(frames)} images have no pixel data (truncated or image-less files)")
     check_decodable(first)
+    _check_same_storage(frames)
     if any(f.position is None or f.orientation is None or f.pixel_spacing is None for f in frames):
         raise MissingGeometryError("slices lack ImagePositionPatient, ImageOrientationPatient or PixelSpacing: no 3D geometry")
     _check_finite(frames)
@@ -134,6 +144,7 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
         raise ImplausibleValueError(
             f"PixelSpacing {spacings[0][0]:g}\\{spacings[0][1]:g} mm is outside {limits.min_spacing_mm:g}-{limits.max_spacing_mm:g} mm"
         )
+    _check_hounsfield(frames)
     if any(f.slope <= 0 for f in frames):
         raise InconsistentSlicesError("invalid RescaleSlope/RescaleIntercept (slope must be positive)")
     slope = max(f.slope for f in frames)
@@ -152,11 +163,15 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
         raise NotAxialError(f"slices are not axial (slice normal {angle:.0f} degrees from the body axis)")
     if normal[2] < 0:
         normal = -normal  # stack towards the head whatever the acquisition direction
-    unique: dict[tuple[str, int], Frame] = {}
-    for f in frames:
-        unique.setdefault((f.sop_uid, f.frame), f)
-    duplicates = len(frames) - len(unique)
+    unique: dict[tuple, Frame] = {}
+    for f in frames:  # a copy of a file has its SOP instance, frame and position: kept once
+        unique.setdefault((f.sop_uid, f.frame, f.position), f)
+    if len(unique) < len(frames):
+        notes.append(f"{_count(len(frames) - len(unique), 'duplicate copy', 'duplicate copies')} of slices ignored")
     frames = list(unique.values())
+    sharing = len(frames) - len({(f.sop_uid, f.frame) for f in frames})
+    if sharing:  # distinct slices (they lie at different positions) with a reused UID: read by position
+        notes.append(f"{_count(sharing, 'slice')} reuse another slice's SOPInstanceUID at a different position: read by position")
     n = len(frames)
     if n < limits.min_slices:
         raise TooFewSlicesError(f"only {n} slice{'s' if n != 1 else ''}: a chest CT volume needs at least {limits.min_slices}")
@@ -196,8 +211,57 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
         origin=tuple(float(v) for v in positions[0]),
         directions=(tuple(normal), tuple(col_dir), tuple(row_dir)),
         canonical=_canonical(row_dir, col_dir),
-        duplicates_removed=duplicates,
+        notes=tuple(notes),
     )
+
+
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
+_STORAGE = (
+    ("BitsAllocated", lambda p: p.bits_allocated),
+    ("BitsStored", lambda p: p.bits_stored),
+    ("PixelRepresentation", lambda p: int(p.signed)),
+    ("SamplesPerPixel", lambda p: p.samples_per_pixel),
+    ("PhotometricInterpretation", lambda p: p.photometric),
+)
+
+
+def _check_same_storage(frames: Sequence[Frame]) -> None:
+    """One pixel layout for the whole series: a slice stored otherwise (8 among 16 bits) would be
+    decoded into the volume's layout as wrong values, not refused."""
+    for keyword, read in _STORAGE:
+        values = {read(f.pixels) for f in frames}
+        if len(values) > 1:
+            raise InconsistentSlicesError(f"slices are stored differently: {keyword} {' and '.join(sorted(map(str, values)))}")
+
+
+def _check_hounsfield(frames: Sequence[Frame]) -> None:
+    """Stored values become HU through RescaleSlope/RescaleIntercept (type 1 in a CT image). Without
+    them only signed values of more than 8 bits can already be HU; 8-bit or unsigned ones are display
+    levels or offset values (a lossy 8-bit export read as HU would be a confident wrong answer)."""
+    missing = sum(not f.rescaled for f in frames)
+    if not missing:
+        return
+    if missing < len(frames):
+        raise InconsistentSlicesError(f"RescaleIntercept is missing in {missing} of {len(frames)} slices")
+    p = frames[0].pixels
+    if p.bits_stored <= 8 or not p.signed:
+        kind = f"{p.bits_stored}-bit {'signed' if p.signed else 'unsigned'}"
+        raise NotHounsfieldError(f"no RescaleIntercept: {kind} stored values are not Hounsfield units")
+
+
+def _check_one_patient(frames: Sequence[Frame]) -> None:
+    """Choosing among series of different patients would answer for whoever has the thinner slices:
+    patients are told apart by PatientID digest, or by study where PatientID is absent."""
+    patients = {f.patient or f"study {f.study_uid}" for f in frames}
+    if len(patients) > 1:
+        series = len({f.series_uid for f in frames})
+        raise MixedPatientsError(
+            f"images of {len(patients)} patients ({_count(series, 'series', 'series')}): a study is one patient's, "
+            "so none is chosen (name the series to classify)"
+        )
 
 
 def _check_finite(frames: Sequence[Frame]) -> None:
@@ -231,6 +295,8 @@ def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rul
     """The stack to classify and a JSON-ready record of the choice: {chosen, reason, skipped}."""
     if not frames:
         raise NotDicomError("no DICOM images found in the input")
+    if series_uid is None:
+        _check_one_patient(frames)
     groups: dict[str, list[Frame]] = {}
     for f in frames:
         groups.setdefault(f.series_uid, []).append(f)
@@ -242,6 +308,7 @@ def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rul
         if series_uid is not None and uid != series_uid:
             continue
         try:
+            _check_one_patient(groups[uid])
             stacks[uid] = build_stack(groups[uid], rule)
         except StudyError as exc:
             errors[uid] = exc

@@ -66,9 +66,10 @@ def test_single_slice(series):
 
 
 def test_no_usable_series_lists_every_reason(series):
-    error = refused(
-        [*series[:5], packaged_file("MR_small.dcm").read_bytes()], preprocess.NoUsableSeriesError, "no usable chest-CT series among 2"
+    same_patient_mr = edit(
+        [packaged_file("MR_small.dcm").read_bytes()], lambda ds, k: setattr(ds, "PatientID", phantom.FAKE_PHI["PatientID"])
     )
+    error = refused([*series[:5], *same_patient_mr], preprocess.NoUsableSeriesError, "no usable chest-CT series among 2")
     assert sorted(s["reason"] for s in error.skipped) == ["only 5 slices: a chest CT volume needs at least 16", "series is MR, not CT"]
 
 
@@ -323,3 +324,90 @@ def test_an_unreadable_part_of_a_folder_refuses_the_study_without_its_path(tmp_p
     with pytest.raises(preprocess.UnreadableInputError, match=r"a file 0 levels down cannot be read \(Permission denied\)") as info:
         preprocess.read_study(study)
     assert "Smith" not in str(info.value)
+
+
+def _stored_as_8_bit(ds):
+    """Pixels squeezed into 8 bits (a display-level copy), as some converters and lossy exports store them."""
+    stored = ds.pixel_array.astype(np.int32)
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = (stored >> 4).astype(np.uint8).tobytes()
+
+
+def test_a_slice_stored_with_other_pixel_attributes_refuses_the_series(series):
+    """One 8-bit slice among 16-bit ones would be decoded into the 16-bit volume as air."""
+
+    def one_8_bit(ds, k):
+        if k == 7:
+            _stored_as_8_bit(ds)
+
+    refused(edit(series, one_8_bit), preprocess.InconsistentSlicesError, "slices are stored differently: BitsAllocated 16 and 8")
+
+
+def test_values_without_rescale_are_hu_only_when_they_can_be(series):
+    """Without RescaleIntercept, 8-bit or unsigned values are refused; signed 16-bit values are read as HU."""
+
+    def no_rescale(ds):
+        del ds.RescaleSlope
+        del ds.RescaleIntercept
+
+    def eight_bit(ds, k):
+        _stored_as_8_bit(ds)
+        no_rescale(ds)
+
+    def signed_hu(ds, k):
+        hu = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 1
+        ds.PixelData = hu.astype(np.int16).tobytes()
+        no_rescale(ds)
+
+    refused(edit(series, eight_bit), preprocess.NotHounsfieldError, "no RescaleIntercept: 8-bit unsigned stored values are not Hounsfield")
+    refused(edit(series, lambda ds, k: no_rescale(ds)), preprocess.NotHounsfieldError, "12-bit unsigned")
+    refused(
+        edit(series, lambda ds, k: no_rescale(ds) if k % 2 else None),
+        preprocess.InconsistentSlicesError,
+        "RescaleIntercept is missing in 10 of 20",
+    )
+    expected = preprocess.preprocess_study(series, size=S).volume
+    np.testing.assert_allclose(preprocess.preprocess_study(edit(series, signed_hu), size=S).volume, expected, atol=1e-6)
+
+
+def test_series_of_two_patients_are_never_chosen_between_silently(series):
+    """The other patient's thinner series would win the ranking: refused unless the series is named."""
+    other = phantom.study_files("series", slices=20, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=2.5, seed=9)
+    other_patient = edit(other, lambda ds, k: setattr(ds, "PatientID", "OTHER-7"))
+    error = refused(series + other_patient, preprocess.MixedPatientsError, r"images of 2 patients \(2 series\): .*\(name the series to classify\)")
+    assert "OTHER-7" not in str(error)
+    chosen = preprocess.preprocess_study(series, size=S)
+    named = preprocess.preprocess_study(series + other_patient, size=S, series_uid=chosen.series_uid)
+    np.testing.assert_array_equal(named.volume, chosen.volume)
+    anonymous = [edit(files, lambda ds, k: delattr(ds, "PatientID")) for files in (series, other)]  # two studies, no IDs
+    refused(anonymous[0] + anonymous[1], preprocess.MixedPatientsError, "images of 2 patients")
+    thick_same_patient = phantom.study_files("zip", slices=24, rows=64, columns=64, extras=True)
+    assert preprocess.preprocess_study(thick_same_patient, size=S).meta["series_selection"]["skipped"]
+
+
+def test_a_localizer_filed_in_the_volume_series_is_set_aside(series):
+    """Some scanners give the scout the series UID of the volume: it must not refuse the volume."""
+    import pydicom
+
+    scout = pydicom.dcmread(io.BytesIO(series[0]))
+    scout.SOPInstanceUID = scout.SOPInstanceUID[:60] + ".9"
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    buffer = io.BytesIO()
+    scout.save_as(buffer, enforce_file_format=True)
+    study = preprocess.preprocess_study([*series, buffer.getvalue()], size=S)
+    np.testing.assert_array_equal(study.volume, preprocess.preprocess_study(series, size=S).volume)
+    assert "1 localizer image in the series set aside" in study.meta["warnings"]
+
+
+def test_slices_that_reuse_one_sop_instance_uid_are_read_by_position(series):
+    """A broken exporter giving every slice one UID must not turn 20 slices into 1; exact copies still collapse."""
+    same_uid = edit(series, lambda ds, k: setattr(ds, "SOPInstanceUID", "1.2.3.4"))
+    study = preprocess.preprocess_study(same_uid + same_uid[:3], size=S)
+    np.testing.assert_array_equal(study.volume, preprocess.preprocess_study(series, size=S).volume)
+    assert study.meta["warnings"][-2:] == [
+        "3 duplicate copies of slices ignored",
+        "19 slices reuse another slice's SOPInstanceUID at a different position: read by position",
+    ]
