@@ -39,6 +39,7 @@ class InputLimits:
     max_archive_depth: int = 2  # a ZIP inside a ZIP is followed this many levels deep
     max_folder_files: int = 10_000  # files looked at in a study folder
     max_folder_depth: int = 32  # sub-folder levels below a study folder (DICOM exports use about 5)
+    max_sequence_depth: int = 16  # DICOM sequences nested in sequences (Enhanced CT uses 3; pydicom recurses per level)
     # geometry and rescale values a CT series can have; outside them a header is broken or hostile
     min_spacing_mm: float = 0.05  # pixel spacing and slice step
     max_spacing_mm: float = 20.0
