@@ -3,6 +3,8 @@
 Writes OUT.pt (torch.save of the [1, 1, S, S, S] float32 tensor, on the CPU whatever --device) and OUT.json (the metadata).
 A bad study exits with status 1 and one line on stderr; no output file is written, and the outputs of
 an earlier run at OUT are removed (they are not this study's). A bad command line exits with status 2.
+Warnings of the DICOM and numeric libraries are not printed: what matters about the study is in the
+error line or in the metadata's `warnings`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         parser.error(problem)
     try:
-        study = preprocess_study(
-            read_study(args.input), size=args.size, mode=args.mode, series_uid=args.series, device=args.device, threads=args.threads
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's and numpy's remarks would bury the one line that matters
+            study = preprocess_study(
+                read_study(args.input), size=args.size, mode=args.mode, series_uid=args.series, device=args.device, threads=args.threads
+            )
     except StudyError as exc:
         stale = [path for path in (out, meta_path) if path.is_file()]
         for path in stale:

@@ -6,6 +6,7 @@ one case runs the real `python -m preprocess` from another working directory.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 
@@ -50,7 +51,17 @@ def test_cli_reference_mode_and_forced_series(run, tmp_path):
     assert meta["mode"] == "reference" and "requested" in meta["series_selection"]["reason"]
 
 
-@pytest.mark.parametrize("case", ["text file", "missing path", "single slice", "unknown series"])
+def _study_pydicom_warns_about(folder):
+    """Slices encoded implicit VR but declared explicit (pydicom warns as it reads them), one missing."""
+    folder.mkdir()
+    for k, data in enumerate(phantom.study_files("series", slices=20, rows=32, columns=32)):
+        if k != 9:
+            ds = pydicom.dcmread(io.BytesIO(data))
+            pydicom.dcmwrite(folder / f"{k}.dcm", ds, implicit_vr=True, little_endian=True, force_encoding=True)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["text file", "missing path", "single slice", "unknown series", "library warnings"])
 def test_cli_failure_is_one_line_without_traceback_or_output(run, tmp_path, case):
     if case == "text file":
         source = tmp_path / "notes.txt"
@@ -62,16 +73,16 @@ def test_cli_failure_is_one_line_without_traceback_or_output(run, tmp_path, case
         source = tmp_path / "one.dcm"
         source.write_bytes(phantom.study_files("series", slices=16)[0])
         args = [str(source)]
-    else:
+    elif case == "unknown series":
         args = [str(phantom.write_study(tmp_path / "s.zip", "zip", slices=16, rows=32, columns=32)), "--series", "9.9.9"]
+    else:  # the real command, once: in-process, pytest would catch the warnings itself
+        args = [str(_study_pydicom_warns_about(tmp_path / "warns"))]
     out = tmp_path / "out.pt"
-    result = (
-        run(*args, "-o", str(out), "--size", "16")
-        if case != "text file"
-        else (
-            run_module("preprocess", *args, "-o", str(out), "--size", "16", cwd=tmp_path)  # the real command, once
-        )
-    )
+    if case != "library warnings":
+        result = run(*args, "-o", str(out), "--size", "16")
+    else:
+        result = run_module("preprocess", *args, "-o", str(out), "--size", "16", cwd=tmp_path)
+        assert "uneven slice spacing" in result.stderr
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
