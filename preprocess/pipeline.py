@@ -76,6 +76,8 @@ def preprocess_study(
     lap("parse")
     stack, selection = select_series(frames, series_uid=series_uid)
     warnings += stack.notes
+    if mode == "reference":
+        resample.check_reference_grid(stack)
     lap("select")
     slices = stored_values(stack, blobs, in_place=mode == "fast", threads=threads)
     lap("decode")

@@ -61,9 +61,9 @@ import torch
 import torch.nn.functional as F
 
 from contract import hu_to_model_range, hu_window_affine
-from settings import PREPROCESSING, Preprocessing
+from settings import INPUT_LIMITS, PREPROCESSING, InputLimits, Preprocessing
 
-from .errors import EmptyVolumeError
+from .errors import EmptyVolumeError, InputTooLargeError
 from .series import ARRAY_AXES, CANONICAL_AXES, Stack
 
 
@@ -147,6 +147,18 @@ def grid_shape(stack: Stack, settings: Preprocessing = PREPROCESSING) -> tuple[i
     return tuple(
         math.floor((n - 1) * s / settings.spacing_mm + 1e-6) + 1 for n, s in zip(stack.canonical_shape(), stack.canonical_spacing())
     )
+
+
+def check_reference_grid(stack: Stack, settings: Preprocessing = PREPROCESSING, limits: InputLimits = INPUT_LIMITS) -> None:
+    """Reference mode builds the whole 1 mm volume: a few slices 20 mm apart with 20 mm pixels (a
+    300 KB upload) would ask for gigabytes, so its size is checked before anything is decoded."""
+    shape = grid_shape(stack, settings)
+    voxels = math.prod(shape)
+    if voxels > limits.max_grid_1mm_voxels:
+        raise InputTooLargeError(
+            f"the {settings.spacing_mm:g} mm grid of this series would hold {voxels / 1e6:.0f} M voxels "
+            f"({' x '.join(map(str, shape))}), more than reference mode's limit of {limits.max_grid_1mm_voxels / 1e6:.0f} M"
+        )
 
 
 def _margin_box(lo_hi: list[tuple[int, int]], shape: tuple[int, int, int], margin: int) -> tuple[tuple[int, int], ...]:

@@ -33,6 +33,7 @@ class InputLimits:
     max_rows: int = 1024
     max_columns: int = 1024
     max_voxels: int = 2000 * 1024 * 1024 // 4  # ~1 GB of int16 before any float work
+    max_grid_1mm_voxels: int = 2**28  # reference mode's 1 mm volume: 1 GiB of float32 (a 512 mm cube is 134 M)
     max_archive_members: int = 10_000
     max_uncompressed_bytes: int = 4 * 1024**3  # total bytes unpacked from ZIP archives per study
     max_compression_ratio: float = 200.0  # per ZIP member; above this it is treated as a ZIP bomb

@@ -411,3 +411,15 @@ def test_slices_that_reuse_one_sop_instance_uid_are_read_by_position(series):
         "3 duplicate copies of slices ignored",
         "19 slices reuse another slice's SOPInstanceUID at a different position: read by position",
     ]
+
+
+def test_reference_mode_refuses_a_1mm_grid_beyond_its_limit_before_decoding():
+    """20 slices of 64x64 at 20 mm (a 170 KB upload) span a 1261 x 1261 x 381 mm grid: 606 M voxels."""
+    sparse = phantom.study_files("series", slices=20, rows=64, columns=64, pixel_spacing=20.0, slice_spacing=20.0)
+    refused(
+        sparse,
+        preprocess.InputTooLargeError,
+        r"the 1 mm grid of this series would hold 606 M voxels \(381 x 1261 x 1261\), more than reference mode's limit of 268 M",
+        mode="reference",
+    )
+    assert preprocess.preprocess_study(sparse, size=S).volume.shape == (1, 1, S, S, S)  # fast mode never builds that grid
