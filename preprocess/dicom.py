@@ -15,6 +15,7 @@ import hashlib
 import io
 import math
 import struct
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ import numpy as np
 import pydicom
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _dictionary_vr_fast as _dictionary_vr  # the VR pydicom reads implicit elements with
+from pydicom.filereader import _read_file_meta_info  # where pydicom's data set starts
 from pydicom.uid import UID
 
 from settings import INPUT_LIMITS
@@ -57,6 +60,7 @@ _VRS = _LONG_VRS | {
 }
 _SHORT_VRS = _VRS - _LONG_VRS
 _UNDEFINED = 0xFFFFFFFF
+_RATIO_SLACK = 2**16  # bytes any compressed value may inflate to whatever its ratio (tiny values compress absurdly)
 
 
 @dataclass(frozen=True)
@@ -121,10 +125,10 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
         if read is None:
             warnings.append(f"{blob.label} is not a DICOM file: skipped")
             continue
-        header, ts, at = read
+        header, ts, at, implicit = read
         raw += header.bare
         try:
-            pixels = _pixel_format(header, ts, blob.data, at)
+            pixels = _pixel_format(header, ts, blob.data, at, implicit)
             if header.ushort("Rows", 0) == 0 and not pixels.present:
                 kind = getattr(UID(header.text("SOPClassUID") or header.text("MediaStorageSOPClassUID")), "name", "") or "unknown object"
                 if "Image Storage" in kind:  # an image object cut short before its image attributes
@@ -134,6 +138,8 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
             frames.extend(_frames(header, index, blob.label, pixels))
         except StudyError:
             raise
+        except _Malformed as exc:
+            raise CorruptDicomError(f"{blob.label}: {exc.keyword} has a malformed value") from None
         except Exception as exc:
             raise CorruptDicomError(f"{blob.label}: DICOM header has invalid or missing values ({type(exc).__name__})") from None
     if raw:
@@ -161,43 +167,73 @@ def _bare_syntax(data: bytes) -> UID | None:
     return pydicom.uid.ImplicitVRLittleEndian if _LENGTH32.unpack_from(data, 4)[0] < 1024 else None
 
 
-def _read_header(blob: Blob) -> tuple[_Header, UID, int] | None:
-    """(header, transfer syntax, offset of the pixel data element or end of file); None if not DICOM.
+def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
+    """(header, transfer syntax, offset of the pixel data element or end of file, implicit VR); None
+    if not DICOM. The offset is None when pydicom inflated a deflated data set (pixels not in place).
 
     The common case (Part-10 file, little-endian transfer syntax, no functional groups) is read by
-    `_scan`, several times faster than pydicom; everything else by pydicom up to the pixel data.
+    `_scan`, several times faster than pydicom; everything else by pydicom up to the pixel data. The
+    encoding is the one the data set was read with (pydicom's `original_encoding`), not the declared
+    one: writers declare explicit VR for implicit data sets and the other way round.
     """
-    scanned = _scan(blob.data)
+    try:
+        scanned = _scan(blob.data)
+    except _TooDeep:
+        raise CorruptDicomError(f"{blob.label}: DICOM sequences nested more than {INPUT_LIMITS.max_sequence_depth} levels deep") from None
     if scanned is not None:
-        values, ts, at = scanned
-        return _RawHeader(values), ts, at
+        values, ts, at, implicit = scanned
+        return _RawHeader(values), ts, at, implicit
     bare = blob.data[128:132] != b"DICM" and _bare_syntax(blob.data)
     if blob.data[128:132] != b"DICM" and not bare:
         return None
+    deflated = not bare and _check_deflated(blob)
     stream = io.BytesIO(blob.data)
     try:
-        ds = pydicom.dcmread(stream, stop_before_pixels=True, force=bool(bare))
+        ds = pydicom.dcmread(stream, stop_before_pixels=not deflated, force=bool(bare))
     except InvalidDicomError:
         return None
+    except RecursionError:
+        raise CorruptDicomError(f"{blob.label}: DICOM sequences nested too deeply to read") from None
     except Exception as exc:  # pydicom raises many types on damaged headers
         if not bare:
             raise CorruptDicomError(f"{blob.label} is a damaged or truncated DICOM file ({type(exc).__name__})") from None
         return None
+    implicit, little = ds.original_encoding
+    at = None if deflated else stream.tell()
     if bare:
         if "SOPClassUID" not in ds and "Modality" not in ds:
             return None  # bytes that merely start like a data set
-        return _DatasetHeader(ds, True, bare=True), bare, stream.tell()
+        return _DatasetHeader(ds, little, bare=True), bare, at, implicit
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)))
-    known, little, _, _ = _encoding(ts)
-    return _DatasetHeader(ds, little or not known), ts, stream.tell()
+    return _DatasetHeader(ds, little), ts, at, implicit
 
 
-_ITEM, _ITEM_END, _SEQUENCE_END = (0xFFFE, 0xE000), (0xFFFE, 0xE00D), (0xFFFE, 0xE0DD)
+def _check_deflated(blob: Blob) -> bool:
+    """Whether the file's data set is deflated; if so, refuse it before pydicom inflates it in one
+    piece unless it inflates within INPUT_LIMITS' compression ratio (a deflate bomb in a DICOM file)."""
+    stream = io.BytesIO(blob.data)
+    stream.seek(132)
+    try:
+        meta = _read_file_meta_info(stream)
+    except Exception:  # pydicom reports the damaged file meta when it reads the file
+        return False
+    if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return False
+    compressed = blob.data[stream.tell() :]
+    bound = min(INPUT_LIMITS.max_uncompressed_bytes, int(INPUT_LIMITS.max_compression_ratio * len(compressed)) + _RATIO_SLACK)
+    try:
+        inflated = len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(compressed, bound + 1))
+    except zlib.error:
+        return True  # pydicom reports it
+    if inflated > bound:
+        raise InputTooLargeError(f"{blob.label}: the deflated data set inflates to more than {bound / 2**20:.0f} MiB, treated as a bomb")
+    return True
+
+
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _FUNCTIONAL_GROUPS = {0x52009229, 0x52009230}  # shared and per-frame: left to pydicom
 _PIXEL_TAGS = {0x7FE00008, 0x7FE00009}  # float pixel data: left to pydicom (then refused)
-# Item tags never stand outside a sequence in a valid file, and pydicom ends the data set at a stray
-# item delimiter: such files are left to it.
-_LEFT_TO_PYDICOM = _FUNCTIONAL_GROUPS | _PIXEL_TAGS | {0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD}
+_LEFT_TO_PYDICOM = _FUNCTIONAL_GROUPS | _PIXEL_TAGS
 _WANTED = {
     tag_for_keyword(k)
     for k in (
@@ -228,21 +264,27 @@ _WANTED = {
 
 
 _SHORT = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length (explicit VR)
+_IMPLICIT = struct.Struct("<HHI")  # group, element, 4-byte length (implicit VR, items and delimiters)
 _LENGTH32 = struct.Struct("<I")
 
 
-def _element(data: bytes, pos: int, implicit: bool) -> tuple[int, int, int, bytes]:
-    """(tag, value length, value start, VR) of the element header at pos, little endian."""
-    group, element, vr, length = _SHORT.unpack_from(data, pos)
-    if implicit or group == 0xFFFE:
-        return group << 16 | element, _LENGTH32.unpack_from(data, pos + 4)[0], pos + 8, b""
-    if vr in _LONG_VRS:
-        return group << 16 | element, _LENGTH32.unpack_from(data, pos + 8)[0], pos + 12, vr
-    return group << 16 | element, length, pos + 8, vr
+class _TooDeep(Exception):
+    """Sequences nested beyond INPUT_LIMITS.max_sequence_depth (pydicom reads them recursively)."""
 
 
-def _scan(data: bytes) -> tuple[dict[int, bytes], UID, int] | None:
-    """The wanted top-level values of a little-endian Part-10 file; None when pydicom should read it."""
+def _looks_explicit(vr: bytes) -> bool:
+    """pydicom's test of the first element of a data set or item: two upper-case letters are a VR."""
+    return len(vr) == 2 and 0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B
+
+
+def _scan(data: bytes) -> tuple[dict[int, bytes], UID, int, bool] | None:
+    """The wanted top-level values of a little-endian Part-10 file, the transfer syntax, the offset of
+    the pixel data element (or end of file) and whether the data set is implicit VR.
+
+    None whenever pydicom might read the bytes differently (then pydicom reads the file): another
+    encoding than declared, an element pydicom would read in the other VR, a value or item that
+    overruns its container, a stray delimiter. Raises _TooDeep for sequences nested too deeply.
+    """
     size = len(data)
     if size < 144 or data[128:132] != b"DICM":
         return None
@@ -250,15 +292,19 @@ def _scan(data: bytes) -> tuple[dict[int, bytes], UID, int] | None:
     pos, implicit, in_meta = 132, False, True
     try:
         while pos + 8 <= size:
-            group, element, vr, length = _SHORT.unpack_from(data, pos)  # `_element`, inlined: the hot loop of a study
+            group, element, vr, length = _SHORT.unpack_from(data, pos)  # the hot loop of a study
             if in_meta and group != 0x0002:  # end of the file meta group: the data set's encoding
                 known, little, implicit, deflated = _encoding(_transfer_syntax(values))
-                if not known or not little or deflated:
-                    return None  # big endian, deflated or unknown: pydicom
+                if not known or not little or deflated or group == 0x0000:  # group 0000: pydicom reads it implicit
+                    return None  # big endian, deflated, unknown or a command set: pydicom
+                if _looks_explicit(vr) == implicit:
+                    return None  # the data set is not encoded as declared: pydicom finds out how
                 in_meta = False
+            if group == 0xFFFE:  # items and delimiters never stand at the top level
+                return None
             tag = group << 16 | element
-            if implicit or group == 0xFFFE:
-                length, start, vr = _LENGTH32.unpack_from(data, pos + 4)[0], pos + 8, b""
+            if implicit:
+                length, start = _LENGTH32.unpack_from(data, pos + 4)[0], pos + 8
             elif vr in _SHORT_VRS:  # the most common case first: one set lookup per element
                 start = pos + 8
             elif vr in _LONG_VRS:
@@ -270,7 +316,9 @@ def _scan(data: bytes) -> tuple[dict[int, bytes], UID, int] | None:
             if tag in _LEFT_TO_PYDICOM:
                 return None
             if length == _UNDEFINED:
-                pos = _skip_sequence(data, start, implicit or vr == b"UN")
+                if in_meta or not _is_sequence(data, tag, vr, start, implicit):
+                    return None  # an undefined-length value that is not a sequence: pydicom searches its end
+                pos = _skip_sequence(data, start, implicit)
                 if pos is None:
                     return None
                 continue
@@ -281,7 +329,84 @@ def _scan(data: bytes) -> tuple[dict[int, bytes], UID, int] | None:
             pos = start + length
     except struct.error:
         return None
-    return None if in_meta else (values, _transfer_syntax(values), pos)
+    return None if in_meta else (values, _transfer_syntax(values), pos, implicit)
+
+
+def _is_sequence(data: bytes, tag: int, vr: bytes, start: int, implicit: bool) -> bool:
+    """Whether pydicom reads an undefined-length element as a sequence: SQ or UN in explicit VR; in
+    implicit VR, SQ in the dictionary, or an unknown tag whose value starts with an item."""
+    if not implicit:
+        return vr in (b"SQ", b"UN")
+    try:
+        return _dictionary_vr(tag) == "SQ"
+    except KeyError:
+        return data[start : start + 4] == b"\xfe\xff\x00\xe0"
+
+
+def _skip_sequence(data: bytes, pos: int, implicit: bool) -> int | None:
+    """Position just after the undefined-length sequence whose first item starts at pos, walked as
+    pydicom reads it (iteratively: nesting is bounded, not the stack); None where pydicom would
+    read it differently. Defined-length sequences inside are skipped whole, as pydicom does."""
+    size = len(data)
+    limit = INPUT_LIMITS.max_sequence_depth
+    # open containers, innermost last: (is a sequence, item end or None if undefined, implicit VR)
+    stack: list[tuple[bool, int | None, bool]] = [(True, None, implicit)]
+    sequences = 1
+    while stack:
+        if pos + 8 > size:
+            return None
+        is_sequence, end, implicit = stack[-1]
+        if is_sequence:
+            group, element, length = _IMPLICIT.unpack_from(data, pos)
+            tag, pos = group << 16 | element, pos + 8
+            if tag == _SEQUENCE_END:
+                stack.pop()
+                sequences -= 1
+                continue
+            if tag != _ITEM:
+                return None  # pydicom reads any tag here as an item
+            item_implicit = implicit or not _looks_explicit(data[pos + 4 : pos + 6])  # pydicom decides per item
+            end = None if length == _UNDEFINED else pos + length
+            if end is not None and end > size:
+                return None
+            stack.append((False, end, item_implicit))
+            continue
+        if end is not None and pos >= end:
+            if pos != end:
+                return None  # an element overruns its item: pydicom reads on from where it ended
+            stack.pop()
+            continue
+        group, element, vr, length = _SHORT.unpack_from(data, pos)
+        tag = group << 16 | element
+        if tag == _ITEM_END:
+            if end is not None or (not implicit and vr in _LONG_VRS):
+                return None  # pydicom ends a defined-length item here, or reads 4 more length bytes
+            pos += 8
+            stack.pop()
+            continue
+        if group == 0xFFFE:
+            return None
+        if implicit:
+            length, start, vr = _LENGTH32.unpack_from(data, pos + 4)[0], pos + 8, b""
+        elif vr in _SHORT_VRS:
+            start = pos + 8
+        elif vr in _LONG_VRS:
+            length, start = _LENGTH32.unpack_from(data, pos + 8)[0], pos + 12
+        else:
+            return None
+        if length == _UNDEFINED:
+            if not _is_sequence(data, tag, vr, start, implicit):
+                return None
+            sequences += 1
+            if sequences > limit:
+                raise _TooDeep
+            stack.append((True, None, implicit))
+            pos = start
+            continue
+        if start + length > size:
+            return None
+        pos = start + length
+    return pos
 
 
 def _transfer_syntax(values: dict[int, bytes]) -> UID:
@@ -305,54 +430,31 @@ def _uid(raw: bytes) -> UID:
     return UID(raw.decode("ascii", "replace").strip(" \0"))
 
 
-def _skip_sequence(data: bytes, pos: int, implicit: bool) -> int | None:
-    """Position just after an undefined-length sequence whose first item starts at pos."""
-    while pos + 8 <= len(data):
-        tag, length, start, _ = _element(data, pos, True)
-        if tag == 0xFFFEE0DD:
-            return start
-        if tag != 0xFFFEE000:
-            return None
-        pos = start
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        while True:  # an undefined-length item: walk its elements to the item delimiter
-            if pos + 8 > len(data):
-                return None
-            tag, length, start, vr = _element(data, pos, implicit)
-            if tag == 0xFFFEE00D:
-                pos = start
-                break
-            if length == _UNDEFINED:
-                pos = _skip_sequence(data, start, implicit or vr == b"UN")
-                if pos is None:
-                    return None
-            else:
-                pos = start + length
-    return None
-
-
-def _pixel_format(header: _Header, ts: UID, data: bytes, at: int) -> PixelFormat:
+def _pixel_format(header: _Header, ts: UID, data: bytes, at: int | None, implicit: bool) -> PixelFormat:
+    """How the pixels are stored. The pixel data element's header is read as pydicom reads it: in the
+    encoding the data set was read with, and in explicit VR as implicit when its VR is not letters."""
     offset, length, present = None, 0, False
-    if at + 8 <= len(data):
-        known, little, implicit, _ = _encoding(ts)
-        little, implicit = little or not known, implicit and known
-        group, element = struct.unpack_from("<HH" if little else ">HH", data, at)
+    if at is None:  # a deflated data set read whole by pydicom: never in place
+        present = header.raw("PixelData") is not None
+    elif at + 8 <= len(data):
+        order = "<" if header.little else ">"
+        group, element, vr = struct.unpack_from(order + "HH2s", data, at)
         if (group, element) == _PIXEL_DATA:
             present = True
-            if implicit:
-                (length,) = struct.unpack_from("<I", data, at + 4)
-                start = at + 8
-            elif data[at + 4 : at + 6] in _LONG_VRS:
-                (length,) = struct.unpack_from("<I" if little else ">I", data, at + 8)
-                start = at + 12
+            if implicit or not b"AA" <= vr <= b"ZZ":
+                (length,), start = struct.unpack_from(order + "I", data, at + 4), at + 8
+            elif vr in _LONG_VRS:
+                if at + 12 > len(data):
+                    raise CorruptDicomError("the pixel data element is cut short")
+                (length,), start = struct.unpack_from(order + "I", data, at + 8), at + 12
             else:
-                (length,) = struct.unpack_from("<H" if little else ">H", data, at + 6)
-                start = at + 8
+                (length,), start = struct.unpack_from(order + "H", data, at + 6), at + 8
             if length != _UNDEFINED:
                 offset = start
     bits_allocated = header.ushort("BitsAllocated", 16)
+    frames = header.number("NumberOfFrames", 1)
+    if not math.isfinite(frames) or frames < 0:
+        raise _Malformed("NumberOfFrames")
     return PixelFormat(
         transfer_syntax=str(ts),
         bits_allocated=bits_allocated,
@@ -360,11 +462,19 @@ def _pixel_format(header: _Header, ts: UID, data: bytes, at: int) -> PixelFormat
         signed=header.ushort("PixelRepresentation", 0) == 1,
         samples_per_pixel=header.ushort("SamplesPerPixel", 1),
         photometric=header.text("PhotometricInterpretation", "MONOCHROME2"),
-        frames=int(header.number("NumberOfFrames", 1) or 1),
+        frames=int(frames) or 1,
         offset=offset,
         length=length,
         present=present,
     )
+
+
+class _Malformed(Exception):
+    """A value this package needs cannot be read; `parse` names the attribute, never the value."""
+
+    def __init__(self, keyword: str):
+        super().__init__(keyword)
+        self.keyword = keyword
 
 
 class _Header:
@@ -411,9 +521,11 @@ class _Header:
         value = self.raw(keyword)
         if value is None or value == b"":
             return default
-        if isinstance(value, bytes):
-            return struct.unpack("<H" if self.little else ">H", value[:2])[0]
-        return int(value)
+        if isinstance(value, bytes) and len(value) == 2:
+            return struct.unpack("<H" if self.little else ">H", value)[0]
+        if isinstance(value, int):  # converted by pydicom
+            return value
+        raise _Malformed(keyword)  # not one 16-bit value
 
     def item(self, sequence: str) -> _Header | None:
         return None
@@ -450,14 +562,20 @@ class _DatasetHeader(_Header):
 
     def item(self, sequence: str) -> _Header | None:
         """First item of a sequence (functional groups hold one item per macro)."""
-        if sequence not in self.ds or not self.ds[sequence].value:
-            return None
-        return _DatasetHeader(self.ds[sequence].value[0], self.little)
+        items = self.items(sequence)
+        return items[0] if items else None
 
     def items(self, sequence: str) -> list[_Header] | None:
-        if sequence not in self.ds:
-            return None
-        return [_DatasetHeader(item, self.little) for item in self.ds[sequence].value]
+        """The items of a sequence, converted by pydicom one level at a time (nesting is bounded when read)."""
+        try:
+            if sequence not in self.ds:
+                return None
+            value = self.ds[sequence].value
+        except Exception:  # pydicom cannot convert the value to a sequence
+            raise _Malformed(sequence) from None
+        if not isinstance(value, pydicom.Sequence):
+            raise _Malformed(sequence)
+        return [_DatasetHeader(item, self.little) for item in value]
 
 
 def _functional(groups: list[_Header | None], sequence: str, read):
@@ -624,17 +742,107 @@ def _decode_with_pydicom(out: np.ndarray, frames: Sequence[Frame], ks: list[int]
     first = frames[ks[0]]
     if not first.pixels.present:
         raise DecodeError(f"{blob.label}: no pixel data")
+    name = getattr(UID(first.pixels.transfer_syntax), "name", "") or "unknown transfer syntax"
     try:
         ds = pydicom.dcmread(io.BytesIO(blob.data), force=True)  # force: bare data sets (the header was already read)
         if "TransferSyntaxUID" not in ds.file_meta:
             ds.file_meta.TransferSyntaxUID = UID(first.pixels.transfer_syntax)
+        if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+            _check_codestreams(ds, first)
         array = ds.pixel_array
-    except Exception as exc:
-        name = getattr(UID(first.pixels.transfer_syntax), "name", first.pixels.transfer_syntax)
-        raise DecodeError(f"{blob.label}: pixel data could not be decoded ({name}): {type(exc).__name__}: {exc}") from None
+    except StudyError:
+        raise
+    except BaseException as exc:  # the Rust decoders' panics (pyo3 PanicException) derive from BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise DecodeError(f"{blob.label}: pixel data could not be decoded ({name}, {type(exc).__name__})") from None
     if first.pixels.frames == 1:
         array = array[None]
     if array.shape != (first.pixels.frames, first.rows, first.columns):
         raise DecodeError(f"{blob.label}: decoded pixel data has shape {array.shape[1:]}, header says {first.rows}x{first.columns}")
     for k in ks:
         out[k] = array[frames[k].frame]
+
+
+_JPEG_SYNTAXES = frozenset(pydicom.uid.JPEGTransferSyntaxes + pydicom.uid.JPEGLSTransferSyntaxes)
+_J2K_SYNTAXES = frozenset(pydicom.uid.JPEG2000TransferSyntaxes)  # JPEG 2000 and HTJ2K
+# JPEG start-of-frame markers (ITU T.81: C0-CF less DHT, JPG and DAC) and JPEG-LS's SOF55
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+
+
+def _check_codestreams(ds: pydicom.Dataset, frame: Frame) -> None:
+    """Refuse compressed frames whose own header disagrees with Rows/Columns before a decoder sizes
+    its buffers from it: the limits are checked on the DICOM header, and a 10 KB JPEG 2000 frame
+    can claim 20000 x 20000 pixels."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax in _J2K_SYNTAXES:
+        read, kind = _j2k_size, "JPEG 2000"
+    elif syntax in _JPEG_SYNTAXES:
+        read, kind = _jpeg_size, "JPEG"
+    else:
+        return  # RLE: its decoder sizes the output from Rows and Columns
+    expected = (frame.rows, frame.columns, 1)
+    for number, data in enumerate(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frame.pixels.frames), start=1):
+        try:
+            found = read(data)
+        except (struct.error, IndexError):
+            found = None
+        if found is None:
+            raise DecodeError(f"{frame.label}: frame {number} has no readable {kind} frame header")
+        if found != expected:
+            rows, columns, components = found
+            raise DecodeError(
+                f"{frame.label}: frame {number} is a {kind} image of {rows}x{columns} pixels and {components} components, "
+                f"the DICOM header says {frame.rows}x{frame.columns} grey levels"
+            )
+
+
+def _j2k_size(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG 2000 codestream's SIZ marker (HTJ2K's too), or from a
+    JP2 file's image header box, which must then agree with the codestream it holds."""
+    if data[:4] == b"\xff\x4f\xff\x51":  # SOC, SIZ
+        x, y, x0, y0 = struct.unpack_from(">IIII", data, 8)
+        (components,) = struct.unpack_from(">H", data, 40)
+        subsampled = any(data[43 + 3 * c : 45 + 3 * c] != b"\x01\x01" for c in range(min(components, 4)))
+        return None if subsampled or x <= x0 or y <= y0 else (y - y0, x - x0, components)
+    if data[4:12] != b"jP  \r\n\x87\n":
+        return None
+    header, stream, pos = None, None, 0
+    while pos + 8 <= len(data):  # the boxes of a JP2 file
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        start = pos + 8
+        if length == 1:
+            (length,), start = struct.unpack_from(">Q", data, pos + 8), pos + 16
+        end = len(data) if length == 0 else pos + length
+        if end <= pos or end > len(data):
+            return None
+        if kind == b"jp2h" and data[start + 4 : start + 8] == b"ihdr":
+            height, width, components = struct.unpack_from(">IIH", data, start + 8)
+            header = (height, width, components)
+        elif kind == b"jp2c":
+            stream = _j2k_size(data[start:end]) if data[start : start + 2] == b"\xff\x4f" else None
+        pos = end
+    return header if header is not None and header == stream else None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from the start-of-frame segment of a JPEG or JPEG-LS frame."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif marker in _SOF:
+            rows, columns, components = struct.unpack_from(">HHB", data, pos + 5)
+            return rows, columns, components
+        elif marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+        elif marker == 0xDA:  # scan data before any frame header
+            return None
+        else:
+            pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+    return None

@@ -1,0 +1,57 @@
+"""`python -m fuzz [--depth study|read] [--seconds N | --runs N] [--corpus DIR] [libFuzzer options]`
+
+Builds the seed corpus into DIR if it is empty, then fuzzes with atheris (libFuzzer) with one
+worker, a per-input timeout and an RSS limit. Crash inputs are written as crash-*/timeout-*/oom-*
+files in --artifacts. Exit status 0: no crash within the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+TIMEOUT_S = 20  # per input: the slowest legitimate seed takes well under a second
+RSS_LIMIT_MB = 3072  # per process; the largest seed needs ~600 MB (torch and pydicom included)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", choices=("study", "read"), default="study", help="study: preprocess_study at S=16; read: up to decoding")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--seconds", type=int, default=60, help="stop after this long (default 60)")
+    budget.add_argument("--runs", type=int, help="stop after this many executions instead")
+    parser.add_argument("--corpus", type=Path, default=Path("build/fuzz/corpus"), help="seed and working corpus (created)")
+    parser.add_argument("--artifacts", type=Path, default=Path("build/fuzz/artifacts"), help="where crash inputs are written")
+    parser.add_argument("--seed", type=int, default=1, help="libFuzzer's random seed")
+    options, extra = parser.parse_known_args(argv)
+
+    import atheris
+
+    with atheris.instrument_imports(include=["preprocess", "pydicom"]):  # before either is imported
+        from . import corpus
+        from .target import Target
+
+    if not options.corpus.is_dir() or not any(options.corpus.iterdir()):
+        print(f"seed corpus: {corpus.write(options.corpus)} inputs in {options.corpus}", flush=True)
+    options.artifacts.mkdir(parents=True, exist_ok=True)
+    limit = [f"-runs={options.runs}"] if options.runs is not None else [f"-max_total_time={options.seconds}"]
+    libfuzzer = [
+        sys.argv[0],
+        f"-timeout={TIMEOUT_S}",
+        f"-rss_limit_mb={RSS_LIMIT_MB}",
+        f"-max_len={corpus.MAX_SEED_BYTES}",
+        f"-seed={options.seed}",
+        f"-artifact_prefix={options.artifacts}/",
+        "-print_final_stats=1",
+        *limit,
+        *extra,
+        str(options.corpus),
+    ]
+    atheris.Setup(libfuzzer, Target(options.depth))
+    atheris.Fuzz()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

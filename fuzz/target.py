@@ -1,0 +1,83 @@
+"""One fuzz input -> one study read by preprocess, the way a user sends it.
+
+Input layout: the first byte chooses the form (mod 3), the rest is split at `SEPARATOR`:
+0 = one file (a DICOM file, a ZIP, anything), 1 = several files sent as a payload (as the server
+and `preprocess_study` receive them), 2 = the same files written into a folder and read with
+`read_study`. The seed corpus (`fuzz.corpus`) uses the same layout.
+
+Two depths: "study" runs `preprocess_study` at S=16 (unpack, headers, series choice, decoding,
+resampling); "read" stops after decoding the chosen series' pixels (no resampling), about ten times
+cheaper per input, for long runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+import preprocess
+from preprocess.dicom import parse
+from preprocess.errors import StudyError
+from preprocess.pipeline import stored_values
+from preprocess.series import select_series
+from preprocess.sources import expand
+
+SEPARATOR = b"\xf7FUZZ-FILE\xf7"
+FORMS = ("file", "payload", "folder")
+DEPTHS = ("study", "read")
+SIZE = 16
+
+
+def encode(form: str, files: list[bytes]) -> bytes:
+    """The fuzz input for a study in a form (the inverse of `split`)."""
+    return bytes([FORMS.index(form)]) + SEPARATOR.join(files)
+
+
+def split(data: bytes) -> tuple[str, list[bytes]]:
+    if not data:
+        return "payload", []
+    form = FORMS[data[0] % len(FORMS)]
+    body = data[1:]
+    return form, [body] if form == "file" else body.split(SEPARATOR)
+
+
+class Target:
+    """Calls one fuzz input; raises whatever preprocess raises that is not a StudyError."""
+
+    def __init__(self, depth: str = "study"):
+        if depth not in DEPTHS:
+            raise ValueError(f"depth must be one of {DEPTHS}, not {depth!r}")
+        self.depth = depth
+        self.folder = Path(tempfile.mkdtemp(prefix="fuzz-study-"))
+        warnings.simplefilter("ignore")  # pydicom warns about every oddity it reads past
+        warnings.simplefilter("error", RuntimeWarning)  # numpy overflow / invalid value: a bug
+        np.seterr(all="warn")
+
+    def __call__(self, data: bytes) -> None:
+        form, files = split(data)
+        try:
+            if form == "folder":
+                files = self._through_folder(files)
+            if self.depth == "study":
+                preprocess.preprocess_study(files, size=SIZE, threads=1)
+            else:
+                blobs, _ = expand(files)
+                frames, _ = parse(blobs)
+                stack, _ = select_series(frames)
+                stored_values(stack, blobs, in_place=False, threads=1)
+        except StudyError:
+            pass
+
+    def _through_folder(self, files: list[bytes]) -> list[bytes]:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir()
+        for k, content in enumerate(files):
+            (self.folder / f"{k:03d}.dcm").write_bytes(content)
+        return preprocess.read_study(self.folder)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
