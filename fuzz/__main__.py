@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, default=Path("build/fuzz/corpus"), help="seed and working corpus (created)")
     parser.add_argument("--artifacts", type=Path, default=Path("build/fuzz/artifacts"), help="where crash inputs are written")
     parser.add_argument("--seed", type=int, default=1, help="libFuzzer's random seed")
+    parser.add_argument("--replay", type=Path, nargs="+", help="run these inputs once each (no fuzzing) and report each outcome")
     options, extra = parser.parse_known_args(argv)
+    if options.replay:
+        return replay(options.replay, options.depth)
 
     import atheris
 
@@ -51,6 +54,25 @@ def main(argv: list[str] | None = None) -> int:
     atheris.Setup(libfuzzer, Target(options.depth))
     atheris.Fuzz()
     return 0
+
+
+def replay(paths: list[Path], depth: str) -> int:
+    """Run saved inputs (crash files, corpus entries) without fuzzing: exit status 1 if any crashes."""
+    import traceback
+
+    from .target import Target
+
+    target, crashed = Target(depth), 0
+    for path in paths:
+        try:
+            target(path.read_bytes())
+            print(f"{path}: ok (read or refused with a StudyError)")
+        except Exception as exc:
+            crashed += 1
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            print(f"{path}: {type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})")
+    target.close()
+    return 1 if crashed else 0
 
 
 if __name__ == "__main__":

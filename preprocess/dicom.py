@@ -214,10 +214,10 @@ def _check_deflated(blob: Blob) -> bool:
     stream = io.BytesIO(blob.data)
     stream.seek(132)
     try:
-        meta = _read_file_meta_info(stream)
+        deflated = _read_file_meta_info(stream).get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian
     except Exception:  # pydicom reports the damaged file meta when it reads the file
         return False
-    if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+    if not deflated:
         return False
     compressed = blob.data[stream.tell() :]
     bound = min(INPUT_LIMITS.max_uncompressed_bytes, int(INPUT_LIMITS.max_compression_ratio * len(compressed)) + _RATIO_SLACK)
