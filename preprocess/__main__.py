@@ -20,7 +20,7 @@ import torch
 from contract import InvalidSizeError, validate_size
 from settings import PREPROCESSING
 
-from . import MODES, StudyError, preprocess_study, read_study
+from . import MODES, MixedPatientsError, StudyError, preprocess_study, read_study
 from .output import write_atomically
 from .pipeline import check_device
 
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         stale = [path for path in (out, meta_path) if path.is_file()]
         for path in stale:
             path.unlink()
-        print(f"error: {exc}" + (" (the earlier outputs at -o were removed)" if stale else ""), file=sys.stderr)
+        hint = " (choose one with --series UID)" if isinstance(exc, MixedPatientsError) else ""
+        print(f"error: {exc}{hint}" + (" (the earlier outputs at -o were removed)" if stale else ""), file=sys.stderr)
         return 1
     try:
         write_atomically(out, lambda f: torch.save(torch.as_tensor(study.volume).cpu(), f))

@@ -259,8 +259,7 @@ def _check_one_patient(frames: Sequence[Frame]) -> None:
     if len(patients) > 1:
         series = len({f.series_uid for f in frames})
         raise MixedPatientsError(
-            f"images of {len(patients)} patients ({_count(series, 'series', 'series')}): a study is one patient's, "
-            "so none is chosen (name the series to classify)"
+            f"images of {len(patients)} patients ({_count(series, 'series', 'series')}): a study is one patient's, so none is chosen"
         )
 
 

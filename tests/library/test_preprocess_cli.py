@@ -61,7 +61,7 @@ def _study_pydicom_warns_about(folder):
     return folder
 
 
-@pytest.mark.parametrize("case", ["text file", "missing path", "single slice", "unknown series", "library warnings"])
+@pytest.mark.parametrize("case", ["text file", "missing path", "single slice", "unknown series", "two patients", "library warnings"])
 def test_cli_failure_is_one_line_without_traceback_or_output(run, tmp_path, case):
     if case == "text file":
         source = tmp_path / "notes.txt"
@@ -75,11 +75,20 @@ def test_cli_failure_is_one_line_without_traceback_or_output(run, tmp_path, case
         args = [str(source)]
     elif case == "unknown series":
         args = [str(phantom.write_study(tmp_path / "s.zip", "zip", slices=16, rows=32, columns=32)), "--series", "9.9.9"]
+    elif case == "two patients":
+        folder = phantom.write_study(tmp_path / "two", "series", slices=16, rows=32, columns=32)
+        other = phantom.study_files("series", slices=16, rows=32, columns=32, seed=3)
+        for k, data in enumerate(other):
+            ds = pydicom.dcmread(io.BytesIO(data))
+            ds.PatientID = "SOMEONE-ELSE"
+            ds.save_as(folder / f"other{k}.dcm")
+        args = [str(folder)]
     else:  # the real command, once: in-process, pytest would catch the warnings itself
         args = [str(_study_pydicom_warns_about(tmp_path / "warns"))]
     out = tmp_path / "out.pt"
     if case != "library warnings":
         result = run(*args, "-o", str(out), "--size", "16")
+        assert case != "two patients" or result.stderr.endswith("so none is chosen (choose one with --series UID)\n")
     else:
         result = run_module("preprocess", *args, "-o", str(out), "--size", "16", cwd=tmp_path)
         assert "uneven slice spacing" in result.stderr
