@@ -1,7 +1,8 @@
 """`python -m client classify STUDY` and `python -m client report FOLDER --out report.xlsx`.
 
 Exit status: 0 done; 1 the study failed (classify); 2 bad arguments or unusable paths;
-3 the server or model is not reachable; 130 interrupted (the report keeps finished studies).
+3 the server or model is not reachable, or stopped answering during a report (the report keeps the
+finished studies; --resume sends the rest); 130 interrupted (the report keeps finished studies).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from settings import NAMES, SERVING
 
-from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, ReportError, build_report
+from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report
 from .triage import PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except ServerUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (ReportError, NotADirectoryError, FileNotFoundError) as error:
+    except (ReportError, NotADirectoryError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -73,11 +74,12 @@ def _report(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             resume=args.resume,
             max_bytes_in_flight=int(args.max_mb_in_flight * 1024**2),
+            write_every_s=args.write_every,
         )
     )
     print(
         f"{summary.studies} studies: {summary.succeeded} Success, {summary.failed} Failure "
-        f"({summary.sent} sent, {summary.skipped} already done) -> {args.out}",
+        f"({summary.sent} sent, {summary.skipped} already done) -> {args.out} (journal {summary.journal.name})",
         file=sys.stderr,
     )
     return 0
@@ -96,7 +98,18 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", required=True, help="report file, .xlsx (or .csv)")
     report.add_argument("--csv", help="also write the report as this .csv file")
     report.add_argument("--concurrency", type=positive_int, default=1, help="studies in flight (default 1)")
-    report.add_argument("--resume", action="store_true", help="skip studies already Success in --out")
+    report.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of --out's journal (or of --out) and send only the studies not yet Success",
+    )
+    report.add_argument(
+        "--write-every",
+        type=non_negative_float,
+        default=DEFAULT_WRITE_EVERY_S,
+        metavar="SECONDS",
+        help="rewrite the report files from the journal at most this often, and at the end (default %(default).0f)",
+    )
     report.add_argument(
         "--max-mb-in-flight",
         type=float,
@@ -128,4 +141,11 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be 0 or more")
     return value

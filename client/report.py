@@ -1,8 +1,10 @@
 """The triage report: every study of a folder through the server, one row each, written safely.
 
-Rows are kept in discovery order and the report file is rewritten atomically (temp file + rename)
-whenever studies complete, so a crash or Ctrl-C loses at most the studies still in flight, and
-`resume` can skip every study already reported as Success.
+Each finished study is one line appended to the report's journal (`<report>.journal.jsonl`) and
+synced to disk before it counts, so a kill loses at most the studies in flight and `resume` skips
+every study already journaled as Success. The report files are rebuilt from the journal's rows,
+atomically (temp file + rename), at the start, at most every `write_every_s` seconds and at the end:
+the work per study does not grow with the archive, and a reader never sees a half-written report.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import json
 import os
 import sys
 import time
@@ -26,7 +29,7 @@ from preprocess.output import write_atomically
 
 from .result import SUCCESS, TriageResult, failure
 from .studies import StudyRef, discover_studies
-from .triage import AsyncTriageClient
+from .triage import AsyncTriageClient, ServerUnavailable
 
 COLUMNS = (
     "path_to_study",
@@ -42,19 +45,44 @@ COLUMNS = (
 _FLOAT_COLUMNS = ("probability_of_pathology", "time_of_processing")
 _INT_COLUMNS = ("pathology",)
 DEFAULT_MAX_BYTES_IN_FLIGHT = 1024**3
+DEFAULT_WRITE_EVERY_S = 30.0
+JOURNAL_SUFFIX = ".journal.jsonl"
+_JOURNAL_KIND = "ct_triage report journal"
+_JOURNAL_VERSION = 1
+# Rewriting the report takes time proportional to its rows: pause at least this many times as long
+# as the last rewrite took, so that rewriting never takes more than a tenth of the run.
+_PAUSE_PER_WRITE_SECOND = 9
+_READY_CHECK_S = 10.0  # a readiness check after a failed study; no answer means the server is gone
 
 
 class ReportError(ValueError):
-    """An existing report cannot be used (wrong format or columns)."""
+    """An existing report or journal cannot be used (wrong format, columns, folder or model)."""
 
 
 @dataclass(frozen=True)
 class ReportSummary:
     studies: int  # rows in the report: one per study found
     sent: int  # studies sent to the server in this run
-    skipped: int  # already Success in the resumed report
+    skipped: int  # already Success in the resumed journal or report
     succeeded: int  # Success rows in the report
     failed: int  # Failure rows in the report
+    journal: Path  # the journal the report was built from
+    writes: tuple[tuple[int, float], ...]  # (rows, seconds) of each rewrite of the report files
+
+
+@dataclass(frozen=True)
+class Journal:
+    """What a journal holds: the folder and model it was written for, and its readable lines."""
+
+    folder: str | None  # the studies' folder, absolute (None: rows read from a report without journal)
+    model: str | None  # the model name the studies were sent to
+    rows: list[dict[str, Any]]  # in the order written; a later row of a study replaces an earlier one
+    unreadable: int  # lines ignored: a torn last line (killed while writing it) or damage
+
+
+def journal_path(out: str | os.PathLike[str]) -> Path:
+    """The journal of a report: beside it, named after it (`report.xlsx.journal.jsonl`)."""
+    return Path(f"{os.fspath(out)}{JOURNAL_SUFFIX}")
 
 
 def row_for(study: StudyRef, result: TriageResult) -> dict[str, Any]:
@@ -96,6 +124,30 @@ def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return [_typed(dict(zip(COLUMNS, values))) for values in table[1:] if any(v not in (None, "") for v in values)]
 
 
+def read_journal(path: str | os.PathLike[str]) -> Journal:
+    """A journal's header and rows. A line that is not a complete row (the last one, torn by a kill
+    while it was written) is skipped and counted, never fatal: its study is simply not done."""
+    source = Path(path)
+    header, *lines = source.read_bytes().split(b"\n")
+    try:
+        head = json.loads(header)
+        folder, model = head["folder"], head["model"]
+        known = head["journal"] == _JOURNAL_KIND and head["version"] == _JOURNAL_VERSION
+    except (ValueError, TypeError, KeyError):
+        known = False
+    if not lines or not known:  # the header is written atomically with its newline: never torn
+        raise ReportError(f"{source.name} is not a triage report journal (version {_JOURNAL_VERSION}); remove it or choose another --out")
+    rows, unreadable = [], 0
+    *complete, tail = lines  # everything after the last newline is a torn line, or nothing
+    for line in complete:
+        row = _journal_row(line)
+        if row is None:
+            unreadable += 1
+        else:
+            rows.append(row)
+    return Journal(folder, model, rows, unreadable + (tail != b""))
+
+
 async def build_report(
     folder: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -105,61 +157,156 @@ async def build_report(
     concurrency: int = 1,
     resume: bool = False,
     max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT,
+    write_every_s: float = DEFAULT_WRITE_EVERY_S,
     progress: bool | None = None,
 ) -> ReportSummary:
-    """Classify every study under `folder` and write the report to `out` (and `csv_out`).
+    """Classify every study under `folder` into the journal, and write the report to `out` (and `csv_out`).
 
     `concurrency` studies are in flight at most, and together at most `max_bytes_in_flight`
-    bytes of study files (a single larger study still goes, alone). `progress` None shows the
-    bar only on a terminal. Raises ServerUnavailable if the server is down before the first study.
+    bytes of study files (a single larger study still goes, alone). `resume` keeps the rows of
+    `out`'s journal (or, without one, of `out` itself) and sends the studies not yet Success.
+    `progress` None shows the bar only on a terminal. Raises ServerUnavailable if the server is
+    down before the first study, or stops answering: the studies finished by then stay in the
+    journal and the report, the others are not in either, and a `resume` run sends them.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if write_every_s < 0:
+        raise ValueError("write_every_s must not be negative")
     paths = [Path(out)] + ([Path(csv_out)] if csv_out else [])
     for path in paths:
         _format(path)  # a wrong suffix stops the run now, not after every study was classified
     studies = discover_studies(folder)
-    found = {study.path_to_study for study in studies}
-    rows: dict[str, dict[str, Any]] = {}
-    if resume and Path(out).exists():
-        for row in read_report(out):
-            if row["processing_status"] == SUCCESS and row["path_to_study"] in found:
-                rows[row["path_to_study"]] = row
-    todo = [study for study in studies if study.path_to_study not in rows]
-    skipped = len(studies) - len(todo)
-    writer = _IncrementalWriter(studies, rows, paths)
+    folder_name = str(Path(folder).resolve())
+    journal_file = journal_path(out)
+    earlier = _resumed(journal_file, Path(out)) if resume else None
     async with client_factory() as client:
+        kept: dict[str, dict[str, Any]] = {}
+        if earlier is not None:
+            _check_same_run(earlier, journal_file, folder_name, client.model)
+            kept = {row["path_to_study"]: row for row in earlier.rows}  # the latest row of each study
+        todo = [study for study in studies if kept.get(study.path_to_study, {}).get("processing_status") != SUCCESS]
         if todo:
             await client.check_ready()
-        writer.schedule()  # the report exists (resumed rows, or just the header) from the start
-        pending = iter(todo)  # shared by the workers: each study is taken once
-        budget = _ByteBudget(max_bytes_in_flight)
+        journal = _JournalWriter.create(journal_file, folder_name, client.model, kept.values())
+        report = _ReportFiles(paths, [study.path_to_study for study in studies], journal, write_every_s)
         show = sys.stderr.isatty() if progress is None else progress
-        with tqdm(total=len(todo), unit="study", disable=not show, dynamic_ncols=True) as bar:
-
-            async def worker() -> None:
-                for study in pending:
-                    async with budget.hold(study.size_bytes):
-                        result = await _classify_guarded(client, study)
-                    writer.add(row_for(study, result))
-                    bar.update(1)
-
-            workers = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(todo)))]
-            try:
-                await asyncio.gather(*workers)
-            finally:  # also on Ctrl-C: stop the rest, then persist every finished study
-                for task in workers:
-                    task.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-                await asyncio.shield(writer.flush())
-    statuses = [row["processing_status"] for row in writer.ordered_rows()]
+        try:
+            with tqdm(total=len(todo), desc="report", unit="study", disable=not show, dynamic_ncols=True) as bar:
+                await _classify_all(client, todo, journal, report, bar, concurrency, max_bytes_in_flight)
+        except ServerUnavailable as error:
+            rows = len(report.ordered_rows())
+            raise ServerUnavailable(
+                f"{_one_line(error)}; stopped after {journal.appended} of {len(todo)} studies; "
+                f"{Path(out).name} holds {rows} rows of {len(studies)}: run again with --resume once the server is back"
+            ) from None
+        finally:
+            journal.close()
+    statuses = [row["processing_status"] for row in report.ordered_rows()]
     return ReportSummary(
         studies=len(statuses),
         sent=len(todo),
-        skipped=skipped,
+        skipped=len(studies) - len(todo),
         succeeded=statuses.count(SUCCESS),
         failed=len(statuses) - statuses.count(SUCCESS),
+        journal=journal_file,
+        writes=tuple(report.writes),
     )
+
+
+async def _classify_all(
+    client: AsyncTriageClient,
+    todo: list[StudyRef],
+    journal: _JournalWriter,
+    report: _ReportFiles,
+    bar: tqdm,
+    concurrency: int,
+    max_bytes_in_flight: int,
+) -> None:
+    """Send every study of `todo` and journal each answer while the report is kept written; however
+    this ends (done, server gone, Ctrl-C), the report files then hold every journaled row."""
+    pending = iter(todo)  # shared by the workers: each study is taken once
+    budget = _ByteBudget(max_bytes_in_flight)
+    failed = 0
+
+    async def worker() -> None:
+        nonlocal failed
+        for study in pending:
+            async with budget.hold(study.size_bytes):
+                result = await _classify_guarded(client, study)
+            if not result.ok:
+                await _raise_if_server_gone(client)  # no answer is no row: --resume sends the study again
+                failed += 1
+            journal.append(row_for(study, result))
+            bar.set_postfix(failed=failed, refresh=False)
+            bar.update(1)
+
+    report.start()
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(todo)))]
+    try:
+        await asyncio.gather(*workers)
+    finally:  # also on Ctrl-C or a lost server: stop the rest, then write every finished study
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.shield(report.finish())
+
+
+async def _raise_if_server_gone(client: AsyncTriageClient) -> None:
+    """After a Failure: ServerUnavailable if the server (or model) is no longer ready, so the run
+    stops instead of turning every remaining study into a Failure row."""
+    try:
+        await asyncio.wait_for(client.check_ready(), _READY_CHECK_S)
+    except asyncio.TimeoutError:
+        raise ServerUnavailable(
+            f"Triton server at {client.url} ({client.protocol}) did not answer a readiness check within {_READY_CHECK_S:.0f} s"
+        ) from None
+
+
+def _resumed(journal_file: Path, out: Path) -> Journal | None:
+    """What a resumed run starts from: the journal, else the rows of a report written without one."""
+    if journal_file.exists():
+        return read_journal(journal_file)
+    if out.exists():
+        return Journal(folder=None, model=None, rows=read_report(out), unreadable=0)
+    return None
+
+
+def _check_same_run(earlier: Journal, journal_file: Path, folder: str, model: str) -> None:
+    """Rows are matched by path_to_study, relative to the folder: another folder's rows would be
+    taken for these studies, another model's answers mixed with this one's."""
+    for what, theirs, ours in (("folder", earlier.folder, folder), ("model", earlier.model, model)):
+        if theirs is not None and theirs != ours:
+            raise ReportError(
+                f"{journal_file.name} is the journal of a report of {what} {theirs}, not {ours}: "
+                f"resume with that {what}, or choose another --out"
+            )
+
+
+def _journal_row(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not all(column in record for column in COLUMNS):
+        return None
+    return record
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def _sync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 async def _classify_guarded(client: AsyncTriageClient, study: StudyRef) -> TriageResult:
@@ -197,39 +344,85 @@ class _ByteBudget:
                 self._changed.notify_all()
 
 
-class _IncrementalWriter:
-    """Rewrites the report files after completions; writes coalesce so writing never piles up."""
+class _JournalWriter:
+    """Appends one line per finished study and syncs it to disk before the study counts as done.
 
-    def __init__(self, studies: list[StudyRef], rows: dict[str, dict[str, Any]], paths: list[Path]):
-        self._order = [study.path_to_study for study in studies]
-        self._rows = rows
+    Created once per run by an atomic write of its header and the rows it starts from, so the file
+    always begins with a complete header; after that it only grows.
+    """
+
+    def __init__(self, path: Path, latest: dict[str, dict[str, Any]]):
+        self.path = path
+        self.latest = latest  # the latest row of each study journaled, by path_to_study
+        self.appended = 0  # rows appended in this run
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+
+    @classmethod
+    def create(cls, path: Path, folder: str, model: str, rows: Iterable[dict[str, Any]]) -> _JournalWriter:
+        rows = list(rows)
+        header = {"journal": _JOURNAL_KIND, "version": _JOURNAL_VERSION, "folder": folder, "model": model}
+        write_atomically(path, lambda stream: stream.write(b"".join(_line(record) for record in (header, *rows))))
+        _sync_folder(path.parent)  # the rename itself survives a power cut
+        return cls(path, {row["path_to_study"]: row for row in rows})
+
+    def append(self, row: dict[str, Any]) -> None:
+        line = _line({**row, "finished_at": round(time.time(), 3)})
+        written = 0
+        while written < len(line):
+            written += os.write(self._fd, line[written:])
+        os.fsync(self._fd)
+        self.latest[row["path_to_study"]] = row
+        self.appended += 1
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _ReportFiles:
+    """Rewrites the report files from the journal's rows: at the start, then at most every `every_s`
+    seconds while rows come in, and once at the end. One task does every write, so an older
+    snapshot can never be renamed over a newer one."""
+
+    def __init__(self, paths: list[Path], order: list[str], journal: _JournalWriter, every_s: float):
         self._paths = paths
-        self._dirty = False
+        self._order = order
+        self._journal = journal
+        self._every_s = every_s
+        self._seen = -1  # journal.appended at the last write: unchanged means nothing to write
+        self._last_write_s = 0.0
+        self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.writes: list[tuple[int, float]] = []
 
     def ordered_rows(self) -> list[dict[str, Any]]:
-        return [self._rows[key] for key in self._order if key in self._rows]
+        latest = self._journal.latest
+        return [latest[key] for key in self._order if key in latest]
 
-    def add(self, row: dict[str, Any]) -> None:
-        self._rows[row["path_to_study"]] = row
-        self.schedule()
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._keep_written())
 
-    def schedule(self) -> None:
-        self._dirty = True
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._drain())
-
-    async def flush(self) -> None:
-        """Return once the files on disk hold every row added so far."""
-        self.schedule()
+    async def finish(self) -> None:
+        """Return once the files on disk hold every row journaled so far."""
+        self._stop.set()
         await self._task
 
-    async def _drain(self) -> None:
-        while self._dirty:
-            self._dirty = False
-            snapshot = self.ordered_rows()
-            for path in self._paths:
-                await asyncio.to_thread(write_report, snapshot, path)
+    async def _keep_written(self) -> None:
+        await self._write()  # the report exists from the start: resumed rows, or just the header
+        while not self._stop.is_set():
+            pause = max(self._every_s, _PAUSE_PER_WRITE_SECOND * self._last_write_s, 0.05)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), pause)
+            if self._journal.appended != self._seen or self._stop.is_set():
+                await self._write()
+
+    async def _write(self) -> None:
+        self._seen = self._journal.appended
+        snapshot = self.ordered_rows()
+        started = time.perf_counter()
+        for path in self._paths:
+            await asyncio.to_thread(write_report, snapshot, path)
+        self._last_write_s = time.perf_counter() - started
+        self.writes.append((len(snapshot), round(self._last_write_s, 4)))
 
 
 def _format(path: Path) -> str:
