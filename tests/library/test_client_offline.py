@@ -15,7 +15,7 @@ from helpers import ROOT, run_module
 
 import client
 from client.cli import main as client_main
-from client.report import _ByteBudget
+from client.report import _ByteBudget, journal_path, read_journal
 from client.triage import _is_transient
 
 
@@ -151,6 +151,9 @@ def test_resume_with_everything_done_sends_nothing(tmp_path):
     assert [row["path_to_study"] for row in rows] == ["s1", "s2"]  # discovery order; "gone" dropped
     assert rows[0]["probability_of_pathology"] == 0.5
     assert client.read_report(tmp_path / "r.csv") == rows
+    # a report written without a journal starts one: its rows are what later resumes read
+    journaled = read_journal(summary.journal).rows
+    assert summary.journal == journal_path(out) and sorted(row["path_to_study"] for row in journaled) == ["gone", "s1", "s2"]
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -1,0 +1,212 @@
+"""The report's journal without a server: torn lines, synced appends, what --resume keeps, one row per
+study, a journal of another run, and report files rewritten from it rather than per study."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import client
+from client.cli import main as client_main
+from client.report import _JournalWriter, _ReportFiles, journal_path, read_journal
+
+
+def _study(path: Path) -> None:
+    """A folder that discovery takes for a study (one DICOM-looking file)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "IM1").write_bytes(b"\0" * 128 + b"DICM")
+
+
+def _row(path: str, status: str = client.SUCCESS, probability: float = 0.25) -> dict:
+    ok = status == client.SUCCESS
+    return {
+        "path_to_study": path,
+        "study_uid": f"1.2.{len(path)}" if ok else None,
+        "series_uid": "1.2.3.4" if ok else None,
+        "probability_of_pathology": probability if ok else None,
+        "pathology": 0 if ok else None,
+        "processing_status": status,
+        "time_of_processing": 1.5,
+        "error": None if ok else "bad study",
+        "model": "demo",
+    }
+
+
+def _closed_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"  # nobody listens once the probe is closed
+
+
+def _unreachable() -> client.AsyncTriageClient:
+    return client.AsyncTriageClient(_closed_url(), "grpc")
+
+
+def _journal(out: Path, folder: Path, rows: list[dict], model: str = "ct_triage") -> Path:
+    """A journal as a run writes it: header, then one synced line per finished study."""
+    writer = _JournalWriter.create(journal_path(out), str(folder.resolve()), model, [])
+    for row in rows:
+        writer.append(row)
+    writer.close()
+    return writer.path
+
+
+def _resume(folder: Path, out: Path, **options) -> client.ReportSummary:
+    return asyncio.run(client.build_report(folder, out, _unreachable, resume=True, **options))
+
+
+def _columns(row: dict) -> dict:
+    return {column: row[column] for column in client.COLUMNS}
+
+
+def test_a_torn_last_line_is_ignored_and_resume_continues_from_whole_lines(tmp_path):
+    folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
+    _study(folder / "s1")
+    _study(folder / "s2")
+    journal = _journal(out, folder, [_row("s1"), _row("s2", probability=0.75)])
+    with open(journal, "ab") as stream:  # killed while writing a later line of s1
+        stream.write(b'{"path_to_study":"s1","study_uid":null,"processing_st')
+
+    read = read_journal(journal)
+    assert [row["path_to_study"] for row in read.rows] == ["s1", "s2"] and read.unreadable == 1
+
+    summary = _resume(folder, out)  # every study is Success: the server is not needed
+
+    assert (summary.studies, summary.sent, summary.skipped) == (2, 0, 2)
+    assert client.read_report(out) == [_row("s1"), _row("s2", probability=0.75)]
+    again = read_journal(journal)  # rewritten from whole lines: appends start on a line of their own
+    assert again.unreadable == 0 and journal.read_bytes().endswith(b"\n")
+    assert [_columns(row) for row in again.rows] == [_row("s1"), _row("s2", probability=0.75)]
+
+
+def test_a_damaged_line_costs_only_its_study(tmp_path):
+    folder, out = tmp_path / "studies", tmp_path / "report.csv"
+    journal = _journal(out, folder, [_row("s1")])
+    with open(journal, "ab") as stream:
+        stream.write(b"\x00\x00not json\n")
+        stream.write(b'{"path_to_study":"s3"}\n')  # not a whole row
+    read = read_journal(journal)
+    assert [row["path_to_study"] for row in read.rows] == ["s1"] and read.unreadable == 2
+
+
+def test_every_append_reaches_the_disk_before_it_counts(tmp_path, monkeypatch):
+    folder = tmp_path / "studies"
+    writer = _JournalWriter.create(journal_path(tmp_path / "report.xlsx"), str(folder), "ct_triage", [])
+    calls: list[tuple[str, int]] = []
+    write, fsync = os.write, os.fsync
+    monkeypatch.setattr(os, "write", lambda fd, data: calls.append(("write", fd)) or write(fd, data))
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)) or fsync(fd))
+
+    writer.append(_row("s1"))
+
+    assert calls and calls[-1] == ("fsync", writer._fd) and ("write", writer._fd) in calls[:-1]
+    assert writer.latest == {"s1": _row("s1")} and writer.appended == 1
+    assert [_columns(row) for row in read_journal(writer.path).rows] == [_row("s1")]  # on disk, file still open
+    assert read_journal(writer.path).rows[0]["finished_at"] == pytest.approx(time.time(), abs=60)
+    writer.close()
+
+
+def test_resume_keeps_the_latest_row_of_each_study_once(tmp_path):
+    folder, out, csv_out = tmp_path / "studies", tmp_path / "report.xlsx", tmp_path / "report.csv"
+    _study(folder / "s1")
+    _study(folder / "s2")
+    # s1 failed in a first run and succeeded when resumed; "gone" is no longer in the folder.
+    journal = _journal(out, folder, [_row("s1", client.FAILURE), _row("gone"), _row("s2"), _row("s1", probability=0.5)])
+
+    summary = _resume(folder, out, csv_out=csv_out)
+
+    assert (summary.studies, summary.sent, summary.succeeded, summary.failed) == (2, 0, 2, 0)
+    rows = client.read_report(out)
+    assert rows == [_row("s1", probability=0.5), _row("s2")]  # one row per study, in discovery order
+    assert client.read_report(csv_out) == rows
+    kept = [_columns(row) for row in read_journal(journal).rows]  # one line per study, "gone" kept for later
+    assert sorted(kept, key=lambda row: row["path_to_study"]) == [_row("gone"), _row("s1", probability=0.5), _row("s2")]
+
+
+def test_resume_with_studies_left_and_no_server_changes_nothing(tmp_path, capsys):
+    folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
+    _study(folder / "s1")
+    _study(folder / "s2")
+    journal = _journal(out, folder, [_row("s1"), _row("s2", client.FAILURE)])  # s2 is to be retried
+    client.write_report([_row("s1"), _row("s2", client.FAILURE)], out)
+    before = journal.read_bytes(), out.read_bytes()
+
+    code = client_main(["report", str(folder), "--out", str(out), "--resume", "--url", _closed_url()])
+
+    assert code == 3
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert (journal.read_bytes(), out.read_bytes()) == before
+
+
+@pytest.mark.parametrize("other", ["folder", "model"])
+def test_a_journal_of_another_folder_or_model_is_refused(tmp_path, capsys, other):
+    folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
+    _study(folder / "s1")
+    elsewhere = tmp_path / "other_studies"
+    _study(elsewhere / "s1")  # same relative path, another study
+    journal = _journal(out, elsewhere if other == "folder" else folder, [_row("s1")], model="ct_triage" if other == "folder" else "other")
+    before = journal.read_bytes()
+
+    code = client_main(["report", str(folder), "--out", str(out), "--resume", "--url", _closed_url()])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and journal.name in err and other in err
+    assert journal.read_bytes() == before and not out.exists()
+
+
+def test_a_file_that_is_no_journal_is_refused(tmp_path):
+    folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
+    _study(folder / "s1")
+    journal_path(out).write_text("path_to_study,study_uid\n")
+    with pytest.raises(client.ReportError, match="not a triage report journal"):
+        _resume(folder, out)
+
+
+def test_without_resume_a_run_starts_a_new_journal(tmp_path):
+    folder, out = tmp_path / "empty_archive", tmp_path / "report.xlsx"
+    folder.mkdir()
+    journal = _journal(out, tmp_path / "other", [_row("s1"), _row("s2")])
+
+    summary = asyncio.run(client.build_report(folder, out, _unreachable))  # no studies: no server needed
+
+    assert summary.studies == 0 and summary.journal == journal
+    fresh = read_journal(journal)
+    assert fresh.rows == [] and fresh.folder == str(folder.resolve()) and fresh.model == "ct_triage"
+    assert client.read_report(out) == []
+
+
+def test_the_report_is_rewritten_from_the_journal_at_intervals_not_per_study(tmp_path):
+    async def run(every_s: float, follow: bool) -> tuple[list, list]:
+        out = tmp_path / f"report_{every_s}.csv"  # quick to write: the pause after a write grows with its time
+        journal = _JournalWriter.create(journal_path(out), str(tmp_path), "ct_triage", [])
+        order = [f"s{index:02d}" for index in range(8)]
+        report = _ReportFiles([out], order, journal, every_s)
+        report.start()
+        await asyncio.sleep(0)  # the first write takes its snapshot: no rows yet
+        for key in order:
+            journal.append(_row(key))
+            await asyncio.sleep(0)
+            while follow and (not report.writes or report.writes[-1][0] != journal.appended):  # every_s 0: it catches up mid-run
+                await asyncio.sleep(0.01)
+        await report.finish()
+        journal.close()
+        return report.writes, client.read_report(out)
+
+    writes, rows = asyncio.run(run(3600, follow=False))
+    assert [written for written, _ in writes] == [0, 8]  # at the start and at the end only
+    assert [row["path_to_study"] for row in rows] == [f"s{index:02d}" for index in range(8)]
+
+    writes, rows = asyncio.run(asyncio.wait_for(run(0, follow=True), 60))
+    assert [written for written, _ in writes][:9] == list(range(9)) and len(rows) == 8
+
+
+def test_write_interval_must_not_be_negative(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        client_main(["report", str(tmp_path), "--out", str(tmp_path / "r.xlsx"), "--write-every", "-1"])
+    assert exit_status.value.code == 2 and "--write-every" in capsys.readouterr().err
