@@ -173,8 +173,9 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
 
     The common case (Part-10 file, little-endian transfer syntax, no functional groups) is read by
     `_scan`, several times faster than pydicom; everything else by pydicom up to the pixel data. The
-    encoding is the one the data set was read with (pydicom's `original_encoding`), not the declared
-    one: writers declare explicit VR for implicit data sets and the other way round.
+    encoding is the one the data set was read with, not the declared one: writers declare explicit VR
+    for implicit data sets and the other way round, and pydicom reads what it finds (its
+    `original_encoding` reports the declared one).
     """
     try:
         scanned = _scan(blob.data)
@@ -186,7 +187,7 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
     bare = blob.data[128:132] != b"DICM" and _bare_syntax(blob.data)
     if blob.data[128:132] != b"DICM" and not bare:
         return None
-    deflated = not bare and _check_deflated(blob)
+    start, deflated = (0, False) if bare else _data_set_start(blob)
     stream = io.BytesIO(blob.data)
     try:
         ds = pydicom.dcmread(stream, stop_before_pixels=not deflated, force=bool(bare))
@@ -199,6 +200,8 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
             raise CorruptDicomError(f"{blob.label} is a damaged or truncated DICOM file ({type(exc).__name__})") from None
         return None
     implicit, little = ds.original_encoding
+    if start is not None and not deflated:
+        implicit = _reads_implicit(blob.data, start, implicit)
     at = None if deflated else stream.tell()
     if bare:
         if "SOPClassUID" not in ds and "Modality" not in ds:
@@ -208,26 +211,38 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
     return _DatasetHeader(ds, little), ts, at, implicit
 
 
-def _check_deflated(blob: Blob) -> bool:
-    """Whether the file's data set is deflated; if so, refuse it before pydicom inflates it in one
-    piece unless it inflates within INPUT_LIMITS' compression ratio (a deflate bomb in a DICOM file)."""
+def _data_set_start(blob: Blob) -> tuple[int | None, bool]:
+    """Where pydicom starts reading the data set (None if it cannot read the file meta; it then
+    reports the file) and whether the data set is deflated. A deflated one is refused unless it
+    inflates within INPUT_LIMITS' compression ratio, before pydicom inflates it in one piece."""
     stream = io.BytesIO(blob.data)
     stream.seek(132)
     try:
         deflated = _read_file_meta_info(stream).get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian
-    except Exception:  # pydicom reports the damaged file meta when it reads the file
-        return False
+    except Exception:
+        return None, False
+    start = stream.tell()
     if not deflated:
-        return False
-    compressed = blob.data[stream.tell() :]
+        return start, False
+    compressed = blob.data[start:]
     bound = min(INPUT_LIMITS.max_uncompressed_bytes, int(INPUT_LIMITS.max_compression_ratio * len(compressed)) + _RATIO_SLACK)
     try:
         inflated = len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(compressed, bound + 1))
     except zlib.error:
-        return True  # pydicom reports it
+        return start, True  # pydicom reports it
     if inflated > bound:
         raise InputTooLargeError(f"{blob.label}: the deflated data set inflates to more than {bound / 2**20:.0f} MiB, treated as a bomb")
-    return True
+    return start, True
+
+
+def _reads_implicit(data: bytes, start: int, declared: bool) -> bool:
+    """Whether pydicom reads the data set at `start` in implicit VR: it goes by the VR bytes of the
+    first element (after any command set group, which it reads as implicit), not the declared syntax."""
+    pos = start
+    while data[pos : pos + 2] == b"\0\0" and pos + 8 <= len(data):
+        pos += 8 + _LENGTH32.unpack_from(data, pos + 4)[0]
+    vr = data[pos + 4 : pos + 6]
+    return declared if len(vr) < 2 else not _looks_explicit(vr)
 
 
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
