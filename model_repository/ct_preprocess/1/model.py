@@ -7,6 +7,11 @@ on that GPU and goes to Triton by DLPack, so the classifier reads it there witho
 A bad study (preprocess.StudyError) fails that request only, with INVALID_ARG and the preprocess
 message (written for the sender, free of patient data), and is logged with that message; anything
 else is INTERNAL and is logged without its message (which could quote DICOM values).
+
+A request over the served bounds (more files than INPUT_LIMITS.max_folder_files, more bytes than
+SERVING.largest_study_bytes, what /dev/shm is sized for) is refused before any copy of its files:
+Triton 2.51 has no request-size limit of its own, so this is the first place one can be refused.
+torch is imported only for device "cuda" (DLPack): a CPU stub starts seconds sooner and ~200 MB smaller.
 """
 
 import json
@@ -14,11 +19,10 @@ import time
 import traceback
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 import preprocess
-from settings import NAMES
+from settings import INPUT_LIMITS, NAMES, SERVING
 
 
 class TritonPythonModel:
@@ -43,6 +47,7 @@ class TritonPythonModel:
         started = time.time()
         try:
             files = pb_utils.get_input_tensor_by_name(request, NAMES.dicom).as_numpy().reshape(-1)
+            _check_bounds(files)
             study = self.preprocess_study([bytes(f) for f in files], size=self.size, mode="fast", device=self.device, threads=self.threads)
         except preprocess.StudyError as error:
             self.logger.log_info(f"{NAMES.preprocess}: study refused ({type(error).__name__}): {error}")
@@ -58,6 +63,8 @@ class TritonPythonModel:
         if self.device is None:
             volume = pb_utils.Tensor(NAMES.volume, np.ascontiguousarray(study.volume, dtype=np.float32))
         else:  # C-contiguous and computed (preprocess synchronises the stream): Triton reads it in place
+            import torch
+
             volume = pb_utils.Tensor.from_dlpack(NAMES.volume, torch.utils.dlpack.to_dlpack(study.volume))
         return pb_utils.InferenceResponse(
             output_tensors=[
@@ -66,6 +73,18 @@ class TritonPythonModel:
                 pb_utils.Tensor(NAMES.series_uid, np.array([study.series_uid.encode()], dtype=np.object_)),
                 pb_utils.Tensor(NAMES.meta, np.array([json.dumps(study.meta).encode()], dtype=np.object_)),
             ]
+        )
+
+
+def _check_bounds(files: np.ndarray) -> None:
+    """Refuse a request larger than any study this server is sized for, before copying its files."""
+    most_files, most_bytes = INPUT_LIMITS.max_folder_files, SERVING.largest_study_bytes
+    if files.size > most_files:
+        raise preprocess.InputTooLargeError(f"the request holds {files.size} files, more than the limit of {most_files} per study")
+    total = sum(len(f) for f in files)
+    if total > most_bytes:
+        raise preprocess.InputTooLargeError(
+            f"the request holds {total / 2**20:.0f} MiB of files, more than the limit of {most_bytes / 2**20:.0f} MiB per study"
         )
 
 
@@ -78,6 +97,8 @@ def _device(setting: str, args: dict) -> str | None:
         raise ValueError(f"{NAMES.preprocess}: parameter device must be 'cpu' or 'cuda', not {setting!r}")
     if args["model_instance_kind"] != "GPU":
         raise ValueError(f"{NAMES.preprocess}: device 'cuda' needs instance_group kind KIND_GPU, not {args['model_instance_kind']}")
+    import torch
+
     if not torch.cuda.is_available():
         raise ValueError(f"{NAMES.preprocess}: device 'cuda' but torch sees no CUDA device (a CPU-only torch build, or no GPU visible)")
     return f"cuda:{args['model_instance_device_id']}"
