@@ -1,0 +1,200 @@
+"""Inputs the fuzzer (`python -m fuzz`) or the issue found, generated here: each is refused with a
+typed StudyError naming the problem, before any allocation its header alone would cause.
+
+Memory bounds: a compressed frame's own header (JPEG 2000 SIZ / JP2 image header, JPEG and JPEG-LS
+start of frame) must agree with Rows/Columns, ZIP members and deflated data sets are bounded by a
+compression ratio whatever their size, and a malformed value refuses a study only where it is used.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+import zlib
+
+import numpy as np
+import pydicom
+import pytest
+from helpers import edit, packaged_file
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+
+import preprocess
+from preprocess import phantom
+from preprocess.dicom import _j2k_size, decode_into, parse
+from preprocess.sources import Blob, expand
+
+TINY = dict(slices=16, rows=8, columns=8, pixel_spacing=20.0, slice_spacing=20.0)
+S = 16
+
+
+def refused(files, error, message):
+    with pytest.raises(error, match=message) as info:
+        preprocess.preprocess_study(files, size=S, threads=1)
+    for value in phantom.FAKE_PHI.values():
+        assert value not in str(info.value)
+    return info.value
+
+
+def zipped(members: list[tuple[str | zipfile.ZipInfo, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+# found by the fuzzer
+
+
+def test_zip_member_without_a_name_is_read_not_an_index_error():
+    """ZipInfo.is_dir() raised IndexError on an empty member name."""
+    series = phantom.study_files("series", **TINY)
+    members = [(zipfile.ZipInfo(""), series[0]), *((f"IM{k}", data) for k, data in enumerate(series[1:]))]
+    study = preprocess.preprocess_study([zipped(members)], size=S)
+    assert study.meta["original_shape"] == [16, 8, 8]
+
+
+def overlong_rle_run(data: bytes) -> bytes:
+    """The slice with its first RLE segment starting with a run of 128 bytes, twice the segment's size."""
+    frame = next(pydicom.encaps.generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=1))
+    segment = data.index(frame) + struct.unpack_from("<I", frame, 4)[0]
+    return data[:segment] + b"\x81" + data[segment + 1 :]
+
+
+def test_rle_decoder_panic_is_a_decode_error():
+    """A run longer than its segment made pylibjpeg-rle panic (PanicException, a BaseException)."""
+    series = phantom.study_files("series", transfer_syntax="rle", **TINY)
+    refused([overlong_rle_run(data) for data in series], preprocess.DecodeError, "RLE Lossless, PanicException")
+
+
+def test_file_meta_pydicom_cannot_convert_is_refused():
+    """A TransferSyntaxUID with an unknown VR made pydicom raise NotImplementedError on conversion."""
+    data = packaged_file("CT_small.dcm").read_bytes()
+    at = data.index(b"\x02\x00\x10\x00UI")
+    broken = data[: at + 4] + b"U." + data[at + 6 :]
+    with pytest.raises(preprocess.CorruptDicomError, match="file 1 is a damaged or truncated DICOM file"):
+        parse([Blob(broken, "file 1")])
+
+
+# memory bounds
+
+
+def with_codestream_size(data: bytes, rows: int, columns: int) -> bytes:
+    """A JPEG 2000 slice whose codestream's SIZ marker claims rows x columns (the DICOM header unchanged)."""
+    at = data.index(b"\xff\x4f\xff\x51")
+    return data[: at + 8] + struct.pack(">II", columns, rows) + data[at + 16 :]
+
+
+def test_jpeg2000_frame_claiming_20000_by_20000_pixels_is_refused_before_decoding():
+    series = phantom.study_files("series", transfer_syntax="jpeg2000", **{**TINY, "rows": 32, "columns": 32})
+    huge = [with_codestream_size(data, 20000, 20000) for data in series]
+    assert max(len(data) for data in huge) < 10_000
+    refused(huge, preprocess.DecodeError, "file 1: frame 1 is a JPEG 2000 image of 20000x20000 pixels .* header says 32x32")
+
+
+def test_htj2k_frame_is_checked_like_jpeg2000():
+    def as_htj2k(ds, k):
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.HTJ2KLossless
+
+    series = phantom.study_files("series", transfer_syntax="jpeg2000", **{**TINY, "rows": 32, "columns": 32})
+    refused(edit([with_codestream_size(d, 32, 20000) for d in series], as_htj2k), preprocess.DecodeError, "32x20000 pixels")
+
+
+def jp2(header_rows: int, stream_rows: int) -> bytes:
+    """A JP2 file (signature, file type, header with its image header box, codestream box)."""
+    ihdr = struct.pack(">I4sIIHBBBB", 22, b"ihdr", header_rows, 32, 1, 15, 7, 0, 0)
+    siz = b"\xff\x4f\xff\x51" + struct.pack(">HHIIIIIIIIH", 41, 0, 32, stream_rows, 0, 0, 32, stream_rows, 0, 0, 1) + b"\x0f\x01\x01"
+    boxes = [(b"ftyp", b"jp2 \0\0\0\0jp2 "), (b"jp2h", ihdr), (b"jp2c", siz + b"\xff\xd9")]
+    return b"\0\0\0\x0cjP  \r\n\x87\n" + b"".join(struct.pack(">I4s", 8 + len(body), kind) + body for kind, body in boxes)
+
+
+def test_jp2_image_header_must_agree_with_its_codestream():
+    assert _j2k_size(jp2(32, 32)) == (32, 32, 1)
+    assert _j2k_size(jp2(20000, 32)) is None  # refused as "no readable JPEG 2000 frame header"
+    assert _j2k_size(jp2(20000, 20000)) == (20000, 32, 1)  # then refused: not Rows x Columns
+
+
+@pytest.mark.parametrize("name, start_of_frame", [("JPEG-lossy.dcm", b"\xff\xc1"), ("MR_small_jpeg_ls_lossless.dcm", b"\xff\xf7")])
+def test_jpeg_and_jpeg_ls_frame_headers_must_agree_with_rows_and_columns(name, start_of_frame):
+    data = packaged_file(name).read_bytes()
+    at = data.index(start_of_frame)
+    huge = data[: at + 5] + struct.pack(">HH", 20000, 20000) + data[at + 9 :]
+    blobs = [Blob(huge, "file 1")]
+    frames, _ = parse(blobs)
+    out = np.empty((1, frames[0].rows, frames[0].columns), np.int32)
+    with pytest.raises(preprocess.DecodeError, match="frame 1 is a JPEG image of 20000x20000 pixels"):
+        decode_into(out, frames[:1], blobs, threads=1)
+
+
+def test_zip_members_of_exactly_one_mib_no_longer_escape_the_ratio_check():
+    """Members of at most 1 MiB were exempt: 2.3 MB of them unpacked to 2.45 GB."""
+    with pytest.raises(preprocess.UnsafeArchiveError, match=r"archive member 1: compression ratio .* treated as a ZIP bomb"):
+        expand([zipped([(f"IM{k}", bytes(2**20)) for k in range(3)])])
+
+
+def test_many_small_members_are_bounded_by_the_archive_ratio():
+    """Members too small for their own ratio to mean anything are bounded by the archive's."""
+    archive = zipped([(f"IM{k}", bytes(60_000)) for k in range(300)])
+    with pytest.raises(preprocess.UnsafeArchiveError, match=r"unpacks to 17\.2 MiB, more than 200 times its size"):
+        expand([archive])
+
+
+def test_deflate_bomb_in_a_dicom_file_is_refused_before_pydicom_inflates_it():
+    ds = pydicom.dcmread(packaged_file("CT_small.dcm"))
+    ds.add_new(0x00091010, "OB", bytes(50 * 2**20))
+    meta, body = DicomBytesIO(), DicomBytesIO()
+    meta.is_little_endian = body.is_little_endian = True
+    meta.is_implicit_VR, body.is_implicit_VR = False, False
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    write_file_meta_info(meta, ds.file_meta)
+    write_dataset(body, ds)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    data = b"\0" * 128 + b"DICM" + meta.getvalue() + deflate.compress(body.getvalue()) + deflate.flush()
+    with pytest.raises(preprocess.InputTooLargeError, match=r"file 1: the deflated data set inflates to more than .* treated as a bomb"):
+        parse([Blob(data, "file 1")])
+
+
+# malformed values: refused only where used, and named
+
+
+def with_raw_value(files: list[bytes], keyword: str, value: bytes) -> list[bytes]:
+    """Each explicit-VR file with one top-level element's value replaced (or inserted) as raw bytes:
+    values pydicom would refuse to write."""
+    tag = tag_for_keyword(keyword)
+    element = struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, dictionary_VR(tag).encode(), len(value)) + value
+    out = []
+    for data in files:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        for other in ds.keys():
+            raw = ds.get_item(other)
+            start = raw.value_tell - (12 if raw.VR in ("OB", "OW", "SQ", "UN", "UT") else 8)
+            if other >= tag:
+                end = raw.value_tell + raw.length if other == tag else start
+                out.append(data[:start] + element + data[end:])
+                break
+    return out
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("syntax", ["explicit", "rle"])  # read in place / decoded by pydicom
+def test_a_malformed_value_in_an_unused_attribute_refuses_nothing(syntax):
+    series = phantom.study_files("series", transfer_syntax=syntax, **TINY)
+    expected = preprocess.preprocess_study(series, size=S).volume
+    for keyword, value in [("HighBit", b"\x0b"), ("WindowCenter", b"abc\\"), ("PatientWeight", b"x"), ("AcquisitionDate", b"\xff\xfe")]:
+        broken = with_raw_value(series, keyword, value)
+        assert np.array_equal(preprocess.preprocess_study(broken, size=S).volume, expected), keyword
+
+
+@pytest.mark.parametrize(
+    "keyword, value",
+    [("Rows", b"\x08\x00\x08\x00"), ("BitsAllocated", b"\x10"), ("NumberOfFrames", b"x "), ("PixelRepresentation", b"")],
+)
+def test_a_malformed_value_in_a_used_attribute_refuses_the_study_naming_it(keyword, value):
+    series = phantom.study_files("series", **TINY)
+    if value == b"":  # an empty value is the attribute's default, not malformed
+        assert preprocess.preprocess_study(with_raw_value(series, keyword, value), size=S).volume.shape == (1, 1, S, S, S)
+        return
+    refused(with_raw_value(series, keyword, value), preprocess.CorruptDicomError, f"file 1: {keyword} has a malformed value$")
