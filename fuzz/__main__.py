@@ -17,13 +17,24 @@ RSS_LIMIT_MB = 3072  # per process; the largest seed needs ~600 MB (torch and py
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", choices=("study", "read"), default="study", help="study: preprocess_study at S=16; read: up to decoding")
+    parser.add_argument(
+        "--depth",
+        choices=("study", "read", "header"),
+        default="study",
+        help="study: preprocess_study at S=16; read: up to decoding; header: unpacking and headers only",
+    )
+    parser.add_argument(
+        "--instrument",
+        default="preprocess,pydicom",
+        help="packages whose coverage guides the fuzzer (comma-separated; fewer run faster)",
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--seconds", type=int, default=60, help="stop after this long (default 60)")
     budget.add_argument("--runs", type=int, help="stop after this many executions instead")
     parser.add_argument("--corpus", type=Path, default=Path("build/fuzz/corpus"), help="seed and working corpus (created)")
     parser.add_argument("--artifacts", type=Path, default=Path("build/fuzz/artifacts"), help="where crash inputs are written")
     parser.add_argument("--seed", type=int, default=1, help="libFuzzer's random seed")
+    parser.add_argument("--max-len", type=int, default=64 * 1024, help="largest input in bytes (seeds above it are left out)")
     parser.add_argument("--replay", type=Path, nargs="+", help="run these inputs once each (no fuzzing) and report each outcome")
     options, extra = parser.parse_known_args(argv)
     if options.replay:
@@ -31,19 +42,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import atheris
 
-    with atheris.instrument_imports(include=["preprocess", "pydicom"]):  # before either is imported
+    with atheris.instrument_imports(include=options.instrument.split(",")):  # before they are imported
         from . import corpus
         from .target import Target
 
     if not options.corpus.is_dir() or not any(options.corpus.iterdir()):
-        print(f"seed corpus: {corpus.write(options.corpus)} inputs in {options.corpus}", flush=True)
+        print(f"seed corpus: {corpus.write(options.corpus, options.max_len)} inputs in {options.corpus}", flush=True)
     options.artifacts.mkdir(parents=True, exist_ok=True)
     limit = [f"-runs={options.runs}"] if options.runs is not None else [f"-max_total_time={options.seconds}"]
     libfuzzer = [
         sys.argv[0],
         f"-timeout={TIMEOUT_S}",
         f"-rss_limit_mb={RSS_LIMIT_MB}",
-        f"-max_len={corpus.MAX_SEED_BYTES}",
+        f"-max_len={options.max_len}",
         f"-seed={options.seed}",
         f"-artifact_prefix={options.artifacts}/",
         "-print_final_stats=1",

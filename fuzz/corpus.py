@@ -11,7 +11,7 @@ from preprocess import phantom
 
 from .target import encode
 
-MAX_SEED_BYTES = 64 * 1024  # libFuzzer's -max_len: larger packaged files are left out
+MAX_SEED_BYTES = 64 * 1024  # the default -max_len: larger packaged files are left out
 _TINY = dict(slices=16, rows=8, columns=8, pixel_spacing=20.0, slice_spacing=20.0)
 
 
@@ -25,13 +25,21 @@ def packaged_files() -> list[Path]:
 
 
 def seeds() -> Iterator[bytes]:
+    """Whole tiny studies (16 slices of 8x8), and single slices and pairs for runs with a small -max_len."""
     for syntax in ("explicit", "implicit", "rle"):
         series = phantom.study_files("series", transfer_syntax=syntax, **_TINY)
         yield encode("payload", series)
         yield encode("folder", series[:4])
-    yield encode("payload", phantom.study_files("series", file_header=False, **_TINY))
-    yield encode("payload", phantom.study_files("series", transfer_syntax="jpeg2000", **{**_TINY, "rows": 32, "columns": 32}))
+        yield encode("file", series[:1])
+        yield encode("payload", series[:2])
+    bare = phantom.study_files("series", file_header=False, **_TINY)
+    yield encode("payload", bare)
+    yield encode("file", bare[:1])
+    jpeg2000 = phantom.study_files("series", transfer_syntax="jpeg2000", **{**_TINY, "rows": 32, "columns": 32})
+    yield encode("payload", jpeg2000)
+    yield encode("file", jpeg2000[:1])
     yield encode("file", phantom.study_files("zip", extras=True, **_TINY))
+    yield encode("file", phantom.study_files("zip", **{**_TINY, "slices": 2}))
     yield encode("file", phantom.study_files("multiframe", **_TINY))
     for path in packaged_files():
         data = path.read_bytes()
@@ -39,12 +47,13 @@ def seeds() -> Iterator[bytes]:
             yield encode("file", [data])
 
 
-def write(folder: Path) -> int:
-    """Write the seeds into folder (named by content, as libFuzzer names its finds); returns how many."""
+def write(folder: Path, max_len: int = MAX_SEED_BYTES) -> int:
+    """Write the seeds of at most max_len bytes into folder (named by content, as libFuzzer names its
+    finds); returns how many."""
     folder.mkdir(parents=True, exist_ok=True)
     count = 0
     for seed in seeds():
-        if len(seed) <= MAX_SEED_BYTES:
+        if len(seed) <= max_len:
             (folder / hashlib.sha1(seed).hexdigest()).write_bytes(seed)
             count += 1
     return count

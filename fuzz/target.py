@@ -5,9 +5,11 @@ Input layout: the first byte chooses the form (mod 3), the rest is split at `SEP
 and `preprocess_study` receive them), 2 = the same files written into a folder and read with
 `read_study`. The seed corpus (`fuzz.corpus`) uses the same layout.
 
-Two depths: "study" runs `preprocess_study` at S=16 (unpack, headers, series choice, decoding,
-resampling); "read" stops after decoding the chosen series' pixels (no resampling), about ten times
-cheaper per input, for long runs.
+Three depths: "study" runs `preprocess_study` at S=16 (unpack, headers, series choice, decoding,
+resampling); "read" stops after decoding the chosen series' pixels (no resampling); "header"
+unpacks, reads every header (`expand` + `parse`) and decodes every grey-level frame of at most
+`HEADER_DEPTH_VOXELS` voxels per file whatever the series (single files reach the decoders without
+16 slices), the cheapest, for long runs.
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ from pathlib import Path
 import numpy as np
 
 import preprocess
-from preprocess.dicom import parse
+from preprocess.dicom import Frame, check_decodable, decode_into, parse, volume_dtype
 from preprocess.errors import StudyError
 from preprocess.pipeline import stored_values
 from preprocess.series import select_series
-from preprocess.sources import expand
+from preprocess.sources import Blob, expand
 
 SEPARATOR = b"\xf7FUZZ-FILE\xf7"
 FORMS = ("file", "payload", "folder")
-DEPTHS = ("study", "read")
+DEPTHS = ("study", "read", "header")
 SIZE = 16
+HEADER_DEPTH_VOXELS = 2**18  # the header depth decodes files up to this size (the pipeline checks its limits first)
 
 
 def encode(form: str, files: list[bytes]) -> bytes:
@@ -43,6 +46,19 @@ def split(data: bytes) -> tuple[str, list[bytes]]:
     form = FORMS[data[0] % len(FORMS)]
     body = data[1:]
     return form, [body] if form == "file" else body.split(SEPARATOR)
+
+
+def _decode_each_file(frames: list[Frame], blobs: list[Blob]) -> None:
+    """Decode the frames of each file as the pipeline does once a series passed its size checks."""
+    by_blob: dict[int, list[Frame]] = {}
+    for frame in frames:
+        by_blob.setdefault(frame.blob, []).append(frame)
+    for group in by_blob.values():
+        first = group[0]
+        if first.pixels.frames * first.rows * first.columns > HEADER_DEPTH_VOXELS or first.rows * first.columns == 0:
+            continue
+        check_decodable(first)
+        decode_into(np.empty((len(group), first.rows, first.columns), volume_dtype(group)), group, blobs, threads=1)
 
 
 class Target:
@@ -67,8 +83,11 @@ class Target:
             else:
                 blobs, _ = expand(files)
                 frames, _ = parse(blobs)
-                stack, _ = select_series(frames)
-                stored_values(stack, blobs, in_place=False, threads=1)
+                if self.depth == "read":
+                    stack, _ = select_series(frames)
+                    stored_values(stack, blobs, in_place=False, threads=1)
+                else:
+                    _decode_each_file(frames, blobs)
         except StudyError:
             pass
 
