@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PIP_TORCH_OPTIONS ?=
 
-.PHONY: setup perf-analyzer test test-fast lint bench demo serve clean
+.PHONY: setup perf-analyzer test test-fast lint fuzz bench demo serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,15 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Fuzz the DICOM reading path for FUZZ_SECONDS (atheris, one worker): bytes of a file, a ZIP, several
+# files or a folder -> preprocess_study at S=16, from a seed corpus generated into build/fuzz/corpus.
+# Exit status 1 on a crash (anything but a StudyError), a hang or memory past the limit; the input is
+# written to build/fuzz/artifacts. Longer runs and cheaper depths: python -m fuzz --help.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	$(PY) -m pip install --quiet -e ".[fuzz]"
+	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
 
 # The serving benchmarks on this machine at a small S (about 10 min on 2 cores): benchmarks/results/.
 bench: setup $(PERF_ANALYZER)
