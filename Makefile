@@ -42,8 +42,8 @@ lint: setup
 
 # Fuzz the DICOM reading path for FUZZ_SECONDS (atheris, one worker): bytes of a file, a ZIP, several
 # files or a folder -> preprocess_study at S=16, from a seed corpus generated into build/fuzz/corpus.
-# Exit status 1 on a crash (anything but a StudyError), a hang or memory past the limit; the input is
-# written to build/fuzz/artifacts. Longer runs and cheaper depths: python -m fuzz --help.
+# A crash (anything but a StudyError), a hang or memory past the limit stops it with a non-zero exit
+# status and writes the input to build/fuzz/artifacts. Longer runs, cheaper depths: python -m fuzz --help.
 FUZZ_SECONDS ?= 60
 fuzz: setup
 	$(PY) -m pip install --quiet -e ".[fuzz]"
