@@ -69,11 +69,14 @@ class Target:
             raise ValueError(f"depth must be one of {DEPTHS}, not {depth!r}")
         self.depth = depth
         self.folder = Path(tempfile.mkdtemp(prefix="fuzz-study-"))
-        warnings.simplefilter("ignore")  # pydicom warns about every oddity it reads past
-        warnings.simplefilter("error", RuntimeWarning)  # numpy overflow / invalid value: a bug
-        np.seterr(all="warn")
 
     def __call__(self, data: bytes) -> None:
+        with warnings.catch_warnings(), np.errstate(all="warn"):
+            warnings.simplefilter("ignore")  # pydicom warns about every oddity it reads past
+            warnings.simplefilter("error", RuntimeWarning)  # numpy overflow / invalid value: a bug
+            self._read(data)
+
+    def _read(self, data: bytes) -> None:
         form, files = split(data)
         try:
             if form == "folder":

@@ -22,6 +22,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 
 import preprocess
+from fuzz.target import DEPTHS, FORMS, SEPARATOR, Target, encode, split
 from preprocess import phantom
 from preprocess.dicom import _j2k_size, decode_into, parse
 from preprocess.sources import Blob, expand
@@ -144,14 +145,14 @@ def test_many_small_members_are_bounded_by_the_archive_ratio():
 
 def test_deflate_bomb_in_a_dicom_file_is_refused_before_pydicom_inflates_it():
     ds = pydicom.dcmread(packaged_file("CT_small.dcm"))
-    ds.add_new(0x00091010, "OB", bytes(50 * 2**20))
+    ds.add_new(0x00091010, "OB", bytes(20 * 2**20))
     meta, body = DicomBytesIO(), DicomBytesIO()
     meta.is_little_endian = body.is_little_endian = True
     meta.is_implicit_VR, body.is_implicit_VR = False, False
     ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
     write_file_meta_info(meta, ds.file_meta)
     write_dataset(body, ds)
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
     data = b"\0" * 128 + b"DICM" + meta.getvalue() + deflate.compress(body.getvalue()) + deflate.flush()
     with pytest.raises(preprocess.InputTooLargeError, match=r"file 1: the deflated data set inflates to more than .* treated as a bomb"):
         parse([Blob(data, "file 1")])
@@ -198,3 +199,24 @@ def test_a_malformed_value_in_a_used_attribute_refuses_the_study_naming_it(keywo
         assert preprocess.preprocess_study(with_raw_value(series, keyword, value), size=S).volume.shape == (1, 1, S, S, S)
         return
     refused(with_raw_value(series, keyword, value), preprocess.CorruptDicomError, f"file 1: {keyword} has a malformed value$")
+
+
+# the fuzz target itself
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_fuzz_target_passes_study_errors_and_raises_anything_else(depth, monkeypatch):
+    """What `python -m fuzz` counts as a crash: any exception but a StudyError, in every form."""
+    series = phantom.study_files("series", **TINY)
+    target = Target(depth)
+    try:
+        for form in FORMS:
+            assert split(encode(form, series[:3]))[1] == (series[:3] if form != "file" else [SEPARATOR.join(series[:3])])
+            target(encode(form, series[:3]))  # too few slices (study, read) or read (header): no crash
+        monkeypatch.setattr("preprocess.sources.expand", None)  # a bug in the reading path: TypeError
+        monkeypatch.setattr("preprocess.pipeline.expand", None)
+        monkeypatch.setattr("fuzz.target.expand", None)
+        with pytest.raises(TypeError):
+            target(encode("payload", series[:3]))
+    finally:
+        target.close()
