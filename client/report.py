@@ -197,8 +197,8 @@ async def build_report(
         except ServerUnavailable as error:
             rows = len(report.ordered_rows())
             raise ServerUnavailable(
-                f"{_one_line(error)}; stopped after {journal.appended} of {len(todo)} studies; "
-                f"{Path(out).name} holds {rows} rows of {len(studies)}: run again with --resume once the server is back"
+                f"{_one_line(error)}; {journal.appended} of {len(todo)} studies finished before it stopped answering; "
+                f"{Path(out).name} holds {rows} rows of {len(studies)} studies: run again with --resume once the server is back"
             ) from None
         finally:
             journal.close()
