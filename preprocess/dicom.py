@@ -226,8 +226,13 @@ def _data_set_start(blob: Blob) -> tuple[int | None, bool]:
         return start, False
     compressed = blob.data[start:]
     bound = min(INPUT_LIMITS.max_uncompressed_bytes, int(INPUT_LIMITS.max_compression_ratio * len(compressed)) + _RATIO_SLACK)
+    inflater, inflated, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, compressed
     try:
-        inflated = len(zlib.decompressobj(-zlib.MAX_WBITS).decompress(compressed, bound + 1))
+        while inflated <= bound:  # counted 1 MiB at a time, never held
+            piece = inflater.decompress(pending, 2**20)
+            inflated, pending = inflated + len(piece), inflater.unconsumed_tail
+            if not pending and len(piece) < 2**20:
+                break
     except zlib.error:
         return start, True  # pydicom reports it
     if inflated > bound:
@@ -460,7 +465,7 @@ def _pixel_format(header: _Header, ts: UID, data: bytes, at: int | None, implici
                 (length,), start = struct.unpack_from(order + "I", data, at + 4), at + 8
             elif vr in _LONG_VRS:
                 if at + 12 > len(data):
-                    raise CorruptDicomError("the pixel data element is cut short")
+                    raise _Malformed("PixelData")  # its header cut short
                 (length,), start = struct.unpack_from(order + "I", data, at + 8), at + 12
             else:
                 (length,), start = struct.unpack_from(order + "H", data, at + 6), at + 8
