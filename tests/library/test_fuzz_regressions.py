@@ -158,6 +158,15 @@ def test_deflate_bomb_in_a_dicom_file_is_refused_before_pydicom_inflates_it():
         parse([Blob(data, "file 1")])
 
 
+def test_a_deflated_file_within_the_ratio_is_read_with_its_pixels():
+    """The bound does not refuse ordinary deflated files, whose pixels were reported missing."""
+    blobs = [Blob(packaged_file("image_dfl.dcm").read_bytes(), "file 1")]
+    frames, _ = parse(blobs)
+    out = np.empty((1, frames[0].rows, frames[0].columns), np.int16)
+    decode_into(out, frames, blobs, threads=1)
+    assert np.array_equal(out[0], pydicom.dcmread(packaged_file("image_dfl.dcm")).pixel_array)
+
+
 # malformed values: refused only where used, and named
 
 
