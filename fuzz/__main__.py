@@ -1,4 +1,4 @@
-"""`python -m fuzz [--depth study|read] [--seconds N | --runs N] [--corpus DIR] [libFuzzer options]`
+"""`python -m fuzz [--depth study|read|header] [--seconds N | --runs N] [--corpus DIR] [libFuzzer options]`
 
 Builds the seed corpus into DIR if it is empty, then fuzzes with atheris (libFuzzer) with one
 worker, a per-input timeout and an RSS limit. Crash inputs are written as crash-*/timeout-*/oom-*
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         "--depth",
         choices=("study", "read", "header"),
         default="study",
-        help="study: preprocess_study at S=16; read: up to decoding; header: unpacking and headers only",
+        help="study: preprocess_study at S=16; read: up to decoding the chosen series; header: unpacking, headers, small files' pixels",
     )
     parser.add_argument(
         "--instrument",
