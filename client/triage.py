@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import struct
 import time
 import uuid
@@ -48,6 +49,9 @@ _TRANSIENT_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "503", "502", "504"})
 # NOT_FOUND "... has no available versions"; a wrong model name ("... is not found") is permanent.
 _RELOADING_STATUSES = frozenset({"StatusCode.NOT_FOUND", "404"})
 _RELOADING_MESSAGE = "has no available versions"
+# Triton 2.51's answer when the Python-backend process of the model instance that got the request died
+# (killed, out of memory): not retried, since a study that crashes its worker would crash the next one.
+_DEAD_WORKER = re.compile(r"Stub process '([^']+)' is not healthy")
 
 
 class ServerUnavailable(ConnectionError):
@@ -215,6 +219,10 @@ def _reason(error: BaseException) -> str:
     """The server's own message when there is one, else what went wrong on the way."""
     if isinstance(error, InferenceServerException):
         message = error.message() or str(error)
+        worker = _DEAD_WORKER.search(message)
+        if worker:
+            instance = worker.group(1)
+            return f"a worker process of the server ({instance}) died: the study was not processed; send it again once the server recovered"
         return f"{error.status()}: {message}" if _is_transient(error) else message
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
         return "no answer within the request timeout"

@@ -1,5 +1,10 @@
 """`python -m serve --repository DIR`: run tritonserver in the foreground until SIGINT/SIGTERM.
 
+The server is supervised: a Python-backend stub that dies, or a region grown past what a study needs,
+gets its model reloaded; a server that exits, or a failed reload, gets the server restarted (after 3
+restarts in a row that did not bring it up, this exits 1). Each action is a line on stderr and in the
+server log.
+
 CT_TRIAGE_ADMIN_KEY, when set, restricts the model-repository, shared-memory, trace and logging APIs
 to requests carrying it (serve/README.md, "Security"). It is read from the environment only: a
 command-line argument would show in `ps`.
@@ -8,6 +13,7 @@ command-line argument would show in `ps`.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -54,11 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             log_verbose=args.log_verbose,
             model_config_name=args.model_config_name,
             admin_key=admin_key,
+            supervise=True,
         )
     except ValueError as error:
         print(f"error: {ADMIN.key_env}: {error}", file=sys.stderr)
         return 2
     access = f"restricted to holders of {ADMIN.key_env}" if admin_key is not None else f"open to every client ({ADMIN.key_env} not set)"
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
@@ -69,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             f"log: {server.log_file}\nstop with Ctrl-C or SIGTERM",
             flush=True,
         )
-        while server.is_running():
+        while server.serving():
             time.sleep(0.5)
-        print(f"tritonserver exited on its own:\n{server.log_tail()}", file=sys.stderr)
+        print(f"tritonserver could not be kept running:\n{server.log_tail()}", file=sys.stderr)
         return 1
     except _Stop as stop:
         print(f"{stop}: stopping tritonserver", flush=True)

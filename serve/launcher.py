@@ -20,6 +20,8 @@ import atexit
 import ctypes
 import functools
 import importlib.util
+import json
+import logging
 import os
 import secrets
 import shutil
@@ -29,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,14 +39,46 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings import ADMIN, SERVING
+from serve.sizing import region_bytes
+from settings import ADMIN, PREPROCESSING, SERVING
 
 SHM_DIR = Path("/dev/shm")
 STUB_PYTHONPATH = "CT_TRIAGE_STUB_PYTHONPATH"  # see the module docstring
+STUB_BINARY = "triton_python_backend_stub"
+# The largest region a stub needs: ct_preprocess holding the largest study and an S=256 volume.
+SHM_REGION_LIMIT_BYTES = region_bytes(SERVING.largest_study_bytes + 4 * PREPROCESSING.size**3)
+# A model's config parameter the watchdog changes to reload it: Triton skips a load whose config is unchanged.
+RELOAD_PARAMETER = "reloaded_by_launcher"
+WATCH_INTERVAL_S = 0.5
+STUB_EXIT_GRACE_S = 1.0  # an unloaded instance removes its region just after its stub exits
+MAX_FAILED_RESTARTS = 3  # restarts in a row that did not bring the server up: give up
+
+log = logging.getLogger("serve")
 
 
 class ServerError(RuntimeError):
     """The server could not be started or did not stop cleanly; the message carries the log tail."""
+
+
+@dataclass(frozen=True)
+class Stub:
+    """One Python-backend stub process: the model instance it runs and its shared-memory region."""
+
+    pid: int
+    model: str
+    instance: str  # Triton's instance name, e.g. ct_preprocess_0_1
+    region: Path
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What the watchdog saw and did (TritonServer.recoveries; the same line is in the server log)."""
+
+    reason: str
+    action: str  # "reload <model>" or "restart"
+    ok: bool
+    at: float  # epoch seconds, when the action ended
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -177,6 +212,8 @@ class TritonServer:
         model_config_name: str | None = None,
         cuda_memory_pool_bytes: int | None = None,
         admin_key: str | None = None,
+        supervise: bool = False,
+        shm_region_limit_bytes: int = SHM_REGION_LIMIT_BYTES,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.model_config_name = model_config_name
@@ -193,6 +230,13 @@ class TritonServer:
         self._process: subprocess.Popen | None = None
         # Unique per server: names its shared-memory regions, so leaks can be found and removed.
         self.shm_prefix = f"ct_triage_{os.getpid()}_{secrets.token_hex(4)}"
+        self.supervise = supervise
+        self.shm_region_limit_bytes = shm_region_limit_bytes
+        self.recoveries: list[Recovery] = []  # what the watchdog did, oldest first
+        self._watchdog: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._known: dict[int, Stub] = {}  # stubs the watchdog has seen alive
+        self._retired: set[int] = set()  # stubs of instances a reload replaced: their exit is expected
 
     # -- addresses ---------------------------------------------------------------------------
     @property
@@ -219,6 +263,10 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def serving(self) -> bool:
+        """Running, or being recovered by the watchdog (False once it gave up, or after stop())."""
+        return self.is_running() or (self._watchdog is not None and self._watchdog.is_alive())
+
     # -- lifecycle ---------------------------------------------------------------------------
     def command(self, backend_directory: Path) -> list[str]:
         """The tritonserver command line (explicit model control, so the load API can override configs);
@@ -237,6 +285,9 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
+            # gRPC request objects are not pooled for reuse: a pooled one keeps the capacity of the
+            # largest request it carried (a 512 MiB study left ~450 MiB more resident in the server)
+            "--grpc-infer-allocation-pool-size=0",
             f"{python}shm-default-byte-size={SERVING.shm_default_byte_size}",
             f"{python}shm-growth-byte-size={SERVING.shm_growth_byte_size}",
             f"{python}shm-region-prefix-name={self.shm_prefix}",
@@ -264,6 +315,10 @@ class TritonServer:
         # so the models import the packages installed there, whatever the working directory.
         python = self._stub_python or Path(sys.prefix) / "bin"
         env["PATH"] = os.pathsep.join(p for p in (str(python), env.get("PATH")) if p)
+        # glibc returns freed memory at once (blocks of 64 KiB and more are mapped on their own, the heap
+        # is trimmed on every free, 2 arenas): with its defaults the buffers of one 1 GiB gRPC request
+        # stayed resident in tritonserver (~400 MB) for good
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="2")
         return env
 
     def start(self) -> TritonServer:
@@ -274,16 +329,32 @@ class TritonServer:
         busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(p)]
         if busy:
             raise ServerError(f"port(s) {busy} already in use")
+        self._stopping.clear()
+        self._known.clear()
+        self._retired.clear()
         self._workdir = Path(tempfile.mkdtemp(prefix="ct_triage_triton_"))
-        backends = prepare_backend_directory(self._workdir / "backends")
+        prepare_backend_directory(self._workdir / "backends")
         if os.environ.get(STUB_PYTHONPATH):
             self._stub_python = prepare_stub_python(self._workdir / "stub-python", os.environ[STUB_PYTHONPATH].split(os.pathsep))
         if self._owns_log:
             self._log_file = self._workdir / "tritonserver.log"
         self._log_file.parent.mkdir(parents=True, exist_ok=True)
+        atexit.register(self.stop)
+        try:
+            self._launch()
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        if self.supervise:
+            self._watchdog = threading.Thread(target=self._watch, name="triton-watchdog", daemon=True)
+            self._watchdog.start()
+        return self
+
+    def _launch(self) -> None:
         with open(self._log_file, "ab") as log:
             self._process = subprocess.Popen(
-                self.command(backends),
+                self.command(self._workdir / "backends"),
                 env=self.environment(),
                 cwd=self._workdir,  # never the checkout: the models must import installed packages
                 stdin=subprocess.DEVNULL,
@@ -292,18 +363,11 @@ class TritonServer:
                 start_new_session=True,  # our own process group: a terminal's Ctrl-C reaches us, not it
                 preexec_fn=_die_with_parent,
             )
-        atexit.register(self.stop)
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         url = f"http://{self.http_url}/v2/health/ready"
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stopping.is_set():
             if self._process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self._process.returncode} during start-up:\n{self.log_tail()}")
             try:
@@ -313,12 +377,27 @@ class TritonServer:
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.25)
+        if self._stopping.is_set():
+            raise ServerError("stopped during start-up")
         raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
         """Graceful SIGTERM, bounded wait, then SIGKILL of the group; leaves no stub and no shm region."""
         atexit.unregister(self.stop)
+        self._stopping.set()
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and watchdog is not threading.current_thread():
+            watchdog.join()  # it checks _stopping between steps, and its requests are bounded
         process, self._process = self._process, None
+        self._terminate(process)
+        if self._workdir is not None:
+            self._remove_leftovers()
+            # the log we placed in the work folder stays (its path was printed); a caller's log lives elsewhere
+            shutil.rmtree(self._workdir if not self._owns_log else self._workdir / "backends", ignore_errors=True)
+            shutil.rmtree(self._workdir / "stub-python", ignore_errors=True)
+            self._stub_python = None
+
+    def _terminate(self, process: subprocess.Popen | None) -> None:
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
@@ -328,14 +407,167 @@ class TritonServer:
                 process.wait(timeout=15)
         if process is not None:
             _kill_group(process.pid)  # stubs share the server's process group
-        if self._workdir is not None:
-            self._reap_stubs()
-            for region in self.leaked_shm():
-                region.unlink(missing_ok=True)
-            # the log we placed in the work folder stays (its path was printed); a caller's log lives elsewhere
-            shutil.rmtree(self._workdir if not self._owns_log else self._workdir / "backends", ignore_errors=True)
-            shutil.rmtree(self._workdir / "stub-python", ignore_errors=True)
-            self._stub_python = None
+
+    def _remove_leftovers(self) -> None:
+        self._reap_stubs()
+        for region in self.leaked_shm():
+            region.unlink(missing_ok=True)
+
+    # -- supervision ---------------------------------------------------------------------------
+    # Triton 2.51's Python backend neither restarts a stub that died nor marks its model unready:
+    # /v2/health/ready stays 200 while every request routed to that instance fails with "Stub process
+    # '<instance>' is not healthy" (its restart on the next request was removed in 24.08). Nor can it
+    # refuse a request by size: a 1 GiB study is copied into a ct_preprocess region, which keeps its
+    # size (and its pages) for the life of the stub. The watchdog (supervise=True) repairs both by
+    # reloading the model, and restarts the server if it exited or a reload fails.
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(WATCH_INTERVAL_S):
+            try:
+                self._check()
+            except Exception as error:  # a failed check must not end supervision; the next one retries
+                self._note(f"watchdog check failed ({type(error).__name__}: {error})")
+
+    def _check(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is not None:
+            self._restart(f"tritonserver exited with code {process.returncode}")
+            return
+        live = {stub.pid: stub for stub in self.stubs()}
+        for stub in live.values():
+            self._known.setdefault(stub.pid, stub)
+        broken: dict[str, str] = {}
+        for pid in [pid for pid in self._known if pid not in live]:
+            stub = self._known.pop(pid)
+            if pid in self._retired:
+                self._retired.discard(pid)
+            elif self._died(stub):
+                broken.setdefault(stub.model, f"the stub of {stub.instance} (pid {pid}) died")
+        limit = self.shm_region_limit_bytes
+        for stub in live.values():
+            size = _file_size(stub.region)
+            if stub.pid not in self._retired and size > limit:
+                reason = f"the shared memory of {stub.instance} grew to {size >> 20} MiB, over the {limit >> 20} MiB a study needs"
+                broken.setdefault(stub.model, reason)
+        for model, reason in broken.items():
+            if self._stopping.is_set():
+                return
+            if not self._reload(model, reason):
+                self._restart(f"reloading {model} failed")
+                return
+
+    def _died(self, stub: Stub) -> bool:
+        """A stub that exited while its instance still holds its region: killed, not unloaded (an unload
+        removes the region just after the stub exits)."""
+        self._stopping.wait(STUB_EXIT_GRACE_S)
+        return stub.region.exists() and not self._stopping.is_set()
+
+    def _reload(self, model: str, reason: str) -> bool:
+        """Reload `model` with the config it runs now (an operating point set through the load API stays),
+        one parameter changed so that Triton loads new instances; the old ones finish their requests."""
+        self._note(f"{reason}: reloading {model}")
+        started = time.monotonic()
+        replaced = {pid for pid, stub in self._known.items() if stub.model == model}
+        try:
+            config = self._request(f"/v2/models/{model}/config")
+            parameters = config.setdefault("parameters", {})
+            count = int(parameters.get(RELOAD_PARAMETER, {}).get("string_value", "0")) + 1
+            parameters[RELOAD_PARAMETER] = {"string_value": str(count)}
+            self._request(f"/v2/repository/models/{model}/load", {"parameters": {"config": json.dumps(config)}})
+        except (OSError, ValueError) as error:  # urllib's errors are OSErrors
+            self._record(f"{reason}; the reload failed ({error})", f"reload {model}", False, started)
+            return False
+        self._retired |= replaced
+        self._record(reason, f"reload {model}", True, started)
+        return True
+
+    def _restart(self, reason: str) -> None:
+        """Stop what is left of the server and start it again on the same ports; give up after
+        MAX_FAILED_RESTARTS restarts in a row that did not bring it up (a broken repository, not a crash)."""
+        self._note(f"{reason}: restarting tritonserver")
+        started = time.monotonic()
+        self._terminate(self._process)
+        self._remove_leftovers()
+        self._known.clear()
+        self._retired.clear()
+        try:
+            self._launch()
+            self._wait_ready()
+        except ServerError as error:
+            self._terminate(self._process)
+            self._record(f"{reason}; the restart failed ({str(error).splitlines()[0]})", "restart", False, started)
+            failed = 0
+            for previous in reversed(self.recoveries):
+                if previous.action != "restart" or previous.ok:
+                    break
+                failed += 1
+            if failed >= MAX_FAILED_RESTARTS:
+                self._note(f"{failed} restarts in a row failed: giving up")
+                self._remove_leftovers()
+                self._stopping.set()  # ends the watchdog: serving() turns False
+            return  # otherwise the next check restarts it again
+        self._record(reason, "restart", True, started)
+
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        """One call to the server's HTTP API (with the admin key, which the load API may need)."""
+        headers = {ADMIN.header: self._admin_key} if self._admin_key else {}
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://{self.http_url}{path}", data=data, headers=headers, method="POST" if data else "GET")
+        with urllib.request.urlopen(request, timeout=self.startup_timeout_s) as response:
+            text = response.read()
+        return json.loads(text) if text else {}
+
+    def _record(self, reason: str, action: str, ok: bool, started: float) -> None:
+        recovery = Recovery(reason=reason, action=action, ok=ok, at=time.time(), seconds=round(time.monotonic() - started, 2))
+        self.recoveries.append(recovery)
+        self._note(f"{reason}: {action} {'done' if ok else 'FAILED'} in {recovery.seconds:.1f} s")
+
+    def _note(self, message: str) -> None:
+        """To the launcher's log and the server log (where an operator looks first)."""
+        log.warning("watchdog: %s", message)
+        if self._log_file is not None:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+            with open(self._log_file, "a", encoding="utf-8") as stream:
+                stream.write(f"W {stamp} ct-triage watchdog: {message}\n")
+
+    # -- processes and memory ------------------------------------------------------------------
+    def stubs(self) -> list[Stub]:
+        """The live Python-backend stubs of this server, from /proc (a stub's command line names its
+        model file, its region and its instance)."""
+        if self._process is None:
+            return []
+        found = []
+        for pid in process_tree(self._process.pid):
+            try:
+                words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if Path(words[0].decode(errors="replace")).name == STUB_BINARY and len(words) > 8:
+                model = Path(words[1].decode(errors="replace")).parent.parent.name
+                found.append(Stub(pid, model, words[8].decode(errors="replace"), SHM_DIR / words[2].decode(errors="replace")))
+        return found
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Resident memory of the server and of each stub (by instance name; a stub's includes the
+        pages of its region it has touched)."""
+        if self._process is None:
+            return {}
+        sizes = {"tritonserver": _resident_bytes(self._process.pid)}
+        for stub in self.stubs():
+            sizes[stub.instance] = _resident_bytes(stub.pid)
+        return sizes
+
+    def shm_bytes(self) -> int:
+        """Pages of /dev/shm this server's regions hold (the backend allocates a region's whole size)."""
+        total = 0
+        for region in self.leaked_shm():
+            try:
+                total += region.stat().st_blocks * 512
+            except OSError:
+                continue
+        return total
 
     def _reap_stubs(self) -> None:
         deadline = time.monotonic() + 10
@@ -390,6 +622,23 @@ def _checked_admin_key(key: str | None) -> str | None:
     if not key or key != key.strip() or not all(" " <= c <= "~" for c in key):
         raise ValueError("the admin key must be non-empty printable ASCII without leading or trailing spaces")
     return key
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _resident_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _die_with_parent() -> None:
