@@ -77,6 +77,7 @@ class PixelFormat:
     offset: int | None  # first native pixel byte in the blob; None when encapsulated or absent
     length: int  # declared length of the native pixel value
     present: bool
+    value_at: int | None = None  # first byte of the pixel data value, native or encapsulated; None if absent or deflated
 
     @property
     def native_fast(self) -> bool:
@@ -453,7 +454,7 @@ def _uid(raw: bytes) -> UID:
 def _pixel_format(header: _Header, ts: UID, data: bytes, at: int | None, implicit: bool) -> PixelFormat:
     """How the pixels are stored. The pixel data element's header is read as pydicom reads it: in the
     encoding the data set was read with, and in explicit VR as implicit when its VR is not letters."""
-    offset, length, present = None, 0, False
+    offset, length, present, value_at = None, 0, False, None
     if at is None:  # a deflated data set read whole by pydicom: never in place
         present = header.raw("PixelData") is not None
     elif at + 8 <= len(data):
@@ -469,6 +470,7 @@ def _pixel_format(header: _Header, ts: UID, data: bytes, at: int | None, implici
                 (length,), start = struct.unpack_from(order + "I", data, at + 8), at + 12
             else:
                 (length,), start = struct.unpack_from(order + "H", data, at + 6), at + 8
+            value_at = start
             if length != _UNDEFINED:
                 offset = start
     bits_allocated = header.ushort("BitsAllocated", 16)
@@ -486,6 +488,7 @@ def _pixel_format(header: _Header, ts: UID, data: bytes, at: int | None, implici
         offset=offset,
         length=length,
         present=present,
+        value_at=value_at,
     )
 
 
@@ -764,9 +767,10 @@ def _decode_with_pydicom(out: np.ndarray, frames: Sequence[Frame], ks: list[int]
         raise DecodeError(f"{blob.label}: no pixel data")
     name = getattr(UID(first.pixels.transfer_syntax), "name", "") or "unknown transfer syntax"
     try:
-        ds = pydicom.dcmread(io.BytesIO(blob.data), force=True)  # force: bare data sets (the header was already read)
-        if "TransferSyntaxUID" not in ds.file_meta:
-            ds.file_meta.TransferSyntaxUID = UID(first.pixels.transfer_syntax)
+        if first.pixels.value_at is not None:
+            ds = _pixel_dataset(first, blob.data)
+        else:  # deflated: pydicom inflates the whole data set
+            ds = pydicom.dcmread(io.BytesIO(blob.data))
         if ds.file_meta.TransferSyntaxUID.is_encapsulated:
             _check_codestreams(ds, first)
         array = ds.pixel_array
@@ -782,6 +786,37 @@ def _decode_with_pydicom(out: np.ndarray, frames: Sequence[Frame], ks: list[int]
         raise DecodeError(f"{blob.label}: decoded pixel data has shape {array.shape[1:]}, header says {first.rows}x{first.columns}")
     for k in ks:
         out[k] = array[frames[k].frame]
+
+
+def _pixel_dataset(frame: Frame, data: bytes) -> pydicom.Dataset:
+    """The image pixel module as parse read it, around the pixel data bytes: what pydicom's decoders
+    need, and nothing else to convert (reading the whole file again, a malformed value in an
+    attribute no decoder uses, such as SpecificCharacterSet, refused the study)."""
+    p = frame.pixels
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(p.transfer_syntax)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = frame.rows, frame.columns, p.frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = p.samples_per_pixel, p.photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = p.bits_allocated, p.bits_stored, max(p.bits_stored - 1, 0)
+    ds.PixelRepresentation = int(p.signed)
+    ds.PixelData = data[p.value_at : _encapsulated_end(frame, data) if p.offset is None else p.offset + p.length]
+    return ds
+
+
+def _encapsulated_end(frame: Frame, data: bytes) -> int:
+    """End of the encapsulated pixel data's items; without its sequence delimiter the data is cut
+    short somewhere (a decoder could return part of a frame), as pydicom also refuses it."""
+    pos = frame.pixels.value_at
+    while pos + 8 <= len(data):
+        group, element, length = _IMPLICIT.unpack_from(data, pos)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_END:
+            return pos + 8
+        if tag != _ITEM or pos + 8 + length > len(data):
+            break
+        pos += 8 + length
+    raise DecodeError(f"{frame.label}: compressed pixel data is cut short or damaged (no end of its items)")
 
 
 _JPEG_SYNTAXES = frozenset(pydicom.uid.JPEGTransferSyntaxes + pydicom.uid.JPEGLSTransferSyntaxes)
