@@ -191,7 +191,11 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
     start, deflated = (0, False) if bare else _data_set_start(blob)
     stream = io.BytesIO(blob.data)
     try:
-        ds = pydicom.dcmread(stream, stop_before_pixels=not deflated, force=bool(bare))
+        try:
+            ds = pydicom.dcmread(stream, stop_before_pixels=not deflated, force=bool(bare))
+        except (LookupError, ValueError):  # pydicom looks up SpecificCharacterSet as it reads
+            stream = io.BytesIO(_without_character_set(blob.data, start))
+            ds = pydicom.dcmread(stream, stop_before_pixels=not deflated, force=bool(bare))
     except InvalidDicomError:
         return None
     except RecursionError:
@@ -210,6 +214,17 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
         return _DatasetHeader(ds, little, bare=True), bare, at, implicit
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)))
     return _DatasetHeader(ds, little), ts, at, implicit
+
+
+def _without_character_set(data: bytes, start: int | None) -> bytes:
+    """The file with the value of its top-level SpecificCharacterSet blanked, same length: this
+    package never uses it (text is read as bytes), and a value pydicom cannot look up stops it."""
+    at = data.find(b"\x08\x00\x05\x00", start or 0)
+    if at < 0:
+        return data
+    explicit = data[at + 4 : at + 6] == b"CS"
+    length, value_at = (_SHORT.unpack_from(data, at)[3], at + 8) if explicit else (_LENGTH32.unpack_from(data, at + 4)[0], at + 8)
+    return data[:value_at] + b" " * min(length, len(data) - value_at) + data[value_at + length :]
 
 
 def _data_set_start(blob: Blob) -> tuple[int | None, bool]:
