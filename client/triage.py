@@ -288,8 +288,9 @@ class _Base:
             raise self._not_ready(f"model {self.model!r} is not ready")
 
     def _region(self, payload, started) -> tuple[_SharedMemoryPayload | None, TriageResult | None]:
-        """The payload's shared-memory region when one is asked for, or the failure that replaces the request."""
-        if not self.shared_memory:
+        """The payload's shared-memory region when one is asked for, or the failure that replaces the request.
+        An empty study goes on the wire (a region cannot be empty), so the server names what is wrong with it."""
+        if not self.shared_memory or payload_bytes(payload) == 0:
             return None, None
         try:
             return _SharedMemoryPayload(payload), None
