@@ -53,6 +53,11 @@ fuzz: setup
 bench: setup $(PERF_ANALYZER)
 	$(PY) -m benchmarks.serving --size 64 --out benchmarks/results
 
+# The soak (not part of `make test`): 10 min of valid and invalid studies at concurrency 4 against the
+# supervised CPU server; memory must stay flat; benchmarks/results/soak-cpu.*.
+soak: setup
+	nice -n 5 $(PY) -m benchmarks.soak --minutes 10 --out benchmarks/results
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
