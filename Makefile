@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PIP_TORCH_OPTIONS ?=
 
-.PHONY: setup perf-analyzer test test-fast lint fuzz bench demo serve clean
+.PHONY: setup perf-analyzer test test-fast lint fuzz bench soak demo serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
