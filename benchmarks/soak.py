@@ -10,8 +10,9 @@ slices over the size limit, more files than a study may have), switching between
 wire and through system shared memory, with no retries. Every answer is checked: a valid study gets
 the probability it got the first time, an invalid one the refusal preprocess gives offline (or the
 served bound for the file count). Resident memory of tritonserver and of each stub and this server's
-/dev/shm pages are sampled every few seconds; start = after one warm-up round of every case in every
-mode, end = after the last answer.
+/dev/shm pages are sampled every few seconds. Warm-up: every case in every mode once, then --warm-up-s
+of the same load (the server's threads and buffers for concurrent requests); start = idle after it,
+end = idle after the last answer.
 
 Pass: no unexpected answer, no watchdog action, every process's resident memory at the end within 10%
 of its start, /dev/shm pages back to their start and no client region left. Writes soak-cpu.md, .json
@@ -174,6 +175,14 @@ def send_all(server, studies: list[Case], tally: Tally, deadline: float, offset:
             client.close()
 
 
+def load(server, studies: list[Case], tally: Tally, concurrency: int, deadline: float) -> None:
+    threads = [threading.Thread(target=send_all, args=(server, studies, tally, deadline, 5 * n)) for n in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def connect(server, mode: tuple[str, bool]) -> TriageClient:
     """No retries: every error counts."""
     protocol, shared_memory = mode
@@ -197,20 +206,14 @@ def run(args: argparse.Namespace) -> dict:
                 for mode in MODES:
                     with connect(server, mode) as client:
                         tally.check(case, mode, client.classify(case.payload))
+            load(server, studies, tally, args.concurrency, time.monotonic() + args.warm_up_s)  # the working set of concurrency
             warm_up = {"sent": sum(c["sent"] for c in tally.counts.values()), "unexpected": list(tally.unexpected)}
             expected, tally = tally.expected_probability, Tally()
             tally.expected_probability = dict(expected)  # later answers must repeat the warm-up's
             started = time.monotonic()
             with Sampler(server, started) as sampler:
                 start = sampler.sample("start")
-                deadline = started + args.minutes * 60
-                threads = [
-                    threading.Thread(target=send_all, args=(server, studies, tally, deadline, n * 5)) for n in range(args.concurrency)
-                ]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
+                load(server, studies, tally, args.concurrency, started + args.minutes * 60)
                 elapsed = time.monotonic() - started
             end = sampler.sample("end")
             recoveries = [vars(r) for r in server.recoveries]
@@ -244,13 +247,17 @@ def summarise(args, studies, tally, warm_up, samples, start, end, elapsed, recov
     }
     return {
         "machine": machine(args.size),
-        "command": f"python -m benchmarks.soak --minutes {args.minutes:g} --size {args.size} --concurrency {args.concurrency}",
+        "command": (
+            f"python -m benchmarks.soak --minutes {args.minutes:g} --size {args.size} "
+            f"--concurrency {args.concurrency} --warm-up-s {args.warm_up_s:g}"
+        ),
         "size": args.size,
         "concurrency": args.concurrency,
         "modes": [f"{p}{' + shm' if s else ''}" for p, s in MODES],
         "minutes": args.minutes,
         "elapsed_s": round(elapsed, 1),
         "warm_up_sent": warm_up["sent"],
+        "warm_up_s": args.warm_up_s,
         "sent": sent,
         "valid_sent": valid,
         "invalid_sent": sent - valid,
@@ -308,7 +315,8 @@ def markdown(results: dict) -> str:
         "",
         f"{results['sent']} studies in {results['elapsed_s']} s ({results['studies_per_s']} studies/s) from {results['concurrency']} "
         f"client threads, {results['valid_sent']} valid and {results['invalid_sent']} invalid, each case in turn over "
-        f"{', '.join(results['modes'])}, no retries (after a warm-up of {results['warm_up_sent']}: every case in every mode once). "
+        f"{', '.join(results['modes'])}, no retries, after a warm-up of {results['warm_up_sent']} (every case in every mode once, "
+        f"then {results['warm_up_s']:g} s of the same load). "
         f"Unexpected answers: {results['unexpected']}. Watchdog actions: {len(results['recoveries'])}.",
         "",
         "| case | expected answer | sent | as expected | p50 s | p95 s |",
@@ -365,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--size", type=int, default=16, help="S of the rendered repository (small: the serving path is what is soaked)")
     parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--warm-up-s", type=float, default=60.0, help="load at the same concurrency before the start sample")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     results = run(args)
