@@ -3,15 +3,19 @@
 Writes OUT.pt (torch.save of the [1, 1, S, S, S] float32 tensor, on the CPU whatever --device) and OUT.json (the metadata).
 A bad study exits with status 1 and one line on stderr; no output file is written, and the outputs of
 an earlier run at OUT are removed (they are not this study's). A bad command line exits with status 2.
-Warnings of the DICOM and numeric libraries are not printed: what matters about the study is in the
-error line or in the metadata's `warnings`.
+Warnings of the DICOM and numeric libraries are not printed, nor what native decoders write to the
+process's stderr when they fail (a Rust panic message): what matters about the study is in the error
+line or in the metadata's `warnings`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -51,6 +55,30 @@ def _output_problem(out: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_libraries():
+    """Hold what the libraries print while a study is read: dropped when the study is refused (the one
+    error line says it all), shown as usual otherwise (logged warnings, an internal error's report)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        os.dup2(held.fileno(), 2)
+        refused = False
+        try:
+            yield
+        except StudyError:
+            refused = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if not refused:
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m preprocess", description="DICOM chest-CT study -> model input tensor (.pt) and metadata (.json)"
@@ -78,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         parser.error(problem)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom's and numpy's remarks would bury the one line that matters
+        with _quiet_libraries():
             study = preprocess_study(
                 read_study(args.input), size=args.size, mode=args.mode, series_uid=args.series, device=args.device, threads=args.threads
             )

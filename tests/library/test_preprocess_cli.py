@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import subprocess
 
 import pydicom
@@ -51,13 +52,21 @@ def test_cli_reference_mode_and_forced_series(run, tmp_path):
     assert meta["mode"] == "reference" and "requested" in meta["series_selection"]["reason"]
 
 
-def _study_pydicom_warns_about(folder):
-    """Slices encoded implicit VR but declared explicit (pydicom warns as it reads them), one missing."""
+def _study_libraries_complain_about(folder):
+    """A series encoded implicit VR but declared explicit (pydicom warns as it reads it), and the thinner
+    series chosen, RLE with a run longer than its segment (pylibjpeg-rle's Rust decoder panics on stderr)."""
     folder.mkdir()
-    for k, data in enumerate(phantom.study_files("series", slices=20, rows=32, columns=32)):
-        if k != 9:
-            ds = pydicom.dcmread(io.BytesIO(data))
-            pydicom.dcmwrite(folder / f"{k}.dcm", ds, implicit_vr=True, little_endian=True, force_encoding=True)
+    tiny = dict(slices=16, rows=8, columns=8, pixel_spacing=20.0)
+    for k, data in enumerate(phantom.study_files("series", slice_spacing=20.0, seed=1, **tiny)):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        pydicom.dcmwrite(folder / f"warns{k}.dcm", ds, implicit_vr=True, little_endian=True, force_encoding=True)
+    for k, data in enumerate(phantom.study_files("series", slice_spacing=10.0, transfer_syntax="rle", **tiny)):
+        if k == 5:
+            frame = next(pydicom.encaps.generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=1))
+            segment = data.index(frame) + struct.unpack_from("<I", frame, 4)[0]
+            (folder / f"rle{k}.dcm").write_bytes(data[:segment] + b"\x81" + data[segment + 1 :])  # a 128-byte run, 64-byte segment
+        else:
+            (folder / f"rle{k}.dcm").write_bytes(data)
     return folder
 
 
@@ -84,14 +93,14 @@ def test_cli_failure_is_one_line_without_traceback_or_output(run, tmp_path, case
             ds.save_as(folder / f"other{k}.dcm")
         args = [str(folder)]
     else:  # the real command, once: in-process, pytest would catch the warnings itself
-        args = [str(_study_pydicom_warns_about(tmp_path / "warns"))]
+        args = [str(_study_libraries_complain_about(tmp_path / "complaints"))]
     out = tmp_path / "out.pt"
     if case != "library warnings":
         result = run(*args, "-o", str(out), "--size", "16")
         assert case != "two patients" or result.stderr.endswith("so none is chosen (choose one with --series UID)\n")
     else:
         result = run_module("preprocess", *args, "-o", str(out), "--size", "16", cwd=tmp_path)
-        assert "uneven slice spacing" in result.stderr
+        assert "file 12: pixel data could not be decoded (RLE Lossless, PanicException)" in result.stderr, result.stderr
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
