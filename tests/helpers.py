@@ -66,3 +66,19 @@ def counted_stats(server, model: str, inferences: int, limit_s: float = 30.0) ->
         if int(stats.get("inference_count", 0)) >= inferences or time.monotonic() > deadline:
             return stats
         time.sleep(0.05)
+
+
+def report_row(path: str, status: str = "Success", probability: float | None = 0.25) -> dict:
+    """A report row as the client writes it, for the report and journal tests."""
+    ok = status == "Success"
+    return {
+        "path_to_study": path,
+        "study_uid": "1.2.3" if ok else None,
+        "series_uid": "1.2.3.4" if ok else None,
+        "probability_of_pathology": probability if ok else None,
+        "pathology": 0 if ok else None,
+        "processing_status": status,
+        "time_of_processing": 1.5,
+        "error": None if ok else "bad study",
+        "model": "demo",
+    }

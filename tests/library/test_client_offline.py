@@ -11,7 +11,7 @@ from pathlib import Path
 
 import openpyxl
 import pytest
-from helpers import ROOT, run_module
+from helpers import ROOT, report_row, run_module
 
 import client
 from client.cli import main as client_main
@@ -29,21 +29,6 @@ def _closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]  # nobody listens once the probe is closed
-
-
-def _row(path: str, status: str = client.SUCCESS, probability: float | None = 0.25) -> dict:
-    ok = status == client.SUCCESS
-    return {
-        "path_to_study": path,
-        "study_uid": "1.2.3" if ok else None,
-        "series_uid": "1.2.3.4" if ok else None,
-        "probability_of_pathology": probability if ok else None,
-        "pathology": 0 if ok else None,
-        "processing_status": status,
-        "time_of_processing": 1.5,
-        "error": None if ok else "bad study",
-        "model": "demo",
-    }
 
 
 def test_discovery_finds_zips_and_dicom_folders_in_stable_order(tmp_path):
@@ -87,7 +72,7 @@ def test_discovery_rejects_a_file(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".xlsx", ".csv"])
 def test_report_round_trip_keeps_header_types_and_order(tmp_path, suffix):
-    rows = [_row("b.zip"), _row("a", client.FAILURE), _row("c", probability=0.875)]
+    rows = [report_row("b.zip"), report_row("a", client.FAILURE), report_row("c", probability=0.875)]
     path = tmp_path / f"report{suffix}"
 
     client.write_report(rows, path)
@@ -102,11 +87,11 @@ def test_report_round_trip_keeps_header_types_and_order(tmp_path, suffix):
 
 def test_report_write_is_atomic_when_writing_fails(tmp_path):
     path = tmp_path / "report.xlsx"
-    client.write_report([_row("a")], path)
+    client.write_report([report_row("a")], path)
     before = path.read_bytes()
 
     with pytest.raises(ValueError):  # openpyxl refuses a cell value half-way through the file
-        client.write_report([_row("a"), {**_row("b"), "model": object()}], path)
+        client.write_report([report_row("a"), {**report_row("b"), "model": object()}], path)
 
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["report.xlsx"]
@@ -139,7 +124,7 @@ def test_resume_with_everything_done_sends_nothing(tmp_path):
     _dicom_like(folder / "s1" / "IM1")
     _dicom_like(folder / "s2" / "IM1")
     out = tmp_path / "report.xlsx"
-    client.write_report([_row("s2"), _row("gone"), _row("s1", probability=0.5)], out)
+    client.write_report([report_row("s2"), report_row("gone"), report_row("s1", probability=0.5)], out)
 
     def unreachable() -> client.AsyncTriageClient:
         return client.AsyncTriageClient(f"127.0.0.1:{_closed_port()}", "grpc")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import report_row as finished
 
 import client
 from client.cli import main as client_main
@@ -20,21 +21,6 @@ def _study(path: Path) -> None:
     """A folder that discovery takes for a study (one DICOM-looking file)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "IM1").write_bytes(b"\0" * 128 + b"DICM")
-
-
-def _row(path: str, status: str = client.SUCCESS, probability: float = 0.25) -> dict:
-    ok = status == client.SUCCESS
-    return {
-        "path_to_study": path,
-        "study_uid": f"1.2.{len(path)}" if ok else None,
-        "series_uid": "1.2.3.4" if ok else None,
-        "probability_of_pathology": probability if ok else None,
-        "pathology": 0 if ok else None,
-        "processing_status": status,
-        "time_of_processing": 1.5,
-        "error": None if ok else "bad study",
-        "model": "demo",
-    }
 
 
 def _closed_url() -> str:
@@ -68,7 +54,7 @@ def test_a_torn_last_line_is_ignored_and_resume_continues_from_whole_lines(tmp_p
     folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
     _study(folder / "s1")
     _study(folder / "s2")
-    journal = _journal(out, folder, [_row("s1"), _row("s2", probability=0.75)])
+    journal = _journal(out, folder, [finished("s1"), finished("s2", probability=0.75)])
     with open(journal, "ab") as stream:  # killed while writing a later line of s1
         stream.write(b'{"path_to_study":"s1","study_uid":null,"processing_st')
 
@@ -78,15 +64,15 @@ def test_a_torn_last_line_is_ignored_and_resume_continues_from_whole_lines(tmp_p
     summary = _resume(folder, out)  # every study is Success: the server is not needed
 
     assert (summary.studies, summary.sent, summary.skipped) == (2, 0, 2)
-    assert client.read_report(out) == [_row("s1"), _row("s2", probability=0.75)]
+    assert client.read_report(out) == [finished("s1"), finished("s2", probability=0.75)]
     again = read_journal(journal)  # rewritten from whole lines: appends start on a line of their own
     assert again.unreadable == 0 and journal.read_bytes().endswith(b"\n")
-    assert [_columns(row) for row in again.rows] == [_row("s1"), _row("s2", probability=0.75)]
+    assert [_columns(row) for row in again.rows] == [finished("s1"), finished("s2", probability=0.75)]
 
 
 def test_a_damaged_line_costs_only_its_study(tmp_path):
     folder, out = tmp_path / "studies", tmp_path / "report.csv"
-    journal = _journal(out, folder, [_row("s1")])
+    journal = _journal(out, folder, [finished("s1")])
     with open(journal, "ab") as stream:
         stream.write(b"\x00\x00not json\n")
         stream.write(b'{"path_to_study":"s3"}\n')  # not a whole row
@@ -102,11 +88,11 @@ def test_every_append_reaches_the_disk_before_it_counts(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "write", lambda fd, data: calls.append(("write", fd)) or write(fd, data))
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)) or fsync(fd))
 
-    writer.append(_row("s1"))
+    writer.append(finished("s1"))
 
     assert calls and calls[-1] == ("fsync", writer._fd) and ("write", writer._fd) in calls[:-1]
-    assert writer.latest == {"s1": _row("s1")} and writer.appended == 1
-    assert [_columns(row) for row in read_journal(writer.path).rows] == [_row("s1")]  # on disk, file still open
+    assert writer.latest == {"s1": finished("s1")} and writer.appended == 1
+    assert [_columns(row) for row in read_journal(writer.path).rows] == [finished("s1")]  # on disk, file still open
     assert read_journal(writer.path).rows[0]["finished_at"] == pytest.approx(time.time(), abs=60)
     writer.close()
 
@@ -116,24 +102,24 @@ def test_resume_keeps_the_latest_row_of_each_study_once(tmp_path):
     _study(folder / "s1")
     _study(folder / "s2")
     # s1 failed in a first run and succeeded when resumed; "gone" is no longer in the folder.
-    journal = _journal(out, folder, [_row("s1", client.FAILURE), _row("gone"), _row("s2"), _row("s1", probability=0.5)])
+    journal = _journal(out, folder, [finished("s1", client.FAILURE), finished("gone"), finished("s2"), finished("s1", probability=0.5)])
 
     summary = _resume(folder, out, csv_out=csv_out)
 
     assert (summary.studies, summary.sent, summary.succeeded, summary.failed) == (2, 0, 2, 0)
     rows = client.read_report(out)
-    assert rows == [_row("s1", probability=0.5), _row("s2")]  # one row per study, in discovery order
+    assert rows == [finished("s1", probability=0.5), finished("s2")]  # one row per study, in discovery order
     assert client.read_report(csv_out) == rows
     kept = [_columns(row) for row in read_journal(journal).rows]  # one line per study, "gone" kept for later
-    assert sorted(kept, key=lambda row: row["path_to_study"]) == [_row("gone"), _row("s1", probability=0.5), _row("s2")]
+    assert sorted(kept, key=lambda row: row["path_to_study"]) == [finished("gone"), finished("s1", probability=0.5), finished("s2")]
 
 
 def test_resume_with_studies_left_and_no_server_changes_nothing(tmp_path, capsys):
     folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
     _study(folder / "s1")
     _study(folder / "s2")
-    journal = _journal(out, folder, [_row("s1"), _row("s2", client.FAILURE)])  # s2 is to be retried
-    client.write_report([_row("s1"), _row("s2", client.FAILURE)], out)
+    journal = _journal(out, folder, [finished("s1"), finished("s2", client.FAILURE)])  # s2 is to be retried
+    client.write_report([finished("s1"), finished("s2", client.FAILURE)], out)
     before = journal.read_bytes(), out.read_bytes()
 
     code = client_main(["report", str(folder), "--out", str(out), "--resume", "--url", _closed_url()])
@@ -149,7 +135,8 @@ def test_a_journal_of_another_folder_or_model_is_refused(tmp_path, capsys, other
     _study(folder / "s1")
     elsewhere = tmp_path / "other_studies"
     _study(elsewhere / "s1")  # same relative path, another study
-    journal = _journal(out, elsewhere if other == "folder" else folder, [_row("s1")], model="ct_triage" if other == "folder" else "other")
+    source, model = (elsewhere, "ct_triage") if other == "folder" else (folder, "other")
+    journal = _journal(out, source, [finished("s1")], model=model)
     before = journal.read_bytes()
 
     code = client_main(["report", str(folder), "--out", str(out), "--resume", "--url", _closed_url()])
@@ -171,7 +158,7 @@ def test_a_file_that_is_no_journal_is_refused(tmp_path):
 def test_without_resume_a_run_starts_a_new_journal(tmp_path):
     folder, out = tmp_path / "empty_archive", tmp_path / "report.xlsx"
     folder.mkdir()
-    journal = _journal(out, tmp_path / "other", [_row("s1"), _row("s2")])
+    journal = _journal(out, tmp_path / "other", [finished("s1"), finished("s2")])
 
     summary = asyncio.run(client.build_report(folder, out, _unreachable))  # no studies: no server needed
 
@@ -190,7 +177,7 @@ def test_the_report_is_rewritten_from_the_journal_at_intervals_not_per_study(tmp
         report.start()
         await asyncio.sleep(0)  # the first write takes its snapshot: no rows yet
         for key in order:
-            journal.append(_row(key))
+            journal.append(finished(key))
             await asyncio.sleep(0)
             while follow and (not report.writes or report.writes[-1][0] != journal.appended):  # every_s 0: it catches up mid-run
                 await asyncio.sleep(0.01)
