@@ -11,7 +11,6 @@ else is INTERNAL and is logged without its message (which could quote DICOM valu
 A request over the served bounds (more files than INPUT_LIMITS.max_folder_files, more bytes than
 SERVING.largest_study_bytes, what /dev/shm is sized for) is refused before any copy of its files:
 Triton 2.51 has no request-size limit of its own, so this is the first place one can be refused.
-torch is imported only for device "cuda" (DLPack): a CPU stub starts seconds sooner and ~200 MB smaller.
 """
 
 import json
@@ -19,6 +18,7 @@ import time
 import traceback
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils
 
 import preprocess
@@ -63,8 +63,6 @@ class TritonPythonModel:
         if self.device is None:
             volume = pb_utils.Tensor(NAMES.volume, np.ascontiguousarray(study.volume, dtype=np.float32))
         else:  # C-contiguous and computed (preprocess synchronises the stream): Triton reads it in place
-            import torch
-
             volume = pb_utils.Tensor.from_dlpack(NAMES.volume, torch.utils.dlpack.to_dlpack(study.volume))
         return pb_utils.InferenceResponse(
             output_tensors=[
@@ -97,8 +95,6 @@ def _device(setting: str, args: dict) -> str | None:
         raise ValueError(f"{NAMES.preprocess}: parameter device must be 'cpu' or 'cuda', not {setting!r}")
     if args["model_instance_kind"] != "GPU":
         raise ValueError(f"{NAMES.preprocess}: device 'cuda' needs instance_group kind KIND_GPU, not {args['model_instance_kind']}")
-    import torch
-
     if not torch.cuda.is_available():
         raise ValueError(f"{NAMES.preprocess}: device 'cuda' but torch sees no CUDA device (a CPU-only torch build, or no GPU visible)")
     return f"cuda:{args['model_instance_device_id']}"
