@@ -138,8 +138,11 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
     spacings = np.array([f.pixel_spacing for f in frames], dtype=np.float64)
     if np.abs(orientations - orientations[0]).max() > rule.same_geometry_tolerance:
         raise InconsistentSlicesError("slices have different orientations (mixed stacks in one series)")
-    if np.abs(spacings / spacings[0] - 1).max() > rule.same_geometry_tolerance or (spacings[0] <= 0).any():
-        raise InconsistentSlicesError("slices have different or invalid pixel spacing")
+    not_positive = int((spacings <= 0).any(axis=1).sum())
+    if not_positive:
+        raise ImplausibleValueError(f"PixelSpacing is not positive in {not_positive} of {len(frames)} slices")
+    if np.abs(spacings / spacings[0] - 1).max() > rule.same_geometry_tolerance:
+        raise InconsistentSlicesError("slices have different pixel spacing")
     if not all(limits.min_spacing_mm <= s <= limits.max_spacing_mm for s in spacings[0]):
         raise ImplausibleValueError(
             f"PixelSpacing {spacings[0][0]:g}\\{spacings[0][1]:g} mm is outside {limits.min_spacing_mm:g}-{limits.max_spacing_mm:g} mm"

@@ -253,6 +253,17 @@ def test_non_finite_or_absurd_geometry_and_rescale_are_named(series, keyword, va
     refused(edit(series, _as_text(keyword, value)), preprocess.ImplausibleValueError, message)
 
 
+@pytest.mark.filterwarnings("error")  # found by the fuzzer: the spacing comparison divided by zero first
+@pytest.mark.parametrize("first", [True, False])
+def test_a_pixel_spacing_of_zero_is_named(series, first):
+    def zero(ds, k):
+        if k == 0 or not first:
+            ds.PixelSpacing = [0, 0]
+
+    message = f"PixelSpacing is not positive in {1 if first else 20} of 20 slices"
+    refused(edit(series, zero), preprocess.ImplausibleValueError, message)
+
+
 def test_slices_packed_closer_than_any_ct_are_refused(series):
     def squash(ds, k):
         ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], position(ds) / 1000]
