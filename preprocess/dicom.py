@@ -212,7 +212,10 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
         if "SOPClassUID" not in ds and "Modality" not in ds:
             return None  # bytes that merely start like a data set
         return _DatasetHeader(ds, little, bare=True), bare, at, implicit
-    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)))
+    syntax = ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)
+    if not isinstance(syntax, (str, bytes)):  # e.g. read as a sequence: its text form fails in pydicom
+        raise CorruptDicomError(f"{blob.label}: TransferSyntaxUID has a malformed value")
+    ts = UID(syntax.decode("latin-1") if isinstance(syntax, bytes) else str(syntax))
     return _DatasetHeader(ds, little), ts, at, implicit
 
 

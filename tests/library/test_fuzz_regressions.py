@@ -80,6 +80,18 @@ def test_file_meta_pydicom_cannot_convert_is_refused():
         parse([Blob(broken, "file 1")])
 
 
+def test_transfer_syntax_read_as_a_sequence_is_refused():
+    """A TransferSyntaxUID encoded as a sequence holding an unknown VR: pydicom's text form of it raised
+    NotImplementedError (found by the whole-pipeline fuzz run)."""
+    data = packaged_file("CT_small.dcm").read_bytes()
+    at = data.index(b"\x02\x00\x10\x00UI")
+    length = struct.unpack_from("<H", data, at + 6)[0]
+    item = b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + b"\x49\x47\x49\x4eAL\x02\x00xx" + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+    sequence = b"\x02\x00\x10\x00SQ\x00\x00\xff\xff\xff\xff" + item + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    with pytest.raises(preprocess.CorruptDicomError, match="file 1: TransferSyntaxUID has a malformed value"):
+        parse([Blob(data[:at] + sequence + data[at + 8 + length :], "file 1")])
+
+
 # memory bounds
 
 
