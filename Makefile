@@ -32,7 +32,7 @@ perf-analyzer: $(PERF_ANALYZER)
 test: setup $(PERF_ANALYZER)
 	$(PY) -m pytest -q
 
-# Library tests only (no server): under a minute.
+# Library tests only (no server): about a minute.
 test-fast: setup
 	$(PY) -m pytest -q tests/library
 
