@@ -241,14 +241,15 @@ def in_process_seconds(repository: Path, study: list[bytes], size: int, repeats:
 
 
 def locust_run(server: TritonServer, users: int, seconds: int, prefix: Path, study: Path) -> dict:
-    """A bounded headless locust run (its CSV files at prefix); returns its totals and exit status."""
+    """A bounded headless locust run (its CSV files at prefix); returns its totals and exit status.
+    Studies in flight when the time is up are waited for (up to 60 s), not cut off uncounted."""
     summary = Path(f"{prefix}.json")
     command = [
         str(Path(sys.executable).with_name("locust")), "-f", str(Path(__file__).with_name("locustfile.py")), "--headless",
-        "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--host", f"http://{server.http_url}",
+        "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "60", "--host", f"http://{server.http_url}",
         "--grpc-url", server.grpc_url, "--study", str(study), "--csv", str(prefix), "--summary-json", str(summary), "--only-summary",
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 180)
     if not summary.is_file():
         raise RuntimeError(f"locust wrote no summary (exit {done.returncode}): {done.stderr[-2000:]}")
     return {"exit_code": done.returncode, "users": users, "seconds": seconds, **json.loads(summary.read_text())}
