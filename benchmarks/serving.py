@@ -11,7 +11,7 @@
 3. The same closed client loop (benchmarks.load) sends the same study to the ensemble (project
    client, HTTP) and to the baseline (benchmarks.baseline: FastAPI, PyTorch FP32 eager, reference
    preprocessing, one study at a time), level by level, interleaved, and in-process (fast
-   preprocessing + ONNX Runtime on the same model.onnx) for the server's own overhead.
+   preprocessing + OpenVINO on the same served IR) for the server's own overhead.
 4. A bounded locust run (benchmarks/locustfile.py, HTTP and gRPC users) against the server.
 5. Memory: resident memory of the server and of each Python-backend stub at idle and its peak under
    load; /dev/shm before, at its peak, and after the server stopped; the peak memory of a client
@@ -66,7 +66,7 @@ def machine(size: int) -> dict:
         platform.processor(),
     )
     memory_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
-    versions = {name: metadata.version(name) for name in ("nvidia-pytriton", "onnxruntime", "torch", "numpy", "tritonclient", "locust")}
+    versions = {name: metadata.version(name) for name in ("nvidia-pytriton", "openvino", "torch", "numpy", "tritonclient", "locust")}
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
@@ -219,17 +219,17 @@ def baseline_service(weights: Path, size: int):
 
 
 def in_process_seconds(repository: Path, study: list[bytes], size: int, repeats: int = 5) -> dict:
-    """Fast preprocessing + ONNX Runtime on the served model.onnx, in this process: the work the
-    ensemble does at concurrency 1 without the server around it (median of repeats)."""
-    import onnxruntime as ort
+    """Fast preprocessing + OpenVINO on the served IR, in this process: the work the ensemble does at
+    concurrency 1 without the server around it (median of repeats)."""
+    from classifier import OpenVINOClassifier
 
-    session = ort.InferenceSession(str(repository / NAMES.classifier / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    engine = OpenVINOClassifier(repository / NAMES.classifier / "1" / "model.xml", size=size, threads=preprocess.available_cpus())
     preprocess_s, classifier_s = [], []
     for _ in range(repeats + 1):  # the first is a warm-up
         started = time.perf_counter()
         volume = preprocess.preprocess_study(study, size=size, mode="fast").volume
         middle = time.perf_counter()
-        session.run([NAMES.probabilities], {NAMES.volume: volume})
+        engine(volume)
         preprocess_s.append(middle - started)
         classifier_s.append(time.perf_counter() - middle)
     preprocess_s, classifier_s = preprocess_s[1:], classifier_s[1:]
@@ -572,7 +572,7 @@ def markdown(results: dict, name: str) -> str:
             ],
         ),
         (
-            f"In-process (fast preprocessing + ONNX Runtime on the served model.onnx, no server): preprocessing "
+            f"In-process (fast preprocessing + OpenVINO on the served IR, no server): preprocessing "
             f"{results['in_process']['preprocess_s']} s + classifier {results['in_process']['classifier_s']} s "
             f"= {results['in_process']['total_s']} s."
             if "in_process" in results

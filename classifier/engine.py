@@ -17,8 +17,6 @@ Softmax runs in FP32 on the (half-precision) logits.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -26,15 +24,6 @@ import torch
 from .network import ResNet34Classifier
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """What provenance records of a file export writes, and what the served model checks at load."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class TorchClassifier:

@@ -1,7 +1,8 @@
 """Proof that what a target serves computes what the checkpoint computes.
 
-The reference is torch FP32 on the CPU. ONNX targets: ONNX Runtime FP32 vs the reference, FP16 vs
-FP32. The torch-gpu target: the served engine at FP32 on its device vs the reference, at its
+The reference is torch FP32 on the CPU. The cpu and openvino targets: OpenVINO FP32 on the IR vs
+the reference. ONNX targets: ONNX Runtime FP32 vs the reference, FP16 vs FP32. The torch-gpu
+target: the served engine at FP32 on its device vs the reference, at its
 precision (FP16) vs FP32. On random and chest-like volumes: max abs difference of the
 probabilities, agreement of the decision at the operating point, and batch > 1 giving the same
 per-item result as batch 1.
@@ -19,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from classifier import ResNet34Classifier, TorchClassifier
+from preprocess.workers import available_cpus
 from settings import NAMES
 
 from . import volumes
@@ -113,7 +115,7 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _compare(names: list[str], probabilities: np.ndarray, reference: np.ndarray, threshold: float, bound: float) -> Comparison:
+def compare(names: list[str], probabilities: np.ndarray, reference: np.ndarray, threshold: float, bound: float) -> Comparison:
     disagree = [
         name
         for name, value, expected in zip(names, probabilities[:, 1], reference[:, 1])
@@ -128,7 +130,7 @@ def check_parity(classifier: ResNet34Classifier, fp32_path: Path, fp16_path: Pat
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    reference = _reference(classifier, inputs)
+    reference = reference_probabilities(classifier, inputs)
     timings["torch_fp32"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -155,8 +157,8 @@ def check_parity(classifier: ResNet34Classifier, fp32_path: Path, fp16_path: Pat
             "onnx_fp16": half[:, 1].tolist(),
         },
         comparisons={
-            "onnx_fp32_vs_torch": _compare(names, batched, reference, threshold, FP32_BOUND),
-            "onnx_fp16_vs_onnx_fp32": _compare(names, half, batched, threshold, FP16_BOUND),
+            "onnx_fp32_vs_torch": compare(names, batched, reference, threshold, FP32_BOUND),
+            "onnx_fp16_vs_onnx_fp32": compare(names, half, batched, threshold, FP16_BOUND),
         },
         batch_size=len(names),
         batch_vs_single_max_abs_diff=float(np.abs(batched - single).max()),
@@ -164,7 +166,36 @@ def check_parity(classifier: ResNet34Classifier, fp32_path: Path, fp16_path: Pat
     )
 
 
-def _reference(classifier: ResNet34Classifier, inputs: np.ndarray) -> np.ndarray:
+def check_openvino_parity(classifier: ResNet34Classifier, ir_path: Path, *, size: int, threshold: float) -> ParityReport:
+    """The cpu and openvino targets' IR, run by OpenVINO at FP32 as the served model runs it (shape
+    fixed at `size`, batch 1 and a batch of every input) against torch FP32."""
+    from classifier import OpenVINOClassifier  # GPU servers need no OpenVINO
+
+    names, inputs = parity_inputs(size)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    reference = reference_probabilities(classifier, inputs)
+    timings["torch_fp32"] = time.perf_counter() - started
+    engine = OpenVINOClassifier(ir_path, size=size, threads=available_cpus())
+    started = time.perf_counter()
+    batched = engine(inputs)
+    timings["openvino_fp32"] = time.perf_counter() - started
+    started = time.perf_counter()
+    single = np.concatenate([engine(inputs[i : i + 1]) for i in range(len(names))])
+    timings["openvino_fp32_batch1"] = time.perf_counter() - started
+    return ParityReport(
+        size=size,
+        threshold=threshold,
+        inputs=names,
+        probability_of_pathology={"torch_fp32": reference[:, 1].tolist(), "openvino_fp32": batched[:, 1].tolist()},
+        comparisons={"openvino_fp32_vs_torch": compare(names, batched, reference, threshold, FP32_BOUND)},
+        batch_size=len(names),
+        batch_vs_single_max_abs_diff=float(np.abs(batched - single).max()),
+        timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
+    )
+
+
+def reference_probabilities(classifier: ResNet34Classifier, inputs: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return torch.softmax(classifier.eval()(torch.from_numpy(inputs)), dim=1).numpy()
 
@@ -175,7 +206,7 @@ def check_torch_parity(classifier: ResNet34Classifier, *, device: str, precision
     names, inputs = parity_inputs(size)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    reference = _reference(classifier, inputs)
+    reference = reference_probabilities(classifier, inputs)
     timings["torch_fp32"] = time.perf_counter() - started
     volumes = torch.from_numpy(inputs)
 
@@ -193,12 +224,12 @@ def check_torch_parity(classifier: ResNet34Classifier, *, device: str, precision
 
     fp32, single = run("fp32")
     probabilities = {"torch_fp32": reference[:, 1].tolist(), "served_fp32": fp32[:, 1].tolist()}
-    comparisons = {"served_fp32_vs_torch": _compare(names, fp32, reference, threshold, FP32_BOUND)}
+    comparisons = {"served_fp32_vs_torch": compare(names, fp32, reference, threshold, FP32_BOUND)}
     not_checked = []
     if precision != "fp32" and torch.device(device).type == "cuda":
         half, _ = run(precision)
         probabilities[f"served_{precision}"] = half[:, 1].tolist()
-        comparisons[f"served_{precision}_vs_served_fp32"] = _compare(names, half, fp32, threshold, FP16_BOUND)
+        comparisons[f"served_{precision}_vs_served_fp32"] = compare(names, half, fp32, threshold, FP16_BOUND)
     elif precision != "fp32":
         not_checked.append(f"served {precision} vs fp32: needs a CUDA device (benchmarks/gpu_check.sh checks it on the GPU)")
     return ParityReport(

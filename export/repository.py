@@ -4,8 +4,9 @@
 parse as they are; the classifier's per-target configs are `configs/<target>.pbtxt`, which Triton
 loads instead of `config.pbtxt` when started with `--model-config-name=<target>` (the `cpu`
 target is `config.pbtxt` itself). Export adds only what the target serves:
-- in place (the default): `ct_classifier/1/model.onnx` (cpu, onnx-gpu), `1/model.plan`
-  (tensorrt) or `1/model.pt` (torch-gpu: the weights PyTorch runs), and `provenance.json` beside
+- in place (the default): `ct_classifier/1/model.xml` + `model.bin` (cpu, openvino: OpenVINO IR),
+  `1/model.onnx` (onnx-gpu), `1/model.plan` (tensorrt) or `1/model.pt` (torch-gpu: the weights
+  PyTorch runs), and `provenance.json` beside
   ct_classifier's and ct_postprocess's model files. S, the
   largest batch and the operating point are read from the committed configs.
 - a rendered copy (`out`, another folder): every model folder copied, the target's configs rendered
@@ -41,8 +42,10 @@ from .checkpoint import demo_weights as make_demo_weights
 from .errors import ExportError, OutputFolderError
 
 COMMITTED = Path(__file__).resolve().parent.parent / "model_repository"
-TARGETS = ("cpu", "onnx-gpu", "tensorrt", "torch-gpu")
-SERVED_FILE = {"cpu": "model.onnx", "onnx-gpu": "model.onnx", "tensorrt": "model.plan", "torch-gpu": "model.pt"}
+TARGETS = ("cpu", "openvino", "onnx-gpu", "tensorrt", "torch-gpu")
+IR_FILES = ("model.xml", "model.bin")  # OpenVINO IR: the graph, and its FP32 weights
+SERVED_FILES = {"cpu": IR_FILES, "openvino": IR_FILES, "onnx-gpu": ("model.onnx",), "tensorrt": ("model.plan",), "torch-gpu": ("model.pt",)}
+OPENVINO_TARGETS = ("cpu", "openvino")
 MARKER = ".ct-triage-export.json"  # says "export wrote this folder": only such folders are ever replaced
 PROVENANCE_FILE = "provenance.json"
 ARTIFACTS_SUFFIX = ".artifacts"
@@ -52,8 +55,8 @@ FP16_FILE = "model.fp16.onnx"
 CONFIG = "config.pbtxt"
 TORCH_TARGET = "torch-gpu"
 PREPROCESS_DEVICES = ("cpu", "cuda")
-ONNX_PRECISION = {"cpu": "fp32", "onnx-gpu": "fp32 graph, fp16 TensorRT accelerator", "tensorrt": "fp16"}
-GENERATED = frozenset({*SERVED_FILE.values(), PROVENANCE_FILE})
+ONNX_PRECISION = {"cpu": "fp32", "openvino": "fp32", "onnx-gpu": "fp32 graph, fp16 TensorRT accelerator", "tensorrt": "fp16"}
+GENERATED = frozenset({*(name for names in SERVED_FILES.values() for name in names), PROVENANCE_FILE})
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,8 @@ def render_configs(target: str, options: ServingOptions, repository: Path = COMM
     preprocess.parameters["device"].string_value = options.preprocess_device
     classifier = configs[NAMES.classifier]
     _volume(classifier, "input").dims[:] = [1, size, size, size]
-    classifier.max_batch_size = options.max_batch_size
+    # The NGC OpenVINO backend runs only full batches: its config keeps one study per batch.
+    classifier.max_batch_size = 1 if target == "openvino" else options.max_batch_size
     classifier.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_microseconds
     for warmup in classifier.model_warmup:
         warmup.inputs[NAMES.volume].dims[:] = [1, size, size, size]
@@ -334,6 +338,7 @@ def write_repository(
     staged: list[Path] = [kept]
     try:
         precision = served_precision(target, configs[NAMES.classifier])
+        engine: dict[str, str] = {}  # what runs the served files, where the format does not say it
         if target == TORCH_TARGET:  # the served engine itself, on the GPU when this machine has one
             device = "cuda" if torch.cuda.is_available() else "cpu"
             report = parity.check_torch_parity(
@@ -344,23 +349,31 @@ def write_repository(
             graph = kept / "model.onnx"
             onnx_graph.export_fp32(classifier, graph)
             mark = lap("onnx_fp32", mark)
-            clamped = onnx_graph.convert_fp16(graph, kept / FP16_FILE)
-            mark = lap("onnx_fp16", mark)
-            graphs = [onnx_graph.check_graph(graph), onnx_graph.check_graph(kept / FP16_FILE, clamped)]
-            mark = lap("graph_checks", mark)
-            report = parity.check_parity(classifier, graph, kept / FP16_FILE, size=parity_size, threshold=options.threshold)
+            graphs = [onnx_graph.check_graph(graph)]
+            if target in OPENVINO_TARGETS:
+                from classifier.openvino_engine import convert, openvino_version  # GPU servers need no OpenVINO
+
+                convert(graph, kept / IR_FILES[0])
+                engine = {"engine": f"openvino {openvino_version()}"}
+                mark = lap("openvino_ir", mark)
+                report = parity.check_openvino_parity(classifier, kept / IR_FILES[0], size=parity_size, threshold=options.threshold)
+            else:
+                clamped = onnx_graph.convert_fp16(graph, kept / FP16_FILE)
+                mark = lap("onnx_fp16", mark)
+                graphs.append(onnx_graph.check_graph(kept / FP16_FILE, clamped))
+                report = parity.check_parity(classifier, graph, kept / FP16_FILE, size=parity_size, threshold=options.threshold)
             report.graphs = [vars(checked) for checked in graphs]
             mark = lap("parity", mark)
         (kept / PARITY_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         if not report.passed:
             raise ExportError("exported model does not match the checkpoint: " + "; ".join(report.failures))
-        served = kept / SERVED_FILE[target]
+        served = [kept / name for name in SERVED_FILES[target]]
         if target == "tensorrt":
-            tensorrt_engine.build_engine(graph, served, size=options.size, max_batch_size=options.max_batch_size)
+            tensorrt_engine.build_engine(graph, served[0], size=options.size, max_batch_size=options.max_batch_size)
             mark = lap("tensorrt_engine", mark)
         torch.save(weights.state_dict, kept / WEIGHTS_FILE)
         if target == TORCH_TARGET:
-            shutil.copyfile(kept / WEIGHTS_FILE, served)
+            shutil.copyfile(kept / WEIGHTS_FILE, served[0])
         provenance = {
             "checkpoint": weights.source if weights.source == DEMO_PROVENANCE else f"sha256:{weights.source}",
             "checkpoint_format": weights.checkpoint_format,
@@ -370,8 +383,9 @@ def write_repository(
             "precision": precision,
             "target": target,
             **({} if target == TORCH_TARGET else {"opset": onnx_graph.OPSET}),
+            **engine,
             "weights_sha256": file_sha256(kept / WEIGHTS_FILE),
-            "served_sha256": file_sha256(served),
+            "served_sha256": {path.name: file_sha256(path) for path in served},
             "parity": report.summary(),
             "warnings": list(weights.warnings),
         }
@@ -379,7 +393,7 @@ def write_repository(
         (kept / PROVENANCE_FILE).write_text(provenance_text)
         (kept / MARKER).write_text(json.dumps({"written_by": "python -m export", "repository": repository.name}) + "\n")
         served_files = {
-            Path(NAMES.classifier, "1", served.name): served,
+            **{Path(NAMES.classifier, "1", path.name): path for path in served},
             Path(NAMES.classifier, "1", PROVENANCE_FILE): kept / PROVENANCE_FILE,
             Path(NAMES.postprocess, "1", PROVENANCE_FILE): kept / PROVENANCE_FILE,
         }
@@ -399,7 +413,8 @@ def write_repository(
                 shutil.copy2(source, rendered / relative)
             (rendered / MARKER).write_text(json.dumps({"written_by": "python -m export", **provenance}, indent=2) + "\n")
             _install(rendered, repository)
-        served.unlink()  # now in the repository: the artifacts keep only what Triton does not load
+        for path in served:
+            path.unlink()  # now in the repository: the artifacts keep only what Triton does not load
         _install(kept, artifacts)
     except BaseException:
         for folder in staged:
@@ -427,5 +442,5 @@ def _install_in_place(repository: Path, files: dict[Path, Path], target: str) ->
         raise
     for temporary, destination in placed:
         os.replace(temporary, destination)
-    for name in set(SERVED_FILE.values()) - {SERVED_FILE[target]}:
+    for name in GENERATED - {*SERVED_FILES[target], PROVENANCE_FILE}:
         (repository / NAMES.classifier / "1" / name).unlink(missing_ok=True)

@@ -26,7 +26,8 @@ def test_committed_configs_parse_as_triton_model_configs_for_every_target(target
     assert (volume.name, list(volume.dims)) == (NAMES.volume, [1, PREPROCESSING.size] + [PREPROCESSING.size] * 2)
     assert (probabilities.name, list(probabilities.dims), probabilities.label_filename) == (NAMES.probabilities, [2], "labels.txt")
     (group,) = classifier.instance_group
-    expected = {"cpu": ("python", "", group.KIND_CPU), "onnx-gpu": ("", "onnxruntime_onnx", group.KIND_GPU),
+    expected = {"cpu": ("python", "", group.KIND_CPU), "openvino": ("openvino", "", group.KIND_CPU),
+                "onnx-gpu": ("", "onnxruntime_onnx", group.KIND_GPU),
                 "tensorrt": ("", "tensorrt_plan", group.KIND_GPU), "torch-gpu": ("python", "", group.KIND_GPU)}  # fmt: skip
     assert (classifier.backend, classifier.platform, group.kind) == expected[target]
     if target == "torch-gpu":  # GPU volumes stay on the GPU; the model file it runs is committed

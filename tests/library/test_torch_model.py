@@ -40,7 +40,7 @@ def exported(tmp_path_factory, demo_weights):
     folder = tmp_path_factory.mktemp("ct_classifier") / "1"
     folder.mkdir()
     torch.save(demo_weights.state_dict, folder / "model.pt")
-    (folder / "provenance.json").write_text(json.dumps({"served_sha256": export.file_sha256(folder / "model.pt")}))
+    (folder / "provenance.json").write_text(json.dumps({"served_sha256": {"model.pt": export.file_sha256(folder / "model.pt")}}))
     return folder
 
 

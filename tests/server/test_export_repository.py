@@ -19,7 +19,7 @@ from serve import start_on_free_ports
 from settings import NAMES
 
 SERVED = {
-    NAMES.classifier: ["1/model.onnx", "1/model.py", "1/provenance.json", "config.pbtxt", "labels.txt"],
+    NAMES.classifier: ["1/model.bin", "1/model.py", "1/model.xml", "1/provenance.json", "config.pbtxt", "labels.txt"],
     NAMES.postprocess: ["1/model.py", "1/provenance.json", "config.pbtxt"],
     NAMES.preprocess: ["1/model.py", "config.pbtxt"],
     NAMES.triage: ["1/.gitkeep", "config.pbtxt"],
@@ -43,7 +43,7 @@ def provenance(artifacts) -> dict:
 def test_a_rendered_copy_holds_what_triton_serves_and_nothing_else(triton_repository, artifacts):
     for model, expected in SERVED.items():
         assert files(triton_repository / model) == expected, model
-    assert files(artifacts) == [".ct-triage-export.json", "model.fp16.onnx", "parity.json", "provenance.json", "weights.pt"]
+    assert files(artifacts) == [".ct-triage-export.json", "model.onnx", "parity.json", "provenance.json", "weights.pt"]
     configs = export.target_configs("cpu", triton_repository)
     assert export.serving_options(configs).size == TEST_SIZE
     for path in triton_repository.rglob("*"):
@@ -51,12 +51,14 @@ def test_a_rendered_copy_holds_what_triton_serves_and_nothing_else(triton_reposi
             assert str(triton_repository.parent) not in path.read_text() and "/work/" not in path.read_text(), path
 
 
-def test_served_provenance_names_the_served_graph_and_the_kept_weights(triton_repository, artifacts, provenance):
+def test_served_provenance_names_the_served_files_and_the_kept_weights(triton_repository, artifacts, provenance):
     for model in (NAMES.classifier, NAMES.postprocess):
         assert json.loads((triton_repository / model / "1" / "provenance.json").read_text()) == provenance
     assert provenance["checkpoint"] == export.DEMO_PROVENANCE and provenance["size"] == TEST_SIZE
     assert provenance["precision"] == "fp32" and provenance["target"] == "cpu" and "exported_at" in provenance
-    assert provenance["served_sha256"] == export.file_sha256(triton_repository / NAMES.classifier / "1" / "model.onnx")
+    version = triton_repository / NAMES.classifier / "1"
+    assert provenance["served_sha256"] == {name: export.file_sha256(version / name) for name in ("model.xml", "model.bin")}
+    assert provenance["engine"].startswith("openvino 20")
     assert provenance["weights_sha256"] == export.file_sha256(artifacts / "weights.pt")
 
 
@@ -64,23 +66,21 @@ def test_parity_report_within_bounds(artifacts):
     report = json.loads((artifacts / "parity.json").read_text())
     assert report["passed"] and report["size"] == TEST_SIZE and len(report["inputs"]) >= 6
     comparisons = report["comparisons"]
-    assert sorted(comparisons) == ["onnx_fp16_vs_onnx_fp32", "onnx_fp32_vs_torch"] and not report["not_checked"]
-    assert comparisons["onnx_fp32_vs_torch"]["max_abs_diff"] <= 1e-4
-    assert comparisons["onnx_fp16_vs_onnx_fp32"]["max_abs_diff"] <= 1e-2
-    assert comparisons["onnx_fp32_vs_torch"]["decisions_agree"] and comparisons["onnx_fp16_vs_onnx_fp32"]["decisions_agree"]
+    assert sorted(comparisons) == ["openvino_fp32_vs_torch"] and not report["not_checked"]
+    assert comparisons["openvino_fp32_vs_torch"]["max_abs_diff"] <= 1e-4 and comparisons["openvino_fp32_vs_torch"]["decisions_agree"]
     assert report["batch_size"] > 1 and report["batch_vs_single_max_abs_diff"] <= 1e-5
-    fp32, fp16 = report["graphs"]
-    assert fp32["opset"] == 17 and fp32["input_shape"] == ["batch", 1, "depth", "height", "width"]
-    assert fp16["output_shape"] == ["batch", 2]
+    (graph,) = report["graphs"]
+    assert graph["opset"] == 17 and graph["input_shape"] == ["batch", 1, "depth", "height", "width"]
+    assert graph["output_shape"] == ["batch", 2]
 
 
-def test_kept_weights_load_safely_and_match_the_served_graph_at_another_size(triton_repository, artifacts):
+def test_kept_weights_load_safely_and_match_the_kept_graph_at_another_size(triton_repository, artifacts):
     state = torch.load(artifacts / "weights.pt", weights_only=True)
     model = export.build_classifier(export.Weights(state, "kept", "state_dict", False))
     x = np.random.default_rng(3).uniform(-1, 1, (2, 1, 24, 40, 48)).astype(np.float32)  # not the export S
     with torch.no_grad():
         expected = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
-    session = ort.InferenceSession(str(triton_repository / NAMES.classifier / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(artifacts / "model.onnx"), providers=["CPUExecutionProvider"])
     actual = session.run([NAMES.probabilities], {NAMES.volume: x})[0]
     assert np.abs(actual - expected).max() <= 1e-4 and np.allclose(actual.sum(axis=1), 1, atol=1e-6)
 
@@ -89,11 +89,9 @@ def test_parity_detects_a_graph_that_is_not_the_checkpoint(triton_repository, ar
     state = torch.load(artifacts / "weights.pt", weights_only=True)
     state["fc.bias"] = state["fc.bias"] + torch.tensor([0.0, 0.5])  # a different head
     other = export.build_classifier(export.Weights(state, "other", "state_dict", False))
-    report = export.check_parity(
-        other, triton_repository / NAMES.classifier / "1" / "model.onnx", artifacts / "model.fp16.onnx", size=16, threshold=0.5
-    )
-    assert not report.passed and report.comparisons["onnx_fp32_vs_torch"].max_abs_diff > 1e-2
-    assert any("onnx_fp32_vs_torch" in failure for failure in report.failures)
+    report = export.check_openvino_parity(other, triton_repository / NAMES.classifier / "1" / "model.xml", size=16, threshold=0.5)
+    assert not report.passed and report.comparisons["openvino_fp32_vs_torch"].max_abs_diff > 1e-2
+    assert any("openvino_fp32_vs_torch" in failure for failure in report.failures)
 
 
 def test_cli_renders_a_medicalnet_checkpoint_over_an_earlier_copy(triton_repository, artifacts, tmp_path):
@@ -123,7 +121,9 @@ def test_export_into_the_committed_repository_serves_it_as_it_is(tmp_path):
     """The committed configs unchanged, only the served files added, and tritonserver loads it at S=256."""
     committed = tmp_path / "model_repository"
     shutil.copytree(
-        export.COMMITTED, committed, ignore=shutil.ignore_patterns("__pycache__", "provenance.json", "model.onnx", "model.plan")
+        export.COMMITTED,
+        committed,
+        ignore=shutil.ignore_patterns("__pycache__", *export.repository.GENERATED),
     )
     before = {path: (committed / path).read_bytes() for path in files(committed)}
     (committed / NAMES.classifier / "1" / "model.plan").write_bytes(b"an older tensorrt export")
@@ -134,7 +134,12 @@ def test_export_into_the_committed_repository_serves_it_as_it_is(tmp_path):
     assert result.artifacts == tmp_path / "model_repository.artifacts" and result.options == export.ServingOptions()
     assert {path: (committed / path).read_bytes() for path in before} == before  # configs, model.py: untouched
     added = sorted(set(files(committed)) - set(before))
-    assert added == ["ct_classifier/1/model.onnx", "ct_classifier/1/provenance.json", "ct_postprocess/1/provenance.json"]
+    assert added == [
+        "ct_classifier/1/model.bin",
+        "ct_classifier/1/model.xml",
+        "ct_classifier/1/provenance.json",
+        "ct_postprocess/1/provenance.json",
+    ]
     server = start_on_free_ports(committed, log_file=tmp_path / "tritonserver.log", exit_timeout_s=5)
     try:
         url = f"http://{server.http_url}/v2/models/{NAMES.classifier}/config"

@@ -1,7 +1,7 @@
 """The serving path against the real tritonserver (session fixture), over HTTP and gRPC.
 
 Every expectation is computed independently where it can be: the offline path (preprocess +
-ONNX Runtime on the same model.onnx) for probabilities, the preprocess package for error messages.
+ONNX Runtime on the FP32 ONNX graph export kept beside the served IR) for probabilities, the preprocess package for error messages.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def test_folder_zip_and_multiframe_give_the_same_result(triton_server, study_pat
 def test_probability_equals_the_offline_path(triton_server, triton_repository, study_paths):
     payload = preprocess.read_study(study_paths["series"])
     study = preprocess.preprocess_study(payload, size=TEST_SIZE, mode="fast")
-    session = ort.InferenceSession(str(triton_repository / NAMES.classifier / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    graph = triton_repository.with_name(triton_repository.name + ".artifacts") / "model.onnx"
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     (probabilities,) = session.run([NAMES.probabilities], {NAMES.volume: study.volume})
     for protocol in PROTOCOLS:
         served = triage(triton_server, protocol, payload)

@@ -53,7 +53,9 @@ def test_export_writes_the_weights_pytorch_serves_with_their_provenance_and_pari
     assert sorted(p.name for p in result.artifacts.iterdir()) == [".ct-triage-export.json", "parity.json", "provenance.json", "weights.pt"]
     provenance = json.loads((version / "provenance.json").read_text())
     assert provenance["target"] == "torch-gpu" and provenance["precision"] == "fp16" and "opset" not in provenance
-    assert provenance["served_sha256"] == export.file_sha256(version / "model.pt") == provenance["weights_sha256"]
+    assert provenance["served_sha256"] == {"model.pt": provenance["weights_sha256"]} and provenance["weights_sha256"] == export.file_sha256(
+        version / "model.pt"
+    )
     report = json.loads((result.artifacts / "parity.json").read_text())
     assert report["passed"] and report["device"] == "cpu" and report["batch_vs_single_max_abs_diff"] <= 1e-5
     assert list(report["comparisons"]) == ["served_fp32_vs_torch"] and report["comparisons"]["served_fp32_vs_torch"]["max_abs_diff"] <= 1e-4

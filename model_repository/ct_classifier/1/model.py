@@ -1,39 +1,48 @@
-"""ct_classifier on CPU: ONNX Runtime over the exported model.onnx, one run per dynamic batch.
+"""ct_classifier on CPU: classifier.OpenVINOClassifier over the exported IR (model.xml + model.bin).
 
-Thin on purpose: the graph (network + softmax) and its parity proof come from `python -m export`;
-this file only moves tensors between Triton and ONNX Runtime. Needs numpy and onnxruntime only.
+Thin on purpose: the engine and its options live in `classifier`, the IR and its parity proof come
+from `python -m export`; this file moves tensors between Triton and OpenVINO. The IR files must be
+the ones export recorded in provenance.json (SHA-256), or the model refuses to load. Needs numpy,
+openvino and the project's `classifier` and `preprocess.workers` (no PyTorch).
 """
 
 import json
 import os
 
-import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+from classifier import OpenVINOClassifier, file_sha256
+from preprocess.workers import available_cpus
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(parameters.get("intra_op_num_threads", "0"))
-        options.inter_op_num_threads = int(parameters.get("inter_op_num_threads", "1"))
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        with open(os.path.join(folder, "provenance.json")) as stream:
+            expected = json.load(stream)["served_sha256"]
+        for name in ("model.xml", "model.bin"):
+            if file_sha256(os.path.join(folder, name)) != expected.get(name):
+                raise pb_utils.TritonModelException(f"{name} is not the file export recorded in provenance.json: export again")
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
+        instances = sum(group.get("count", 1) for group in config.get("instance_group", [])) or 1
+        threads = int(parameters.get("threads", "0")) or max(1, available_cpus() // instances)
+        size = int(config["input"][0]["dims"][-1])
+        self.engine = OpenVINOClassifier(os.path.join(folder, "model.xml"), size=size, threads=threads)
 
     def execute(self, requests):
-        """All requests of the dynamic batch in one ONNX Runtime run, split back per request."""
-        volumes = [pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy() for request in requests]
-        try:
-            batch = volumes[0] if len(volumes) == 1 else np.concatenate(volumes, axis=0)  # no 64 MB copy for one request
-            probabilities = self.session.run([self.output_name], {self.input_name: batch})[0]
-        except Exception as error:  # ONNX Runtime failure: every request of the batch gets the error
-            failure = pb_utils.TritonError(f"classifier failed: {error}", pb_utils.TritonError.INTERNAL)
-            return [pb_utils.InferenceResponse(error=failure) for _ in requests]
-        ends = np.cumsum([len(volume) for volume in volumes])[:-1]
-        return [
-            pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)]) for part in np.split(probabilities, ends)
-        ]
+        """The requests of a dynamic batch one after another (the engine runs volume by volume anyway:
+        no 64 MB concatenation); an engine failure fails that request only."""
+        responses = []
+        for request in requests:
+            volume = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            try:
+                probabilities = self.engine(volume)
+            except Exception as error:  # OpenVINO failure
+                failure = pb_utils.TritonError(f"classifier failed: {type(error).__name__}: {error}", pb_utils.TritonError.INTERNAL)
+                responses.append(pb_utils.InferenceResponse(error=failure))
+                continue
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, probabilities)]))
+        return responses

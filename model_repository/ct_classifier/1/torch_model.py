@@ -24,7 +24,7 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"])
         weights = os.path.join(folder, "model.pt")
         with open(os.path.join(folder, "provenance.json")) as stream:
-            expected = json.load(stream)["served_sha256"]
+            expected = json.load(stream)["served_sha256"]["model.pt"]
         if file_sha256(weights) != expected:
             raise pb_utils.TritonModelException(f"{weights} is not the file export recorded in provenance.json: export again")
         gpu = args["model_instance_kind"] == "GPU"

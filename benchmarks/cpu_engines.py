@@ -1,0 +1,238 @@
+"""The CPU classifier engines side by side: which one the `cpu` target serves, and why.
+
+    .venv/bin/python -m benchmarks.cpu_engines [--size 256] [--repeat 2] [--threads N] [--no-compile] [--no-served] [--out DIR]
+
+Every engine runs the same exported network (demo weights, or --checkpoint) on the same chest-like
+volume at S, one study per call, with the same number of threads; the engines take turns in each
+round, so that all of them see the same minutes of a machine whose speed drifts. Engines:
+- onnxruntime: the ONNX graph on ONNX Runtime's CPU provider, all graph optimisations, intra-op
+  threads = N (what the cpu target served before OpenVINO);
+- openvino: classifier.OpenVINOClassifier on the IR, what the cpu target serves now;
+- pytorch / pytorch-channels-last: classifier.TorchClassifier at FP32 on the CPU, contiguous and
+  channels-last-3d;
+- pytorch-compile: torch.compile (inductor) of the channels-last model; its compile time is reported
+  (it is paid at every server start).
+Parity: each engine on export's parity set (7 volumes at --parity-size) against torch FP32: max |dP|
+and whether every decision at the operating point agrees; an FP32 engine passes at <= 1e-4.
+Served (unless --no-served): a repository rendered for the cpu target at S, the bundled tritonserver,
+and one volume at a time sent to ct_classifier: the round trip, next to the engines' times.
+Writes cpu-engines.json and cpu-engines.md into --out, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from classifier import OpenVINOClassifier, TorchClassifier, convert_to_openvino
+from classifier.openvino_engine import openvino_version
+from export import build_classifier, demo_weights, load_checkpoint, onnx_graph, write_repository
+from export.parity import FP32_BOUND, compare, parity_inputs, reference_probabilities
+from export.volumes import chest
+from preprocess.workers import available_cpus
+from settings import NAMES, OPERATING_POINT
+
+Engine = Callable[[np.ndarray], np.ndarray]  # [B, 1, S, S, S] float32 -> probabilities [B, 2]
+BASELINE = "onnxruntime"
+SERVED_ENGINE = "openvino"
+
+
+def onnxruntime_engine(graph: Path, threads: int) -> Engine:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    return lambda volumes: session.run([NAMES.probabilities], {NAMES.volume: volumes})[0]
+
+
+def torch_engine(network, *, channels_last: bool) -> Engine:
+    engine = TorchClassifier(copy.deepcopy(network), device="cpu", precision="fp32", channels_last=channels_last)
+    return lambda volumes: engine(torch.from_numpy(volumes)).numpy()
+
+
+def compiled_engine(network) -> Engine:
+    """torch.compile (inductor) of the channels-last engine, for one static shape."""
+    engine = TorchClassifier(copy.deepcopy(network), device="cpu", precision="fp32", channels_last=True)
+    engine.model = torch.compile(engine.model, dynamic=False)
+    return lambda volumes: engine(torch.from_numpy(volumes)).numpy()
+
+
+def build_engines(network, graph: Path, ir: Path, size: int, threads: int, compile_: bool) -> tuple[dict[str, Engine], dict[str, float]]:
+    """name -> engine at this S; and the seconds each took to build (compile included)."""
+    engines: dict[str, Engine] = {}
+    build_s: dict[str, float] = {}
+    builders = {
+        BASELINE: lambda: onnxruntime_engine(graph, threads),
+        SERVED_ENGINE: lambda: OpenVINOClassifier(ir, size=size, threads=threads),
+        "pytorch": lambda: torch_engine(network, channels_last=False),
+        "pytorch-channels-last": lambda: torch_engine(network, channels_last=True),
+    }
+    for name, build in builders.items():
+        started = time.perf_counter()
+        engines[name] = build()
+        build_s[name] = time.perf_counter() - started
+    if compile_:
+        started = time.perf_counter()
+        engine = compiled_engine(network)
+        engine(np.zeros((1, 1, size, size, size), np.float32))  # compiles on the first call
+        engines["pytorch-compile"] = engine
+        build_s["pytorch-compile"] = time.perf_counter() - started
+    return engines, build_s
+
+
+def parity_of(network, graph: Path, ir: Path, size: int, threads: int, compile_: bool) -> dict[str, dict]:
+    names, inputs = parity_inputs(size)
+    reference = reference_probabilities(network, inputs)
+    engines, _ = build_engines(network, graph, ir, size, threads, compile_)
+    result = {}
+    for name, engine in engines.items():
+        probabilities = np.concatenate([engine(inputs[i : i + 1]) for i in range(len(names))])
+        comparison = compare(names, probabilities, reference, OPERATING_POINT.threshold, FP32_BOUND)
+        result[name] = {"max_abs_dp": comparison.max_abs_diff, "decisions_agree": comparison.decisions_agree, "passed": comparison.passed}
+    torch._dynamo.reset()  # the timed build compiles afresh at S
+    return result
+
+
+def served_seconds(work: Path, network_weights, size: int, volume: np.ndarray, repeat: int) -> list[float]:
+    """Round trips of one volume to ct_classifier on the bundled server (cpu target at S)."""
+    from tritonclient import http
+
+    from serve import start_on_free_ports
+
+    repository = work / "repository"
+    write_repository(repository, target="cpu", size=size, **network_weights)
+    times = []
+    with start_on_free_ports(repository, log_file=work / "tritonserver.log") as server:
+        triton = http.InferenceServerClient(server.http_url, network_timeout=1800, connection_timeout=1800)
+        tensor = http.InferInput(NAMES.volume, list(volume.shape), "FP32")
+        tensor.set_data_from_numpy(volume, binary_data=True)
+        for _ in range(repeat + 1):  # the first one is a warm-up
+            started = time.perf_counter()
+            triton.infer(NAMES.classifier, [tensor], outputs=[http.InferRequestedOutput(NAMES.probabilities, binary_data=True)])
+            times.append(time.perf_counter() - started)
+        triton.close()
+    return times[1:]
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# CPU classifier engines at S={result['size']} ({result['threads']} threads, {result['cpu']})",
+        "",
+        f"One study per call, median of {result['repeat']} interleaved rounds after a warm-up; parity on export's "
+        f"{result['parity_inputs']} volumes at {result['parity_size']}^3 against PyTorch FP32 (bound {FP32_BOUND:g}, "
+        f"decisions at {OPERATING_POINT.threshold:g}).",
+        "",
+        "| engine | s / study | vs onnxruntime | build s | parity max abs dP | decisions agree | passes |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for name, row in result["engines"].items():
+        parity = result["parity"].get(name, {})
+        lines.append(
+            f"| {name}{' (served)' if name == SERVED_ENGINE else ''} | {row['median_s']:.2f} | {row['speedup_vs_onnxruntime']:.2f}x | "
+            f"{row['build_s']:.1f} | {parity.get('max_abs_dp', float('nan')):.1e} | {parity.get('decisions_agree', '-')} | "
+            f"{parity.get('passed', '-')} |"
+        )
+    if result.get("served"):
+        served = result["served"]
+        lines += [
+            "",
+            f"Served: ct_classifier on the bundled tritonserver (cpu target, OpenVINO), one [1, 1, {result['size']}^3] volume per "
+            f"request over HTTP: median round trip {served['median_s']:.2f} s (runs {', '.join(f'{s:.2f}' for s in served['runs_s'])}); "
+            f"{served['speedup_vs_onnxruntime_in_process']:.2f}x ONNX Runtime's in-process time in the same run.",
+        ]
+    lines += ["", f"Fastest engine that passes parity: **{result['fastest_passing']}**. OpenVINO {result['versions']['openvino']}, "
+              f"ONNX Runtime {result['versions']['onnxruntime']}, PyTorch {result['versions']['torch']}."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict:
+    threads = args.threads or available_cpus()
+    torch.set_num_threads(threads)
+    weights = load_checkpoint(args.checkpoint) if args.checkpoint else demo_weights()
+    network = build_classifier(weights)
+    work = Path(tempfile.mkdtemp(prefix="ct_triage_cpu_engines_"))
+    graph, ir = work / "model.onnx", work / "model.xml"
+    onnx_graph.export_fp32(network, graph)
+    convert_to_openvino(graph, ir)
+
+    parity = parity_of(network, graph, ir, args.parity_size, threads, args.compile)
+    engines, build_s = build_engines(network, graph, ir, args.size, threads, args.compile)
+    volume = chest(args.size, 7, lesion=True).numpy()
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for engine in engines.values():
+        engine(volume)  # warm-up
+    for _ in range(args.repeat):
+        for name, engine in engines.items():
+            started = time.perf_counter()
+            engine(volume)
+            times[name].append(time.perf_counter() - started)
+    del engines
+    baseline = statistics.median(times[BASELINE])
+    rows = {
+        name: {
+            "median_s": statistics.median(runs),
+            "runs_s": [round(s, 3) for s in runs],
+            "build_s": round(build_s[name], 2),
+            "speedup_vs_onnxruntime": baseline / statistics.median(runs),
+        }
+        for name, runs in times.items()
+    }
+    passing = [name for name in rows if parity[name]["passed"]]
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": platform.processor() or platform.machine(),
+        "size": args.size,
+        "threads": threads,
+        "repeat": args.repeat,
+        "parity_size": args.parity_size,
+        "parity_inputs": len(parity_inputs(8)[0]),
+        "weights": weights.source,
+        "engines": rows,
+        "parity": parity,
+        "fastest_passing": min(passing, key=lambda name: rows[name]["median_s"]) if passing else None,
+        "versions": {"openvino": openvino_version(), "onnxruntime": ort.__version__, "torch": torch.__version__},
+    }
+    if args.served:
+        given = {"checkpoint": args.checkpoint} if args.checkpoint else {"demo_weights": True}
+        runs = served_seconds(work, given, args.size, volume, args.repeat)
+        result["served"] = {"median_s": statistics.median(runs), "runs_s": [round(s, 3) for s in runs]}
+        result["served"]["speedup_vs_onnxruntime_in_process"] = baseline / result["served"]["median_s"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_engines", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=2, help="timed rounds after the warm-up (default 2)")
+    parser.add_argument("--threads", type=int, default=0, help="threads per engine (default: every CPU this process may use)")
+    parser.add_argument("--parity-size", type=int, default=64)
+    parser.add_argument("--checkpoint", help="a checkpoint instead of the seeded demo weights")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile (minutes of compiling)")
+    parser.add_argument("--no-served", dest="served", action="store_false", help="leave out the served measurement")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    result = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu-engines.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    (out / "cpu-engines.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
