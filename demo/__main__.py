@@ -40,7 +40,7 @@ def run(out_dir: Path, size: int, protocol: str, timeout_s: float, phantom_optio
     started = time.perf_counter()
     repository = out_dir / "repository"
     export.write_repository(repository, target="cpu", size=size, demo_weights=True)
-    timings["export (demo weights, ONNX, repository)"] = time.perf_counter() - started
+    timings["export (demo weights, ONNX, OpenVINO IR, parity, repository)"] = time.perf_counter() - started
 
     started = time.perf_counter()
     study = phantom.write_study(out_dir / "phantom_study.zip", form="zip", **phantom_options)

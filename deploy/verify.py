@@ -6,7 +6,7 @@
    clear refusal (not an internal error);
 3. parity: the parity set (export's 7 volumes) at the served S through ct_classifier, against the
    FP32 reference of the same export: ONNX Runtime on the FP32 graph (model.onnx in the repository,
-   or the one a TensorRT plan was built from in the artifacts), else PyTorch FP32 on the exported
+   or in the artifacts: the graph the OpenVINO IR or a TensorRT plan was built from), else PyTorch FP32 on the exported
    weights; bounds of the export: <= 1e-4 for an FP32 target, <= 1e-2 for FP16, same decisions;
 4. sweep: perf_analyzer on ct_triage at concurrency 1 and 2 (skipped, and said so, when perf_analyzer
    is not installed).

@@ -11,7 +11,7 @@ its input and output together, and the region keeps its size. So, per instance:
 
 with need = largest study + one FP32 volume (4 S^3) for ct_preprocess, max batch x 4 S^3 for a
 Python-backend ct_classifier that receives its volumes on the CPU (0 when they arrive on the GPU, or
-when the classifier runs on the ONNX Runtime or TensorRT backend), and ~0 for ct_postprocess. The
+when the classifier runs on the OpenVINO, ONNX Runtime or TensorRT backend), and ~0 for ct_postprocess. The
 deployment's `/dev/shm` is the sum over instances, plus Triton's own headroom.
 
 Measured (benchmarks/results/cpu-s64.md, S=64, 4 stubs, one 150.3 MiB study at a time): 256 MiB
@@ -45,7 +45,7 @@ class Deployment:
     preprocess_instances: int
     max_batch_size: int
     largest_study_bytes: int = SERVING.largest_study_bytes
-    classifier_python_instances: int = 1  # Python-backend classifier instances (cpu, torch-gpu targets); 0 for onnx-gpu/tensorrt
+    classifier_python_instances: int = 1  # Python-backend classifier instances (cpu, torch-gpu targets); 0 for openvino/onnx-gpu/tensorrt
     classifier_inputs_on_gpu: bool = False  # torch-gpu with FORCE_CPU_ONLY_INPUT_TENSORS "no" and ct_preprocess on the GPU
     postprocess_instances: int = 1
     preprocess_on_gpu: bool = False
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preprocess-instances", type=int, default=SERVING.preprocess_instances)
     parser.add_argument("--max-batch-size", type=int, default=SERVING.max_batch_size)
     parser.add_argument("--largest-study-mib", type=int, default=SERVING.largest_study_bytes // MIB)
-    parser.add_argument("--target", choices=("cpu", "onnx-gpu", "tensorrt", "torch-gpu"), default="torch-gpu")
+    parser.add_argument("--target", choices=("cpu", "openvino", "onnx-gpu", "tensorrt", "torch-gpu"), default="torch-gpu")
     parser.add_argument("--gpu-preprocessing", action="store_true", help="ct_preprocess with device 'cuda'")
     args = parser.parse_args(argv)
     deployment = Deployment(
