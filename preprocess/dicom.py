@@ -2,9 +2,12 @@
 
 Headers are parsed with pydicom up to the pixel data (`stop_before_pixels`), so selecting a series
 never touches pixels. Native (uncompressed) little-endian pixels are then copied straight from the
-input bytes into the volume with numpy (no per-file pixel copy); compressed transfer syntaxes
-(JPEG Lossless, JPEG 2000, RLE, JPEG-LS) go through pydicom's pixel handlers, backed by the pinned
-pylibjpeg plugins (libjpeg, openjpeg, rle) that support numpy 1.26.
+input bytes into the volume with numpy (no per-file pixel copy). Compressed lossless frames (JPEG
+2000 and HTJ2K lossless, JPEG-LS lossless, JPEG lossless process 14, RLE) are decoded by imagecodecs,
+whose codecs release the GIL, on every worker thread, with pydicom's pixel fix-ups reproduced (see
+`_FastObject`); everything else compressed, and anything those fix-ups do not cover exactly, goes
+through pydicom's pixel handlers, backed by the pinned pylibjpeg plugins (libjpeg, openjpeg, rle)
+that support numpy 1.26 (they hold the GIL). `DECODER` selects the path.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import math
 import struct
 import zlib
@@ -22,16 +26,32 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
+import pydicom.encaps
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _dictionary_vr_fast as _dictionary_vr  # the VR pydicom reads implicit elements with
 from pydicom.filereader import _read_file_meta_info  # where pydicom's data set starts
+from pydicom.pixels.utils import _get_jpg_parameters, get_j2k_parameters  # what pydicom's fix-ups read from a frame
 from pydicom.uid import UID
 
 from settings import INPUT_LIMITS
 
 from .errors import CorruptDicomError, DecodeError, InputTooLargeError, StudyError, UnsupportedPixelDataError
 from .sources import Blob
+
+try:  # GIL-free decoders; wheels for Python >= 3.11 only (pyproject.toml): without it pydicom decodes
+    import imagecodecs
+except ImportError:  # pragma: no cover - Python 3.10 (the NGC stub)
+    imagecodecs = None
+
+DECODERS = ("imagecodecs", "pydicom")
+# Where compressed frames go first. "imagecodecs": the lossless syntaxes it decodes exactly as pydicom
+# would are decoded on every worker thread (its codecs release the GIL); any other syntax, and any
+# object whose frames need a fix-up not reproduced here, still goes to pydicom. "pydicom": every
+# compressed object through pydicom + pylibjpeg (the path before imagecodecs; its plugins hold the GIL,
+# so its threads take turns). The default is "imagecodecs" where it is installed. Module level so that
+# a process can choose; `python -m benchmarks.decoding` sets "pydicom" to time the previous path.
+DECODER = "imagecodecs" if imagecodecs is not None else "pydicom"
 
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UT", b"UC", b"UR", b"SV", b"UV"}
@@ -729,27 +749,66 @@ def check_decodable(frame: Frame) -> None:
         raise UnsupportedPixelDataError(f"{frame.label}: {p.bits_allocated}-bit pixels are not supported for CT")
 
 
-def decode_into(out: np.ndarray, frames: Sequence[Frame], blobs: Sequence[Blob], *, threads: int) -> None:
-    """Fill out[k] with the stored values of frames[k].
+def decode_into(out: np.ndarray, frames: Sequence[Frame], blobs: Sequence[Blob], *, threads: int) -> dict[str, int]:
+    """Fill out[k] with the stored values of frames[k]; returns how many frames each path decoded
+    ({"native": n, "imagecodecs": n, "pydicom": n}).
 
     Native pixels are copied straight from the input bytes on the calling thread (a memory copy
-    gains nothing from threads); compressed objects are decoded by `threads` workers.
+    gains nothing from threads); compressed objects are decoded by `threads` workers: with
+    `DECODER` "imagecodecs", frames of the syntaxes in `_fast_syntaxes()` by imagecodecs, in
+    parallel (one object per task; the frames of a multi-frame object are tasks of their own when
+    there are fewer objects than workers), the rest by pydicom. An object imagecodecs fails on is
+    decoded again by pydicom, which reports the error as before (a `DecodeError`).
     """
     by_blob: dict[int, list[int]] = {}
     for k, frame in enumerate(frames):
         by_blob.setdefault(frame.blob, []).append(k)
+    counts = dict.fromkeys(("native", *DECODERS), 0)
     compressed = []
     for blob_index, ks in by_blob.items():
         if frames[ks[0]].pixels.native_fast:
             _copy_native(out, frames, ks, blobs[blob_index].data)
+            counts["native"] += len(ks)
         else:
             compressed.append((blob_index, ks))
-    if threads > 1 and len(compressed) > 1:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(lambda job: _decode_with_pydicom(out, frames, job[1], blobs[job[0]]), compressed))
-    else:
-        for blob_index, ks in compressed:
-            _decode_with_pydicom(out, frames, ks, blobs[blob_index])
+    if not compressed:
+        return counts
+    fast = DECODER == "imagecodecs"
+    per_frame = fast and threads > 1 and len(compressed) < threads  # e.g. one multi-frame object
+
+    def by_object(job: tuple[int, list[int]]) -> tuple[_FastObject | None, str]:
+        blob_index, ks = job
+        blob = blobs[blob_index]
+        planned = _fast_object(frames, ks, blob) if fast else None
+        if planned is not None:
+            if per_frame:
+                return planned, "imagecodecs"  # decoded below, one task per frame
+            if all(planned.decode_frame(out, j) for j in range(len(ks))):
+                return None, "imagecodecs"
+        _decode_with_pydicom(out, frames, ks, blob)
+        return None, "pydicom"
+
+    done = _map(by_object, compressed, threads)
+    for (_, ks), (_, path) in zip(compressed, done):
+        counts[path] += len(ks)
+    planned = [plan for plan, _ in done if plan is not None]
+    if planned:
+        tasks = [(plan, j) for plan in planned for j in range(len(plan.ks))]
+        decoded = _map(lambda task: task[0].decode_frame(out, task[1]), tasks, threads)
+        failed = {id(plan): plan for (plan, _), ok in zip(tasks, decoded) if not ok}
+        for plan in failed.values():  # pydicom decodes the whole object again and names the error
+            _decode_with_pydicom(out, frames, plan.ks, plan.blob)
+            counts["imagecodecs"] -= len(plan.ks)
+            counts["pydicom"] += len(plan.ks)
+    return counts
+
+
+def _map(function, items: list, threads: int) -> list:
+    """function over items, on up to `threads` worker threads, results (and the first error) in order."""
+    if threads > 1 and len(items) > 1:
+        with ThreadPoolExecutor(min(threads, len(items))) as pool:
+            return list(pool.map(function, items))
+    return [function(item) for item in items]
 
 
 def native_views(frames: Sequence[Frame], blobs: Sequence[Blob]) -> list[np.ndarray] | None:
@@ -837,16 +896,184 @@ def _encapsulated_end(frame: Frame, data: bytes) -> int:
     raise DecodeError(f"{frame.label}: compressed pixel data is cut short or damaged (no end of its items)")
 
 
+@functools.cache
+def _fast_syntaxes() -> frozenset[str]:
+    """The transfer syntaxes imagecodecs decodes here: lossless ones only, whose decoded values the
+    standards define exactly (lossy JPEG and JPEG 2000 depend on the decoder's arithmetic)."""
+    if imagecodecs is None:
+        return frozenset()
+    uid, found = pydicom.uid, set()
+    try:
+        if imagecodecs.JPEG2K.available:  # OpenJPEG >= 2.5 decodes HTJ2K too
+            found |= {uid.JPEG2000Lossless, uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL}
+        if imagecodecs.JPEGLS.available:
+            found.add(uid.JPEGLSLossless)
+        if imagecodecs.JPEG8.available and imagecodecs.jpeg8_version().startswith("libjpeg_turbo 3"):  # lossless since 3.0
+            found |= {uid.JPEGLossless, uid.JPEGLosslessSV1}
+        if imagecodecs.PACKBITS.available:
+            found.add(uid.RLELossless)
+    except Exception:  # a codec module that does not load: pydicom decodes
+        return frozenset()
+    return frozenset(found)
+
+
+class _NotExact(Exception):
+    """A frame whose decoded values imagecodecs might not give exactly as pydicom: pydicom decodes it."""
+
+
+@dataclass(frozen=True)
+class _FastObject:
+    """One compressed object whose frames imagecodecs decodes, reproducing what pydicom 3.0.2's
+    `pixel_array` does after its pylibjpeg plugin (`pydicom.pixels.decoders.base`, `.pylibjpeg`):
+
+    - the decoder's output is read as `container`: signedness from PixelRepresentation, item size
+      from the codestream's precision for JPEG 2000 and JPEG-LS (1 byte up to 8 bits, 2 up to 16),
+      from BitsAllocated otherwise, then cast to the data set's dtype (`stored`);
+    - JPEG 2000 (MONOCHROME): where the codestream's signedness differs from PixelRepresentation,
+      the values are sign-extended (or masked) from the codestream's precision (`shift`: bits of the
+      stored dtype less the precision), pydicom's "j2k sign correction"; no other correction;
+    - JPEG-LS: signed data (PixelRepresentation 1) sign-extended from the codestream's precision;
+      unsigned data masked to BitsStored when BitsStored < BitsAllocated;
+    - JPEG lossless and RLE: values shifted to BitsStored (sign-extended when signed) when
+      BitsStored < BitsAllocated (pydicom's "correct unused bits");
+    - RLE: one segment per byte of BitsAllocated, most significant byte first (PS3.5 G.2).
+
+    Not planned (pydicom decodes the object): precisions or signedness that differ between the
+    frames of one object (pydicom applies the last frame's to all), a codestream pydicom cannot
+    read its parameters from, precision above 16 or above BitsAllocated, a JPEG-LS frame with
+    NEAR != 0 or several components, a JPEG frame that is not lossless (SOF3) or whose sample
+    size is not BitsAllocated's, an RLE header or segment of another size than the frame's, more
+    frames than NumberOfFrames, a JPEG or JPEG-LS frame without its end-of-image marker (cut
+    short), a decoder error or an output of another shape or item size. Damaged data that both
+    decoders accept decodes to the same values in the tests for JPEG 2000, JPEG-LS (CharLS refuses
+    it: pydicom decodes) and RLE; for JPEG lossless, libjpeg-turbo accepted 1 of 30 randomly damaged
+    frames that pylibjpeg-libjpeg refused (both accepted 28, with equal values).
+    """
+
+    blob: Blob
+    ks: list[int]  # where its frames go in the volume
+    indices: list[int]  # which frame of the object goes to each
+    codestreams: list[bytes]  # every frame of the object
+    kind: str  # "j2k", "jls", "jpeg", "rle"
+    rows: int
+    columns: int
+    container: np.dtype
+    stored: np.dtype
+    shift: int  # bits shifted left then right in `stored`, 0 for none
+
+    def decode_frame(self, out: np.ndarray, j: int) -> bool:
+        """Decode frame indices[j] of the object into out[ks[j]]; False where pydicom must decode the object."""
+        try:
+            values = self._decode(self.codestreams[self.indices[j]])
+        except Exception:  # imagecodecs' errors (a codec error, ValueError, MemoryError), _NotExact
+            return False
+        if values.shape != (self.rows, self.columns) or values.dtype.itemsize != self.container.itemsize:
+            return False
+        values = values.view(self.container).astype(self.stored)
+        if self.shift:
+            np.left_shift(values, self.shift, out=values)
+            np.right_shift(values, self.shift, out=values)
+        out[self.ks[j]] = values
+        return True
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        if self.kind == "j2k":
+            return imagecodecs.jpeg2k_decode(data, numthreads=1)  # one slice per worker thread
+        if self.kind == "jls":
+            return imagecodecs.jpegls_decode(data)
+        if self.kind == "jpeg":
+            return imagecodecs.jpeg8_decode(data)
+        return self._rle(data)
+
+    def _rle(self, data: bytes) -> np.ndarray:
+        size = self.rows * self.columns
+        nbytes = self.stored.itemsize
+        if len(data) < 64:
+            raise _NotExact
+        header = struct.unpack_from("<16I", data)
+        offsets = [*header[1 : 1 + nbytes], len(data)]
+        if header[0] != nbytes or offsets[0] != 64 or any(a >= b for a, b in itertools.pairwise(offsets)):
+            raise _NotExact
+        planes = np.empty((size, nbytes), np.uint8)  # the bytes of each value, little-endian
+        for b in range(nbytes):  # segment b holds byte nbytes - 1 - b (the first, the most significant)
+            segment = imagecodecs.packbits_decode(data[offsets[b] : offsets[b + 1]])
+            if len(segment) != size:
+                raise _NotExact
+            planes[:, nbytes - 1 - b] = np.frombuffer(segment, np.uint8)
+        return planes.view(f"<u{nbytes}").reshape(self.rows, self.columns)
+
+
+def _fast_object(frames: Sequence[Frame], ks: list[int], blob: Blob) -> _FastObject | None:
+    """The object's frames as imagecodecs work (their codestreams checked first, as for pydicom),
+    or None when pydicom decodes it (see `_FastObject`)."""
+    first = frames[ks[0]]
+    p = first.pixels
+    if p.transfer_syntax not in _fast_syntaxes() or not p.present or p.value_at is None or p.offset is not None:
+        return None
+    if p.samples_per_pixel != 1 or p.photometric not in ("MONOCHROME1", "MONOCHROME2") or p.bits_allocated not in (8, 16):
+        return None
+    if not 1 <= p.bits_stored <= p.bits_allocated or p.frames < 1 or not (0 < first.rows < 2**16 and 0 < first.columns < 2**16):
+        return None
+    name = getattr(UID(p.transfer_syntax), "name", "") or "unknown transfer syntax"
+    try:
+        ds = _pixel_dataset(first, blob.data)
+        codestreams = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=p.frames))
+        _check_codestreams(ds, first, codestreams)
+    except StudyError:
+        raise
+    except Exception as exc:  # as _decode_with_pydicom words it
+        raise DecodeError(f"{blob.label}: pixel data could not be decoded ({name}, {type(exc).__name__})") from None
+    if len(codestreams) != p.frames:
+        return None  # excess frames: pydicom appends them
+    signed = int(p.signed)
+    stored = np.dtype(f"{'ui'[signed]}{p.bits_allocated // 8}")
+    unused = p.bits_allocated - p.bits_stored
+    syntax = p.transfer_syntax
+    if syntax == pydicom.uid.RLELossless:
+        kind, container, shift = "rle", stored, unused
+    elif syntax in _J2K_SYNTAXES:
+        found = {(info.get("precision"), info.get("is_signed")) for info in map(get_j2k_parameters, codestreams)}
+        if len(found) != 1:
+            return None
+        ((precision, j2k_signed),) = found
+        if precision is None or not 1 <= precision <= min(16, p.bits_allocated):
+            return None
+        kind, container = "j2k", np.dtype(f"{'ui'[signed]}{1 if precision <= 8 else 2}")
+        shift = 8 * stored.itemsize - precision if int(j2k_signed) != signed else 0
+    else:
+        if not all(data.rstrip(b"\0\xff").endswith(b"\xff\xd9") for data in codestreams):  # after any padding
+            return None  # cut short (no end-of-image marker): libjpeg-turbo and CharLS fill in what libjpeg does not
+        keys = ("precision", "components", "lossy_error")  # lossy_error: JPEG-LS's NEAR
+        headers = {(_jpeg_sof(data), *map(info.get, keys)) for data in codestreams for info in [_get_jpg_parameters(data)]}
+        if len(headers) != 1:
+            return None
+        ((sof, precision, components, near),) = headers
+        if sof is None or precision is None or not 1 <= precision <= min(16, p.bits_allocated) or components != 1:
+            return None
+        size = 1 if precision <= 8 else 2
+        if syntax in pydicom.uid.JPEGLSTransferSyntaxes:
+            if sof != 0xF7 or near != 0:
+                return None
+            kind, container = "jls", np.dtype(f"{'ui'[signed]}{size}")
+            shift = 8 * stored.itemsize - precision if signed else unused
+        else:
+            if sof != 0xC3 or size != stored.itemsize:  # lossless, Huffman; pydicom reads BitsAllocated-sized samples
+                return None
+            kind, container, shift = "jpeg", stored, unused
+    indices = [frames[k].frame for k in ks]
+    return _FastObject(blob, ks, indices, codestreams, kind, first.rows, first.columns, container, stored, shift)
+
+
 _JPEG_SYNTAXES = frozenset(pydicom.uid.JPEGTransferSyntaxes + pydicom.uid.JPEGLSTransferSyntaxes)
 _J2K_SYNTAXES = frozenset(pydicom.uid.JPEG2000TransferSyntaxes)  # JPEG 2000 and HTJ2K
 # JPEG start-of-frame markers (ITU T.81: C0-CF less DHT, JPG and DAC) and JPEG-LS's SOF55
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
 
 
-def _check_codestreams(ds: pydicom.Dataset, frame: Frame) -> None:
+def _check_codestreams(ds: pydicom.Dataset, frame: Frame, codestreams: Sequence[bytes] | None = None) -> None:
     """Refuse compressed frames whose own header disagrees with Rows/Columns before a decoder sizes
     its buffers from it: the limits are checked on the DICOM header, and a 10 KB JPEG 2000 frame
-    can claim 20000 x 20000 pixels."""
+    can claim 20000 x 20000 pixels. `codestreams`: the frames, where the caller already split them."""
     syntax = ds.file_meta.TransferSyntaxUID
     if syntax in _J2K_SYNTAXES:
         read, kind = _j2k_size, "JPEG 2000"
@@ -855,7 +1082,9 @@ def _check_codestreams(ds: pydicom.Dataset, frame: Frame) -> None:
     else:
         return  # RLE: its decoder sizes the output from Rows and Columns
     expected = (frame.rows, frame.columns, 1)
-    for number, data in enumerate(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frame.pixels.frames), start=1):
+    if codestreams is None:
+        codestreams = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=frame.pixels.frames)
+    for number, data in enumerate(codestreams, start=1):
         try:
             found = read(data)
         except (struct.error, IndexError):
@@ -900,22 +1129,35 @@ def _j2k_size(data: bytes) -> tuple[int, int, int] | None:
 
 def _jpeg_size(data: bytes) -> tuple[int, int, int] | None:
     """(rows, columns, components) from the start-of-frame segment of a JPEG or JPEG-LS frame."""
-    if data[:2] != b"\xff\xd8":
+    return _jpeg_frame_header(data)[1]
+
+
+def _jpeg_sof(data: bytes) -> int | None:
+    """The start-of-frame marker of a JPEG or JPEG-LS frame (0xC3: lossless, 0xF7: JPEG-LS), or None."""
+    try:
+        return _jpeg_frame_header(data)[0]
+    except (struct.error, IndexError):
         return None
+
+
+def _jpeg_frame_header(data: bytes) -> tuple[int | None, tuple[int, int, int] | None]:
+    """The start-of-frame marker and (rows, columns, components) of a JPEG or JPEG-LS frame."""
+    if data[:2] != b"\xff\xd8":
+        return None, None
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
-            return None
+            return None, None
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
         elif marker in _SOF:
             rows, columns, components = struct.unpack_from(">HHB", data, pos + 5)
-            return rows, columns, components
+            return marker, (rows, columns, components)
         elif marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
             pos += 2
         elif marker == 0xDA:  # scan data before any frame header
-            return None
+            return None, None
         else:
             pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
-    return None
+    return None, None
