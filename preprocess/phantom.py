@@ -150,13 +150,15 @@ def study_files(
     extras: bool = False,
     scanner_air: bool = False,
     file_header: bool = True,
+    lesion: bool = True,
 ) -> list[bytes]:
     """The phantom as a payload for preprocess_study / Triton: one element per file (or one ZIP).
 
     extras (zip form): adds a localizer, a thick (3x) reconstruction of the same volume, a text file
     and a fake thumbnail, all of which the series selection must skip.
     file_header=False: the images are bare data sets (implicit VR little endian, no preamble, no
-    file meta), as older archives and some exports hold them.
+    file meta), as older archives and some exports hold them. lesion=False: the same study with clear
+    lungs (the same noise), so a test can tell where the lesion went.
     """
     if form not in FORMS or order not in ORDERS or rescale not in RESCALES or transfer_syntax not in TRANSFER_SYNTAXES:
         raise ValueError(f"form {FORMS}, order {ORDERS}, rescale {RESCALES}, transfer_syntax {tuple(TRANSFER_SYNTAXES)}")
@@ -171,6 +173,7 @@ def study_files(
         slice_spacing=slice_spacing,
         seed=seed,
         scanner_air=scanner_air,
+        lesion=lesion,
     )
     study_uid = generate_uid(entropy_srcs=["phantom study", str(seed)])
     series_uid = generate_uid(entropy_srcs=["phantom series", str(seed), str(slices), str(rows)])
