@@ -14,6 +14,9 @@ round, so that all of them see the same minutes of a machine whose speed drifts.
   (it is paid at every server start).
 Parity: each engine on export's parity set (7 volumes at --parity-size) against torch FP32: max |dP|
 and whether every decision at the operating point agrees; an FP32 engine passes at <= 1e-4.
+Ceiling: the FP32 arithmetic rate each engine reaches (the network's FLOPs at S over its time) next
+to the machine's, measured as the best of 3 float32 4096x4096 matrix products (numpy's BLAS, its
+default threads) before and after the rounds: an engine near that rate has no FP32 speed left to find.
 Served (unless --no-served): a repository rendered for the cpu target at S, the bundled tritonserver,
 and one volume at a time sent to ct_classifier: the round trip, next to the engines' times.
 Writes cpu-engines.json and cpu-engines.md into --out, and prints the table.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -36,6 +40,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from benchmarks.gpu_check import study_tflop
 from classifier import OpenVINOClassifier, TorchClassifier, convert_to_openvino
 from classifier.openvino_engine import openvino_version
 from export import build_classifier, demo_weights, load_checkpoint, onnx_graph, write_repository
@@ -127,6 +132,24 @@ def served_seconds(work: Path, network_weights, size: int, volume: np.ndarray, r
     return times[1:]
 
 
+def matmul_gflops(n: int = 4096, runs: int = 3) -> float:
+    """The best float32 matrix-product rate of `runs` (2 n^3 FLOP each): the machine's practical FP32 ceiling."""
+    a, b = np.random.default_rng(0).random((2, n, n), dtype=np.float32)
+    best = float("inf")
+    for _ in range(runs):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"# CPU classifier engines at S={result['size']} ({result['threads']} threads, {result['cpu']})",
@@ -135,15 +158,19 @@ def markdown(result: dict) -> str:
         f"{result['parity_inputs']} volumes at {result['parity_size']}^3 against PyTorch FP32 (bound {FP32_BOUND:g}, "
         f"decisions at {OPERATING_POINT.threshold:g}).",
         "",
-        "| engine | s / study | vs onnxruntime | build s | parity max abs dP | decisions agree | passes |",
-        "|---|---:|---:|---:|---:|---|---|",
+        f"Load average {result['load_before']} before, {result['load_after']} after (a shared machine). The network: "
+        f"{result['study_gflop']:.0f} GFLOP per study at S={result['size']}. FP32 ceiling, float32 matrix product: "
+        f"{result['ceiling_gflops'][0]:.1f} GFLOP/s before the rounds, {result['ceiling_gflops'][1]:.1f} after.",
+        "",
+        "| engine | s / study | vs onnxruntime | GFLOP/s | of the ceiling | build s | parity max abs dP | decisions agree | passes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, row in result["engines"].items():
         parity = result["parity"].get(name, {})
         lines.append(
             f"| {name}{' (served)' if name == SERVED_ENGINE else ''} | {row['median_s']:.2f} | {row['speedup_vs_onnxruntime']:.2f}x | "
-            f"{row['build_s']:.1f} | {parity.get('max_abs_dp', float('nan')):.1e} | {parity.get('decisions_agree', '-')} | "
-            f"{parity.get('passed', '-')} |"
+            f"{row['gflops']:.1f} | {row['gflops'] / max(result['ceiling_gflops']):.0%} | {row['build_s']:.1f} | "
+            f"{parity.get('max_abs_dp', float('nan')):.1e} | {parity.get('decisions_agree', '-')} | {parity.get('passed', '-')} |"
         )
     if result.get("served"):
         served = result["served"]
@@ -153,7 +180,8 @@ def markdown(result: dict) -> str:
             f"request over HTTP: median round trip {served['median_s']:.2f} s (runs {', '.join(f'{s:.2f}' for s in served['runs_s'])}); "
             f"{served['speedup_vs_onnxruntime_in_process']:.2f}x ONNX Runtime's in-process time in the same run.",
         ]
-    lines += ["", f"Fastest engine that passes parity: **{result['fastest_passing']}**. OpenVINO {result['versions']['openvino']}, "
+    lines += ["", f"Fastest engine that passes parity in this run: **{result['fastest_passing']}**; the cpu target serves "
+              f"**{SERVED_ENGINE}**. OpenVINO {result['versions']['openvino']}, "
               f"ONNX Runtime {result['versions']['onnxruntime']}, PyTorch {result['versions']['torch']}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -171,6 +199,8 @@ def run(args: argparse.Namespace) -> dict:
     parity = parity_of(network, graph, ir, args.parity_size, threads, args.compile)
     engines, build_s = build_engines(network, graph, ir, args.size, threads, args.compile)
     volume = chest(args.size, 7, lesion=True).numpy()
+    load_before = [round(load, 2) for load in os.getloadavg()]
+    ceiling = [matmul_gflops()]
     times: dict[str, list[float]] = {name: [] for name in engines}
     for engine in engines.values():
         engine(volume)  # warm-up
@@ -180,6 +210,8 @@ def run(args: argparse.Namespace) -> dict:
             engine(volume)
             times[name].append(time.perf_counter() - started)
     del engines
+    ceiling.append(matmul_gflops())
+    gflop = study_tflop(args.size) * 1e3
     baseline = statistics.median(times[BASELINE])
     rows = {
         name: {
@@ -187,13 +219,18 @@ def run(args: argparse.Namespace) -> dict:
             "runs_s": [round(s, 3) for s in runs],
             "build_s": round(build_s[name], 2),
             "speedup_vs_onnxruntime": baseline / statistics.median(runs),
+            "gflops": gflop / statistics.median(runs),
         }
         for name, runs in times.items()
     }
     passing = [name for name in rows if parity[name]["passed"]]
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "load_before": load_before,
+        "load_after": [round(load, 2) for load in os.getloadavg()],
+        "study_gflop": gflop,
+        "ceiling_gflops": [round(rate, 1) for rate in ceiling],
         "size": args.size,
         "threads": threads,
         "repeat": args.repeat,

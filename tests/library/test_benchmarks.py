@@ -44,3 +44,17 @@ def test_closed_loop_counts_every_request_and_failure():
     assert len(calls) == 2 + 9  # one warm-up per worker, then the requests
     assert result.requests == 9 and 0 < result.failures < 9 and result.first_error == "refused"
     assert result.studies_per_s > 0 and result.p50_s <= result.p95_s
+
+
+def test_decoding_benchmark_times_both_paths_and_checks_their_values(tmp_path):
+    pytest.importorskip("imagecodecs")
+    from benchmarks import decoding
+
+    args = ["--slices", "16", "--size", "32", "--repeat", "1", "--encodings", "jpeg2000,rle", "--out", str(tmp_path)]
+    assert decoding.main(args) == 0
+    result = json.loads((tmp_path / "decoding-cpu.json").read_text())
+    assert set(result["encodings"]) == {"jpeg2000", "rle"} and result["target"].split()[0] in ("met", "not")
+    for row in result["encodings"].values():
+        assert row["old"]["max_abs_hu_diff"] == row["new"]["max_abs_hu_diff"] == 0
+        assert row["new"]["frames_by_decoder"]["imagecodecs"] == 16 and row["old"]["frames_by_decoder"]["pydicom"] == 16
+    assert (tmp_path / "decoding-cpu.md").read_text().startswith("# Compressed studies")

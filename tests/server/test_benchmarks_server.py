@@ -76,3 +76,15 @@ def test_baseline_answers_what_the_offline_model_answers(triton_repository, stud
     assert answer["probability_of_pathology"] == pytest.approx(expected, abs=1e-6)
     assert answer["pathology"] == int(expected >= 0.5) and answer["study_uid"]
     assert refused.value.code == 400 and "DICOM" in json.loads(refused.value.read())["error"]
+
+
+def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path):
+    from benchmarks import cpu_engines
+
+    assert cpu_engines.main(["--size", "16", "--parity-size", "16", "--repeat", "1", "--no-compile", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "cpu-engines.json").read_text())
+    assert set(result["engines"]) == {"onnxruntime", "openvino", "pytorch", "pytorch-channels-last"}
+    assert all(row["passed"] and row["decisions_agree"] for row in result["parity"].values())
+    assert result["fastest_passing"] in result["engines"] and result["served"]["median_s"] > 0
+    assert all(row["gflops"] > 0 for row in result["engines"].values()) and min(result["ceiling_gflops"]) > 0
+    assert "| openvino (served) |" in (tmp_path / "cpu-engines.md").read_text()
