@@ -6,7 +6,7 @@ Every engine runs the same exported network (demo weights, or --checkpoint) on t
 volume at S, one study per call, with the same number of threads; the engines take turns in each
 round, so that all of them see the same minutes of a machine whose speed drifts. Engines:
 - onnxruntime: the ONNX graph on ONNX Runtime's CPU provider, all graph optimisations, intra-op
-  threads = N (what the cpu target served before OpenVINO);
+  threads = N (the baseline the speed targets compare with);
 - openvino: classifier.OpenVINOClassifier on the IR, what the cpu target serves now;
 - pytorch / pytorch-channels-last: classifier.TorchClassifier at FP32 on the CPU, contiguous and
   channels-last-3d;

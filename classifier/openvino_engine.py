@@ -1,9 +1,10 @@
 """The classifier run by OpenVINO on the CPU: what the `cpu` target serves.
 
 Why OpenVINO: of the CPU engines compared side by side on this network (`python -m
-benchmarks.cpu_engines`: ONNX Runtime, OpenVINO, PyTorch eager and channels-last), it is the
-fastest that passes FP32 parity, and it is the CPU engine Triton deployments use (the NGC image
-has an OpenVINO backend that loads the same IR files). Imports numpy and openvino only, so the
+benchmarks.cpu_engines`: ONNX Runtime, OpenVINO, PyTorch eager, channels-last and compiled), it
+ties for the fastest that passes FP32 parity without a minute of compiling at every start, and it
+is the CPU engine Triton deployments use (the NGC image has an OpenVINO backend that loads the same
+IR files). Imports numpy and openvino only, so the
 served CPU model loads without PyTorch.
 
 Choices:
