@@ -203,9 +203,15 @@ def test_resume_does_not_resend_finished_studies(triton_server, archive, serial_
 
 
 def test_ctrl_c_keeps_the_finished_rows(private_server, archive, tmp_path):
-    out = tmp_path / "report.xlsx"
+    studies_folder = tmp_path / "studies"  # enough studies that the interrupt always comes before the last
+    studies_folder.mkdir()
+    for k in range(40):
+        shutil.copyfile(archive / GOOD_ZIPS[k % len(GOOD_ZIPS)], studies_folder / f"study_{k:02d}.zip")
+    shutil.copyfile(archive / CORRUPT, studies_folder / CORRUPT)
+    out = tmp_path / "out" / "report.xlsx"
+    out.parent.mkdir()
     run = subprocess.Popen(
-        [sys.executable, "-m", "client", "report", str(archive), "--out", str(out), "--url", private_server.grpc_url],
+        [sys.executable, "-m", "client", "report", str(studies_folder), "--out", str(out), "--url", private_server.grpc_url],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -221,12 +227,12 @@ def test_ctrl_c_keeps_the_finished_rows(private_server, archive, tmp_path):
     assert run.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "interrupted"  # no traceback
     rows = client.read_report(out)
-    studies = [study.path_to_study for study in client.discover_studies(archive)]
+    studies = [study.path_to_study for study in client.discover_studies(studies_folder)]
     assert 1 <= len(rows) < len(studies)
     assert [row["path_to_study"] for row in rows] == [path for path in studies if path in {r["path_to_study"] for r in rows}]
     assert all(row["processing_status"] in ("Success", "Failure") and row["model"] for row in rows)
     assert len(rows) == len(read_journal(journal).rows)  # every journaled study is in the report
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.xlsx", journal.name]  # no temporary file left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report.xlsx", journal.name]  # no temporary file left
 
 
 def test_shared_memory_benchmark_measures_every_protocol_and_transport(triton_server, archive):

@@ -22,7 +22,7 @@ def _request(volume: np.ndarray) -> dict:
 def test_served_classifier_matches_parity_report_and_batches(triton_server, triton_repository):
     report = json.loads(triton_repository.with_name(triton_repository.name + ".artifacts").joinpath("parity.json").read_text())
     names, volumes = parity_inputs(report["size"])
-    expected = np.array(report["probability_of_pathology"]["onnx_fp32"])
+    expected = np.array(report["probability_of_pathology"]["openvino_fp32"])
     client = httpclient.InferenceServerClient(triton_server.http_url, concurrency=len(names))
     try:
         before = model_stats(triton_server, NAMES.classifier)
