@@ -56,6 +56,9 @@ class TritonNames:
     preprocess: str = "ct_preprocess"
     classifier: str = "ct_classifier"
     postprocess: str = "ct_postprocess"
+    triage_explain: str = "ct_triage_explain"  # ct_triage plus the attribution map: explanations are opt-in per request
+    explain: str = "ct_explain"
+    localize: str = "ct_localize"
     dicom: str = "DICOM"
     volume: str = "VOLUME"
     probabilities: str = "PROBABILITIES"
@@ -64,6 +67,8 @@ class TritonNames:
     study_uid: str = "STUDY_UID"
     series_uid: str = "SERIES_UID"
     meta: str = "META"
+    attribution: str = "ATTRIBUTION"
+    localization: str = "LOCALIZATION"
     labels: tuple[str, ...] = ("normal", "pathology")
 
 
