@@ -10,7 +10,7 @@ from classifier import ResNet34Classifier, TorchClassifier
 from explain import Explainer, ExplainError, most_attributed_region
 
 SIZE = 64
-REGION = (slice(16, 32), slice(32, 48), slice(8, 24))  # D, H, W of the bright cube
+REGION = (slice(16, 32), slice(32, 48), slice(8, 24))  # D, H, W of the bright cube at SIZE
 
 
 def _region_only_weights(state_dict: dict) -> dict:
@@ -31,30 +31,39 @@ def region_classifier(demo_weights):
     return ResNet34Classifier.from_state_dict(_region_only_weights(demo_weights.state_dict))
 
 
-def _volume(bright: bool = True) -> np.ndarray:
-    volume = np.full((1, 1, SIZE, SIZE, SIZE), -1.0, np.float32)  # air
+def _region(size: int) -> tuple[slice, ...]:
+    return tuple(slice(s.start * size // SIZE, s.stop * size // SIZE) for s in REGION)
+
+
+def _volume(bright: bool = True, size: int = SIZE) -> np.ndarray:
+    volume = np.full((1, 1, size, size, size), -1.0, np.float32)  # air
     if bright:
-        volume[(0, 0, *REGION)] = 1.0
+        volume[(0, 0, *_region(size))] = 1.0
     return volume
 
 
 @pytest.mark.parametrize(
-    ("method", "options", "resolution"),
-    [("gradcam", {}, 8), ("integrated_gradients", {"steps": 4}, 8), ("occlusion", {"window": 16}, 16)],
+    ("method", "options", "size", "resolution"),
+    [
+        ("gradcam", {}, SIZE, 8),
+        ("integrated_gradients", {"steps": 4}, SIZE // 2, 4),  # steps x (forward + backward): a smaller S keeps it fast
+        ("occlusion", {"window": 16}, SIZE // 2, 16),  # (S / window)^3 + 1 forward passes
+    ],
 )
-def test_attribution_concentrates_on_the_region_the_decision_depends_on(region_classifier, method, options, resolution):
+def test_attribution_concentrates_on_the_region_the_decision_depends_on(region_classifier, method, options, size, resolution):
     """Within the method's resolution (Grad-CAM: layer4's cells of 8 voxels at S=64; Occlusion: its
     window) of the bright region: 95% of the attribution, and the most attributed box around its centre."""
-    explanation = Explainer(region_classifier, size=SIZE, method=method, **options)(_volume())
+    region = _region(size)
+    explanation = Explainer(region_classifier, size=size, method=method, **options)(_volume(size=size))
     attribution = explanation.attribution.astype(np.float32)
-    assert attribution.shape == (SIZE,) * 3 and explanation.attribution.dtype == np.float16
+    assert attribution.shape == (size,) * 3 and explanation.attribution.dtype == np.float16
     assert attribution.min() >= 0.0 and attribution.max() == 1.0
     near = np.zeros_like(attribution, bool)
-    near[tuple(slice(s.start - 8, s.stop + 8) for s in REGION)] = True
+    near[tuple(slice(max(s.start - 8, 0), s.stop + 8) for s in region)] = True
     assert attribution[near].sum() / attribution.sum() > 0.95
     box = most_attributed_region(attribution).ranges
-    for (lo, hi), region in zip(box, REGION):
-        assert region.start - resolution <= lo <= (region.start + region.stop) // 2 <= hi < region.stop + resolution, (method, box)
+    for (lo, hi), expected in zip(box, region):
+        assert expected.start - resolution <= lo <= (expected.start + expected.stop) // 2 <= hi < expected.stop + resolution, (method, box)
     assert explanation.probabilities[0, 1] > 0.5  # the region speaks for pathology
 
 
