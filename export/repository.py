@@ -6,9 +6,9 @@ loads instead of `config.pbtxt` when started with `--model-config-name=<target>`
 target is `config.pbtxt` itself). Export adds only what the target serves:
 - in place (the default): `ct_classifier/1/model.xml` + `model.bin` (cpu, openvino: OpenVINO IR),
   `1/model.onnx` (onnx-gpu), `1/model.plan` (tensorrt) or `1/model.pt` (torch-gpu: the weights
-  PyTorch runs), and `provenance.json` beside
-  ct_classifier's and ct_postprocess's model files. S, the
-  largest batch and the operating point are read from the committed configs.
+  PyTorch runs), `ct_explain/1/weights.pt` (the weights the explanation model runs, for every
+  target), and `provenance.json` beside ct_classifier's, ct_postprocess's and ct_explain's model
+  files. S, the largest batch and the operating point are read from the committed configs.
 - a rendered copy (`out`, another folder): every model folder copied, the target's configs rendered
   with other serving options (S, batching, instances, threshold) as plain `config.pbtxt` files, and
   the same artifacts. Tests and benchmarks use small S this way.
@@ -56,7 +56,15 @@ CONFIG = "config.pbtxt"
 TORCH_TARGET = "torch-gpu"
 PREPROCESS_DEVICES = ("cpu", "cuda")
 ONNX_PRECISION = {"cpu": "fp32", "openvino": "fp32", "onnx-gpu": "fp32 graph, fp16 TensorRT accelerator", "tensorrt": "fp16"}
-GENERATED = frozenset({*(name for names in SERVED_FILES.values() for name in names), PROVENANCE_FILE})
+GENERATED = frozenset({*(name for names in SERVED_FILES.values() for name in names), PROVENANCE_FILE, WEIGHTS_FILE})
+# Tensors whose dims hold S, per model and direction: (name, dims at S) for every model that has them.
+SIZED_TENSORS = {
+    NAMES.preprocess: {"output": {NAMES.volume: 5}},
+    NAMES.classifier: {"input": {NAMES.volume: 4}},
+    NAMES.explain: {"input": {NAMES.volume: 5}, "output": {NAMES.attribution: 3}},
+    NAMES.localize: {"input": {NAMES.attribution: 3}},
+    NAMES.triage_explain: {"output": {NAMES.volume: 5, NAMES.attribution: 3}},
+}
 
 
 @dataclass(frozen=True)
@@ -157,9 +165,24 @@ def target_configs(target: str, repository: Path = COMMITTED) -> dict[str, model
     return configs
 
 
-def _volume(config: model_config_pb2.ModelConfig, tensors: str):
-    (tensor,) = [t for t in getattr(config, tensors) if t.name == NAMES.volume]
+def _volume(config: model_config_pb2.ModelConfig, tensors: str, name: str = NAMES.volume):
+    (tensor,) = [t for t in getattr(config, tensors) if t.name == name]
     return tensor
+
+
+def _sized_dims(size: int, rank: int) -> list[int]:
+    """A tensor of S^3 voxels at `rank`: [S, S, S], [1, S, S, S] or [1, 1, S, S, S]."""
+    return [1] * (rank - 3) + [size] * 3
+
+
+def _sized_tensors(configs: dict[str, model_config_pb2.ModelConfig]):
+    """(model, tensor config, rank) of every tensor whose dims hold S, in the models present."""
+    for model, directions in SIZED_TENSORS.items():
+        if model not in configs:
+            continue
+        for tensors, names in directions.items():
+            for name, rank in names.items():
+                yield model, _volume(configs[model], tensors, name), rank
 
 
 def serving_options(configs: dict[str, model_config_pb2.ModelConfig]) -> ServingOptions:
@@ -174,6 +197,9 @@ def serving_options(configs: dict[str, model_config_pb2.ModelConfig]) -> Serving
         size,
     ]:
         raise ExportError(f"{NAMES.preprocess} and {NAMES.classifier} configs disagree on the volume shape (S)")
+    for model, tensor, rank in _sized_tensors(configs):
+        if list(tensor.dims) != _sized_dims(size, rank):
+            raise ExportError(f"{model}'s {tensor.name} {list(tensor.dims)} disagrees with {NAMES.classifier}'s S={size}")
     return ServingOptions(
         size=validate_size(size, "the configs' S"),
         max_batch_size=classifier.max_batch_size,
@@ -190,14 +216,14 @@ def render_configs(target: str, options: ServingOptions, repository: Path = COMM
     options = options.validated()
     configs = target_configs(target, repository)
     size = options.size
+    for _, tensor, rank in _sized_tensors(configs):  # the volume and the attribution map, in every model that has them
+        tensor.dims[:] = _sized_dims(size, rank)
     preprocess = configs[NAMES.preprocess]
-    _volume(preprocess, "output").dims[:] = [1, 1, size, size, size]
     (group,) = preprocess.instance_group
     group.count = options.preprocess_instances
     group.kind = group.KIND_GPU if options.preprocess_device == "cuda" else group.KIND_CPU
     preprocess.parameters["device"].string_value = options.preprocess_device
     classifier = configs[NAMES.classifier]
-    _volume(classifier, "input").dims[:] = [1, size, size, size]
     # The NGC OpenVINO backend runs only full batches: its config keeps one study per batch.
     classifier.max_batch_size = 1 if target == "openvino" else options.max_batch_size
     classifier.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_microseconds
@@ -397,6 +423,9 @@ def write_repository(
             Path(NAMES.classifier, "1", PROVENANCE_FILE): kept / PROVENANCE_FILE,
             Path(NAMES.postprocess, "1", PROVENANCE_FILE): kept / PROVENANCE_FILE,
         }
+        if NAMES.explain in configs:  # the explanation model runs the exported weights in PyTorch on every target
+            served_files[Path(NAMES.explain, "1", WEIGHTS_FILE)] = kept / WEIGHTS_FILE
+            served_files[Path(NAMES.explain, "1", PROVENANCE_FILE)] = kept / PROVENANCE_FILE
         if in_place:
             _install_in_place(source, served_files, target)
         else:

@@ -14,12 +14,15 @@ from export.repository import _copy_model_files
 from settings import NAMES, OPERATING_POINT, PREPROCESSING, SERVING
 
 DEFAULTS = export.ServingOptions()
+MODELS = (NAMES.triage, NAMES.preprocess, NAMES.classifier, NAMES.postprocess)
+EXPLANATION_MODELS = (NAMES.triage_explain, NAMES.explain, NAMES.localize)
+LIGHT = (NAMES.postprocess, NAMES.localize)  # milliseconds per study: the short wait and the long queue
 
 
 @pytest.mark.parametrize("target", export.TARGETS)
 def test_committed_configs_parse_as_triton_model_configs_for_every_target(target):
     configs = export.target_configs(target)
-    assert sorted(configs) == sorted([NAMES.triage, NAMES.preprocess, NAMES.classifier, NAMES.postprocess])
+    assert sorted(configs) == sorted([*MODELS, *EXPLANATION_MODELS])
     assert all(config.name == name for name, config in configs.items())
     classifier = configs[NAMES.classifier]
     (volume,), (probabilities,) = classifier.input, classifier.output
@@ -50,7 +53,7 @@ def test_committed_configs_serve_what_settings_say():
             if config.platform == "ensemble":
                 continue
             policy = config.dynamic_batching.default_queue_policy
-            heavy = name != NAMES.postprocess
+            heavy = name not in LIGHT
             timeout_s = SERVING.request_timeout_s if heavy else SERVING.postprocess_queue_timeout_s
             assert policy.default_timeout_microseconds == int(timeout_s * 1e6), (target, name)
             assert policy.max_queue_size == (SERVING.max_queue_size if heavy else SERVING.postprocess_max_queue_size)
@@ -84,6 +87,61 @@ def test_a_rendered_copy_can_put_preprocessing_on_the_gpu():
     assert export.serving_options(configs) == options.validated()
     with pytest.raises(export.ExportError, match="preprocess device must be one of cpu, cuda, not 'gpu'"):
         export.ServingOptions(preprocess_device="gpu").validated()
+
+
+def _tensors(config) -> dict[str, tuple[int, list[int]]]:
+    return {t.name: (t.data_type, list(t.dims)) for t in (*config.input, *config.output)}
+
+
+@pytest.mark.parametrize("target", export.TARGETS)
+def test_the_explanation_models_keep_their_contract_on_every_target(target):
+    """ct_triage_explain answers what ct_triage does plus the map, its box and the explained volume;
+    ct_triage itself knows nothing of explanations."""
+    configs = export.target_configs(target)
+    size, fp16, fp32, int32, text = (
+        PREPROCESSING.size,
+        model_config_pb2.TYPE_FP16,
+        model_config_pb2.TYPE_FP32,
+        model_config_pb2.TYPE_INT32,
+        model_config_pb2.TYPE_STRING,
+    )
+    volume, attribution = [1, 1, size, size, size], [size, size, size]
+    triage, explained = configs[NAMES.triage], configs[NAMES.triage_explain]
+    assert explained.platform == "ensemble" and explained.max_batch_size == 0
+    assert _tensors(explained) == {
+        **_tensors(triage),
+        NAMES.attribution: (fp16, attribution),
+        NAMES.localization: (int32, [6]),
+        NAMES.volume: (fp32, volume),
+    }
+    assert [step.model_name for step in triage.ensemble_scheduling.step] == [NAMES.preprocess, NAMES.classifier, NAMES.postprocess]
+    steps = {step.model_name: step for step in explained.ensemble_scheduling.step}
+    assert list(steps) == [NAMES.preprocess, NAMES.explain, NAMES.postprocess, NAMES.localize]
+    assert steps[NAMES.postprocess].input_map[NAMES.probabilities] == steps[NAMES.explain].output_map[NAMES.probabilities]
+    assert steps[NAMES.localize].input_map[NAMES.meta] == steps[NAMES.preprocess].output_map[NAMES.meta]
+    assert steps[NAMES.explain].input_map[NAMES.volume] == steps[NAMES.preprocess].output_map[NAMES.volume] == NAMES.volume
+    explain, localize = configs[NAMES.explain], configs[NAMES.localize]
+    assert _tensors(explain) == {NAMES.volume: (fp32, volume), NAMES.attribution: (fp16, attribution), NAMES.probabilities: (fp32, [1, 2])}
+    assert _tensors(localize) == {NAMES.attribution: (fp16, attribution), NAMES.meta: (text, [1]), NAMES.localization: (int32, [6])}
+    for config in (explain, localize):
+        (group,) = config.instance_group
+        assert (config.backend, config.max_batch_size, group.kind, group.count) == ("python", 0, group.KIND_CPU, 1)
+    parameters = {key: value.string_value for key, value in explain.parameters.items()}
+    assert parameters == {"method": "gradcam", "steps": "16", "window": "16", "threads": "0", "device": "cpu"}
+    for name in EXPLANATION_MODELS[1:]:
+        assert (export.COMMITTED / name / "1" / "model.py").is_file()
+
+
+def test_a_rendered_copy_puts_s_into_the_explanation_models():
+    configs = export.render_configs("cpu", export.ServingOptions(size=32))
+    assert _tensors(configs[NAMES.explain])[NAMES.volume][1] == [1, 1, 32, 32, 32]
+    assert _tensors(configs[NAMES.explain])[NAMES.attribution][1] == [32, 32, 32]
+    assert _tensors(configs[NAMES.localize])[NAMES.attribution][1] == [32, 32, 32]
+    assert _tensors(configs[NAMES.triage_explain])[NAMES.attribution][1] == [32, 32, 32]
+    assert _tensors(configs[NAMES.triage_explain])[NAMES.volume][1] == [1, 1, 32, 32, 32]
+    configs[NAMES.localize].input[0].dims[:] = [16, 16, 16]
+    with pytest.raises(export.ExportError, match=r"ct_localize's ATTRIBUTION \[16, 16, 16\] disagrees with ct_classifier's S=32"):
+        export.serving_options(configs)
 
 
 def test_configs_that_disagree_on_the_volume_are_refused():

@@ -185,7 +185,7 @@ def test_the_sizing_formula_matches_a_measured_run(triton_repository, tmp_path):
             sampler.join()
     finally:
         server.stop()
-    stubs = options.preprocess_instances + 2  # + ct_classifier (Python backend on the cpu target) + ct_postprocess
+    stubs = options.preprocess_instances + 4  # + ct_classifier (Python backend on the cpu target), ct_postprocess, ct_explain, ct_localize
     assert idle == stubs * SERVING.shm_default_byte_size
     payload = sum(path.stat().st_size + 4 for path in study.rglob("*") if path.is_file())  # + each BYTES element's length
     grown = sizing.region_bytes(payload + 4 * options.size**3) - SERVING.shm_default_byte_size  # the instance that read the study

@@ -23,6 +23,9 @@ SERVED = {
     NAMES.postprocess: ["1/model.py", "1/provenance.json", "config.pbtxt"],
     NAMES.preprocess: ["1/model.py", "config.pbtxt"],
     NAMES.triage: ["1/.gitkeep", "config.pbtxt"],
+    NAMES.explain: ["1/model.py", "1/provenance.json", "1/weights.pt", "config.pbtxt"],
+    NAMES.localize: ["1/model.py", "config.pbtxt"],
+    NAMES.triage_explain: ["1/.gitkeep", "config.pbtxt"],
 }
 
 
@@ -52,7 +55,7 @@ def test_a_rendered_copy_holds_what_triton_serves_and_nothing_else(triton_reposi
 
 
 def test_served_provenance_names_the_served_files_and_the_kept_weights(triton_repository, artifacts, provenance):
-    for model in (NAMES.classifier, NAMES.postprocess):
+    for model in (NAMES.classifier, NAMES.postprocess, NAMES.explain):
         assert json.loads((triton_repository / model / "1" / "provenance.json").read_text()) == provenance
     assert provenance["checkpoint"] == export.DEMO_PROVENANCE and provenance["size"] == TEST_SIZE
     assert provenance["precision"] == "fp32" and provenance["target"] == "cpu" and "exported_at" in provenance
@@ -60,6 +63,7 @@ def test_served_provenance_names_the_served_files_and_the_kept_weights(triton_re
     assert provenance["served_sha256"] == {name: export.file_sha256(version / name) for name in ("model.xml", "model.bin")}
     assert provenance["engine"].startswith("openvino 20")
     assert provenance["weights_sha256"] == export.file_sha256(artifacts / "weights.pt")
+    assert export.file_sha256(triton_repository / NAMES.explain / "1" / "weights.pt") == provenance["weights_sha256"]
 
 
 def test_parity_report_within_bounds(artifacts):
@@ -138,6 +142,8 @@ def test_export_into_the_committed_repository_serves_it_as_it_is(tmp_path):
         "ct_classifier/1/model.bin",
         "ct_classifier/1/model.xml",
         "ct_classifier/1/provenance.json",
+        "ct_explain/1/provenance.json",
+        "ct_explain/1/weights.pt",
         "ct_postprocess/1/provenance.json",
     ]
     server = start_on_free_ports(committed, log_file=tmp_path / "tritonserver.log", exit_timeout_s=5)

@@ -1,0 +1,166 @@
+"""Explanations served by the real tritonserver (session fixture, S=TEST_SIZE, demo weights): ct_explain,
+ct_localize and the ct_triage_explain ensemble, checked against ct_classifier, ct_triage and the
+offline explain/preprocess packages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from helpers import TEST_SIZE, counted_stats, model_stats
+from tritonclient.utils import InferenceServerException
+
+import preprocess
+from explain import localize
+from export.volumes import smooth
+from preprocess import phantom
+from settings import NAMES
+
+S = TEST_SIZE
+DEADLINE_S = 120  # a test fails, never hangs, if the server stops answering
+TRIAGE_OUTPUTS = (NAMES.probability, NAMES.pathology, NAMES.study_uid, NAMES.series_uid, NAMES.meta)
+
+
+def grpc_client(server) -> triton_grpc.InferenceServerClient:
+    return triton_grpc.InferenceServerClient(server.grpc_url)
+
+
+def tensor(module, name: str, array: np.ndarray, datatype: str):
+    value = module.InferInput(name, list(array.shape), datatype)
+    value.set_data_from_numpy(array)
+    return value
+
+
+def dicom(module, payload: list[bytes]):
+    return tensor(module, NAMES.dicom, np.array(payload, dtype=np.object_), "BYTES")
+
+
+@pytest.fixture(scope="module")
+def payload(tmp_path_factory) -> list[bytes]:
+    """The chest phantom with its lesion in the right lung, as one ZIP."""
+    return preprocess.read_study(phantom.write_study(Path(tmp_path_factory.mktemp("explain")) / "study.zip", form="zip"))
+
+
+@pytest.fixture(scope="module")
+def answers(shared_server, payload) -> dict[str, dict[str, np.ndarray]]:
+    """One ct_triage and one ct_triage_explain answer for the phantom, over gRPC."""
+    answers = {}
+    with grpc_client(shared_server) as client:
+        for model in (NAMES.triage, NAMES.triage_explain):
+            result = client.infer(model, [dicom(triton_grpc, payload)], client_timeout=DEADLINE_S)
+            names = [output["name"] for output in result.get_response(as_json=True)["outputs"]]
+            answers[model] = {name: result.as_numpy(name) for name in names}
+    return answers
+
+
+def test_triage_explain_decides_as_triage_does(triton_server, answers):
+    triage, explained = answers[NAMES.triage], answers[NAMES.triage_explain]
+    assert sorted(triage) == sorted(TRIAGE_OUTPUTS)
+    assert sorted(explained) == sorted([*TRIAGE_OUTPUTS, NAMES.attribution, NAMES.localization, NAMES.volume])
+    for name in TRIAGE_OUTPUTS:
+        assert explained[name].shape == triage[name].shape and explained[name].dtype == triage[name].dtype, name
+    # PyTorch FP32 (ct_explain) against OpenVINO FP32 (ct_classifier): the same network, the same decision
+    assert float(explained[NAMES.probability][0]) == pytest.approx(float(triage[NAMES.probability][0]), abs=1e-4)
+    assert int(explained[NAMES.pathology][0]) == int(triage[NAMES.pathology][0])
+    for name in (NAMES.study_uid, NAMES.series_uid):
+        assert explained[name][0] == triage[name][0]
+    meta, triage_meta = json.loads(explained[NAMES.meta][0]), json.loads(triage[NAMES.meta][0])
+    for key in ("provenance", "threshold", "output_to_original", "crop_box", "series_selection", "size"):
+        assert meta[key] == triage_meta[key], key
+
+
+def test_triage_explain_returns_the_explained_volume_its_attribution_and_localization(triton_server, answers, payload):
+    explained = answers[NAMES.triage_explain]
+    volume, attribution = explained[NAMES.volume], explained[NAMES.attribution]
+    study = preprocess.preprocess_study(payload, size=S, mode="fast")  # what ct_preprocess computes
+    assert volume.dtype == np.float32 and volume.shape == (1, 1, S, S, S)
+    assert np.abs(volume - study.volume).max() <= 1e-6
+    assert attribution.dtype == np.float16 and attribution.shape == (S, S, S)
+    assert attribution.min() >= 0 and attribution.max() in (0, 1)
+    localization = explained[NAMES.localization]
+    assert localization.dtype == np.int32 and localization.shape == (6,)
+    meta = json.loads(explained[NAMES.meta][0])
+    if attribution.max() == 0:
+        assert localization.tolist() == [-1] * 6
+    else:
+        assert localization.tolist() == localize(attribution, meta)[1].as_list()
+        x, y, z = (localization[k : k + 2] for k in (0, 2, 4))
+        columns, rows, slices = (meta["original_shape"][meta["original_axes"].index(axis)] for axis in ("column", "row", "slice"))
+        for (lo, hi), n in ((x, columns), (y, rows), (z, slices)):
+            assert 0 <= lo <= hi < n
+
+
+def test_explain_probabilities_equal_the_classifiers(triton_server, answers):
+    volumes = [answers[NAMES.triage_explain][NAMES.volume], smooth(1, S, torch.Generator().manual_seed(5)).numpy()]
+    with grpc_client(triton_server) as client:
+        for volume in volumes:
+            result = client.infer(NAMES.explain, [tensor(triton_grpc, NAMES.volume, volume, "FP32")], client_timeout=DEADLINE_S)
+            classified = client.infer(NAMES.classifier, [tensor(triton_grpc, NAMES.volume, volume, "FP32")], client_timeout=DEADLINE_S)
+            probabilities = result.as_numpy(NAMES.probabilities)
+            assert probabilities.dtype == np.float32 and probabilities.shape == (1, 2)
+            assert np.abs(probabilities - classified.as_numpy(NAMES.probabilities)).max() <= 1e-4
+            attribution = result.as_numpy(NAMES.attribution)
+            assert attribution.shape == (S, S, S) and 0 <= attribution.min() and attribution.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "volume, datatype, message",
+    [
+        (
+            np.zeros((1, 1, S // 2, S, S), np.float32),
+            "FP32",
+            f"unexpected shape for input 'VOLUME' for model 'ct_explain'. Expected [1,1,{S},{S},{S}]",
+        ),
+        (
+            np.zeros((1, 1, S, S, S), np.float64),
+            "FP64",
+            "inference input 'VOLUME' data-type is 'FP64', but model 'ct_explain' expects 'FP32'",
+        ),
+        (np.full((1, 1, S, S, S), np.nan, np.float32), "FP32", "ct_explain: VOLUME holds non-finite values"),
+    ],
+    ids=["shape", "dtype", "nan"],
+)
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_input_to_explain_is_one_clear_line_and_the_server_keeps_serving(triton_server, protocol, volume, datatype, message):
+    module = {"http": triton_http, "grpc": triton_grpc}[protocol]
+    url = triton_server.http_url if protocol == "http" else triton_server.grpc_url
+    with module.InferenceServerClient(url) as client:
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(NAMES.explain, [tensor(module, NAMES.volume, volume, datatype)])
+        assert client.is_model_ready(NAMES.explain)
+    text = str(refused.value)
+    assert message in text and "\n" not in text.strip() and "Traceback" not in text, text
+    assert refused.value.status() == {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}[protocol]
+
+
+def test_localize_answers_minus_one_when_nothing_is_attributed_and_refuses_a_meta_without_mapping(triton_server, answers):
+    meta = answers[NAMES.triage_explain][NAMES.meta]
+    with grpc_client(triton_server) as client:
+
+        def localization(attribution: np.ndarray, meta: np.ndarray):
+            inputs = [tensor(triton_grpc, NAMES.attribution, attribution, "FP16"), tensor(triton_grpc, NAMES.meta, meta, "BYTES")]
+            return client.infer(NAMES.localize, inputs, client_timeout=DEADLINE_S).as_numpy(NAMES.localization)
+
+        assert localization(np.zeros((S, S, S), np.float16), meta).tolist() == [-1] * 6
+        peak = np.zeros((S, S, S), np.float16)
+        peak[10:14, 20:30, 40:42] = 1
+        assert localization(peak, meta).tolist() == localize(peak, json.loads(meta[0]))[1].as_list()
+        with pytest.raises(InferenceServerException, match="ct_localize: META has no output_to_original mapping") as refused:
+            localization(peak, np.array([json.dumps({"size": S}).encode()], dtype=np.object_))
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_triage_never_runs_the_explanation_and_localize_loads_no_torch(triton_server, payload):
+    before = int(model_stats(triton_server, NAMES.explain).get("inference_count", 0))
+    triaged = int(model_stats(triton_server, NAMES.triage).get("inference_count", 0))
+    with grpc_client(triton_server) as client:
+        client.infer(NAMES.triage, [dicom(triton_grpc, payload)], client_timeout=DEADLINE_S)
+    counted_stats(triton_server, NAMES.triage, triaged + 1)
+    assert int(model_stats(triton_server, NAMES.explain).get("inference_count", 0)) == before
+    (stub,) = [stub for stub in triton_server.stubs() if stub.model == NAMES.localize]
+    assert "libtorch" not in Path(f"/proc/{stub.pid}/maps").read_text()
