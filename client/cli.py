@@ -1,5 +1,8 @@
 """`python -m client classify STUDY` and `python -m client report FOLDER --out report.xlsx`.
 
+`--explain` asks ct_triage_explain instead of ct_triage: classify saves the montage, the attribution
+volume and its geometry into --out-dir; report adds pathology_localization and an HTML summary page.
+
 Exit status: 0 done; 1 the study failed (classify); 2 bad arguments or unusable paths;
 3 the server or model is not reachable, or stopped answering during a report (the report keeps the
 finished studies; --resume sends the rest); 130 interrupted (the report keeps finished studies).
@@ -21,6 +24,10 @@ from .triage import PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable
 EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
+class UsageError(ValueError):
+    """Options that do not go together."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -28,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     except ServerUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (ReportError, NotADirectoryError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
+    except (ReportError, UsageError, NotADirectoryError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -45,16 +52,28 @@ def _connection(args: argparse.Namespace) -> dict:
         timeout_s=args.timeout,
         retry=RetryPolicy(attempts=args.attempts),
         shared_memory=args.shared_memory,
+        explain=args.explain,
     )
 
 
 def _classify(args: argparse.Namespace) -> int:
     if not Path(args.study).exists():
         raise FileNotFoundError(f"no such study: {args.study}")
+    if args.explain != (args.out_dir is not None):
+        raise UsageError("--explain and --out-dir go together: the explanation's files are written to --out-dir")
+    if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise NotADirectoryError(f"--out-dir is not a folder: {args.out_dir}")
     with TriageClient(**_connection(args)) as client:
         client.check_ready()
         result = client.classify(args.study)
-    print(json.dumps(result.to_dict(), indent=2))
+    answer = result.to_dict()
+    if args.explain:
+        from .explanation import save
+
+        written = save(result, args.out_dir) if result.explanation is not None else []
+        answer["pathology_localization"] = result.pathology_localization
+        answer["files"] = [str(path) for path in written]
+    print(json.dumps(answer, indent=2))
     if not result.ok:
         print(f"error: {result.error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -77,9 +96,10 @@ def _report(args: argparse.Namespace) -> int:
             write_every_s=args.write_every,
         )
     )
+    written = f"{args.out}, summary {summary.page}" if summary.page is not None else f"{args.out}"
     print(
         f"{summary.studies} studies: {summary.succeeded} Success, {summary.failed} Failure "
-        f"({summary.sent} sent, {summary.skipped} already done) -> {args.out} (journal {summary.journal.name})",
+        f"({summary.sent} sent, {summary.skipped} already done) -> {written} (journal {summary.journal.name})",
         file=sys.stderr,
     )
     return 0
@@ -91,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
 
     classify = commands.add_parser("classify", help="classify one study, print one JSON object")
     classify.add_argument("study", help="a folder of DICOM files, a ZIP archive, or one DICOM file")
+    classify.add_argument(
+        "--explain",
+        action="store_true",
+        help=f"ask {NAMES.triage_explain}: save montage.png, attribution.npy and attribution.json into --out-dir",
+    )
+    classify.add_argument("--out-dir", help="folder for the explanation's files (with --explain; created if missing)")
     classify.set_defaults(run=_classify)
 
     report = commands.add_parser("report", help="classify every study in a folder into a report")
@@ -116,12 +142,17 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_BYTES_IN_FLIGHT / 1024**2,
         help="bound on study file sizes held at once, MiB (default %(default).0f)",
     )
+    report.add_argument(
+        "--explain",
+        action="store_true",
+        help=f"ask {NAMES.triage_explain}: fill pathology_localization, write OUT's .html summary page and thumbnails beside it",
+    )
     report.set_defaults(run=_report)
 
     for command in (classify, report):
         command.add_argument("--url", help=f"HOST:PORT (default {default_url('grpc')} for grpc, {default_url('http')} for http)")
         command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
-        command.add_argument("--model", default=NAMES.triage)
+        command.add_argument("--model", help=f"model to ask (default {NAMES.triage}, with --explain {NAMES.triage_explain})")
         command.add_argument("--timeout", type=float, default=SERVING.request_timeout_s, help="seconds per request")
         command.add_argument(
             "--attempts",

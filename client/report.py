@@ -5,6 +5,10 @@ synced to disk before it counts, so a kill loses at most the studies in flight a
 every study already journaled as Success. The report files are rebuilt from the journal's rows,
 atomically (temp file + rename), at the start, at most every `write_every_s` seconds and at the end:
 the work per study does not grow with the archive, and a reader never sees a half-written report.
+
+With a client built with `explain=True` (ct_triage_explain) the report gains the column
+`pathology_localization`, each study's montage is saved into the thumbnail folder beside the report
+before its journal line is written, and the HTML summary page is rewritten with the report files.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -42,6 +47,8 @@ COLUMNS = (
     "error",
     "model",
 )
+LOCALIZATION_COLUMN = "pathology_localization"  # "x_min,x_max,y_min,y_max,z_min,z_max"; explained reports only
+EXPLAIN_COLUMNS = (*COLUMNS, LOCALIZATION_COLUMN)
 _FLOAT_COLUMNS = ("probability_of_pathology", "time_of_processing")
 _INT_COLUMNS = ("pathology",)
 DEFAULT_MAX_BYTES_IN_FLIGHT = 1024**3
@@ -53,6 +60,7 @@ _JOURNAL_VERSION = 1
 # as the last rewrite took, so that rewriting never takes more than a tenth of the run.
 _PAUSE_PER_WRITE_SECOND = 9
 _READY_CHECK_S = 10.0  # a readiness check after a failed study; no answer means the server is gone
+_log = logging.getLogger(__name__)
 
 
 class ReportError(ValueError):
@@ -68,6 +76,7 @@ class ReportSummary:
     failed: int  # Failure rows in the report
     journal: Path  # the journal the report was built from
     writes: tuple[tuple[int, float], ...]  # (rows, seconds) of each rewrite of the report files
+    page: Path | None = None  # the HTML summary page of an explained report
 
 
 @dataclass(frozen=True)
@@ -85,8 +94,8 @@ def journal_path(out: str | os.PathLike[str]) -> Path:
     return Path(f"{os.fspath(out)}{JOURNAL_SUFFIX}")
 
 
-def row_for(study: StudyRef, result: TriageResult) -> dict[str, Any]:
-    return {
+def row_for(study: StudyRef, result: TriageResult, explain: bool = False) -> dict[str, Any]:
+    row = {
         "path_to_study": study.path_to_study,
         "study_uid": result.study_uid,
         "series_uid": result.series_uid,
@@ -97,18 +106,23 @@ def row_for(study: StudyRef, result: TriageResult) -> dict[str, Any]:
         "error": result.error,
         "model": result.model,
     }
+    if explain:
+        row[LOCALIZATION_COLUMN] = result.pathology_localization
+    return row
 
 
-def write_report(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Write rows as .xlsx or .csv (by suffix) atomically: readers never see a half-written file."""
+def write_report(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], columns: tuple[str, ...] = COLUMNS) -> None:
+    """Write rows as .xlsx or .csv (by suffix) atomically: readers never see a half-written file.
+    `columns`: COLUMNS, or EXPLAIN_COLUMNS for an explained report."""
     target = Path(path)
     writer = _writer_for(target)
     rows = list(rows)
-    write_atomically(target, lambda stream: writer(rows, stream))
+    write_atomically(target, lambda stream: writer(rows, stream, columns))
 
 
 def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows of a report written by `write_report`, values typed back (numbers, None for empty)."""
+    """Rows of a report written by `write_report`, values typed back (numbers, None for empty);
+    an explained report's rows also hold `pathology_localization`."""
     source = Path(path)
     if _format(source) == ".xlsx":
         workbook = openpyxl.load_workbook(source, read_only=True)
@@ -121,7 +135,10 @@ def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             table = list(csv.reader(stream))
     if not table or tuple(table[0][: len(COLUMNS)]) != COLUMNS:
         raise ReportError(f"{source.name} is not a triage report: its header is not {', '.join(COLUMNS)}")
-    return [_typed(dict(zip(COLUMNS, values))) for values in table[1:] if any(v not in (None, "") for v in values)]
+    columns = EXPLAIN_COLUMNS if tuple(table[0][: len(EXPLAIN_COLUMNS)]) == EXPLAIN_COLUMNS else COLUMNS
+    # a row's trailing empty cells may be missing (xlsx): they are None
+    padded = (list(values) + [None] * (len(columns) - len(values)) for values in table[1:])
+    return [_typed(dict(zip(columns, values))) for values in padded if any(v not in (None, "") for v in values)]
 
 
 def read_journal(path: str | os.PathLike[str]) -> Journal:
@@ -168,6 +185,8 @@ async def build_report(
     `progress` None shows the bar only on a terminal. Raises ServerUnavailable if the server is
     down before the first study, or stops answering: the studies finished by then stay in the
     journal and the report, the others are not in either, and a `resume` run sends them.
+    A client built with `explain=True` makes an explained report: the `pathology_localization`
+    column, and the HTML summary page with a montage per study beside `out` (`summary_paths`).
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -181,6 +200,8 @@ async def build_report(
     journal_file = journal_path(out)
     earlier = _resumed(journal_file, Path(out)) if resume else None
     async with client_factory() as client:
+        explain = bool(getattr(client, "explain", False))
+        summary = _Summary(Path(out)) if explain else None
         kept: dict[str, dict[str, Any]] = {}
         if earlier is not None:
             _check_same_run(earlier, journal_file, folder_name, client.model)
@@ -189,11 +210,11 @@ async def build_report(
         if todo:
             await client.check_ready()
         journal = _JournalWriter.create(journal_file, folder_name, client.model, kept.values())
-        report = _ReportFiles(paths, [study.path_to_study for study in studies], journal, write_every_s)
+        report = _ReportFiles(paths, [study.path_to_study for study in studies], journal, write_every_s, summary=summary)
         show = sys.stderr.isatty() if progress is None else progress
         try:
             with tqdm(total=len(todo), desc="report", unit="study", disable=not show, dynamic_ncols=True) as bar:
-                await _classify_all(client, todo, journal, report, bar, concurrency, max_bytes_in_flight)
+                await _classify_all(client, todo, journal, report, bar, concurrency, max_bytes_in_flight, summary)
         except ServerUnavailable as error:
             rows = len(report.ordered_rows())
             raise ServerUnavailable(
@@ -211,6 +232,7 @@ async def build_report(
         failed=len(statuses) - statuses.count(SUCCESS),
         journal=journal_file,
         writes=tuple(report.writes),
+        page=summary.page if summary is not None else None,
     )
 
 
@@ -222,6 +244,7 @@ async def _classify_all(
     bar: tqdm,
     concurrency: int,
     max_bytes_in_flight: int,
+    summary: _Summary | None = None,
 ) -> None:
     """Send every study of `todo` and journal each answer while the report is kept written; however
     this ends (done, server gone, Ctrl-C), the report files then hold every journaled row."""
@@ -234,10 +257,13 @@ async def _classify_all(
         for study in pending:
             async with budget.hold(study.size_bytes):
                 result = await _classify_guarded(client, study)
+                if summary is not None and result.explanation is not None:  # its thumbnail exists before its row
+                    await asyncio.to_thread(summary.save_thumbnail, study, result)
             if not result.ok:
                 await _raise_if_server_gone(client)  # no answer is no row: --resume sends the study again
                 failed += 1
-            journal.append(row_for(study, result))
+            journal.append(row_for(study, result, explain=summary is not None))
+            del result  # an explanation holds 96 MiB at S=256: not kept past its study
             bar.set_postfix(failed=failed, refresh=False)
             bar.update(1)
 
@@ -378,12 +404,39 @@ class _JournalWriter:
         os.close(self._fd)
 
 
+class _Summary:
+    """An explained report's HTML page and thumbnail folder (`client.summary`)."""
+
+    def __init__(self, out: Path):
+        from .summary import summary_paths
+
+        self.report_name = out.name
+        self.page, self.thumbnails = summary_paths(out)
+
+    def save_thumbnail(self, study: StudyRef, result: TriageResult) -> None:
+        """The study's montage; a picture that cannot be drawn costs the picture, never the row."""
+        from .montage import THUMBNAIL_DPI, save_montage
+        from .summary import thumbnail_name
+
+        try:
+            save_montage(result, self.thumbnails / thumbnail_name(study.path_to_study), dpi=THUMBNAIL_DPI)
+        except Exception as error:  # the row keeps its answer; the page says "no picture"
+            _log.warning("montage not drawn: %s: %s", type(error).__name__, _one_line(error))
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        from .summary import write_summary
+
+        write_summary(rows, self.page, self.thumbnails, report_name=self.report_name)
+
+
 class _ReportFiles:
     """Rewrites the report files from the journal's rows: at the start, then at most every `every_s`
     seconds while rows come in, and once at the end. One task does every write, so an older
     snapshot can never be renamed over a newer one."""
 
-    def __init__(self, paths: list[Path], order: list[str], journal: _JournalWriter, every_s: float):
+    def __init__(self, paths: list[Path], order: list[str], journal: _JournalWriter, every_s: float, *, summary: _Summary | None = None):
+        self._summary = summary
+        self._columns = EXPLAIN_COLUMNS if summary is not None else COLUMNS
         self._paths = paths
         self._order = order
         self._journal = journal
@@ -414,13 +467,17 @@ class _ReportFiles:
                 await asyncio.wait_for(self._stop.wait(), pause)
             if self._journal.appended != self._seen or self._stop.is_set():
                 await self._write()
+        if self._journal.appended != self._seen:  # rows that finished during the first write, if the run ended then
+            await self._write()
 
     async def _write(self) -> None:
         self._seen = self._journal.appended
         snapshot = self.ordered_rows()
         started = time.perf_counter()
         for path in self._paths:
-            await asyncio.to_thread(write_report, snapshot, path)
+            await asyncio.to_thread(write_report, snapshot, path, self._columns)
+        if self._summary is not None:
+            await asyncio.to_thread(self._summary.write, snapshot)
         self._last_write_s = time.perf_counter() - started
         self.writes.append((len(snapshot), round(self._last_write_s, 4)))
 
@@ -433,25 +490,25 @@ def _format(path: Path) -> str:
     return suffix
 
 
-def _writer_for(target: Path) -> Callable[[list[dict[str, Any]], IO[bytes]], None]:
+def _writer_for(target: Path) -> Callable[[list[dict[str, Any]], IO[bytes], tuple[str, ...]], None]:
     return _write_xlsx if _format(target) == ".xlsx" else _write_csv
 
 
-def _write_xlsx(rows: list[dict[str, Any]], stream: IO[bytes]) -> None:
+def _write_xlsx(rows: list[dict[str, Any]], stream: IO[bytes], columns: tuple[str, ...] = COLUMNS) -> None:
     workbook = openpyxl.Workbook(write_only=True)
     sheet = workbook.create_sheet("triage")
-    sheet.append(list(COLUMNS))
+    sheet.append(list(columns))
     for row in rows:
-        sheet.append([row.get(column) for column in COLUMNS])
+        sheet.append([row.get(column) for column in columns])
     workbook.save(stream)
 
 
-def _write_csv(rows: list[dict[str, Any]], stream: IO[bytes]) -> None:
+def _write_csv(rows: list[dict[str, Any]], stream: IO[bytes], columns: tuple[str, ...] = COLUMNS) -> None:
     text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
     table = csv.writer(text)
-    table.writerow(COLUMNS)
+    table.writerow(columns)
     for row in rows:
-        table.writerow(["" if row.get(column) is None else row.get(column) for column in COLUMNS])
+        table.writerow(["" if row.get(column) is None else row.get(column) for column in columns])
     text.flush()
     text.detach()  # the stream stays open for write_atomically to sync and close
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import copy
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # numpy and explain.geometry only at run time where an explanation is parsed
+    import numpy as np
+
+    from explain import Box, OriginalBox
 
 SUCCESS = "Success"
 FAILURE = "Failure"
@@ -26,14 +32,45 @@ class TriageResult:
     time_of_processing: float  # client wall time in seconds: reading, sending, retries, answer
     meta: dict[str, Any] = field(default_factory=dict)
     model: str = ""  # provenance of the model that answered (or the model name on failure)
+    # Only from a client built with explain=True (ct_triage_explain), and only on Success.
+    explanation: Explanation | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return self.processing_status == SUCCESS
 
+    @property
+    def pathology_localization(self) -> str | None:
+        """ "x_min,x_max,y_min,y_max,z_min,z_max" in the chosen series' voxels; None when nothing is
+        attributed, the study failed, or it was not explained."""
+        box = self.explanation.localization if self.explanation is not None else None
+        return box.as_text() if box is not None else None
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, the one `classify` prints."""
-        return asdict(self)
+        """JSON-serialisable form, the one `classify` prints (the explanation's arrays are not in it)."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "explanation"}
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """What ct_triage_explain adds to the triage answer, checked against META's size S.
+
+    `attribution` float16 [S, S, S] and `volume` float32 [S, S, S] (the model input that was
+    explained, HU clipped to the training window and mapped to [-1, 1]) are on the model's grid:
+    axes D (slices, feet->head), H (anterior->posterior), W (patient right->left).
+    `localization` is the most attributed region in the chosen series' original voxels (x = column,
+    y = row, z = slice as sorted feet->head), None when nothing is attributed; `box` is the same
+    region on the S^3 grid (D, H, W), for drawing.
+    """
+
+    attribution: np.ndarray
+    volume: np.ndarray
+    localization: OriginalBox | None
+    box: Box | None
+
+    @property
+    def size(self) -> int:
+        return int(self.attribution.shape[0])
 
 
 def failure(error: str, *, seconds: float, model: str) -> TriageResult:

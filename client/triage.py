@@ -4,6 +4,10 @@
 payload, the tensors, the parsing of the answer, the error policy and the retry schedule are the
 shared functions below, so the CLI, the report, the demo, the tests and the measurement script send
 identical requests.
+
+Explanations are opt-in per client: `explain=True` sends the same request to `ct_triage_explain`
+instead, asks for ATTRIBUTION, LOCALIZATION and VOLUME as well, and each Success result carries
+them as `result.explanation` (`client.explanation`). The plain path is unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ PROTOCOLS = ("grpc", "http")
 _SYNC = {"grpc": tritonclient.grpc, "http": tritonclient.http}
 _DEFAULT_PORT = {"grpc": SERVING.grpc_port, "http": SERVING.http_port}
 _OUTPUTS = (NAMES.probability, NAMES.pathology, NAMES.study_uid, NAMES.series_uid, NAMES.meta)
+# At S=256 the explanation adds 96 MiB to the answer (ATTRIBUTION FP16 32 MiB, VOLUME FP32 64 MiB):
+# over gRPC's default 4 MiB, within the 2 GiB (INT32_MAX) that tritonclient's channels (blocking and
+# asyncio) and Triton's server allow; HTTP bodies have no such limit. tests/library checks the bound.
+_EXPLAIN_OUTPUTS = (*_OUTPUTS, NAMES.attribution, NAMES.localization, NAMES.volume)
 # Only these mean "try again later": the server is restarting, overloaded or not reachable yet.
 # INVALID_ARG (a bad study, HTTP 400) and INTERNAL are answers, and resending cannot change them.
 _TRANSIENT_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "503", "502", "504"})
@@ -167,8 +175,9 @@ def _inputs(module: ModuleType, payload: Sequence[bytes], region: _SharedMemoryP
     return [tensor]
 
 
-def _outputs(module: ModuleType):
-    return [module.InferRequestedOutput(name) for name in _OUTPUTS]
+def _outputs(module: ModuleType, explain: bool = False):
+    # HTTP: binary outputs (tritonclient's default), which FP16 needs.
+    return [module.InferRequestedOutput(name) for name in (_EXPLAIN_OUTPUTS if explain else _OUTPUTS)]
 
 
 def _model_description(meta: dict[str, Any], model: str) -> str:
@@ -180,12 +189,17 @@ def _model_description(meta: dict[str, Any], model: str) -> str:
     return json.dumps(provenance, sort_keys=True, separators=(",", ":"))
 
 
-def _parse(result, model: str, seconds: float) -> TriageResult:
+def _parse(result, model: str, seconds: float, explain: bool = False) -> TriageResult:
     def text(name: str) -> str:
         value = result.as_numpy(name).reshape(-1)[0]
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
     meta = json.loads(text(NAMES.meta))
+    explanation = None
+    if explain:
+        from .explanation import parse  # numpy and explain.geometry only
+
+        explanation = parse(result, meta)  # ExplanationError: this study's Failure, one line
     return TriageResult(
         study_uid=text(NAMES.study_uid),
         series_uid=text(NAMES.series_uid),
@@ -196,6 +210,7 @@ def _parse(result, model: str, seconds: float) -> TriageResult:
         time_of_processing=seconds,
         meta=meta,
         model=_model_description(meta, model),
+        explanation=explanation,
     )
 
 
@@ -259,10 +274,11 @@ def _region_failure(error: Exception, model: str, started: float) -> TriageResul
 
 
 class _Base:
-    def __init__(self, url, protocol, model, timeout_s, retry, shared_memory):
+    def __init__(self, url, protocol, model, timeout_s, retry, shared_memory, explain):
         self.protocol = _check_protocol(protocol)
         self.url = _strip_scheme(url) if url else default_url(protocol)
-        self.model = model
+        self.explain = bool(explain)
+        self.model = model or (NAMES.triage_explain if self.explain else NAMES.triage)
         self.timeout_s = float(timeout_s)
         self.retry = retry
         self.shared_memory = shared_memory
@@ -272,7 +288,7 @@ class _Base:
         kwargs: dict[str, Any] = {
             "model_name": self.model,
             "inputs": _inputs(self._module, payload, region),
-            "outputs": _outputs(self._module),
+            "outputs": _outputs(self._module, self.explain),
         }
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout_s  # http: set on the connection instead
@@ -307,19 +323,23 @@ class _Base:
 
 
 class TriageClient(_Base):
-    """Blocking client: `TriageClient(url, "grpc").classify(path) -> TriageResult`."""
+    """Blocking client: `TriageClient(url, "grpc").classify(path) -> TriageResult`.
+
+    `model` defaults to ct_triage, or ct_triage_explain with `explain=True` (then every Success
+    result carries `explanation`: attribution, volume and localisation)."""
 
     def __init__(
         self,
         url: str | None = None,
         protocol: str = "grpc",
-        model: str = NAMES.triage,
+        model: str | None = None,
         timeout_s: float = SERVING.request_timeout_s,
         *,
         retry: RetryPolicy = RetryPolicy(),
         shared_memory: bool = False,
+        explain: bool = False,
     ):
-        super().__init__(url, protocol, model, timeout_s, retry, shared_memory)
+        super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain)
         if self.protocol == "http":
             self._triton = tritonclient.http.InferenceServerClient(
                 self.url,
@@ -375,7 +395,7 @@ class TriageClient(_Base):
         while True:
             try:
                 answer = self._infer_once(payload, region)
-                return _parse(answer, self.model, time.perf_counter() - started)
+                return _parse(answer, self.model, time.perf_counter() - started, self.explain)
             except Exception as error:
                 wait, failed = self._after_error(error, backoffs, started)
                 if failed is not None:
@@ -406,13 +426,14 @@ class AsyncTriageClient(_Base):
         self,
         url: str | None = None,
         protocol: str = "grpc",
-        model: str = NAMES.triage,
+        model: str | None = None,
         timeout_s: float = SERVING.request_timeout_s,
         *,
         retry: RetryPolicy = RetryPolicy(),
         shared_memory: bool = False,
+        explain: bool = False,
     ):
-        super().__init__(url, protocol, model, timeout_s, retry, shared_memory)
+        super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain)
         if self.protocol == "http":
             self._triton = tritonclient.http.aio.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
         else:
@@ -462,7 +483,7 @@ class AsyncTriageClient(_Base):
         while True:
             try:
                 answer = await self._infer_once(payload, region)
-                return _parse(answer, self.model, time.perf_counter() - started)
+                return _parse(answer, self.model, time.perf_counter() - started, self.explain)
             except Exception as error:
                 wait, failed = self._after_error(error, backoffs, started)
                 if failed is not None:
