@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PIP_TORCH_OPTIONS ?=
 
-.PHONY: setup perf-analyzer test test-fast lint fuzz bench soak demo serve clean
+.PHONY: setup perf-analyzer chromium test test-fast lint fuzz bench soak demo serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +28,21 @@ $(PERF_ANALYZER): | $(STAMP)
 
 perf-analyzer: $(PERF_ANALYZER)
 
+# Headless Chromium, which the tests drive to sort the explained report's HTML page: Debian's chromium,
+# installed with apt-get when it is missing (run as root).
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
+chromium: $(CHROMIUM)
+
 # Everything: library tests, then the tests against the real bundled tritonserver.
-test: setup $(PERF_ANALYZER)
+test: setup $(PERF_ANALYZER) $(CHROMIUM)
 	$(PY) -m pytest -q
 
 # Library tests only (no server): about a minute.
-test-fast: setup
+test-fast: setup $(CHROMIUM)
 	$(PY) -m pytest -q tests/library
 
 lint: setup
