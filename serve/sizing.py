@@ -11,8 +11,10 @@ its input and output together, and the region keeps its size. So, per instance:
 
 with need = largest study + one FP32 volume (4 S^3) for ct_preprocess, max batch x 4 S^3 for a
 Python-backend ct_classifier that receives its volumes on the CPU (0 when they arrive on the GPU, or
-when the classifier runs on the OpenVINO, ONNX Runtime or TensorRT backend), and ~0 for ct_postprocess. The
-deployment's `/dev/shm` is the sum over instances, plus Triton's own headroom.
+when the classifier runs on the OpenVINO, ONNX Runtime or TensorRT backend), ~0 for ct_postprocess, one
+FP32 volume in and one FP16 attribution map out (6 S^3) for ct_explain, and the map (2 S^3) for
+ct_localize (the explanation models of ct_triage_explain, loaded on every server). The deployment's
+`/dev/shm` is the sum over instances, plus Triton's own headroom.
 
 Measured (benchmarks/results/cpu-s64.md, S=64, 4 stubs, one 150.3 MiB study at a time): 256 MiB
 idle (4 x 64 MiB) and 448 MiB at the peak; the regions above give 448 MiB for that run (one
@@ -49,6 +51,8 @@ class Deployment:
     classifier_inputs_on_gpu: bool = False  # torch-gpu with FORCE_CPU_ONLY_INPUT_TENSORS "no" and ct_preprocess on the GPU
     postprocess_instances: int = 1
     preprocess_on_gpu: bool = False
+    explain_instances: int = 1  # ct_explain (its volume arrives on the CPU, wherever it runs)
+    localize_instances: int = 1
 
     @property
     def volume_bytes(self) -> int:
@@ -70,6 +74,8 @@ def shm_bytes(deployment: Deployment) -> int:
         d.preprocess_instances * region_bytes(preprocess_need)
         + d.classifier_python_instances * region_bytes(classifier_need)
         + d.postprocess_instances * region_bytes(0)
+        + d.explain_instances * region_bytes(d.volume_bytes + d.volume_bytes // 2)
+        + d.localize_instances * region_bytes(d.volume_bytes // 2)
         + HEADROOM_BYTES
     )
 
