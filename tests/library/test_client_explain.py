@@ -10,6 +10,7 @@ import html.parser
 import io
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -152,6 +153,15 @@ def test_the_plain_client_is_unchanged():
     plain = TriageClient("127.0.0.1:1", "grpc")
     assert plain.model == NAMES.triage and not plain.explain
     plain.close()
+
+
+def test_explanations_do_not_load_torch():
+    code = (
+        "import sys, explain, client, client.explanation, client.montage, client.summary; "
+        "print(sorted({'torch', 'SimpleITK', 'captum', 'explain.attribution', 'matplotlib.pyplot'} & set(sys.modules)))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout.strip() == "[]"
 
 
 def test_grpc_allows_an_explained_answer_at_s256():
