@@ -65,6 +65,7 @@ body { font-family: sans-serif; margin: 1.5em; background: #fafafa; color: #111;
 table { border-collapse: collapse; }
 th, td { border-bottom: 1px solid #ccc; padding: 0.4em 0.7em; text-align: left; vertical-align: middle; }
 th button { font: inherit; font-weight: bold; cursor: pointer; background: none; border: 1px solid #888; border-radius: 3px; }
+td.error { min-width: 18em; }
 td.number, td.probability { text-align: right; font-variant-numeric: tabular-nums; }
 tr.failure td { background: #fdecea; }
 tr.pathology td.decision { color: #b00020; font-weight: bold; }
