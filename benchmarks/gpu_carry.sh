@@ -2,8 +2,8 @@
 # What the lent GPU machine lacks to serve the ensemble and call it with the project's client, built
 # here (PyPI) into .gpu-carry/ (git-ignored: name it in the device call's `carry`) and unpacked there
 # (no network). That machine has Python 3.12 with torch, numpy 2, grpcio, protobuf, aiohttp, tqdm and
-# requests; it lacks the bundled tritonserver, numpy<2 for the server's stubs, tritonclient's HTTP
-# side, pydicom and openpyxl.
+# requests (and matplotlib, which captum imports); it lacks the bundled tritonserver, numpy<2 for
+# the server's stubs, tritonclient's HTTP side, pydicom, openpyxl and captum.
 #
 #   bash benchmarks/gpu_carry.sh                      here: build .gpu-carry/ (about 5 minutes: xz -9e)
 #   bash benchmarks/gpu_carry.sh --server-only DIR    here: only the trimmed server tree, unpacked, in DIR
@@ -17,7 +17,8 @@
 #                         backend, the stub of each version in GPU_CARRY_STUBS, and the libraries those
 #                         load (found with ldd, so nothing they need is left out); PYTHONPATH finds it
 #   stub-site.tar.xz      numpy 1.26 for the stubs only (numpy 2 crashes them on BYTES inputs)
-#   site.tar.xz           pydicom, tritonclient and what our client needs of its gRPC and HTTP extras
+#   site.tar.xz           pydicom, tritonclient and what our client needs of its gRPC and HTTP extras,
+#                         captum (explain.Explainer, gpu_check's explain section; 1.4 MB wheel)
 #   grpc-fallback.tar.xz  grpcio + protobuf, unpacked only if the machine's are older than
 #                         tritonclient's generated code accepts (it refuses to import then)
 #   MANIFEST.txt          versions, wheel and archive sizes
@@ -42,6 +43,7 @@ CLIENT_PACKAGES=(
     python-rapidjson                                                   # tritonclient.http's JSON
     geventhttpclient gevent greenlet zope.event zope.interface brotli # tritonclient.http's transport
     openpyxl et-xmlfile                                                # client.report (the xlsx report)
+    captum                                                             # explain.Explainer (matplotlib, tqdm: the machine's)
 )
 FALLBACK_PACKAGES=(grpcio protobuf)
 # pip matches manylinux_2_N tags exactly: name every one our wheels carry (all below the machine's glibc).
@@ -200,6 +202,7 @@ install() {
         PYTHONPATH=$pythonpath "$PYTHON" - "$dest" >&2 <<'EOF' || die "the client's packages do not import (above)"
 import sys
 
+import captum.attr  # noqa: F401  (explain.Explainer; imports the machine's matplotlib)
 import client  # noqa: F401  (tritonclient gRPC and HTTP, sync and asyncio, openpyxl)
 import numpy
 import pydicom  # noqa: F401

@@ -11,7 +11,10 @@ recorded as such, and the others still run):
 3. parity: the served engine at FP16 and BF16 vs FP32 (export's check on the parity set), and FP16
    vs FP32 on the GPU at S;
 4. preprocessing: a 300 x 512 x 512 study on the device (upload and device time) vs the CPU fast path;
-5. served: the ensemble on the bundled tritonserver (torch-gpu classifier, ct_preprocess on the
+5. explain: one Grad-CAM explanation (explain.Explainer, FP32) at S beside one plain inference
+   (benchmarks.explain): time, ratio, peak allocated and reserved memory, and whether it runs on an
+   8 GB card (run again under the same kind of cap as the memory section);
+6. served: the ensemble on the bundled tritonserver (torch-gpu classifier, ct_preprocess on the
    device) at a few concurrency levels, when the server is installed.
 `--smoke` runs every section on the CPU at a tiny S in well under a minute of compute (the test suite
 runs it, so the script cannot rot between GPU runs); the memory section needs CUDA and says so.
@@ -268,6 +271,16 @@ def preprocessing_section(plan: Plan) -> dict:
     return device_report(plan.device, slices=slices, rows=rows, columns=columns, size=plan.size)
 
 
+def explain_section(plan: Plan) -> dict:
+    """benchmarks.explain for Grad-CAM at S on the plan's device (CPU: a fresh process per measurement)."""
+    from benchmarks.explain import run as measure_explanations
+
+    result = measure_explanations([plan.size], ["gradcam"], device=plan.device, repeat=5 if plan.device == "cuda" else 2)
+    if plan.device != "cuda":
+        result["fits_8gb"] = "not measured: needs a CUDA device"
+    return result
+
+
 def served_repository(out: Path, size: int, device: str, preprocess_instances: int = 2) -> Path:
     """A rendered copy for the torch-gpu target with preprocessing on `device`: on a GPU both models
     run there (the volume stays on it); on a CPU the classifier runs on a KIND_CPU instance at FP32."""
@@ -351,6 +364,11 @@ def targets(results: dict, plan: Plan) -> dict:
             "value": f"{value} ms, {parity:.1e}",
             "met": value <= TARGETS["preprocess_ms"] and parity <= TARGETS["parity_max_abs"],
         }
+    gradcam = [row for row in results.get("explain", {}).get("rows", []) if row["method"] == "gradcam" and "fits_8gb" in row]
+    if gradcam and plan.size == 256:
+        row = gradcam[0]
+        value = f"{'fits' if row['fits_8gb'] else 'does not fit'}; context + peak reserved {row['context_plus_peak_reserved_mib']} MiB"
+        met["Grad-CAM at S=256 (FP32) on an 8 GB card"] = {"value": value, "met": row["fits_8gb"]}
     served = results.get("served", {})
     if served.get("levels") and plan.size == 256:
         best = max(level["studies_per_s"] for level in served["levels"])
@@ -457,6 +475,18 @@ def markdown(results: dict) -> str:
             ),
             "",
         ]
+    explanation = results.get("explain", {})
+    if explanation.get("rows"):
+        from benchmarks.explain import table
+
+        lines += [f"## Explanation (explain.Explainer, Grad-CAM, FP32, S={env['size']}, beside one inference)", ""]
+        lines += [*table(explanation), ""]
+        if env["device"] == "cuda":
+            lines += [
+                "Peak memory of one call (counters reset before it); fits 8 GB: the call ran again with the caching allocator "
+                "capped at 8 GiB minus this process's CUDA context.",
+                "",
+            ]
     served = results.get("served", {})
     if served.get("levels"):
         study = served["study"]
@@ -469,10 +499,11 @@ def markdown(results: dict) -> str:
             [lv["concurrency"], lv["requests"], lv["failures"], lv["studies_per_s"], lv["p50_s"], lv["p95_s"]] for lv in served["levels"]
         ]
         lines += [*_table(["concurrency", "requests", "failures", "studies/s", "p50 s", "p95 s"], rows), ""]
-    for name in ("classifier", "memory", "parity", "preprocessing", "served"):
+    for name in ("classifier", "memory", "parity", "preprocessing", "explain", "served"):
         entry = results.get(name, {})
-        if "error" in entry or "not_measured" in entry:
-            lines += [f"{name}: {entry.get('error') or entry.get('not_measured')}", ""]
+        reason = entry.get("error") or entry.get("not_measured")
+        if isinstance(reason, str):  # explain's not_measured is its list of (method, S) left out, shown in its table
+            lines += [f"{name}: {reason}", ""]
     return "\n".join(lines)
 
 
@@ -517,6 +548,7 @@ def run(plan: Plan, out: Path, command: str) -> dict:
         ("memory", lambda: memory_section(classifier, plan)),
         ("parity", lambda: parity_section(classifier, plan)),
         ("preprocessing", lambda: preprocessing_section(plan)),
+        ("explain", lambda: explain_section(plan)),
         ("served", lambda: served_section(plan, Path(tempfile.mkdtemp(prefix="gpu-check-")), deadline)),
     ]
     for section, measure in sections:

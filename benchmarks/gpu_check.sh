@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 out=${OUT:-benchmarks/results}
 # the carried packages, only where the project's own are missing (the GPU machine, not a set-up checkout)
-if [ -d .gpu-carry ] && ! "$python" -c "import pydicom, pytriton, tritonclient.http" 2>/dev/null; then
+if [ -d .gpu-carry ] && ! "$python" -c "import pydicom, pytriton, tritonclient.http, captum" 2>/dev/null; then
     carried=$(mktemp -d)
     exports=$(bash benchmarks/gpu_carry.sh --install "$carried")
     eval "$exports"

@@ -1,4 +1,5 @@
-"""Benchmark parts that need no server: perf_analyzer's input data, the load loop's statistics."""
+"""Benchmark parts that need no server: perf_analyzer's input data, the load loop's statistics, the
+decoding and explanation benchmarks at tiny sizes."""
 
 from __future__ import annotations
 
@@ -58,3 +59,36 @@ def test_decoding_benchmark_times_both_paths_and_checks_their_values(tmp_path):
         assert row["old"]["max_abs_hu_diff"] == row["new"]["max_abs_hu_diff"] == 0
         assert row["new"]["frames_by_decoder"]["imagecodecs"] == 16 and row["old"]["frames_by_decoder"]["pydicom"] == 16
     assert (tmp_path / "decoding-cpu.md").read_text().startswith("# Compressed studies")
+
+
+def test_explain_benchmark_writes_its_table_with_positive_numbers(tmp_path):
+    """benchmarks.explain at S=16: inference and Grad-CAM each in a fresh process, occlusion over its --max-size."""
+    pytest.importorskip("captum")
+    from benchmarks import explain
+
+    args = ["--size", "16", "--methods", "gradcam", "occlusion", "--max-size", "occlusion=0", "--repeat", "1", "--out", str(tmp_path)]
+    assert explain.main(args) == 0
+    result = json.loads((tmp_path / "explain-cpu.json").read_text())
+    assert [(row["method"], row["size"]) for row in result["rows"]] == [("inference", 16), ("gradcam", 16)]
+    for row in result["rows"]:
+        assert row["s"] > 0 and row["inference_s"] > 0 and row["ratio"] > 0 and row["rounds"] == 1
+        assert row["peak_rss_mib"] > row["baseline_rss_mib"] > 0 and row["peak_above_baseline_mib"] >= 0
+        assert row["child_wall_s"] > 0 and row["load_1min_before"] >= 0
+    gradcam = result["rows"][1]
+    assert set(gradcam["calls"]) == {"gradcam", "inference"} and gradcam["ratio"] == pytest.approx(gradcam["s"] / gradcam["inference_s"])
+    assert [(entry["method"], entry["size"]) for entry in result["not_measured"]] == [("occlusion", 16)]
+
+    text = (tmp_path / "explain-cpu.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header[:5] == ["method", "S", "time s", "ratio to inference", "peak RSS MiB"]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[2:]]
+    assert all(len(row) == len(header) for row in rows) and [row[:2] for row in rows] == [
+        ["inference", "16"],
+        ["gradcam", "16"],
+        ["occlusion", "16"],
+    ]
+    for row in rows[:2]:
+        assert float(row[2]) > 0 and float(row[3].split()[0]) > 0 and float(row[4]) > 0
+    assert rows[2][2:6] == ["not measured"] * 4 and rows[2][6] == "2 F"
+    assert "integrated_gradients: steps x (F + full B to the input) + 1 F" in text and "occlusion at S=16: too slow" in text

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh --smoke: the GPU script end to end on the CPU at S=16, so it cannot rot
-between runs on a GPU (every section runs the code the GPU run runs; memory needs CUDA and says so)."""
+between runs on a GPU (every section runs the code the GPU run runs, the explanation's included; memory
+needs CUDA and says so)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,14 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert preprocessing["max_abs_diff_vs_fast"] <= 1e-4 and preprocessing["same_mapping"]
     assert preprocessing["device_ms"]["median"] > 0 and preprocessing["upload_ms"]["median"] > 0
 
+    explanation = results["explain"]  # benchmarks.explain: Grad-CAM beside one inference, each in a fresh process
+    assert [(row["method"], row["size"]) for row in explanation["rows"]] == [("inference", 16), ("gradcam", 16)]
+    assert all(row["s"] > 0 and row["ratio"] > 0 and row["peak_rss_mib"] > row["baseline_rss_mib"] > 0 for row in explanation["rows"])
+    assert explanation["fits_8gb"] == "not measured: needs a CUDA device"
+
     served = results["served"]  # the ensemble on the torch classifier, through the bundled server
     assert [level["concurrency"] for level in served["levels"]] == [1, 2]
     assert all(level["failures"] == 0 and level["studies_per_s"] > 0 for level in served["levels"]), served
     markdown = (tmp_path / "smoke-cpu-s16.md").read_text()
     assert "## Classifier" in markdown and "Not measured: needs a CUDA device" in markdown
+    assert "## Explanation (explain.Explainer, Grad-CAM, FP32, S=16, beside one inference)" in markdown
