@@ -282,15 +282,16 @@ def explain_section(plan: Plan) -> dict:
 
 
 def served_repository(out: Path, size: int, device: str, preprocess_instances: int = 2) -> Path:
-    """A rendered copy for the torch-gpu target with preprocessing on `device`: on a GPU both models
-    run there (the volume stays on it); on a CPU the classifier runs on a KIND_CPU instance at FP32."""
+    """A rendered copy for the torch-gpu target with preprocessing and explanations on `device`: on a
+    GPU they and the classifier run there (the volume stays on it); on a CPU the classifier runs on a
+    KIND_CPU instance at FP32."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     from export import parse_config, write_repository
     from settings import NAMES
 
-    options = {"size": size, "preprocess_instances": preprocess_instances, "preprocess_device": device}
+    options = {"size": size, "preprocess_instances": preprocess_instances, "preprocess_device": device, "explain_device": device}
     write_repository(out, target="torch-gpu", demo_weights=True, **options)
     if device != "cuda":  # no GPU: the classifier on a CPU instance, at FP32
         path = out / NAMES.classifier / "config.pbtxt"

@@ -12,7 +12,7 @@ from contract import ContractError
 from .errors import ExportError
 from .repository import COMMITTED, TARGETS, write_repository
 
-RENDERING = ("size", "max_batch_size", "max_queue_delay_us", "preprocess_instances", "preprocess_device", "threshold")
+RENDERING = ("size", "max_batch_size", "max_queue_delay_us", "preprocess_instances", "preprocess_device", "explain_device", "threshold")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     rendering.add_argument("--max-queue-delay-us", type=int)
     rendering.add_argument("--preprocess-instances", type=int)
     rendering.add_argument("--preprocess-device", choices=("cpu", "cuda"), help="cuda: preprocessing on the GPU (KIND_GPU instances)")
+    rendering.add_argument("--explain-device", choices=("cpu", "cuda"), help="cuda: ct_explain on the GPU (KIND_GPU)")
     rendering.add_argument("--threshold", type=float, help="operating point: pathology when P(pathology) >= threshold")
     return parser
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             max_queue_delay_microseconds=args.max_queue_delay_us,
             preprocess_instances=args.preprocess_instances,
             preprocess_device=args.preprocess_device,
+            explain_device=args.explain_device,
             threshold=args.threshold,
             parity_size=args.parity_size,
             artifacts_dir=args.artifacts,

@@ -54,7 +54,7 @@ PARITY_FILE = "parity.json"
 FP16_FILE = "model.fp16.onnx"
 CONFIG = "config.pbtxt"
 TORCH_TARGET = "torch-gpu"
-PREPROCESS_DEVICES = ("cpu", "cuda")
+DEVICES = ("cpu", "cuda")  # where ct_preprocess and ct_explain run (KIND_CPU or KIND_GPU instances)
 ONNX_PRECISION = {"cpu": "fp32", "openvino": "fp32", "onnx-gpu": "fp32 graph, fp16 TensorRT accelerator", "tensorrt": "fp16"}
 GENERATED = frozenset({*(name for names in SERVED_FILES.values() for name in names), PROVENANCE_FILE, WEIGHTS_FILE})
 # Tensors whose dims hold S, per model and direction: (name, dims at S) for every model that has them.
@@ -76,6 +76,7 @@ class ServingOptions:
     max_queue_delay_microseconds: int = SERVING.max_queue_delay_microseconds
     preprocess_instances: int = SERVING.preprocess_instances
     preprocess_device: str = "cpu"  # "cuda": ct_preprocess on KIND_GPU instances, the volume handed over on the GPU
+    explain_device: str = "cpu"  # "cuda": ct_explain on a KIND_GPU instance (an explanation in about one GPU inference)
     threshold: float = OPERATING_POINT.threshold
 
     def validated(self) -> ServingOptions:
@@ -84,8 +85,9 @@ class ServingOptions:
         _check_integer("max batch size", self.max_batch_size, 1)
         _check_integer("preprocess instances", self.preprocess_instances, 1)
         _check_integer("max queue delay", self.max_queue_delay_microseconds, 0)
-        if self.preprocess_device not in PREPROCESS_DEVICES:
-            raise ExportError(f"preprocess device must be one of {', '.join(PREPROCESS_DEVICES)}, not {self.preprocess_device!r}")
+        for model, device in (("preprocess", self.preprocess_device), ("explain", self.explain_device)):
+            if device not in DEVICES:
+                raise ExportError(f"{model} device must be one of {', '.join(DEVICES)}, not {device!r}")
         return replace(self, threshold=parse_threshold(self.threshold))
 
 
@@ -206,13 +208,14 @@ def serving_options(configs: dict[str, model_config_pb2.ModelConfig]) -> Serving
         max_queue_delay_microseconds=classifier.dynamic_batching.max_queue_delay_microseconds,
         preprocess_instances=sum(group.count for group in preprocess.instance_group),
         preprocess_device=preprocess.parameters["device"].string_value if "device" in preprocess.parameters else "cpu",
+        explain_device=configs[NAMES.explain].parameters["device"].string_value,
         threshold=parse_threshold(configs[NAMES.postprocess].parameters["threshold"].string_value),
     ).validated()
 
 
 def render_configs(target: str, options: ServingOptions, repository: Path = COMMITTED) -> dict[str, model_config_pb2.ModelConfig]:
     """The committed configs for `target` with `options` applied (S, batching, instances and device of
-    preprocessing, threshold)."""
+    preprocessing, device of explanations, threshold)."""
     options = options.validated()
     configs = target_configs(target, repository)
     size = options.size
@@ -223,6 +226,10 @@ def render_configs(target: str, options: ServingOptions, repository: Path = COMM
     group.count = options.preprocess_instances
     group.kind = group.KIND_GPU if options.preprocess_device == "cuda" else group.KIND_CPU
     preprocess.parameters["device"].string_value = options.preprocess_device
+    explain = configs[NAMES.explain]
+    (group,) = explain.instance_group
+    group.kind = group.KIND_GPU if options.explain_device == "cuda" else group.KIND_CPU
+    explain.parameters["device"].string_value = options.explain_device
     classifier = configs[NAMES.classifier]
     # The NGC OpenVINO backend runs only full batches: its config keeps one study per batch.
     classifier.max_batch_size = 1 if target == "openvino" else options.max_batch_size
@@ -303,6 +310,7 @@ def write_repository(
     max_queue_delay_microseconds: int | None = None,
     preprocess_instances: int | None = None,
     preprocess_device: str | None = None,
+    explain_device: str | None = None,
     threshold: float | None = None,
     parity_size: int | None = None,
     artifacts_dir: str | Path | None = None,
@@ -324,6 +332,7 @@ def write_repository(
         max_queue_delay_microseconds=max_queue_delay_microseconds,
         preprocess_instances=preprocess_instances,
         preprocess_device=preprocess_device,
+        explain_device=explain_device,
         threshold=threshold,
     )
     given = {key: value for key, value in given.items() if value is not None}

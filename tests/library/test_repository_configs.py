@@ -89,6 +89,18 @@ def test_a_rendered_copy_can_put_preprocessing_on_the_gpu():
         export.ServingOptions(preprocess_device="gpu").validated()
 
 
+def test_a_rendered_copy_can_put_explanations_on_the_gpu():
+    options = export.ServingOptions(explain_device="cuda")
+    configs = export.render_configs("torch-gpu", options)
+    (group,) = configs[NAMES.explain].instance_group
+    assert group.kind == group.KIND_GPU and configs[NAMES.explain].parameters["device"].string_value == "cuda"
+    (group,) = configs[NAMES.preprocess].instance_group
+    assert group.kind == group.KIND_CPU  # each model's device is its own option
+    assert export.serving_options(configs) == options.validated()
+    with pytest.raises(export.ExportError, match="explain device must be one of cpu, cuda, not 'gpu'"):
+        export.ServingOptions(explain_device="gpu").validated()
+
+
 def _tensors(config) -> dict[str, tuple[int, list[int]]]:
     return {t.name: (t.data_type, list(t.dims)) for t in (*config.input, *config.output)}
 
