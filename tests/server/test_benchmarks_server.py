@@ -88,3 +88,21 @@ def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path):
     assert result["fastest_passing"] in result["engines"] and result["served"]["median_s"] > 0
     assert all(row["gflops"] > 0 for row in result["engines"].values()) and min(result["ceiling_gflops"]) > 0
     assert "| openvino (served) |" in (tmp_path / "cpu-engines.md").read_text()
+
+
+def test_explain_opt_in_compares_ct_triage_with_and_without_the_explanation_models(private_server):
+    """A private server: the benchmark unloads and reloads models, which the shared one must keep."""
+    from benchmarks import explain_opt_in
+
+    payload = phantom.study_files("series", slices=24, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
+    results = explain_opt_in.measure(private_server, payload, levels=[1], requests=2, rounds=1, repeats=1)
+    (level,) = results["levels"]
+    assert level["failures"] == 0 and level["studies_per_s_loaded"] > 0 and level["studies_per_s_unloaded"] > 0
+    assert [r["explanations_loaded"] for r in results["rounds"]] == [True, False]  # both states on one server
+    memory = results["memory_mib"]
+    assert memory["explanations_loaded"][f"stub {NAMES.explain}"] > 100  # PyTorch and its own copy of the weights
+    assert not {f"stub {model}" for model in explain_opt_in.EXPLANATION_MODELS} & memory["explanations_unloaded"].keys()
+    assert results["one_study_s"][NAMES.triage_explain] > 0 and results["one_study_s"][NAMES.triage] > 0
+    assert "ct_triage throughput unchanged" in explain_opt_in.markdown(
+        {"machine": serving.machine(TEST_SIZE), "study": {"slices": 24, "rows": 64, "columns": 64, "megabytes": 0.2}, **results}
+    )
