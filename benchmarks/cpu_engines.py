@@ -7,18 +7,23 @@ volume at S, one study per call, with the same number of threads; the engines ta
 round, so that all of them see the same minutes of a machine whose speed drifts. Engines:
 - onnxruntime: the ONNX graph on ONNX Runtime's CPU provider, all graph optimisations, intra-op
   threads = N (the baseline the speed targets compare with);
-- openvino: classifier.OpenVINOClassifier on the IR, what the cpu target serves now;
+- openvino: classifier.OpenVINOClassifier on the IR, what the cpu target serves (FP32, the default);
+- openvino-bf16: the same at precision "bf16", what the cpu target serves when exported with
+  `--precision bf16` (on a CPU without BF16 instructions OpenVINO computes in FP32: the table says
+  which precision each OpenVINO engine used);
 - pytorch / pytorch-channels-last: classifier.TorchClassifier at FP32 on the CPU, contiguous and
   channels-last-3d;
 - pytorch-compile: torch.compile (inductor) of the channels-last model; its compile time is reported
   (it is paid at every server start).
 Parity: each engine on export's parity set (7 volumes at --parity-size) against torch FP32: max |dP|
-and whether every decision at the operating point agrees; an FP32 engine passes at <= 1e-4.
+and whether every decision at the operating point agrees; an FP32 engine passes at <= 1e-4, the
+BF16 engine at export's half-precision bound (1e-2) with every decision agreeing.
 Ceiling: the FP32 arithmetic rate each engine reaches (the network's FLOPs at S over its time) next
 to the machine's, measured as the best of 3 float32 4096x4096 matrix products (numpy's BLAS, its
 default threads) before and after the rounds: an engine near that rate has no FP32 speed left to find.
 Served (unless --no-served): a repository rendered for the cpu target at S, the bundled tritonserver,
-and one volume at a time sent to ct_classifier: the round trip, next to the engines' times.
+and one volume at a time sent to ct_classifier: the round trip, next to the engines' times; then
+the same with the repository rendered at `--precision bf16` (unless --no-bf16).
 Writes cpu-engines.json and cpu-engines.md into --out, and prints the table.
 """
 
@@ -44,7 +49,7 @@ from benchmarks.gpu_check import study_tflop
 from classifier import OpenVINOClassifier, TorchClassifier, convert_to_openvino
 from classifier.openvino_engine import openvino_version
 from export import build_classifier, demo_weights, load_checkpoint, onnx_graph, write_repository
-from export.parity import FP32_BOUND, compare, parity_inputs, reference_probabilities
+from export.parity import FP16_BOUND, FP32_BOUND, compare, parity_inputs, reference_probabilities
 from export.volumes import chest
 from preprocess.workers import available_cpus
 from settings import NAMES, OPERATING_POINT
@@ -52,6 +57,8 @@ from settings import NAMES, OPERATING_POINT
 Engine = Callable[[np.ndarray], np.ndarray]  # [B, 1, S, S, S] float32 -> probabilities [B, 2]
 BASELINE = "onnxruntime"
 SERVED_ENGINE = "openvino"
+BF16_ENGINE = "openvino-bf16"  # the cpu target with --precision bf16
+BOUNDS = {BF16_ENGINE: FP16_BOUND}  # the engines held to a lower-precision bound; the others to FP32_BOUND
 
 
 def onnxruntime_engine(graph: Path, threads: int) -> Engine:
@@ -75,13 +82,16 @@ def compiled_engine(network) -> Engine:
     return lambda volumes: engine(torch.from_numpy(volumes)).numpy()
 
 
-def build_engines(network, graph: Path, ir: Path, size: int, threads: int, compile_: bool) -> tuple[dict[str, Engine], dict[str, float]]:
+def build_engines(
+    network, graph: Path, ir: Path, size: int, threads: int, compile_: bool, bf16: bool = True
+) -> tuple[dict[str, Engine], dict[str, float]]:
     """name -> engine at this S; and the seconds each took to build (compile included)."""
     engines: dict[str, Engine] = {}
     build_s: dict[str, float] = {}
     builders = {
         BASELINE: lambda: onnxruntime_engine(graph, threads),
         SERVED_ENGINE: lambda: OpenVINOClassifier(ir, size=size, threads=threads),
+        **({BF16_ENGINE: lambda: OpenVINOClassifier(ir, size=size, threads=threads, precision="bf16")} if bf16 else {}),
         "pytorch": lambda: torch_engine(network, channels_last=False),
         "pytorch-channels-last": lambda: torch_engine(network, channels_last=True),
     }
@@ -98,29 +108,34 @@ def build_engines(network, graph: Path, ir: Path, size: int, threads: int, compi
     return engines, build_s
 
 
-def parity_of(network, graph: Path, ir: Path, size: int, threads: int, compile_: bool) -> dict[str, dict]:
+def parity_of(network, graph: Path, ir: Path, size: int, threads: int, compile_: bool, bf16: bool = True) -> dict[str, dict]:
     names, inputs = parity_inputs(size)
     reference = reference_probabilities(network, inputs)
-    engines, _ = build_engines(network, graph, ir, size, threads, compile_)
+    engines, _ = build_engines(network, graph, ir, size, threads, compile_, bf16)
     result = {}
     for name, engine in engines.items():
         probabilities = np.concatenate([engine(inputs[i : i + 1]) for i in range(len(names))])
-        comparison = compare(names, probabilities, reference, OPERATING_POINT.threshold, FP32_BOUND)
-        result[name] = {"max_abs_dp": comparison.max_abs_diff, "decisions_agree": comparison.decisions_agree, "passed": comparison.passed}
+        comparison = compare(names, probabilities, reference, OPERATING_POINT.threshold, BOUNDS.get(name, FP32_BOUND))
+        result[name] = {
+            "max_abs_dp": comparison.max_abs_diff,
+            "bound": comparison.bound,
+            "decisions_agree": comparison.decisions_agree,
+            "passed": comparison.passed,
+        }
     torch._dynamo.reset()  # the timed build compiles afresh at S
     return result
 
 
-def served_seconds(work: Path, network_weights, size: int, volume: np.ndarray, repeat: int) -> list[float]:
-    """Round trips of one volume to ct_classifier on the bundled server (cpu target at S)."""
+def served_seconds(work: Path, network_weights, size: int, volume: np.ndarray, repeat: int, precision: str = "fp32") -> list[float]:
+    """Round trips of one volume to ct_classifier on the bundled server (cpu target at S, at `precision`)."""
     from tritonclient import http
 
     from serve import start_on_free_ports
 
-    repository = work / "repository"
-    write_repository(repository, target="cpu", size=size, **network_weights)
+    repository = work / f"repository-{precision}"
+    write_repository(repository, target="cpu", size=size, precision=precision, **network_weights)
     times = []
-    with start_on_free_ports(repository, log_file=work / "tritonserver.log") as server:
+    with start_on_free_ports(repository, log_file=work / f"tritonserver-{precision}.log") as server:
         triton = http.InferenceServerClient(server.http_url, network_timeout=1800, connection_timeout=1800)
         tensor = http.InferInput(NAMES.volume, list(volume.shape), "FP32")
         tensor.set_data_from_numpy(volume, binary_data=True)
@@ -150,38 +165,76 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.split(":", 1)[0].strip() == name:
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_family() -> str | None:
+    """x86 family/model/vendor as /proc/cpuinfo gives them (e.g. AMD family 25 = Zen 3/Zen 4)."""
+    vendor, family, model = (_cpuinfo_field(name) for name in ("vendor_id", "cpu family", "model"))
+    return f"{vendor} family {family} model {model}" if family else None
+
+
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """Which of the vector instruction sets that decide FP32/BF16 speed this CPU has."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return {flag: flag in flags for flag in VECTOR_FLAGS}
+
+
 def markdown(result: dict) -> str:
+    flags = result.get("cpu_flags") or {}
     lines = [
         f"# CPU classifier engines at S={result['size']} ({result['threads']} threads, {result['cpu']})",
         "",
+        f"CPU: {result['cpu']}, {result.get('cpu_family') or 'family unknown'}; "
+        + (", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in flags.items()) or "flags unknown")
+        + ".",
+        "",
         f"One study per call, median of {result['repeat']} interleaved rounds after a warm-up; parity on export's "
-        f"{result['parity_inputs']} volumes at {result['parity_size']}^3 against PyTorch FP32 (bound {FP32_BOUND:g}, "
+        f"{result['parity_inputs']} volumes at {result['parity_size']}^3 against PyTorch FP32 "
+        f"(bound {FP32_BOUND:g}; {FP16_BOUND:g} for {BF16_ENGINE}, "
         f"decisions at {OPERATING_POINT.threshold:g}).",
         "",
         f"Load average {result['load_before']} before, {result['load_after']} after (a shared machine). The network: "
         f"{result['study_gflop']:.0f} GFLOP per study at S={result['size']}. FP32 ceiling, float32 matrix product: "
         f"{result['ceiling_gflops'][0]:.1f} GFLOP/s before the rounds, {result['ceiling_gflops'][1]:.1f} after.",
         "",
-        "| engine | s / study | vs onnxruntime | GFLOP/s | of the ceiling | build s | parity max abs dP | decisions agree | passes |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| engine | s / study | vs onnxruntime | GFLOP/s | of the ceiling | build s | parity max abs dP | bound | decisions agree"
+        " | passes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, row in result["engines"].items():
         parity = result["parity"].get(name, {})
+        label = name + (" (served)" if name == SERVED_ENGINE else "")
+        if name in result.get("precision_in_use", {}):
+            label += f" [{result['precision_in_use'][name]} in use]"
+        if name == BF16_ENGINE:
+            label += " (served with --precision bf16; FP16 bound)"
         lines.append(
-            f"| {name}{' (served)' if name == SERVED_ENGINE else ''} | {row['median_s']:.2f} | {row['speedup_vs_onnxruntime']:.2f}x | "
+            f"| {label} | {row['median_s']:.2f} | {row['speedup_vs_onnxruntime']:.2f}x | "
             f"{row['gflops']:.1f} | {row['gflops'] / max(result['ceiling_gflops']):.0%} | {row['build_s']:.1f} | "
-            f"{parity.get('max_abs_dp', float('nan')):.1e} | {parity.get('decisions_agree', '-')} | {parity.get('passed', '-')} |"
+            f"{parity.get('max_abs_dp', float('nan')):.1e} | {parity.get('bound', FP32_BOUND):g} | "
+            f"{parity.get('decisions_agree', '-')} | {parity.get('passed', '-')} |"
         )
-    if result.get("served"):
-        served = result["served"]
-        lines += [
-            "",
-            f"Served: ct_classifier on the bundled tritonserver (cpu target, OpenVINO), one [1, 1, {result['size']}^3] volume per "
-            f"request over HTTP: median round trip {served['median_s']:.2f} s (runs {', '.join(f'{s:.2f}' for s in served['runs_s'])}); "
-            f"{served['speedup_vs_onnxruntime_in_process']:.2f}x ONNX Runtime's in-process time in the same run.",
-        ]
+    for key, precision in (("served", "fp32"), ("served_bf16", "bf16")):
+        if result.get(key):
+            served = result[key]
+            lines += [
+                "",
+                f"Served at {precision}: ct_classifier on the bundled tritonserver (cpu target, OpenVINO"
+                f"{', --precision bf16' if precision == 'bf16' else ''}), one [1, 1, {result['size']}^3] volume per "
+                f"request over HTTP: median round trip {served['median_s']:.2f} s "
+                f"(runs {', '.join(f'{s:.2f}' for s in served['runs_s'])}); "
+                f"{served['speedup_vs_onnxruntime_in_process']:.2f}x ONNX Runtime's in-process time in the same run.",
+            ]
     lines += ["", f"Fastest engine that passes parity in this run: **{result['fastest_passing']}**; the cpu target serves "
-              f"**{SERVED_ENGINE}**. OpenVINO {result['versions']['openvino']}, "
+              f"**{SERVED_ENGINE}** (FP32; {BF16_ENGINE} when exported with --precision bf16). OpenVINO {result['versions']['openvino']}, "
               f"ONNX Runtime {result['versions']['onnxruntime']}, PyTorch {result['versions']['torch']}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -196,8 +249,9 @@ def run(args: argparse.Namespace) -> dict:
     onnx_graph.export_fp32(network, graph)
     convert_to_openvino(graph, ir)
 
-    parity = parity_of(network, graph, ir, args.parity_size, threads, args.compile)
-    engines, build_s = build_engines(network, graph, ir, args.size, threads, args.compile)
+    parity = parity_of(network, graph, ir, args.parity_size, threads, args.compile, args.bf16)
+    engines, build_s = build_engines(network, graph, ir, args.size, threads, args.compile, args.bf16)
+    precision_in_use = {name: engine.precision_in_use for name, engine in engines.items() if isinstance(engine, OpenVINOClassifier)}
     volume = chest(args.size, 7, lesion=True).numpy()
     load_before = [round(load, 2) for load in os.getloadavg()]
     ceiling = [matmul_gflops()]
@@ -227,6 +281,8 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
+        "cpu_family": cpu_family(),
+        "cpu_flags": cpu_flags(),
         "load_before": load_before,
         "load_after": [round(load, 2) for load in os.getloadavg()],
         "study_gflop": gflop,
@@ -239,6 +295,7 @@ def run(args: argparse.Namespace) -> dict:
         "weights": weights.source,
         "engines": rows,
         "parity": parity,
+        "precision_in_use": precision_in_use,
         "fastest_passing": min(passing, key=lambda name: rows[name]["median_s"]) if passing else None,
         "versions": {"openvino": openvino_version(), "onnxruntime": ort.__version__, "torch": torch.__version__},
     }
@@ -247,6 +304,10 @@ def run(args: argparse.Namespace) -> dict:
         runs = served_seconds(work, given, args.size, volume, args.repeat)
         result["served"] = {"median_s": statistics.median(runs), "runs_s": [round(s, 3) for s in runs]}
         result["served"]["speedup_vs_onnxruntime_in_process"] = baseline / result["served"]["median_s"]
+        if args.bf16:
+            runs = served_seconds(work, given, args.size, volume, args.repeat, precision="bf16")
+            result["served_bf16"] = {"median_s": statistics.median(runs), "runs_s": [round(s, 3) for s in runs]}
+            result["served_bf16"]["speedup_vs_onnxruntime_in_process"] = baseline / result["served_bf16"]["median_s"]
     return result
 
 
@@ -259,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="a checkpoint instead of the seeded demo weights")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile (minutes of compiling)")
     parser.add_argument("--no-served", dest="served", action="store_false", help="leave out the served measurement")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="leave out OpenVINO at BF16 (engine and served)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     result = run(args)

@@ -8,7 +8,7 @@ Public API:
   `ResNet34Classifier.from_state_dict(state)` builds it with exactly those weights.
 - TorchClassifier: the network on a device at a precision (fp32, fp16, bf16), volumes in,
   probabilities out; PRECISIONS names them. What the torch-gpu target serves.
-- OpenVINOClassifier: the exported graph as OpenVINO IR on the CPU at FP32; what the cpu target
+- OpenVINOClassifier: the exported graph as OpenVINO IR on the CPU at FP32 (or BF16, opted in); what the cpu target
   serves. `convert_to_openvino(onnx, xml)` writes that IR.
 - file_sha256(path): the checksum provenance records for exported files.
 """

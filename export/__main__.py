@@ -12,7 +12,16 @@ from contract import ContractError
 from .errors import ExportError
 from .repository import COMMITTED, TARGETS, write_repository
 
-RENDERING = ("size", "max_batch_size", "max_queue_delay_us", "preprocess_instances", "preprocess_device", "explain_device", "threshold")
+RENDERING = (
+    "size",
+    "max_batch_size",
+    "max_queue_delay_us",
+    "preprocess_instances",
+    "preprocess_device",
+    "explain_device",
+    "threshold",
+    "precision",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     rendering.add_argument("--preprocess-device", choices=("cpu", "cuda"), help="cuda: preprocessing on the GPU (KIND_GPU instances)")
     rendering.add_argument("--explain-device", choices=("cpu", "cuda"), help="cuda: ct_explain on the GPU (KIND_GPU)")
     rendering.add_argument("--threshold", type=float, help="operating point: pathology when P(pathology) >= threshold")
+    rendering.add_argument(
+        "--precision",
+        help="the classifier's precision: cpu fp32 (default) or bf16 (CPUs with AVX512_BF16/AMX; checked against FP32 "
+        "within 1e-2, same decisions); torch-gpu fp16 (default), bf16 or fp32; other targets take none",
+    )
     return parser
 
 
@@ -62,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             preprocess_device=args.preprocess_device,
             explain_device=args.explain_device,
             threshold=args.threshold,
+            precision=args.precision,
             parity_size=args.parity_size,
             artifacts_dir=args.artifacts,
         )

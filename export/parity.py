@@ -1,7 +1,8 @@
 """Proof that what a target serves computes what the checkpoint computes.
 
 The reference is torch FP32 on the CPU. The cpu and openvino targets: OpenVINO FP32 on the IR vs
-the reference. ONNX targets: ONNX Runtime FP32 vs the reference, FP16 vs FP32. The torch-gpu
+the reference; the cpu target at BF16 (an explicit opt-in) also OpenVINO BF16 vs OpenVINO FP32,
+held to the half-precision bound. ONNX targets: ONNX Runtime FP32 vs the reference, FP16 vs FP32. The torch-gpu
 target: the served engine at FP32 on its device vs the reference, at its
 precision (FP16) vs FP32. On random and chest-like volumes: max abs difference of the
 probabilities, agreement of the decision at the operating point, and batch > 1 giving the same
@@ -63,6 +64,8 @@ class ParityReport:
     batch_vs_single_max_abs_diff: float
     device: str = "cpu"
     not_checked: list[str] = field(default_factory=list)
+    precision_in_use: dict[str, str] = field(default_factory=dict)  # engine -> what it computed in, where the engine says
+    notes: list[str] = field(default_factory=list)  # what a reader must know that is not a failure
     graphs: list[dict] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -89,6 +92,7 @@ class ParityReport:
         checks = ", ".join(f"{name} {comparison.max_abs_diff:.1e}" for name, comparison in self.comparisons.items())
         agree = all(comparison.decisions_agree for comparison in self.comparisons.values())
         skipped = f"; not checked: {'; '.join(self.not_checked)}" if self.not_checked else ""
+        skipped += f"; note: {'; '.join(self.notes)}" if self.notes else ""
         return (
             f"parity at {self.size}^3 on {len(self.inputs)} inputs ({self.device}): {checks}, "
             f"decisions at {self.threshold:g} agree: {agree}, "
@@ -166,9 +170,14 @@ def check_parity(classifier: ResNet34Classifier, fp32_path: Path, fp16_path: Pat
     )
 
 
-def check_openvino_parity(classifier: ResNet34Classifier, ir_path: Path, *, size: int, threshold: float) -> ParityReport:
+def check_openvino_parity(
+    classifier: ResNet34Classifier, ir_path: Path, *, size: int, threshold: float, precision: str = "fp32"
+) -> ParityReport:
     """The cpu and openvino targets' IR, run by OpenVINO at FP32 as the served model runs it (shape
-    fixed at `size`, batch 1 and a batch of every input) against torch FP32."""
+    fixed at `size`, batch 1 and a batch of every input) against torch FP32. At precision "bf16" (the
+    cpu target's opt-in) also OpenVINO BF16 against OpenVINO FP32, within FP16_BOUND and with the same
+    decisions; the report records the precision OpenVINO used, and says so where this CPU has no BF16
+    and OpenVINO computed in FP32 instead (not a failure: that is what such a CPU serves)."""
     from classifier import OpenVINOClassifier  # GPU servers need no OpenVINO
 
     names, inputs = parity_inputs(size)
@@ -183,14 +192,34 @@ def check_openvino_parity(classifier: ResNet34Classifier, ir_path: Path, *, size
     started = time.perf_counter()
     single = np.concatenate([engine(inputs[i : i + 1]) for i in range(len(names))])
     timings["openvino_fp32_batch1"] = time.perf_counter() - started
+    probabilities = {"torch_fp32": reference[:, 1].tolist(), "openvino_fp32": batched[:, 1].tolist()}
+    comparisons = {"openvino_fp32_vs_torch": compare(names, batched, reference, threshold, FP32_BOUND)}
+    in_use = {"openvino_fp32": engine.precision_in_use}
+    notes = []
+    if precision != "fp32":
+        del engine
+        lower = OpenVINOClassifier(ir_path, size=size, threads=available_cpus(), precision=precision)
+        started = time.perf_counter()
+        lowered = lower(inputs)
+        timings[f"openvino_{precision}"] = time.perf_counter() - started
+        probabilities[f"openvino_{precision}"] = lowered[:, 1].tolist()
+        comparisons[f"openvino_{precision}_vs_openvino_fp32"] = compare(names, lowered, batched, threshold, FP16_BOUND)
+        in_use[f"openvino_{precision}"] = lower.precision_in_use
+        if lower.precision_in_use != precision:
+            notes.append(
+                f"OpenVINO computed in {lower.precision_in_use}, not {precision}, on this CPU (no {precision} instructions): "
+                f"a CPU that has them serves {precision}, one that has not serves {lower.precision_in_use}"
+            )
     return ParityReport(
         size=size,
         threshold=threshold,
         inputs=names,
-        probability_of_pathology={"torch_fp32": reference[:, 1].tolist(), "openvino_fp32": batched[:, 1].tolist()},
-        comparisons={"openvino_fp32_vs_torch": compare(names, batched, reference, threshold, FP32_BOUND)},
+        probability_of_pathology=probabilities,
+        comparisons=comparisons,
         batch_size=len(names),
         batch_vs_single_max_abs_diff=float(np.abs(batched - single).max()),
+        precision_in_use=in_use,
+        notes=notes,
         timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
     )
 

@@ -55,7 +55,10 @@ FP16_FILE = "model.fp16.onnx"
 CONFIG = "config.pbtxt"
 TORCH_TARGET = "torch-gpu"
 DEVICES = ("cpu", "cuda")  # where ct_preprocess and ct_explain run (KIND_CPU or KIND_GPU instances)
-ONNX_PRECISION = {"cpu": "fp32", "openvino": "fp32", "onnx-gpu": "fp32 graph, fp16 TensorRT accelerator", "tensorrt": "fp16"}
+ONNX_PRECISION = {"openvino": "fp32", "onnx-gpu": "fp32 graph, fp16 TensorRT accelerator", "tensorrt": "fp16"}
+CPU_PRECISIONS = ("fp32", "bf16")  # classifier.OpenVINOClassifier's; bf16 only ever by choice
+# Targets whose classifier config has a `precision` parameter: its choices, the default first.
+TARGET_PRECISIONS = {"cpu": CPU_PRECISIONS, TORCH_TARGET: ("fp16", *(p for p in PRECISIONS if p != "fp16"))}
 GENERATED = frozenset({*(name for names in SERVED_FILES.values() for name in names), PROVENANCE_FILE, WEIGHTS_FILE})
 # Tensors whose dims hold S, per model and direction: (name, dims at S) for every model that has them.
 SIZED_TENSORS = {
@@ -78,6 +81,7 @@ class ServingOptions:
     preprocess_device: str = "cpu"  # "cuda": ct_preprocess on KIND_GPU instances, the volume handed over on the GPU
     explain_device: str = "cpu"  # "cuda": ct_explain on a KIND_GPU instance (an explanation in about one GPU inference)
     threshold: float = OPERATING_POINT.threshold
+    precision: str | None = None  # the classifier's `precision` parameter (cpu, torch-gpu); None: the config's
 
     def validated(self) -> ServingOptions:
         """The same options with the threshold as a float; ContractError/ExportError on a bad value."""
@@ -123,13 +127,14 @@ def _check_target(target: str) -> None:
 
 
 def served_precision(target: str, classifier: model_config_pb2.ModelConfig) -> str:
-    """What the target computes in; the torch-gpu config's `precision` parameter is checked here,
-    before any work, rather than when the server loads it."""
-    if target != TORCH_TARGET:
+    """What the target computes in; the `precision` parameter of the cpu and torch-gpu configs is
+    checked here, before any work, rather than when the server loads it."""
+    if target not in TARGET_PRECISIONS:
         return ONNX_PRECISION[target]
-    precision = classifier.parameters["precision"].string_value if "precision" in classifier.parameters else "fp16"
-    if precision not in PRECISIONS:
-        raise ExportError(f"{NAMES.classifier} precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    choices = TARGET_PRECISIONS[target]
+    precision = classifier.parameters["precision"].string_value if "precision" in classifier.parameters else choices[0]
+    if precision not in choices:
+        raise ExportError(f"{NAMES.classifier} precision {precision!r} for the {target} target: choose one of {', '.join(choices)}")
     return precision
 
 
@@ -215,7 +220,8 @@ def serving_options(configs: dict[str, model_config_pb2.ModelConfig]) -> Serving
 
 def render_configs(target: str, options: ServingOptions, repository: Path = COMMITTED) -> dict[str, model_config_pb2.ModelConfig]:
     """The committed configs for `target` with `options` applied (S, batching, instances and device of
-    preprocessing, device of explanations, threshold)."""
+    preprocessing, device of explanations, threshold, and the classifier's precision where the
+    target offers a choice)."""
     options = options.validated()
     configs = target_configs(target, repository)
     size = options.size
@@ -238,6 +244,15 @@ def render_configs(target: str, options: ServingOptions, repository: Path = COMM
         warmup.inputs[NAMES.volume].dims[:] = [1, size, size, size]
         if warmup.batch_size > 1:  # the warm-up at the largest batch
             warmup.batch_size = options.max_batch_size
+    if options.precision is not None:
+        if target not in TARGET_PRECISIONS:
+            chosen = "; ".join(f"{name}: {', '.join(choices)}" for name, choices in TARGET_PRECISIONS.items())
+            raise ExportError(
+                f"precision {options.precision!r}: the {target} target serves {ONNX_PRECISION[target]} and takes no precision "
+                f"(a precision is chosen for {chosen})"
+            )
+        classifier.parameters["precision"].string_value = options.precision
+        served_precision(target, classifier)  # one of the target's choices
     configs[NAMES.postprocess].parameters["threshold"].string_value = repr(options.threshold)
     return configs
 
@@ -312,6 +327,7 @@ def write_repository(
     preprocess_device: str | None = None,
     explain_device: str | None = None,
     threshold: float | None = None,
+    precision: str | None = None,
     parity_size: int | None = None,
     artifacts_dir: str | Path | None = None,
     source: Path = COMMITTED,
@@ -334,6 +350,7 @@ def write_repository(
         preprocess_device=preprocess_device,
         explain_device=explain_device,
         threshold=threshold,
+        precision=precision,
     )
     given = {key: value for key, value in given.items() if value is not None}
     if in_place and given:
@@ -391,7 +408,9 @@ def write_repository(
                 convert(graph, kept / IR_FILES[0])
                 engine = {"engine": f"openvino {openvino_version()}"}
                 mark = lap("openvino_ir", mark)
-                report = parity.check_openvino_parity(classifier, kept / IR_FILES[0], size=parity_size, threshold=options.threshold)
+                report = parity.check_openvino_parity(
+                    classifier, kept / IR_FILES[0], size=parity_size, threshold=options.threshold, precision=precision
+                )
             else:
                 clamped = onnx_graph.convert_fp16(graph, kept / FP16_FILE)
                 mark = lap("onnx_fp16", mark)

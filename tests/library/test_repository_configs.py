@@ -262,3 +262,53 @@ def test_parity_inputs_include_the_preprocess_chest_phantom():
     assert volumes.shape == (len(names), 1, 16, 16, 16) and -1.0 <= volumes.min() and volumes.max() <= 1.0
     assert (chest == -1.0).any() and (chest == 1.0).any()  # air outside the body, bone clipped at the top
     assert names == ["uniform-0", "uniform-1", "smooth-0", "smooth-1", "chest", "chest-lesion", "air"]
+
+
+def test_the_cpu_target_computes_in_fp32_unless_bf16_is_chosen():
+    """BF16 is an explicit opt-in: the committed cpu config says fp32, a rendered copy says what was chosen."""
+    classifier = export.target_configs("cpu")[NAMES.classifier]
+    assert classifier.parameters["precision"].string_value == "fp32"
+    assert export.repository.served_precision("cpu", classifier) == "fp32"
+    assert export.render_configs("cpu", DEFAULTS) == export.target_configs("cpu")  # no choice, no change
+    for target, precision in (("cpu", "bf16"), ("cpu", "fp32"), ("torch-gpu", "bf16"), ("torch-gpu", "fp32")):
+        rendered = export.render_configs(target, export.ServingOptions(precision=precision))[NAMES.classifier]
+        assert rendered.parameters["precision"].string_value == precision
+        assert export.repository.served_precision(target, rendered) == precision
+        text = export.repository.config_text(rendered, "ct_classifier/config.pbtxt")
+        assert text_format.Parse(text, model_config_pb2.ModelConfig()) == rendered
+
+
+@pytest.mark.parametrize(
+    "target, precision, message",
+    [
+        ("cpu", "fp16", "precision 'fp16' for the cpu target: choose one of fp32, bf16"),
+        ("cpu", "int8", "precision 'int8' for the cpu target: choose one of fp32, bf16"),
+        ("torch-gpu", "f32", "precision 'f32' for the torch-gpu target: choose one of fp16, fp32, bf16"),
+        ("openvino", "bf16", "the openvino target serves fp32 and takes no precision"),
+        ("onnx-gpu", "fp16", "the onnx-gpu target serves fp32 graph, fp16 TensorRT accelerator and takes no precision"),
+        ("tensorrt", "fp32", "the tensorrt target serves fp16 and takes no precision"),
+    ],
+)
+def test_a_precision_a_target_cannot_serve_is_refused_before_any_work(tmp_path, target, precision, message):
+    with pytest.raises(export.ExportError, match=message):
+        export.write_repository(tmp_path / "repo", target=target, size=16, demo_weights=True, precision=precision)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_committed_cpu_config_with_an_unknown_precision_is_refused():
+    classifier = export.target_configs("cpu")[NAMES.classifier]
+    classifier.parameters["precision"].string_value = "bfloat16"
+    with pytest.raises(export.ExportError, match="precision 'bfloat16' for the cpu target: choose one of fp32, bf16"):
+        export.repository.served_precision("cpu", classifier)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--demo-weights", "--precision", "bf16"], "--precision only apply to a rendered copy (--out DIR)"),
+        (["--demo-weights", "--size", "16", "--out", "{tmp}/repo", "--precision", "fp16"], "export: error: ct_classifier precision 'fp16'"),
+        (["--demo-weights", "--size", "16", "--out", "{tmp}/repo", "--precision", "bf16", "--target", "openvino"], "takes no precision"),
+    ],
+)
+def test_cli_precision_errors_are_one_line(tmp_path, capsys, args, message):
+    test_cli_bad_input_is_one_clear_line(tmp_path, capsys, args, message)

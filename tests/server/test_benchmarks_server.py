@@ -83,11 +83,15 @@ def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path):
 
     assert cpu_engines.main(["--size", "16", "--parity-size", "16", "--repeat", "1", "--no-compile", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "cpu-engines.json").read_text())
-    assert set(result["engines"]) == {"onnxruntime", "openvino", "pytorch", "pytorch-channels-last"}
+    assert set(result["engines"]) == {"onnxruntime", "openvino", "openvino-bf16", "pytorch", "pytorch-channels-last"}
     assert all(row["passed"] and row["decisions_agree"] for row in result["parity"].values())
-    assert result["fastest_passing"] in result["engines"] and result["served"]["median_s"] > 0
+    assert result["parity"]["openvino-bf16"]["bound"] == 1e-2 and result["parity"]["openvino"]["bound"] == 1e-4
+    assert result["precision_in_use"]["openvino"] == "fp32" and result["precision_in_use"]["openvino-bf16"] in ("bf16", "fp32")
+    assert result["fastest_passing"] in result["engines"] and result["served"]["median_s"] > 0 and result["served_bf16"]["median_s"] > 0
     assert all(row["gflops"] > 0 for row in result["engines"].values()) and min(result["ceiling_gflops"]) > 0
-    assert "| openvino (served) |" in (tmp_path / "cpu-engines.md").read_text()
+    assert set(result["cpu_flags"]) >= {"avx2", "avx512_bf16", "amx_bf16"}
+    text = (tmp_path / "cpu-engines.md").read_text()
+    assert "| openvino (served) [fp32 in use] |" in text and "| openvino-bf16 [" in text and "Served at bf16" in text
 
 
 def test_explain_opt_in_compares_ct_triage_with_and_without_the_explanation_models(private_server):

@@ -1,4 +1,5 @@
-"""ct_classifier on CPU: classifier.OpenVINOClassifier over the exported IR (model.xml + model.bin).
+"""ct_classifier on CPU: classifier.OpenVINOClassifier over the exported IR (model.xml + model.bin), at the
+config's `precision` (fp32, or bf16 opted in at export; the precision OpenVINO uses is logged).
 
 Thin on purpose: the engine and its options live in `classifier`, the IR and its parity proof come
 from `python -m export`; this file moves tensors between Triton and OpenVINO. The IR files must be
@@ -30,7 +31,14 @@ class TritonPythonModel:
         instances = sum(group.get("count", 1) for group in config.get("instance_group", [])) or 1
         threads = int(parameters.get("threads", "0")) or max(1, available_cpus() // instances)
         size = int(config["input"][0]["dims"][-1])
-        self.engine = OpenVINOClassifier(os.path.join(folder, "model.xml"), size=size, threads=threads)
+        precision = parameters.get("precision", "fp32")
+        try:
+            self.engine = OpenVINOClassifier(os.path.join(folder, "model.xml"), size=size, threads=threads, precision=precision)
+        except ValueError as error:  # a precision (or thread count) this engine does not offer
+            raise pb_utils.TritonModelException(f"{args['model_name']}: {error}") from None
+        pb_utils.Logger.log_info(
+            f"{args['model_name']}: OpenVINO at {self.engine.precision_in_use} ({precision} asked), {threads} threads, S={size}"
+        )
 
     def execute(self, requests):
         """The requests of a dynamic batch one after another (the engine runs volume by volume anyway:
