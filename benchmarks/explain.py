@@ -39,8 +39,6 @@ one JSON object last.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -52,6 +50,8 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from benchmarks.process_memory import release_freed_memory, reset_peak, status_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -92,32 +92,6 @@ def passes(method: str, size: int, steps: int, window: int) -> str:
     if method == "gradcam":
         return "F + B(fc)"
     return "F"
-
-
-# ---------------------------------------------------------------- memory of this process (Linux)
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 # ---------------------------------------------------------------- the measured calls
@@ -172,19 +146,19 @@ def child(config: Config) -> dict:
         warm_explainer(small.numpy())
     explainer, _ = _callables(network, config, config.size, "cpu")
     del warm_explainer, small
-    _release()
-    baseline = _status_mib("VmRSS")
+    release_freed_memory()
+    baseline = status_mib("VmRSS")
     load_s = time.perf_counter() - started
-    exact = _reset_peak()
+    exact = reset_peak()
     calls: dict[str, list[dict]] = {config.method: []} if explainer is None else {config.method: [], INFERENCE: []}
     measure_started = time.perf_counter()
     rounds = 0
     while rounds < config.repeat and (rounds == 0 or time.perf_counter() - measure_started < config.round_budget_s):
         order = list(calls) if rounds % 2 == 0 else list(reversed(calls))  # the method first in round 0: a clean peak
         for name in order:
-            _release()
-            exact = _reset_peak() and exact
-            before = _status_mib("VmRSS")
+            release_freed_memory()
+            exact = reset_peak() and exact
+            before = status_mib("VmRSS")
             cpu_started, call_started = time.process_time(), time.perf_counter()
             if name == INFERENCE:
                 infer(volume)
@@ -193,7 +167,7 @@ def child(config: Config) -> dict:
                 assert explanation.attribution.shape == (config.size,) * 3
                 del explanation
             seconds = time.perf_counter() - call_started
-            peak = _status_mib("VmHWM")
+            peak = status_mib("VmHWM")
             calls[name].append(
                 {
                     "s": round(seconds, 4),

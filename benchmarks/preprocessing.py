@@ -16,8 +16,6 @@ With --device, it prints `device_report`'s JSON instead (the default study's sha
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 import preprocess
+from benchmarks.process_memory import release_freed_memory, reset_peak, status_mib
 from preprocess import phantom, resample
 from preprocess.dicom import parse
 from preprocess.pipeline import stored_values
@@ -43,42 +42,16 @@ from settings import PREPROCESSING
 DEFAULT_STUDY = dict(slices=300, rows=512, columns=512, pixel_spacing=0.7, slice_spacing=1.0, scanner_air=True)
 
 
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) so each run's peak is its own."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_freed_memory() -> None:
-    """Give memory freed by the previous run back to the kernel (glibc keeps it resident otherwise),
-    so that the next run's peak above its starting RSS counts everything it allocates."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _run(files: list[bytes], mode: str, size: int) -> tuple[dict, preprocess.PreprocessedStudy]:
-    gc.collect()
-    _release_freed_memory()
-    exact = _reset_peak()
-    before = _rss_mb("VmRSS")
+    release_freed_memory()
+    exact = reset_peak()
+    before = status_mib("VmRSS")
     start, start_cpu = time.perf_counter(), time.process_time()
     study = preprocess.preprocess_study(files, size=size, mode=mode)
     return {
         "s": time.perf_counter() - start,
         "cpu": time.process_time() - start_cpu,
-        "peak": _rss_mb("VmHWM") - before if exact else float("nan"),
+        "peak": status_mib("VmHWM") - before if exact else float("nan"),
         "stages": study.meta["timings_s"],
     }, study
 
