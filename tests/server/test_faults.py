@@ -139,7 +139,9 @@ def test_requests_far_over_the_limits_are_refused_and_leave_memory_as_it_was(ser
 
 
 def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_model_is_reloaded(server, study, answer):
-    long_study = phantom.study_files(form="series", slices=200, rows=256, columns=256)  # about a second of preprocessing
+    # JPEG 2000 slices: about half a second of decoding on two cores (uncompressed, the study took 40 ms,
+    # over before the kill could land)
+    long_study = phantom.study_files(form="series", slices=200, rows=256, columns=256, transfer_syntax="jpeg2000")
     stubs = [s for s in server.stubs() if s.model == NAMES.preprocess]
     idle = {s.pid: cpu_ticks(s.pid) for s in stubs}
     done = len(server.recoveries)
