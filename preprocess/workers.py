@@ -32,3 +32,19 @@ def worker_threads(requested: int | None) -> int:
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
         raise ValueError(f"threads must be a positive integer (or 0 for every available CPU), not {requested!r}")
     return requested
+
+
+def instance_device(model: str, setting: str, args: dict) -> str:
+    """A Python-backend model's `device` parameter as a torch device ("cpu" or "cuda:<the instance's
+    GPU>"), refused at load time with the fix in the message (ct_preprocess and ct_explain share it)."""
+    if setting == "cpu":
+        return "cpu"
+    if setting != "cuda":
+        raise ValueError(f"{model}: parameter device must be 'cpu' or 'cuda', not {setting!r}")
+    if args["model_instance_kind"] != "GPU":
+        raise ValueError(f"{model}: device 'cuda' needs instance_group kind KIND_GPU, not {args['model_instance_kind']}")
+    import torch  # only a GPU instance needs it here
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"{model}: device 'cuda' but torch sees no CUDA device (a CPU-only torch build, or no GPU visible)")
+    return f"cuda:{args['model_instance_device_id']}"

@@ -4,10 +4,8 @@ benchmarks.gpu_check through `device_report`."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -155,19 +153,14 @@ def test_device_report_runs_on_the_cpu_at_a_tiny_scale():
     assert report["peak_allocated_mib"] is None and report["stored_dtype"] == "int16"
 
 
-@pytest.fixture
-def preprocess_model(monkeypatch):
-    """ct_preprocess's model.py, imported with a stand-in for Triton's stub-only utilities module."""
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
-    spec = importlib.util.spec_from_file_location("ct_preprocess_model", ROOT / "model_repository" / "ct_preprocess" / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_the_served_models_take_cpu_or_cuda_on_gpu_instances_only():
+    """ct_preprocess's and ct_explain's `device` parameter, read at load time."""
+    from preprocess.workers import instance_device
 
+    def device(setting, args):
+        return instance_device("ct_preprocess", setting, args)
 
-def test_the_served_model_takes_cpu_or_cuda_on_gpu_instances_only(preprocess_model):
-    device = preprocess_model._device
-    assert device("cpu", {"model_instance_kind": "CPU", "model_instance_device_id": "0"}) is None
+    assert device("cpu", {"model_instance_kind": "CPU", "model_instance_device_id": "0"}) == "cpu"
     with pytest.raises(ValueError, match="must be 'cpu' or 'cuda', not 'gpu'"):
         device("gpu", {"model_instance_kind": "GPU", "model_instance_device_id": "0"})
     with pytest.raises(ValueError, match="needs instance_group kind KIND_GPU, not CPU"):

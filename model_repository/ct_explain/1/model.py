@@ -19,7 +19,7 @@ import triton_python_backend_utils as pb_utils
 
 from classifier import file_sha256
 from explain import Explainer, ExplainError
-from preprocess.workers import available_cpus
+from preprocess.workers import available_cpus, instance_device
 from settings import NAMES
 
 WEIGHTS = "weights.pt"
@@ -50,7 +50,7 @@ class TritonPythonModel:
         self.explainer = Explainer.from_file(
             weights,
             size=size,
-            device=_device(parameters.get("device", "cpu"), args),
+            device=instance_device(NAMES.explain, parameters.get("device", "cpu"), args),
             method=parameters.get("method", "gradcam"),
             steps=_integer(parameters, "steps", "16"),
             window=_integer(parameters, "window", "16"),
@@ -91,16 +91,3 @@ def _integer(parameters: dict, key: str, default: str) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"{NAMES.explain}: parameter {key} must be an integer, not {value!r}") from None
-
-
-def _device(setting: str, args: dict) -> str:
-    """The `device` parameter as a torch device; refused at load time, with the fix in the message."""
-    if setting == "cpu":
-        return "cpu"
-    if setting != "cuda":
-        raise ValueError(f"{NAMES.explain}: parameter device must be 'cpu' or 'cuda', not {setting!r}")
-    if args["model_instance_kind"] != "GPU":
-        raise ValueError(f"{NAMES.explain}: device 'cuda' needs instance_group kind KIND_GPU, not {args['model_instance_kind']}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"{NAMES.explain}: device 'cuda' but torch sees no CUDA device (a CPU-only torch build, or no GPU visible)")
-    return f"cuda:{args['model_instance_device_id']}"

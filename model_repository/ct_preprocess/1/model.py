@@ -22,6 +22,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 import preprocess
+from preprocess.workers import instance_device
 from settings import INPUT_LIMITS, NAMES, SERVING
 
 
@@ -32,7 +33,8 @@ class TritonPythonModel:
         self.size = int(dims[-1])  # the volume is [1, 1, S, S, S]; S is written once, in the config
         parameters = config.get("parameters", {})
         threads = int(parameters.get("threads", {}).get("string_value", "0"))
-        self.device = _device(parameters.get("device", {}).get("string_value", "cpu"), args)
+        device = instance_device(NAMES.preprocess, parameters.get("device", {}).get("string_value", "cpu"), args)
+        self.device = None if device == "cpu" else device  # None: the CPU path, numpy volumes
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
         # "0": the CPUs this server may use, shared evenly among the instances that run at once
         self.threads = threads or max(1, preprocess.available_cpus() // instances)
@@ -84,17 +86,3 @@ def _check_bounds(files: np.ndarray) -> None:
         raise preprocess.InputTooLargeError(
             f"the request holds {total / 2**20:.0f} MiB of files, more than the limit of {most_bytes / 2**20:.0f} MiB per study"
         )
-
-
-def _device(setting: str, args: dict) -> str | None:
-    """The `device` parameter as preprocess_study's device: None (CPU fast path) or this instance's GPU.
-    Refused at load time, with the fix in the message, rather than on every request."""
-    if setting == "cpu":
-        return None
-    if setting != "cuda":
-        raise ValueError(f"{NAMES.preprocess}: parameter device must be 'cpu' or 'cuda', not {setting!r}")
-    if args["model_instance_kind"] != "GPU":
-        raise ValueError(f"{NAMES.preprocess}: device 'cuda' needs instance_group kind KIND_GPU, not {args['model_instance_kind']}")
-    if not torch.cuda.is_available():
-        raise ValueError(f"{NAMES.preprocess}: device 'cuda' but torch sees no CUDA device (a CPU-only torch build, or no GPU visible)")
-    return f"cuda:{args['model_instance_device_id']}"
