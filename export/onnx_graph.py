@@ -12,7 +12,6 @@ from pathlib import Path
 
 import onnx
 import torch
-from onnxconverter_common import float16
 
 from classifier.network import ResNet34Classifier, WithSoftmax
 from settings import NAMES
@@ -62,6 +61,8 @@ def convert_fp16(source: Path, target: Path) -> int:
 
     Returns how many constants the converter had to clamp into the float16 range.
     """
+    from onnxconverter_common import float16  # only this target needs it; GPU machines serving torch-gpu lack it
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = float16.convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
