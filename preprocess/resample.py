@@ -472,9 +472,9 @@ class _Sparse:
         self.lo, self.hi = int(index.min()), int(index.max())
         self.n = self.hi - self.lo + 1
         rows = np.repeat(np.arange(index.shape[0]), index.shape[1])
-        coo = torch.sparse_coo_tensor(
-            np.stack([rows, (index - self.lo).ravel()]), weight.ravel(), (index.shape[0], self.n), check_invariants=True
-        )
+        # checked in the opt-in context, not with check_invariants=True: torch 2.11 warns at each such call
+        with torch.sparse.check_sparse_tensor_invariants(enable=True):
+            coo = torch.sparse_coo_tensor(np.stack([rows, (index - self.lo).ravel()]), weight.ravel(), (index.shape[0], self.n))
         self.matrix = coo.coalesce().to(torch.float32)  # duplicate taps summed; COO measured faster than CSR here
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
