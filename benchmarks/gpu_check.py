@@ -15,7 +15,8 @@ recorded as such, and the others still run):
    (benchmarks.explain): time, ratio, peak allocated and reserved memory, and whether it runs on an
    8 GB card (run again under the same kind of cap as the memory section);
 6. served: the ensemble on the bundled tritonserver (torch-gpu classifier, ct_preprocess on the
-   device) at a few concurrency levels, when the server is installed.
+   device) at a few concurrency levels, when the server is installed; then one study through
+   ct_triage_explain (the explanation models on the same device).
 `--smoke` runs every section on the CPU at a tiny S in well under a minute of compute (the test suite
 runs it, so the script cannot rot between GPU runs); the memory section needs CUDA and says so.
 """
@@ -334,6 +335,12 @@ def served_section(plan: Plan, work: Path, deadline: float) -> dict:
                 continue
             sender = triton_sender(server.http_url, payload, shared_memory=shared_memory)
             levels.append(closed_loop("triton", sender, level, max(plan.served_requests, 2 * level)).to_dict())
+        explained = {"not_measured": "time budget spent"}
+        if time.monotonic() < deadline:
+            try:
+                explained = explained_study(server.http_url, payload, shared_memory)
+            except Exception as error:  # recorded; the levels above still stand
+                explained = {"error": f"{type(error).__name__}: {error}"}
     finally:
         server.stop()
     return {
@@ -343,7 +350,23 @@ def served_section(plan: Plan, work: Path, deadline: float) -> dict:
         "cuda_memory_pool_bytes": pool if plan.device == "cuda" else None,
         "levels": levels,
         "levels_skipped_for_time": skipped,
+        "explained": explained,
     }
+
+
+def explained_study(url: str, payload: list[bytes], shared_memory: bool) -> dict:
+    """One study through ct_triage_explain (ct_explain and ct_localize on the same device): that the
+    explanation ensemble serves there, and what it costs beside ct_triage."""
+    from client import RetryPolicy, TriageClient
+
+    client = TriageClient(url, "http", explain=True, retry=RetryPolicy(attempts=1), shared_memory=shared_memory)
+    seconds = []
+    for _ in range(2):  # the first call includes ct_explain's warm-up
+        result = client.classify(payload)
+        if not result.ok:
+            raise RuntimeError(f"ct_triage_explain: {result.error}")
+        seconds.append(result.time_of_processing)
+    return {"seconds_first": round(seconds[0], 3), "seconds": round(seconds[1], 3), "localization": result.pathology_localization}
 
 
 def targets(results: dict, plan: Plan) -> dict:
@@ -500,6 +523,16 @@ def markdown(results: dict) -> str:
             [lv["concurrency"], lv["requests"], lv["failures"], lv["studies_per_s"], lv["p50_s"], lv["p95_s"]] for lv in served["levels"]
         ]
         lines += [*_table(["concurrency", "requests", "failures", "studies/s", "p50 s", "p95 s"], rows), ""]
+        explained = served.get("explained", {})
+        if "seconds" in explained:
+            box = explained["localization"] or "none (nothing attributed)"
+            lines += [
+                f"The same study through ct_triage_explain (Grad-CAM on the served device), one at a time: {explained['seconds']} s "
+                f"({explained['seconds_first']} s the first time); localization {box}.",
+                "",
+            ]
+        elif explained:
+            lines += [f"ct_triage_explain: {explained.get('error') or explained.get('not_measured')}", ""]
     for name in ("classifier", "memory", "parity", "preprocessing", "explain", "served"):
         entry = results.get(name, {})
         reason = entry.get("error") or entry.get("not_measured")
@@ -528,7 +561,8 @@ def plot(results: dict, path: Path) -> None:
     memory.set(title="Peak GPU memory", xlabel="batch size", ylabel="GiB")
     for axis in (speed, memory):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # the memory panel is empty without CUDA
+            axis.legend(fontsize=8)
     figure.suptitle(f"{results['environment']['gpu']}, S={results['environment']['size']}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -589,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.smoke() if args.smoke else Plan.gpu()
     results = run(plan, out, "bash benchmarks/gpu_check.sh" + (" --smoke" if args.smoke else ""))
     failed = [name for name, value in results.items() if isinstance(value, dict) and "error" in value]
+    if "error" in results.get("served", {}).get("explained", {}):
+        failed.append("served (ct_triage_explain)")
     print(json.dumps({"out": str(out), "targets": results["targets"], "failed_sections": failed, "seconds": results["seconds"]}))
     return 1 if failed else 0
 

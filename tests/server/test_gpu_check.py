@@ -43,6 +43,9 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     served = results["served"]  # the ensemble on the torch classifier, through the bundled server
     assert [level["concurrency"] for level in served["levels"]] == [1, 2]
     assert all(level["failures"] == 0 and level["studies_per_s"] > 0 for level in served["levels"]), served
+    explained = served["explained"]  # one study through ct_triage_explain on the same server
+    assert explained["seconds"] > 0 and explained["seconds_first"] > 0 and "localization" in explained, explained
     markdown = (tmp_path / "smoke-cpu-s16.md").read_text()
     assert "## Classifier" in markdown and "Not measured: needs a CUDA device" in markdown
     assert "## Explanation (explain.Explainer, Grad-CAM, FP32, S=16, beside one inference)" in markdown
+    assert "The same study through ct_triage_explain" in markdown
