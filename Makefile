@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PIP_TORCH_OPTIONS ?=
 
-.PHONY: setup perf-analyzer chromium test test-fast lint fuzz bench soak demo serve clean
+.PHONY: setup perf-analyzer chromium test test-fast lint fuzz bench soak gpu-rehearsal demo serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,11 @@ bench: setup $(PERF_ANALYZER)
 # supervised CPU server; memory must stay flat; benchmarks/results/soak-cpu.*.
 soak: setup
 	nice -n 5 $(PY) -m benchmarks.soak --minutes 10 --out benchmarks/results
+
+# Before a GPU session: benchmarks/gpu_check.sh --smoke under the lent GPU machine's software (Python 3.12,
+# torch 2.11, numpy 2, only the carried packages), on this CPU (first run: about 5 GB into build/).
+gpu-rehearsal: setup
+	bash benchmarks/gpu_rehearsal.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
