@@ -11,7 +11,7 @@ Choices (each a parameter of the served config, measured by gpu_check.sh):
   path is judged by.
 - channels-last 3D memory format (cuDNN's fastest layout for 3-D convolutions in half precision).
 - cuDNN autotuning (`cudnn.benchmark`): the algorithm per input shape is chosen on the first batch of
-  that shape; the served config's warm-up at batch 1 and at the largest batch pays for it at load.
+  that shape; the served config's warm-ups, one per batch size the dynamic batcher forms, pay for it at load.
 Softmax runs in FP32 on the (half-precision) logits.
 """
 

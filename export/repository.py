@@ -242,8 +242,16 @@ def render_configs(target: str, options: ServingOptions, repository: Path = COMM
     classifier.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_microseconds
     for warmup in classifier.model_warmup:
         warmup.inputs[NAMES.volume].dims[:] = [1, size, size, size]
-        if warmup.batch_size > 1:  # the warm-up at the largest batch
-            warmup.batch_size = options.max_batch_size
+    if any(warmup.batch_size > 1 for warmup in classifier.model_warmup):
+        # engines that tune per input shape (cuDNN autotuning, ONNX Runtime's shape range) warm up at every
+        # batch size the dynamic batcher can form, so that no study pays for the tuning
+        template = model_config_pb2.ModelWarmup()
+        template.CopyFrom(classifier.model_warmup[0])
+        del classifier.model_warmup[:]
+        for batch in range(1, classifier.max_batch_size + 1):
+            warmup = classifier.model_warmup.add()
+            warmup.CopyFrom(template)
+            warmup.name, warmup.batch_size = f"batch_{batch}", batch
     if options.precision is not None:
         if target not in TARGET_PRECISIONS:
             chosen = "; ".join(f"{name}: {', '.join(choices)}" for name, choices in TARGET_PRECISIONS.items())

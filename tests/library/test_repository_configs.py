@@ -73,8 +73,10 @@ def test_a_rendered_copy_changes_size_batching_instances_and_threshold_everywher
     configs = export.render_configs("onnx-gpu", options)
     assert export.serving_options(configs) == options
     classifier = configs[NAMES.classifier]
-    assert [list(w.inputs[NAMES.volume].dims) for w in classifier.model_warmup] == [[1, 64, 64, 64]] * 2
-    assert [w.batch_size for w in classifier.model_warmup] == [1, 8]
+    # a warm-up per batch size the batcher can form: cuDNN and ONNX Runtime tune per input shape
+    assert [list(w.inputs[NAMES.volume].dims) for w in classifier.model_warmup] == [[1, 64, 64, 64]] * 8
+    assert [(w.name, w.batch_size) for w in classifier.model_warmup] == [(f"batch_{b}", b) for b in range(1, 9)]
+    assert [w.batch_size for w in export.render_configs("tensorrt", options)[NAMES.classifier].model_warmup] == [1]  # a fixed profile
     text = export.repository.config_text(classifier, "ct_classifier/configs/onnx-gpu.pbtxt")
     assert text_format.Parse(text, model_config_pb2.ModelConfig()) == classifier  # what the copy's file holds
 
