@@ -76,7 +76,9 @@ class ServingOptions:
 
     size: int = PREPROCESSING.size
     max_batch_size: int = SERVING.max_batch_size
-    max_queue_delay_microseconds: int = SERVING.max_queue_delay_microseconds
+    # the classifier's batching wait; None: the target's config (0 on the CPU targets, whose engine runs
+    # the volumes of a batch one after another, so waiting for more only adds latency)
+    max_queue_delay_microseconds: int | None = None
     preprocess_instances: int = SERVING.preprocess_instances
     preprocess_device: str = "cpu"  # "cuda": ct_preprocess on KIND_GPU instances, the volume handed over on the GPU
     explain_device: str = "cpu"  # "cuda": ct_explain on a KIND_GPU instance (an explanation in about one GPU inference)
@@ -88,7 +90,8 @@ class ServingOptions:
         validate_size(self.size)
         _check_integer("max batch size", self.max_batch_size, 1)
         _check_integer("preprocess instances", self.preprocess_instances, 1)
-        _check_integer("max queue delay", self.max_queue_delay_microseconds, 0)
+        if self.max_queue_delay_microseconds is not None:
+            _check_integer("max queue delay", self.max_queue_delay_microseconds, 0)
         for model, device in (("preprocess", self.preprocess_device), ("explain", self.explain_device)):
             if device not in DEVICES:
                 raise ExportError(f"{model} device must be one of {', '.join(DEVICES)}, not {device!r}")
@@ -239,7 +242,8 @@ def render_configs(target: str, options: ServingOptions, repository: Path = COMM
     classifier = configs[NAMES.classifier]
     # The NGC OpenVINO backend runs only full batches: its config keeps one study per batch.
     classifier.max_batch_size = 1 if target == "openvino" else options.max_batch_size
-    classifier.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_microseconds
+    if options.max_queue_delay_microseconds is not None:
+        classifier.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_microseconds
     for warmup in classifier.model_warmup:
         warmup.inputs[NAMES.volume].dims[:] = [1, size, size, size]
     if any(warmup.batch_size > 1 for warmup in classifier.model_warmup):

@@ -3,6 +3,8 @@ settings and with each other, and the rules that render a copy at another S or f
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -33,6 +35,9 @@ def test_committed_configs_parse_as_triton_model_configs_for_every_target(target
                 "onnx-gpu": ("", "onnxruntime_onnx", group.KIND_GPU),
                 "tensorrt": ("", "tensorrt_plan", group.KIND_GPU), "torch-gpu": ("python", "", group.KIND_GPU)}  # fmt: skip
     assert (classifier.backend, classifier.platform, group.kind) == expected[target]
+    # a batching wait only where batches run faster than their volumes one by one (the GPU engines)
+    delay = classifier.dynamic_batching.max_queue_delay_microseconds
+    assert (delay == 0) == (target in ("cpu", "openvino")), (target, delay)
     if target == "torch-gpu":  # GPU volumes stay on the GPU; the model file it runs is committed
         assert classifier.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
         assert classifier.parameters["precision"].string_value == "fp16"
@@ -47,7 +52,8 @@ def test_committed_configs_parse_as_triton_model_configs_for_every_target(target
 
 def test_committed_configs_serve_what_settings_say():
     """The repository is the served truth and settings the typed one: they must not drift apart."""
-    assert export.serving_options(export.target_configs("cpu")) == DEFAULTS
+    # the batching wait is the target's: none on the CPU, whose engine runs a batch's volumes one by one
+    assert export.serving_options(export.target_configs("cpu")) == replace(DEFAULTS, max_queue_delay_microseconds=0)
     for target in export.TARGETS:
         for name, config in export.target_configs(target).items():
             if config.platform == "ensemble":
@@ -86,7 +92,7 @@ def test_a_rendered_copy_can_put_preprocessing_on_the_gpu():
     configs = export.render_configs("torch-gpu", options)
     (group,) = configs[NAMES.preprocess].instance_group
     assert group.kind == group.KIND_GPU and configs[NAMES.preprocess].parameters["device"].string_value == "cuda"
-    assert export.serving_options(configs) == options.validated()
+    assert replace(export.serving_options(configs), max_queue_delay_microseconds=None) == options.validated()  # the wait: the target's
     with pytest.raises(export.ExportError, match="preprocess device must be one of cpu, cuda, not 'gpu'"):
         export.ServingOptions(preprocess_device="gpu").validated()
 
@@ -98,7 +104,7 @@ def test_a_rendered_copy_can_put_explanations_on_the_gpu():
     assert group.kind == group.KIND_GPU and configs[NAMES.explain].parameters["device"].string_value == "cuda"
     (group,) = configs[NAMES.preprocess].instance_group
     assert group.kind == group.KIND_CPU  # each model's device is its own option
-    assert export.serving_options(configs) == options.validated()
+    assert replace(export.serving_options(configs), max_queue_delay_microseconds=None) == options.validated()  # the wait: the target's
     with pytest.raises(export.ExportError, match="explain device must be one of cpu, cuda, not 'gpu'"):
         export.ServingOptions(explain_device="gpu").validated()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,8 @@ def test_export_into_the_committed_repository_serves_it_as_it_is(tmp_path):
     result = export.write_repository(target="cpu", demo_weights=True, parity_size=16, source=committed)
 
     assert result.in_place and result.repository == committed and result.model_config_name is None
-    assert result.artifacts == tmp_path / "model_repository.artifacts" and result.options == export.ServingOptions()
+    assert result.artifacts == tmp_path / "model_repository.artifacts"
+    assert result.options == replace(export.ServingOptions(), max_queue_delay_microseconds=0)  # the defaults; the cpu target's wait
     assert {path: (committed / path).read_bytes() for path in before} == before  # configs, model.py: untouched
     added = sorted(set(files(committed)) - set(before))
     assert added == [
