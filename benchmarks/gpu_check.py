@@ -16,7 +16,7 @@ recorded as such, and the others still run):
    8 GB card (run again under the same kind of cap as the memory section);
 6. served: the ensemble on the bundled tritonserver (torch-gpu classifier, ct_preprocess on the
    device) at a few concurrency levels, when the server is installed; then one study through
-   ct_triage_explain (the explanation models on the same device).
+   ct_triage_explain (the explanation models on the same device); the GPU memory the server held.
 `--smoke` runs every section on the CPU at a tiny S in well under a minute of compute (the test suite
 runs it, so the script cannot rot between GPU runs); the memory section needs CUDA and says so.
 """
@@ -30,8 +30,10 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -324,9 +326,11 @@ def served_section(plan: Plan, work: Path, deadline: float) -> dict:
     # server share this host; a 157 MB study costs seconds of serialisation on the wire)
     shm_free = shutil.disk_usage("/dev/shm").free if Path("/dev/shm").is_dir() else 0
     shared_memory = shm_free > 2 * max(plan.served_levels) * sum(map(len, payload))
+    gpu_memory = ServedGpuMemory(plan.device)  # what the card holds before the server starts
     server = start_on_free_ports(
         repository, log_file=work / "tritonserver.log", exit_timeout_s=5, cuda_memory_pool_bytes=pool if plan.device == "cuda" else None
     )
+    gpu_memory.watch(server)
     try:
         levels, skipped = [], []
         for level in plan.served_levels:
@@ -342,6 +346,7 @@ def served_section(plan: Plan, work: Path, deadline: float) -> dict:
             except Exception as error:  # recorded; the levels above still stand
                 explained = {"error": f"{type(error).__name__}: {error}"}
     finally:
+        gpu_memory.stop()
         server.stop()
     return {
         "study": {"slices": slices, "rows": rows, "columns": columns, "megabytes": round(sum(map(len, payload)) / 1e6, 1)},
@@ -351,7 +356,80 @@ def served_section(plan: Plan, work: Path, deadline: float) -> dict:
         "levels": levels,
         "levels_skipped_for_time": skipped,
         "explained": explained,
+        "gpu_memory": gpu_memory.to_dict(),
     }
+
+
+def parse_smi(text: str) -> list[list[int]]:
+    """The rows of nvidia-smi's `--format=csv,noheader,nounits` as integers; rows with a value the
+    driver does not report ("[N/A]", "[Not Supported]") are left out."""
+    rows = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.split(",")]
+        if line.strip() and all(cell.isdigit() for cell in cells):
+            rows.append([int(cell) for cell in cells])
+    return rows
+
+
+def _smi(query: str) -> list[list[int]]:
+    done = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10, check=True)
+    return parse_smi(done.stdout)
+
+
+class ServedGpuMemory:
+    """The GPU memory the server holds under load, as the driver reports it (nvidia-smi: CUDA contexts
+    and every caching allocator's reserve included), sampled twice a second from a thread: the peak of
+    the whole card and, where the driver lists them, of each of the server's processes. An upper bound
+    of what the served stack needs (allocators keep what they once used), so within 8 GiB means it fits
+    an 8 GB card; above, it is not shown not to."""
+
+    def __init__(self, device: str):
+        self.enabled = device == "cuda" and shutil.which("nvidia-smi") is not None
+        self.before_mib = self._card_mib() if self.enabled else None
+        self.peak: tuple[int, dict[str, int]] | None = None
+        self.error: str | None = None
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _card_mib() -> int:
+        return _smi("--query-gpu=memory.used")[0][0]  # the first GPU: the one the server uses
+
+    def watch(self, server) -> None:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._sample, args=(server,), daemon=True)
+            self._thread.start()
+
+    def _sample(self, server) -> None:
+        try:
+            while not self._done.wait(0.5):
+                used = self._card_mib()
+                if self.peak is None or used > self.peak[0]:
+                    names = {server.pid: "tritonserver", **{stub.pid: stub.instance for stub in server.stubs()}}
+                    held = {names[pid]: mib for pid, mib in _smi("--query-compute-apps=pid,used_memory") if pid in names}
+                    self.peak = (used, held)
+        except Exception as error:  # a sampling failure is a result, not the section's failure
+            self.error = f"{type(error).__name__}: {error}"
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def to_dict(self) -> dict:
+        if not self.enabled:
+            return {"not_measured": "needs a CUDA device and nvidia-smi"}
+        if self.peak is None:
+            return {"not_measured": self.error or "no sample taken"}
+        used, held = self.peak
+        return {
+            "card_before_server_mib": self.before_mib,
+            "card_peak_mib": used,
+            "server_peak_mib": used - self.before_mib,
+            "server_within_8gib": used - self.before_mib <= CARD_BYTES / 2**20,
+            "per_process_mib": held,
+            "sampling_error": self.error,
+        }
 
 
 def explained_study(url: str, payload: list[bytes], shared_memory: bool) -> dict:
@@ -533,6 +611,17 @@ def markdown(results: dict) -> str:
             ]
         elif explained:
             lines += [f"ct_triage_explain: {explained.get('error') or explained.get('not_measured')}", ""]
+        memory = served.get("gpu_memory", {})
+        if "server_peak_mib" in memory:
+            processes = ", ".join(f"{name} {mib}" for name, mib in sorted(memory["per_process_mib"].items())) or "none listed by the driver"
+            lines += [
+                f"GPU memory the server held at the peak of the load (nvidia-smi: CUDA contexts and allocator caches, an upper "
+                f"bound of its need): {memory['server_peak_mib']} MiB above the {memory['card_before_server_mib']} MiB in use "
+                f"before it started ({'within' if memory['server_within_8gib'] else 'above'} 8 GiB); per process (MiB): {processes}.",
+                "",
+            ]
+        elif memory:
+            lines += [f"Served GPU memory: {memory.get('not_measured')}.", ""]
     for name in ("classifier", "memory", "parity", "preprocessing", "explain", "served"):
         entry = results.get(name, {})
         reason = entry.get("error") or entry.get("not_measured")

@@ -1,5 +1,5 @@
 """Benchmark parts that need no server: perf_analyzer's input data, the load loop's statistics, the
-decoding and explanation benchmarks at tiny sizes."""
+decoding and explanation benchmarks at tiny sizes, the GPU check's reading of nvidia-smi."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def test_input_data_round_trips_the_study_exactly():
 
 def test_input_data_elements_are_length_prefixed_little_endian():
     assert pa.encode_element(b"abc") == b"\x03\x00\x00\x00abc"
+
+
+def test_nvidia_smi_rows_are_read_as_integers_and_unreported_values_left_out():
+    from benchmarks.gpu_check import parse_smi
+
+    text = "12345, 4013\n12377, [N/A]\n\n 99, 512 \n"  # --query-compute-apps=pid,used_memory --format=csv,noheader,nounits
+    assert parse_smi(text) == [[12345, 4013], [99, 512]]
+    assert parse_smi("81559\n") == [[81559]] and parse_smi("[Not Supported]\n") == []
 
 
 def test_percentiles_interpolate_between_ranks():

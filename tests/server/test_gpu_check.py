@@ -48,6 +48,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(level["failures"] == 0 and level["studies_per_s"] > 0 for level in served["levels"]), served
     explained = served["explained"]  # one study through ct_triage_explain on the same server
     assert explained["seconds"] > 0 and explained["seconds_first"] > 0 and "localization" in explained, explained
+    assert served["gpu_memory"] == {"not_measured": "needs a CUDA device and nvidia-smi"}
     markdown = (tmp_path / "smoke-cpu-s16.md").read_text()
     assert "## Classifier" in markdown and "Not measured: needs a CUDA device" in markdown
     assert "## Explanation (explain.Explainer, Grad-CAM, FP32, S=16, beside one inference)" in markdown
