@@ -180,7 +180,7 @@ with tarfile.open(sys.argv[1]) as archive:
 
 # There: unpack into DEST, check what can be checked without the server, print the exports.
 install() {
-    local dest=$1 version error name where libdir elf missing='' ld_path=''
+    local dest=$1 version error name answer ld_path=''
     PYTHON=${PYTHON:-python3}
     for name in server stub-site site grpc-fallback; do
         [[ -f $CARRY/$name.tar.xz ]] || die "$CARRY/$name.tar.xz is missing: run benchmarks/gpu_carry.sh on a machine with PyPI"
@@ -214,14 +214,32 @@ binary = find_installation().binary
 assert binary.is_relative_to(f"{sys.argv[1]}/server"), f"pytriton found elsewhere: {binary}"
 assert not numpy.__file__.startswith(sys.argv[1]), f"the main process got the stubs' numpy {numpy.__version__}"
 EOF
-        # What the stubs will see, set up as the launcher sets it up for them (an isolated interpreter in an
-        # environment of their own, CT_TRIAGE_STUB_PYTHONPATH first): numpy<2, the project, torch on it.
-        local stub_bin
-        rm -rf "$dest/stub-python"
-        stub_bin=$(PYTHONPATH=$pythonpath "$PYTHON" -c 'import sys
+        # The server's checks: a server that cannot run here costs the served section only, not the run.
+        if answer=$(check_server "$dest" "$version" "$pythonpath"); then
+            say "gpu_carry: checked: the client imports; the stubs get numpy<2 and the project; the server's libraries resolve"
+            ld_path=$answer # the folder of the machine's libpython the loader must be given, or nothing
+        else
+            say "gpu_carry: the bundled server cannot run here ($answer): the served section will say so"
+            pythonpath=${pythonpath/":$dest/server"/}
+        fi
+    fi
+    printf 'export PYTHONPATH=%q\n' "$pythonpath"
+    printf 'export CT_TRIAGE_STUB_PYTHONPATH=%q\n' "$dest/stub-site"
+    if [[ -n $ld_path ]]; then printf 'export LD_LIBRARY_PATH=%q\n' "$ld_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; fi
+}
+
+# There: whether the unpacked server can run with this Python. Prints the folder the loader must be
+# given for the machine's libpython (nothing when it finds it anyway) and succeeds, or prints what is
+# wrong and fails.
+check_server() {
+    local dest=$1 version=$2 pythonpath=$3 stub_bin stub libdir ld_path='' elf name where missing=''
+    # What the stubs will see, set up as the launcher sets it up for them (an isolated interpreter in an
+    # environment of their own, CT_TRIAGE_STUB_PYTHONPATH first): numpy<2, the project, torch on it.
+    rm -rf "$dest/stub-python"
+    stub_bin=$(PYTHONPATH=$pythonpath "$PYTHON" -c 'import sys
 from serve.launcher import prepare_stub_python
 print(prepare_stub_python(sys.argv[1], [sys.argv[2]]))' "$dest/stub-python" "$dest/stub-site")
-        "$stub_bin/python3" -I - >&2 <<'EOF' || die "the stubs' packages do not import (above)"
+    if ! "$stub_bin/python3" -I - >&2 <<'EOF'; then
 import importlib.util
 
 import numpy
@@ -234,29 +252,35 @@ if importlib.util.find_spec("torch"):  # the machine's, for preprocessing on the
     torch.from_numpy(numpy.zeros(2))
 EOF
         rm -rf "$dest/stub-python"
-        # The stub embeds the machine's Python: the loader must find its libpython, else we point it there.
-        local stub=$dest/server/pytriton/tritonserver/python_backend_stubs/$version/triton_python_backend_stub
-        command -v ldd >/dev/null || die "no ldd here: cannot check the server's libraries"
-        if [[ $(ldd "$stub") == *"libpython$version.so.1.0 => not found"* ]]; then
-            local libdirs
-            read -r -a libdirs < <("$PYTHON" -c 'import sys, sysconfig; print(sysconfig.get_config_var("LIBDIR") or "", sys.base_prefix + "/lib")')
-            for libdir in "${libdirs[@]}"; do
-                if [[ -z $ld_path && -f $libdir/libpython$version.so.1.0 ]]; then ld_path=$libdir; fi
-            done
-            [[ -n $ld_path ]] || die "no libpython$version.so.1.0 for the server's stub: this Python has no shared library"
-            export LD_LIBRARY_PATH=$ld_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-        fi
-        for elf in "$dest/server/pytriton/tritonserver/bin/tritonserver" "$dest/server/pytriton/tritonserver/backends/python/libtriton_python.so" "$stub"; do
-            while read -r name where; do
-                if [[ $where == not ]]; then missing+=" $name"; fi
-            done < <(ldd "$elf" | awk '$2 == "=>" { print $1, $3 }')
-        done
-        [[ -z $missing ]] || die "the server would not load:$missing"
-        say "gpu_carry: checked: the client imports; the stubs get numpy<2 and the project; the server's libraries resolve"
+        printf "the stubs' packages do not import (above)"
+        return 1
     fi
-    printf 'export PYTHONPATH=%q\n' "$pythonpath"
-    printf 'export CT_TRIAGE_STUB_PYTHONPATH=%q\n' "$dest/stub-site"
-    if [[ -n $ld_path ]]; then printf 'export LD_LIBRARY_PATH=%q\n' "$LD_LIBRARY_PATH"; fi
+    rm -rf "$dest/stub-python"
+    # The stub embeds the machine's Python: the loader must find its libpython, else we point it there.
+    stub=$dest/server/pytriton/tritonserver/python_backend_stubs/$version/triton_python_backend_stub
+    if ! command -v ldd >/dev/null; then
+        printf "no ldd here: cannot check the server's libraries"
+        return 1
+    fi
+    if [[ $(ldd "$stub") == *"libpython$version.so.1.0 => not found"* ]]; then
+        for libdir in $("$PYTHON" -c 'import sys, sysconfig; print(sysconfig.get_config_var("LIBDIR") or "", sys.base_prefix + "/lib")'); do
+            if [[ -z $ld_path && -f $libdir/libpython$version.so.1.0 ]]; then ld_path=$libdir; fi
+        done
+        if [[ -z $ld_path ]]; then
+            printf "no libpython%s.so.1.0 for the server's stub: this Python has no shared library" "$version"
+            return 1
+        fi
+    fi
+    for elf in "$dest/server/pytriton/tritonserver/bin/tritonserver" "$dest/server/pytriton/tritonserver/backends/python/libtriton_python.so" "$stub"; do
+        while read -r name where; do
+            if [[ $where == not ]]; then missing+=" $name"; fi
+        done < <(LD_LIBRARY_PATH=$ld_path${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} ldd "$elf" | awk '$2 == "=>" { print $1, $3 }')
+    done
+    if [[ -n $missing ]]; then
+        printf "the server would not load:%s" "$missing"
+        return 1
+    fi
+    printf '%s' "$ld_path"
 }
 
 case ${1:-} in

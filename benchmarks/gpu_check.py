@@ -315,7 +315,7 @@ def served_section(plan: Plan, work: Path, deadline: float) -> dict:
     try:
         find_installation()
     except ServerError as error:
-        return {"not_measured": f"no bundled tritonserver here ({error}); benchmarks/gpu_carry.sh carries one"}
+        return {"not_measured": f"no bundled tritonserver here ({error}); gpu_carry.sh carries one, and says in the log why it cannot run"}
     instances = 4 if plan.device == "cuda" else 2
     repository = served_repository(work / "repository", plan.size, plan.device, instances)
     slices, rows, columns = plan.served_shape
