@@ -385,11 +385,16 @@ class ServedGpuMemory:
 
     def __init__(self, device: str):
         self.enabled = device == "cuda" and shutil.which("nvidia-smi") is not None
-        self.before_mib = self._card_mib() if self.enabled else None
         self.peak: tuple[int, dict[str, int]] | None = None
         self.error: str | None = None
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
+        self.before_mib = None
+        if self.enabled:
+            try:
+                self.before_mib = self._card_mib()
+            except Exception as error:  # no sampling then; the served section still runs
+                self.enabled, self.error = False, f"{type(error).__name__}: {error}"
 
     @staticmethod
     def _card_mib() -> int:
@@ -418,7 +423,7 @@ class ServedGpuMemory:
 
     def to_dict(self) -> dict:
         if not self.enabled:
-            return {"not_measured": "needs a CUDA device and nvidia-smi"}
+            return {"not_measured": self.error or "needs a CUDA device and nvidia-smi"}
         if self.peak is None:
             return {"not_measured": self.error or "no sample taken"}
         used, held = self.peak
