@@ -40,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     rendering = parser.add_argument_group("serving options of a rendered copy (--out; defaults from settings)")
     rendering.add_argument("--size", type=int, help="model input S (S^3 volume)")
     rendering.add_argument("--max-batch-size", type=int)
-    rendering.add_argument("--max-queue-delay-us", type=int)
+    rendering.add_argument(
+        "--max-queue-delay-us", type=int, help="the classifier's batching wait (default: the target's; 0 on cpu and openvino, 20000 on GPU)"
+    )
     rendering.add_argument("--preprocess-instances", type=int)
     rendering.add_argument("--preprocess-device", choices=("cpu", "cuda"), help="cuda: preprocessing on the GPU (KIND_GPU instances)")
     rendering.add_argument("--explain-device", choices=("cpu", "cuda"), help="cuda: ct_explain on the GPU (KIND_GPU)")
