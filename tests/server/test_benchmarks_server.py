@@ -110,3 +110,19 @@ def test_explain_opt_in_compares_ct_triage_with_and_without_the_explanation_mode
     assert "ct_triage throughput unchanged" in explain_opt_in.markdown(
         {"machine": serving.machine(TEST_SIZE), "study": {"slices": 24, "rows": 64, "columns": 64, "megabytes": 0.2}, **results}
     )
+
+
+def test_batching_wait_measures_each_wait_on_one_server(private_server):
+    """A private server: the benchmark reloads ct_classifier with other waits."""
+    from benchmarks import batching_wait
+
+    payload = phantom.study_files("series", slices=24, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
+    results = batching_wait.measure(private_server, payload, waits=[1000, 0], levels=[1], requests=2, rounds=2)
+    assert [(r["round"], r["wait_us"]) for r in results["rounds"]] == [(0, 1000), (0, 0), (1, 0), (1, 1000)]  # order reversed
+    assert [(s["wait_us"], s["failures"]) for s in results["summary"]] == [(1000, 0), (0, 0)]
+    assert all(s["studies_per_s"] > 0 and 0 < s["p50_s"] <= s["p95_s"] for s in results["summary"])
+    with urllib.request.urlopen(f"http://{private_server.http_url}/v2/models/{NAMES.classifier}/config") as response:
+        assert int(json.loads(response.read())["dynamic_batching"]["max_queue_delay_microseconds"]) == 1000  # the last one measured
+    study = {"slices": 24, "rows": 64, "columns": 64, "megabytes": 0.2}
+    text = batching_wait.markdown({"machine": serving.machine(TEST_SIZE), "target": "cpu", "requests": 2, "study": study, **results})
+    assert "| 1 | 0 |" in text and "medians over 2 rounds" in text

@@ -1,0 +1,138 @@
+"""The classifier's dynamic-batching wait (`max_queue_delay_microseconds`): what it buys or costs.
+
+`python -m benchmarks.batching_wait [--target cpu] [--size 64] [--waits 20000 0] [--levels 1 4] [--rounds 4] [--out DIR]`
+
+One bundled tritonserver on a rendered repository (demo weights). ct_triage is measured by the closed
+client loop (benchmarks.load) with ct_classifier reloaded at each wait through Triton's model-control
+API (its served config with only the wait changed), the order of the waits reversed every other round
+so that every wait sees the same minutes of a shared machine; medians over the rounds. What each
+target's config waits comes from this. Writes batching-wait-<target>-s<S>.json and .md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.load import closed_loop, triton_sender
+from benchmarks.serving import machine
+from preprocess import phantom
+from serve import start_on_free_ports
+from settings import NAMES
+
+
+def set_wait(server, wait_us: int) -> None:
+    """Reload ct_classifier with its served config but for the batching wait; the ensembles keep using it."""
+    from tritonclient import http
+
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        config = client.get_model_config(NAMES.classifier)
+        config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = wait_us
+        client.load_model(NAMES.classifier, config=json.dumps(config))
+        deadline = time.monotonic() + 120
+        while not client.is_model_ready(NAMES.classifier):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{NAMES.classifier} did not become ready in 120 s at a wait of {wait_us} us")
+            time.sleep(0.2)
+        served = int(client.get_model_config(NAMES.classifier)["dynamic_batching"].get("max_queue_delay_microseconds", 0))
+        if served != wait_us:
+            raise RuntimeError(f"{NAMES.classifier} serves a wait of {served} us, not {wait_us}")
+    finally:
+        client.close()
+
+
+def measure(server, payload: list[bytes], *, waits: list[int], levels: list[int], requests: int, rounds: int) -> dict:
+    """The measurements on a started server; its classifier is left at the last wait measured."""
+    measured = []
+    for number in range(rounds):
+        for wait in waits if number % 2 == 0 else waits[::-1]:
+            set_wait(server, wait)
+            for level in levels:
+                result = closed_loop(NAMES.triage, triton_sender(server.http_url, payload), level, max(requests, 2 * level))
+                measured.append({"round": number, "wait_us": wait, **result.to_dict()})
+    summary = []
+    for level in levels:
+        for wait in waits:
+            mine = [r for r in measured if r["concurrency"] == level and r["wait_us"] == wait]
+            summary.append(
+                {
+                    "concurrency": level,
+                    "wait_us": wait,
+                    "studies_per_s": round(statistics.median(r["studies_per_s"] for r in mine), 3),
+                    "p50_s": round(statistics.median(r["p50_s"] for r in mine), 4),
+                    "p95_s": round(statistics.median(r["p95_s"] for r in mine), 4),
+                    "failures": sum(r["failures"] for r in mine),
+                }
+            )
+    return {"summary": summary, "rounds": measured}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import export
+
+    work = Path(tempfile.mkdtemp(prefix="batching-wait-"))
+    export.write_repository(work / "repository", target=args.target, size=args.size, demo_weights=True)
+    payload = phantom.study_files(
+        "series", slices=args.slices, rows=args.matrix, columns=args.matrix, pixel_spacing=400.0 / args.matrix, slice_spacing=2.5
+    )
+    server = start_on_free_ports(work / "repository", log_file=work / "tritonserver.log", exit_timeout_s=5)
+    try:
+        results = measure(server, payload, waits=args.waits, levels=args.levels, requests=args.requests, rounds=args.rounds)
+    finally:
+        server.stop()
+    study = {"slices": args.slices, "rows": args.matrix, "columns": args.matrix, "megabytes": round(sum(map(len, payload)) / 1e6, 1)}
+    return {"machine": machine(args.size), "target": args.target, "requests": args.requests, "study": study, **results}
+
+
+def markdown(results: dict) -> str:
+    host, study = results["machine"], results["study"]
+    rounds = 1 + max(r["round"] for r in results["rounds"])
+    lines = [
+        f"# The classifier's batching wait: {results['target']} target, S={host['size']}",
+        "",
+        f"{host['cpu']}, {host['available_cpus']} CPUs, {host['date']}; demo weights; a phantom study of {study['slices']} slices "
+        f"of {study['rows']}x{study['columns']} ({study['megabytes']} MB), HTTP; the closed client loop of benchmarks.load, "
+        f"{results['requests']} studies per run; ct_classifier reloaded at each wait, the waits' order reversed every other round; "
+        f"medians over {rounds} rounds.",
+        "",
+        "| concurrency | wait (µs) | studies/s | p50 s | p95 s | failures |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['concurrency']} | {r['wait_us']} | {r['studies_per_s']} | {r['p50_s']} | {r['p95_s']} | {r['failures']} |"
+        for r in results["summary"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import export
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.batching_wait", description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="cpu", choices=export.TARGETS, help="the target whose classifier is measured")
+    parser.add_argument("--size", type=int, default=64, help="model input S of the rendered repository")
+    parser.add_argument("--waits", type=int, nargs="+", default=[20000, 0], help="max_queue_delay_microseconds values")
+    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4], help="concurrency levels")
+    parser.add_argument("--requests", type=int, default=16, help="studies per level, wait and round")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds, each measuring every wait")
+    parser.add_argument("--slices", type=int, default=120)
+    parser.add_argument("--matrix", type=int, default=256)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    results = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"batching-wait-{args.target}-s{args.size}"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results))
+    print(json.dumps({"summary": results["summary"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
