@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.load import closed_loop, triton_sender
+from benchmarks.load import add_arguments, closed_loop, triton_sender, write_results
 from benchmarks.serving import machine
 from preprocess import phantom
 from serve import start_on_free_ports
@@ -115,21 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.batching_wait", description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="cpu", choices=export.TARGETS, help="the target whose classifier is measured")
-    parser.add_argument("--size", type=int, default=64, help="model input S of the rendered repository")
     parser.add_argument("--waits", type=int, nargs="+", default=[20000, 0], help="max_queue_delay_microseconds values")
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 4], help="concurrency levels")
-    parser.add_argument("--requests", type=int, default=16, help="studies per level, wait and round")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds, each measuring every wait")
-    parser.add_argument("--slices", type=int, default=120)
-    parser.add_argument("--matrix", type=int, default=256)
-    parser.add_argument("--out", default="benchmarks/results")
+    add_arguments(parser, levels=[1, 4], requests=16, rounds=4, compared="wait")
     args = parser.parse_args(argv)
     results = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"batching-wait-{args.target}-s{args.size}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(results))
+    write_results(args.out, f"batching-wait-{args.target}-s{args.size}", results, markdown(results))
     print(json.dumps({"summary": results["summary"]}))
     return 0
 

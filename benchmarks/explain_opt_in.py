@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.load import closed_loop, triton_sender
+from benchmarks.load import add_arguments, closed_loop, triton_sender, write_results
 from benchmarks.serving import machine, rss_by_process
 from client import RetryPolicy, TriageClient
 from preprocess import phantom
@@ -174,21 +174,11 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.explain_opt_in", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=64, help="model input S of the rendered repository")
-    parser.add_argument("--levels", type=int, nargs="+", default=[1, 2], help="concurrency levels")
-    parser.add_argument("--requests", type=int, default=24, help="studies per level, state and round")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds, each measuring both states")
+    add_arguments(parser, levels=[1, 2], requests=24, rounds=4, compared="state")
     parser.add_argument("--repeats", type=int, default=3, help="single studies timed per model")
-    parser.add_argument("--slices", type=int, default=120)
-    parser.add_argument("--matrix", type=int, default=256)
-    parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     results = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"explain-opt-in-cpu-s{args.size}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(results))
+    write_results(args.out, f"explain-opt-in-cpu-s{args.size}", results, markdown(results))
     print(json.dumps({"levels": results["levels"], "one_study_s": results["one_study_s"], "target": results["target"]}))
     return 0
 

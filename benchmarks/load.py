@@ -8,6 +8,7 @@ plain HTTP POST of the same bytes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import threading
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from client import RetryPolicy, TriageClient
 
@@ -137,3 +139,23 @@ def baseline_sender(url: str, study: bytes, timeout_s: float = 600) -> Callable[
         return send
 
     return make
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, levels: list[int], requests: int, rounds: int, compared: str) -> None:
+    """The options of a benchmark that compares `compared` (states, waits) on one server over rounds
+    of the closed loop: the rendered repository's S, the load, the phantom study, where results go."""
+    parser.add_argument("--size", type=int, default=64, help="model input S of the rendered repository")
+    parser.add_argument("--levels", type=int, nargs="+", default=levels, help="concurrency levels")
+    parser.add_argument("--requests", type=int, default=requests, help=f"studies per level, {compared} and round")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds, each measuring every {compared}")
+    parser.add_argument("--slices", type=int, default=120)
+    parser.add_argument("--matrix", type=int, default=256)
+    parser.add_argument("--out", default="benchmarks/results")
+
+
+def write_results(out: str | Path, stem: str, results: dict, text: str) -> None:
+    """`stem`.json (everything) and `stem`.md (the tables) in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
