@@ -3,7 +3,8 @@
 `concurrency` worker threads each send studies back to back until `requests` have been sent; the
 result is throughput (successful studies per second of wall time) and latency percentiles. The
 Triton ensemble is called through the project's client (`TriageClient`, HTTP), the baseline with a
-plain HTTP POST of the same bytes.
+plain HTTP POST of the same bytes. Also the options and result files shared by the benchmarks that
+compare states of one server over rounds of this loop.
 """
 
 from __future__ import annotations
