@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.load import add_arguments, closed_loop, triton_sender, write_results
+from benchmarks.load import add_arguments, closed_loop, rendered_server, triton_sender, write_results
 from benchmarks.serving import machine
 from preprocess import phantom
-from serve import start_on_free_ports
 from settings import NAMES
 
 
@@ -73,18 +70,11 @@ def measure(server, payload: list[bytes], *, waits: list[int], levels: list[int]
 
 
 def run(args: argparse.Namespace) -> dict:
-    import export
-
-    work = Path(tempfile.mkdtemp(prefix="batching-wait-"))
-    export.write_repository(work / "repository", target=args.target, size=args.size, demo_weights=True)
     payload = phantom.study_files(
         "series", slices=args.slices, rows=args.matrix, columns=args.matrix, pixel_spacing=400.0 / args.matrix, slice_spacing=2.5
     )
-    server = start_on_free_ports(work / "repository", log_file=work / "tritonserver.log", exit_timeout_s=5)
-    try:
+    with rendered_server(args.target, args.size) as server:
         results = measure(server, payload, waits=args.waits, levels=args.levels, requests=args.requests, rounds=args.rounds)
-    finally:
-        server.stop()
     study = {"slices": args.slices, "rows": args.matrix, "columns": args.matrix, "megabytes": round(sum(map(len, payload)) / 1e6, 1)}
     return {"machine": machine(args.size), "target": args.target, "requests": args.requests, "study": study, **results}
 

@@ -46,9 +46,10 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.gpu_check import study_tflop
+from benchmarks.load import rendered_server
 from classifier import OpenVINOClassifier, TorchClassifier, convert_to_openvino
 from classifier.openvino_engine import openvino_version
-from export import build_classifier, demo_weights, load_checkpoint, onnx_graph, write_repository
+from export import build_classifier, demo_weights, load_checkpoint, onnx_graph
 from export.parity import FP16_BOUND, FP32_BOUND, compare, parity_inputs, reference_probabilities
 from export.volumes import chest
 from preprocess.workers import available_cpus
@@ -126,16 +127,12 @@ def parity_of(network, graph: Path, ir: Path, size: int, threads: int, compile_:
     return result
 
 
-def served_seconds(work: Path, network_weights, size: int, volume: np.ndarray, repeat: int, precision: str = "fp32") -> list[float]:
+def served_seconds(checkpoint: str | None, size: int, volume: np.ndarray, repeat: int, precision: str = "fp32") -> list[float]:
     """Round trips of one volume to ct_classifier on the bundled server (cpu target at S, at `precision`)."""
     from tritonclient import http
 
-    from serve import start_on_free_ports
-
-    repository = work / f"repository-{precision}"
-    write_repository(repository, target="cpu", size=size, precision=precision, **network_weights)
     times = []
-    with start_on_free_ports(repository, log_file=work / f"tritonserver-{precision}.log") as server:
+    with rendered_server("cpu", size, checkpoint, precision) as server:
         triton = http.InferenceServerClient(server.http_url, network_timeout=1800, connection_timeout=1800)
         tensor = http.InferInput(NAMES.volume, list(volume.shape), "FP32")
         tensor.set_data_from_numpy(volume, binary_data=True)
@@ -244,13 +241,12 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(threads)
     weights = load_checkpoint(args.checkpoint) if args.checkpoint else demo_weights()
     network = build_classifier(weights)
-    work = Path(tempfile.mkdtemp(prefix="ct_triage_cpu_engines_"))
-    graph, ir = work / "model.onnx", work / "model.xml"
-    onnx_graph.export_fp32(network, graph)
-    convert_to_openvino(graph, ir)
-
-    parity = parity_of(network, graph, ir, args.parity_size, threads, args.compile, args.bf16)
-    engines, build_s = build_engines(network, graph, ir, args.size, threads, args.compile, args.bf16)
+    with tempfile.TemporaryDirectory(prefix="ct_triage_cpu_engines_") as scratch:  # 0.5 GB of graphs
+        graph, ir = Path(scratch) / "model.onnx", Path(scratch) / "model.xml"
+        onnx_graph.export_fp32(network, graph)
+        convert_to_openvino(graph, ir)
+        parity = parity_of(network, graph, ir, args.parity_size, threads, args.compile, args.bf16)
+        engines, build_s = build_engines(network, graph, ir, args.size, threads, args.compile, args.bf16)
     precision_in_use = {name: engine.precision_in_use for name, engine in engines.items() if isinstance(engine, OpenVINOClassifier)}
     volume = chest(args.size, 7, lesion=True).numpy()
     load_before = [round(load, 2) for load in os.getloadavg()]
@@ -300,12 +296,11 @@ def run(args: argparse.Namespace) -> dict:
         "versions": {"openvino": openvino_version(), "onnxruntime": ort.__version__, "torch": torch.__version__},
     }
     if args.served:
-        given = {"checkpoint": args.checkpoint} if args.checkpoint else {"demo_weights": True}
-        runs = served_seconds(work, given, args.size, volume, args.repeat)
+        runs = served_seconds(args.checkpoint, args.size, volume, args.repeat)
         result["served"] = {"median_s": statistics.median(runs), "runs_s": [round(s, 3) for s in runs]}
         result["served"]["speedup_vs_onnxruntime_in_process"] = baseline / result["served"]["median_s"]
         if args.bf16:
-            runs = served_seconds(work, given, args.size, volume, args.repeat, precision="bf16")
+            runs = served_seconds(args.checkpoint, args.size, volume, args.repeat, precision="bf16")
             result["served_bf16"] = {"median_s": statistics.median(runs), "runs_s": [round(s, 3) for s in runs]}
             result["served_bf16"]["speedup_vs_onnxruntime_in_process"] = baseline / result["served_bf16"]["median_s"]
     return result

@@ -17,15 +17,12 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from benchmarks.load import add_arguments, closed_loop, triton_sender, write_results
+from benchmarks.load import add_arguments, closed_loop, rendered_server, triton_sender, write_results
 from benchmarks.serving import machine, rss_by_process
 from client import RetryPolicy, TriageClient
 from preprocess import phantom
-from serve import start_on_free_ports
 from settings import NAMES
 
 EXPLANATION_MODELS = (NAMES.triage_explain, NAMES.explain, NAMES.localize)  # the ensemble first: it uses the others
@@ -74,16 +71,9 @@ def one_study_s(url: str, payload: list[bytes], explain: bool, repeats: int) -> 
 
 
 def run(args: argparse.Namespace) -> dict:
-    import export
-
-    work = Path(tempfile.mkdtemp(prefix="explain-opt-in-"))
-    export.write_repository(work / "repository", target="cpu", size=args.size, demo_weights=True)
     payload = phantom.study_files("series", slices=args.slices, rows=args.matrix, columns=args.matrix, pixel_spacing=0.7, slice_spacing=1.0)
-    server = start_on_free_ports(work / "repository", log_file=work / "tritonserver.log", exit_timeout_s=5)
-    try:
+    with rendered_server("cpu", args.size) as server:
         results = measure(server, payload, levels=args.levels, requests=args.requests, rounds=args.rounds, repeats=args.repeats)
-    finally:
-        server.stop()
     shape = {"slices": args.slices, "rows": args.matrix, "columns": args.matrix}
     return {"machine": machine(args.size), "study": {**shape, "megabytes": round(sum(map(len, payload)) / 1e6, 1)}, **results}
 

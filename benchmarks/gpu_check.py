@@ -49,6 +49,7 @@ from export.parity import FP16_BOUND, parity_inputs
 
 GIB = 1024**3
 CARD_BYTES = 8 * GIB  # the card the product promises to fit
+SERVED_PREPROCESS_INSTANCES = {"cuda": 4, "cpu": 2}  # ct_preprocess instances of the served section
 TARGETS = {"fp16_studies_per_s": 40.0, "fp16_batch_in_8gb": 4, "preprocess_ms": 20.0, "parity_max_abs": 1e-4, "served_studies_per_s": 20.0}
 
 
@@ -305,19 +306,28 @@ def served_repository(out: Path, size: int, device: str, preprocess_instances: i
     return out
 
 
-def served_section(plan: Plan, work: Path, deadline: float) -> dict:
-    """Studies through ct_triage on the bundled server, closed loop (benchmarks.load), per concurrency level."""
-    from benchmarks.load import closed_loop, triton_sender
-    from preprocess import phantom
-    from serve import ServerError, start_on_free_ports
+def served_section(plan: Plan, log_file: Path, deadline: float) -> dict:
+    """Studies through ct_triage on the bundled server, closed loop (benchmarks.load), per concurrency level.
+    The server's log is kept at `log_file`, beside the results: on a lent GPU it is the only trace."""
+    from serve import ServerError
     from serve.launcher import find_installation
 
     try:
         find_installation()
     except ServerError as error:
         return {"not_measured": f"no bundled tritonserver here ({error}); gpu_carry.sh carries one, and says in the log why it cannot run"}
-    instances = 4 if plan.device == "cuda" else 2
-    repository = served_repository(work / "repository", plan.size, plan.device, instances)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:  # the rendered repository: 0.7 GB of weights
+        repository = served_repository(Path(work) / "repository", plan.size, plan.device, SERVED_PREPROCESS_INSTANCES[plan.device])
+        return _served(plan, repository, log_file, deadline)
+
+
+def _served(plan: Plan, repository: Path, log_file: Path, deadline: float) -> dict:
+    """The served measurements on a rendered repository."""
+    from benchmarks.load import closed_loop, triton_sender
+    from preprocess import phantom
+    from serve import start_on_free_ports
+
+    instances = SERVED_PREPROCESS_INSTANCES[plan.device]
     slices, rows, columns = plan.served_shape
     payload = phantom.study_files("series", slices=slices, rows=rows, columns=columns, pixel_spacing=0.7, slice_spacing=1.0)
     # one FP32 volume per ct_preprocess instance and per batched classifier input in the CUDA pool
@@ -328,7 +338,7 @@ def served_section(plan: Plan, work: Path, deadline: float) -> dict:
     shared_memory = shm_free > 2 * max(plan.served_levels) * sum(map(len, payload))
     gpu_memory = ServedGpuMemory(plan.device)  # what the card holds before the server starts
     server = start_on_free_ports(
-        repository, log_file=work / "tritonserver.log", exit_timeout_s=5, cuda_memory_pool_bytes=pool if plan.device == "cuda" else None
+        repository, log_file=log_file, exit_timeout_s=5, cuda_memory_pool_bytes=pool if plan.device == "cuda" else None
     )
     gpu_memory.watch(server)
     try:
@@ -678,7 +688,7 @@ def run(plan: Plan, out: Path, command: str) -> dict:
         ("parity", lambda: parity_section(classifier, plan)),
         ("preprocessing", lambda: preprocessing_section(plan)),
         ("explain", lambda: explain_section(plan)),
-        ("served", lambda: served_section(plan, Path(tempfile.mkdtemp(prefix="gpu-check-")), deadline)),
+        ("served", lambda: served_section(plan, out / f"{stem}-tritonserver.log", deadline)),
     ]
     for section, measure in sections:
         spent = time.perf_counter() - started

@@ -3,8 +3,8 @@
 `concurrency` worker threads each send studies back to back until `requests` have been sent; the
 result is throughput (successful studies per second of wall time) and latency percentiles. The
 Triton ensemble is called through the project's client (`TriageClient`, HTTP), the baseline with a
-plain HTTP POST of the same bytes. Also the options and result files shared by the benchmarks that
-compare states of one server over rounds of this loop.
+plain HTTP POST of the same bytes. Also the options, server and result files shared by the benchmarks
+that compare states of one server over rounds of this loop.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -160,3 +162,19 @@ def write_results(out: str | Path, stem: str, results: dict, text: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{stem}.md").write_text(text)
+
+
+@contextmanager
+def rendered_server(target: str, size: int, checkpoint: str | None = None, precision: str | None = None) -> Iterator:
+    """The bundled tritonserver on a repository rendered for `target` at S=`size` (the checkpoint's
+    weights, or demo weights), in a scratch folder that goes with the server (0.7 GB of weights)."""
+    import export
+    from serve import start_on_free_ports
+
+    with tempfile.TemporaryDirectory(prefix="ct_triage_bench_") as scratch:
+        repository = Path(scratch) / "repository"
+        export.write_repository(
+            repository, target=target, size=size, checkpoint=checkpoint, demo_weights=checkpoint is None, precision=precision
+        )
+        with start_on_free_ports(repository, log_file=Path(scratch) / "tritonserver.log", exit_timeout_s=5) as server:
+            yield server

@@ -51,6 +51,11 @@ def position(ds: pydicom.Dataset) -> float:
     return float(ds.ImagePositionPatient[2])
 
 
+def bytes_under(folder: Path) -> int:
+    """What the files under `folder` hold: a benchmark's scratch folder must be back near 0."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
 def model_stats(server, model: str) -> dict:
     """Triton's statistics of one model (its only version)."""
     with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats", timeout=10) as response:

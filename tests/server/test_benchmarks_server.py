@@ -4,12 +4,13 @@ locust run, and the FastAPI baseline answering what the offline model answers.""
 from __future__ import annotations
 
 import json
+import tempfile
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TEST_SIZE
+from helpers import TEST_SIZE, bytes_under
 
 import preprocess
 from benchmarks import baseline, serving
@@ -78,10 +79,14 @@ def test_baseline_answers_what_the_offline_model_answers(triton_repository, stud
     assert refused.value.code == 400 and "DICOM" in json.loads(refused.value.read())["error"]
 
 
-def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path):
+def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypatch):
     from benchmarks import cpu_engines
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert cpu_engines.main(["--size", "16", "--parity-size", "16", "--repeat", "1", "--no-compile", "--out", str(tmp_path)]) == 0
+    assert bytes_under(scratch) < 2**20, sorted(scratch.iterdir())  # the graphs and both rendered repositories (2.4 GB) are removed
     result = json.loads((tmp_path / "cpu-engines.json").read_text())
     assert set(result["engines"]) == {"onnxruntime", "openvino", "openvino-bf16", "pytorch", "pytorch-channels-last"}
     assert all(row["passed"] and row["decisions_agree"] for row in result["parity"].values())

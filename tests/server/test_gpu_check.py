@@ -9,22 +9,27 @@ import os
 import subprocess
 import sys
 
-from helpers import ROOT
+from helpers import ROOT, bytes_under
 
 
 def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     # every process of the run (the server's stubs too) imports only what the GPU machine has or is carried
     lacking = str(ROOT / "tests" / "gpu_machine")
-    environment = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
+    environment = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "TMPDIR": str(scratch)}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [lacking, os.environ.get("PYTHONPATH")]))
     done = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--smoke"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert summary["failed_sections"] == [] and summary["out"] == str(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["smoke-cpu-s16.json", "smoke-cpu-s16.md", "smoke-cpu-s16.png"]
-    results = json.loads((tmp_path / "smoke-cpu-s16.json").read_text())
+    assert summary["failed_sections"] == [] and summary["out"] == str(out)
+    written = ["smoke-cpu-s16-tritonserver.log", "smoke-cpu-s16.json", "smoke-cpu-s16.md", "smoke-cpu-s16.png"]
+    assert sorted(p.name for p in out.iterdir()) == written
+    assert "Started HTTPService" in (out / "smoke-cpu-s16-tritonserver.log").read_text()
+    assert bytes_under(scratch) < 2**20, sorted(scratch.iterdir())  # the rendered repository (0.7 GB of weights at any S) is removed
+    results = json.loads((out / "smoke-cpu-s16.json").read_text())
 
     rows = results["classifier"]["rows"]
     assert {(row["precision"], row["batch"], row["layout"]) for row in rows} >= {("fp32", 1, "channels_last"), ("fp32", 2, "channels_last")}
@@ -49,7 +54,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     explained = served["explained"]  # one study through ct_triage_explain on the same server
     assert explained["seconds"] > 0 and explained["seconds_first"] > 0 and "localization" in explained, explained
     assert served["gpu_memory"] == {"not_measured": "needs a CUDA device and nvidia-smi"}
-    markdown = (tmp_path / "smoke-cpu-s16.md").read_text()
+    markdown = (out / "smoke-cpu-s16.md").read_text()
     assert "## Classifier" in markdown and "Not measured: needs a CUDA device" in markdown
     assert "## Explanation (explain.Explainer, Grad-CAM, FP32, S=16, beside one inference)" in markdown
     assert "The same study through ct_triage_explain" in markdown
