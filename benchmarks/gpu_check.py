@@ -134,10 +134,20 @@ def _timed(engine: TorchClassifier, x: torch.Tensor, seconds: float, device: str
     return iterations, time.perf_counter() - started
 
 
+def _failure(error: Exception) -> str:
+    """One line for a result row: an unsupported kernel (say BF16 3D convolutions) fails that row only."""
+    return "out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else f"{type(error).__name__}: {error}".splitlines()[0][:300]
+
+
 def classifier_section(classifier: ResNet34Classifier, plan: Plan, tflop: float) -> dict:
     rows = []
     for precision in plan.precisions:
-        engine = TorchClassifier(copy.deepcopy(classifier), device=plan.device, precision=precision)
+        try:
+            engine = TorchClassifier(copy.deepcopy(classifier), device=plan.device, precision=precision)
+        except RuntimeError as error:
+            failure = _failure(error)
+            rows += [{"precision": precision, "batch": batch, "layout": "channels_last", "error": failure} for batch in plan.batches]
+            continue
         for batch in plan.batches:
             row = {"precision": precision, "batch": batch, "layout": "channels_last"}
             try:
@@ -153,8 +163,8 @@ def classifier_section(classifier: ResNet34Classifier, plan: Plan, tflop: float)
                 )
                 if plan.device == "cuda":
                     row["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
-            except torch.cuda.OutOfMemoryError:
-                row["error"] = "out of memory"
+            except RuntimeError as error:  # OutOfMemoryError included
+                row["error"] = _failure(error)
             rows.append(row)
             _release(plan.device)
         del engine
@@ -163,18 +173,18 @@ def classifier_section(classifier: ResNet34Classifier, plan: Plan, tflop: float)
     half = [row for row in measured if row["precision"] == "fp16"] or measured
     best = max(half, key=lambda row: row["studies_per_s"])
     # the layout's effect, at the best batch of the default precision
-    engine = TorchClassifier(copy.deepcopy(classifier), device=plan.device, precision=best["precision"], channels_last=False)
-    iterations, seconds = _timed(engine, _volumes(best["batch"], plan.size, plan.device), plan.seconds, plan.device)
     contiguous = {"precision": best["precision"], "batch": best["batch"], "layout": "contiguous"}
-    contiguous.update(studies_per_s=round(iterations * best["batch"] / seconds, 2), latency_ms=round(1000 * seconds / iterations, 2))
-    contiguous["tflop_per_s"] = _rounded(contiguous["studies_per_s"] * tflop)
-    del engine
+    try:
+        engine = TorchClassifier(copy.deepcopy(classifier), device=plan.device, precision=best["precision"], channels_last=False)
+        iterations, seconds = _timed(engine, _volumes(best["batch"], plan.size, plan.device), plan.seconds, plan.device)
+        del engine
+        contiguous.update(studies_per_s=round(iterations * best["batch"] / seconds, 2), latency_ms=round(1000 * seconds / iterations, 2))
+        contiguous["tflop_per_s"] = _rounded(contiguous["studies_per_s"] * tflop)
+    except RuntimeError as error:
+        contiguous["error"] = _failure(error)
     _release(plan.device)
-    return {
-        "rows": [*rows, contiguous],
-        "best": best,
-        "channels_last_speedup": round(best["studies_per_s"] / contiguous["studies_per_s"], 3),
-    }
+    speedup = round(best["studies_per_s"] / contiguous["studies_per_s"], 3) if "studies_per_s" in contiguous else None
+    return {"rows": [*rows, contiguous], "best": best, "channels_last_speedup": speedup}
 
 
 def _rounded(value: float) -> float:
@@ -194,6 +204,8 @@ def _fits(engine: TorchClassifier, batch: int, size: int) -> dict:
         torch.cuda.synchronize()
     except torch.cuda.OutOfMemoryError:
         return {"batch": batch, "fits": False}
+    except RuntimeError as error:  # counted as not fitting, with what went wrong
+        return {"batch": batch, "fits": False, "error": _failure(error)}
     finally:
         torch.cuda.empty_cache()
     return {
@@ -219,7 +231,11 @@ def memory_section(classifier: ResNet34Classifier, plan: Plan) -> dict:
     per_precision = {}
     try:
         for precision in plan.precisions:
-            engine = TorchClassifier(copy.deepcopy(classifier), device="cuda", precision=precision)
+            try:
+                engine = TorchClassifier(copy.deepcopy(classifier), device="cuda", precision=precision)
+            except RuntimeError as error:
+                per_precision[precision] = {"error": _failure(error)}
+                continue
             weights_mib = round(torch.cuda.memory_allocated() / 2**20)
             rows = [_fits(engine, batch, plan.size) for batch in plan.batches]
             fitting = [row["batch"] for row in rows if row["fits"]]
@@ -247,7 +263,11 @@ def parity_section(classifier: ResNet34Classifier, plan: Plan) -> dict:
     result = {}
     threshold = 0.5
     for precision in [p for p in plan.precisions if p != "fp32"] or ["fp32"]:
-        report = check_torch_parity(classifier, device=plan.device, precision=precision, size=min(plan.size, 64), threshold=threshold)
+        try:
+            report = check_torch_parity(classifier, device=plan.device, precision=precision, size=min(plan.size, 64), threshold=threshold)
+        except RuntimeError as error:
+            result[f"parity_set_{precision}"] = {"error": _failure(error)}
+            continue
         result[f"parity_set_{precision}"] = {**report.to_dict(), "summary": report.summary()}
     if plan.device == "cuda":  # at S itself, on chest-like and random volumes: FP16 against FP32 on the GPU
         names, volumes = parity_inputs(plan.size)
@@ -470,8 +490,8 @@ def targets(results: dict, plan: Plan) -> dict:
     if half and plan.size == 256:
         best = max(row["studies_per_s"] for row in half)
         met["classifier FP16 >= 40 studies/s"] = {"value": best, "met": best >= TARGETS["fp16_studies_per_s"]}
-    memory = results.get("memory", {}).get("precisions", {}).get("fp16")
-    if memory and plan.size == 256:
+    memory = results.get("memory", {}).get("precisions", {}).get("fp16", {})
+    if "largest_batch" in memory and plan.size == 256:
         met["FP16 batch >= 4 in 8 GB"] = {"value": memory["largest_batch"], "met": memory["largest_batch"] >= TARGETS["fp16_batch_in_8gb"]}
     preprocessing = results.get("preprocessing", {})
     if "device_ms" in preprocessing and plan.study_shape == (300, 512, 512):
@@ -534,7 +554,8 @@ def markdown(results: dict) -> str:
         ]
         header = ["precision", "layout", "batch", "studies/s", "latency per batch (ms)", "TFLOP/s"]
         lines += _table(header + (["peak allocated (MiB)"] if env["device"] == "cuda" else []), rows)
-        lines += ["", f"Channels-last vs contiguous at the best batch: {classifier['channels_last_speedup']}x.", ""]
+        speedup = classifier["channels_last_speedup"]
+        lines += ["", f"Channels-last vs contiguous at the best batch: {f'{speedup}x' if speedup else 'not measured (its row)'}.", ""]
     memory = results.get("memory")
     if memory and "precisions" in memory:
         lines += [
@@ -545,18 +566,20 @@ def markdown(results: dict) -> str:
         ]
         rows = []
         for precision, entry in memory["precisions"].items():
-            for row in entry["rows"]:
+            if "error" in entry:
+                rows.append([precision, "", entry["error"], "", ""])
+            for row in entry.get("rows", []):
                 rows.append(
                     [
                         precision,
                         row["batch"],
-                        "yes" if row["fits"] else "no",
+                        "yes" if row["fits"] else f"no ({row['error']})" if "error" in row else "no",
                         row.get("peak_allocated_mib", ""),
                         row.get("peak_reserved_mib", ""),
                     ]
                 )
         lines += _table(["precision", "batch", "fits", "peak allocated (MiB)", "peak reserved (MiB)"], rows)
-        largest = ", ".join(f"{p} {e['largest_batch']}" for p, e in memory["precisions"].items())
+        largest = ", ".join(f"{p} {e['largest_batch']}" for p, e in memory["precisions"].items() if "largest_batch" in e)
         lines += ["", f"Largest batch that fits: {largest}.", ""]
     elif memory:
         lines += ["## Memory under an 8 GB cap", "", f"Not measured: {memory.get('not_measured') or memory.get('error')}.", ""]
@@ -658,7 +681,7 @@ def plot(results: dict, path: Path) -> None:
         speed.plot([r["batch"] for r in mine], [r["studies_per_s"] for r in mine], marker="o", label=precision)
     speed.set(title="Classifier throughput", xlabel="batch size", ylabel="studies per second", xscale="log", xticks=[])
     for precision, entry in results.get("memory", {}).get("precisions", {}).items():
-        fitting = [r for r in entry["rows"] if r["fits"]]
+        fitting = [r for r in entry.get("rows", []) if r["fits"]]
         memory.plot([r["batch"] for r in fitting], [r["peak_allocated_mib"] / 1024 for r in fitting], marker="o", label=precision)
     if results.get("memory", {}).get("cap_mib"):
         memory.axhline(results["memory"]["cap_mib"] / 1024, color="crimson", linestyle="--", label="8 GB card (allocator cap)")

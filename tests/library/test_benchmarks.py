@@ -1,5 +1,6 @@
 """Benchmark parts that need no server: perf_analyzer's input data, the load loop's statistics, the
-decoding and explanation benchmarks at tiny sizes, the GPU check's reading of nvidia-smi."""
+decoding and explanation benchmarks at tiny sizes, the GPU check's reading of nvidia-smi and its
+sections' handling of a precision that fails."""
 
 from __future__ import annotations
 
@@ -30,6 +31,50 @@ def test_nvidia_smi_rows_are_read_as_integers_and_unreported_values_left_out():
     text = "12345, 4013\n12377, [N/A]\n\n 99, 512 \n"  # --query-compute-apps=pid,used_memory --format=csv,noheader,nounits
     assert parse_smi(text) == [[12345, 4013], [99, 512]]
     assert parse_smi("81559\n") == [[81559]] and parse_smi("[Not Supported]\n") == []
+
+
+def test_a_precision_that_fails_on_the_card_keeps_the_others_numbers(monkeypatch):
+    """On a GPU run, a precision whose kernels fail (say BF16 3D convolutions) must not cost the
+    FP32 and FP16 rows: its rows carry the one-line error, the markdown shows them."""
+    import dataclasses
+
+    from benchmarks import gpu_check
+    from classifier import TorchClassifier
+    from export import build_classifier, demo_weights
+
+    class NoBf16(TorchClassifier):
+        def __call__(self, volumes):
+            if self.precision == "bf16":
+                raise RuntimeError("CUDNN_STATUS_NOT_SUPPORTED\nwhere it happened")
+            return super().__call__(volumes)
+
+    def no_bf16_parity(*args, precision, **kwargs):
+        raise RuntimeError("no bf16 here")
+
+    monkeypatch.setattr(gpu_check, "TorchClassifier", NoBf16)
+    monkeypatch.setattr(gpu_check, "check_torch_parity", no_bf16_parity)
+    plan = dataclasses.replace(gpu_check.Plan.smoke(), precisions=("fp32", "bf16"), batches=(1,), seconds=0.01)
+    network = build_classifier(demo_weights())
+    section = gpu_check.classifier_section(network, plan, tflop=gpu_check.study_tflop(plan.size))
+    rows = {(row["precision"], row["layout"]): row for row in section["rows"]}
+    assert rows[("fp32", "channels_last")]["studies_per_s"] > 0 and rows[("fp32", "contiguous")]["studies_per_s"] > 0
+    assert rows[("bf16", "channels_last")]["error"] == "RuntimeError: CUDNN_STATUS_NOT_SUPPORTED"
+    assert section["best"]["precision"] == "fp32" and section["channels_last_speedup"] > 0
+    parity = gpu_check.parity_section(network, plan)
+    assert parity == {"parity_set_bf16": {"error": "RuntimeError: no bf16 here"}}
+
+    results = {
+        "command": "test",
+        "seconds": 1.0,
+        "environment": gpu_check.environment(plan),
+        "classifier": section,
+        "parity": parity,
+        "memory": {"card_gib": 8, "context_mib": 500, "cap_mib": 7692, "precisions": {"bf16": {"error": "RuntimeError: no bf16 here"}}},
+    }
+    results["targets"] = gpu_check.targets(results, plan)
+    text = gpu_check.markdown(results)
+    assert "| bf16 | channels_last | 1 | RuntimeError: CUDNN_STATUS_NOT_SUPPORTED |" in text
+    assert "| parity_set_bf16 | RuntimeError: no bf16 here |" in text and "| bf16 |  | RuntimeError: no bf16 here |" in text
 
 
 def test_percentiles_interpolate_between_ranks():
