@@ -77,6 +77,14 @@ def test_a_precision_that_fails_on_the_card_keeps_the_others_numbers(monkeypatch
     assert "| parity_set_bf16 | RuntimeError: no bf16 here |" in text and "| bf16 |  | RuntimeError: no bf16 here |" in text
 
 
+def test_a_gpu_check_section_starts_only_with_the_time_it_needs_left():
+    from benchmarks.gpu_check import not_started
+
+    assert not_started("served", 269, 420) is None and not_started("memory", 419, 420) is None
+    assert not_started("served", 271, 420) == "time budget of 420 s: 271 s spent, served needs about 150 s"
+    assert not_started("memory", 421, 420) == "time budget of 420 s: 421 s spent"
+
+
 def test_percentiles_interpolate_between_ranks():
     values = [4.0, 1.0, 3.0, 2.0]
     assert load.percentile(values, 0) == 1.0 and load.percentile(values, 100) == 4.0
