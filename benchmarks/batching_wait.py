@@ -14,33 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
-from benchmarks.load import add_arguments, closed_loop, rendered_server, triton_sender, write_results
+from benchmarks.load import add_arguments, closed_loop, reload_classifier, rendered_server, triton_sender, write_results
 from benchmarks.serving import machine
 from preprocess import phantom
 from settings import NAMES
 
 
 def set_wait(server, wait_us: int) -> None:
-    """Reload ct_classifier with its served config but for the batching wait; the ensembles keep using it."""
-    from tritonclient import http
+    """Reload ct_classifier with its served config but for the batching wait."""
 
-    client = http.InferenceServerClient(server.http_url)
-    try:
-        config = client.get_model_config(NAMES.classifier)
+    def wait(config: dict) -> None:
         config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = wait_us
-        client.load_model(NAMES.classifier, config=json.dumps(config))
-        deadline = time.monotonic() + 120
-        while not client.is_model_ready(NAMES.classifier):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{NAMES.classifier} did not become ready in 120 s at a wait of {wait_us} us")
-            time.sleep(0.2)
-        served = int(client.get_model_config(NAMES.classifier)["dynamic_batching"].get("max_queue_delay_microseconds", 0))
-        if served != wait_us:
-            raise RuntimeError(f"{NAMES.classifier} serves a wait of {served} us, not {wait_us}")
-    finally:
-        client.close()
+
+    served = int(reload_classifier(server, wait)["dynamic_batching"].get("max_queue_delay_microseconds", 0))
+    if served != wait_us:
+        raise RuntimeError(f"{NAMES.classifier} serves a wait of {served} us, not {wait_us}")
 
 
 def measure(server, payload: list[bytes], *, waits: list[int], levels: list[int], requests: int, rounds: int) -> dict:

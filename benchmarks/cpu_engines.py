@@ -23,7 +23,7 @@ to the machine's, measured as the best of 3 float32 4096x4096 matrix products (n
 default threads) before and after the rounds: an engine near that rate has no FP32 speed left to find.
 Served (unless --no-served): a repository rendered for the cpu target at S, the bundled tritonserver,
 and one volume at a time sent to ct_classifier: the round trip, next to the engines' times; then
-the same with the repository rendered at `--precision bf16` (unless --no-bf16).
+the same with ct_classifier reloaded as `--precision bf16` renders it (unless --no-bf16).
 Writes cpu-engines.json and cpu-engines.md into --out, and prints the table.
 """
 
@@ -46,7 +46,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.gpu_check import study_tflop
-from benchmarks.load import rendered_server
+from benchmarks.load import reload_classifier, rendered_server
 from classifier import OpenVINOClassifier, TorchClassifier, convert_to_openvino
 from classifier.openvino_engine import openvino_version
 from export import build_classifier, demo_weights, load_checkpoint, onnx_graph
@@ -127,21 +127,27 @@ def parity_of(network, graph: Path, ir: Path, size: int, threads: int, compile_:
     return result
 
 
-def served_seconds(checkpoint: str | None, size: int, volume: np.ndarray, repeat: int, precision: str = "fp32") -> list[float]:
-    """Round trips of one volume to ct_classifier on the bundled server (cpu target at S, at `precision`)."""
+def served_seconds(server, volume: np.ndarray, repeat: int) -> list[float]:
+    """Round trips of one volume to ct_classifier on a started server, after a warm-up."""
     from tritonclient import http
 
     times = []
-    with rendered_server("cpu", size, checkpoint, precision) as server:
-        triton = http.InferenceServerClient(server.http_url, network_timeout=1800, connection_timeout=1800)
+    triton = http.InferenceServerClient(server.http_url, network_timeout=1800, connection_timeout=1800)
+    try:
         tensor = http.InferInput(NAMES.volume, list(volume.shape), "FP32")
         tensor.set_data_from_numpy(volume, binary_data=True)
         for _ in range(repeat + 1):  # the first one is a warm-up
             started = time.perf_counter()
             triton.infer(NAMES.classifier, [tensor], outputs=[http.InferRequestedOutput(NAMES.probabilities, binary_data=True)])
             times.append(time.perf_counter() - started)
+    finally:
         triton.close()
     return times[1:]
+
+
+def at_bf16(config: dict) -> None:
+    """ct_classifier's config as `export --precision bf16` renders it: the same IR, precision bf16."""
+    config.setdefault("parameters", {})["precision"] = {"string_value": "bf16"}
 
 
 def matmul_gflops(n: int = 4096, runs: int = 3) -> float:
@@ -296,14 +302,19 @@ def run(args: argparse.Namespace) -> dict:
         "versions": {"openvino": openvino_version(), "onnxruntime": ort.__version__, "torch": torch.__version__},
     }
     if args.served:
-        runs = served_seconds(args.checkpoint, args.size, volume, args.repeat)
-        result["served"] = {"median_s": statistics.median(runs), "runs_s": [round(s, 3) for s in runs]}
-        result["served"]["speedup_vs_onnxruntime_in_process"] = baseline / result["served"]["median_s"]
-        if args.bf16:
-            runs = served_seconds(args.checkpoint, args.size, volume, args.repeat, precision="bf16")
-            result["served_bf16"] = {"median_s": statistics.median(runs), "runs_s": [round(s, 3) for s in runs]}
-            result["served_bf16"]["speedup_vs_onnxruntime_in_process"] = baseline / result["served_bf16"]["median_s"]
+        with rendered_server("cpu", args.size, args.checkpoint) as server:
+            result["served"] = served_row(served_seconds(server, volume, args.repeat), baseline)
+            if args.bf16:
+                served = reload_classifier(server, at_bf16)["parameters"]["precision"]["string_value"]
+                if served != "bf16":
+                    raise RuntimeError(f"{NAMES.classifier} serves precision {served} after its reload at bf16")
+                result["served_bf16"] = served_row(served_seconds(server, volume, args.repeat), baseline)
     return result
+
+
+def served_row(runs: list[float], baseline: float) -> dict:
+    median = statistics.median(runs)
+    return {"median_s": median, "runs_s": [round(s, 3) for s in runs], "speedup_vs_onnxruntime_in_process": baseline / median}
 
 
 def main(argv: list[str] | None = None) -> int:

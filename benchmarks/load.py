@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from client import RetryPolicy, TriageClient
+from settings import NAMES
 
 Sender = Callable[[], None]  # sends one study; raises if the answer is not a result
 
@@ -178,3 +179,23 @@ def rendered_server(target: str, size: int, checkpoint: str | None = None, preci
         )
         with start_on_free_ports(repository, log_file=Path(scratch) / "tritonserver.log", exit_timeout_s=5) as server:
             yield server
+
+
+def reload_classifier(server, edit: Callable[[dict], None]) -> dict:
+    """Reload ct_classifier with its served config as `edit` changes it, through Triton's model
+    control (the ensembles keep using it); returns the config then served, for the caller to check."""
+    from tritonclient import http
+
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        config = client.get_model_config(NAMES.classifier)
+        edit(config)
+        client.load_model(NAMES.classifier, config=json.dumps(config))
+        deadline = time.monotonic() + 120
+        while not client.is_model_ready(NAMES.classifier):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{NAMES.classifier} did not become ready in 120 s after its reload")
+            time.sleep(0.2)
+        return client.get_model_config(NAMES.classifier)
+    finally:
+        client.close()
