@@ -17,8 +17,9 @@ out of time is recorded as such, and the others still run):
 6. explain: one Grad-CAM explanation (explain.Explainer, FP32) at S beside one plain inference
    (benchmarks.explain): time, ratio, peak allocated and reserved memory, and whether it runs on an
    8 GB card (run again under the same kind of cap as the memory section).
-A section starts only while the budget has the time it needs left (SECTION_RESERVE_S), so that a
-GPU run ends within 8 minutes.
+A section starts only while the budget has the time it needs left (SECTION_RESERVE_S), and the
+classifier and memory sections stop after their own share (SECTION_LIMIT_S), so that a GPU run ends
+within 8 minutes with every section's turn kept.
 `--smoke` runs every section on the CPU at a tiny S in well under a minute of compute (the test suite
 runs it, so the script cannot rot between GPU runs); the memory section needs CUDA and says so.
 """
@@ -55,6 +56,9 @@ SERVED_PREPROCESS_INSTANCES = {"cuda": 4, "cpu": 2}  # ct_preprocess instances o
 # The time a section needs once started (rendering, server start and stop, its levels): it starts only
 # with that much of the budget left, so that the run ends in time (a running section is not stopped).
 SECTION_RESERVE_S = {"served": 150.0, "explain": 60.0}
+# A looping section's own share of the budget: its rows past it are recorded as not measured, so that
+# cuDNN autotuning at large FP32 batches cannot cost the sections after it their turn.
+SECTION_LIMIT_S = {"classifier": 120.0, "memory": 90.0}
 TARGETS = {"fp16_studies_per_s": 40.0, "fp16_batch_in_8gb": 4, "preprocess_ms": 20.0, "parity_max_abs": 1e-4, "served_studies_per_s": 20.0}
 
 
@@ -76,7 +80,7 @@ class Plan:
     @staticmethod
     def gpu() -> Plan:
         return Plan(
-            "cuda", 256, (1, 2, 4, 8, 16), ("fp32", "fp16", "bf16"), 2.0, (300, 512, 512), (300, 512, 512), (1, 4, 8, 16), 24, 420.0
+            "cuda", 256, (1, 2, 4, 8, 16), ("fp16", "fp32", "bf16"), 2.0, (300, 512, 512), (300, 512, 512), (1, 4, 8, 16), 24, 420.0
         )
 
     @staticmethod
@@ -146,9 +150,16 @@ def _failure(error: Exception) -> str:
     return "out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else f"{type(error).__name__}: {error}".splitlines()[0][:300]
 
 
-def classifier_section(classifier: ResNet34Classifier, plan: Plan, tflop: float) -> dict:
-    rows = []
+def _limit_reason(limit_s: float) -> str:
+    return f"not measured: the section's {limit_s:.0f} s were spent"
+
+
+def classifier_section(classifier: ResNet34Classifier, plan: Plan, tflop: float, limit_s: float = SECTION_LIMIT_S["classifier"]) -> dict:
+    ends, rows = time.monotonic() + limit_s, []
     for precision in plan.precisions:
+        if time.monotonic() > ends:
+            rows += [{"precision": precision, "batch": b, "layout": "channels_last", "error": _limit_reason(limit_s)} for b in plan.batches]
+            continue
         try:
             engine = TorchClassifier(copy.deepcopy(classifier), device=plan.device, precision=precision)
         except RuntimeError as error:
@@ -157,6 +168,9 @@ def classifier_section(classifier: ResNet34Classifier, plan: Plan, tflop: float)
             continue
         for batch in plan.batches:
             row = {"precision": precision, "batch": batch, "layout": "channels_last"}
+            if time.monotonic() > ends:
+                rows.append({**row, "error": _limit_reason(limit_s)})
+                continue
             try:
                 if plan.device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -184,11 +198,15 @@ def classifier_section(classifier: ResNet34Classifier, plan: Plan, tflop: float)
     # the layout's effect, at the best batch of the default precision
     contiguous = {"precision": best["precision"], "batch": best["batch"], "layout": "contiguous"}
     try:
+        if time.monotonic() > ends:
+            raise TimeoutError(_limit_reason(limit_s))
         engine = TorchClassifier(copy.deepcopy(classifier), device=plan.device, precision=best["precision"], channels_last=False)
         iterations, seconds = _timed(engine, _volumes(best["batch"], plan.size, plan.device), plan.seconds, plan.device)
         del engine
         contiguous.update(studies_per_s=round(iterations * best["batch"] / seconds, 2), latency_ms=round(1000 * seconds / iterations, 2))
         contiguous["tflop_per_s"] = _rounded(contiguous["studies_per_s"] * tflop)
+    except TimeoutError as error:
+        contiguous["error"] = str(error)
     except RuntimeError as error:
         contiguous["error"] = _failure(error)
     _release(plan.device)
@@ -225,9 +243,10 @@ def _fits(engine: TorchClassifier, batch: int, size: int) -> dict:
     }
 
 
-def memory_section(classifier: ResNet34Classifier, plan: Plan) -> dict:
+def memory_section(classifier: ResNet34Classifier, plan: Plan, limit_s: float = SECTION_LIMIT_S["memory"]) -> dict:
     if plan.device != "cuda":
         return {"not_measured": "needs a CUDA device"}
+    ends = time.monotonic() + limit_s
     engine = TorchClassifier(copy.deepcopy(classifier), device="cuda", precision="fp32")
     engine(_volumes(1, 16, "cuda"))  # creates the cuDNN and cuBLAS handles: part of the context
     torch.cuda.synchronize()
@@ -240,17 +259,24 @@ def memory_section(classifier: ResNet34Classifier, plan: Plan) -> dict:
     per_precision = {}
     try:
         for precision in plan.precisions:
+            if time.monotonic() > ends:
+                per_precision[precision] = {"error": _limit_reason(limit_s)}
+                continue
             try:
                 engine = TorchClassifier(copy.deepcopy(classifier), device="cuda", precision=precision)
             except RuntimeError as error:
                 per_precision[precision] = {"error": _failure(error)}
                 continue
             weights_mib = round(torch.cuda.memory_allocated() / 2**20)
-            rows = [_fits(engine, batch, plan.size) for batch in plan.batches]
+            rows = []
+            for batch in plan.batches:  # up to the first that does not fit: a larger one would not either
+                if time.monotonic() > ends or (rows and not rows[-1]["fits"]):
+                    break
+                rows.append(_fits(engine, batch, plan.size))
             fitting = [row["batch"] for row in rows if row["fits"]]
             failing = [row["batch"] for row in rows if not row["fits"]]
             low, high = (max(fitting) if fitting else 0), (min(failing) if failing else None)
-            while high is not None and high - low > 1:  # the largest batch that fits, between two measured sizes
+            while high is not None and high - low > 1 and time.monotonic() <= ends:  # the largest batch that fits, by bisection
                 middle = (low + high) // 2
                 row = _fits(engine, middle, plan.size)
                 rows.append(row)
@@ -260,6 +286,8 @@ def memory_section(classifier: ResNet34Classifier, plan: Plan) -> dict:
                 "rows": sorted(rows, key=lambda row: row["batch"]),
                 "largest_batch": low,
                 "largest_batch_bounded_by_measurement": high is None,  # every batch tried fitted
+                # False: the section's time ran out before the search ended (largest_batch is then a lower bound)
+                "complete": (high - low <= 1) if high is not None else len(rows) == len(plan.batches),
             }
             del engine
             torch.cuda.empty_cache()
@@ -588,7 +616,11 @@ def markdown(results: dict) -> str:
                     ]
                 )
         lines += _table(["precision", "batch", "fits", "peak allocated (MiB)", "peak reserved (MiB)"], rows)
-        largest = ", ".join(f"{p} {e['largest_batch']}" for p, e in memory["precisions"].items() if "largest_batch" in e)
+        largest = ", ".join(
+            f"{p} {e['largest_batch']}{'' if e['complete'] else ' or more (the search stopped for time)'}"
+            for p, e in memory["precisions"].items()
+            if "largest_batch" in e
+        )
         lines += ["", f"Largest batch that fits: {largest}.", ""]
     elif memory:
         lines += ["## Memory under an 8 GB cap", "", f"Not measured: {memory.get('not_measured') or memory.get('error')}.", ""]

@@ -33,7 +33,7 @@ def test_nvidia_smi_rows_are_read_as_integers_and_unreported_values_left_out():
     assert parse_smi("81559\n") == [[81559]] and parse_smi("[Not Supported]\n") == []
 
 
-def test_a_precision_that_fails_on_the_card_keeps_the_others_numbers(monkeypatch):
+def test_a_precision_that_fails_on_the_card_keeps_the_others_numbers(monkeypatch, tmp_path):
     """On a GPU run, a precision whose kernels fail (say BF16 3D convolutions) must not cost the
     FP32 and FP16 rows: its rows carry the one-line error, the markdown shows them."""
     import dataclasses
@@ -69,12 +69,40 @@ def test_a_precision_that_fails_on_the_card_keeps_the_others_numbers(monkeypatch
         "environment": gpu_check.environment(plan),
         "classifier": section,
         "parity": parity,
-        "memory": {"card_gib": 8, "context_mib": 500, "cap_mib": 7692, "precisions": {"bf16": {"error": "RuntimeError: no bf16 here"}}},
+        "memory": {
+            "card_gib": 8,
+            "context_mib": 500,
+            "cap_mib": 7692,
+            "precisions": {
+                "fp16": {
+                    "weights_mib": 122,
+                    "rows": [{"batch": 1, "fits": True, "peak_allocated_mib": 900, "peak_reserved_mib": 1000}],
+                    "largest_batch": 1,
+                    "largest_batch_bounded_by_measurement": True,
+                    "complete": False,  # the section's time ran out after batch 1
+                },
+                "bf16": {"error": "RuntimeError: no bf16 here"},
+            },
+        },
     }
     results["targets"] = gpu_check.targets(results, plan)
     text = gpu_check.markdown(results)
     assert "| bf16 | channels_last | 1 | RuntimeError: CUDNN_STATUS_NOT_SUPPORTED |" in text
     assert "| parity_set_bf16 | RuntimeError: no bf16 here |" in text and "| bf16 |  | RuntimeError: no bf16 here |" in text
+    assert "Largest batch that fits: fp16 1 or more (the search stopped for time)." in text
+    gpu_check.plot(results, tmp_path / "plot.png")
+
+
+def test_the_classifier_section_records_the_rows_its_time_share_left_out():
+    import dataclasses
+
+    from benchmarks import gpu_check
+    from export import build_classifier, demo_weights
+
+    plan = dataclasses.replace(gpu_check.Plan.smoke(), batches=(1, 2), seconds=0.01)
+    section = gpu_check.classifier_section(build_classifier(demo_weights()), plan, tflop=1.0, limit_s=0.0)
+    assert [row["error"] for row in section["rows"]] == ["not measured: the section's 0 s were spent"] * 2
+    assert section["best"] is None and section["channels_last_speedup"] is None
 
 
 def test_a_gpu_check_section_starts_only_with_the_time_it_needs_left():
