@@ -166,7 +166,7 @@ def write_results(out: str | Path, stem: str, results: dict, text: str) -> None:
 
 
 @contextmanager
-def rendered_server(target: str, size: int, checkpoint: str | None = None, precision: str | None = None) -> Iterator:
+def rendered_server(target: str, size: int, checkpoint: str | None = None) -> Iterator:
     """The bundled tritonserver on a repository rendered for `target` at S=`size` (the checkpoint's
     weights, or demo weights), in a scratch folder that goes with the server (0.7 GB of weights)."""
     import export
@@ -174,9 +174,7 @@ def rendered_server(target: str, size: int, checkpoint: str | None = None, preci
 
     with tempfile.TemporaryDirectory(prefix="ct_triage_bench_") as scratch:
         repository = Path(scratch) / "repository"
-        export.write_repository(
-            repository, target=target, size=size, checkpoint=checkpoint, demo_weights=checkpoint is None, precision=precision
-        )
+        export.write_repository(repository, target=target, size=size, checkpoint=checkpoint, demo_weights=checkpoint is None)
         with start_on_free_ports(repository, log_file=Path(scratch) / "tritonserver.log", exit_timeout_s=5) as server:
             yield server
 
