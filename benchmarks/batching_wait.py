@@ -32,14 +32,18 @@ def set_wait(server, wait_us: int) -> None:
         raise RuntimeError(f"{NAMES.classifier} serves a wait of {served} us, not {wait_us}")
 
 
-def measure(server, payload: list[bytes], *, waits: list[int], levels: list[int], requests: int, rounds: int) -> dict:
-    """The measurements on a started server; its classifier is left at the last wait measured."""
+def measure(
+    server, payload: list[bytes], *, waits: list[int], levels: list[int], requests: int, rounds: int, shared_memory: bool = False
+) -> dict:
+    """The measurements on a started server (studies through system shared memory when `shared_memory`);
+    its classifier is left at the last wait measured."""
     measured = []
     for number in range(rounds):
         for wait in waits if number % 2 == 0 else waits[::-1]:
             set_wait(server, wait)
             for level in levels:
-                result = closed_loop(NAMES.triage, triton_sender(server.http_url, payload), level, max(requests, 2 * level))
+                sender = triton_sender(server.http_url, payload, shared_memory=shared_memory)
+                result = closed_loop(NAMES.triage, sender, level, max(requests, 2 * level))
                 measured.append({"round": number, "wait_us": wait, **result.to_dict()})
     summary = []
     for level in levels:

@@ -59,6 +59,7 @@ SECTION_RESERVE_S = {"served": 150.0, "explain": 60.0}
 # A looping section's own share of the budget: its rows past it are recorded as not measured, so that
 # cuDNN autotuning at large FP32 batches cannot cost the sections after it their turn.
 SECTION_LIMIT_S = {"classifier": 120.0, "memory": 90.0}
+BATCHING_WAIT_S = 60.0  # the served section's last part, run only with this much left beside explain's reserve
 TARGETS = {"fp16_studies_per_s": 40.0, "fp16_batch_in_8gb": 4, "preprocess_ms": 20.0, "parity_max_abs": 1e-4, "served_studies_per_s": 20.0}
 
 
@@ -75,17 +76,18 @@ class Plan:
     served_shape: tuple[int, int, int]
     served_levels: tuple[int, ...]
     served_requests: int
+    served_wait_rounds: int  # of the batching-wait comparison, each measuring both waits
     budget_s: float  # the whole run; later sections are skipped when it is spent
 
     @staticmethod
     def gpu() -> Plan:
         return Plan(
-            "cuda", 256, (1, 2, 4, 8, 16), ("fp16", "fp32", "bf16"), 2.0, (300, 512, 512), (300, 512, 512), (1, 4, 8, 16), 24, 420.0
+            "cuda", 256, (1, 2, 4, 8, 16), ("fp16", "fp32", "bf16"), 2.0, (300, 512, 512), (300, 512, 512), (1, 4, 8, 16), 24, 2, 420.0
         )
 
     @staticmethod
     def smoke() -> Plan:
-        return Plan("cpu", 16, (1, 2), ("fp32",), 0.2, (24, 64, 64), (24, 64, 64), (1, 2), 4, 240.0)
+        return Plan("cpu", 16, (1, 2), ("fp32",), 0.2, (24, 64, 64), (24, 64, 64), (1, 2), 4, 1, 240.0)
 
 
 def study_tflop(size: int) -> float:
@@ -412,6 +414,13 @@ def _served(plan: Plan, repository: Path, log_file: Path, deadline: float) -> di
                 explained = explained_study(server.http_url, payload, shared_memory)
             except Exception as error:  # recorded; the levels above still stand
                 explained = {"error": f"{type(error).__name__}: {error}"}
+        waits = {"not_measured": "time budget spent"}
+        if time.monotonic() < deadline - SECTION_RESERVE_S["explain"] - BATCHING_WAIT_S:
+            gpu_memory.stop()  # a reload holds two classifiers for a moment: not what the stack needs
+            try:
+                waits = batching_waits(server, payload, plan, shared_memory)
+            except Exception as error:  # recorded; the levels above still stand
+                waits = {"error": f"{type(error).__name__}: {error}"}
     finally:
         gpu_memory.stop()
         server.stop()
@@ -423,8 +432,30 @@ def _served(plan: Plan, repository: Path, log_file: Path, deadline: float) -> di
         "levels": levels,
         "levels_skipped_for_time": skipped,
         "explained": explained,
+        "batching_wait": waits,
         "gpu_memory": gpu_memory.to_dict(),
     }
+
+
+def batching_waits(server, payload: list[bytes], plan: Plan, shared_memory: bool) -> dict:
+    """The classifier's configured batching wait against none (benchmarks.batching_wait: ct_classifier
+    reloaded at each, the order reversed every other round) at the middle concurrency level: what the
+    GPU targets' wait should be."""
+    from tritonclient import http
+
+    from benchmarks.batching_wait import measure
+    from settings import NAMES
+
+    client = http.InferenceServerClient(server.http_url)
+    try:
+        configured = int(client.get_model_config(NAMES.classifier)["dynamic_batching"].get("max_queue_delay_microseconds", 0))
+    finally:
+        client.close()
+    level = plan.served_levels[len(plan.served_levels) // 2]
+    waits = [configured, 0] if configured else [0]
+    rounds, requests = plan.served_wait_rounds, plan.served_requests
+    results = measure(server, payload, waits=waits, levels=[level], requests=requests, rounds=rounds, shared_memory=shared_memory)
+    return {"concurrency": level, "rounds": rounds, "summary": results["summary"]}
 
 
 def parse_smi(text: str) -> list[list[int]]:
@@ -690,6 +721,20 @@ def markdown(results: dict) -> str:
             ]
         elif explained:
             lines += [f"ct_triage_explain: {explained.get('error') or explained.get('not_measured')}", ""]
+        waits = served.get("batching_wait", {})
+        if "summary" in waits:
+            measured = "; ".join(
+                f"{row['wait_us'] / 1000:g} ms: {row['studies_per_s']} studies/s, p50 {row['p50_s']} s, p95 {row['p95_s']} s"
+                + (f", {row['failures']} failed" if row["failures"] else "")
+                for row in waits["summary"]
+            )
+            lines += [
+                f"The classifier's batching wait at concurrency {waits['concurrency']} (ct_classifier reloaded at each wait, "
+                f"medians of {waits['rounds']} rounds, the order reversed every other round): {measured}.",
+                "",
+            ]
+        elif waits:
+            lines += [f"Batching wait: {waits.get('error') or waits.get('not_measured')}", ""]
         memory = served.get("gpu_memory", {})
         if "server_peak_mib" in memory:
             processes = ", ".join(f"{name} {mib}" for name, mib in sorted(memory["per_process_mib"].items())) or "none listed by the driver"

@@ -54,7 +54,10 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     explained = served["explained"]  # one study through ct_triage_explain on the same server
     assert explained["seconds"] > 0 and explained["seconds_first"] > 0 and "localization" in explained, explained
     assert served["gpu_memory"] == {"not_measured": "needs a CUDA device and nvidia-smi"}
+    waits = served["batching_wait"]  # the torch-gpu config's 20 ms against none, at the middle level
+    assert waits["concurrency"] == 2 and [(row["wait_us"], row["failures"]) for row in waits["summary"]] == [(20000, 0), (0, 0)]
     markdown = (out / "smoke-cpu-s16.md").read_text()
     assert "## Classifier" in markdown and "Not measured: needs a CUDA device" in markdown
     assert "## Explanation (explain.Explainer, Grad-CAM, FP32, S=16, beside one inference)" in markdown
     assert "The same study through ct_triage_explain" in markdown
+    assert "The classifier's batching wait at concurrency 2 (ct_classifier reloaded at each wait" in markdown
