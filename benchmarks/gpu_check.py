@@ -730,7 +730,7 @@ def markdown(results: dict) -> str:
             )
             lines += [
                 f"The classifier's batching wait at concurrency {waits['concurrency']} (ct_classifier reloaded at each wait, "
-                f"medians of {waits['rounds']} rounds, the order reversed every other round): {measured}.",
+                f"medians of {waits['rounds']} round(s), the order reversed every other round): {measured}.",
                 "",
             ]
         elif waits:
