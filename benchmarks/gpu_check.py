@@ -14,6 +14,7 @@ out of time is recorded as such, and the others still run):
 5. served: the ensemble on the bundled tritonserver (torch-gpu classifier, ct_preprocess on the
    device) at a few concurrency levels, when the server is installed; then one study through
    ct_triage_explain (the explanation models on the same device); the GPU memory the server held;
+   then, with time left, the classifier's configured batching wait against none;
 6. explain: one Grad-CAM explanation (explain.Explainer, FP32) at S beside one plain inference
    (benchmarks.explain): time, ratio, peak allocated and reserved memory, and whether it runs on an
    8 GB card (run again under the same kind of cap as the memory section).
