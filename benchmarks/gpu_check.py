@@ -202,14 +202,14 @@ def classifier_section(classifier: ResNet34Classifier, plan: Plan, tflop: float,
     contiguous = {"precision": best["precision"], "batch": best["batch"], "layout": "contiguous"}
     try:
         if time.monotonic() > ends:
-            raise TimeoutError(_limit_reason(limit_s))
-        engine = TorchClassifier(copy.deepcopy(classifier), device=plan.device, precision=best["precision"], channels_last=False)
-        iterations, seconds = _timed(engine, _volumes(best["batch"], plan.size, plan.device), plan.seconds, plan.device)
-        del engine
-        contiguous.update(studies_per_s=round(iterations * best["batch"] / seconds, 2), latency_ms=round(1000 * seconds / iterations, 2))
-        contiguous["tflop_per_s"] = _rounded(contiguous["studies_per_s"] * tflop)
-    except TimeoutError as error:
-        contiguous["error"] = str(error)
+            contiguous["error"] = _limit_reason(limit_s)
+        else:
+            engine = TorchClassifier(copy.deepcopy(classifier), device=plan.device, precision=best["precision"], channels_last=False)
+            iterations, seconds = _timed(engine, _volumes(best["batch"], plan.size, plan.device), plan.seconds, plan.device)
+            del engine
+            per_s = iterations * best["batch"] / seconds
+            latency_ms = round(1000 * seconds / iterations, 2)
+            contiguous.update(studies_per_s=round(per_s, 2), latency_ms=latency_ms, tflop_per_s=_rounded(per_s * tflop))
     except RuntimeError as error:
         contiguous["error"] = _failure(error)
     _release(plan.device)
@@ -586,6 +586,11 @@ def _passed(comparison: dict) -> bool:
     return comparison["max_abs_diff"] <= comparison["bound"] and comparison["decisions_agree"]
 
 
+def _reason(entry: dict):
+    """Why a result holds no measurement: its error, or why it was not measured."""
+    return entry.get("error") or entry.get("not_measured")
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
@@ -655,7 +660,7 @@ def markdown(results: dict) -> str:
         )
         lines += ["", f"Largest batch that fits: {largest}.", ""]
     elif memory:
-        lines += ["## Memory under an 8 GB cap", "", f"Not measured: {memory.get('not_measured') or memory.get('error')}.", ""]
+        lines += ["## Memory under an 8 GB cap", "", f"Not measured: {_reason(memory)}.", ""]
     parity = results.get("parity", {})
     if parity:
         lines += ["## Parity (probabilities; decisions at 0.5)", ""]
@@ -668,7 +673,7 @@ def markdown(results: dict) -> str:
                     [check, "fp16 vs fp32 on the GPU", f"{report['max_abs_diff']:.2e}", not report["decisions_differ_on"], report["passed"]]
                 )
             if "error" in report or "not_measured" in report:
-                rows.append([check, report.get("error") or report.get("not_measured"), "", "", ""])
+                rows.append([check, _reason(report), "", "", ""])
         lines += [*_table(["check", "comparison", "max abs diff", "decisions agree", "passed"], rows), ""]
     preprocessing = results.get("preprocessing", {})
     if "device_ms" in preprocessing:
@@ -721,7 +726,7 @@ def markdown(results: dict) -> str:
                 "",
             ]
         elif explained:
-            lines += [f"ct_triage_explain: {explained.get('error') or explained.get('not_measured')}", ""]
+            lines += [f"ct_triage_explain: {_reason(explained)}", ""]
         waits = served.get("batching_wait", {})
         if "summary" in waits:
             measured = "; ".join(
@@ -735,7 +740,7 @@ def markdown(results: dict) -> str:
                 "",
             ]
         elif waits:
-            lines += [f"Batching wait: {waits.get('error') or waits.get('not_measured')}", ""]
+            lines += [f"Batching wait: {_reason(waits)}", ""]
         memory = served.get("gpu_memory", {})
         if "server_peak_mib" in memory:
             processes = ", ".join(f"{name} {mib}" for name, mib in sorted(memory["per_process_mib"].items())) or "none listed by the driver"
@@ -746,10 +751,10 @@ def markdown(results: dict) -> str:
                 "",
             ]
         elif memory:
-            lines += [f"Served GPU memory: {memory.get('not_measured')}.", ""]
+            lines += [f"Served GPU memory: {_reason(memory)}.", ""]
     for name in ("classifier", "memory", "parity", "preprocessing", "explain", "served"):
         entry = results.get(name, {})
-        reason = entry.get("error") or entry.get("not_measured")
+        reason = _reason(entry)
         if isinstance(reason, str):  # explain's not_measured is its list of (method, S) left out, shown in its table
             lines += [f"{name}: {reason}", ""]
     return "\n".join(lines)
