@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import openpyxl
+from openpyxl.cell import WriteOnlyCell
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from tqdm import tqdm
 
 from preprocess.output import write_atomically
@@ -59,6 +62,14 @@ _JOURNAL_VERSION = 1
 # Rewriting the report takes time proportional to its rows: pause at least this many times as long
 # as the last rewrite took, so that rewriting never takes more than a tenth of the run.
 _PAUSE_PER_WRITE_SECOND = 9
+# Paths, UIDs and error messages come from the studies, so a file name or a DICOM header can hold any
+# text. A spreadsheet program runs a CSV cell that starts with one of these as a formula (CSV
+# injection): such cells get a leading apostrophe, as does one that starts with an apostrophe, so that
+# reading takes exactly one off. In .xlsx, text cells are typed as text and never run.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
+# ECMA-376's escape for characters XML cannot hold (control characters): _xHHHH_; text that already
+# looks like an escape gets its underscore escaped (_x005F_), so reading back is exact.
+_OOXML_ESCAPE = re.compile(r"_x[0-9A-Fa-f]{4}_")
 _READY_CHECK_S = 10.0  # a readiness check after a failed study; no answer means the server is gone
 _log = logging.getLogger(__name__)
 
@@ -127,12 +138,12 @@ def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if _format(source) == ".xlsx":
         workbook = openpyxl.load_workbook(source, read_only=True)
         try:
-            table = [list(row) for row in workbook.active.iter_rows(values_only=True)]
+            table = [[_from_xlsx(value) for value in row] for row in workbook.active.iter_rows(values_only=True)]
         finally:
             workbook.close()
     else:
         with open(source, newline="", encoding="utf-8") as stream:
-            table = list(csv.reader(stream))
+            table = [[value.removeprefix("'") for value in row] for row in csv.reader(stream)]
     if not table or tuple(table[0][: len(COLUMNS)]) != COLUMNS:
         raise ReportError(f"{source.name} is not a triage report: its header is not {', '.join(COLUMNS)}")
     columns = EXPLAIN_COLUMNS if tuple(table[0][: len(EXPLAIN_COLUMNS)]) == EXPLAIN_COLUMNS else COLUMNS
@@ -499,8 +510,25 @@ def _write_xlsx(rows: list[dict[str, Any]], stream: IO[bytes], columns: tuple[st
     sheet = workbook.create_sheet("triage")
     sheet.append(list(columns))
     for row in rows:
-        sheet.append([row.get(column) for column in columns])
+        sheet.append([_xlsx_cell(sheet, row.get(column)) for column in columns])
     workbook.save(stream)
+
+
+def _xlsx_cell(sheet, value: Any) -> Any:
+    """Text as a text cell (openpyxl stores text that starts with "=" as a formula, and refuses
+    control characters, which would fail the whole report), escaped as ECMA-376 says."""
+    if not isinstance(value, str) or not (value.startswith("=") or "_x" in value or ILLEGAL_CHARACTERS_RE.search(value)):
+        return value  # plain text: openpyxl writes it as text itself
+    escaped = _OOXML_ESCAPE.sub(lambda match: "_x005F" + match.group(), value)
+    cell = WriteOnlyCell(sheet, ILLEGAL_CHARACTERS_RE.sub(lambda match: f"_x{ord(match.group()):04X}_", escaped))
+    cell.data_type = "s"
+    return cell
+
+
+def _from_xlsx(value: Any) -> Any:
+    if not isinstance(value, str) or "_x" not in value:
+        return value
+    return _OOXML_ESCAPE.sub(lambda match: chr(int(match.group()[2:6], 16)), value)
 
 
 def _write_csv(rows: list[dict[str, Any]], stream: IO[bytes], columns: tuple[str, ...] = COLUMNS) -> None:
@@ -508,9 +536,15 @@ def _write_csv(rows: list[dict[str, Any]], stream: IO[bytes], columns: tuple[str
     table = csv.writer(text)
     table.writerow(columns)
     for row in rows:
-        table.writerow(["" if row.get(column) is None else row.get(column) for column in columns])
+        table.writerow([_csv_cell(row.get(column)) for column in columns])
     text.flush()
     text.detach()  # the stream stays open for write_atomically to sync and close
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
 
 
 def _typed(row: dict[str, Any]) -> dict[str, Any]:

@@ -4,9 +4,11 @@ study, a journal of another run, and report files rewritten from it rather than 
 from __future__ import annotations
 
 import asyncio
+import csv
 import os
 import socket
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,28 @@ def test_resume_keeps_the_latest_row_of_each_study_once(tmp_path):
     assert client.read_report(csv_out) == rows
     kept = [_columns(row) for row in read_journal(journal).rows]  # one line per study, "gone" kept for later
     assert sorted(kept, key=lambda row: row["path_to_study"]) == [finished("gone"), finished("s1", probability=0.5), finished("s2")]
+
+
+def test_text_from_the_studies_is_never_a_formula_and_reads_back_exactly(tmp_path):
+    # folder names and DICOM headers are the studies' own text: a formula, control characters, an escape
+    names = ['=HYPERLINK("evil.example","open")', "-2+3", "@SUM(A1)", "'quoted", "esc\x1b[2J", "_x0041_"]
+    folder, out, csv_out = tmp_path / "studies", tmp_path / "report.xlsx", tmp_path / "report.csv"
+    for name in names:
+        _study(folder / name)
+    rows = [{**finished(name), "study_uid": f"=1+{i}\x01", "error": None} for i, name in enumerate(names)]
+    _journal(out, folder, rows)
+
+    summary = _resume(folder, out, csv_out=csv_out)  # openpyxl alone refuses "\x01" in a cell
+
+    assert summary.studies == len(names)
+    expected = sorted(rows, key=lambda row: row["path_to_study"])
+    assert client.read_report(out) == expected and client.read_report(csv_out) == expected
+    with zipfile.ZipFile(out) as workbook:
+        assert b"<f>" not in workbook.read("xl/worksheets/sheet1.xml")  # no cell is a formula
+    with open(csv_out, newline="", encoding="utf-8") as stream:
+        cells = {row[0]: row[1] for row in list(csv.reader(stream))[1:]}  # path_to_study: study_uid, as written
+    assert sorted(cells) == sorted(["'" + name for name in names[:4]] + names[4:])  # an apostrophe before formulas
+    assert cells["esc\x1b[2J"] == "'=1+4\x01"
 
 
 def test_resume_with_studies_left_and_no_server_changes_nothing(tmp_path, capsys):
