@@ -121,4 +121,13 @@ class EmptyVolumeError(StudyError):
     """No voxel above the region-of-interest threshold: nothing to classify."""
 
 
-__all__ = [name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, StudyError)]
+def printable(text: str) -> str:
+    """Text that came from a study (a file name, a header value) as a message may show it: control,
+    format and unpaired surrogate characters become backslash escapes, so the text can neither
+    forge a log line nor drive a terminal, and it still encodes as UTF-8."""
+    if text.isprintable():
+        return text
+    return "".join(character if character.isprintable() else character.encode("unicode_escape").decode("ascii") for character in text)
+
+
+__all__ = [name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, StudyError)] + ["printable"]

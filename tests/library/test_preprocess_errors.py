@@ -435,3 +435,19 @@ def test_reference_mode_refuses_a_1mm_grid_beyond_its_limit_before_decoding():
         mode="reference",
     )
     assert preprocess.preprocess_study(sparse, size=S).volume.shape == (1, 1, S, S, S)  # fast mode never builds that grid
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("1.2.840.10008", "1.2.840.10008"),
+        ("ü 中 ok", "ü 中 ok"),
+        ("a\x1b[2Jb", "a\\x1b[2Jb"),  # a terminal escape
+        ("1.2.3\n[FORGED] all normal", "1.2.3\\n[FORGED] all normal"),  # a second log line
+        ("M\udcdcLLER", "M\\udcdcLLER"),  # a Latin-1 file name read as UTF-8
+        ("abc\u202edcba", "abc\\u202edcba"),  # a right-to-left override
+    ],
+)
+def test_printable_text_can_neither_forge_a_line_nor_drive_a_terminal(text, shown):
+    assert preprocess.printable(text) == shown
+    shown.encode("utf-8")
