@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from preprocess.errors import printable
 from settings import NAMES, SERVING
 
 from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report
@@ -33,10 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except ServerUnavailable as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except (ReportError, UsageError, NotADirectoryError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -75,7 +76,7 @@ def _classify(args: argparse.Namespace) -> int:
         answer["files"] = [str(path) for path in written]
     print(json.dumps(answer, indent=2))
     if not result.ok:
-        print(f"error: {result.error}", file=sys.stderr)
+        print(f"error: {printable(result.error or '')}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
 

@@ -30,7 +30,6 @@ from typing import IO, Any
 
 import openpyxl
 from openpyxl.cell import WriteOnlyCell
-from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from tqdm import tqdm
 
 from preprocess.output import write_atomically
@@ -67,9 +66,11 @@ _PAUSE_PER_WRITE_SECOND = 9
 # injection): such cells get a leading apostrophe, as does one that starts with an apostrophe, so that
 # reading takes exactly one off. In .xlsx, text cells are typed as text and never run.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
-# ECMA-376's escape for characters XML cannot hold (control characters): _xHHHH_; text that already
-# looks like an escape gets its underscore escaped (_x005F_), so reading back is exact.
+# ECMA-376's escape for characters XML cannot hold (control characters; the unpaired surrogates of a
+# file name that is not UTF-8): _xHHHH_; text that already looks like an escape gets its underscore
+# escaped (_x005F_), so reading back is exact.
 _OOXML_ESCAPE = re.compile(r"_x[0-9A-Fa-f]{4}_")
+_NOT_IN_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 _READY_CHECK_S = 10.0  # a readiness check after a failed study; no answer means the server is gone
 _log = logging.getLogger(__name__)
 
@@ -517,10 +518,10 @@ def _write_xlsx(rows: list[dict[str, Any]], stream: IO[bytes], columns: tuple[st
 def _xlsx_cell(sheet, value: Any) -> Any:
     """Text as a text cell (openpyxl stores text that starts with "=" as a formula, and refuses
     control characters, which would fail the whole report), escaped as ECMA-376 says."""
-    if not isinstance(value, str) or not (value.startswith("=") or "_x" in value or ILLEGAL_CHARACTERS_RE.search(value)):
+    if not isinstance(value, str) or not (value.startswith("=") or "_x" in value or _NOT_IN_XML.search(value)):
         return value  # plain text: openpyxl writes it as text itself
     escaped = _OOXML_ESCAPE.sub(lambda match: "_x005F" + match.group(), value)
-    cell = WriteOnlyCell(sheet, ILLEGAL_CHARACTERS_RE.sub(lambda match: f"_x{ord(match.group()):04X}_", escaped))
+    cell = WriteOnlyCell(sheet, _NOT_IN_XML.sub(lambda match: f"_x{ord(match.group()):04X}_", escaped))
     cell.data_type = "s"
     return cell
 
@@ -532,7 +533,7 @@ def _from_xlsx(value: Any) -> Any:
 
 
 def _write_csv(rows: list[dict[str, Any]], stream: IO[bytes], columns: tuple[str, ...] = COLUMNS) -> None:
-    text = io.TextIOWrapper(stream, encoding="utf-8", newline="")
+    text = io.TextIOWrapper(stream, encoding="utf-8", errors="backslashreplace", newline="")  # a name that is not UTF-8: \udcxx
     table = csv.writer(text)
     table.writerow(columns)
     for row in rows:

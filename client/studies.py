@@ -10,6 +10,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from preprocess.dicom import looks_like_dicom
+from preprocess.sources import is_zip
+
 _HEAD = 132  # enough to recognise a ZIP or a DICOM file (128-byte preamble and "DICM")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -40,11 +43,11 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
             if _holds_dicom(entry):
                 studies.append(_ref(entry, root, _tree_size(entry)))
             else:  # nothing below is DICOM: only the ZIPs in it are studies
-                studies.extend(_ref(path, root, path.stat().st_size) for path in _files(entry) if _is_zip(path, _head(path)))
-        elif entry.is_file():
+                studies.extend(_ref(path, root, _size(path)) for path in _files(entry) if _is_zip(path, _head(path)))
+        elif entry.is_file() or entry.is_symlink():  # a dangling link named .zip is a study that fails to read
             head = _head(entry)
             if _is_zip(entry, head) or _is_dicom(entry, head):
-                studies.append(_ref(entry, root, entry.stat().st_size))
+                studies.append(_ref(entry, root, _size(entry)))
     return sorted(studies, key=lambda study: study.path_to_study)
 
 
@@ -69,7 +72,15 @@ def _holds_dicom(directory: Path) -> bool:
 
 
 def _tree_size(directory: Path) -> int:
-    return sum(path.stat().st_size for path in _files(directory) if path.is_file())
+    return sum(_size(path) for path in _files(directory))
+
+
+def _size(path: Path) -> int:
+    """Bytes on disk; 0 for what cannot be stat'ed (a dangling link, a file gone): reading it fails later, as that study's row."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
 
 
 def _head(path: Path) -> bytes:
@@ -80,15 +91,10 @@ def _head(path: Path) -> bytes:
         return b""
 
 
-# The reader's own rules (imported here: `python -m client --help` does not load pydicom), so
-# discovery finds exactly what preprocess reads.
+# The reader's own rules, so discovery finds exactly what preprocess reads.
 def _is_zip(path: Path, head: bytes) -> bool:
-    from preprocess.sources import is_zip
-
     return path.suffix.lower() == ".zip" or is_zip(head)
 
 
 def _is_dicom(path: Path, head: bytes) -> bool:
-    from preprocess.dicom import looks_like_dicom
-
     return path.suffix.lower() in _DICOM_SUFFIXES or looks_like_dicom(head)

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from preprocess.errors import printable
 from preprocess.output import write_atomically
 
 from .montage import describe_model
@@ -78,7 +79,7 @@ _CSP = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline
 
 def thumbnail_name(path_to_study: str) -> str:
     """A study's thumbnail file name: a hash of its report key, so no path appears in file names."""
-    return hashlib.sha256(path_to_study.encode("utf-8")).hexdigest()[:20] + ".png"
+    return hashlib.sha256(path_to_study.encode("utf-8", "surrogateescape")).hexdigest()[:20] + ".png"
 
 
 def summary_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -159,7 +160,7 @@ def _row(number: int, row: dict[str, Any], thumbnails: Path, folder: str) -> str
         f'<td class="decision">{decision}</td>',
         f"<td>{region}</td>",
         f"<td>{html.escape(str(row.get('processing_status') or ''))}</td>",
-        f'<td class="error">{html.escape(str(row.get("error") or ""))}</td>',
+        f'<td class="error">{html.escape(printable(str(row.get("error") or "")))}</td>',
     ]
     value = f"{float(probability):.6f}" if has_probability else ""
     return f'<tr class="{classes}" data-row="{number}" data-probability="{value}">{"".join(cells)}</tr>'

@@ -64,6 +64,22 @@ def test_discovery_finds_zips_and_dicom_folders_in_stable_order(tmp_path):
     assert client.discover_studies(tmp_path) == studies  # deterministic
 
 
+def test_a_dangling_link_is_a_study_that_fails_to_read_not_a_lost_report(tmp_path):
+    _dicom_like(tmp_path / "a_study" / "IM0001")
+    (tmp_path / "a_study" / "IM0002").symlink_to(tmp_path / "gone")  # inside a study: counted as 0 bytes
+    (tmp_path / "moved.zip").symlink_to(tmp_path / "gone.zip")
+
+    studies = client.discover_studies(tmp_path)
+
+    assert [(study.path_to_study, study.size_bytes) for study in studies] == [("a_study", 132), ("moved.zip", 0)]
+    with client.TriageClient(f"127.0.0.1:{_closed_port()}", protocol="grpc") as triage:
+        result = triage.classify(studies[1].path)
+    assert (
+        result.processing_status == client.FAILURE
+        and result.error == "cannot read study: input path does not exist or is not a file or folder"
+    )
+
+
 def test_discovery_rejects_a_file(tmp_path):
     (tmp_path / "x.zip").write_bytes(b"PK\x03\x04")
     with pytest.raises(NotADirectoryError):
@@ -246,3 +262,20 @@ def test_missing_paths_are_one_line_usage_errors(tmp_path, capsys):
     assert client_main(["report", str(tmp_path / "nope"), "--out", "r.xlsx", "--url", f"127.0.0.1:{_closed_port()}"]) == 2
     stderr = capsys.readouterr().err
     assert len(stderr.strip().splitlines()) == 1 and "nope" in stderr
+
+
+def test_the_cli_never_prints_a_name_raw_to_the_terminal(tmp_path, capsys):
+    hostile = tmp_path / "nope\x1b[2J\x1b]0;title\x07"  # clear the screen, set the window title
+    assert client_main(["report", str(hostile), "--out", "r.xlsx", "--url", f"127.0.0.1:{_closed_port()}"]) == 2
+    stderr = capsys.readouterr().err
+    assert "\x1b" not in stderr and "\x07" not in stderr and "nope\\x1b[2J\\x1b]0;title\\x07" in stderr
+
+
+def test_the_summary_page_takes_names_and_errors_that_are_not_utf8(tmp_path):
+    from client import summary
+
+    name = "M\udcdcLLER.zip"  # a Latin-1 file name read under a UTF-8 locale
+    rows = [{**report_row(name, client.FAILURE), "error": f"internal client error: OSError: {name}"}]
+    page = summary.write_summary(rows, tmp_path / "r.html", tmp_path / "r_thumbnails", report_name="r.xlsx")
+    assert "M\\udcdcLLER.zip" in page.read_text(encoding="utf-8")
+    assert summary.thumbnail_name(name) != summary.thumbnail_name("M\ufffdLLER.zip")
