@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
+import pydicom.config
 import pydicom.encaps
 from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
@@ -52,6 +53,10 @@ DECODERS = ("imagecodecs", "pydicom")
 # so its threads take turns). The default is "imagecodecs" where it is installed. Module level so that
 # a process can choose; `python -m benchmarks.decoding` sets "pydicom" to time the previous path.
 DECODER = "imagecodecs" if imagecodecs is not None else "pydicom"
+
+# pydicom's value checks warn and log the value they find invalid, and a misfiled header can hold a
+# patient's name: not in this process's log. This package checks the values it uses itself.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UT", b"UC", b"UR", b"SV", b"UV"}
@@ -151,7 +156,8 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
         try:
             pixels = _pixel_format(header, ts, blob.data, at, implicit)
             if header.ushort("Rows", 0) == 0 and not pixels.present:
-                kind = getattr(UID(header.text("SOPClassUID") or header.text("MediaStorageSOPClassUID")), "name", "") or "unknown object"
+                sop_class = header.text("SOPClassUID") or header.text("MediaStorageSOPClassUID")
+                kind = getattr(_as_uid(sop_class), "name", "") or "unknown object"
                 if "Image Storage" in kind:  # an image object cut short before its image attributes
                     raise CorruptDicomError(f"{blob.label} is a truncated or damaged DICOM image ({kind} without image data)")
                 warnings.append(f"{blob.label} is a DICOM object without an image ({kind}): skipped")
@@ -235,7 +241,7 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
     syntax = ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)
     if not isinstance(syntax, (str, bytes)):  # e.g. read as a sequence: its text form fails in pydicom
         raise CorruptDicomError(f"{blob.label}: TransferSyntaxUID has a malformed value")
-    ts = UID(syntax.decode("latin-1") if isinstance(syntax, bytes) else str(syntax))
+    ts = _as_uid(syntax.decode("latin-1") if isinstance(syntax, bytes) else str(syntax))
     return _DatasetHeader(ds, little), ts, at, implicit
 
 
@@ -485,8 +491,14 @@ _tag = functools.lru_cache(maxsize=None)(tag_for_keyword)  # a few dozen keyword
 
 @functools.lru_cache(maxsize=256)
 def _uid(raw: bytes) -> UID:
-    """A UID value decoded once per distinct value (pydicom validates each new UID object)."""
-    return UID(raw.decode("ascii", "replace").strip(" \0"))
+    """A UID value decoded once per distinct value."""
+    return _as_uid(raw.decode("ascii", "replace").strip(" \0"))
+
+
+def _as_uid(text: str) -> UID:
+    """A UID object without pydicom's validation: its warning and log line quote the value, and a
+    misfiled UID can hold a patient's name."""
+    return UID(text, validation_mode=pydicom.config.IGNORE)
 
 
 def _pixel_format(header: _Header, ts: UID, data: bytes, at: int | None, implicit: bool) -> PixelFormat:
@@ -842,7 +854,7 @@ def _decode_with_pydicom(out: np.ndarray, frames: Sequence[Frame], ks: list[int]
     first = frames[ks[0]]
     if not first.pixels.present:
         raise DecodeError(f"{blob.label}: no pixel data")
-    name = getattr(UID(first.pixels.transfer_syntax), "name", "") or "unknown transfer syntax"
+    name = getattr(_as_uid(first.pixels.transfer_syntax), "name", "") or "unknown transfer syntax"
     try:
         if first.pixels.value_at is not None:
             ds = _pixel_dataset(first, blob.data)
@@ -872,7 +884,7 @@ def _pixel_dataset(frame: Frame, data: bytes) -> pydicom.Dataset:
     p = frame.pixels
     ds = pydicom.Dataset()
     ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = UID(p.transfer_syntax)
+    ds.file_meta.TransferSyntaxUID = _as_uid(p.transfer_syntax)
     ds.Rows, ds.Columns, ds.NumberOfFrames = frame.rows, frame.columns, p.frames
     ds.SamplesPerPixel, ds.PhotometricInterpretation = p.samples_per_pixel, p.photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = p.bits_allocated, p.bits_stored, max(p.bits_stored - 1, 0)
@@ -1014,7 +1026,7 @@ def _fast_object(frames: Sequence[Frame], ks: list[int], blob: Blob) -> _FastObj
         return None
     if not 1 <= p.bits_stored <= p.bits_allocated or p.frames < 1 or not (0 < first.rows < 2**16 and 0 < first.columns < 2**16):
         return None
-    name = getattr(UID(p.transfer_syntax), "name", "") or "unknown transfer syntax"
+    name = getattr(_as_uid(p.transfer_syntax), "name", "") or "unknown transfer syntax"
     try:
         ds = _pixel_dataset(first, blob.data)
         codestreams = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=p.frames))

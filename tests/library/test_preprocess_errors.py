@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
+import warnings
 import zipfile
 
 import numpy as np
+import pydicom
 import pytest
 from helpers import edit, packaged_file, position
 
@@ -451,3 +454,66 @@ def test_reference_mode_refuses_a_1mm_grid_beyond_its_limit_before_decoding():
 def test_printable_text_can_neither_forge_a_line_nor_drive_a_terminal(text, shown):
     assert preprocess.printable(text) == shown
     shown.encode("utf-8")
+
+
+NAME = phantom.FAKE_PHI["PatientName"]
+
+
+def emitted(files, caplog, **options) -> tuple[preprocess.PreprocessedStudy | preprocess.StudyError, list[str], list[logging.LogRecord]]:
+    """preprocess_study's result (or the StudyError it raised), the warnings and the log records
+    (pydicom's included) emitted meanwhile."""
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            outcome = preprocess.preprocess_study(files, size=S, **options)
+        except preprocess.StudyError as error:
+            outcome = error
+    return outcome, [str(warning.message) for warning in caught], list(caplog.records)
+
+
+def _transfer_syntax(files: list[bytes], value: str) -> list[bytes]:
+    """Explicit VR little endian files whose TransferSyntaxUID holds `value` (as long as the UID, or shorter)."""
+    explicit = pydicom.uid.ExplicitVRLittleEndian.encode() + b"\0"
+    return [data.replace(explicit, value.encode().ljust(len(explicit), b"\0"), 1) for data in files]
+
+
+def _without_image(sop_class: str) -> bytes:
+    """An image-less object (as a structured report is) whose SOPClassUID holds `sop_class`."""
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.3.4"
+    ds.Modality = "SR"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _photometric(value: str):
+    return lambda ds, k: setattr(ds, "PhotometricInterpretation", value)
+
+
+@pytest.fixture(scope="module")
+def small_rle() -> list[bytes]:
+    return phantom.study_files("series", slices=16, rows=32, columns=32, transfer_syntax="rle")
+
+
+@pytest.mark.parametrize(
+    "misfiled",
+    [
+        pytest.param(lambda series, rle: _transfer_syntax(series, "1.2." + NAME), id="TransferSyntaxUID"),
+        pytest.param(
+            lambda series, rle: _transfer_syntax(phantom.study_files("multiframe", slices=16, rows=32, columns=32), "1.3." + NAME),
+            id="TransferSyntaxUID-enhanced",
+        ),
+        pytest.param(lambda series, rle: [*series, _without_image(NAME)], id="SOPClassUID"),
+        pytest.param(lambda series, rle: edit(rle, _photometric("MONOCHROME2" + NAME)), id="PhotometricInterpretation"),
+    ],
+)
+def test_pydicom_never_warns_or_logs_a_misfiled_value(series, small_rle, misfiled, caplog):
+    """pydicom's value checks quote the value they find invalid, on stderr (the server log) and its logger."""
+    _, warned, records = emitted(misfiled(series, small_rle), caplog)
+    assert not [text for text in warned if "Jane" in text]
+    assert not [record.getMessage() for record in records if record.name.startswith("pydicom")]
