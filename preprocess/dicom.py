@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
+import pydicom.charset
 import pydicom.config
 import pydicom.encaps
 from pydicom.datadict import tag_for_keyword
@@ -215,13 +216,9 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
     if blob.data[128:132] != b"DICM" and not bare:
         return None
     start, deflated = (0, False) if bare else _data_set_start(blob)
-    stream = io.BytesIO(blob.data)
+    stream = io.BytesIO(blob.data if deflated else _with_known_character_set(blob.data, start))
     try:
-        try:
-            ds = pydicom.dcmread(stream, stop_before_pixels=not deflated, force=bool(bare))
-        except (LookupError, ValueError):  # pydicom looks up SpecificCharacterSet as it reads
-            stream = io.BytesIO(_without_character_set(blob.data, start))
-            ds = pydicom.dcmread(stream, stop_before_pixels=not deflated, force=bool(bare))
+        ds = pydicom.dcmread(stream, stop_before_pixels=not deflated, force=bool(bare))
     except InvalidDicomError:
         return None
     except RecursionError:
@@ -245,15 +242,26 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
     return _DatasetHeader(ds, little), ts, at, implicit
 
 
-def _without_character_set(data: bytes, start: int | None) -> bytes:
-    """The file with the value of its top-level SpecificCharacterSet blanked, same length: this
-    package never uses it (text is read as bytes), and a value pydicom cannot look up stops it."""
+def _with_known_character_set(data: bytes, start: int | None) -> bytes:
+    """The file with the value of its top-level SpecificCharacterSet blanked (same length) unless
+    pydicom knows every term of it: pydicom stops at a value it cannot look up, or warns and logs
+    it (misfiled text, a patient's name, quoted in the server log). This package never uses it
+    (text is read as bytes)."""
     at = data.find(b"\x08\x00\x05\x00", start or 0)
-    if at < 0:
+    if at < 0 or at + 12 > len(data):
         return data
-    explicit = data[at + 4 : at + 6] == b"CS"
-    length, value_at = (_SHORT.unpack_from(data, at)[3], at + 8) if explicit else (_LENGTH32.unpack_from(data, at + 4)[0], at + 8)
-    return data[:value_at] + b" " * min(length, len(data) - value_at) + data[value_at + length :]
+    vr = data[at + 4 : at + 6]
+    if vr in _LONG_VRS:
+        (length,), value_at = _LENGTH32.unpack_from(data, at + 8), at + 12
+    elif vr in _SHORT_VRS:
+        length, value_at = _SHORT.unpack_from(data, at)[3], at + 8
+    else:
+        (length,), value_at = _LENGTH32.unpack_from(data, at + 4), at + 8
+    length = min(length, len(data) - value_at)
+    value = data[value_at : value_at + length].decode("latin-1")
+    if all(term.strip(" \0") in pydicom.charset.python_encoding for term in value.split("\\")):
+        return data
+    return data[:value_at] + b" " * length + data[value_at + length :]
 
 
 def _data_set_start(blob: Blob) -> tuple[int | None, bool]:

@@ -495,6 +495,10 @@ def _photometric(value: str):
     return lambda ds, k: setattr(ds, "PhotometricInterpretation", value)
 
 
+def _character_set(value: str):
+    return lambda ds, k: setattr(ds, "SpecificCharacterSet", value)
+
+
 @pytest.fixture(scope="module")
 def small_rle() -> list[bytes]:
     return phantom.study_files("series", slices=16, rows=32, columns=32, transfer_syntax="rle")
@@ -510,8 +514,13 @@ def small_rle() -> list[bytes]:
         ),
         pytest.param(lambda series, rle: [*series, _without_image(NAME)], id="SOPClassUID"),
         pytest.param(lambda series, rle: edit(rle, _photometric("MONOCHROME2" + NAME)), id="PhotometricInterpretation"),
+        pytest.param(
+            lambda series, rle: edit(phantom.study_files("multiframe", slices=16, rows=32, columns=32), _character_set(NAME)),
+            id="SpecificCharacterSet-enhanced",
+        ),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Unknown encoding")  # pydicom, while the test writes the files
 def test_pydicom_never_warns_or_logs_a_misfiled_value(series, small_rle, misfiled, caplog):
     """pydicom's value checks quote the value they find invalid, on stderr (the server log) and its logger."""
     _, warned, records = emitted(misfiled(series, small_rle), caplog)
