@@ -9,7 +9,7 @@ SimpleITK (seconds), which a client that only reads studies from disk never need
 """
 
 from . import errors, phantom
-from .errors import *  # noqa: F403  (the StudyError hierarchy and printable, listed in errors.__all__)
+from .errors import *  # noqa: F403  (the StudyError hierarchy, printable and shown, listed in errors.__all__)
 from .output import write_atomically
 from .series import SELECTION_RULE, SelectionRule
 from .sources import read_study

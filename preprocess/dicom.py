@@ -38,7 +38,7 @@ from pydicom.uid import UID
 
 from settings import INPUT_LIMITS
 
-from .errors import CorruptDicomError, DecodeError, InputTooLargeError, StudyError, UnsupportedPixelDataError
+from .errors import CorruptDicomError, DecodeError, InputTooLargeError, StudyError, UnsupportedPixelDataError, shown
 from .sources import Blob
 
 try:  # GIL-free decoders; wheels for Python >= 3.11 only (pyproject.toml): without it pydicom decodes
@@ -157,8 +157,8 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
         try:
             pixels = _pixel_format(header, ts, blob.data, at, implicit)
             if header.ushort("Rows", 0) == 0 and not pixels.present:
-                sop_class = header.text("SOPClassUID") or header.text("MediaStorageSOPClassUID")
-                kind = getattr(_as_uid(sop_class), "name", "") or "unknown object"
+                keyword = "SOPClassUID" if header.text("SOPClassUID") else "MediaStorageSOPClassUID"
+                kind = _uid_name(header.text(keyword), keyword) if header.text(keyword) else "unknown object"
                 if "Image Storage" in kind:  # an image object cut short before its image attributes
                     raise CorruptDicomError(f"{blob.label} is a truncated or damaged DICOM image ({kind} without image data)")
                 warnings.append(f"{blob.label} is a DICOM object without an image ({kind}): skipped")
@@ -509,6 +509,12 @@ def _as_uid(text: str) -> UID:
     return UID(text, validation_mode=pydicom.config.IGNORE)
 
 
+def _uid_name(text: str, keyword: str) -> str:
+    """A UID as a message names it: its name where pydicom's dictionary knows it, else as `shown` allows."""
+    name = _as_uid(text).name
+    return name if name != text else shown(text, "UI", keyword)
+
+
 def _pixel_format(header: _Header, ts: UID, data: bytes, at: int | None, implicit: bool) -> PixelFormat:
     """How the pixels are stored. The pixel data element's header is read as pydicom reads it: in the
     encoding the data set was read with, and in explicit VR as implicit when its VR is not letters."""
@@ -764,7 +770,8 @@ def check_decodable(frame: Frame) -> None:
     """Refuse pixel layouts that are not a grey-level CT image before anything is allocated."""
     p = frame.pixels
     if p.samples_per_pixel != 1 or not p.photometric.startswith("MONOCHROME"):
-        raise UnsupportedPixelDataError(f"{frame.label}: colour images ({p.photometric}) are not CT slices")
+        photometric = shown(p.photometric, "CS", "PhotometricInterpretation")
+        raise UnsupportedPixelDataError(f"{frame.label}: colour images ({photometric}) are not CT slices")
     if p.bits_allocated not in (8, 16):
         raise UnsupportedPixelDataError(f"{frame.label}: {p.bits_allocated}-bit pixels are not supported for CT")
 
@@ -862,7 +869,7 @@ def _decode_with_pydicom(out: np.ndarray, frames: Sequence[Frame], ks: list[int]
     first = frames[ks[0]]
     if not first.pixels.present:
         raise DecodeError(f"{blob.label}: no pixel data")
-    name = getattr(_as_uid(first.pixels.transfer_syntax), "name", "") or "unknown transfer syntax"
+    name = _uid_name(first.pixels.transfer_syntax, "TransferSyntaxUID")
     try:
         if first.pixels.value_at is not None:
             ds = _pixel_dataset(first, blob.data)
@@ -1034,7 +1041,7 @@ def _fast_object(frames: Sequence[Frame], ks: list[int], blob: Blob) -> _FastObj
         return None
     if not 1 <= p.bits_stored <= p.bits_allocated or p.frames < 1 or not (0 < first.rows < 2**16 and 0 < first.columns < 2**16):
         return None
-    name = getattr(_as_uid(p.transfer_syntax), "name", "") or "unknown transfer syntax"
+    name = _uid_name(p.transfer_syntax, "TransferSyntaxUID")
     try:
         ds = _pixel_dataset(first, blob.data)
         codestreams = list(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=p.frames))

@@ -8,6 +8,8 @@ Anything raised by this package that is not a StudyError is an internal bug.
 
 from __future__ import annotations
 
+import re
+
 
 class StudyError(ValueError):
     """Base class: the study (not the software) is the problem; the message is safe to show."""
@@ -130,4 +132,18 @@ def printable(text: str) -> str:
     return "".join(character if character.isprintable() else character.encode("unicode_escape").decode("ascii") for character in text)
 
 
-__all__ = [name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, StudyError)] + ["printable"]
+# what a value of each VR may hold (PS3.5 6.2), as `shown` quotes it; stripped of padding first
+_REPERTOIRES = {"CS": re.compile(r"[A-Z0-9 _]{0,16}"), "UI": re.compile(r"[0-9.]{1,64}")}
+
+
+def shown(value: str, vr: str, keyword: str) -> str:
+    """A header value as a message, log line or meta may show it: the value where it fits its VR's
+    characters and length, else "not a valid <keyword>". A misfiled header (a patient's name in
+    Modality or a UID) must not reach the sender, the server log or a report through a message."""
+    return value if _REPERTOIRES[vr].fullmatch(value) else f"not a valid {keyword}"
+
+
+__all__ = [name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, StudyError)] + [
+    "printable",
+    "shown",
+]

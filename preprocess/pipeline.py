@@ -15,6 +15,7 @@ from settings import PREPROCESSING
 
 from . import resample
 from .dicom import decode_into, native_views, parse, volume_dtype
+from .errors import shown
 from .series import ARRAY_AXES, CANONICAL_AXES, Stack, select_series
 from .sources import Blob, expand
 from .workers import worker_threads
@@ -27,7 +28,8 @@ log = logging.getLogger("preprocess")
 class PreprocessedStudy:
     """The model input for one study: volume [1, 1, S, S, S] float32 in [-1, 1], C-contiguous, and
     JSON-ready meta. The volume is a numpy array, or a torch tensor on the device `preprocess_study`
-    was given (so that a GPU's result stays there for the classifier)."""
+    was given (so that a GPU's result stays there for the classifier). The UIDs, here and in meta,
+    are as `errors.shown` shows them: an invalid one is "not a valid <keyword>"."""
 
     volume: np.ndarray | torch.Tensor
     study_uid: str
@@ -90,12 +92,13 @@ def preprocess_study(
     del slices
     lap("resample")
     timings["total"] = round(time.perf_counter() - start, 4)
+    study_uid, series_uid = shown(stack.study_uid, "UI", "StudyInstanceUID"), shown(stack.series_uid, "UI", "SeriesInstanceUID")
     for warning in warnings:
-        log.warning("study %s: %s", stack.study_uid, warning)
+        log.warning("study %s: %s", study_uid, warning)
     multiframe = any(f.pixels.frames > 1 for f in stack.frames)
     meta = {
-        "study_uid": stack.study_uid,
-        "series_uid": stack.series_uid,
+        "study_uid": study_uid,
+        "series_uid": series_uid,
         "series_selection": selection,
         "original_shape": list(stack.shape),
         "original_axes": list(ARRAY_AXES),
@@ -108,19 +111,19 @@ def preprocess_study(
         **mapping.to_meta(stack),
         "slice_order": {
             "sorted_by": "position along the slice normal, feet to head",
-            "sop_instance_uids": [f.sop_uid for f in stack.frames],
+            "sop_instance_uids": [shown(f.sop_uid, "UI", "SOPInstanceUID") for f in stack.frames],
             **({"frame_numbers": [f.frame + 1 for f in stack.frames]} if multiframe else {}),
         },
         "rescale": _rescale_summary(stack),
-        "transfer_syntaxes": sorted({f.pixels.transfer_syntax for f in stack.frames}),
+        "transfer_syntaxes": sorted({shown(f.pixels.transfer_syntax, "UI", "TransferSyntaxUID") for f in stack.frames}),
         "mode": mode,
         "device": None if device is None else str(volume.device),
         "size": size,
         "timings_s": timings,
         "warnings": warnings,
     }
-    log.info("study %s series %s preprocessed (%s, S=%d) in %.3f s", stack.study_uid, stack.series_uid, mode, size, timings["total"])
-    return PreprocessedStudy(volume=volume, study_uid=stack.study_uid, series_uid=stack.series_uid, meta=meta)
+    log.info("study %s series %s preprocessed (%s, S=%d) in %.3f s", study_uid, series_uid, mode, size, timings["total"])
+    return PreprocessedStudy(volume=volume, study_uid=study_uid, series_uid=series_uid, meta=meta)
 
 
 def stored_values(stack: Stack, blobs: Sequence[Blob], *, in_place: bool, threads: int) -> Sequence[np.ndarray]:

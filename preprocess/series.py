@@ -44,6 +44,7 @@ from .errors import (
     SliceGapError,
     StudyError,
     TooFewSlicesError,
+    shown,
 )
 
 
@@ -107,8 +108,8 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
     """Check one series against the rule and sort it into a volume, or raise the reason it is unusable."""
     first = frames[0]
     limits = rule.limits
-    modality = first.modality or "unknown"
-    if modality.upper() != rule.modality:
+    if first.modality.upper() != rule.modality:
+        modality = shown(first.modality, "CS", "Modality") if first.modality else "unknown"
         raise NotCTError(f"series is {modality}, not {rule.modality}")
     notes: list[str] = []
     volume = [f for f in frames if not any(t in rule.localizer_image_types for t in f.image_type)]
@@ -237,7 +238,8 @@ def _check_same_storage(frames: Sequence[Frame]) -> None:
     for keyword, read in _STORAGE:
         values = {read(f.pixels) for f in frames}
         if len(values) > 1:
-            raise InconsistentSlicesError(f"slices are stored differently: {keyword} {' and '.join(sorted(map(str, values)))}")
+            named = sorted({str(v) if isinstance(v, int) else shown(v, "CS", keyword) for v in values})
+            raise InconsistentSlicesError(f"slices are stored differently: {keyword} {' and '.join(named)}")
 
 
 def _check_hounsfield(frames: Sequence[Frame]) -> None:
@@ -303,7 +305,7 @@ def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rul
     for f in frames:
         groups.setdefault(f.series_uid, []).append(f)
     if series_uid is not None and series_uid not in groups:
-        raise SeriesNotFoundError(f"series {series_uid} is not in the study ({len(groups)} series found)")
+        raise SeriesNotFoundError(f"series {_shown_uid(series_uid)} is not in the study ({len(groups)} series found)")
     stacks: dict[str, Stack] = {}
     errors: dict[str, StudyError] = {}
     for uid in sorted(groups):
@@ -314,9 +316,9 @@ def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rul
             stacks[uid] = build_stack(groups[uid], rule)
         except StudyError as exc:
             errors[uid] = exc
-    skipped = [{"series_uid": uid, "reason": str(exc)} for uid, exc in errors.items()]
+    skipped = [{"series_uid": _shown_uid(uid), "reason": str(exc)} for uid, exc in errors.items()]
     if series_uid is not None:
-        skipped += [{"series_uid": uid, "reason": "not the requested series"} for uid in sorted(groups) if uid != series_uid]
+        skipped += [{"series_uid": _shown_uid(uid), "reason": "not the requested series"} for uid in sorted(groups) if uid != series_uid]
     if not stacks:
         if len(errors) == 1:
             (error,) = errors.values()
@@ -332,10 +334,14 @@ def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rul
     else:
         reason = f"{chosen.describe()}: thinnest slices, then most slices, among {len(ranked)} usable series"
     skipped += [
-        {"series_uid": s.series_uid, "reason": f"usable ({s.describe()}) but thicker or fewer slices than the chosen series"}
+        {"series_uid": _shown_uid(s.series_uid), "reason": f"usable ({s.describe()}) but thicker or fewer slices than the chosen series"}
         for s in ranked[1:]
     ]
-    return chosen, {"chosen": chosen.series_uid, "reason": reason, "skipped": skipped}
+    return chosen, {"chosen": _shown_uid(chosen.series_uid), "reason": reason, "skipped": skipped}
+
+
+def _shown_uid(uid: str) -> str:
+    return shown(uid, "UI", "SeriesInstanceUID")
 
 
 __all__ = ["ARRAY_AXES", "CANONICAL_AXES", "SELECTION_RULE", "SelectionRule", "Stack", "build_stack", "select_series"]
