@@ -5,7 +5,8 @@ A bad study exits with status 1 and one line on stderr; no output file is writte
 an earlier run at OUT are removed (they are not this study's). A bad command line exits with status 2.
 Warnings of the DICOM and numeric libraries are not printed, nor what native decoders write to the
 process's stderr when they fail (a Rust panic message): what matters about the study is in the error
-line or in the metadata's `warnings`.
+line or in the metadata's `warnings`. What the study put in those lines is printed through `printable`:
+an escape sequence cannot drive the terminal.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from contract import InvalidSizeError, validate_size
 from settings import PREPROCESSING
 
-from . import MODES, MixedPatientsError, StudyError, preprocess_study, read_study
+from . import MODES, MixedPatientsError, StudyError, preprocess_study, printable, read_study
 from .output import write_atomically
 from .pipeline import check_device
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in stale:
             path.unlink()
         hint = " (choose one with --series UID)" if isinstance(exc, MixedPatientsError) else ""
-        print(f"error: {exc}{hint}" + (" (the earlier outputs at -o were removed)" if stale else ""), file=sys.stderr)
+        print(f"error: {printable(str(exc))}{hint}" + (" (the earlier outputs at -o were removed)" if stale else ""), file=sys.stderr)
         return 1
     try:
         write_atomically(out, lambda f: torch.save(torch.as_tensor(study.volume).cpu(), f))
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         out.unlink(missing_ok=True)
         print(f"error: cannot write output: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    print(f"{out}: tensor {list(study.volume.shape)} from series {study.series_uid} in {study.meta['timings_s']['total']:.2f} s")
+    series = printable(study.series_uid)
+    print(f"{out}: tensor {list(study.volume.shape)} from series {series} in {study.meta['timings_s']['total']:.2f} s")
     return 0
 
 

@@ -11,11 +11,13 @@ import json
 import struct
 import subprocess
 
+import numpy as np
 import pydicom
 import pytest
 import torch
-from helpers import run_module
+from helpers import edit, run_module
 
+import preprocess
 from preprocess import phantom
 from preprocess.__main__ import main
 
@@ -179,3 +181,36 @@ def test_a_failed_run_removes_the_outputs_of_an_earlier_one(run, tmp_path):
     failed = run(str(tmp_path / "bad.dcm"), "-o", str(out), "--size", "16")
     assert failed.returncode == 1 and "the earlier outputs at -o were removed" in failed.stderr
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+ESCAPE = "\x1b]0;owned\x07\x1b[2J"  # a window title, then a cleared screen
+
+
+def test_no_escape_sequence_reaches_the_terminal(run, tmp_path, monkeypatch):
+    """The error line and the series UID are printed with control characters escaped, whatever they hold."""
+    files = phantom.study_files("series", slices=16, rows=32, columns=32)
+    for name, change in (
+        ("uid", lambda ds, k: setattr(ds, "SeriesInstanceUID", "1.2.3\r" + ESCAPE + "\n1.2.3")),
+        ("modality", lambda ds, k: setattr(ds, "Modality", ESCAPE + "MR")),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        for k, data in enumerate(edit(files, change)):
+            (folder / f"{k}.dcm").write_bytes(data)
+    shown = run(str(tmp_path / "uid"), "-o", str(tmp_path / "uid.pt"), "--size", "16")
+    assert shown.returncode == 0 and "from series not a valid SeriesInstanceUID in" in shown.stdout
+    refused = run(str(tmp_path / "modality"), "-o", str(tmp_path / "modality.pt"), "--size", "16")
+    assert refused.returncode == 1 and refused.stderr == "error: series is not a valid Modality, not CT\n"
+
+    def study_error(files, **options):
+        raise preprocess.StudyError("series 1.2" + ESCAPE + " is odd")
+
+    monkeypatch.setattr("preprocess.__main__.read_study", lambda path: [])
+    monkeypatch.setattr("preprocess.__main__.preprocess_study", study_error)
+    refused = run(str(tmp_path), "-o", str(tmp_path / "out.pt"), "--size", "16")
+    assert refused.stderr == "error: series 1.2\\x1b]0;owned\\x07\\x1b[2J is odd\n"
+    volume = np.zeros((1, 1, 16, 16, 16), np.float32)
+    study = preprocess.PreprocessedStudy(volume, "1.2", "1.2" + ESCAPE, {"timings_s": {"total": 0.5}})
+    monkeypatch.setattr("preprocess.__main__.preprocess_study", lambda files, **options: study)
+    shown = run(str(tmp_path), "-o", str(tmp_path / "out.pt"), "--size", "16")
+    assert shown.stdout.endswith("from series 1.2\\x1b]0;owned\\x07\\x1b[2J in 0.50 s\n")
