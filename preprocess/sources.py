@@ -24,6 +24,7 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header, or the end rec
 # (64 KiB of zeros deflate to ~100 bytes), and 10,000 such members of one archive are bounded by the
 # archive's own ratio check
 _RATIO_SLACK = 2**16
+_UTF8_NAME = "valid UTF-8, although the archive marks it as UTF-8 (re-create the archive)"
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ def _unzip(data: bytes, label: str, depth: int, limits: InputLimits, budget: _Bu
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = archive.infolist()
+    except UnicodeDecodeError:  # zipfile decodes every name as it opens the archive
+        raise ArchiveError(f"{label}: a file name in the ZIP archive is not {_UTF8_NAME}") from None
     except Exception as exc:  # BadZipFile, struct, Unicode and other errors of a damaged central directory
         raise ArchiveError(f"{label} is not a readable ZIP archive ({type(exc).__name__})") from None
     if len(members) > budget.members_left:
@@ -170,8 +173,8 @@ def _unzip(data: bytes, label: str, depth: int, limits: InputLimits, budget: _Bu
         try:
             with archive.open(member) as stream:
                 content = stream.read(member.file_size + 1)
-        except RuntimeError as exc:  # encrypted members
-            raise ArchiveError(f"{where}: cannot be read ({exc})") from None
+        except UnicodeDecodeError:  # the name in the member's own header
+            raise ArchiveError(f"{where}: its file name is not {_UTF8_NAME}") from None
         except Exception as exc:  # zlib/bz2/lzma errors, bad CRC, unsupported methods: all a damaged member
             raise ArchiveError(f"{where}: damaged ZIP member ({type(exc).__name__})") from None
         if len(content) != member.file_size:

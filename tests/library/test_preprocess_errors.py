@@ -638,3 +638,31 @@ def test_a_uid_can_forge_no_log_line(series, caplog):
     assert not [line for line in lines if "\n" in line or "FORGED" in line]
     error, _, _ = emitted(series, caplog, series_uid="1.2.3\n[FORGED] " + NAME)
     assert str(error) == "series not a valid SeriesInstanceUID is not in the study (1 series found)"
+
+
+def _latin1_name(series: list[bytes], where: slice) -> bytes:
+    """A ZIP of the series whose last member's name holds a Latin-1 byte under the UTF-8 flag (an
+    archiver that sets the flag for every name), in the headers `where` picks (local, central)."""
+    name = NAME + "-\u00fc.dcm"  # non-ASCII: zipfile sets the UTF-8 flag
+    archive = zipped({**{f"{k}.dcm": data for k, data in enumerate(series)}, name: series[0]})
+    utf8, latin1 = name.encode(), name.encode("latin-1") + b" "  # same length
+    parts = archive.split(utf8)
+    assert len(parts) == 3  # the local header, the central directory
+    chosen = range(2)[where]
+    return parts[0] + b"".join((latin1 if k in chosen else utf8) + part for k, part in enumerate(parts[1:]))
+
+
+def test_a_zip_name_that_is_not_the_utf8_it_claims_is_named_as_such(series):
+    """zipfile's UnicodeDecodeError said only that the archive was not readable."""
+    message = r"^file 1: a file name in the ZIP archive is not valid UTF-8, although the archive marks it as UTF-8 \(re-create"
+    refused([_latin1_name(series, slice(None))], preprocess.ArchiveError, message)
+    message = r"^file 1, archive member 21: its file name is not valid UTF-8, although the archive marks it as UTF-8"
+    refused([_latin1_name(series, slice(0, 1))], preprocess.ArchiveError, message)
+
+
+def test_a_zip_member_that_cannot_be_opened_is_not_named(series, monkeypatch):
+    """zipfile's errors quote the member's name (a folder name often holds the patient's)."""
+    archive = bytearray(zipped({f"{NAME}/IM1.dcm": series[0]}))
+    archive[archive.index(b"PK\x01\x02") + 8] |= 0x1  # marked encrypted in the central directory
+    monkeypatch.setattr("preprocess.sources._check_member", lambda *args: None)  # which refuses it before it is opened
+    refused([bytes(archive)], preprocess.ArchiveError, r"^file 1, archive member 1: damaged ZIP member \(RuntimeError\)$")
