@@ -454,7 +454,6 @@ def test_reference_mode_refuses_a_1mm_grid_beyond_its_limit_before_decoding():
 )
 def test_printable_text_can_neither_forge_a_line_nor_drive_a_terminal(text, shown):
     assert preprocess.printable(text) == shown
-    shown.encode("utf-8")
 
 
 NAME = phantom.FAKE_PHI["PatientName"]
