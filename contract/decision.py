@@ -63,7 +63,7 @@ def triage_meta(preprocess_meta: bytes | str, decision: Decision, provenance: ob
     """The response META: preprocess metadata plus the operating point and the model provenance."""
     try:
         meta = json.loads(preprocess_meta)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested too deep
         raise DecisionError("preprocess metadata is not valid JSON") from None
     if not isinstance(meta, dict):
         raise DecisionError("preprocess metadata is not a JSON object")

@@ -16,6 +16,7 @@ from scipy import ndimage
 DEFAULT_FRACTION = 0.5  # the region: attribution >= this fraction of the maximum
 OUTPUT_AXES = ("D", "H", "W")
 _TOLERANCE = 1e-4  # META rounds offset and step to 6 decimals
+_MAX_INDEX = 2**16 - 1  # no series has more voxels along an axis: Rows and Columns are 16-bit, files are fewer
 
 
 class LocalizationError(ValueError):
@@ -77,6 +78,8 @@ def axis_to_original(lo: int, hi: int, axis_meta: dict) -> tuple[int, int]:
     lo..hi (the original voxel i belongs to output cell round((i - offset) / step)), within the crop."""
     offset, step = float(axis_meta["offset"]), float(axis_meta["step"])
     clamp_lo, clamp_hi = (float(v) for v in axis_meta["clamp"])
+    if not np.isfinite([offset, step, clamp_lo, clamp_hi]).all():
+        raise LocalizationError("META output_to_original holds a number that is not finite")
     if step == 0.0:
         raise LocalizationError("META output_to_original has a zero step")
     ends = sorted((offset + step * (lo - 0.5), offset + step * (hi + 0.5)))
@@ -85,6 +88,8 @@ def axis_to_original(lo: int, hi: int, axis_meta: dict) -> tuple[int, int]:
     if first > last:  # an upsampled axis (cells narrower than a voxel): the voxel nearest the cells' centre
         centre = int(np.clip(np.rint((ends[0] + ends[1]) / 2), np.ceil(clamp_lo - _TOLERANCE), np.floor(clamp_hi + _TOLERANCE)))
         first = last = centre
+    if not 0 <= first <= last <= _MAX_INDEX:
+        raise LocalizationError(f"META output_to_original maps to voxels {first}..{last}, outside any series")
     return first, last
 
 
@@ -93,12 +98,18 @@ def to_original(box: Box, meta: dict) -> OriginalBox:
     mapping = meta.get("output_to_original") if isinstance(meta, dict) else None
     if not isinstance(mapping, dict) or set(mapping) != set(OUTPUT_AXES):
         raise LocalizationError("META has no output_to_original mapping for D, H, W (not from preprocess_study?)")
-    size = meta.get("size")
+    size = _size(meta)
     if len(box.ranges) != 3 or any(not 0 <= lo <= hi < (size or hi + 1) for lo, hi in box.ranges):
         raise LocalizationError(f"box {list(box.ranges)} is not inside the {size}^3 grid")
     by_source: dict[str, tuple[int, int]] = {}
     for name, (lo, hi) in zip(OUTPUT_AXES, box.ranges):
-        by_source[mapping[name]["source_axis"]] = axis_to_original(lo, hi, mapping[name])
+        axis = mapping[name]
+        try:
+            by_source[axis["source_axis"]] = axis_to_original(lo, hi, axis)
+        except LocalizationError:
+            raise
+        except (KeyError, TypeError, ValueError) as error:  # a field missing, or not a number (or pair of numbers)
+            raise LocalizationError(f"META output_to_original[{name}] is not preprocess's mapping ({type(error).__name__})") from None
     if set(by_source) != {"slice", "row", "column"}:
         raise LocalizationError("META output_to_original does not name slice, row and column once each")
     return OriginalBox(x=by_source["column"], y=by_source["row"], z=by_source["slice"])
@@ -120,8 +131,16 @@ def to_output(original: OriginalBox, meta: dict) -> Box:
 
 def localize(attribution: np.ndarray, meta: dict, fraction: float = DEFAULT_FRACTION) -> tuple[Box, OriginalBox]:
     """The most attributed region on the S^3 grid and in the original voxel grid of the chosen series."""
-    size = meta.get("size") if isinstance(meta, dict) else None
+    size = _size(meta)
     if size is not None and attribution.shape != (size, size, size):
         raise LocalizationError(f"attribution shape {list(attribution.shape)} does not match META's S={size}")
     box = most_attributed_region(attribution, fraction)
     return box, to_original(box, meta)
+
+
+def _size(meta: dict) -> int | None:
+    """META's S, where it says one."""
+    size = meta.get("size") if isinstance(meta, dict) else None
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+        raise LocalizationError("META size is not an integer")
+    return size

@@ -72,6 +72,16 @@ def test_the_largest_component_wins_and_ties_go_to_the_peak():
     assert most_attributed_region(attribution).ranges == ((1, 2), (1, 2), (1, 2))
 
 
+def _meta(**d_axis) -> dict:
+    """A mapping as preprocess writes it at S=4 (identity), its D axis changed as given."""
+    axes = {
+        name: {"source_axis": source, "offset": 0.0, "step": 1.0, "clamp": [0, 3]}
+        for name, source in zip("DHW", ("slice", "row", "column"))
+    }
+    axes["D"] = {**axes["D"], **d_axis}
+    return {"size": 4, "output_to_original": axes}
+
+
 @pytest.mark.parametrize(
     ("attribution", "meta", "message"),
     [
@@ -80,6 +90,17 @@ def test_the_largest_component_wins_and_ties_go_to_the_peak():
         (np.ones((4, 4)), {}, "3-D"),
         (np.ones((4, 4, 4)), {"size": 8}, "does not match"),
         (np.ones((4, 4, 4)), {"size": 4}, "no output_to_original"),
+        # a META that is not preprocess's (a client calling ct_localize itself): a named refusal, never a traceback or a box
+        (np.ones((4, 4, 4)), {**_meta(), "size": "4"}, "size is not an integer"),
+        (
+            np.ones((4, 4, 4)),
+            {**_meta(), "output_to_original": {"D": {}, "H": {}, "W": {}}},
+            r"\[D\] is not preprocess's mapping \(KeyError\)",
+        ),
+        (np.ones((4, 4, 4)), _meta(offset="nan"), "not finite"),
+        (np.ones((4, 4, 4)), _meta(offset="one"), r"\(ValueError\)"),
+        (np.ones((4, 4, 4)), _meta(clamp=3), r"\(TypeError\)"),
+        (np.ones((4, 4, 4)), _meta(step=1e10, clamp=[0, 1e12]), "outside any series"),  # would wrap around in int32
     ],
 )
 def test_what_cannot_be_localised_is_named(attribution, meta, message):

@@ -138,7 +138,7 @@ def test_bad_input_to_explain_is_one_clear_line_and_the_server_keeps_serving(tri
     assert refused.value.status() == {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}[protocol]
 
 
-def test_localize_answers_minus_one_when_nothing_is_attributed_and_refuses_a_meta_without_mapping(triton_server, answers):
+def test_localize_answers_minus_one_when_nothing_is_attributed_and_refuses_a_meta_not_from_preprocess(triton_server, answers):
     meta = answers[NAMES.triage_explain][NAMES.meta]
     with grpc_client(triton_server) as client:
 
@@ -150,9 +150,18 @@ def test_localize_answers_minus_one_when_nothing_is_attributed_and_refuses_a_met
         peak = np.zeros((S, S, S), np.float16)
         peak[10:14, 20:30, 40:42] = 1
         assert localization(peak, meta).tolist() == localize(peak, json.loads(meta[0]))[1].as_list()
-        with pytest.raises(InferenceServerException, match="ct_localize: META has no output_to_original mapping") as refused:
-            localization(peak, np.array([json.dumps({"size": S}).encode()], dtype=np.object_))
-        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+        # a META that is not preprocess's: one line naming the problem, no traceback
+        wrong = {
+            "ct_localize: META has no output_to_original mapping": json.dumps({"size": S}),
+            r"ct_localize: META output_to_original\[D\] is not preprocess's mapping \(KeyError\)": json.dumps(
+                {"size": S, "output_to_original": {"D": {}, "H": {}, "W": {}}}
+            ),
+            "ct_localize: META is not valid JSON": "[" * 100_000 + "]" * 100_000,  # past the recursion limit
+        }
+        for message, text in wrong.items():
+            with pytest.raises(InferenceServerException, match=message) as refused:
+                localization(peak, np.array([text.encode()], dtype=np.object_))
+            assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "\n" not in refused.value.message(), refused.value
 
 
 def test_triage_never_runs_the_explanation_and_localize_loads_no_torch(triton_server, payload):

@@ -40,7 +40,7 @@ class TritonPythonModel:
 def _meta(value: bytes) -> dict:
     try:
         meta = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested too deep
         raise LocalizationError("META is not valid JSON") from None
     if not isinstance(meta, dict):
         raise LocalizationError("META is not a JSON object")
