@@ -14,7 +14,9 @@ Python-backend ct_classifier that receives its volumes on the CPU (0 when they a
 when the classifier runs on the OpenVINO, ONNX Runtime or TensorRT backend), ~0 for ct_postprocess, one
 FP32 volume in and one FP16 attribution map out (6 S^3) for ct_explain, and the map (2 S^3) for
 ct_localize (the explanation models of ct_triage_explain, loaded on every server). The deployment's
-`/dev/shm` is the sum over instances, plus Triton's own headroom.
+`/dev/shm` is the sum over instances, plus Triton's own headroom. A region grown past its model's
+peak held a request no deployment sends, and keeps those pages: the launcher's watchdog reloads that
+model (`region_limits`).
 
 Measured (benchmarks/results/cpu-s64.md, S=64, 4 stubs, one 150.3 MiB study at a time): 256 MiB
 idle (4 x 64 MiB) and 448 MiB at the peak; the regions above give 448 MiB for that run (one
@@ -32,7 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from settings import SERVING
+from settings import NAMES, SERVING
 
 MIB = 1024**2
 HEADROOM_BYTES = 64 * MIB  # Triton's own use of /dev/shm beyond the stubs' regions, rounded up
@@ -65,19 +67,29 @@ def region_bytes(need: int, default: int = SERVING.shm_default_byte_size, growth
     return default + steps * growth
 
 
+def region_limits(deployment: Deployment) -> dict[str, int]:
+    """Each Python-backend model's region at its peak, by model name: one instance's share of `shm_bytes`."""
+    d = deployment
+    return {
+        NAMES.preprocess: region_bytes(d.largest_study_bytes + (0 if d.preprocess_on_gpu else d.volume_bytes)),
+        NAMES.classifier: region_bytes(0 if d.classifier_inputs_on_gpu else d.max_batch_size * d.volume_bytes),
+        NAMES.postprocess: region_bytes(0),
+        NAMES.explain: region_bytes(d.volume_bytes + d.volume_bytes // 2),
+        NAMES.localize: region_bytes(d.volume_bytes // 2),
+    }
+
+
 def shm_bytes(deployment: Deployment) -> int:
     """/dev/shm the Python backend needs at the peak (compose `shm_size`, the Kubernetes emptyDir)."""
     d = deployment
-    classifier_need = 0 if d.classifier_inputs_on_gpu else d.max_batch_size * d.volume_bytes
-    preprocess_need = d.largest_study_bytes + (0 if d.preprocess_on_gpu else d.volume_bytes)
-    return (
-        d.preprocess_instances * region_bytes(preprocess_need)
-        + d.classifier_python_instances * region_bytes(classifier_need)
-        + d.postprocess_instances * region_bytes(0)
-        + d.explain_instances * region_bytes(d.volume_bytes + d.volume_bytes // 2)
-        + d.localize_instances * region_bytes(d.volume_bytes // 2)
-        + HEADROOM_BYTES
-    )
+    instances = {
+        NAMES.preprocess: d.preprocess_instances,
+        NAMES.classifier: d.classifier_python_instances,
+        NAMES.postprocess: d.postprocess_instances,
+        NAMES.explain: d.explain_instances,
+        NAMES.localize: d.localize_instances,
+    }
+    return sum(instances[model] * limit for model, limit in region_limits(d).items()) + HEADROOM_BYTES
 
 
 def cuda_pool_bytes(deployment: Deployment) -> int:
