@@ -1,9 +1,9 @@
 """`python -m serve --repository DIR`: run tritonserver in the foreground until SIGINT/SIGTERM.
 
-The server is supervised: a Python-backend stub that dies, or a region grown past what a study needs,
-gets its model reloaded; a server that exits, or a failed reload, gets the server restarted (after 3
-restarts in a row that did not bring it up, this exits 1). Each action is a line on stderr and in the
-server log.
+The server is supervised: a Python-backend stub that dies, or a region grown past what serve.sizing
+gives its model, gets its model reloaded; a server that exits, or a failed reload, gets the server
+restarted (after 3 restarts in a row that did not bring it up, this exits 1). Each action is a line on
+stderr and in the server log.
 
 CT_TRIAGE_ADMIN_KEY, when set, restricts the model-repository, shared-memory, trace and logging APIs
 to requests carrying it (serve/README.md, "Security"). It is read from the environment only: a

@@ -39,14 +39,12 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.sizing import region_bytes
-from settings import ADMIN, PREPROCESSING, SERVING
+from serve.sizing import Deployment, region_limits
+from settings import ADMIN, NAMES, PREPROCESSING, SERVING
 
 SHM_DIR = Path("/dev/shm")
 STUB_PYTHONPATH = "CT_TRIAGE_STUB_PYTHONPATH"  # see the module docstring
 STUB_BINARY = "triton_python_backend_stub"
-# The largest region a stub needs: ct_preprocess holding the largest study and an S=256 volume.
-SHM_REGION_LIMIT_BYTES = region_bytes(SERVING.largest_study_bytes + 4 * PREPROCESSING.size**3)
 # A model's config parameter the watchdog changes to reload it: Triton skips a load whose config is unchanged.
 RELOAD_PARAMETER = "reloaded_by_launcher"
 WATCH_INTERVAL_S = 0.5
@@ -213,7 +211,6 @@ class TritonServer:
         cuda_memory_pool_bytes: int | None = None,
         admin_key: str | None = None,
         supervise: bool = False,
-        shm_region_limit_bytes: int = SHM_REGION_LIMIT_BYTES,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.model_config_name = model_config_name
@@ -231,7 +228,7 @@ class TritonServer:
         # Unique per server: names its shared-memory regions, so leaks can be found and removed.
         self.shm_prefix = f"ct_triage_{os.getpid()}_{secrets.token_hex(4)}"
         self.supervise = supervise
-        self.shm_region_limit_bytes = shm_region_limit_bytes
+        self.shm_region_limits: dict[str, int] = {}  # by model, from the served repository once it is up
         self.recoveries: list[Recovery] = []  # what the watchdog did, oldest first
         self._watchdog: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -347,6 +344,7 @@ class TritonServer:
             self.stop()
             raise
         if self.supervise:
+            self.shm_region_limits = self._served_region_limits()
             self._watchdog = threading.Thread(target=self._watch, name="triton-watchdog", daemon=True)
             self._watchdog.start()
         return self
@@ -417,9 +415,10 @@ class TritonServer:
     # Triton 2.51's Python backend neither restarts a stub that died nor marks its model unready:
     # /v2/health/ready stays 200 while every request routed to that instance fails with "Stub process
     # '<instance>' is not healthy" (its restart on the next request was removed in 24.08). Nor can it
-    # refuse a request by size: a 1 GiB study is copied into a ct_preprocess region, which keeps its
-    # size (and its pages) for the life of the stub. The watchdog (supervise=True) repairs both by
-    # reloading the model, and restarts the server if it exited or a reload fails.
+    # refuse a request by size: a 1 GiB study is copied into a ct_preprocess region (a huge META sent
+    # to ct_postprocess into its region), which keeps its size (and its pages) for the life of the stub.
+    # The watchdog (supervise=True) repairs both by reloading the model (a region past what serve.sizing
+    # gives its model), and restarts the server if it exited or a reload fails.
 
     def _watch(self) -> None:
         while not self._stopping.wait(WATCH_INTERVAL_S):
@@ -445,11 +444,12 @@ class TritonServer:
                 self._retired.discard(pid)
             elif self._died(stub):
                 broken.setdefault(stub.model, f"the stub of {stub.instance} (pid {pid}) died")
-        limit = self.shm_region_limit_bytes
+        # a model the sizing does not know may grow as far as the largest known need
+        fallback = max(self.shm_region_limits.values())
         for stub in live.values():
-            size = _file_size(stub.region)
+            size, limit = _file_size(stub.region), self.shm_region_limits.get(stub.model, fallback)
             if stub.pid not in self._retired and size > limit:
-                reason = f"the shared memory of {stub.instance} grew to {size >> 20} MiB, over the {limit >> 20} MiB a study needs"
+                reason = f"the shared memory of {stub.instance} grew to {size >> 20} MiB, over the {limit >> 20} MiB {stub.model} needs"
                 broken.setdefault(stub.model, reason)
         for model, reason in broken.items():
             if self._stopping.is_set():
@@ -508,7 +508,18 @@ class TritonServer:
                 self._remove_leftovers()
                 self._stopping.set()  # ends the watchdog: serving() turns False
             return  # otherwise the next check restarts it again
+        self.shm_region_limits = self._served_region_limits()
         self._record(reason, "restart", True, started)
+
+    def _served_region_limits(self) -> dict[str, int]:
+        """Each model's largest legitimate region (serve.sizing, what /dev/shm is sized with) for the S and
+        batch ct_classifier is served with (the project's defaults without one), with volumes on the CPU."""
+        try:
+            config = self._request(f"/v2/models/{NAMES.classifier}/config")
+            size, batch = int(config["input"][0]["dims"][-1]), int(config["max_batch_size"])
+        except OSError:  # urllib's errors are OSErrors
+            size, batch = PREPROCESSING.size, SERVING.max_batch_size
+        return region_limits(Deployment(size=size, preprocess_instances=SERVING.preprocess_instances, max_batch_size=batch))
 
     def _request(self, path: str, body: dict | None = None) -> dict:
         """One call to the server's HTTP API (with the admin key, which the load API may need)."""

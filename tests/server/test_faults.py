@@ -2,9 +2,10 @@
 mid-request, requests far over the limits, the server process killed.
 
 Triton 2.51 neither restarts a dead stub nor marks its model unready, and copies a request of any size
-into a ct_preprocess stub's shared memory before the model can refuse it; the launcher's watchdog
-(`supervise=True`) reloads the model in both cases, and restarts a server that exited. Memory is
-compared with both ct_preprocess instances warm (each has served a study), before and after.
+into the shared memory of the stub it goes to before the model can refuse it; the launcher's watchdog
+(`supervise=True`) reloads the model in both cases (a region past what serve.sizing gives that model),
+and restarts a server that exited. Memory is compared with both ct_preprocess instances warm (each has
+served a study), before and after.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 from helpers import TEST_SIZE
@@ -136,6 +138,27 @@ def test_requests_far_over_the_limits_are_refused_and_leave_memory_as_it_was(ser
     server_memory = [line for line in Path(f"/proc/{server.pid}/status").read_text().splitlines() if line.startswith("Rss")]
     assert sum(rss_after.values()) == pytest.approx(rss_before, rel=RSS_TOLERANCE), (rss_before, rss_after, server_memory)
     assert len(server.recoveries) == done + 1  # one reload, nothing else
+
+
+def test_a_huge_request_straight_to_ct_postprocess_gets_it_reloaded_at_its_own_limit(server, study, answer):
+    """ct_postprocess's region is sized for its small tensors: a META as large as that whole region
+    cannot fit in it, so the region grows past its limit though it stays far below ct_preprocess's."""
+    limit = server.shm_region_limits[NAMES.postprocess]
+    shm_before, stubs, done = server.shm_bytes(), len(server.stubs()), len(server.recoveries)
+    probabilities = triton_grpc.InferInput(NAMES.probabilities, [1, 2], "FP32")
+    probabilities.set_data_from_numpy(np.array([[0.3, 0.7]], np.float32))
+    meta = triton_grpc.InferInput(NAMES.meta, [1], "BYTES")
+    meta.set_data_from_numpy(np.array([bytes(limit)], dtype=np.object_))
+    with triton_grpc.InferenceServerClient(server.grpc_url) as client, pytest.raises(InferenceServerException):
+        client.infer(NAMES.postprocess, [probabilities, meta])  # not JSON: refused
+
+    reload = recovery(server, done + 1)
+    assert reload.ok and reload.action == f"reload {NAMES.postprocess}", reload
+    assert reload.reason.startswith(f"the shared memory of {NAMES.postprocess}_0_0 grew to"), reload
+    assert reload.reason.endswith(f"MiB, over the {limit >> 20} MiB {NAMES.postprocess} needs"), reload
+    assert classify(server, study).probability_of_pathology == pytest.approx(answer, abs=1e-6)
+    assert settled(server, shm_before, stubs) == shm_before
+    assert len(server.recoveries) == done + 1
 
 
 def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_model_is_reloaded(server, study, answer):
