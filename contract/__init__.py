@@ -2,7 +2,8 @@
 clients must agree on, as pure functions over `settings`.
 
 - model input: the valid sizes S (`validate_size`), the HU window mapped to [-1, 1]
-  (`hu_to_model_range`, `hu_window_affine`);
+  (`hu_to_model_range`, `hu_window_affine`), and the check that a volume's values are in it
+  (`check_model_range`);
 - decision: the operating-point rule (`parse_threshold`, `decide`), and the response META the
   server adds to preprocess's metadata (`triage_meta`, `parse_provenance`);
 - labels: `settings.NAMES.labels`, in the classifier's output order.
@@ -18,6 +19,8 @@ from .model_input import (
     MIN_SIZE,
     SIZE_MULTIPLE,
     InvalidSizeError,
+    OutOfRangeError,
+    check_model_range,
     hu_to_model_range,
     hu_window_affine,
     validate_size,
@@ -31,6 +34,8 @@ __all__ = [
     "Decision",
     "DecisionError",
     "InvalidSizeError",
+    "OutOfRangeError",
+    "check_model_range",
     "decide",
     "hu_to_model_range",
     "hu_window_affine",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from settings import PREPROCESSING, Preprocessing
 
 from .errors import ContractError
@@ -11,8 +13,15 @@ MIN_SIZE = 16  # below this the dilated layers see almost only padding
 MAX_SIZE = 512  # 8x the trained input's voxels: beyond any card or CPU this serves on
 
 
+RANGE_TOLERANCE = 1e-3  # float32 rounding of the window's affine map, far below any un-windowed value
+
+
 class InvalidSizeError(ContractError):
     """S that the network cannot take or that no deployment would serve."""
+
+
+class OutOfRangeError(ContractError):
+    """A volume whose values no preprocessing makes: NaN, infinite, or outside [-1, 1] (HU not windowed)."""
 
 
 def validate_size(size: object, what: str = "size") -> int:
@@ -42,3 +51,17 @@ def hu_to_model_range(x, settings: Preprocessing = PREPROCESSING):
     x *= scale
     x += offset
     return x
+
+
+def check_model_range(volume, what: str = "VOLUME") -> None:
+    """OutOfRangeError unless every value of `volume` (numpy array or torch tensor, on any device) is
+    finite and in [-1, 1]. The network answers anything with a confident probability (NaN volumes
+    included), so the served classifiers check what a client that preprocesses itself sends."""
+    lo, hi = (float(v) for v in volume.aminmax()) if hasattr(volume, "aminmax") else (float(volume.min()), float(volume.max()))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise OutOfRangeError(f"{what} holds non-finite values (NaN or infinite)")
+    if lo < -1.0 - RANGE_TOLERANCE or hi > 1.0 + RANGE_TOLERANCE:
+        raise OutOfRangeError(
+            f"{what} holds values from {lo:.4g} to {hi:.4g}, outside the model's [-1, 1]: "
+            f"HU must be windowed to [{PREPROCESSING.hu_min:g}, {PREPROCESSING.hu_max:g}] and mapped to [-1, 1] as preprocess does"
+        )

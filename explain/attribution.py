@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from classifier import ResNet34Classifier
-from contract import validate_size
+from contract import ContractError, check_model_range, validate_size
 from settings import NAMES
 
 METHODS = ("gradcam", "integrated_gradients", "occlusion")
@@ -108,8 +108,10 @@ class Explainer:
     def __call__(self, volume: np.ndarray | torch.Tensor) -> Explanation:
         self.check(volume)
         x = torch.as_tensor(volume).to(self.device)
-        if not bool(torch.isfinite(x).all()):
-            raise ExplainError("VOLUME holds non-finite values")
+        try:
+            check_model_range(x)
+        except ContractError as error:
+            raise ExplainError(str(error)) from None
         if self.method == "gradcam":
             attribution, logits = self._gradcam(x)
         else:

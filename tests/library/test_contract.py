@@ -14,6 +14,8 @@ from helpers import ROOT
 from contract import (
     DecisionError,
     InvalidSizeError,
+    OutOfRangeError,
+    check_model_range,
     decide,
     hu_to_model_range,
     parse_provenance,
@@ -119,3 +121,18 @@ def test_imports_run_one_way(steps):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:-1] == [f"{name} []" for name, _ in steps]
+
+
+@pytest.mark.parametrize("as_tensor", [np.asarray, torch.from_numpy], ids=["numpy", "torch"])
+def test_only_volumes_in_the_model_range_pass(as_tensor):
+    hu = np.random.default_rng(0).uniform(-1100, 700, (1, 1, 16, 16, 16)).astype(np.float32)
+    check_model_range(as_tensor(hu_to_model_range(hu.copy())))  # what preprocess makes: every value in [-1, 1]
+    check_model_range(as_tensor(np.full((2, 2), 1.0005, np.float32)))  # float32 rounding of the window is tolerated
+    for values, message in [
+        (hu, r"VOLUME holds values from -1\d+ to [\d.]+, outside the model's \[-1, 1\]: HU must be windowed"),
+        (np.where(hu > 0, np.nan, 0).astype(np.float32), "VOLUME holds non-finite values"),
+        (np.full((2, 2), -np.inf, np.float32), "VOLUME holds non-finite values"),
+        (np.full((2, 2), 1.01, np.float32), "outside the model's"),
+    ]:
+        with pytest.raises(OutOfRangeError, match=message):
+            check_model_range(as_tensor(values))

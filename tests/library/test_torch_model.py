@@ -96,3 +96,41 @@ def test_the_engine_casts_and_returns_fp32_probabilities_on_its_device(demo_weig
     probabilities = engine(torch.zeros((1, 1, 16, 16, 16), dtype=torch.float64))
     assert probabilities.dtype == torch.float32 and probabilities.shape == (1, 2)
     assert torch.allclose(probabilities.sum(dim=1), torch.ones(1))
+
+
+def test_a_volume_out_of_range_fails_its_request_and_the_rest_of_the_batch_is_answered(torch_model, exported):
+    triton = sys.modules["triton_python_backend_utils"]  # the stand-in, given what execute uses
+
+    class Error:
+        INVALID_ARG, INTERNAL, UNAVAILABLE = "INVALID_ARG", "INTERNAL", "UNAVAILABLE"
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    class Request:
+        def __init__(self, volume):
+            self.volume = volume
+
+        def is_cpu(self):
+            return True
+
+        def as_numpy(self):
+            return self.volume
+
+    triton.TritonError = Error
+    triton.Tensor = lambda name, array: array
+    triton.InferenceResponse = lambda output_tensors=None, error=None: (output_tensors, error)
+    triton.get_input_tensor_by_name = lambda request, name: request
+    model = torch_model.TritonPythonModel()
+    model.initialize(_args(exported))
+    rng = np.random.default_rng(0)
+    good = [rng.uniform(-1, 1, (batch, 1, 16, 16, 16)).astype(np.float32) for batch in (1, 2)]
+    nan = np.full((1, 1, 16, 16, 16), np.nan, np.float32)
+
+    responses = model.execute([Request(good[0]), Request(nan), Request(good[1])])
+
+    assert responses[1][0] is None and responses[1][1].code == "INVALID_ARG"
+    assert responses[1][1].message == "ct_classifier: VOLUME holds non-finite values (NaN or infinite)"
+    for (outputs, error), volume in zip((responses[0], responses[2]), good):
+        assert error is None and np.allclose(outputs[0], model.engine(torch.from_numpy(volume)).numpy(), atol=1e-5)
+    assert model.execute([Request(nan)])[0][1].code == "INVALID_ARG"  # a batch of refusals runs nothing

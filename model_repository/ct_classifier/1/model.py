@@ -13,7 +13,9 @@ import os
 import triton_python_backend_utils as pb_utils
 
 from classifier import OpenVINOClassifier, file_sha256
+from contract import ContractError, check_model_range
 from preprocess.workers import available_cpus
+from settings import NAMES
 
 
 class TritonPythonModel:
@@ -46,6 +48,13 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             volume = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
+            try:
+                check_model_range(volume, self.input_name)
+            except ContractError as error:
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{NAMES.classifier}: {error}", pb_utils.TritonError.INVALID_ARG))
+                )
+                continue
             try:
                 probabilities = self.engine(volume)
             except Exception as error:  # OpenVINO failure

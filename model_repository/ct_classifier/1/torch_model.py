@@ -15,6 +15,8 @@ import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
 from classifier import TorchClassifier, file_sha256
+from contract import ContractError, check_model_range
+from settings import NAMES
 
 
 class TritonPythonModel:
@@ -41,8 +43,26 @@ class TritonPythonModel:
         self.output_name = config["output"][0]["name"]
 
     def execute(self, requests):
-        """All requests of the dynamic batch in one forward pass, split back per request."""
-        volumes = [_as_torch(pb_utils.get_input_tensor_by_name(request, self.input_name)) for request in requests]
+        """The requests of the dynamic batch whose volumes are model inputs in one forward pass, split
+        back per request; the others fail alone."""
+        responses = [None] * len(requests)
+        volumes = {}
+        for index, request in enumerate(requests):
+            volume = _as_torch(pb_utils.get_input_tensor_by_name(request, self.input_name))
+            try:
+                check_model_range(volume, self.input_name)
+                volumes[index] = volume
+            except ContractError as error:
+                responses[index] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"{NAMES.classifier}: {error}", pb_utils.TritonError.INVALID_ARG)
+                )
+        for index, response in zip(volumes, self._run(list(volumes.values()))):
+            responses[index] = response
+        return responses
+
+    def _run(self, volumes):
+        if not volumes:
+            return []
         try:
             batch = volumes[0] if len(volumes) == 1 else torch.cat([v.to(self.engine.device) for v in volumes])
             probabilities = self.engine(batch).cpu().numpy()
@@ -51,10 +71,10 @@ class TritonPythonModel:
             failure = pb_utils.TritonError(
                 f"classifier out of GPU memory at batch {len(volumes)}: lower max_batch_size", pb_utils.TritonError.UNAVAILABLE
             )
-            return [pb_utils.InferenceResponse(error=failure) for _ in requests]
+            return [pb_utils.InferenceResponse(error=failure) for _ in volumes]
         except Exception as error:  # every request of the batch gets the error
             failure = pb_utils.TritonError(f"classifier failed: {type(error).__name__}: {error}", pb_utils.TritonError.INTERNAL)
-            return [pb_utils.InferenceResponse(error=failure) for _ in requests]
+            return [pb_utils.InferenceResponse(error=failure) for _ in volumes]
         ends = np.cumsum([len(volume) for volume in volumes])[:-1]
         return [
             pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, part)]) for part in np.split(probabilities, ends)

@@ -6,8 +6,8 @@ weights are the ones export wrote beside this file (weights.pt, a plain state_di
 weights-only loading), checked against provenance.json's SHA-256 at load, or the model refuses to
 load; the provenance is logged once and kept.
 
-A request the explainer cannot answer as asked (explain.ExplainError: shape, dtype, non-finite
-values) fails that request only, with INVALID_ARG and the explainer's one-line message; out of GPU
+A request the explainer cannot answer as asked (explain.ExplainError: shape, dtype, values that
+are not finite or outside [-1, 1]) fails that request only, with INVALID_ARG and the explainer's one-line message; out of GPU
 memory is UNAVAILABLE; anything else is INTERNAL (type and message: tensors only, no DICOM values).
 """
 
