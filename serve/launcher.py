@@ -39,7 +39,6 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.sizing import Deployment, region_limits
 from settings import ADMIN, NAMES, PREPROCESSING, SERVING
 
 SHM_DIR = Path("/dev/shm")
@@ -514,6 +513,9 @@ class TritonServer:
     def _served_region_limits(self) -> dict[str, int]:
         """Each model's largest legitimate region (serve.sizing, what /dev/shm is sized with) for the S and
         batch ct_classifier is served with (the project's defaults without one), with volumes on the CPU."""
+        # imported here: the package imports this module, and `python -m serve.sizing` must find sizing not yet loaded
+        from serve.sizing import Deployment, region_limits
+
         try:
             config = self._request(f"/v2/models/{NAMES.classifier}/config")
             size, batch = int(config["input"][0]["dims"][-1]), int(config["max_batch_size"])

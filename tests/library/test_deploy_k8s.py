@@ -19,7 +19,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, run_module
 
 from serve import sizing
 from settings import NAMES, PREPROCESSING, SERVING
@@ -211,6 +211,11 @@ def test_dev_shm_is_a_memory_emptydir_of_the_size_serve_sizing_gives():
     backend = flags()["backend-config"]
     assert f"python,shm-default-byte-size={SERVING.shm_default_byte_size}" in backend
     assert f"python,shm-growth-byte-size={SERVING.shm_growth_byte_size}" in backend
+
+
+def test_the_sizing_command_prints_its_json_and_nothing_else():
+    done = run_module("serve.sizing", *shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/serve-sizing"]), timeout=60)
+    assert done.returncode == 0 and done.stderr == "" and json.loads(done.stdout) == sizing_cli()  # no runpy warning
 
 
 def test_the_cuda_memory_pool_is_serve_sizing_for_gpu_preprocessing():
