@@ -5,7 +5,7 @@
 
 1. Renders the repository at S (demo weights, CPU target) and starts the bundled tritonserver.
 2. perf_analyzer (Triton's load generator) sweeps the concurrency levels on ct_classifier with
-   random volumes (batch sizes per level from the server's statistics) and on ct_triage with a
+   all-zero volumes (batch sizes per level from the server's statistics) and on ct_triage with a
    generated DICOM study: gRPC and HTTP, on the wire and through system shared memory. The server-side
    time per composing model (queue, compute) comes from Triton's statistics around each level.
 3. The same closed client loop (benchmarks.load) sends the same study to the ensemble (project
@@ -351,7 +351,7 @@ def measure_bundled(
 
 
 def sweeps(server: TritonServer, input_json: Path, args: argparse.Namespace, out: Path, name: str) -> dict:
-    """perf_analyzer on ct_classifier (random volumes) and on ct_triage (the study), per level."""
+    """perf_analyzer on ct_classifier (all-zero volumes) and on ct_triage (the study), per level."""
     plan = [("classifier-grpc", NAMES.classifier, "grpc", False, args.levels)]
     plan += [(f"triage-{protocol}", NAMES.triage, protocol, False, args.levels) for protocol in ("grpc", "http")]
     if not args.url:  # system shared memory needs the server's own host
