@@ -138,9 +138,9 @@ _REPERTOIRES = {"CS": re.compile(r"[A-Z0-9 _]{0,16}"), "UI": re.compile(r"[0-9.]
 
 def shown(value: str, vr: str, keyword: str) -> str:
     """A header value as a message, log line or meta may show it: the value where it fits its VR's
-    characters and length, else "not a valid <keyword>". A misfiled header (a patient's name in
+    characters and length, else "<invalid KEYWORD>". A misfiled header (a patient's name in
     Modality or a UID) must not reach the sender, the server log or a report through a message."""
-    return value if _REPERTOIRES[vr].fullmatch(value) else f"not a valid {keyword}"
+    return value if _REPERTOIRES[vr].fullmatch(value) else f"<invalid {keyword}>"
 
 
 __all__ = [name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, StudyError)] + [

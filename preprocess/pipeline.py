@@ -29,7 +29,7 @@ class PreprocessedStudy:
     """The model input for one study: volume [1, 1, S, S, S] float32 in [-1, 1], C-contiguous, and
     JSON-ready meta. The volume is a numpy array, or a torch tensor on the device `preprocess_study`
     was given (so that a GPU's result stays there for the classifier). The UIDs, here and in meta,
-    are as `errors.shown` shows them: an invalid one is "not a valid <keyword>"."""
+    are as `errors.shown` shows them: an invalid one is "<invalid KEYWORD>"."""
 
     volume: np.ndarray | torch.Tensor
     study_uid: str

@@ -534,15 +534,15 @@ def test_pydicom_never_warns_or_logs_a_misfiled_value(series, small_rle, misfile
         ("CT", "CS", "CT"),
         ("MONOCHROME2", "CS", "MONOCHROME2"),
         ("", "CS", ""),
-        (NAME, "CS", "not a valid Keyword"),
-        ("ct", "CS", "not a valid Keyword"),
-        ("MONOCHROME2 PLUS1", "CS", "not a valid Keyword"),  # 17 characters
+        (NAME, "CS", "<invalid Keyword>"),
+        ("ct", "CS", "<invalid Keyword>"),
+        ("MONOCHROME2 PLUS1", "CS", "<invalid Keyword>"),  # 17 characters
         ("1.2.840.10008.1.2.1", "UI", "1.2.840.10008.1.2.1"),
         ("1." + "2" * 62, "UI", "1." + "2" * 62),
-        ("1." + "2" * 63, "UI", "not a valid Keyword"),
-        ("1.2." + NAME, "UI", "not a valid Keyword"),
-        ("1.2.3\n[FORGED] all normal", "UI", "not a valid Keyword"),
-        ("", "UI", "not a valid Keyword"),
+        ("1." + "2" * 63, "UI", "<invalid Keyword>"),
+        ("1.2." + NAME, "UI", "<invalid Keyword>"),
+        ("1.2.3\n[FORGED] all normal", "UI", "<invalid Keyword>"),
+        ("", "UI", "<invalid Keyword>"),
     ],
 )
 def test_a_header_value_is_shown_only_when_it_fits_its_vr(value, vr, expected):
@@ -572,49 +572,49 @@ def _other_series(files: list[bytes], change) -> list[bytes]:
 @pytest.mark.parametrize(
     ("misfiled", "expected"),
     [
-        pytest.param(lambda s: edit(s, _set("Modality", NAME)), "series is not a valid Modality, not CT", id="Modality"),
+        pytest.param(lambda s: edit(s, _set("Modality", NAME)), "series is <invalid Modality>, not CT", id="Modality"),
         pytest.param(
             lambda s: edit(s, _set("PhotometricInterpretation", NAME)),
-            "colour images (not a valid PhotometricInterpretation) are not CT slices",
+            "colour images (<invalid PhotometricInterpretation>) are not CT slices",
             id="PhotometricInterpretation",
         ),
         pytest.param(
             lambda s: edit(s, _set("PhotometricInterpretation", "MONOCHROME2" + NAME, only=3)),
-            "slices are stored differently: PhotometricInterpretation MONOCHROME2 and not a valid PhotometricInterpretation",
+            "slices are stored differently: PhotometricInterpretation <invalid PhotometricInterpretation> and MONOCHROME2",
             id="PhotometricInterpretation-one-slice",
         ),
         pytest.param(
             lambda s: _transfer_syntax(s, "1.2." + NAME),
-            "pixel data could not be decoded (not a valid TransferSyntaxUID",
+            "pixel data could not be decoded (<invalid TransferSyntaxUID>",
             id="TransferSyntaxUID",
         ),
         pytest.param(
             lambda s: [*s, _without_image(NAME)],
-            "file 21 is a DICOM object without an image (not a valid SOPClassUID): skipped",
+            "file 21 is a DICOM object without an image (<invalid SOPClassUID>): skipped",
             id="SOPClassUID",
         ),
         pytest.param(  # not taken for a truncated CT image either
             lambda s: [*s, _without_image(NAME + " Image Storage")],
-            "without an image (not a valid SOPClassUID): skipped",
+            "without an image (<invalid SOPClassUID>): skipped",
             id="SOPClassUID-image",
         ),
         pytest.param(
-            lambda s: edit(s, _set("StudyInstanceUID", "1.2." + NAME)), '"study_uid": "not a valid StudyInstanceUID"', id="StudyInstanceUID"
+            lambda s: edit(s, _set("StudyInstanceUID", "1.2." + NAME)), '"study_uid": "<invalid StudyInstanceUID>"', id="StudyInstanceUID"
         ),
         pytest.param(
-            lambda s: edit(s, _set("SeriesInstanceUID", "1.2." + NAME)), '"chosen": "not a valid SeriesInstanceUID"', id="SeriesInstanceUID"
+            lambda s: edit(s, _set("SeriesInstanceUID", "1.2." + NAME)), '"chosen": "<invalid SeriesInstanceUID>"', id="SeriesInstanceUID"
         ),
-        pytest.param(lambda s: edit(s, _set("SOPInstanceUID", "1.2." + NAME)), '["not a valid SOPInstanceUID", ', id="SOPInstanceUID"),
+        pytest.param(lambda s: edit(s, _set("SOPInstanceUID", "1.2." + NAME)), '["<invalid SOPInstanceUID>", ', id="SOPInstanceUID"),
         pytest.param(
             lambda s: s + _other_series(s, _set("Modality", NAME)),
-            '"series_uid": "1.2.3.999", "reason": "series is not a valid Modality, not CT"',
+            '"series_uid": "1.2.3.999", "reason": "series is <invalid Modality>, not CT"',
             id="Modality-skipped-series",
         ),
     ],
 )
 def test_a_misfiled_header_value_is_in_no_message_log_line_or_meta(series, misfiled, expected, caplog):
     """A patient's name misfiled in a coded value or a UID is never quoted: where the message or
-    meta would show the value, it says the value is not a valid <keyword>."""
+    meta would show the value, it shows "<invalid KEYWORD>"."""
     outcome, warned, records = emitted(misfiled(series), caplog)
     if isinstance(outcome, preprocess.StudyError):
         shown_text = [str(outcome), json.dumps(outcome.skipped if isinstance(outcome, preprocess.NoUsableSeriesError) else [])]
@@ -631,12 +631,12 @@ def test_a_uid_can_forge_no_log_line(series, caplog):
     """A StudyInstanceUID with a line break would forge a line of the server log after each warning."""
     forged = edit(series, _set("StudyInstanceUID", "1.2.3\n[FORGED] study normal"))
     study, _, records = emitted([*forged, b"not DICOM"], caplog)
-    assert study.study_uid == study.meta["study_uid"] == "not a valid StudyInstanceUID"
+    assert study.study_uid == study.meta["study_uid"] == "<invalid StudyInstanceUID>"
     lines = [record.getMessage() for record in records if record.name == "preprocess"]
-    assert "study not a valid StudyInstanceUID: file 21 is not a DICOM file: skipped" in lines
+    assert "study <invalid StudyInstanceUID>: file 21 is not a DICOM file: skipped" in lines
     assert not [line for line in lines if "\n" in line or "FORGED" in line]
     error, _, _ = emitted(series, caplog, series_uid="1.2.3\n[FORGED] " + NAME)
-    assert str(error) == "series not a valid SeriesInstanceUID is not in the study (1 series found)"
+    assert str(error) == "series <invalid SeriesInstanceUID> is not in the study (1 series found)"
 
 
 def _latin1_name(series: list[bytes], where: slice) -> bytes:
