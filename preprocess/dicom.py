@@ -19,6 +19,7 @@ import io
 import itertools
 import math
 import struct
+import warnings
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,9 +56,12 @@ DECODERS = ("imagecodecs", "pydicom")
 # a process can choose; `python -m benchmarks.decoding` sets "pydicom" to time the previous path.
 DECODER = "imagecodecs" if imagecodecs is not None else "pydicom"
 
-# pydicom's value checks warn and log the value they find invalid, and a misfiled header can hold a
-# patient's name: not in this process's log. This package checks the values it uses itself.
+# pydicom's value checks and its other warnings (an unknown character set, ...) quote the value they
+# are about, and a misfiled header can hold a patient's name: none of it reaches this process's log
+# (stderr, the logger). This package checks the values it uses itself, in its own messages.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+pydicom.config.logger.disabled = True
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"SQ", b"UN", b"UT", b"UC", b"UR", b"SV", b"UV"}

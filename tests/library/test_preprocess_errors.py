@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import math
+import subprocess
+import sys
 import warnings
 import zipfile
 
@@ -499,6 +501,10 @@ def _character_set(value: str):
     return lambda ds, k: setattr(ds, "SpecificCharacterSet", value)
 
 
+def _deflated(ds, k):
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+
+
 @pytest.fixture(scope="module")
 def small_rle() -> list[bytes]:
     return phantom.study_files("series", slices=16, rows=32, columns=32, transfer_syntax="rle")
@@ -526,6 +532,21 @@ def test_pydicom_never_warns_or_logs_a_misfiled_value(series, small_rle, misfile
     _, warned, records = emitted(misfiled(series, small_rle), caplog)
     assert not [text for text in warned if "Jane" in text]
     assert not [record.getMessage() for record in records if record.name.startswith("pydicom")]
+
+
+@pytest.mark.filterwarnings("ignore:Unknown encoding")  # pydicom, while the test writes the files
+def test_pydicom_messages_reach_neither_stderr_nor_the_log_of_a_process(series, tmp_path):
+    """What a server's stub does (stderr is the server log): a deflated study whose SpecificCharacterSet
+    holds a name; pydicom decodes it itself and warns with the value, which the process filters out."""
+    for k, data in enumerate(edit(edit(series, _deflated), _character_set(NAME))):
+        (tmp_path / f"{k}.dcm").write_bytes(data)
+    code = (
+        "import logging, sys, preprocess; logging.basicConfig(level=logging.DEBUG); "
+        f"study = preprocess.preprocess_study(preprocess.read_study({str(tmp_path)!r}), size={S}); print(study.meta['transfer_syntaxes'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and pydicom.uid.DeflatedExplicitVRLittleEndian in done.stdout, done.stderr[-2000:]
+    assert "Jane" not in done.stderr and "pydicom" not in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
