@@ -250,18 +250,27 @@ def _with_known_character_set(data: bytes, start: int | None) -> bytes:
     """The file with the value of its top-level SpecificCharacterSet blanked (same length) unless
     pydicom knows every term of it: pydicom stops at a value it cannot look up, or warns and logs
     it (misfiled text, a patient's name, quoted in the server log). This package never uses it
-    (text is read as bytes)."""
-    at = data.find(b"\x08\x00\x05\x00", start or 0)
-    if at < 0 or at + 12 > len(data):
-        return data
-    vr = data[at + 4 : at + 6]
-    if vr in _LONG_VRS:
-        (length,), value_at = _LENGTH32.unpack_from(data, at + 8), at + 12
-    elif vr in _SHORT_VRS:
-        length, value_at = _SHORT.unpack_from(data, at)[3], at + 8
+    (text is read as bytes). Data sets are sorted by tag, so it is among the first few elements or
+    absent: only those are walked (never a search through the file, which could match pixel bytes)."""
+    at = start or 0
+    for _ in range(_CHARSET_SEARCH_ELEMENTS):
+        if at + 8 > len(data):
+            return data
+        group, element, vr, short_length = _SHORT.unpack_from(data, at)
+        if (group, element) > _SPECIFIC_CHARACTER_SET:
+            return data
+        if vr in _LONG_VRS:
+            length, value_at = (_LENGTH32.unpack_from(data, at + 8)[0] if at + 12 <= len(data) else 0), at + 12
+        elif vr in _SHORT_VRS:
+            length, value_at = short_length, at + 8
+        else:  # implicit VR
+            length, value_at = _LENGTH32.unpack_from(data, at + 4)[0], at + 8
+        if (group, element) == _SPECIFIC_CHARACTER_SET:
+            break
+        at = value_at + length
     else:
-        (length,), value_at = _LENGTH32.unpack_from(data, at + 4), at + 8
-    length = min(length, len(data) - value_at)
+        return data
+    length = min(length, max(len(data) - value_at, 0))
     value = data[value_at : value_at + length].decode("latin-1")
     if all(term.strip(" \0") in pydicom.charset.python_encoding for term in value.split("\\")):
         return data
@@ -343,6 +352,8 @@ _WANTED = {
 _SHORT = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length (explicit VR)
 _IMPLICIT = struct.Struct("<HHI")  # group, element, 4-byte length (implicit VR, items and delimiters)
 _LENGTH32 = struct.Struct("<I")
+_SPECIFIC_CHARACTER_SET = (0x0008, 0x0005)
+_CHARSET_SEARCH_ELEMENTS = 6  # at most (0008,0000) to (0008,0004) precede it
 
 
 class _TooDeep(Exception):

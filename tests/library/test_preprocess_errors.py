@@ -534,6 +534,19 @@ def test_pydicom_never_warns_or_logs_a_misfiled_value(series, small_rle, misfile
     assert not [record.getMessage() for record in records if record.name.startswith("pydicom")]
 
 
+def test_only_a_real_specific_character_set_is_blanked():
+    """An Enhanced CT file without SpecificCharacterSet whose private element holds its tag's bytes:
+    read as it is (a search for the tag's bytes blanked the megabyte after them and refused the file)."""
+    files = phantom.study_files("multiframe", slices=16, rows=32, columns=32)
+
+    def planted(ds, k):
+        ds.add_new(0x00090010, "LO", "TEST")
+        ds.add_new(0x00091001, "OB", b"\x08\x00\x05\x00" + (1 << 20).to_bytes(4, "little") + bytes(8))
+
+    expected = preprocess.preprocess_study(files, size=S).volume
+    assert np.array_equal(preprocess.preprocess_study(edit(files, planted), size=S).volume, expected)
+
+
 @pytest.mark.filterwarnings("ignore:Unknown encoding")  # pydicom, while the test writes the files
 def test_pydicom_messages_reach_neither_stderr_nor_the_log_of_a_process(series, tmp_path):
     """What a server's stub does (stderr is the server log): a deflated study whose SpecificCharacterSet
