@@ -66,7 +66,7 @@ def _classify(args: argparse.Namespace) -> int:
         raise NotADirectoryError(f"--out-dir is not a folder: {args.out_dir}")
     with TriageClient(**_connection(args)) as client:
         client.check_ready()
-        result = client.classify(args.study)
+        result = client.classify(args.study, series_uid=args.series)
     answer = result.to_dict()
     if args.explain:
         from .explanation import save
@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
         help=f"ask {NAMES.triage_explain}: save montage.png, attribution.npy and attribution.json into --out-dir",
     )
     classify.add_argument("--out-dir", help="folder for the explanation's files (with --explain; created if missing)")
+    classify.add_argument(
+        "--series", metavar="UID", help="the SeriesInstanceUID to classify (a study with several patients' series needs one)"
+    )
     classify.set_defaults(run=_classify)
 
     report = commands.add_parser("report", help="classify every study in a folder into a report")

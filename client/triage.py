@@ -284,12 +284,14 @@ class _Base:
         self.shared_memory = shared_memory
         self._module = _SYNC[self.protocol]
 
-    def _infer_kwargs(self, payload, region) -> dict[str, Any]:
+    def _infer_kwargs(self, payload, region, series_uid: str | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model_name": self.model,
             "inputs": _inputs(self._module, payload, region),
             "outputs": _outputs(self._module, self.explain),
         }
+        if series_uid is not None:
+            kwargs["parameters"] = {NAMES.series_parameter: series_uid}
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout_s  # http: set on the connection instead
         return kwargs
@@ -372,7 +374,9 @@ class TriageClient(_Base):
             raise self._not_ready(_reason(error)) from None
         self._check_answers(live, ready)
 
-    def classify(self, study: Study) -> TriageResult:
+    def classify(self, study: Study, series_uid: str | None = None) -> TriageResult:
+        """`series_uid`: the series to classify (a study of several patients' series is refused unless
+        one is named); None lets the server's selection rule choose."""
         started = time.perf_counter()
         try:
             payload = load_payload(study)
@@ -385,16 +389,16 @@ class TriageClient(_Base):
         if failed is not None:
             return failed
         try:
-            return self._send(payload, region, started)
+            return self._send(payload, region, started, series_uid)
         finally:
             if region is not None:
                 region.close()
 
-    def _send(self, payload, region, started) -> TriageResult:
+    def _send(self, payload, region, started, series_uid) -> TriageResult:
         backoffs = self.retry.backoffs()
         while True:
             try:
-                answer = self._infer_once(payload, region)
+                answer = self._infer_once(payload, region, series_uid)
                 return _parse(answer, self.model, time.perf_counter() - started, self.explain)
             except Exception as error:
                 wait, failed = self._after_error(error, backoffs, started)
@@ -402,12 +406,12 @@ class TriageClient(_Base):
                     return failed
             time.sleep(wait)
 
-    def _infer_once(self, payload, region):
+    def _infer_once(self, payload, region, series_uid):
         if region is None:
-            return self._triton.infer(**self._infer_kwargs(payload, None))
+            return self._triton.infer(**self._infer_kwargs(payload, None, series_uid))
         self._triton.register_system_shared_memory(region.name, region.key, region.byte_size)
         try:
-            return self._triton.infer(**self._infer_kwargs(payload, region))
+            return self._triton.infer(**self._infer_kwargs(payload, region, series_uid))
         finally:
             for wait in _UNREGISTER_WAITS_S:
                 try:
@@ -460,7 +464,7 @@ class AsyncTriageClient(_Base):
             raise self._not_ready(_reason(error)) from None
         self._check_answers(live, ready)
 
-    async def classify(self, study: Study) -> TriageResult:
+    async def classify(self, study: Study, series_uid: str | None = None) -> TriageResult:
         started = time.perf_counter()
         try:
             payload = await asyncio.to_thread(load_payload, study)
@@ -473,16 +477,16 @@ class AsyncTriageClient(_Base):
         if failed is not None:
             return failed
         try:
-            return await self._send(payload, region, started)
+            return await self._send(payload, region, started, series_uid)
         finally:
             if region is not None:
                 await asyncio.to_thread(region.close)
 
-    async def _send(self, payload, region, started) -> TriageResult:
+    async def _send(self, payload, region, started, series_uid) -> TriageResult:
         backoffs = self.retry.backoffs()
         while True:
             try:
-                answer = await self._infer_once(payload, region)
+                answer = await self._infer_once(payload, region, series_uid)
                 return _parse(answer, self.model, time.perf_counter() - started, self.explain)
             except Exception as error:
                 wait, failed = self._after_error(error, backoffs, started)
@@ -490,12 +494,12 @@ class AsyncTriageClient(_Base):
                     return failed
             await asyncio.sleep(wait)
 
-    async def _infer_once(self, payload, region):
+    async def _infer_once(self, payload, region, series_uid):
         if region is None:
-            return await self._triton.infer(**self._infer_kwargs(payload, None))
+            return await self._triton.infer(**self._infer_kwargs(payload, None, series_uid))
         await self._triton.register_system_shared_memory(region.name, region.key, region.byte_size)
         try:
-            return await self._triton.infer(**self._infer_kwargs(payload, region))
+            return await self._triton.infer(**self._infer_kwargs(payload, region, series_uid))
         finally:
             for wait in _UNREGISTER_WAITS_S:
                 try:

@@ -70,6 +70,8 @@ class TritonNames:
     attribution: str = "ATTRIBUTION"
     localization: str = "LOCALIZATION"
     labels: tuple[str, ...] = ("normal", "pathology")
+    # request parameter naming the series to classify (Triton forwards an ensemble's parameters to its steps)
+    series_parameter: str = "series_uid"
 
 
 @dataclass(frozen=True)

@@ -135,14 +135,16 @@ def test_a_malformed_explanation_makes_the_study_a_failure_not_a_crash(monkeypat
     """Through the client's own request path: the study gets its Failure row with one line."""
     triage = TriageClient("127.0.0.1:1", "grpc", explain=True)
     assert triage.model == NAMES.triage_explain
-    monkeypatch.setattr(triage, "_infer_once", lambda payload, region: _Answer(**_outputs(**{NAMES.localization: np.arange(5)})))
+    monkeypatch.setattr(
+        triage, "_infer_once", lambda payload, region, series_uid: _Answer(**_outputs(**{NAMES.localization: np.arange(5)}))
+    )
     result = triage.classify(b"\0" * 132)
     triage.close()
     assert not result.ok and result.explanation is None
     assert result.error == "ExplanationError: LOCALIZATION has 5 values, not 6" and "\n" not in result.error
 
     good = TriageClient("127.0.0.1:1", "grpc", explain=True)
-    monkeypatch.setattr(good, "_infer_once", lambda payload, region: _Answer(**_outputs()))
+    monkeypatch.setattr(good, "_infer_once", lambda payload, region, series_uid: _Answer(**_outputs()))
     result = good.classify(b"\0" * 132)
     good.close()
     assert result.ok and result.pathology_localization == "30,40,20,30,10,15"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openpyxl
 import pytest
-from helpers import ROOT, packaged_file, run_module
+from helpers import ROOT, edit, packaged_file, run_module
 
 import client
 from client.report import journal_path, read_journal
@@ -107,6 +107,33 @@ def test_http_and_grpc_sync_async_and_shared_memory_agree(triton_server, archive
         ), key
         assert result.probability_of_pathology == pytest.approx(reference.probability_of_pathology, abs=1e-5)
     assert not list(Path("/dev/shm").glob(f"ct_triage_client_{os.getpid()}_*"))  # regions released
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_study_of_two_patients_is_classified_for_the_series_the_caller_names(triton_server, protocol, tmp_path):
+    """ct_preprocess takes the request parameter series_uid (Triton forwards ct_triage's parameters to
+    its steps): refused without it, the named series' own answer with it, a clear line for a wrong one."""
+    first = phantom.study_files("series", slices=20, rows=48, columns=48, pixel_spacing=6.0, slice_spacing=6.0)
+    second = phantom.study_files("series", slices=24, rows=48, columns=48, pixel_spacing=6.0, slice_spacing=5.0, seed=9)
+    second = edit(second, lambda ds, k: setattr(ds, "PatientID", "OTHER-7"))
+    url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
+    with client.TriageClient(url, protocol=protocol) as triage:
+        alone = triage.classify(second)
+        mixed = first + second
+        refused = triage.classify(mixed)
+        named = triage.classify(mixed, series_uid=alone.series_uid)
+        unknown = triage.classify(mixed, series_uid="1.2.3.4")
+        not_a_uid = triage.classify(mixed, series_uid="1.2\n[FORGED]")
+    assert alone.ok and refused.processing_status == client.FAILURE and "images of 2 patients" in refused.error
+    assert named.ok and named.series_uid == alone.series_uid
+    assert named.probability_of_pathology == pytest.approx(alone.probability_of_pathology, abs=1e-5)
+    assert "series 1.2.3.4 is not in the study (2 series found)" in unknown.error
+    assert "the request parameter series_uid is not a SeriesInstanceUID" in not_a_uid.error and "FORGED" not in not_a_uid.error
+    if protocol == "grpc":  # the CLI's --series
+        for k, data in enumerate(mixed):
+            (tmp_path / f"{k}.dcm").write_bytes(data)
+        done = _cli("classify", str(tmp_path), "--series", alone.series_uid, "--url", url)
+        assert done.returncode == 0 and json.loads(done.stdout)["series_uid"] == alone.series_uid, done.stderr
 
 
 def test_bad_study_fails_with_the_servers_message_and_is_not_retried(triton_server, archive):

@@ -50,7 +50,10 @@ class TritonPythonModel:
         try:
             files = pb_utils.get_input_tensor_by_name(request, NAMES.dicom).as_numpy().reshape(-1)
             _check_bounds(files)
-            study = self.preprocess_study([bytes(f) for f in files], size=self.size, mode="fast", device=self.device, threads=self.threads)
+            series_uid = _requested_series(request)
+            study = self.preprocess_study(
+                [bytes(f) for f in files], size=self.size, mode="fast", series_uid=series_uid, device=self.device, threads=self.threads
+            )
         except preprocess.StudyError as error:
             self.logger.log_info(f"{NAMES.preprocess}: study refused ({type(error).__name__}): {error}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
@@ -74,6 +77,15 @@ class TritonPythonModel:
                 pb_utils.Tensor(NAMES.meta, np.array([json.dumps(study.meta).encode()], dtype=np.object_)),
             ]
         )
+
+
+def _requested_series(request) -> str | None:
+    """The SeriesInstanceUID the caller names with the request parameter NAMES.series_parameter, or None
+    (the selection rule chooses): how a study holding several patients' series is classified at all."""
+    value = json.loads(request.parameters() or "{}").get(NAMES.series_parameter)
+    if value is not None and (not isinstance(value, str) or preprocess.shown(value, "UI", NAMES.series_parameter) != value):
+        raise preprocess.SeriesNotFoundError(f"the request parameter {NAMES.series_parameter} is not a SeriesInstanceUID")
+    return value
 
 
 def _check_bounds(files: np.ndarray) -> None:
