@@ -5,14 +5,14 @@ clients must agree on, as pure functions over `settings`.
   (`hu_to_model_range`, `hu_window_affine`), and the check that a volume's values are in it
   (`check_model_range`);
 - decision: the operating-point rule (`parse_threshold`, `decide`), and the response META the
-  server adds to preprocess's metadata (`triage_meta`, `parse_provenance`);
+  server adds to preprocess's metadata (`triage_meta`, `parse_provenance`; `parse_meta` reads it);
 - labels: `settings.NAMES.labels`, in the classifier's output order.
 
 It imports only `settings` and numpy, so the Python-backend models, export, preprocess, the
 launcher and the clients can all import it without loading each other.
 """
 
-from .decision import Decision, DecisionError, decide, parse_provenance, parse_threshold, triage_meta
+from .decision import Decision, DecisionError, MetaError, decide, parse_meta, parse_provenance, parse_threshold, triage_meta
 from .errors import ContractError
 from .model_input import (
     MAX_SIZE,
@@ -34,11 +34,13 @@ __all__ = [
     "Decision",
     "DecisionError",
     "InvalidSizeError",
+    "MetaError",
     "OutOfRangeError",
     "check_model_range",
     "decide",
     "hu_to_model_range",
     "hu_window_affine",
+    "parse_meta",
     "parse_provenance",
     "parse_threshold",
     "triage_meta",

@@ -20,6 +20,10 @@ class DecisionError(ContractError):
     """Classifier output or operating point that cannot give a trustworthy decision."""
 
 
+class MetaError(ContractError):
+    """A META that is not ct_preprocess's JSON object (a client calling a later model itself)."""
+
+
 @dataclass(frozen=True)
 class Decision:
     """P(pathology) and the 0/1 decision at the operating point that produced it."""
@@ -61,12 +65,18 @@ def parse_provenance(value: str) -> object:
 
 def triage_meta(preprocess_meta: bytes | str, decision: Decision, provenance: object) -> str:
     """The response META: preprocess metadata plus the operating point and the model provenance."""
-    try:
-        meta = json.loads(preprocess_meta)
-    except (ValueError, RecursionError):  # RecursionError: arrays nested too deep
-        raise DecisionError("preprocess metadata is not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise DecisionError("preprocess metadata is not a JSON object")
+    meta = parse_meta(preprocess_meta)
     meta["threshold"] = decision.threshold
     meta["provenance"] = provenance
     return json.dumps(meta)
+
+
+def parse_meta(value: bytes | str) -> dict:
+    """ct_preprocess's META as a dict, or MetaError: the models after it parse it the same way."""
+    try:
+        meta = json.loads(value)
+    except (ValueError, RecursionError):  # RecursionError: arrays nested too deep
+        raise MetaError("META is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise MetaError("META is not a JSON object")
+    return meta

@@ -136,14 +136,20 @@ def printable(text: str) -> str:
 _REPERTOIRES = {"CS": re.compile(r"[A-Z0-9 _]{0,16}"), "UI": re.compile(r"[0-9.]{1,64}")}
 
 
+def fits_vr(value: str, vr: str) -> bool:
+    """Whether `value` holds only the characters, and no more than the length, its VR allows."""
+    return _REPERTOIRES[vr].fullmatch(value) is not None
+
+
 def shown(value: str, vr: str, keyword: str) -> str:
     """A header value as a message, log line or meta may show it: the value where it fits its VR's
     characters and length, else "<invalid KEYWORD>". A misfiled header (a patient's name in
     Modality or a UID) must not reach the sender, the server log or a report through a message."""
-    return value if _REPERTOIRES[vr].fullmatch(value) else f"<invalid {keyword}>"
+    return value if fits_vr(value, vr) else f"<invalid {keyword}>"
 
 
 __all__ = [name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, StudyError)] + [
+    "fits_vr",
     "printable",
     "shown",
 ]

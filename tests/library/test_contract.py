@@ -14,6 +14,7 @@ from helpers import ROOT
 from contract import (
     DecisionError,
     InvalidSizeError,
+    MetaError,
     OutOfRangeError,
     check_model_range,
     decide,
@@ -63,9 +64,9 @@ def test_meta_adds_operating_point_and_provenance_to_preprocess_meta():
     assert meta["threshold"] == 0.4
     assert meta["provenance"] == {"weights": "demo, untrained", "size": 64}
     assert parse_provenance("not json") == "not json"
-    with pytest.raises(DecisionError):
+    with pytest.raises(MetaError, match="META is not a JSON object"):
         triage_meta(b"[1, 2]", decide(np.array([0.2, 0.8]), 0.4), provenance)
-    with pytest.raises(DecisionError, match="not valid JSON"):  # nested past Python's recursion limit: not a traceback
+    with pytest.raises(MetaError, match="META is not valid JSON"):  # nested past Python's recursion limit: not a traceback
         triage_meta(b"[" * 100_000 + b"]" * 100_000, decide(np.array([0.2, 0.8]), 0.4), provenance)
 
 

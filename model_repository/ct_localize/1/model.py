@@ -8,11 +8,10 @@ input it cannot localize (wrong shape, non-finite values, META without preproces
 that request with INVALID_ARG and explain's one-line message.
 """
 
-import json
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from contract import ContractError, parse_meta
 from explain import LocalizationError, localize
 from settings import NAMES
 
@@ -26,22 +25,12 @@ class TritonPythonModel:
     def _respond(self, request):
         try:
             attribution = pb_utils.get_input_tensor_by_name(request, NAMES.attribution).as_numpy()
-            meta = _meta(pb_utils.get_input_tensor_by_name(request, NAMES.meta).as_numpy().reshape(-1)[0])
+            meta = parse_meta(pb_utils.get_input_tensor_by_name(request, NAMES.meta).as_numpy().reshape(-1)[0])
             if np.isfinite(attribution).all() and not (attribution > 0).any():
                 box = NOTHING_ATTRIBUTED
             else:
                 _, original = localize(attribution, meta)
                 box = np.array(original.as_list(), dtype=np.int32)
-        except LocalizationError as error:
+        except (LocalizationError, ContractError) as error:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{NAMES.localize}: {error}", pb_utils.TritonError.INVALID_ARG))
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(NAMES.localization, box)])
-
-
-def _meta(value: bytes) -> dict:
-    try:
-        meta = json.loads(value)
-    except (ValueError, RecursionError):  # RecursionError: arrays nested too deep
-        raise LocalizationError("META is not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise LocalizationError("META is not a JSON object")
-    return meta

@@ -83,7 +83,7 @@ def _requested_series(request) -> str | None:
     """The SeriesInstanceUID the caller names with the request parameter NAMES.series_parameter, or None
     (the selection rule chooses): how a study holding several patients' series is classified at all."""
     value = json.loads(request.parameters() or "{}").get(NAMES.series_parameter)
-    if value is not None and (not isinstance(value, str) or preprocess.shown(value, "UI", NAMES.series_parameter) != value):
+    if value is not None and (not isinstance(value, str) or not preprocess.fits_vr(value, "UI")):
         raise preprocess.SeriesNotFoundError(f"the request parameter {NAMES.series_parameter} is not a SeriesInstanceUID")
     return value
 
