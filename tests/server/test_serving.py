@@ -225,6 +225,24 @@ def test_internal_failure_is_internal_not_a_hang(triton_server, protocol):
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_meta_not_from_preprocess_is_the_callers_error(triton_server, protocol):
+    """Inside the ensemble META is always preprocess's, so a bad one can only come from a direct caller."""
+    module, client = connect(triton_server, protocol)
+    probabilities = module.InferInput(NAMES.probabilities, [1, 2], "FP32")
+    probabilities.set_data_from_numpy(np.array([[0.3, 0.7]], dtype=np.float32))
+    meta = module.InferInput(NAMES.meta, [1], "BYTES")
+    meta.set_data_from_numpy(np.array([b"not json"], dtype=np.object_))
+    try:
+        with pytest.raises(InferenceServerException) as served:
+            infer(client, protocol, NAMES.postprocess, [probabilities, meta])
+    finally:
+        client.close()
+    assert served.value.status() == INVALID[protocol]
+    assert f"{NAMES.postprocess}: META is not valid JSON" in served.value.message()
+    assert "\n" not in served.value.message().strip()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_request_never_waits_in_a_queue_beyond_its_timeout(triton_server, good_payload, protocol):
     """Server-side timeout (microseconds): studies queued behind busy preprocess instances are rejected."""
     requests = 8  # more than the preprocess instances, so some must queue

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from contract import ContractError, decide, parse_provenance, parse_threshold, triage_meta
+from contract import ContractError, MetaError, decide, parse_provenance, parse_threshold, triage_meta
 from settings import NAMES
 
 
@@ -39,7 +39,9 @@ class TritonPythonModel:
             preprocess_meta = pb_utils.get_input_tensor_by_name(request, NAMES.meta).as_numpy().reshape(-1)[0]
             decision = decide(probabilities, self.threshold)
             meta = triage_meta(preprocess_meta, decision, self.provenance)
-        except ContractError as error:  # a decision that cannot be trusted, or a META that is not preprocess's
+        except MetaError as error:  # only a client calling this model itself sends a META not preprocess's
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{NAMES.postprocess}: {error}", pb_utils.TritonError.INVALID_ARG))
+        except ContractError as error:  # a classifier output that cannot give a trustworthy decision
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INTERNAL))
         return pb_utils.InferenceResponse(
             output_tensors=[
