@@ -5,7 +5,8 @@ volume and its geometry into --out-dir; report adds pathology_localization and a
 
 Exit status: 0 done; 1 the study failed (classify); 2 bad arguments or unusable paths;
 3 the server or model is not reachable, or stopped answering during a report (the report keeps the
-finished studies; --resume sends the rest); 130 interrupted (the report keeps finished studies).
+finished studies; --resume sends the rest); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as a
+service manager stops a job): a report keeps the finished studies either way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -22,11 +24,15 @@ from settings import NAMES, SERVING
 from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report
 from .triage import PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
 
-EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
 
 
 class UsageError(ValueError):
     """Options that do not go together."""
+
+
+class Terminated(Exception):
+    """SIGTERM stopped a report: it ended as after Ctrl-C, its finished studies written."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
 
 
 def _connection(args: argparse.Namespace) -> dict:
@@ -86,15 +95,17 @@ def _report(args: argparse.Namespace) -> int:
         return AsyncTriageClient(**_connection(args))
 
     summary = asyncio.run(
-        build_report(
-            args.folder,
-            args.out,
-            client,
-            csv_out=args.csv,
-            concurrency=args.concurrency,
-            resume=args.resume,
-            max_bytes_in_flight=int(args.max_mb_in_flight * 1024**2),
-            write_every_s=args.write_every,
+        _stopped_by_sigterm_like_ctrl_c(
+            build_report(
+                args.folder,
+                args.out,
+                client,
+                csv_out=args.csv,
+                concurrency=args.concurrency,
+                resume=args.resume,
+                max_bytes_in_flight=int(args.max_mb_in_flight * 1024**2),
+                write_every_s=args.write_every,
+            )
         )
     )
     written = f"{args.out}, summary {summary.page}" if summary.page is not None else f"{args.out}"
@@ -104,6 +115,29 @@ def _report(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+async def _stopped_by_sigterm_like_ctrl_c(report):
+    """Await `report`, cancelled on SIGTERM as asyncio.run cancels it on Ctrl-C: systemd, docker stop
+    and Kubernetes stop a job with SIGTERM, whose default action would skip the last report rewrite."""
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        if not terminated:  # a second SIGTERM must not cut short the final rewrite
+            terminated = True
+            task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await report
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated() from None
+        raise  # Ctrl-C: asyncio.run turns it into KeyboardInterrupt
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -229,7 +229,10 @@ def test_resume_does_not_resend_finished_studies(triton_server, archive, serial_
         assert new["processing_status"] == old["processing_status"]
 
 
-def test_ctrl_c_keeps_the_finished_rows(private_server, archive, tmp_path):
+@pytest.mark.parametrize(("stop", "status", "last_line"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_keeps_the_finished_rows(private_server, archive, tmp_path, stop, status, last_line):
+    """Ctrl-C, or SIGTERM as systemd, docker stop or Kubernetes send: the report is still rewritten
+    with every journaled study before the command exits."""
     studies_folder = tmp_path / "studies"  # enough studies that the interrupt always comes before the last
     studies_folder.mkdir()
     for k in range(40):
@@ -248,11 +251,11 @@ def test_ctrl_c_keeps_the_finished_rows(private_server, archive, tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and run.poll() is None and not (journal.exists() and read_journal(journal).rows):
         time.sleep(0.05)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(stop)
     _, stderr = run.communicate(timeout=60)
 
-    assert run.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "interrupted"  # no traceback
+    assert run.returncode == status, stderr
+    assert stderr.strip().splitlines()[-1] == last_line  # no traceback
     rows = client.read_report(out)
     studies = [study.path_to_study for study in client.discover_studies(studies_folder)]
     assert 1 <= len(rows) < len(studies)
