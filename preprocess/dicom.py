@@ -784,9 +784,11 @@ def volume_dtype(frames: Sequence[Frame]) -> np.dtype:
 def check_decodable(frame: Frame) -> None:
     """Refuse pixel layouts that are not a grey-level CT image before anything is allocated."""
     p = frame.pixels
-    if p.samples_per_pixel != 1 or not p.photometric.startswith("MONOCHROME"):
+    if not p.photometric.startswith("MONOCHROME"):
         photometric = shown(p.photometric, "CS", "PhotometricInterpretation")
         raise UnsupportedPixelDataError(f"{frame.label}: colour images ({photometric}) are not CT slices")
+    if p.samples_per_pixel != 1:
+        raise UnsupportedPixelDataError(f"{frame.label}: {p.samples_per_pixel} samples per pixel: a CT slice has one")
     if p.bits_allocated not in (8, 16):
         raise UnsupportedPixelDataError(f"{frame.label}: {p.bits_allocated}-bit pixels are not supported for CT")
 

@@ -213,7 +213,12 @@ def test_colour_and_unsupported_bit_depths(series):
         ds.HighBit = 31
         ds.PixelData = np.zeros((ds.Rows, ds.Columns), dtype=np.uint32).tobytes()
 
+    def grey_with_three_samples(ds, k):
+        rgb(ds, k)
+        ds.PhotometricInterpretation = "MONOCHROME2"
+
     refused(edit(series, rgb), preprocess.UnsupportedPixelDataError, r"colour images \(RGB\) are not CT slices")
+    refused(edit(series, grey_with_three_samples), preprocess.UnsupportedPixelDataError, "3 samples per pixel: a CT slice has one")
     refused(edit(series, float32), preprocess.UnsupportedPixelDataError, "32-bit pixels are not supported for CT")
 
 
