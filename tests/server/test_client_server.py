@@ -136,6 +136,41 @@ def test_a_study_of_two_patients_is_classified_for_the_series_the_caller_names(t
         assert done.returncode == 0 and json.loads(done.stdout)["series_uid"] == alone.series_uid, done.stderr
 
 
+def test_curl_script_sends_what_the_python_client_sends(triton_server, archive, tmp_path):
+    """client/classify_over_http.sh: the request a service without Python sends (binary tensor
+    extension), for a ZIP, a folder's slice files and a named series, and a refused study's error."""
+
+    def curl(*args: str) -> subprocess.CompletedProcess:
+        script = [str(ROOT / "client" / "classify_over_http.sh"), "--url", triton_server.http_url]
+        return subprocess.run(script + list(args), capture_output=True, text=True, timeout=120)
+
+    def outputs(done: subprocess.CompletedProcess) -> dict:
+        assert done.returncode == 0, done.stdout + done.stderr
+        return {output["name"]: output["data"][0] for output in json.loads(done.stdout)["outputs"]}
+
+    slices = sorted((archive / GOOD_FOLDER).rglob("*.dcm"))
+    first = phantom.study_files("series", slices=20, rows=48, columns=48, pixel_spacing=6.0, slice_spacing=6.0)
+    second = edit(phantom.study_files("series", slices=24, rows=48, columns=48, seed=9), lambda ds, k: setattr(ds, "PatientID", "OTHER-7"))
+    for k, data in enumerate(first + second):
+        (tmp_path / f"{k:03d}.dcm").write_bytes(data)
+    with client.TriageClient(triton_server.http_url, "http") as triage:
+        expected = {"zip": triage.classify(archive / GOOD_ZIPS[1]), "folder": triage.classify(archive / GOOD_FOLDER)}
+        expected["series"] = triage.classify(second)
+    answers = {
+        "zip": outputs(curl(str(archive / GOOD_ZIPS[1]))),
+        "folder": outputs(curl(*map(str, slices))),
+        "series": outputs(curl("--series", expected["series"].series_uid, *sorted(map(str, tmp_path.iterdir())))),
+    }
+    for kind, answer in answers.items():
+        assert answer[NAMES.probability] == pytest.approx(expected[kind].probability_of_pathology, abs=1e-5), kind
+        assert (answer[NAMES.pathology], answer[NAMES.series_uid]) == (expected[kind].pathology, expected[kind].series_uid), kind
+        assert json.loads(answer[NAMES.meta])["threshold"] == expected[kind].meta["threshold"]
+
+    refused = curl(str(archive / CORRUPT))
+    assert refused.returncode == 22 and "ZIP" in json.loads(refused.stdout)["error"], refused.stdout + refused.stderr
+    assert curl("--series", "1.2\n3", str(archive / CORRUPT)).returncode == 2  # never reaches the JSON header
+
+
 def test_bad_study_fails_with_the_servers_message_and_is_not_retried(triton_server, archive):
     before = _stats(triton_server)
     with client.TriageClient(triton_server.grpc_url, "grpc") as triage:
