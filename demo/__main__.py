@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout",
         type=float,
         default=900.0,
-        help="client deadline, s (the S=256 classifier alone takes minutes on a 2-core CPU)",
+        help="client deadline, s (a wide margin: the S=256 classifier alone takes about 21 s on 2 cores, "
+        "benchmarks/results/cpu-engines.md, and longer on a slower or shared CPU)",
     )
     parser.add_argument("--slices", type=int, default=160, help="phantom slices")
     parser.add_argument("--matrix", type=int, default=256, help="phantom rows and columns")
