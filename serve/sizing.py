@@ -10,17 +10,18 @@ its input and output together, and the region keeps its size. So, per instance:
                                                          no growth while need fits the default region)
 
 with need = largest study + one FP32 volume (4 S^3) for ct_preprocess, max batch x 4 S^3 for a
-Python-backend ct_classifier that receives its volumes on the CPU (0 when they arrive on the GPU, or
-when the classifier runs on the OpenVINO, ONNX Runtime or TensorRT backend), ~0 for ct_postprocess, one
+Python-backend ct_classifier (none on the OpenVINO, ONNX Runtime or TensorRT backend; also with GPU
+preprocessing, whose volumes arrive on the GPU: Triton builds the warm-up batches in CPU memory, and
+a client calling ct_classifier itself sends its volumes on the CPU), ~0 for ct_postprocess, one
 FP32 volume in and one FP16 attribution map out (6 S^3) for ct_explain, and the map (2 S^3) for
 ct_localize (the explanation models of ct_triage_explain, loaded on every server). The deployment's
 `/dev/shm` is the sum over instances, plus Triton's own headroom. A region grown past its model's
 peak held a request no deployment sends, and keeps those pages: the launcher's watchdog reloads that
 model (`region_limits`).
 
-Measured (benchmarks/results/cpu-s64.md, S=64, 4 stubs, one 150.3 MiB study at a time): 256 MiB
-idle (4 x 64 MiB) and 448 MiB at the peak; the regions above give 448 MiB for that run (one
-ct_preprocess region grown to 64 + 3 x 64 MiB, three at 64 MiB). A 40 MiB study did not grow its
+Measured (benchmarks/results/cpu-s64.md, S=64, 6 stubs, one 150.3 MiB study at a time): 384 MiB
+idle (6 x 64 MiB) and 576 MiB at the peak; the regions above give 576 MiB for that run (one
+ct_preprocess region grown to 64 + 3 x 64 MiB, five at 64 MiB). A 40 MiB study did not grow its
 region, a 73 MiB one grew it by 2 x 64 MiB, as the formula says (tests/server/test_deploy.py
 measures such a run). A deployment is sized for every instance at its peak at once, plus headroom.
 
@@ -50,7 +51,6 @@ class Deployment:
     max_batch_size: int
     largest_study_bytes: int = SERVING.largest_study_bytes
     classifier_python_instances: int = 1  # Python-backend classifier instances (cpu, torch-gpu targets); 0 for openvino/onnx-gpu/tensorrt
-    classifier_inputs_on_gpu: bool = False  # torch-gpu with FORCE_CPU_ONLY_INPUT_TENSORS "no" and ct_preprocess on the GPU
     postprocess_instances: int = 1
     preprocess_on_gpu: bool = False
     explain_instances: int = 1  # ct_explain (its volume arrives on the CPU, wherever it runs)
@@ -72,7 +72,7 @@ def region_limits(deployment: Deployment) -> dict[str, int]:
     d = deployment
     return {
         NAMES.preprocess: region_bytes(d.largest_study_bytes + (0 if d.preprocess_on_gpu else d.volume_bytes)),
-        NAMES.classifier: region_bytes(0 if d.classifier_inputs_on_gpu else d.max_batch_size * d.volume_bytes),
+        NAMES.classifier: region_bytes(d.max_batch_size * d.volume_bytes),
         NAMES.postprocess: region_bytes(0),
         NAMES.explain: region_bytes(d.volume_bytes + d.volume_bytes // 2),
         NAMES.localize: region_bytes(d.volume_bytes // 2),
@@ -123,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size,
         largest_study_bytes=args.largest_study_mib * MIB,
         classifier_python_instances=1 if args.target in ("cpu", "torch-gpu") else 0,
-        classifier_inputs_on_gpu=args.target == "torch-gpu" and args.gpu_preprocessing,
         preprocess_on_gpu=args.gpu_preprocessing,
     )
     print(json.dumps({"shm_mib": mib(shm_bytes(deployment)), "cuda_memory_pool_mib": mib(cuda_pool_bytes(deployment))}))

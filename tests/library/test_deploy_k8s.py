@@ -104,7 +104,6 @@ def deployment_sizing() -> sizing.Deployment:
         max_batch_size=args.max_batch_size,
         largest_study_bytes=args.largest_study_mib * sizing.MIB,
         classifier_python_instances=1 if args.target in ("cpu", "torch-gpu") else 0,
-        classifier_inputs_on_gpu=args.target == "torch-gpu" and args.gpu_preprocessing,
         preprocess_on_gpu=args.gpu_preprocessing,
     )
 
@@ -244,7 +243,7 @@ def test_flags_are_the_projects():
     volume = next(volume for volume in pod_spec()["volumes"] if volume["name"] == mount["name"])
     claim = the("PersistentVolumeClaim")
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
-    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # the export pod fills it through this claim
 
 
 def test_the_model_config_name_is_a_target_with_a_committed_config():

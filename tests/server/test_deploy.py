@@ -110,8 +110,11 @@ def test_triton_reserves_the_gpu_and_serves_what_export_writes(compose):
         assert (
             set(apis.split(",")) == {"model-repository", "shared-memory", "trace", "logging"} and header == "ct-triage-admin-key=test-key"
         )
-    ports = {port.split(":")[1] for port in triton["ports"]}
-    assert ports == {str(SERVING.http_port), str(SERVING.grpc_port), str(SERVING.metrics_port)}
+    ports = {port.rsplit(":", 1)[1]: port for port in triton["ports"]}  # by the container's port
+    assert set(ports) == {str(SERVING.http_port), str(SERVING.grpc_port), str(SERVING.metrics_port)}
+    assert ports[str(SERVING.metrics_port)].startswith("127.0.0.1:")  # metrics: the host's loopback only
+    assert compose["services"]["prometheus"]["ports"][0].startswith("127.0.0.1:")  # no authentication
+    assert triton["read_only"] is True and triton["cap_drop"] == ["ALL"] and triton["environment"]["HOME"] == "/tmp"
     assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
 
 
@@ -122,7 +125,6 @@ def test_shared_memory_and_the_cuda_pool_follow_the_sizing_formula(compose):
         preprocess_instances=job.preprocess_instances,
         max_batch_size=job.max_batch_size,
         classifier_python_instances=1 if job.target in ("cpu", "torch-gpu") else 0,
-        classifier_inputs_on_gpu=job.target == "torch-gpu" and job.preprocess_device == "cuda",
         preprocess_on_gpu=job.preprocess_device == "cuda",
     )
     triton = compose["services"]["triton"]
