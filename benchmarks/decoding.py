@@ -58,7 +58,7 @@ FREE = 1.5  # parallelism probe after a pair at or above which the pair counts a
 
 
 class decoder:
-    """Select `preprocess.dicom.DECODER` for a block: the benchmark's way to time the previous path."""
+    """Select `preprocess.dicom.DECODER` for a block: the benchmark's way to time the pydicom path."""
 
     def __init__(self, name: str):
         self.name = name
