@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +24,19 @@ def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None =
     """`python -m module args` as a user runs the CLIs (text output captured), from `cwd` (default the
     project root)."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def discard(server) -> None:
+    """Stop a server whose shutdown the test does not check: SIGKILL of its process group (stubs
+    included), as a crash would, then `stop()` removes what it left (shared memory, work folder).
+    Triton's graceful stop unloads the stubs one by one at about a second each: 5 s a server, over a
+    minute a suite. Graceful stops are tested where they matter (test_serving_lifecycle, the CLI)."""
+    if server.pid is not None:
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    server.stop()
 
 
 def packaged_file(name: str) -> Path:

@@ -10,7 +10,7 @@ which it died fails with its log, and every later test that needs it fails at on
 from __future__ import annotations
 
 import pytest
-from helpers import TEST_SIZE
+from helpers import TEST_SIZE, discard
 
 from serve import start_on_free_ports
 
@@ -31,7 +31,7 @@ def shared_server(triton_repository, tmp_path_factory):
     try:
         yield server
     finally:
-        server.stop()
+        discard(server)
 
 
 @pytest.fixture
@@ -52,4 +52,4 @@ def private_server(triton_repository, tmp_path_factory):
     try:
         yield server
     finally:
-        server.stop()
+        discard(server)

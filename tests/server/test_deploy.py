@@ -19,7 +19,7 @@ import check_jsonschema
 import jsonschema
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, discard
 
 import client
 import export
@@ -186,7 +186,7 @@ def test_the_sizing_formula_matches_a_measured_run(triton_repository, tmp_path):
             running = False
             sampler.join()
     finally:
-        server.stop()
+        discard(server)
     stubs = options.preprocess_instances + 4  # + ct_classifier (Python backend on the cpu target), ct_postprocess, ct_explain, ct_localize
     assert idle == stubs * SERVING.shm_default_byte_size
     payload = sum(path.stat().st_size + 4 for path in study.rglob("*") if path.is_file())  # + each BYTES element's length

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from helpers import discard
 from tritonclient import http
 
 import export
@@ -43,11 +44,14 @@ def test_cpu_target_at_bf16_is_checked_against_fp32_recorded_and_served(tmp_path
 
     volume = np.stack([np.linspace(-1, 1, SIZE**3, dtype=np.float32).reshape(1, SIZE, SIZE, SIZE)])
     log = tmp_path / "tritonserver.log"
-    with start_on_free_ports(tmp_path / "repo", log_file=log) as server:
+    server = start_on_free_ports(tmp_path / "repo", log_file=log)
+    try:
         triton = http.InferenceServerClient(server.http_url)
         tensor = http.InferInput(NAMES.volume, list(volume.shape), "FP32")
         tensor.set_data_from_numpy(volume)
         probabilities = triton.infer(NAMES.classifier, [tensor]).as_numpy(NAMES.probabilities)
         triton.close()
+    finally:
+        discard(server)
     assert probabilities.shape == (1, 2) and abs(float(probabilities.sum()) - 1) < 1e-3
     assert f"OpenVINO at {in_use} (bf16 asked)" in log.read_text()

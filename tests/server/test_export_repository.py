@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import TEST_SIZE, run_module
+from helpers import TEST_SIZE, discard, run_module
 
 import export
 from serve import start_on_free_ports
@@ -155,4 +155,4 @@ def test_export_into_the_committed_repository_serves_it_as_it_is(tmp_path):
             config = json.loads(response.read())
         assert config["backend"] == "python" and config["input"][0]["dims"] == [1, 256, 256, 256]
     finally:
-        server.stop()
+        discard(server)

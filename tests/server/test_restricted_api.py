@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+from helpers import discard
 from tritonclient.utils import InferenceServerException
 
 import client
@@ -39,7 +40,7 @@ def keyed_server(triton_repository, tmp_path_factory):
     try:
         yield server
     finally:
-        server.stop()
+        discard(server)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from google.protobuf import text_format
-from helpers import counted_stats, model_stats
+from helpers import counted_stats, discard, model_stats
 from tritonclient.grpc import model_config_pb2
 
 import export
@@ -43,7 +43,7 @@ def torch_server(torch_repository, tmp_path_factory):
     try:
         yield server
     finally:
-        server.stop()
+        discard(server)
 
 
 def test_export_writes_the_weights_pytorch_serves_with_their_provenance_and_parity(torch_repository):
