@@ -2,9 +2,10 @@
 
 `triton_repository` renders a copy of the model repository (demo weights, CPU target) at a small S
 so the suite stays fast; `triton_server` runs the bundled tritonserver on it on free ports for the
-whole session. Tests that kill, interrupt or reconfigure a server use `private_server` instead, so
-no test depends on what another left on the shared one. If the shared server dies, the test during
-which it died fails with its log, and every later test that needs it fails at once, without retries.
+whole session. Tests that kill or reconfigure a server use `private_server` instead, tests that
+interrupt a client `module_server`, so no test depends on what another left on the shared one. If
+the shared server dies, the test during which it died fails with its log, and every later test
+that needs it fails at once, without retries.
 """
 
 from __future__ import annotations
@@ -44,12 +45,23 @@ def triton_server(shared_server):
         pytest.fail(f"the shared tritonserver died during this test:\n{shared_server.log_tail()}", pytrace=False)
 
 
-@pytest.fixture
-def private_server(triton_repository, tmp_path_factory):
-    """A server of this test's own on the session repository, for tests that kill or reconfigure it."""
+def _own_server(repository, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("private") / "tritonserver.log"
-    server = start_on_free_ports(triton_repository, log_file=log_file, exit_timeout_s=5)
+    server = start_on_free_ports(repository, log_file=log_file, exit_timeout_s=5)
     try:
         yield server
     finally:
         discard(server)
+
+
+@pytest.fixture
+def private_server(triton_repository, tmp_path_factory):
+    """A server of this test's own on the session repository, for tests that kill or reconfigure it."""
+    yield from _own_server(triton_repository, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def module_server(triton_repository, tmp_path_factory):
+    """A server of one module's own, for tests that leave requests in flight (an interrupted client):
+    those must not land on the shared server, but such tests can share one."""
+    yield from _own_server(triton_repository, tmp_path_factory)

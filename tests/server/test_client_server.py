@@ -265,7 +265,7 @@ def test_resume_does_not_resend_finished_studies(triton_server, archive, serial_
 
 
 @pytest.mark.parametrize(("stop", "status", "last_line"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_ctrl_c_or_sigterm_keeps_the_finished_rows(private_server, archive, tmp_path, stop, status, last_line):
+def test_ctrl_c_or_sigterm_keeps_the_finished_rows(module_server, archive, tmp_path, stop, status, last_line):
     """Ctrl-C, or SIGTERM as systemd, docker stop or Kubernetes send: the report is still rewritten
     with every journaled study before the command exits."""
     studies_folder = tmp_path / "studies"  # enough studies that the interrupt always comes before the last
@@ -276,7 +276,7 @@ def test_ctrl_c_or_sigterm_keeps_the_finished_rows(private_server, archive, tmp_
     out = tmp_path / "out" / "report.xlsx"
     out.parent.mkdir()
     run = subprocess.Popen(
-        [sys.executable, "-m", "client", "report", str(studies_folder), "--out", str(out), "--url", private_server.grpc_url],
+        [sys.executable, "-m", "client", "report", str(studies_folder), "--out", str(out), "--url", module_server.grpc_url],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
