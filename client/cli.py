@@ -105,13 +105,15 @@ def _report(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 max_bytes_in_flight=int(args.max_mb_in_flight * 1024**2),
                 write_every_s=args.write_every,
+                stable_age_s=args.stable_age,
             )
         )
     )
     written = f"{args.out}, summary {summary.page}" if summary.page is not None else f"{args.out}"
+    arriving = f"; {len(summary.arriving)} still arriving, left for a later --resume run" if summary.arriving else ""
     print(
         f"{summary.studies} studies: {summary.succeeded} Success, {summary.failed} Failure "
-        f"({summary.sent} sent, {summary.skipped} already done) -> {written} (journal {summary.journal.name})",
+        f"({summary.sent} sent, {summary.skipped} already done{arriving}) -> {written} (journal {summary.journal.name})",
         file=sys.stderr,
     )
     return 0
@@ -173,6 +175,14 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_WRITE_EVERY_S,
         metavar="SECONDS",
         help="rewrite the report files from the journal at most this often, and at the end (default %(default).0f)",
+    )
+    report.add_argument(
+        "--stable-age",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="leave out studies with a file modified in the last SECONDS (still being copied or exported); "
+        "a later --resume run sends them (default 0: every study)",
     )
     report.add_argument(
         "--max-mb-in-flight",

@@ -81,7 +81,7 @@ class ReportError(ValueError):
 
 @dataclass(frozen=True)
 class ReportSummary:
-    studies: int  # rows in the report: one per study found
+    studies: int  # rows in the report: one per study found (but those still arriving)
     sent: int  # studies sent to the server in this run
     skipped: int  # already Success in the resumed journal or report
     succeeded: int  # Success rows in the report
@@ -89,6 +89,7 @@ class ReportSummary:
     journal: Path  # the journal the report was built from
     writes: tuple[tuple[int, float], ...]  # (rows, seconds) of each rewrite of the report files
     page: Path | None = None  # the HTML summary page of an explained report
+    arriving: tuple[str, ...] = ()  # studies left for a later run: a file younger than stable_age_s
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ async def build_report(
     resume: bool = False,
     max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT,
     write_every_s: float = DEFAULT_WRITE_EVERY_S,
+    stable_age_s: float = 0.0,
     progress: bool | None = None,
 ) -> ReportSummary:
     """Classify every study under `folder` into the journal, and write the report to `out` (and `csv_out`).
@@ -194,9 +196,13 @@ async def build_report(
     `concurrency` studies are in flight at most, and together at most `max_bytes_in_flight`
     bytes of study files (a single larger study still goes, alone). `resume` keeps the rows of
     `out`'s journal (or, without one, of `out` itself) and sends the studies not yet Success.
-    `progress` None shows the bar only on a terminal. Raises ServerUnavailable if the server is
-    down before the first study, or stops answering: the studies finished by then stay in the
-    journal and the report, the others are not in either, and a `resume` run sends them.
+    `stable_age_s` > 0 leaves out a study with a file modified less than that many seconds ago: it is
+    still being copied or exported, and a classification of part of it would be a confident answer for
+    a study never seen whole. It is neither sent nor in the report, and a later `resume` run sends it
+    (`ReportSummary.arriving` names it). `progress` None shows the bar only on a terminal. Raises
+    ServerUnavailable if the server is down before the first study, or stops answering: the studies
+    finished by then stay in the journal and the report, the others are not in either, and a
+    `resume` run sends them.
     A client built with `explain=True` makes an explained report: the `pathology_localization`
     column, and the HTML summary page with a montage per study beside `out` (`summary_paths`).
     """
@@ -204,10 +210,19 @@ async def build_report(
         raise ValueError("concurrency must be at least 1")
     if write_every_s < 0:
         raise ValueError("write_every_s must not be negative")
+    if stable_age_s < 0:
+        raise ValueError("stable_age_s must not be negative")
     paths = [Path(out)] + ([Path(csv_out)] if csv_out else [])
     for path in paths:
         _format(path)  # a wrong suffix stops the run now, not after every study was classified
     studies = discover_studies(folder)
+    settled_before = time.time() - stable_age_s
+
+    def still_arriving(study: StudyRef) -> bool:
+        return stable_age_s > 0 and study.modified > settled_before
+
+    arriving = tuple(study.path_to_study for study in studies if still_arriving(study))
+    studies = [study for study in studies if not still_arriving(study)]
     folder_name = str(Path(folder).resolve())
     journal_file = journal_path(out)
     earlier = _resumed(journal_file, Path(out)) if resume else None
@@ -245,6 +260,7 @@ async def build_report(
         journal=journal_file,
         writes=tuple(report.writes),
         page=summary.page if summary is not None else None,
+        arriving=arriving,
     )
 
 

@@ -24,6 +24,7 @@ class StudyRef:
     path: Path  # what preprocess.read_study receives
     path_to_study: str  # the report's key: relative to the folder, POSIX separators
     size_bytes: int  # bytes on disk, used to bound the memory in flight
+    modified: float  # newest modification time of its files (Unix s): is it still being written?
 
 
 def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
@@ -41,18 +42,18 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
     for entry in _visible(root):
         if entry.is_dir():
             if _holds_dicom(entry):
-                studies.append(_ref(entry, root, _tree_size(entry)))
+                studies.append(_ref(entry, root, _tree_stat(entry)))
             else:  # nothing below is DICOM: only the ZIPs in it are studies
-                studies.extend(_ref(path, root, _size(path)) for path in _files(entry) if _is_zip(path, _head(path)))
+                studies.extend(_ref(path, root, _stat(path)) for path in _files(entry) if _is_zip(path, _head(path)))
         elif entry.is_file() or entry.is_symlink():  # a dangling link named .zip is a study that fails to read
             head = _head(entry)
             if _is_zip(entry, head) or _is_dicom(entry, head):
-                studies.append(_ref(entry, root, _size(entry)))
+                studies.append(_ref(entry, root, _stat(entry)))
     return sorted(studies, key=lambda study: study.path_to_study)
 
 
-def _ref(path: Path, root: Path, size: int) -> StudyRef:
-    return StudyRef(path, path.relative_to(root).as_posix(), size)
+def _ref(path: Path, root: Path, stat: tuple[int, float]) -> StudyRef:
+    return StudyRef(path, path.relative_to(root).as_posix(), *stat)
 
 
 def _visible(directory: Path) -> list[Path]:
@@ -71,16 +72,20 @@ def _holds_dicom(directory: Path) -> bool:
     return any(_is_dicom(path, _head(path)) for path in _files(directory))
 
 
-def _tree_size(directory: Path) -> int:
-    return sum(_size(path) for path in _files(directory))
+def _tree_stat(directory: Path) -> tuple[int, float]:
+    """Bytes of all its files, and the newest one's modification time."""
+    stats = [_stat(path) for path in _files(directory)]
+    return sum(size for size, _ in stats), max((modified for _, modified in stats), default=0.0)
 
 
-def _size(path: Path) -> int:
-    """Bytes on disk; 0 for what cannot be stat'ed (a dangling link, a file gone): reading it fails later, as that study's row."""
+def _stat(path: Path) -> tuple[int, float]:
+    """Bytes on disk and modification time; (0, 0.0) for what cannot be stat'ed (a dangling link, a
+    file gone): reading it fails later, as that study's row."""
     try:
-        return path.stat().st_size if path.is_file() else 0
+        stat = path.stat()
     except OSError:
-        return 0
+        return 0, 0.0
+    return (stat.st_size if path.is_file() else 0), stat.st_mtime
 
 
 def _head(path: Path) -> bytes:

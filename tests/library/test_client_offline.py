@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -78,6 +79,21 @@ def test_a_dangling_link_is_a_study_that_fails_to_read_not_a_lost_report(tmp_pat
         result.processing_status == client.FAILURE
         and result.error == "cannot read study: input path does not exist or is not a file or folder"
     )
+
+
+def test_discovery_dates_each_study_by_its_newest_file(tmp_path):
+    """What --stable-age compares: a study folder's newest file, however deep; a ZIP's own time."""
+    _dicom_like(tmp_path / "a_study" / "series1" / "IM0001")
+    _dicom_like(tmp_path / "a_study" / "series2" / "IM0001")
+    (tmp_path / "b.zip").write_bytes(b"PK\x03\x04rest")
+    (tmp_path / "moved.zip").symlink_to(tmp_path / "gone.zip")
+    os.utime(tmp_path / "a_study" / "series1" / "IM0001", (1_000_000, 1_000_000))
+    os.utime(tmp_path / "a_study" / "series2" / "IM0001", (2_000_000, 2_000_000))
+    os.utime(tmp_path / "b.zip", (3_000_000, 3_000_000))
+
+    modified = {study.path_to_study: study.modified for study in client.discover_studies(tmp_path)}
+
+    assert modified == {"a_study": 2_000_000, "b.zip": 3_000_000, "moved.zip": 0.0}  # a dangling link: never "arriving"
 
 
 def test_discovery_rejects_a_file(tmp_path):

@@ -264,6 +264,36 @@ def test_resume_does_not_resend_finished_studies(triton_server, archive, serial_
         assert new["processing_status"] == old["processing_status"]
 
 
+def test_a_study_still_arriving_waits_for_a_later_run(triton_server, archive, tmp_path):
+    """A folder studies are copied into as the report runs (a PACS export, a periodic job): a study
+    whose newest file is younger than --stable-age is neither sent nor reported, and the next
+    --resume run sends it, once, without resending the rest."""
+    folder = tmp_path / "incoming"
+    shutil.copytree(archive / GOOD_FOLDER, folder / GOOD_FOLDER)
+    shutil.copyfile(archive / GOOD_ZIPS[0], folder / GOOD_ZIPS[0])
+    an_hour_ago = time.time() - 3600
+    for path in folder.rglob("*"):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    last_slice = max(path for path in (folder / GOOD_FOLDER).rglob("*") if path.is_file())
+    os.utime(last_slice)  # its last file was written just now
+    out = tmp_path / "report.xlsx"
+    before = _stats(triton_server)
+
+    first = _cli("report", str(folder), "--out", str(out), "--stable-age", "60", "--url", triton_server.grpc_url)
+
+    assert first.returncode == 0, first.stderr
+    assert "1 studies: 1 Success, 0 Failure (1 sent, 0 already done; 1 still arriving" in first.stderr
+    assert [row["path_to_study"] for row in client.read_report(out)] == [GOOD_ZIPS[0]]
+    assert _stats(triton_server, at_least=before["received"] + 1)["received"] == before["received"] + 1
+
+    os.utime(last_slice, (an_hour_ago, an_hour_ago))  # the copy is complete
+    second = _report(folder, out, triton_server, resume=True, stable_age_s=60)
+
+    assert (second.sent, second.skipped, second.arriving) == (1, 1, ())
+    assert [row["path_to_study"] for row in client.read_report(out)] == sorted([GOOD_FOLDER, GOOD_ZIPS[0]])
+    assert _stats(triton_server, at_least=before["received"] + 2)["received"] == before["received"] + 2
+
+
 @pytest.mark.parametrize(("stop", "status", "last_line"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_ctrl_c_or_sigterm_keeps_the_finished_rows(module_server, archive, tmp_path, stop, status, last_line):
     """Ctrl-C, or SIGTERM as systemd, docker stop or Kubernetes send: the report is still rewritten
