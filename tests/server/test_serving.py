@@ -207,39 +207,31 @@ def test_server_keeps_serving_after_bad_studies(triton_server, good_payload, pro
     assert 0.0 <= triage(triton_server, protocol, good_payload)["probability"] <= 1.0
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_internal_failure_is_internal_not_a_hang(triton_server, protocol):
-    """A classifier output that is not a distribution must fail loudly, not yield a decision."""
-    module, client = connect(triton_server, protocol)
-    probabilities = module.InferInput(NAMES.probabilities, [1, 2], "FP32")
-    probabilities.set_data_from_numpy(np.array([[0.9, 0.9]], dtype=np.float32))
-    meta = module.InferInput(NAMES.meta, [1], "BYTES")
-    meta.set_data_from_numpy(np.array([b"{}"], dtype=np.object_))
-    try:
-        with pytest.raises(InferenceServerException) as served:
-            infer(client, protocol, NAMES.postprocess, [probabilities, meta])
-    finally:
-        client.close()
-    assert served.value.status() == {"http": "500", "grpc": "StatusCode.INTERNAL"}[protocol]
-    assert "not a probability distribution" in served.value.message()
+INTERNAL = {"http": "500", "grpc": "StatusCode.INTERNAL"}
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_a_meta_not_from_preprocess_is_the_callers_error(triton_server, protocol):
-    """Inside the ensemble META is always preprocess's, so a bad one can only come from a direct caller."""
+@pytest.mark.parametrize(
+    ("probabilities", "meta", "status", "message"),
+    [
+        # a classifier output that is not a distribution: fails loudly as an internal fault, no decision
+        ([[0.9, 0.9]], b"{}", INTERNAL, "not a probability distribution"),
+        # inside the ensemble META is always preprocess's: a bad one can only come from a direct caller
+        ([[0.3, 0.7]], b"not json", INVALID, f"{NAMES.postprocess}: META is not valid JSON"),
+    ],
+)
+def test_postprocess_refuses_what_it_cannot_decide_on_in_one_line(triton_server, protocol, probabilities, meta, status, message):
     module, client = connect(triton_server, protocol)
-    probabilities = module.InferInput(NAMES.probabilities, [1, 2], "FP32")
-    probabilities.set_data_from_numpy(np.array([[0.3, 0.7]], dtype=np.float32))
-    meta = module.InferInput(NAMES.meta, [1], "BYTES")
-    meta.set_data_from_numpy(np.array([b"not json"], dtype=np.object_))
+    inputs = [module.InferInput(NAMES.probabilities, [1, 2], "FP32"), module.InferInput(NAMES.meta, [1], "BYTES")]
+    inputs[0].set_data_from_numpy(np.array(probabilities, dtype=np.float32))
+    inputs[1].set_data_from_numpy(np.array([meta], dtype=np.object_))
     try:
         with pytest.raises(InferenceServerException) as served:
-            infer(client, protocol, NAMES.postprocess, [probabilities, meta])
+            infer(client, protocol, NAMES.postprocess, inputs)
     finally:
         client.close()
-    assert served.value.status() == INVALID[protocol]
-    assert f"{NAMES.postprocess}: META is not valid JSON" in served.value.message()
-    assert "\n" not in served.value.message().strip()
+    assert served.value.status() == status[protocol]
+    assert message in served.value.message() and "\n" not in served.value.message().strip()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
