@@ -28,9 +28,10 @@ from settings import NAMES, OPERATING_POINT, SERVING
 
 PROTOCOLS = ("http", "grpc")
 MODULES = {"http": triton_http, "grpc": triton_grpc}
-# What each protocol reports for a bad study (INVALID_ARG) and for a request that waited too long.
+# What each protocol reports for a bad study (INVALID_ARG), a request that waited too long, and an internal fault.
 INVALID = {"http": "400", "grpc": "StatusCode.INVALID_ARGUMENT"}
 TIMED_OUT = {"http": "503", "grpc": "StatusCode.UNAVAILABLE"}
+INTERNAL = {"http": "500", "grpc": "StatusCode.INTERNAL"}
 
 
 CLIENT_DEADLINE_S = 120  # a test fails, never hangs, if the server stops answering
@@ -205,9 +206,6 @@ def test_server_keeps_serving_after_bad_studies(triton_server, good_payload, pro
         with pytest.raises(InferenceServerException):
             triage(triton_server, protocol, payload)
     assert 0.0 <= triage(triton_server, protocol, good_payload)["probability"] <= 1.0
-
-
-INTERNAL = {"http": "500", "grpc": "StatusCode.INTERNAL"}
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
