@@ -48,6 +48,7 @@ test-fast: setup $(CHROMIUM)
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/shellcheck $$(git ls-files '*.sh')
 
 # Fuzz the DICOM reading path for FUZZ_SECONDS (atheris, one worker): bytes of a file, a ZIP, several
 # files or a folder -> preprocess_study at S=16, from a seed corpus generated into build/fuzz/corpus.

@@ -44,6 +44,7 @@ header="{\"inputs\":[{\"name\":\"DICOM\",\"shape\":[$#],\"datatype\":\"BYTES\",\
 
 length_prefix() {  # $1 as 4 bytes, little-endian
     local n=$1
+    # shellcheck disable=SC2059  # the format is made of the \xHH escapes of the bytes themselves
     printf "\\x$(printf %02x $((n & 255)))\\x$(printf %02x $((n >> 8 & 255)))\\x$(printf %02x $((n >> 16 & 255)))\\x$(printf %02x $((n >> 24 & 255)))"
 }
 
