@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
         type=non_negative_float,
         default=0.0,
         metavar="SECONDS",
-        help="leave out studies with a file modified in the last SECONDS (still being copied or exported); "
+        help="leave out studies with a file written in the last SECONDS (still being copied or exported); "
         "a later --resume run sends them (default 0: every study)",
     )
     report.add_argument(

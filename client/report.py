@@ -196,7 +196,7 @@ async def build_report(
     `concurrency` studies are in flight at most, and together at most `max_bytes_in_flight`
     bytes of study files (a single larger study still goes, alone). `resume` keeps the rows of
     `out`'s journal (or, without one, of `out` itself) and sends the studies not yet Success.
-    `stable_age_s` > 0 leaves out a study with a file modified less than that many seconds ago: it is
+    `stable_age_s` > 0 leaves out a study with a file written less than that many seconds ago: it is
     still being copied or exported, and a classification of part of it would be a confident answer for
     a study never seen whole. It is neither sent nor in the report, and a later `resume` run sends it
     (`ReportSummary.arriving` names it). `progress` None shows the bar only on a terminal. Raises

@@ -24,7 +24,7 @@ class StudyRef:
     path: Path  # what preprocess.read_study receives
     path_to_study: str  # the report's key: relative to the folder, POSIX separators
     size_bytes: int  # bytes on disk, used to bound the memory in flight
-    modified: float  # newest modification time of its files (Unix s): is it still being written?
+    modified: float  # when its newest file last changed (Unix s): is it still being written?
 
 
 def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
@@ -73,19 +73,21 @@ def _holds_dicom(directory: Path) -> bool:
 
 
 def _tree_stat(directory: Path) -> tuple[int, float]:
-    """Bytes of all its files, and the newest one's modification time."""
+    """Bytes of all its files, and when the newest one last changed."""
     stats = [_stat(path) for path in _files(directory)]
     return sum(size for size, _ in stats), max((modified for _, modified in stats), default=0.0)
 
 
 def _stat(path: Path) -> tuple[int, float]:
-    """Bytes on disk and modification time; (0, 0.0) for what cannot be stat'ed (a dangling link, a
-    file gone): reading it fails later, as that study's row."""
+    """Bytes on disk, and when the file last changed: the later of its modification time and its
+    inode change time, since copies that keep the source's times (`cp -p`, `rsync -a`, unzip) set an
+    old modification time on a file written just now. (0, 0.0) for what cannot be stat'ed (a
+    dangling link, a file gone): reading it fails later, as that study's row."""
     try:
         stat = path.stat()
     except OSError:
         return 0, 0.0
-    return (stat.st_size if path.is_file() else 0), stat.st_mtime
+    return (stat.st_size if path.is_file() else 0), max(stat.st_mtime, stat.st_ctime)
 
 
 def _head(path: Path) -> bytes:
