@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import fcntl
 import io
 import json
 import logging
@@ -225,31 +226,32 @@ async def build_report(
     studies = [study for study in studies if not still_arriving(study)]
     folder_name = str(Path(folder).resolve())
     journal_file = journal_path(out)
-    earlier = _resumed(journal_file, Path(out)) if resume else None
-    async with client_factory() as client:
-        explain = bool(getattr(client, "explain", False))
-        summary = _Summary(Path(out)) if explain else None
-        kept: dict[str, dict[str, Any]] = {}
-        if earlier is not None:
-            _check_same_run(earlier, journal_file, folder_name, client.model)
-            kept = {row["path_to_study"]: row for row in earlier.rows}  # the latest row of each study
-        todo = [study for study in studies if kept.get(study.path_to_study, {}).get("processing_status") != SUCCESS]
-        if todo:
-            await client.check_ready()
-        journal = _JournalWriter.create(journal_file, folder_name, client.model, kept.values())
-        report = _ReportFiles(paths, [study.path_to_study for study in studies], journal, write_every_s, summary=summary)
-        show = sys.stderr.isatty() if progress is None else progress
-        try:
-            with tqdm(total=len(todo), desc="report", unit="study", disable=not show, dynamic_ncols=True) as bar:
-                await _classify_all(client, todo, journal, report, bar, concurrency, max_bytes_in_flight, summary)
-        except ServerUnavailable as error:
-            rows = len(report.ordered_rows())
-            raise ServerUnavailable(
-                f"{_one_line(error)}; {journal.appended} of {len(todo)} studies finished before it stopped answering; "
-                f"{Path(out).name} holds {rows} rows of {len(studies)} studies: run again with --resume once the server is back"
-            ) from None
-        finally:
-            journal.close()
+    with _only_run_on(out):  # a second run on the same report would interleave two journals
+        earlier = _resumed(journal_file, Path(out)) if resume else None
+        async with client_factory() as client:
+            explain = bool(getattr(client, "explain", False))
+            summary = _Summary(Path(out)) if explain else None
+            kept: dict[str, dict[str, Any]] = {}
+            if earlier is not None:
+                _check_same_run(earlier, journal_file, folder_name, client.model)
+                kept = {row["path_to_study"]: row for row in earlier.rows}  # the latest row of each study
+            todo = [study for study in studies if kept.get(study.path_to_study, {}).get("processing_status") != SUCCESS]
+            if todo:
+                await client.check_ready()
+            journal = _JournalWriter.create(journal_file, folder_name, client.model, kept.values())
+            report = _ReportFiles(paths, [study.path_to_study for study in studies], journal, write_every_s, summary=summary)
+            show = sys.stderr.isatty() if progress is None else progress
+            try:
+                with tqdm(total=len(todo), desc="report", unit="study", disable=not show, dynamic_ncols=True) as bar:
+                    await _classify_all(client, todo, journal, report, bar, concurrency, max_bytes_in_flight, summary)
+            except ServerUnavailable as error:
+                rows = len(report.ordered_rows())
+                raise ServerUnavailable(
+                    f"{_one_line(error)}; {journal.appended} of {len(todo)} studies finished before it stopped answering; "
+                    f"{Path(out).name} holds {rows} rows of {len(studies)} studies: run again with --resume once the server is back"
+                ) from None
+            finally:
+                journal.close()
     statuses = [row["processing_status"] for row in report.ordered_rows()]
     return ReportSummary(
         studies=len(statuses),
@@ -315,6 +317,24 @@ async def _raise_if_server_gone(client: AsyncTriageClient) -> None:
         raise ServerUnavailable(
             f"Triton server at {client.url} ({client.protocol}) did not answer a readiness check within {_READY_CHECK_S:.0f} s"
         ) from None
+
+
+@contextlib.contextmanager
+def _only_run_on(out: str | os.PathLike[str]):
+    """Hold `<out>.lock` for the run: a periodic job started again before the last run ended (cron
+    does not wait) is refused instead of rewriting the journal under it. The lock is the kernel's
+    (flock), so a killed run holds it no longer; the file stays, empty."""
+    lock = Path(f"{os.fspath(out)}.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = f"another run is writing {Path(out).name} ({lock.name} is held)"
+            raise ReportError(f"{held}: let it finish, or choose another --out") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _resumed(journal_file: Path, out: Path) -> Journal | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import fcntl
 import os
 import socket
 import time
@@ -219,6 +220,22 @@ def test_the_report_is_rewritten_from_the_journal_at_intervals_not_per_study(tmp
 
     writes, rows = asyncio.run(asyncio.wait_for(run(0, follow=True), 60))
     assert [written for written, _ in writes][:9] == list(range(9)) and len(rows) == 8
+
+
+def test_a_second_run_on_the_same_report_is_refused_while_the_first_runs(tmp_path, capsys):
+    """A periodic job started again before the last run ended: refused, the running one's journal untouched."""
+    folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
+    _study(folder / "s1")
+    journal = _journal(out, folder, [finished("s1")])
+    before = journal.read_bytes()
+    with open(f"{out}.lock", "w") as running:
+        fcntl.flock(running, fcntl.LOCK_EX)  # what the first run holds
+
+        assert client_main(["report", str(folder), "--out", str(out), "--url", _closed_url()]) == 2
+
+    assert "error: another run is writing report.xlsx (report.xlsx.lock is held): let it finish" in capsys.readouterr().err
+    assert journal.read_bytes() == before
+    assert _resume(folder, out).skipped == 1  # once it ended, the next run goes
 
 
 def test_write_interval_must_not_be_negative(tmp_path, capsys):

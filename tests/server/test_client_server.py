@@ -329,7 +329,7 @@ def test_ctrl_c_or_sigterm_keeps_the_finished_rows(module_server, archive, tmp_p
     assert [row["path_to_study"] for row in rows] == [path for path in studies if path in {r["path_to_study"] for r in rows}]
     assert all(row["processing_status"] in ("Success", "Failure") and row["model"] for row in rows)
     assert len(rows) == len(read_journal(journal).rows)  # every journaled study is in the report
-    assert sorted(p.name for p in out.parent.iterdir()) == ["report.xlsx", journal.name]  # no temporary file left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report.xlsx", journal.name, "report.xlsx.lock"]  # no temporary file left
 
 
 def test_shared_memory_benchmark_measures_every_protocol_and_transport(triton_server, archive):
