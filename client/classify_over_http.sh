@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Classify one study over plain HTTP with curl: the request a service in any language sends to the
+# Classify one study over HTTP(S) with curl: the request a service in any language sends to the
 # ct_triage ensemble (KServe v2 protocol with Triton's binary tensor extension), no Python needed.
 #
-#   client/classify_over_http.sh [--url HOST:PORT] [--model ct_triage] [--series UID] FILE...
+#   client/classify_over_http.sh [--url HOST:PORT | --url https://HOST[:PORT]] [--model ct_triage] [--series UID] FILE...
 #
+# --url: the server (default localhost:8000, plain HTTP), or a base URL such as a TLS proxy's.
 # FILE...: one ZIP of the study, one multi-frame DICOM file, or the slice files of the study; each
 # file is one element of the BYTES input DICOM. Prints the server's JSON answer (PROBABILITY,
 # PATHOLOGY, STUDY_UID, SERIES_UID, META) on stdout; a refused study prints {"error": "..."} and
@@ -21,6 +22,7 @@ while [[ $# -gt 0 && $1 == --* ]]; do
     esac
     shift 2
 done
+[[ $url == http://* || $url == https://* ]] || url=http://$url
 if [[ $# -eq 0 ]]; then
     echo "usage: $0 [--url HOST:PORT] [--model ct_triage] [--series UID] FILE..." >&2
     exit 2
@@ -57,5 +59,5 @@ length_prefix() {  # $1 as 4 bytes, little-endian
 } | curl --silent --show-error --fail-with-body -X POST \
     -H "Content-Type: application/octet-stream" \
     -H "Inference-Header-Content-Length: ${#header}" \
-    --data-binary @- "http://$url/v2/models/$model/infer"
+    --data-binary @- "${url%/}/v2/models/$model/infer"
 echo

@@ -140,8 +140,8 @@ def test_curl_script_sends_what_the_python_client_sends(triton_server, archive, 
     """client/classify_over_http.sh: the request a service without Python sends (binary tensor
     extension), for a ZIP, a folder's slice files and a named series, and a refused study's error."""
 
-    def curl(*args: str) -> subprocess.CompletedProcess:
-        script = [str(ROOT / "client" / "classify_over_http.sh"), "--url", triton_server.http_url]
+    def curl(*args: str, url: str = triton_server.http_url) -> subprocess.CompletedProcess:
+        script = [str(ROOT / "client" / "classify_over_http.sh"), "--url", url]
         return subprocess.run(script + list(args), capture_output=True, text=True, timeout=120)
 
     def outputs(done: subprocess.CompletedProcess) -> dict:
@@ -157,7 +157,7 @@ def test_curl_script_sends_what_the_python_client_sends(triton_server, archive, 
         expected = {"zip": triage.classify(archive / GOOD_ZIPS[1]), "folder": triage.classify(archive / GOOD_FOLDER)}
         expected["series"] = triage.classify(second)
     answers = {
-        "zip": outputs(curl(str(archive / GOOD_ZIPS[1]))),
+        "zip": outputs(curl(str(archive / GOOD_ZIPS[1]), url=f"http://{triton_server.http_url}/")),  # a base URL, as a proxy's
         "folder": outputs(curl(*map(str, slices))),
         "series": outputs(curl("--series", expected["series"].series_uid, *sorted(map(str, tmp_path.iterdir())))),
     }
