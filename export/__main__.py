@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ContractError) as error:
         print(f"export: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("export: interrupted (an output folder is replaced only once its export is complete)", file=sys.stderr)
+        return 130
     print(json.dumps(result.parity.to_dict(), indent=2))
     print(result.parity.summary())
     print(f"weights: {result.provenance['checkpoint']}; timings (s): {json.dumps(result.timings_s)}")

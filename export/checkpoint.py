@@ -156,7 +156,24 @@ def _match(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]
         ]
         more = f" (+{len(mismatched) - _LIST_LIMIT} more)" if len(mismatched) > _LIST_LIMIT else ""
         raise ArchitectureError(f"{name}: shape mismatch: " + "; ".join(details) + more)
+    _check_values(state, expected, name)
     return {key: state[key].to(expected[key].dtype).contiguous() for key in expected}
+
+
+def _check_values(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], name: str) -> None:
+    """Weights the network can compute with: the conversion to its dtypes would turn integers into
+    zeros silently, and a NaN, an infinity or a negative variance would reach the served model (or
+    fail parity, blamed on the export)."""
+    for key in expected:
+        value = state[key]
+        if key.endswith("num_batches_tracked"):
+            continue
+        if not value.is_floating_point():
+            raise CheckpointError(f"{name}: {key} holds {str(value.dtype).removeprefix('torch.')} values, not floating-point weights")
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{name}: {key} holds non-finite values (NaN or infinite)")
+        if key.endswith("running_var") and bool((value < 0).any()):
+            raise CheckpointError(f"{name}: {key} holds negative variances")
 
 
 def _seeded_fc(seed: int) -> dict[str, torch.Tensor]:

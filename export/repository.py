@@ -88,10 +88,10 @@ class ServingOptions:
     def validated(self) -> ServingOptions:
         """The same options with the threshold as a float; ContractError/ExportError on a bad value."""
         validate_size(self.size)
-        _check_integer("max batch size", self.max_batch_size, 1)
-        _check_integer("preprocess instances", self.preprocess_instances, 1)
+        _check_integer("max batch size", self.max_batch_size, 1, SERVING.most_max_batch_size)
+        _check_integer("preprocess instances", self.preprocess_instances, 1, SERVING.most_preprocess_instances)
         if self.max_queue_delay_microseconds is not None:
-            _check_integer("max queue delay", self.max_queue_delay_microseconds, 0)
+            _check_integer("max queue delay", self.max_queue_delay_microseconds, 0, SERVING.most_queue_delay_microseconds)
         for model, device in (("preprocess", self.preprocess_device), ("explain", self.explain_device)):
             if device not in DEVICES:
                 raise ExportError(f"{model} device must be one of {', '.join(DEVICES)}, not {device!r}")
@@ -119,9 +119,9 @@ class ExportResult:
         return self.target if self.in_place and self.target != "cpu" else None
 
 
-def _check_integer(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ExportError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+def _check_integer(name: str, value, minimum: int, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ExportError(f"{name} must be an integer from {minimum} to {maximum}, got {value!r}")
 
 
 def _check_target(target: str) -> None:
@@ -275,27 +275,57 @@ def config_text(config: model_config_pb2.ModelConfig, source: str) -> str:
     )
 
 
-def _check_folder(folder: Path) -> None:
+def _check_folder(folder: Path, kind: str) -> None:
+    """An output folder export may replace: absent, empty, or an earlier export's of the same kind
+    ("repository" or "artifacts"), whose parent takes new folders. Checked before any work."""
     if folder.exists() and not folder.is_dir():
         raise OutputFolderError(f"output {folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
-        raise OutputFolderError(f"output folder {folder} exists, is not empty and was not written by export: refusing to replace it")
+    if folder.is_dir() and any(folder.iterdir()):
+        if not (folder / MARKER).is_file():
+            raise OutputFolderError(f"output folder {folder} exists, is not empty and was not written by export: refusing to replace it")
+        written = _marker_kind(folder)
+        if written not in (None, kind):
+            raise OutputFolderError(f"output folder {folder} holds an earlier export's {written}, not its {kind}: refusing to replace it")
+    parent = next((p for p in (folder.parent, *folder.parent.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputFolderError(f"cannot create {folder}: {parent} is not a writable folder")
+
+
+def _marker(kind: str, **fields) -> str:
+    """The MARKER of a folder export wrote: which kind of output it is, and what it holds."""
+    return json.dumps({"written_by": "python -m export", "kind": kind, **fields}, indent=2) + "\n"
+
+
+def _marker_kind(folder: Path) -> str | None:
+    """What an export's marker says it wrote; None for markers that predate the kind."""
+    try:
+        return json.loads((folder / MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _staging(folder: Path) -> Path:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.export-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.export-", dir=folder.parent))
+    except OSError as error:
+        raise OutputFolderError(f"cannot write beside {folder}: {error.strerror}") from None
     staging.chmod(0o755)  # mkdtemp makes it private; the server may run as another user
     return staging
 
 
-def _install(staging: Path, folder: Path) -> None:
+def _install(staging: Path, folder: Path, kind: str) -> None:
     """Move a finished folder into place; an older export there is replaced only at the end."""
-    _check_folder(folder)  # again: someone may have filled it meanwhile
+    _check_folder(folder, kind)  # again: someone may have filled it meanwhile
     if folder.is_dir() and any(folder.iterdir()):
         retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
         folder.rename(retired / folder.name)
-        staging.rename(folder)
+        try:
+            staging.rename(folder)
+        except BaseException:  # Ctrl-C between the two renames: the earlier export goes back
+            (retired / folder.name).rename(folder)
+            retired.rmdir()
+            raise
         shutil.rmtree(retired)
     else:
         if folder.is_dir():
@@ -353,7 +383,7 @@ def write_repository(
     started = time.perf_counter()
     source = Path(source).resolve()
     in_place = out_dir is None or Path(out_dir).resolve() == source
-    repository = source if in_place else Path(out_dir)
+    repository = source if in_place else Path(out_dir).resolve()  # "." has no name to put beside
     given = dict(
         size=size,
         max_batch_size=max_batch_size,
@@ -379,10 +409,14 @@ def write_repository(
     parity_size = validate_size(min(options.size, parity.MAX_PARITY_SIZE) if parity_size is None else parity_size, "parity size")
     if (checkpoint is None) == (not demo_weights):
         raise ExportError("give exactly one of a checkpoint or demo weights")
-    artifacts = Path(artifacts_dir) if artifacts_dir is not None else repository.with_name(repository.name + ARTIFACTS_SUFFIX)
-    _check_folder(artifacts)
+    artifacts = Path(artifacts_dir).resolve() if artifacts_dir is not None else repository.with_name(repository.name + ARTIFACTS_SUFFIX)
+    if artifacts == repository or artifacts in repository.parents or repository in artifacts.parents:
+        raise OutputFolderError(
+            f"the artifacts folder {artifacts} and the repository {repository} must be separate, neither inside the other"
+        )
+    _check_folder(artifacts, "artifacts")
     if not in_place:
-        _check_folder(repository)
+        _check_folder(repository, "repository")
     if target == "tensorrt":
         tensorrt_engine.require_tensorrt()  # before minutes of work, not after
 
@@ -457,7 +491,7 @@ def write_repository(
         }
         provenance_text = json.dumps(provenance, indent=2) + "\n"
         (kept / PROVENANCE_FILE).write_text(provenance_text)
-        (kept / MARKER).write_text(json.dumps({"written_by": "python -m export", "repository": repository.name}) + "\n")
+        (kept / MARKER).write_text(_marker("artifacts", repository=repository.name))
         served_files = {
             **{Path(NAMES.classifier, "1", path.name): path for path in served},
             Path(NAMES.classifier, "1", PROVENANCE_FILE): kept / PROVENANCE_FILE,
@@ -480,11 +514,11 @@ def write_repository(
             for relative, source in served_files.items():
                 (rendered / relative).parent.mkdir(parents=True, exist_ok=True)  # a version folder may hold no model.py
                 shutil.copy2(source, rendered / relative)
-            (rendered / MARKER).write_text(json.dumps({"written_by": "python -m export", **provenance}, indent=2) + "\n")
-            _install(rendered, repository)
+            (rendered / MARKER).write_text(_marker("repository", **provenance))
+            _install(rendered, repository, "repository")
         for path in served:
             path.unlink()  # now in the repository: the artifacts keep only what Triton does not load
-        _install(kept, artifacts)
+        _install(kept, artifacts, "artifacts")
     except BaseException:
         for folder in staged:
             shutil.rmtree(folder, ignore_errors=True)

@@ -99,6 +99,11 @@ class Serving:
     # the largest study a deployment is sized for (its shared memory): a 1,100-slice 512 x 512 series
     largest_study_bytes: int = 600 * 1024**2
     max_batch_size: int = 4  # meant to fit 4 x 256^3 in FP16 on an 8 GB card: benchmarks/gpu_check.sh measures it, not run yet
+    # The most an export accepts: 64 studies is 4 GiB of FP32 input alone at S=256 (and a warm-up per
+    # batch size), 64 instances are 64 processes, a batching wait of 10 s outlasts any triage answer.
+    most_max_batch_size: int = 64
+    most_preprocess_instances: int = 64
+    most_queue_delay_microseconds: int = 10_000_000
     request_timeout_s: float = 300.0  # the client's deadline per request; on the server, the longest queue wait
     max_queue_size: int = 32  # studies waiting per model queue before new ones are rejected (back-pressure)
     # ct_postprocess takes microseconds: a shorter wait and a longer queue than the heavy models

@@ -175,6 +175,22 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, trained):
         load_checkpoint(_save(tmp_path, {**{f"model.{k}": v for k, v in trained.items()}, "loss.alpha": torch.ones(2)}))
 
 
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("conv1.weight", lambda w: w.to(torch.int64), "conv1.weight holds int64 values, not floating-point weights"),  # was zeros
+        ("layer1.0.conv1.weight", lambda w: w.index_fill(0, torch.tensor([3]), float("nan")), "holds non-finite values"),
+        ("bn1.running_var", lambda w: torch.full_like(w, float("inf")), r"bn1\.running_var holds non-finite values"),
+        ("layer2.0.bn1.running_var", lambda w: -w, "layer2.0.bn1.running_var holds negative variances"),
+    ],
+)
+def test_weights_the_network_cannot_compute_with_are_refused(tmp_path, trained, key, value, message):
+    """Silently converted (integers to zeros), or served as they are (NaN, infinity), or blamed on the
+    export by a failed parity check: the checkpoint is refused, the tensor named."""
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_save(tmp_path, dict(trained, **{key: value(trained[key])})))
+
+
 def test_no_resnet_at_all(tmp_path):
     with pytest.raises(ArchitectureError, match="no stem keys"):
         load_checkpoint(_save(tmp_path, {"encoder.weight": torch.zeros(2, 2)}))

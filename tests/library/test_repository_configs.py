@@ -3,6 +3,7 @@ settings and with each other, and the rules that render a copy at another S or f
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -212,8 +213,11 @@ def test_bad_sizes_are_refused_before_any_work(tmp_path, size):
     [
         ("threshold", 1.5, r"threshold must be a number in \[0, 1\]"),
         ("threshold", "high", "threshold must be a number"),
-        ("max_batch_size", 0, "max batch size must be an integer of at least 1"),
-        ("max_queue_delay_microseconds", -1, "max queue delay must be an integer of at least 0"),
+        ("max_batch_size", 0, "max batch size must be an integer from 1 to 64"),
+        ("max_batch_size", 2_000_000_000, "max batch size must be an integer from 1 to 64"),  # a warm-up per batch size: unbounded memory
+        ("preprocess_instances", 99_999_999_999, "preprocess instances must be an integer from 1 to 64"),  # past protobuf's int32
+        ("max_queue_delay_microseconds", -1, "max queue delay must be an integer from 0 to 10000000"),
+        ("max_queue_delay_microseconds", 10**24, "max queue delay must be an integer from 0 to 10000000"),  # past uint64
     ],
 )
 def test_bad_serving_options_are_refused_before_any_work(tmp_path, option, value, message):
@@ -238,6 +242,48 @@ def test_user_folders_are_never_replaced(tmp_path):
             export.write_repository(out, target="cpu", size=32, demo_weights=True, artifacts_dir=artifacts)
     assert (folder / "notes.txt").read_text() == "mine" and len(list(folder.iterdir())) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my_models"]  # no staging left behind
+
+
+def test_an_artifacts_folder_never_takes_the_place_of_a_repository(tmp_path):
+    """--artifacts on (or around) the repository, or on an earlier export's repository: refused before any
+    work, so a served repository is never replaced by artifacts while the command says it is ready."""
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / export.MARKER).write_text(json.dumps({"written_by": "python -m export", "kind": "repository"}))
+    cases = [
+        (tmp_path / "repo", tmp_path / "repo", "must be separate, neither inside the other"),
+        (tmp_path / "repo", tmp_path / "repo" / "kept", "must be separate, neither inside the other"),
+        (tmp_path / "all" / "repo", tmp_path / "all", "must be separate, neither inside the other"),
+        (tmp_path / "repo", earlier, "holds an earlier export's repository, not its artifacts"),
+    ]
+    for out, artifacts, message in cases:
+        with pytest.raises(export.OutputFolderError, match=message):
+            export.write_repository(out, target="cpu", size=16, demo_weights=True, artifacts_dir=artifacts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"] and [p.name for p in earlier.iterdir()] == [export.MARKER]
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(export.OutputFolderError, match="is not a writable folder"):  # (root may write anywhere: a file as parent)
+        (tmp_path / "a_file").write_text("")
+        export.write_repository(tmp_path / "a_file" / "repo", target="cpu", size=16, demo_weights=True)
+    with pytest.raises(export.OutputFolderError, match="exists, is not empty and was not written by export"):
+        export.write_repository(".", target="cpu", size=16, demo_weights=True)  # "." is the folder it names, not a crash
+
+
+def test_ctrl_c_is_one_line_and_leaves_an_earlier_export_as_it_was(tmp_path, capsys, monkeypatch):
+    earlier = tmp_path / "repo"
+    earlier.mkdir()
+    (earlier / export.MARKER).write_text(json.dumps({"written_by": "python -m export", "kind": "repository"}))
+    (earlier / "served.txt").write_text("the earlier export")
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.repository, "make_demo_weights", interrupted)
+    assert export_main(["--demo-weights", "--target", "cpu", "--size", "16", "--out", str(earlier)]) == 130
+    assert capsys.readouterr().err.strip() == "export: interrupted (an output folder is replaced only once its export is complete)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"] and (earlier / "served.txt").read_text() == "the earlier export"
 
 
 @pytest.mark.parametrize(
