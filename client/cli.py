@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -186,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--max-mb-in-flight",
-        type=float,
+        type=positive_float,
         default=DEFAULT_MAX_BYTES_IN_FLIGHT / 1024**2,
         help="bound on study file sizes held at once, MiB (default %(default).0f)",
     )
@@ -201,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--url", help=f"HOST:PORT (default {default_url('grpc')} for grpc, {default_url('http')} for http)")
         command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
         command.add_argument("--model", help=f"model to ask (default {NAMES.triage}, with --explain {NAMES.triage_explain})")
-        command.add_argument("--timeout", type=float, default=SERVING.request_timeout_s, help="seconds per request")
+        command.add_argument("--timeout", type=positive_float, default=SERVING.request_timeout_s, help="seconds per request")
         command.add_argument(
             "--attempts",
             type=positive_int,
@@ -225,6 +226,13 @@ def positive_int(text: str) -> int:
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError("must be 0 or more")
+    if not 0 <= value < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be a number, 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError("must be a number above 0")
     return value

@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import IO, Any
 
 import openpyxl
 from openpyxl.cell import WriteOnlyCell
+from openpyxl.utils.exceptions import InvalidFileException
 from tqdm import tqdm
 
 from preprocess.output import write_atomically
@@ -138,15 +140,18 @@ def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a report written by `write_report`, values typed back (numbers, None for empty);
     an explained report's rows also hold `pathology_localization`."""
     source = Path(path)
-    if _format(source) == ".xlsx":
-        workbook = openpyxl.load_workbook(source, read_only=True)
-        try:
-            table = [[_from_xlsx(value) for value in row] for row in workbook.active.iter_rows(values_only=True)]
-        finally:
-            workbook.close()
-    else:
-        with open(source, newline="", encoding="utf-8") as stream:
-            table = [[value.removeprefix("'") for value in row] for row in csv.reader(stream)]
+    try:
+        if _format(source) == ".xlsx":
+            workbook = openpyxl.load_workbook(source, read_only=True)
+            try:
+                table = [[_from_xlsx(value) for value in row] for row in workbook.active.iter_rows(values_only=True)]
+            finally:
+                workbook.close()
+        else:
+            with open(source, newline="", encoding="utf-8") as stream:
+                table = [[value.removeprefix("'") for value in row] for row in csv.reader(stream)]
+    except (zipfile.BadZipFile, InvalidFileException, KeyError, UnicodeDecodeError, csv.Error) as error:
+        raise ReportError(f"{source.name} is not a triage report: it cannot be read ({type(error).__name__})") from None
     if not table or tuple(table[0][: len(COLUMNS)]) != COLUMNS:
         raise ReportError(f"{source.name} is not a triage report: its header is not {', '.join(COLUMNS)}")
     columns = EXPLAIN_COLUMNS if tuple(table[0][: len(EXPLAIN_COLUMNS)]) == EXPLAIN_COLUMNS else COLUMNS
@@ -214,9 +219,10 @@ async def build_report(
     if stable_age_s < 0:
         raise ValueError("stable_age_s must not be negative")
     paths = [Path(out)] + ([Path(csv_out)] if csv_out else [])
-    for path in paths:
-        _format(path)  # a wrong suffix stops the run now, not after every study was classified
-    studies = discover_studies(folder)
+    for path in paths:  # what would stop the run after every study was classified stops it now
+        _format(path)
+        _check_writable(path, resume)
+    studies = [study for study in discover_studies(folder) if study.path.resolve() not in {p.resolve() for p in paths}]
     settled_before = time.time() - stable_age_s
 
     def still_arriving(study: StudyRef) -> bool:
@@ -325,6 +331,7 @@ def _only_run_on(out: str | os.PathLike[str]):
     does not wait) is refused instead of rewriting the journal under it. The lock is the kernel's
     (flock), so a killed run holds it no longer; the file stays, empty."""
     lock = Path(f"{os.fspath(out)}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)  # as the report files' own writes do
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -335,6 +342,18 @@ def _only_run_on(out: str | os.PathLike[str]):
         yield
     finally:
         os.close(fd)
+
+
+def _check_writable(path: Path, resume: bool) -> None:
+    """A report file this run can write: not a folder, in a writable folder, and if it exists, a
+    report (a run never overwrites someone's other spreadsheet; `resume` reads it later anyway)."""
+    if path.is_dir():
+        raise ReportError(f"{path.name} is a folder, not a report file")
+    existing = next(folder for folder in (path.absolute().parent, *path.absolute().parents) if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ReportError(f"cannot write {path.name}: {existing} is not a writable folder")
+    if path.exists() and not resume and not journal_path(path).exists():
+        read_report(path)  # ReportError: not a triage report
 
 
 def _resumed(journal_file: Path, out: Path) -> Journal | None:
@@ -362,7 +381,7 @@ def _journal_row(line: bytes) -> dict[str, Any] | None:
         record = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(record, dict) or not all(column in record for column in COLUMNS):
+    if not isinstance(record, dict) or not all(column in record for column in COLUMNS) or not isinstance(record["path_to_study"], str):
         return None
     return record
 

@@ -32,14 +32,19 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
 
     A sub-folder holding DICOM files anywhere below it is one study (its series may sit in deeper
     folders). A folder holding no DICOM files of its own is searched further, so ZIPs grouped in
-    sub-folders are found. DICOM files lying directly in `folder` form one study named ".".
-    Hidden files and folders are ignored; an empty folder is no study.
+    sub-folders are found. A DICOM file lying directly in `folder` is one study (a multi-frame file).
+    Hidden files and folders are ignored; an empty folder is no study; a link to `folder` itself or
+    to a folder above it is no study (it would hold every study again); only regular files are read
+    (a FIFO or a device would block the scan).
     """
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
+    above = {root.resolve(), *root.resolve().parents}
     studies: list[StudyRef] = []
     for entry in _visible(root):
+        if entry.is_symlink() and entry.resolve() in above:
+            continue
         if entry.is_dir():
             if _holds_dicom(entry):
                 studies.append(_ref(entry, root, _tree_stat(entry)))
@@ -92,6 +97,8 @@ def _stat(path: Path) -> tuple[int, float]:
 
 def _head(path: Path) -> bytes:
     try:
+        if not path.is_file():
+            return b""
         with open(path, "rb") as stream:
             return stream.read(_HEAD)
     except OSError:

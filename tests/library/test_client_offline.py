@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,6 +99,24 @@ def test_discovery_dates_each_study_by_its_newest_file(tmp_path):
 
     assert modified["a_study"] == later and modified["moved.zip"] == 0.0  # a dangling link: never "arriving"
     assert started <= modified["b.zip"] <= time.time()
+
+
+def test_discovery_never_blocks_on_a_fifo_nor_follows_a_link_back_up(tmp_path):
+    """A FIFO would block open() forever (Ctrl-C and SIGTERM only queued); a link to the folder or
+    above would make the whole archive one more study. A link to a study elsewhere is a study."""
+    _dicom_like(tmp_path / "archive" / "s1" / "IM0001")
+    (tmp_path / "archive" / "misc").mkdir()
+    os.mkfifo(tmp_path / "archive" / "misc" / "pipe")
+    (tmp_path / "archive" / "loop").symlink_to(tmp_path / "archive")
+    (tmp_path / "archive" / "up").symlink_to(tmp_path)
+    _dicom_like(tmp_path / "elsewhere" / "IM0001")
+    (tmp_path / "archive" / "linked").symlink_to(tmp_path / "elsewhere")
+    found = []
+    scan = threading.Thread(target=lambda: found.extend(client.discover_studies(tmp_path / "archive")), daemon=True)
+    scan.start()
+    scan.join(timeout=30)
+    assert not scan.is_alive(), "discovery blocked"
+    assert [study.path_to_study for study in found] == ["linked", "s1"]
 
 
 def test_discovery_rejects_a_file(tmp_path):

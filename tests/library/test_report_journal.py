@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import fcntl
+import json
 import os
 import socket
 import time
@@ -182,6 +183,55 @@ def test_a_file_that_is_no_journal_is_refused(tmp_path):
     journal_path(out).write_text("path_to_study,study_uid\n")
     with pytest.raises(client.ReportError, match="not a triage report journal"):
         _resume(folder, out)
+
+
+def test_a_report_inside_the_folder_is_not_taken_for_a_study(tmp_path):
+    """An .xlsx is a ZIP: a report written into the studies' folder was sent as a study on every run."""
+    folder = tmp_path / "studies"
+    _study(folder / "s1")
+    out, copy = folder / "report.xlsx", folder / "report.csv"
+    _journal(out, folder, [finished("s1")])
+    client.write_report([finished("s1")], out)
+    client.write_report([finished("s1")], copy)
+    summary = _resume(folder, out, csv_out=copy)  # no server: nothing left to send
+    assert (summary.studies, summary.sent, summary.skipped) == (1, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "setup, options, message",
+    [
+        (lambda out: out.write_bytes(b"someone's worklist"), [], "report.xlsx is not a triage report: it cannot be read (BadZipFile)"),
+        (lambda out: out.write_bytes(b"text"), ["--resume"], "report.xlsx is not a triage report: it cannot be read (BadZipFile)"),
+        (lambda out: out.with_suffix(".csv").mkdir(), ["--csv", "{out_csv}"], "report.csv is a folder, not a report file"),
+        (lambda out: None, ["--timeout", "0"], "argument --timeout: must be a number above 0"),
+        (lambda out: None, ["--timeout", "inf"], "argument --timeout: must be a number above 0"),
+        (lambda out: None, ["--max-mb-in-flight", "nan"], "argument --max-mb-in-flight: must be a number above 0"),
+    ],
+)
+def test_unusable_report_files_and_options_stop_the_run_before_any_study(tmp_path, capsys, setup, options, message):
+    """Never overwrite someone's other spreadsheet, never classify every study to fail at the end."""
+    folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
+    _study(folder / "s1")
+    setup(out)
+    before = out.read_bytes() if out.is_file() else None
+    options = [option.format(out_csv=out.with_suffix(".csv")) for option in options]
+    try:
+        code = client_main(["report", str(folder), "--out", str(out), "--url", _closed_url(), *options])
+    except SystemExit as stopped:  # argparse
+        code = stopped.code
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert (out.read_bytes() if out.is_file() else None) == before and not journal_path(out).exists()
+
+
+def test_a_journal_line_with_a_path_that_is_not_text_is_skipped(tmp_path):
+    folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
+    journal = _journal(out, folder, [finished("s1")])
+    with open(journal, "ab") as stream:
+        stream.write(json.dumps({**finished("s2"), "path_to_study": ["s2"]}).encode() + b"\n")
+    read = read_journal(journal)
+    assert [row["path_to_study"] for row in read.rows] == ["s1"] and read.unreadable == 1
 
 
 def test_without_resume_a_run_starts_a_new_journal(tmp_path):
