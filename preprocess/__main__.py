@@ -25,7 +25,7 @@ import torch
 from contract import InvalidSizeError, validate_size
 from settings import PREPROCESSING
 
-from . import MODES, MixedPatientsError, StudyError, preprocess_study, printable, read_study
+from . import MODES, MixedPatientsError, MixedStudiesError, StudyError, preprocess_study, printable, read_study
 from .output import write_atomically
 from .pipeline import check_device
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         stale = [path for path in (out, meta_path) if path.is_file()]
         for path in stale:
             path.unlink()
-        hint = " (choose one with --series UID)" if isinstance(exc, MixedPatientsError) else ""
+        hint = " (choose one with --series UID)" if isinstance(exc, (MixedPatientsError, MixedStudiesError)) else ""
         print(f"error: {printable(str(exc))}{hint}" + (" (the earlier outputs at -o were removed)" if stale else ""), file=sys.stderr)
         return 1
     try:

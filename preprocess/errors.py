@@ -51,6 +51,11 @@ class MixedPatientsError(StudyError):
     """Images of more than one patient: no series is chosen across patients unless the caller names it."""
 
 
+class MixedStudiesError(StudyError):
+    """Usable series of more than one study (a prior exam beside the current one): which one the
+    triage is for cannot be told from the images, so none is chosen unless the caller names it."""
+
+
 class NoUsableSeriesError(StudyError):
     """Several series were found and none is a usable chest-CT volume; `skipped` says why each."""
 

@@ -35,6 +35,7 @@ from .errors import (
     MissingGeometryError,
     MissingPixelDataError,
     MixedPatientsError,
+    MixedStudiesError,
     NotAxialError,
     NotCTError,
     NotDicomError,
@@ -326,6 +327,11 @@ def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rul
         listing = "; ".join(f"series {i + 1}: {s['reason']}" for i, s in enumerate(skipped))
         raise NoUsableSeriesError(f"no usable chest-CT series among {len(groups)} ({listing})", skipped)
     ranked = sorted(stacks.values(), key=lambda s: (round(s.spacing[0], 3), -len(s.frames), s.series_uid))
+    studies = {s.study_uid for s in ranked}
+    if series_uid is None and len(studies) > 1:  # the thinnest series could be the prior exam's
+        raise MixedStudiesError(
+            f"usable series of {len(studies)} studies ({len(ranked)} series): one study is classified at a time, so none is chosen"
+        )
     chosen = ranked[0]
     if series_uid is not None:
         reason = f"{chosen.describe()}: requested by SeriesInstanceUID"

@@ -59,10 +59,13 @@ def _study_libraries_complain_about(folder):
     series chosen, RLE with a run longer than its segment (pylibjpeg-rle's Rust decoder panics on stderr)."""
     folder.mkdir()
     tiny = dict(slices=16, rows=8, columns=8, pixel_spacing=20.0)
+    rle = phantom.study_files("series", slice_spacing=10.0, transfer_syntax="rle", **tiny)
+    study_uid = pydicom.dcmread(io.BytesIO(rle[0])).StudyInstanceUID  # two series of one study
     for k, data in enumerate(phantom.study_files("series", slice_spacing=20.0, seed=1, **tiny)):
         ds = pydicom.dcmread(io.BytesIO(data))
+        ds.StudyInstanceUID = study_uid
         pydicom.dcmwrite(folder / f"warns{k}.dcm", ds, implicit_vr=True, little_endian=True, force_encoding=True)
-    for k, data in enumerate(phantom.study_files("series", slice_spacing=10.0, transfer_syntax="rle", **tiny)):
+    for k, data in enumerate(rle):
         if k == 5:
             frame = next(pydicom.encaps.generate_frames(pydicom.dcmread(io.BytesIO(data)).PixelData, number_of_frames=1))
             segment = data.index(frame) + struct.unpack_from("<I", frame, 4)[0]

@@ -410,6 +410,23 @@ def test_series_of_two_patients_are_never_chosen_between_silently(series):
     assert preprocess.preprocess_study(thick_same_patient, size=S).meta["series_selection"]["skipped"]
 
 
+def test_usable_series_of_two_studies_are_never_chosen_between_silently(series):
+    """A prior exam beside the current one (one patient): its thinner series would win the ranking.
+    Unusable series of another study (a dose report, a scout filed elsewhere) do not count."""
+    import pydicom
+
+    patient = pydicom.dcmread(io.BytesIO(series[0])).PatientID
+    prior = phantom.study_files("series", slices=20, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=2.5, seed=9)
+    prior = edit(prior, lambda ds, k: setattr(ds, "PatientID", patient))
+    message = r"^usable series of 2 studies \(2 series\): one study is classified at a time, so none is chosen$"
+    refused(series + prior, preprocess.MixedStudiesError, message)
+    chosen = preprocess.preprocess_study(series, size=S)
+    named = preprocess.preprocess_study(series + prior, size=S, series_uid=chosen.series_uid)
+    np.testing.assert_array_equal(named.volume, chosen.volume)
+    unusable = edit(prior[:2], lambda ds, k: None)  # two slices: too few for a volume
+    assert preprocess.preprocess_study(series + unusable, size=S).series_uid == chosen.series_uid
+
+
 def test_a_localizer_filed_in_the_volume_series_is_set_aside(series):
     """Some scanners give the scout the series UID of the volume: it must not refuse the volume."""
     import pydicom
