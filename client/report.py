@@ -305,12 +305,16 @@ async def _classify_all(
 
     report.start()
     workers = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(todo)))]
+    everything = asyncio.gather(*workers)
     try:
-        await asyncio.gather(*workers)
+        await asyncio.wait([everything, report.writer], return_when=asyncio.FIRST_COMPLETED)
+        if not everything.done():  # the writer ended first, so it failed: classifying on would be for nothing
+            report.writer.result()
+        await everything
     finally:  # also on Ctrl-C or a lost server: stop the rest, then write every finished study
         for task in workers:
             task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.gather(everything, *workers, return_exceptions=True)
         await asyncio.shield(report.finish())
 
 
@@ -511,7 +515,7 @@ class _ReportFiles:
         self._seen = -1  # journal.appended at the last write: unchanged means nothing to write
         self._last_write_s = 0.0
         self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self.writer: asyncio.Task | None = None  # the task doing every write; it ends early only by failing
         self.writes: list[tuple[int, float]] = []
 
     def ordered_rows(self) -> list[dict[str, Any]]:
@@ -519,12 +523,12 @@ class _ReportFiles:
         return [latest[key] for key in self._order if key in latest]
 
     def start(self) -> None:
-        self._task = asyncio.ensure_future(self._keep_written())
+        self.writer = asyncio.ensure_future(self._keep_written())
 
     async def finish(self) -> None:
         """Return once the files on disk hold every row journaled so far."""
         self._stop.set()
-        await self._task
+        await self.writer
 
     async def _keep_written(self) -> None:
         await self._write()  # the report exists from the start: resumed rows, or just the header
@@ -542,7 +546,13 @@ class _ReportFiles:
         snapshot = self.ordered_rows()
         started = time.perf_counter()
         for path in self._paths:
-            await asyncio.to_thread(write_report, snapshot, path, self._columns)
+            try:
+                await asyncio.to_thread(write_report, snapshot, path, self._columns)
+            except OSError as error:  # a full disk, a folder gone: the journal still holds every finished study
+                raise ReportError(
+                    f"cannot write {path.name}: {error.strerror or type(error).__name__}; "
+                    f"{self._journal.path.name} holds every finished study: run again with --resume once it can be written"
+                ) from None
         if self._summary is not None:
             await asyncio.to_thread(self._summary.write, snapshot)
         self._last_write_s = time.perf_counter() - started

@@ -264,6 +264,35 @@ def test_resume_does_not_resend_finished_studies(triton_server, archive, serial_
         assert new["processing_status"] == old["processing_status"]
 
 
+def test_a_report_that_cannot_be_written_stops_the_run_and_keeps_the_journal(triton_server, archive, tmp_path, monkeypatch):
+    """A full disk mid-run: the run stops at once with one line, instead of classifying every study
+    for a report nobody can read; the journal keeps what finished, for --resume."""
+    import errno
+
+    from client import report as report_module
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    for k in range(6):
+        shutil.copyfile(archive / GOOD_ZIPS[k % len(GOOD_ZIPS)], folder / f"study_{k}.zip")
+    written = report_module.write_report
+    writes = []
+
+    def disk_fills_up(rows, path, columns):
+        writes.append(len(rows))
+        if len(writes) > 1:  # the header went through; the first rewrite with a row does not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written(rows, path, columns)
+
+    monkeypatch.setattr(report_module, "write_report", disk_fills_up)
+    out = tmp_path / "report.xlsx"
+    with pytest.raises(client.ReportError, match=r"cannot write report.xlsx: No space left on device; .* --resume"):
+        _report(folder, out, triton_server, write_every_s=0)
+
+    finished = read_journal(journal_path(out)).rows
+    assert 1 <= len(finished) < 6  # stopped early, every finished study kept
+
+
 def test_a_study_still_arriving_waits_for_a_later_run(triton_server, archive, tmp_path):
     """A folder studies are copied into as the report runs (a PACS export, a periodic job): a study
     whose newest file changed more recently than --stable-age is neither sent nor reported, and the
