@@ -222,7 +222,8 @@ async def build_report(
     for path in paths:  # what would stop the run after every study was classified stops it now
         _format(path)
         _check_writable(path, resume)
-    studies = [study for study in discover_studies(folder) if study.path.resolve() not in {p.resolve() for p in paths}]
+    own_files = {path.resolve() for path in paths}  # a report written into FOLDER is not a study (an .xlsx is a ZIP)
+    studies = [study for study in discover_studies(folder) if study.path.resolve() not in own_files]
     settled_before = time.time() - stable_age_s
 
     def still_arriving(study: StudyRef) -> bool:
