@@ -28,6 +28,7 @@ def set_threshold(http_url: str, threshold: float, *, admin_key: str | None = No
     Raises PermissionError when the server refuses the load for want of the right admin key.
     """
     value = parse_threshold(threshold)
+    ADMIN.checked_key(admin_key)  # names the rule; an unsendable header's own error would quote the key
     client = triton_http.InferenceServerClient(_strip_scheme(http_url))
     try:
         config = client.get_model_config(NAMES.postprocess)

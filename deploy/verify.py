@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--artifacts", default="/models/ct-triage.artifacts", help="export's artifacts (weights, the graph a plan came from)"
     )
-    parser.add_argument("--parity-inputs", type=int, default=7, help="volumes of the parity set to compare (1-7)")
+    parser.add_argument(
+        "--parity-inputs", type=int, choices=range(1, 8), default=7, metavar="1-7", help="volumes of the parity set to compare"
+    )
     args = parser.parse_args(argv)
     results: list[tuple[str, bool, str]] = []
     provenance: dict = {}

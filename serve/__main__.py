@@ -34,6 +34,14 @@ def _raise_stop(signum, _frame):
     raise _Stop(signal.Signals(signum).name)
 
 
+def _port(text: str) -> int:
+    """1-65535: Triton takes 0 and serves on no known port, so the launcher would wait for nothing."""
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be a port number from 1 to 65535")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -41,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         default=str(COMMITTED_REPOSITORY),
         help="model repository (default: the project's model_repository/, once `python -m export` has filled it)",
     )
-    parser.add_argument("--http-port", type=int, default=SERVING.http_port)
-    parser.add_argument("--grpc-port", type=int, default=SERVING.grpc_port)
-    parser.add_argument("--metrics-port", type=int, default=SERVING.metrics_port)
+    parser.add_argument("--http-port", type=_port, default=SERVING.http_port)
+    parser.add_argument("--grpc-port", type=_port, default=SERVING.grpc_port)
+    parser.add_argument("--metrics-port", type=_port, default=SERVING.metrics_port)
     parser.add_argument("--log-file", help="server log (default: a temporary file, its path is printed)")
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--model-config-name", help="load configs/<name>.pbtxt where a model has one (Triton's own option)")
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stop}: stopping tritonserver", flush=True)
         return 0
     except ServerError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}\nlog: {server.log_file}", file=sys.stderr)
         return 2
     finally:
         # A second signal must not interrupt the clean-up (stop() itself is bounded in time).

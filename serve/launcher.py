@@ -23,6 +23,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -218,7 +219,7 @@ class TritonServer:
         self.startup_timeout_s = startup_timeout_s
         self.exit_timeout_s = exit_timeout_s
         self.log_verbose = log_verbose
-        self._admin_key = _checked_admin_key(admin_key)  # private: never printed, logged or put in an error
+        self._admin_key = ADMIN.checked_key(admin_key)  # private: never printed, logged or put in an error
         self._log_file = Path(log_file) if log_file else None
         self._owns_log = log_file is None  # a log we chose is kept (for log_tail) after the rest is removed
         self._workdir: Path | None = None
@@ -366,7 +367,7 @@ class TritonServer:
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline and not self._stopping.is_set():
             if self._process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self._process.returncode} during start-up:\n{self.log_tail()}")
+                raise ServerError(f"tritonserver exited with code {self._process.returncode} during start-up:\n{self._failure_log()}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
@@ -376,7 +377,7 @@ class TritonServer:
             time.sleep(0.25)
         if self._stopping.is_set():
             raise ServerError("stopped during start-up")
-        raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+        raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s:\n{self._failure_log()}")
 
     def stop(self) -> None:
         """Graceful SIGTERM, bounded wait, then SIGKILL of the group; leaves no stub and no shm region."""
@@ -600,6 +601,14 @@ class TritonServer:
         """Shared-memory regions with this server's prefix (none may remain after stop)."""
         return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.exists() else []
 
+    def _failure_log(self, lines: int = 40) -> str:
+        """Triton's error lines (glog "E<date>"), which a long unload sequence can push out of the
+        tail, then the tail."""
+        if self._log_file is None or not self._log_file.exists():
+            return "(no server log)"
+        errors = [line for line in self._log_file.read_text(errors="replace").splitlines() if re.match(r"E\d{4} ", line)]
+        return "\n".join([*errors[:10], "...", self.log_tail(lines)]) if errors else self.log_tail(lines)
+
     def log_tail(self, lines: int = 40) -> str:
         if self._log_file is None or not self._log_file.exists():
             return "(no server log)"
@@ -625,16 +634,6 @@ def start_on_free_ports(repository: str | os.PathLike, *, attempts: int = 3, **o
             if "in use" not in str(error).lower() or attempt == attempts - 1:
                 raise
     raise ServerError("no free ports")  # attempts < 1
-
-
-def _checked_admin_key(key: str | None) -> str | None:
-    """The key as Triton and both protocols carry it intact (HTTP trims spaces, gRPC metadata is printable
-    ASCII); a refusal names the rule, never the key."""
-    if key is None:
-        return None
-    if not key or key != key.strip() or not all(" " <= c <= "~" for c in key):
-        raise ValueError("the admin key must be non-empty printable ASCII without leading or trailing spaces")
-    return key
 
 
 def _file_size(path: Path) -> int:

@@ -122,11 +122,25 @@ class AdminAccess:
     key_env: str = "CT_TRIAGE_ADMIN_KEY"  # where the server and the clients read the key
     header: str = "ct-triage-admin-key"  # HTTP header; lower case, as gRPC metadata keys must be
     restricted_apis: tuple[str, ...] = ("model-repository", "shared-memory", "trace", "logging")
+    longest_key: int = 1024  # `openssl rand -hex 32` gives 64; a 100 kB header is dropped by Triton's HTTP front end
 
     @property
     def grpc_metadata(self) -> str:
         """Triton prefixes the gRPC metadata key."""
         return f"triton-grpc-protocol-{self.header}"
+
+    def checked_key(self, key: str | None) -> str | None:
+        """The key as Triton and both protocols carry it intact (HTTP trims spaces, gRPC metadata is
+        printable ASCII, Triton's HTTP front end drops very long headers), or None for no key; the
+        launcher and set_threshold apply the same rule. ValueError names the rule, never the key."""
+        if key is None:
+            return None
+        if not key or key != key.strip() or not all(" " <= c <= "~" for c in key) or len(key) > self.longest_key:
+            raise ValueError(
+                f"the admin key must be non-empty printable ASCII of at most {self.longest_key} characters, "
+                "without leading or trailing spaces"
+            )
+        return key
 
 
 PREPROCESSING = Preprocessing()

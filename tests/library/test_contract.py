@@ -137,3 +137,18 @@ def test_only_volumes_in_the_model_range_pass(as_tensor):
     ]:
         with pytest.raises(OutOfRangeError, match=message):
             check_model_range(as_tensor(values))
+
+
+@pytest.mark.parametrize(
+    "module, args, message",
+    [
+        ("serve", ["--http-port", "70000"], "argument --http-port: must be a port number from 1 to 65535"),  # was a traceback
+        ("serve", ["--grpc-port", "0"], "argument --grpc-port: must be a port number from 1 to 65535"),  # was 3 minutes of waiting
+        ("serve.sizing", ["--preprocess-instances", "-3"], "argument --preprocess-instances: must be from 1 to 64"),  # was negative MiB
+        ("serve.sizing", ["--size", "0"], "argument --size: size 0 is not usable"),
+        ("serve.sizing", ["--largest-study-mib", "-1"], "argument --largest-study-mib: must be from 1 to"),
+    ],
+)
+def test_serving_commands_refuse_numbers_they_cannot_use_in_one_line(module, args, message):
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
