@@ -118,6 +118,19 @@ def test_failed_start_reports_the_reason_and_leaves_nothing(triton_repository, t
     assert server.orphans() == [] and server.leaked_shm() == []
 
 
+def test_a_config_triton_cannot_parse_is_named_at_the_top_of_the_error(triton_repository, tmp_path):
+    """Triton's error line comes first: after it, the unload sequence filled the 40-line tail and hid it."""
+    broken = tmp_path / "repository"
+    shutil.copytree(triton_repository, broken)  # every other model loads, then unloads: a long log
+    with open(broken / NAMES.postprocess / "config.pbtxt", "a") as config:
+        config.write("this is { not pbtxt\n")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    with pytest.raises(ServerError) as failed:
+        TritonServer(broken, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port).start()
+    head = "\n".join(str(failed.value).splitlines()[:6])
+    assert f"failed to read text proto from {broken / NAMES.postprocess / 'config.pbtxt'}" in head, head
+
+
 def test_a_repository_that_was_never_exported_says_so(triton_repository, tmp_path):
     """Without the provenance export writes, ct_postprocess refuses to load: no answer without its model's name."""
     broken = tmp_path / "repository"
