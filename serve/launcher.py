@@ -513,7 +513,7 @@ class TritonServer:
 
     def _served_region_limits(self) -> dict[str, int]:
         """Each model's largest legitimate region (serve.sizing, what /dev/shm is sized with) for the S and
-        batch ct_classifier is served with (the project's defaults without one), with volumes on the CPU."""
+        batch ct_classifier is served with (the project's defaults without one)."""
         # imported here: the package imports this module, and `python -m serve.sizing` must find sizing not yet loaded
         from serve.sizing import Deployment, region_limits
 
@@ -606,8 +606,10 @@ class TritonServer:
         tail, then the tail."""
         if self._log_file is None or not self._log_file.exists():
             return "(no server log)"
-        errors = [line for line in self._log_file.read_text(errors="replace").splitlines() if re.match(r"E\d{4} ", line)]
-        return "\n".join([*errors[:10], "...", self.log_tail(lines)]) if errors else self.log_tail(lines)
+        text = self._log_file.read_text(errors="replace").splitlines()
+        errors = [line for line in text if re.match(r"E\d{4} ", line)][:10]
+        head = [*errors, "..."] if errors else []
+        return "\n".join(head + text[-lines:])
 
     def log_tail(self, lines: int = 40) -> str:
         if self._log_file is None or not self._log_file.exists():
