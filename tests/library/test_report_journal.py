@@ -292,3 +292,18 @@ def test_write_interval_must_not_be_negative(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_status:
         client_main(["report", str(tmp_path), "--out", str(tmp_path / "r.xlsx"), "--write-every", "-1"])
     assert exit_status.value.code == 2 and "--write-every" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["umask-022", "umask-077"])
+def test_report_files_are_as_readable_as_the_umask_allows_and_a_replaced_one_keeps_its_mode(tmp_path, umask, mode):
+    """The people and the web server the page is for read it: not private because of its temporary file."""
+    before = os.umask(umask)
+    try:
+        for name in ("report.xlsx", "report.csv"):
+            client.write_report([finished("s1")], tmp_path / name)
+            assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+            (tmp_path / name).chmod(0o640)  # a mode chosen by whoever runs the reports
+            client.write_report([finished("s1"), finished("s2")], tmp_path / name)
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+    finally:
+        os.umask(before)
