@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stop}: stopping tritonserver", flush=True)
         return 0
     except ServerError as error:
-        print(f"error: {error}\nlog: {server.log_file}", file=sys.stderr)
+        log = f"\nlog: {server.log_file}" if server.log_file and Path(server.log_file).exists() else ""  # none before Triton ran
+        print(f"error: {error}{log}", file=sys.stderr)
         return 2
     finally:
         # A second signal must not interrupt the clean-up (stop() itself is bounded in time).

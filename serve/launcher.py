@@ -323,6 +323,12 @@ class TritonServer:
             return self
         if not any(self.repository.glob("*/config.pbtxt")):
             raise ServerError(f"{self.repository} holds no model (config.pbtxt); run `python -m export` first")
+        if (self.repository / NAMES.classifier).is_dir() and not (self.repository / NAMES.classifier / "1" / "provenance.json").is_file():
+            # the committed configs without export's files: every model would load but the classifier
+            raise ServerError(
+                f"{self.repository}: {NAMES.classifier} was never exported (no 1/provenance.json); "
+                "run `python -m export --checkpoint CKPT` (or --demo-weights) on it first"
+            )
         busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(p)]
         if busy:
             raise ServerError(f"port(s) {busy} already in use")

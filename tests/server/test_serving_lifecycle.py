@@ -23,6 +23,7 @@ import tritonclient.http as triton_http
 import preprocess
 from preprocess import phantom
 from serve import ServerError, TritonServer, free_ports, port_in_use, process_tree
+from serve.__main__ import COMMITTED_REPOSITORY
 from settings import NAMES
 
 SHM = Path("/dev/shm")
@@ -144,6 +145,19 @@ def test_a_repository_that_was_never_exported_says_so(triton_repository, tmp_pat
 def test_start_refuses_a_folder_without_models(tmp_path):
     with pytest.raises(ServerError, match="no model"):
         TritonServer(tmp_path).start()
+
+
+def test_the_committed_configs_before_export_are_one_line_without_starting_triton(tmp_path):
+    """`python -m serve` on the repository as cloned: refused up front, not after every other model loaded."""
+    repository = tmp_path / "repository"
+    shutil.copytree(COMMITTED_REPOSITORY, repository)
+    (repository / NAMES.classifier / "1" / "provenance.json").unlink(missing_ok=True)  # a workspace may have exported in place
+    done = subprocess.run([sys.executable, "-m", "serve", "--repository", str(repository)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (
+        f"error: {repository}: {NAMES.classifier} was never exported (no 1/provenance.json); "
+        "run `python -m export --checkpoint CKPT` (or --demo-weights) on it first\n"
+    )
 
 
 def test_a_killed_launcher_takes_its_server_along(triton_repository, tmp_path):
