@@ -1,11 +1,12 @@
-"""`python -m client classify STUDY` and `python -m client report FOLDER --out report.xlsx`.
+"""`python -m client classify STUDY`, `python -m client report FOLDER --out report.xlsx` and
+`python -m client set-threshold VALUE`.
 
 `--explain` asks ct_triage_explain instead of ct_triage: classify saves the montage, the attribution
 volume and its geometry into --out-dir; report adds pathology_localization and an HTML summary page.
 
 Exit status: 0 done; 1 the study failed (classify); 2 bad arguments or unusable paths;
 3 the server or model is not reachable, or stopped answering during a report (the report keeps the
-finished studies; --resume sends the rest); 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as a
+finished studies; --resume sends the rest), or refused the new threshold; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as a
 service manager stops a job): a report keeps the finished studies either way.
 """
 
@@ -15,13 +16,18 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import signal
 import sys
 from pathlib import Path
 
-from preprocess.errors import printable
-from settings import NAMES, SERVING
+from tritonclient.utils import InferenceServerException
 
+from contract import parse_threshold
+from preprocess.errors import printable
+from settings import ADMIN, NAMES, SERVING
+
+from .operating_point import set_threshold
 from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report
 from .triage import PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
 
@@ -120,6 +126,27 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_threshold(args: argparse.Namespace) -> int:
+    """The operating point of the running server, until it restarts; the admin key comes from the
+    environment only, as the server's does (an argument would show in `ps`)."""
+    admin_key = os.environ.get(ADMIN.key_env)
+    try:
+        ADMIN.checked_key(admin_key)
+    except ValueError as error:
+        raise UsageError(f"{ADMIN.key_env}: {error}") from None
+    try:
+        config = set_threshold(args.url, args.threshold, admin_key=admin_key)
+    except PermissionError:  # the wrong key (an OSError too): exit 2
+        raise
+    except OSError as error:  # refused connection, DNS, timeout
+        raise ServerUnavailable(f"the server at {args.url} is not reachable ({type(error).__name__})") from None
+    except InferenceServerException as error:  # e.g. a server not started in explicit model-control mode
+        raise ServerUnavailable(f"the server at {args.url} refused the new threshold: {error.message()}") from None
+    in_force = float(config["parameters"]["threshold"]["string_value"])
+    print(json.dumps({"model": NAMES.postprocess, "threshold": in_force}))
+    return 0
+
+
 async def _stopped_by_sigterm_like_ctrl_c(report):
     """Await `report`, cancelled on SIGTERM as asyncio.run cancels it on Ctrl-C: systemd, docker stop
     and Kubernetes stop a job with SIGTERM, whose default action would skip the last report rewrite."""
@@ -198,6 +225,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(run=_report)
 
+    threshold = commands.add_parser(
+        "set-threshold",
+        help="change the running server's operating point until it restarts (pathology when P >= VALUE)",
+        description=f"Reload {NAMES.postprocess} with a new threshold; {NAMES.triage} keeps serving. The key of a server "
+        f"started with one is read from {ADMIN.key_env}. Permanent: the repository's {NAMES.postprocess}/config.pbtxt.",
+    )
+    threshold.add_argument("threshold", type=_threshold, metavar="VALUE", help="a number in [0, 1]")
+    threshold.add_argument("--url", default=default_url("http"), help="the server's HTTP endpoint (default %(default)s)")
+    threshold.set_defaults(run=_set_threshold)
+
     for command in (classify, report):
         command.add_argument("--url", help=f"HOST:PORT (default {default_url('grpc')} for grpc, {default_url('http')} for http)")
         command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
@@ -236,3 +273,10 @@ def positive_float(text: str) -> float:
     if not 0 < value < math.inf:  # also refuses nan
         raise argparse.ArgumentTypeError("must be a number above 0")
     return value
+
+
+def _threshold(text: str) -> float:
+    try:
+        return parse_threshold(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number from 0 to 1") from None

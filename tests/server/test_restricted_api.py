@@ -8,6 +8,7 @@ with CT_TRIAGE_ADMIN_KEY in its environment.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -139,6 +140,32 @@ def test_set_threshold_needs_the_key(keyed_server, study):
         assert strict.meta["threshold"] == 1.0 and strict.pathology == 0
     finally:
         client.set_threshold(keyed_server.http_url, OPERATING_POINT.threshold, admin_key=KEY)
+
+
+def _set_threshold_cli(server, value: str, key: str | None) -> subprocess.CompletedProcess:
+    environment = {name: text for name, text in os.environ.items() if name != ADMIN.key_env}
+    if key is not None:
+        environment[ADMIN.key_env] = key
+    command = [sys.executable, "-m", "client", "set-threshold", value, "--url", server.http_url]
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+
+
+def test_set_threshold_cli_reads_the_key_from_the_environment_and_a_plain_reload_keeps_the_override(keyed_server, study):
+    refused = _set_threshold_cli(keyed_server, "1", None)
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert refused.stderr == f"error: the server refuses model-repository changes without the admin key ({ADMIN.key_env})\n"
+    try:
+        done = _set_threshold_cli(keyed_server, "1", KEY)
+        assert done.returncode == 0 and json.loads(done.stdout) == {"model": NAMES.postprocess, "threshold": 1.0}, done.stderr
+        # a load without a config, as after editing config.pbtxt, still answers with the override: Triton
+        # reuses the config it was last given until the server restarts (what serve/README.md says)
+        with triton_http.InferenceServerClient(keyed_server.http_url) as triton:
+            triton.load_model(NAMES.postprocess, headers={ADMIN.header: KEY})
+        with client.TriageClient(keyed_server.grpc_url, "grpc") as triage:
+            assert triage.classify(study).meta["threshold"] == 1.0
+    finally:
+        back = _set_threshold_cli(keyed_server, str(OPERATING_POINT.threshold), KEY)
+    assert back.returncode == 0 and json.loads(back.stdout)["threshold"] == OPERATING_POINT.threshold, back.stderr
 
 
 def test_the_key_reaches_neither_the_log_nor_the_models(keyed_server):
