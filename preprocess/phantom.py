@@ -6,11 +6,19 @@ is. Every form and option encodes the same HU values: a folder of single-frame f
 one ZIP of that folder ("zip"), or one Enhanced CT multi-frame file ("multiframe"); slice order,
 patient position, rescale per slice and transfer syntax vary the bytes, never the volume.
 The fake patient name/ID/birth date exist so tests can check that they never leak.
+
+CLI, a study to try the service with (`python -m client classify OUT`, `python -m preprocess OUT`):
+    python -m preprocess.phantom OUT [--form zip|series|multiframe] [--slices N] [--rows N] [--columns N] [--seed N]
+writes OUT (a .zip, a folder of .dcm files, or one multi-frame .dcm) and prints its path; a bad
+command line or an OUT that cannot be written exits with status 2 and one line.
 """
 
 from __future__ import annotations
 
+import argparse
 import io
+import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +37,13 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+
+from settings import INPUT_LIMITS
+
+# `python -m preprocess.phantom`: the package imports this module before runpy runs it as __main__,
+# and runpy warns about exactly that; harmless here (the CLI uses only its own namespace).
+if sys.argv[:1] == ["-m"] and "preprocess.phantom" in getattr(sys, "orig_argv", ()):
+    warnings.filterwarnings("ignore", message=r"'preprocess\.phantom' found in sys\.modules", category=RuntimeWarning)
 
 FORMS = ("series", "zip", "multiframe")
 ORDERS = ("ascending", "shuffled", "feet_first")
@@ -395,3 +410,69 @@ def _localizer(hu, geometry, study_uid, seed) -> bytes:
     _pixel_module(ds, signed)
     ds.PixelData = _stored(projection, 1.0, -1024.0, signed).tobytes()
     return _encode(ds, ExplicitVRLittleEndian)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), status 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _bounded(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _output_problem(out: Path, form: str) -> str | None:
+    """What is wrong with OUT before any work."""
+    if form == "series":
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            return f"{out} exists and is not an empty folder: name a new folder for a series"
+    elif out.is_dir():
+        return f"{out} is a folder: name the file to write (a {form} study is one file)"
+    blocking = next((parent for parent in out.parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        return f"{out}: {blocking} is a file, not a folder"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(
+        prog="python -m preprocess.phantom",
+        description="Write a synthetic chest phantom study as real DICOM (body, lungs, spine, one lesion; fake "
+        "patient data), to try the service and the CLIs with. Prints the path written.",
+    )
+    parser.add_argument("out", type=Path, metavar="OUT", help="the study: a .zip (zip), a folder (series) or a .dcm file (multiframe)")
+    parser.add_argument("--form", choices=FORMS, default="zip", help="zip (default), series (a folder of files) or multiframe (one file)")
+    slices = _bounded(INPUT_LIMITS.min_slices, INPUT_LIMITS.max_slices)
+    parser.add_argument("--slices", type=slices, default=48, help="slices, 4 mm apart (default 48)")
+    parser.add_argument("--rows", type=_bounded(32, INPUT_LIMITS.max_rows), default=128, help="rows per slice, 2.5 mm pixels (default 128)")
+    parser.add_argument("--columns", type=_bounded(32, INPUT_LIMITS.max_columns), default=128, help="columns per slice (default 128)")
+    parser.add_argument("--seed", type=_bounded(0, 2**32 - 1), default=0, help="noise and UIDs (default 0): another seed, another study")
+    args = parser.parse_args(argv)
+    problem = _output_problem(args.out, args.form)
+    if problem:
+        parser.error(problem)
+    try:
+        written = write_study(args.out, args.form, slices=args.slices, rows=args.rows, columns=args.columns, seed=args.seed)
+    except OSError as error:
+        parser.error(f"cannot write {args.out}: {error.strerror or error}")
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    print(written)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
 
 import numpy as np
 import pydicom
 import pytest
 import torch
-from helpers import edit, packaged_file
+from helpers import edit, packaged_file, run_module
 
 import preprocess
 from preprocess import phantom
@@ -266,6 +268,40 @@ def test_read_study_forms(tmp_path):
     assert len(payload) == 48 and b"not DICOM" not in payload  # only files that start like DICOM or ZIP are read
     assert len(preprocess.read_study(phantom.write_study(tmp_path / "s.zip", "zip"))) == 1
     assert len(preprocess.read_study(phantom.write_study(tmp_path / "m.dcm", "multiframe"))) == 1
+
+
+def unzipped(archive: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(archive)) as opened:
+        return {name: opened.read(name) for name in opened.namelist()}
+
+
+@pytest.mark.parametrize("form, name", [("zip", "study.zip"), ("series", "study"), ("multiframe", "study.dcm")])
+def test_the_phantom_cli_writes_the_phantom_study_and_prints_its_path(tmp_path, form, name):
+    out = tmp_path / "new" / name
+    done = run_module("preprocess.phantom", str(out), "--form", form, "--slices", "16", "--rows", "32", "--columns", "48", "--seed", "3")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{out}\n", "")  # no runpy warning either
+    expected, payload = phantom.study_files(form, slices=16, rows=32, columns=48, seed=3), preprocess.read_study(out)
+    if form == "zip":  # a ZIP's bytes carry its write time: compare what it holds
+        expected, payload = ([unzipped(archive) for archive in files] for files in (expected, payload))
+    assert sorted(payload) == sorted(expected)
+
+
+def test_the_phantom_cli_refuses_with_one_line(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "file").write_text("")
+    for args, message in [
+        ([str(tmp_path / "full")], "is a folder: name the file to write"),
+        ([str(tmp_path / "full"), "--form", "series"], "exists and is not an empty folder"),
+        ([str(tmp_path / "file" / "s.zip")], "is a file, not a folder"),
+        ([str(tmp_path / "s.zip"), "--slices", "3"], "argument --slices: must be from 16 to 2000, got 3"),
+        ([str(tmp_path / "s.zip"), "--form", "nifti"], "argument --form: invalid choice"),
+    ]:
+        done = run_module("preprocess.phantom", *args)
+        assert done.returncode == 2 and done.stdout == "", args
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("python -m preprocess.phantom: error: "), done.stderr
+        assert message in done.stderr, done.stderr
+    assert not (tmp_path / "s.zip").exists()
 
 
 def test_duplicate_copies_of_a_file_are_ignored_with_a_warning(baseline):
