@@ -8,8 +8,8 @@
    FP32 reference of the same export: ONNX Runtime on the FP32 graph (model.onnx in the repository,
    or in the artifacts: the graph the OpenVINO IR or a TensorRT plan was built from), else PyTorch FP32 on the exported
    weights; bounds of the export: <= 1e-4 for an FP32 target, <= 1e-2 for FP16, same decisions;
-4. sweep: perf_analyzer on ct_triage at concurrency 1 and 2 (skipped, and said so, when perf_analyzer
-   is not installed).
+4. sweep: perf_analyzer on ct_triage at concurrency 1 and 2 (SKIP, and why, when perf_analyzer is
+   not installed: it counts neither as passed nor as failed).
 Exit status 0 only if every check that ran passed.
 """
 
@@ -24,6 +24,10 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+
+class Skipped(Exception):
+    """A check that cannot run here: printed as SKIP with why, counted neither as passed nor as failed."""
 
 
 def _ready(http: str, grpc: str) -> str:
@@ -130,7 +134,7 @@ def _sweep(grpc: str, work: Path) -> str:
     from settings import NAMES
 
     if not perf_analyzer.installed():
-        return "SKIPPED: perf_analyzer is not installed (python -m benchmarks.perf_analyzer install)"
+        raise Skipped("perf_analyzer is not installed (python -m benchmarks.perf_analyzer install)")
     data = work / "study.json"
     data.write_text(json.dumps(perf_analyzer.input_data(phantom.study_files("zip", seed=2))))
     rows = [
@@ -138,6 +142,29 @@ def _sweep(grpc: str, work: Path) -> str:
     ]
     return "; ".join(
         f"concurrency {row['Concurrency']}: {row['Inferences/Second']:.2f} studies/s, p95 {row['p95 latency'] / 1e6:.2f} s" for row in rows
+    )
+
+
+def check(results: list[tuple[str, str, str]], name: str, run) -> None:
+    """Run one check, record (name, PASS|FAIL|SKIP, what it found) and print it: every check reports,
+    one failure does not hide the others."""
+    try:
+        results.append((name, "PASS", run()))
+    except Skipped as reason:
+        results.append((name, "SKIP", str(reason)))
+    except Exception as error:
+        results.append((name, "FAIL", str(error) if isinstance(error, AssertionError) else f"{type(error).__name__}: {error}"))
+    print(f"{results[-1][1]}  {name}: {results[-1][2]}", flush=True)
+
+
+def summary(results: list[tuple[str, str, str]]) -> str:
+    ran = [(name, outcome) for name, outcome, _ in results if outcome != "SKIP"]
+    failed = [name for name, outcome in ran if outcome == "FAIL"]
+    skipped = [name for name, outcome, _ in results if outcome == "SKIP"]
+    return (
+        f"verify: {len(ran) - len(failed)}/{len(ran)} checks passed"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+        + (f"; SKIPPED: {', '.join(skipped)}" if skipped else "")
     )
 
 
@@ -153,30 +180,22 @@ def main(argv: list[str] | None = None) -> int:
         "--parity-inputs", type=int, choices=range(1, 8), default=7, metavar="1-7", help="volumes of the parity set to compare"
     )
     args = parser.parse_args(argv)
-    results: list[tuple[str, bool, str]] = []
+    results: list[tuple[str, str, str]] = []
     provenance: dict = {}
     with tempfile.TemporaryDirectory(prefix="ct-triage-verify-") as folder:
         work = Path(folder)
 
-        def check(name: str, run) -> None:
-            try:
-                outcome = run()
-                results.append((name, True, outcome))
-            except Exception as error:  # every check reports; one failure does not hide the others
-                results.append((name, False, f"{type(error).__name__}: {error}" if not isinstance(error, AssertionError) else str(error)))
-            print(f"{'PASS' if results[-1][1] else 'FAIL'}  {name}: {results[-1][2]}", flush=True)
-
         def studies() -> str:
             nonlocal provenance
-            summary, provenance = _studies(args.http, args.grpc, work)
-            return summary
+            found, provenance = _studies(args.http, args.grpc, work)
+            return found
 
-        check("ready", lambda: _ready(args.http, args.grpc))
-        check("studies", studies)
-        check("parity", lambda: _parity(args.http, Path(args.repository), Path(args.artifacts), provenance, args.parity_inputs))
-        check("sweep", lambda: _sweep(args.grpc, work))
-    failed = [name for name, passed, _ in results if not passed]
-    print(f"verify: {len(results) - len(failed)}/{len(results)} checks passed" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        check(results, "ready", lambda: _ready(args.http, args.grpc))
+        check(results, "studies", studies)
+        check(results, "parity", lambda: _parity(args.http, Path(args.repository), Path(args.artifacts), provenance, args.parity_inputs))
+        check(results, "sweep", lambda: _sweep(args.grpc, work))
+    print(summary(results))
+    failed = [name for name, outcome, _ in results if outcome == "FAIL"]
     return 1 if failed else 0
 
 

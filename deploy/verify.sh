@@ -5,13 +5,18 @@
 #
 #   bash deploy/verify.sh                   after `docker compose up -d`: runs inside the `triton`
 #                                           container, where every dependency and the repository are
-#   bash deploy/verify.sh --local [ARGS]    with this machine's Python and the project installed;
-#                                           ARGS: --http HOST:PORT --grpc HOST:PORT --repository DIR
-#                                           --artifacts DIR --parity-inputs N (python3 deploy/verify.py -h)
+#   bash deploy/verify.sh --local [ARGS]    with the project installed here: $PYTHON, else this
+#                                           checkout's .venv, else python3; ARGS: --http HOST:PORT
+#                                           --grpc HOST:PORT --repository DIR --artifacts DIR
+#                                           --parity-inputs N (deploy/verify.py -h)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--local" ]; then
     shift
-    exec "${PYTHON:-python3}" deploy/verify.py "$@"
+    python=${PYTHON:-python3}
+    if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then
+        python=.venv/bin/python
+    fi
+    exec "$python" deploy/verify.py "$@"
 fi
 exec docker compose exec -T triton python3 /opt/ct-triage/deploy/verify.py "$@"

@@ -209,15 +209,38 @@ def test_verify_passes_against_the_running_server(triton_server, triton_reposito
     assert "max |dP|" in lines[2] and "studies/s" in lines[3]
 
 
+def _verify_module():
+    spec = importlib.util.spec_from_file_location("deploy_verify", ROOT / "deploy" / "verify.py")
+    verify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verify)
+    return verify
+
+
 def test_verify_fails_loudly_when_the_served_model_is_not_the_export(triton_server, triton_repository, tmp_path):
     """The parity check compares against the export's own FP32 reference: another model must fail it."""
     import torch
 
-    spec = importlib.util.spec_from_file_location("deploy_verify", ROOT / "deploy" / "verify.py")
-    verify = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(verify)
+    verify = _verify_module()
     state = torch.load(triton_repository.with_name(triton_repository.name + ".artifacts") / "weights.pt", weights_only=True)
     state["fc.bias"] = state["fc.bias"] + torch.tensor([0.0, 1.0])  # a different head: a different model
     torch.save(state, tmp_path / "weights.pt")  # no model.onnx in tmp_path: the reference is PyTorch FP32 on these weights
     with pytest.raises(AssertionError, match=r"vs PyTorch FP32 on weights\.pt on 3 volumes at 64\^3: max \|dP\| .* \(bound 1e-04\)"):
         verify._parity(triton_server.http_url, tmp_path, tmp_path, {"target": "cpu", "precision": "fp32"}, 3)
+
+
+def test_a_check_that_cannot_run_is_a_skip_not_a_pass(tmp_path, monkeypatch, capsys):
+    """Without perf_analyzer the sweep says SKIP and why; the summary counts it neither way."""
+    from benchmarks import perf_analyzer
+
+    verify = _verify_module()
+    monkeypatch.setattr(perf_analyzer, "installed", lambda: False)
+    results = []
+    verify.check(results, "ready", lambda: "ready over HTTP and gRPC")
+    verify.check(results, "sweep", lambda: verify._sweep("localhost:1", tmp_path))
+    verify.check(results, "parity", lambda: 1 / 0)
+    assert capsys.readouterr().out.splitlines() == [
+        "PASS  ready: ready over HTTP and gRPC",
+        "SKIP  sweep: perf_analyzer is not installed (python -m benchmarks.perf_analyzer install)",
+        "FAIL  parity: ZeroDivisionError: division by zero",
+    ]
+    assert verify.summary(results) == "verify: 1/2 checks passed; FAILED: parity; SKIPPED: sweep"
