@@ -5,14 +5,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The verified torch, installed before the project so that its `torch>=2.4` range is already met:
 # on these machines pip takes the local CPU wheel. Elsewhere give pip PyTorch's CPU-only index through
-# PIP_TORCH_OPTIONS, or on a GPU machine TORCH= to keep the CUDA build (the venv must then see it).
+# PIP_TORCH_OPTIONS, or on a GPU machine TORCH= VENV_OPTIONS=--system-site-packages to keep the CUDA
+# build installed in the system's Python (the venv then sees it; without the option it holds no torch).
 TORCH ?= torch==2.13.0
 PIP_TORCH_OPTIONS ?=
+VENV_OPTIONS ?=
 
 .PHONY: setup perf-analyzer chromium test test-fast lint fuzz bench soak gpu-rehearsal demo serve clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_OPTIONS) $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(if $(TORCH),$(PY) -m pip install --quiet $(PIP_TORCH_OPTIONS) "$(TORCH)")
 	$(PY) -m pip install --quiet -e ".[test,bench]"
@@ -54,6 +56,8 @@ lint: setup
 # files or a folder -> preprocess_study at S=16, from a seed corpus generated into build/fuzz/corpus.
 # A crash (anything but a StudyError), a hang or memory past the limit stops it with a non-zero exit
 # status and writes the input to build/fuzz/artifacts. Longer runs, cheaper depths: python -m fuzz --help.
+# atheris 3.0.0 has wheels for CPython 3.11 and 3.12 on Linux x86-64 only: with Python 3.10 (or on
+# another CPU) pip builds it from source, which needs Clang with libFuzzer (atheris's CLANG_BIN).
 FUZZ_SECONDS ?= 60
 fuzz: setup
 	$(PY) -m pip install --quiet -e ".[fuzz]"
