@@ -2,7 +2,7 @@
 OpenAPI schemas (kubernetes-validate, offline, strict: unknown fields fail), and the numbers and names
 they share with the project equal to their sources: serve.sizing for /dev/shm and the CUDA memory pool,
 settings.SERVING for ports and flags, the model repository for model and config names, the
-prometheus-adapter rule for the HPA's metric."""
+prometheus-adapter rule for the HPA's metric, the export Job for what the Deployment serves."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ from settings import NAMES, PREPROCESSING, SERVING
 K8S = ROOT / "deploy" / "k8s"
 REPOSITORY = ROOT / "model_repository"
 KUBERNETES_VERSION = "1.31.0"  # the oldest Kubernetes still maintained upstream when written; the schemas ship with the package
-# In the folder, deliberately not applied by `kubectl apply -k` (kustomization.yaml says why).
-NOT_APPLIED = {"secret.example.yaml", "prometheus-adapter.yaml"}
+# In the folder, deliberately not applied by `kubectl apply -k` (kustomization.yaml says why; the export
+# Job runs on its own, once per release, before the Deployment serves what it wrote).
+NOT_APPLIED = {"secret.example.yaml", "prometheus-adapter.yaml", "export-job.yaml"}
 # What the restricted-API flags must put behind the admin key, and what must stay open (probes and
 # clients send no key).
 ADMIN_APIS = {"model-repository", "shared-memory", "trace", "logging"}
@@ -124,9 +125,37 @@ def export_targets() -> tuple[str, ...]:
     raise AssertionError("export/repository.py defines no TARGETS")
 
 
-def pod_labels_selected(selector: dict) -> bool:
-    labels = the("Deployment")["spec"]["template"]["metadata"]["labels"]
+def pod_labels_selected(selector: dict, labels: dict | None = None) -> bool:
+    """Whether `selector` selects the Deployment's pods (or pods labelled `labels`)."""
+    labels = the("Deployment")["spec"]["template"]["metadata"]["labels"] if labels is None else labels
     return all(labels.get(key) == value for key, value in selector["matchLabels"].items())
+
+
+def export_command(command: list[str]) -> argparse.Namespace:
+    """`python -m export ...` with the options the manifests use (any other fails the parse)."""
+    assert command[0] in ("python", "python3") and command[1:3] == ["-m", "export"], command
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    for option in ("--checkpoint", "--target", "--out", "--artifacts", "--preprocess-device"):
+        parser.add_argument(option)
+    parser.add_argument("--preprocess-instances", type=int)
+    written, unknown = parser.parse_known_args(command[3:])
+    assert not unknown, f"options the test does not know: {unknown}"
+    return written
+
+
+def job_pod_spec() -> dict:
+    return the("Job")["spec"]["template"]["spec"]
+
+
+def job_container(name: str) -> dict:
+    (found,) = [c for c in (*job_pod_spec().get("initContainers", ()), *job_pod_spec()["containers"]) if c["name"] == name]
+    return found
+
+
+def expanded(text: str, container: dict) -> str:
+    """`text` with Kubernetes' $(VAR) references to the container's plain env values expanded."""
+    values = {env["name"]: env["value"] for env in container.get("env", ()) if "value" in env}
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda match: values[match[1]], text)
 
 
 # -- every file, every object --------------------------------------------------------------------------
@@ -183,13 +212,7 @@ def test_the_sizing_annotation_describes_what_the_deployment_serves():
     # GPU preprocessing is what the CUDA pool flag is for
     assert args.gpu_preprocessing == ("cuda-memory-pool-byte-size" in flags())
     # the repository on the volume is written for the same target, device and instance count
-    export = argparse.ArgumentParser()
-    for option in ("--checkpoint", "--target", "--out", "--preprocess-device"):
-        export.add_argument(option)
-    export.add_argument("--preprocess-instances", type=int)
-    command = shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/model-repository"])
-    assert command[0] in ("python", "python3") and command[1:3] == ["-m", "export"]
-    written = export.parse_args(command[3:])
+    written = export_command(shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/model-repository"]))
     assert written.target == args.target
     assert written.out == flag("model-repository")
     assert written.preprocess_device == ("cuda" if args.gpu_preprocessing else "cpu")
@@ -380,3 +403,84 @@ def test_the_adapter_rule_is_queue_time_per_request_per_pod():
     success = re.search(r"rate\(nv_inference_request_success\{[^}]*<<\.LabelMatchers>>\}\[1m\]\)", query)
     assert queue and success and queue.start() < query.index("/") < success.start(), query
     assert query.count("by (<<.GroupBy>>)") == 2
+
+
+# -- the export Job: what the Deployment serves, written into its volume -------------------------------
+
+
+def test_the_export_job_runs_the_annotations_export_with_a_checkpoint_from_the_volume():
+    export = job_container("export")
+    assert "command" not in export  # the image's entrypoint execs the args, as in the Deployment
+    run = export_command([expanded(argument, export) for argument in export["args"]])
+    annotated = export_command(shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/model-repository"]))
+    for option in ("target", "out", "artifacts", "preprocess_device", "preprocess_instances"):
+        assert getattr(run, option) == getattr(annotated, option), option
+    assert run.out == flag("model-repository")
+    assert run.target in export_targets()
+    # the checkpoint is a file on the Job's volume, the one the init container waits for
+    checkpoint = Path(run.checkpoint)
+    mounts = {Path(mount["mountPath"]): mount for mount in export["volumeMounts"]}
+    assert any(path in checkpoint.parents for path in mounts), f"{checkpoint} is on no volume of the Job"
+    waiting = job_container("checkpoint")
+    script = " ".join(waiting["args"])
+    waited = {env["name"]: env["value"] for env in waiting["env"]}
+    assert f'until [ -s "{checkpoint.parent}/$CHECKPOINT_FILE" ]' in script  # bash expands it from the env
+    assert waited["CHECKPOINT_FILE"] == checkpoint.name
+
+
+def test_the_export_job_writes_the_claim_the_deployment_reads():
+    claim = the("PersistentVolumeClaim")["metadata"]["name"]
+    served = next(volume for volume in pod_spec()["volumes"] if volume["name"] == "models")
+    (written,) = [volume for volume in job_pod_spec()["volumes"] if "persistentVolumeClaim" in volume]
+    assert written["persistentVolumeClaim"]["claimName"] == served["persistentVolumeClaim"]["claimName"] == claim
+    assert written["persistentVolumeClaim"].get("readOnly") is not True
+    for name in ("checkpoint", "export"):
+        (mount,) = [mount for mount in job_container(name)["volumeMounts"] if mount["name"] == written["name"]]
+        assert mount.get("readOnly") is not True and mount["mountPath"] == "/models"
+    # the repository's folder on the volume is the one the Deployment serves
+    run = export_command([expanded(argument, job_container("export")) for argument in job_container("export")["args"]])
+    assert Path(mount["mountPath"]) in Path(run.out).parents
+
+
+def test_the_export_job_runs_the_serving_image_as_its_user():
+    (kustomization,) = documents("kustomization.yaml")
+    (image,) = kustomization["images"]
+    # applied on its own, so kustomize does not rewrite it: the tag must be set here as there
+    for name in ("checkpoint", "export"):
+        assert job_container(name)["image"] == container()["image"] == f"{image['newName']}:{image['newTag']}"
+    pod, serving = job_pod_spec()["securityContext"], pod_spec()["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert (pod["runAsUser"], pod["runAsGroup"]) == (serving["runAsUser"], serving["runAsGroup"]) == (1000, 1000)
+    assert pod["fsGroup"] == serving["runAsGroup"]  # the volume writable by the image's group
+    for name in ("checkpoint", "export"):
+        context = job_container(name)["securityContext"]
+        assert context["runAsUser"] == 1000 and context["runAsNonRoot"] is True
+        assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+        assert context["capabilities"]["drop"] == ["ALL"]
+    assert job_pod_spec()["automountServiceAccountToken"] is False
+    volumes = {volume["name"]: volume for volume in job_pod_spec()["volumes"]}
+    (tmp,) = [mount for mount in job_container("export")["volumeMounts"] if mount["mountPath"] == "/tmp"]
+    assert "emptyDir" in volumes[tmp["name"]]
+
+
+def test_the_export_job_has_the_gpu_its_target_proves_parity_on_and_runs_once():
+    export = job_container("export")
+    run = export_command([expanded(argument, export) for argument in export["args"]])
+    resources = export["resources"]
+    assert resources["requests"] == resources["limits"]
+    # torch-gpu proves its FP16 engine only on a GPU; tensorrt builds its engine there; cpu needs none
+    assert resources["limits"].get("nvidia.com/gpu", 0) == (0 if run.target in ("cpu", "openvino") else 1)
+    job = the("Job")["spec"]
+    assert job["template"]["spec"]["restartPolicy"] == "Never" and job["backoffLimit"] == 0
+    assert job["activeDeadlineSeconds"] > 0
+
+
+def test_the_export_pod_is_no_serving_pod():
+    labels = the("Job")["spec"]["template"]["metadata"]["labels"]
+    for selector in (
+        the("Deployment")["spec"]["selector"],
+        {"matchLabels": the("Service")["spec"]["selector"]},
+        the("PodDisruptionBudget")["spec"]["selector"],
+        the("NetworkPolicy")["spec"]["podSelector"],
+    ):
+        assert not pod_labels_selected(selector, labels), selector
