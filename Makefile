@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 # The verified torch, installed before the project so that its `torch>=2.4` range is already met:
 # on these machines pip takes the local CPU wheel. Elsewhere give pip PyTorch's CPU-only index through
 # PIP_TORCH_OPTIONS, or on a GPU machine TORCH= VENV_OPTIONS=--system-site-packages to keep the CUDA
-# build installed in the system's Python (the venv then sees it; without the option it holds no torch).
+# build installed in the system's Python (the venv then sees it; without the option it holds no torch;
+# options apply when the venv is made: `make clean` first).
 TORCH ?= torch==2.13.0
 PIP_TORCH_OPTIONS ?=
 VENV_OPTIONS ?=
