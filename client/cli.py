@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ReportError, UsageError, NotADirectoryError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
         print(f"error: {printable(str(error))}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as error:  # a path the system refuses (a name too long, a loop of links)
+        where = f": {printable(os.fsdecode(error.filename))}" if error.filename is not None else ""
+        print(f"error: {error.strerror or type(error).__name__}{where}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -78,26 +83,54 @@ def _classify(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such study: {args.study}")
     if args.explain != (args.out_dir is not None):
         raise UsageError("--explain and --out-dir go together: the explanation's files are written to --out-dir")
-    if args.out_dir is not None and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
-        raise NotADirectoryError(f"--out-dir is not a folder: {args.out_dir}")
+    _check_model(args)
+    if args.out_dir is not None:
+        _check_out_dir(Path(args.out_dir))
     with TriageClient(**_connection(args)) as client:
         client.check_ready()
         result = client.classify(args.study, series_uid=args.series)
     answer = result.to_dict()
+    unwritten = None
     if args.explain:
         from .explanation import save
 
-        written = save(result, args.out_dir) if result.explanation is not None else []
         answer["pathology_localization"] = result.pathology_localization
-        answer["files"] = [str(path) for path in written]
+        try:
+            answer["files"] = [str(path) for path in save(result, args.out_dir)]
+        except OSError as error:  # a full disk: the answer is still printed, the files' failure said
+            answer["files"] = []
+            unwritten = f"cannot write the explanation's files into {args.out_dir}: {error.strerror or type(error).__name__}"
     print(json.dumps(answer, indent=2))
     if not result.ok:
         print(f"error: {printable(result.error or '')}", file=sys.stderr)
         return EXIT_FAILURE
+    if unwritten is not None:
+        print(f"error: {printable(unwritten)}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
+def _check_model(args: argparse.Namespace) -> None:
+    """ct_triage_explain answers only with its explanation outputs: asked for ct_triage's alone, Triton
+    refuses every study (an ensemble deadlock), which would read as bad studies."""
+    if args.model == NAMES.triage_explain and not args.explain:
+        raise UsageError(f"--model {NAMES.triage_explain} answers with explanations: add --explain")
+
+
+def _check_out_dir(folder: Path) -> None:
+    """--out-dir usable before the study is sent, not after it was classified."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--out-dir is not a folder: {folder}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UsageError(f"cannot write into --out-dir {folder}: {error.strerror or type(error).__name__}") from None
+
+
 def _report(args: argparse.Namespace) -> int:
+    _check_model(args)
+
     def client() -> AsyncTriageClient:
         return AsyncTriageClient(**_connection(args))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -126,18 +127,34 @@ def sidecar(result: TriageResult) -> dict[str, Any]:
 
 
 def save(result: TriageResult, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """montage.png, attribution.npy (float16 [S, S, S]) and attribution.json in `out_dir`, each
-    written atomically; returns the paths written."""
+    """montage.png, attribution.npy (float16 [S, S, S]) and attribution.json in `out_dir`; returns
+    the paths written. The three are written into a temporary folder inside `out_dir`, then moved in
+    together: a failure (a full disk) leaves none of them, never a new montage beside the last
+    study's attribution. A result without explanation (a failed study) removes the last study's."""
     from .montage import save_montage
 
-    if result.explanation is None:
-        raise ValueError("the result has no explanation")
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    montage = save_montage(result, folder / MONTAGE_FILE)
-    array = folder / ATTRIBUTION_FILE
-    write_atomically(array, lambda stream: np.save(stream, np.ascontiguousarray(result.explanation.attribution, dtype=np.float16)))
-    geometry = folder / SIDECAR_FILE
-    text = json.dumps(sidecar(result), indent=2) + "\n"
-    write_atomically(geometry, lambda stream: stream.write(text.encode("utf-8")))
-    return [montage, array, geometry]
+    names = (MONTAGE_FILE, ATTRIBUTION_FILE, SIDECAR_FILE)
+
+    def remove() -> None:  # what is left would be taken for this study's explanation
+        for name in names:
+            (folder / name).unlink(missing_ok=True)
+
+    if result.explanation is None:
+        remove()
+        return []
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".explanation-") as staging:
+            staged = Path(staging)
+            save_montage(result, staged / MONTAGE_FILE)
+            attribution = np.ascontiguousarray(result.explanation.attribution, dtype=np.float16)
+            write_atomically(staged / ATTRIBUTION_FILE, lambda stream: np.save(stream, attribution))
+            text = json.dumps(sidecar(result), indent=2) + "\n"
+            write_atomically(staged / SIDECAR_FILE, lambda stream: stream.write(text.encode("utf-8")))
+            for name in names:
+                os.replace(staged / name, folder / name)
+    except BaseException:
+        remove()
+        raise
+    return [folder / name for name in names]

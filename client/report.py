@@ -35,6 +35,7 @@ from openpyxl.cell import WriteOnlyCell
 from openpyxl.utils.exceptions import InvalidFileException
 from tqdm import tqdm
 
+from preprocess.errors import printable
 from preprocess.output import write_atomically
 
 from .result import SUCCESS, TriageResult, failure
@@ -103,6 +104,7 @@ class Journal:
     model: str | None  # the model name the studies were sent to
     rows: list[dict[str, Any]]  # in the order written; a later row of a study replaces an earlier one
     unreadable: int  # lines ignored: a torn last line (killed while writing it) or damage
+    explain: bool | None = None  # an explained report's (None: not recorded)
 
 
 def journal_path(out: str | os.PathLike[str]) -> Path:
@@ -167,7 +169,7 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
     header, *lines = source.read_bytes().split(b"\n")
     try:
         head = json.loads(header)
-        folder, model = head["folder"], head["model"]
+        folder, model, explain = head["folder"], head["model"], head.get("explain")
         known = head["journal"] == _JOURNAL_KIND and head["version"] == _JOURNAL_VERSION
     except (ValueError, TypeError, KeyError):
         known = False
@@ -181,7 +183,7 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
             unreadable += 1
         else:
             rows.append(row)
-    return Journal(folder, model, rows, unreadable + (tail != b""))
+    return Journal(folder, model, rows, unreadable + (tail != b""), explain)
 
 
 async def build_report(
@@ -240,12 +242,12 @@ async def build_report(
             summary = _Summary(Path(out)) if explain else None
             kept: dict[str, dict[str, Any]] = {}
             if earlier is not None:
-                _check_same_run(earlier, journal_file, folder_name, client.model)
+                _check_same_run(earlier, journal_file, folder_name, client.model, explain)
                 kept = {row["path_to_study"]: row for row in earlier.rows}  # the latest row of each study
             todo = [study for study in studies if kept.get(study.path_to_study, {}).get("processing_status") != SUCCESS]
             if todo:
                 await client.check_ready()
-            journal = _JournalWriter.create(journal_file, folder_name, client.model, kept.values())
+            journal = _JournalWriter.create(journal_file, folder_name, client.model, kept.values(), explain=explain)
             report = _ReportFiles(paths, [study.path_to_study for study in studies], journal, write_every_s, summary=summary)
             show = sys.stderr.isatty() if progress is None else progress
             try:
@@ -370,9 +372,15 @@ def _resumed(journal_file: Path, out: Path) -> Journal | None:
     return None
 
 
-def _check_same_run(earlier: Journal, journal_file: Path, folder: str, model: str) -> None:
+def _check_same_run(earlier: Journal, journal_file: Path, folder: str, model: str, explain: bool) -> None:
     """Rows are matched by path_to_study, relative to the folder: another folder's rows would be
-    taken for these studies, another model's answers mixed with this one's."""
+    taken for these studies, another model's answers mixed with this one's, an explained report's
+    rows rewritten without their localization column and its page left stale."""
+    if earlier.explain is not None and earlier.explain != explain:
+        kind = "an explained report: resume with --explain"
+        if not earlier.explain:
+            kind = "a report without explanations: resume without --explain"
+        raise ReportError(f"{journal_file.name} is the journal of {kind}, or choose another --out")
     for what, theirs, ours in (("folder", earlier.folder, folder), ("model", earlier.model, model)):
         if theirs is not None and theirs != ours:
             raise ReportError(
@@ -456,9 +464,9 @@ class _JournalWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
 
     @classmethod
-    def create(cls, path: Path, folder: str, model: str, rows: Iterable[dict[str, Any]]) -> _JournalWriter:
+    def create(cls, path: Path, folder: str, model: str, rows: Iterable[dict[str, Any]], *, explain: bool = False) -> _JournalWriter:
         rows = list(rows)
-        header = {"journal": _JOURNAL_KIND, "version": _JOURNAL_VERSION, "folder": folder, "model": model}
+        header = {"journal": _JOURNAL_KIND, "version": _JOURNAL_VERSION, "folder": folder, "model": model, "explain": explain}
         write_atomically(path, lambda stream: stream.write(b"".join(_line(record) for record in (header, *rows))))
         _sync_folder(path.parent)  # the rename itself survives a power cut
         return cls(path, {row["path_to_study"]: row for row in rows})
@@ -480,18 +488,26 @@ class _Summary:
     """An explained report's HTML page and thumbnail folder (`client.summary`)."""
 
     def __init__(self, out: Path):
-        from .summary import summary_paths
+        from .summary import summarised_report, summary_paths
 
-        self.report_name = out.name
+        self.report_name = printable(out.name)
         self.page, self.thumbnails = summary_paths(out)
+        if self.page.exists() or self.page.is_symlink():  # someone's own page is never replaced
+            theirs, page = summarised_report(self.page), printable(self.page.name)
+            if theirs is None:
+                raise ReportError(f"{page} exists and is not a report's summary page: move it, or choose another --out")
+            if theirs != self.report_name:
+                raise ReportError(f"{page} is the summary page of {theirs}, not of {self.report_name}: choose another --out")
 
     def save_thumbnail(self, study: StudyRef, result: TriageResult) -> None:
         """The study's montage; a picture that cannot be drawn costs the picture, never the row."""
         from .montage import THUMBNAIL_DPI, save_montage
         from .summary import thumbnail_name
 
+        thumbnail = self.thumbnails / thumbnail_name(study.path_to_study)
         try:
-            save_montage(result, self.thumbnails / thumbnail_name(study.path_to_study), dpi=THUMBNAIL_DPI)
+            thumbnail.unlink(missing_ok=True)  # an earlier run's picture must not stand for this answer
+            save_montage(result, thumbnail, dpi=THUMBNAIL_DPI)
         except Exception as error:  # the row keeps its answer; the page says "no picture"
             _log.warning("montage not drawn: %s: %s", type(error).__name__, _one_line(error))
 

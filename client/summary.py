@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import html
 import os
+import re
 import urllib.parse
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -74,6 +75,8 @@ img.thumbnail { width: 480px; height: auto; display: block; background: #000; }
 .note { color: #555; max-width: 60em; }
 """
 
+GENERATOR = "ct-triage report summary"  # marks the pages a report wrote: only those are ever replaced
+_REPORT_META = "ct-triage-report"  # the report a page summarises: report.xlsx and report.csv would share report.html
 _CSP = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
@@ -105,12 +108,14 @@ def render(rows: Iterable[dict[str, Any]], thumbnails: Path, page: Path, *, repo
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{_CSP}">
 <meta name="referrer" content="no-referrer">
-<title>Chest-CT triage summary: {html.escape(report_name)}</title>
+<meta name="generator" content="{GENERATOR}">
+<meta name="{_REPORT_META}" content="{html.escape(printable(report_name), quote=True)}">
+<title>Chest-CT triage summary: {html.escape(printable(report_name))}</title>
 <style>{_STYLE}</style>
 </head>
 <body data-sorted="row">
 <h1>Chest-CT triage summary</h1>
-<p>Report <code>{html.escape(report_name)}</code>: {len(rows)} studies, {succeeded} Success, {len(rows) - succeeded} Failure.
+<p>Report <code>{html.escape(printable(report_name))}</code>: {len(rows)} studies, {succeeded} Success, {len(rows) - succeeded} Failure.
 Written {generated}.</p>
 <ul class="models">{model_lines}</ul>
 <p class="note">Row # is the study's row in the report (its rows below the header, in the same order); the report
@@ -143,13 +148,13 @@ def _row(number: int, row: dict[str, Any], thumbnails: Path, folder: str) -> str
     has_probability = ok and isinstance(probability, (int, float))
     name = thumbnail_name(str(row.get("path_to_study", "")))
     if ok and (thumbnails / name).is_file():
-        link = html.escape(urllib.parse.quote(f"{folder}/{name}"), quote=True)
+        link = html.escape(urllib.parse.quote(os.fsencode(f"{folder}/{name}")), quote=True)  # the bytes on disk, any name
         picture = f'<a href="{link}"><img class="thumbnail" src="{link}" alt="montage of study {number}"></a>'
     else:
         picture = "no picture" if ok else ""
     if ok:
         decision = "pathology" if row.get("pathology") else "normal"
-        region = html.escape(row.get("pathology_localization") or "none")
+        region = html.escape(printable(str(row.get("pathology_localization") or "none")))
     else:
         decision = region = ""
     classes = "failure" if not ok else ("pathology" if row.get("pathology") else "normal")
@@ -164,6 +169,17 @@ def _row(number: int, row: dict[str, Any], thumbnails: Path, folder: str) -> str
     ]
     value = f"{float(probability):.6f}" if has_probability else ""
     return f'<tr class="{classes}" data-row="{number}" data-probability="{value}">{"".join(cells)}</tr>'
+
+
+def summarised_report(page: Path) -> str | None:
+    """The report name a page written by a report summarises; None for any other file."""
+    try:
+        with open(page, "rb") as stream:
+            head = stream.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return None
+    found = re.search(f'<meta name="generator" content="{GENERATOR}">\n<meta name="{_REPORT_META}" content="([^"]*)">', head)
+    return html.unescape(found.group(1)) if found else None
 
 
 def write_summary(

@@ -279,6 +279,8 @@ class _Base:
         self.url = _strip_scheme(url) if url else default_url(protocol)
         self.explain = bool(explain)
         self.model = model or (NAMES.triage_explain if self.explain else NAMES.triage)
+        if self.model == NAMES.triage_explain and not self.explain:  # Triton would refuse every study (an ensemble deadlock)
+            raise ValueError(f"{NAMES.triage_explain} answers with explanations: ask it with explain=True")
         self.timeout_s = float(timeout_s)
         self.retry = retry
         self.shared_memory = shared_memory

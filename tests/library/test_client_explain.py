@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -333,6 +334,24 @@ def test_save_writes_the_montage_the_attribution_and_its_geometry(tmp_path):
     assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
 
 
+def test_save_moves_the_three_in_together_or_leaves_none_of_them(tmp_path, monkeypatch):
+    """A new montage beside the last study's attribution would be a wrong answer on screen."""
+    folder = tmp_path / "out"
+    explained.save(_explained(probability=0.875), folder)
+
+    def disk_full(result):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(explained, "sidecar", disk_full)  # the last of the three files written
+        with pytest.raises(OSError, match="No space left"):
+            explained.save(_explained(probability=0.125), folder)
+    assert list(folder.iterdir()) == []  # neither the earlier study's files nor a staging folder
+    explained.save(_explained(probability=0.875), folder)
+    failed = client.result.failure("DICOM header has invalid or missing values", seconds=0.5, model=NAMES.triage_explain)
+    assert explained.save(failed, folder) == [] and list(folder.iterdir()) == []  # a failed study leaves no one else's
+
+
 # --- the explained report and its page ---------------------------------------------------------------
 
 
@@ -425,16 +444,62 @@ def test_plain_reports_keep_their_columns_and_old_reports_still_read(tmp_path):
 def test_a_montage_that_cannot_be_drawn_costs_the_picture_not_the_row(tmp_path, monkeypatch):
     folder = tmp_path / "studies"
     _study(folder, "c_high")
+    asyncio.run(client.build_report(folder, tmp_path / "R.xlsx", lambda: _FakeExplainClient({"c_high": _explained(probability=0.875)}, [])))
+    assert (tmp_path / "R_thumbnails" / summary.thumbnail_name("c_high")).is_file()
 
     def broken(*args, **kwargs):
         raise RuntimeError("no canvas")
 
     monkeypatch.setattr(montage, "save_montage", broken)
-    answers = {"c_high": _explained(probability=0.875)}
+    answers = {"c_high": _explained(probability=0.125, box=None)}  # a new run, another answer, no picture
     asyncio.run(client.build_report(folder, tmp_path / "R.xlsx", lambda: _FakeExplainClient(answers, [])))
     (row,) = client.read_report(tmp_path / "R.xlsx")
-    assert row["processing_status"] == client.SUCCESS and row[LOCALIZATION_COLUMN]
-    assert "no picture" in (tmp_path / "R.html").read_text()
+    assert row["processing_status"] == client.SUCCESS and row["probability_of_pathology"] == 0.125
+    assert "no picture" in (tmp_path / "R.html").read_text()  # not the last run's P = 0.875 picture
+    assert not (tmp_path / "R_thumbnails" / summary.thumbnail_name("c_high")).exists()
+
+
+def test_a_page_that_is_not_this_reports_is_never_replaced(tmp_path):
+    folder = tmp_path / "studies"
+    _study(folder, "c_high")
+
+    def report(out: Path, **options) -> client.ReportSummary:
+        return asyncio.run(client.build_report(folder, out, lambda: _FakeExplainClient({"c_high": _explained()}, []), **options))
+
+    own = tmp_path / "notes.html"
+    own.write_text("<html>the ward's own notes</html>")
+    with pytest.raises(client.ReportError, match=r"notes\.html exists and is not a report's summary page"):
+        report(tmp_path / "notes.xlsx")
+    assert own.read_text() == "<html>the ward's own notes</html>"
+    assert report(tmp_path / "R.csv").page == tmp_path / "R.html"
+    with pytest.raises(client.ReportError, match=r"R\.html is the summary page of R\.csv, not of R\.xlsx"):
+        report(tmp_path / "R.xlsx")
+    assert report(tmp_path / "R.csv", resume=True).page == tmp_path / "R.html"  # its own page, rewritten
+
+
+def test_a_report_name_that_is_not_utf8_gets_its_page_and_working_links(tmp_path):
+    folder = tmp_path / "studies"
+    _study(folder, "c_high")
+    out = tmp_path / "r\udce9sultats.xlsx"  # Latin-1 résultats.xlsx under a UTF-8 locale
+    done = asyncio.run(client.build_report(folder, out, lambda: _FakeExplainClient({"c_high": _explained()}, [])))
+    page = done.page.read_text(encoding="utf-8")
+    assert "r\\udce9sultats.xlsx" in page  # named, escaped
+    (link,) = {value for name, value in _images(page) if name == "src"}
+    assert (tmp_path / urllib.parse.unquote_to_bytes(link).decode("utf-8", "surrogateescape")).is_file()  # the link resolves
+
+
+def test_an_explained_journal_is_resumed_with_explanations_only(tmp_path):
+    folder = tmp_path / "studies"
+    _study(folder, "c_high")
+    out = tmp_path / "R.xlsx"
+    asyncio.run(client.build_report(folder, out, lambda: _FakeExplainClient({"c_high": _explained()}, [])))
+
+    class Plain(_FakeExplainClient):
+        explain = False  # the same model name: only the journal's own record tells them apart
+
+    with pytest.raises(client.ReportError, match="journal of an explained report: resume with --explain"):
+        asyncio.run(client.build_report(folder, out, lambda: Plain({}, []), resume=True))
+    assert [row[LOCALIZATION_COLUMN] for row in client.read_report(out)] == [_explained().pathology_localization]
 
 
 class _Rows(html.parser.HTMLParser):
@@ -452,6 +517,19 @@ class _Rows(html.parser.HTMLParser):
     def handle_endtag(self, tag):
         if tag == "tbody":
             self._inside = False
+
+
+def _images(page: str) -> list[tuple[str, str]]:
+    """The attributes of the page's <img> tags."""
+    found: list[tuple[str, str]] = []
+
+    class Images(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                found.extend(attrs)
+
+    Images().feed(page)
+    return found
 
 
 def _table(page: str) -> list[dict]:
@@ -476,6 +554,11 @@ def _page(tmp_path: Path) -> Path:
 
 
 def test_the_page_has_one_row_per_study_with_failures_and_escaped_errors(tmp_path):
+    rows = [{**report_row("s1"), LOCALIZATION_COLUMN: ["1", "<b>"]}]  # a damaged journal row: shown, escaped
+    assert (
+        "[&#x27;1&#x27;, &#x27;&lt;b&gt;&#x27;]"
+        in summary.write_summary(rows, tmp_path / "X.html", tmp_path, report_name="X.xlsx").read_text()
+    )
     page = _page(tmp_path).read_text()
     table = _table(page)
     assert [row["data-row"] for row in table] == [str(n) for n in range(1, 7)]

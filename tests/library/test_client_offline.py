@@ -19,6 +19,7 @@ import client
 from client.cli import main as client_main
 from client.report import _ByteBudget, journal_path, read_journal
 from client.triage import _is_transient
+from settings import NAMES
 
 
 def _dicom_like(path: Path, body: bytes = b"") -> None:
@@ -301,6 +302,27 @@ def test_missing_paths_are_one_line_usage_errors(tmp_path, capsys):
     assert client_main(["report", str(tmp_path / "nope"), "--out", "r.xlsx", "--url", f"127.0.0.1:{_closed_port()}"]) == 2
     stderr = capsys.readouterr().err
     assert len(stderr.strip().splitlines()) == 1 and "nope" in stderr
+
+
+def test_paths_the_system_refuses_and_a_model_without_its_outputs_are_one_line_before_any_request(tmp_path, capsys):
+    closed = f"127.0.0.1:{_closed_port()}"  # nothing is sent: every refusal comes before a connection
+    study = tmp_path / "study.zip"
+    study.write_bytes(b"PK")
+    long_name = str(tmp_path / ("x" * 300))
+    explained, explain_model = [str(study), "--explain", "--url", closed, "--out-dir"], NAMES.triage_explain
+    cases = {
+        "a study name too long": (["classify", long_name, "--url", closed], "File name too long"),
+        "an --out-dir name too long": (["classify", *explained, long_name], "File name too long"),
+        "an --out-dir below a file": (["classify", *explained, str(study / "d")], "Not a directory"),
+        "ct_triage_explain without --explain": (["classify", str(study), "--url", closed, "--model", explain_model], "add --explain"),
+        "a report of it without --explain": (["report", str(tmp_path), "--out", "r.xlsx", "--model", explain_model], "add --explain"),
+    }
+    for case, (arguments, reason) in cases.items():
+        assert client_main(arguments) == 2, case
+        stderr = capsys.readouterr().err
+        assert len(stderr.strip().splitlines()) == 1 and reason in stderr, (case, stderr)
+    with pytest.raises(ValueError, match="ask it with explain=True"):
+        client.TriageClient(closed, "grpc", model=NAMES.triage_explain)
 
 
 def test_the_cli_never_prints_a_name_raw_to_the_terminal(tmp_path, capsys):

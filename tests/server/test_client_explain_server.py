@@ -17,7 +17,6 @@ import client
 from client.report import EXPLAIN_COLUMNS, LOCALIZATION_COLUMN
 from client.summary import thumbnail_name
 from preprocess import phantom
-from settings import NAMES
 
 S = TEST_SIZE
 PHI = tuple(phantom.FAKE_PHI.values())
@@ -123,9 +122,9 @@ def test_report_explain_fills_the_localization_and_writes_the_page(triton_server
     successes = sorted((1, 2), key=lambda number: -rows[number - 1]["probability_of_pathology"])
     assert order == [*successes, 3, 4]
 
-    # resume: only the failures are sent again; a plain resume of this journal is refused (another model)
+    # resume: only the failures are sent again; a plain resume of this journal is refused
     again = run_module("client", *arguments, "--resume", "--url", triton_server.http_url)
     assert again.returncode == 0 and "(2 sent, 2 already done)" in again.stderr
     assert [row[LOCALIZATION_COLUMN] for row in client.read_report(out)] == [row[LOCALIZATION_COLUMN] for row in rows]
     plain = run_module("client", "report", str(studies), "--out", str(out), "--resume", "--url", triton_server.grpc_url)
-    assert plain.returncode == 2 and NAMES.triage_explain in plain.stderr
+    assert plain.returncode == 2 and "journal of an explained report: resume with --explain" in plain.stderr
