@@ -85,8 +85,8 @@ clean:
 demo: setup
 	$(PY) -m demo
 
-# Serve a repository in the foreground (Ctrl-C stops it cleanly): the committed one once exported.
+# Serve a repository in the foreground (Ctrl-C stops it cleanly): the committed one once exported
+# (before that, `python -m serve` says so in one line).
 REPOSITORY ?= model_repository
 serve: setup
-	@test -n "$$(ls $(REPOSITORY)/ct_classifier/1/model.* 2>/dev/null | grep -v model.py)" || { echo "no exported model in $(REPOSITORY): run '$(PY) -m export --checkpoint CKPT --target cpu' first"; exit 2; }
 	$(PY) -m serve --repository $(REPOSITORY)

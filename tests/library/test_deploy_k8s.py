@@ -262,6 +262,7 @@ def test_flags_are_the_projects():
     assert flag("load-model") == "*"
     assert flag("strict-readiness") == "true"
     assert int(flag("exit-timeout-secs")) == SERVING.exit_timeout_s
+    assert flag("grpc-infer-allocation-pool-size") == "0"  # as serve.launcher runs it: no request keeps a study's capacity
     assert len(parsed["backend-config"]) == len(set(parsed["backend-config"]))
     # the served repository is on the read-only volume, which is the model-repository PVC
     repository = Path(flag("model-repository"))

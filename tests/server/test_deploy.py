@@ -104,6 +104,7 @@ def test_triton_reserves_the_gpu_and_serves_what_export_writes(compose):
         f"python,shm-growth-byte-size={SERVING.shm_growth_byte_size}",
     ]
     assert flags["--load-model"] == ["*"] and flags["--model-control-mode"] == ["explicit"] and flags["--strict-readiness"] == ["true"]
+    assert flags["--grpc-infer-allocation-pool-size"] == ["0"]  # as serve.launcher runs it
     for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
         (value,) = flags[flag]
         apis, _, header = value.partition(":")
