@@ -1,5 +1,6 @@
-"""ct_localize: attribution map + ct_preprocess's META -> the box of the most attributed region in the
-chosen series' original voxels. Thin: the work is `explain.localize` (numpy and scipy, no PyTorch).
+"""ct_localize: attribution map + a META holding ct_preprocess's mapping (ct_triage_explain passes
+ct_postprocess's META, which keeps it) -> the box of the most attributed region in the chosen series'
+original voxels. Thin: the work is `explain.localize` (numpy and scipy, no PyTorch).
 
 LOCALIZATION is x_min, x_max, y_min, y_max, z_min, z_max (inclusive voxel indices: column, row, and
 slice as preprocess sorted them). An attribution that is zero everywhere (nothing speaks for
