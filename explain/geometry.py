@@ -83,6 +83,9 @@ def axis_to_original(lo: int, hi: int, axis_meta: dict) -> tuple[int, int]:
     if step == 0.0:
         raise LocalizationError("META output_to_original has a zero step")
     ends = sorted((offset + step * (lo - 0.5), offset + step * (hi + 0.5)))
+    # finite numbers can still map beyond any series, or past float's range (inf: no integer index)
+    if not (np.isfinite(ends).all() and -_MAX_INDEX <= ends[0] and ends[1] <= 2 * _MAX_INDEX):
+        raise LocalizationError(f"META output_to_original maps to voxels {ends[0]:.6g}..{ends[1]:.6g}, outside any series")
     first = max(int(np.ceil(ends[0] - _TOLERANCE)), int(np.ceil(clamp_lo - _TOLERANCE)))
     last = min(int(np.floor(ends[1] + _TOLERANCE)), int(np.floor(clamp_hi + _TOLERANCE)))
     if first > last:  # an upsampled axis (cells narrower than a voxel): the voxel nearest the cells' centre
@@ -108,7 +111,7 @@ def to_original(box: Box, meta: dict) -> OriginalBox:
             by_source[axis["source_axis"]] = axis_to_original(lo, hi, axis)
         except LocalizationError:
             raise
-        except (KeyError, TypeError, ValueError) as error:  # a field missing, or not a number (or pair of numbers)
+        except (KeyError, TypeError, ValueError, OverflowError) as error:  # a field missing, not a number (or pair), an int past float
             raise LocalizationError(f"META output_to_original[{name}] is not preprocess's mapping ({type(error).__name__})") from None
     if set(by_source) != {"slice", "row", "column"}:
         raise LocalizationError("META output_to_original does not name slice, row and column once each")

@@ -101,6 +101,12 @@ def _meta(**d_axis) -> dict:
         (np.ones((4, 4, 4)), _meta(offset="one"), r"\(ValueError\)"),
         (np.ones((4, 4, 4)), _meta(clamp=3), r"\(TypeError\)"),
         (np.ones((4, 4, 4)), _meta(step=1e10, clamp=[0, 1e12]), "outside any series"),  # would wrap around in int32
+        # finite numbers whose box ends are infinite, or huge: no integer index (an OverflowError traceback)
+        (np.ones((4, 4, 4)), _meta(step=1e308), r"maps to voxels -5e\+307\.\.inf, outside any series"),
+        (np.ones((4, 4, 4)), _meta(offset=1e308, step=1e308), r"maps to voxels 5e\+307\.\.inf, outside any series"),
+        (np.ones((4, 4, 4)), _meta(offset=-1e308, step=-1e308), "outside any series"),
+        (np.ones((4, 4, 4)), _meta(offset=1e300), r"maps to voxels 1e\+300\.\.1e\+300, outside any series"),
+        (np.ones((4, 4, 4)), _meta(offset=10**400), r"\[D\] is not preprocess's mapping \(OverflowError\)"),  # JSON has such integers
     ],
 )
 def test_what_cannot_be_localised_is_named(attribution, meta, message):

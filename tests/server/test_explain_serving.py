@@ -153,8 +153,18 @@ def test_localize_answers_minus_one_when_nothing_is_attributed_and_refuses_a_met
         peak = np.zeros((S, S, S), np.float16)
         peak[10:14, 20:30, 40:42] = 1
         assert localization(peak, meta).tolist() == localize(peak, json.loads(meta[0]))[1].as_list()
+        real = json.loads(meta[0])
+
+        def crafted(**d_axis) -> str:
+            """The real META, its D axis' mapping changed as given."""
+            mapping = {**real["output_to_original"], "D": {**real["output_to_original"]["D"], **d_axis}}
+            return json.dumps({**real, "output_to_original": mapping})
+
         # a META that is not preprocess's: one line naming the problem, no traceback
         wrong = {
+            # finite numbers past any index (offset + step * k is infinite, or an integer too large for a float)
+            "ct_localize: META output_to_original maps to voxels .*, outside any series": crafted(step=1e308),
+            r"ct_localize: META output_to_original\[D\] is not preprocess's mapping \(OverflowError\)": crafted(offset=10**400),
             "ct_localize: META has no output_to_original mapping": json.dumps({"size": S}),
             r"ct_localize: META output_to_original\[D\] is not preprocess's mapping \(KeyError\)": json.dumps(
                 {"size": S, "output_to_original": {"D": {}, "H": {}, "W": {}}}

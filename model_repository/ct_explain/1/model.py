@@ -8,11 +8,13 @@ load; the provenance is logged once and kept.
 
 A request the explainer cannot answer as asked (explain.ExplainError: shape, dtype, values that
 are not finite or outside [-1, 1]) fails that request only, with INVALID_ARG and the explainer's one-line message; out of GPU
-memory is UNAVAILABLE; anything else is INTERNAL (type and message: tensors only, no DICOM values).
+memory is UNAVAILABLE; anything else is INTERNAL with the exception's type only (never its message or a
+traceback), logged with its type, where and message (tensors only, no DICOM values).
 """
 
 import json
 import os
+import traceback
 
 import torch
 import triton_python_backend_utils as pb_utils
@@ -74,8 +76,10 @@ class TritonPythonModel:
             torch.cuda.empty_cache()
             failure = pb_utils.TritonError(f"{NAMES.explain}: out of GPU memory", pb_utils.TritonError.UNAVAILABLE)
             return pb_utils.InferenceResponse(error=failure)
-        except Exception as error:  # a failure of the explainer itself
-            failure = pb_utils.TritonError(f"{NAMES.explain} failed: {type(error).__name__}: {error}", pb_utils.TritonError.INTERNAL)
+        except Exception as error:  # a failure of the explainer itself: the log says what, the caller that it failed
+            where = "; ".join(f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)[-3:])
+            pb_utils.Logger.log_error(f"{NAMES.explain} internal error {type(error).__name__} at {where}: {error}".splitlines()[0])
+            failure = pb_utils.TritonError(f"{NAMES.explain}: internal error ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
             return pb_utils.InferenceResponse(error=failure)
         return pb_utils.InferenceResponse(
             output_tensors=[

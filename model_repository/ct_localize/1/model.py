@@ -6,8 +6,12 @@ LOCALIZATION is x_min, x_max, y_min, y_max, z_min, z_max (inclusive voxel indice
 slice as preprocess sorted them). An attribution that is zero everywhere (nothing speaks for
 pathology) has no region: the answer is then [-1, -1, -1, -1, -1, -1], not an error. Any other
 input it cannot localize (wrong shape, non-finite values, META without preprocess's mapping) fails
-that request with INVALID_ARG and explain's one-line message.
+that request with INVALID_ARG and explain's one-line message. Anything else is a bug here: INTERNAL
+with the exception's type only, logged with its type and where (never its message, which could
+quote META values; never a traceback to the caller).
 """
+
+import traceback
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -34,4 +38,9 @@ class TritonPythonModel:
                 box = np.array(original.as_list(), dtype=np.int32)
         except (LocalizationError, ContractError) as error:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{NAMES.localize}: {error}", pb_utils.TritonError.INVALID_ARG))
+        except Exception as error:  # an internal bug: report the type and where, never the message
+            where = "; ".join(f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)[-3:])
+            pb_utils.Logger.log_error(f"{NAMES.localize} internal error {type(error).__name__} at {where}")
+            failure = pb_utils.TritonError(f"{NAMES.localize}: internal error ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
+            return pb_utils.InferenceResponse(error=failure)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(NAMES.localization, box)])
