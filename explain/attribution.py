@@ -10,7 +10,9 @@ Methods, by cost for one study at S (F = one forward pass, B = one backward pass
   interpolation points, one at a time: `steps` x (F + full B to the input), plus one F for the
   probabilities; memory of one full backward pass. Voxel resolution.
 - `occlusion`: Captum's Occlusion with cubes of `window` voxels (stride `window`) replaced by air:
-  (S / window)^3 + 1 forward passes, inference memory. Resolution: the window.
+  (S / window)^3 + 1 forward passes, inference memory. Resolution: the window. At most
+  MAX_OCCLUSION_PASSES (16 windows per axis: window >= S / 16): one explanation runs to the end once
+  started (nothing cancels it) and holds its instance, so a finer window is refused, not queued.
 Every method attributes the pathology logit; the map is its positive part (evidence for pathology),
 scaled so that its maximum is 1 (all zero when nothing speaks for pathology).
 """
@@ -33,6 +35,8 @@ from settings import NAMES
 METHODS = ("gradcam", "integrated_gradients", "occlusion")
 PATHOLOGY = NAMES.labels.index("pathology")
 AIR = -1.0  # the model-range value of -1000 HU and below: the baseline IG and Occlusion replace voxels with
+MAX_STEPS = 256  # integrated_gradients: steps x (F + B) + F
+MAX_OCCLUSION_PASSES = 16**3 + 1  # occlusion: (S / window)^3 + 1 F; the default window (16) at S=256
 
 
 class ExplainError(ValueError):
@@ -78,10 +82,16 @@ class Explainer:
         self.size = validate_size(size)
         if method not in METHODS:
             raise ExplainError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-        if not 1 <= steps <= 256:
-            raise ExplainError(f"integrated_gradients steps must be 1..256, not {steps}")
+        if not 1 <= steps <= MAX_STEPS:
+            raise ExplainError(f"integrated_gradients steps must be 1..{MAX_STEPS}, not {steps}")
         if not (1 <= window <= self.size and self.size % window == 0):
             raise ExplainError(f"occlusion window must divide S={self.size}, not {window}")
+        passes = (self.size // window) ** 3 + 1
+        if method == "occlusion" and passes > MAX_OCCLUSION_PASSES:
+            raise ExplainError(
+                f"occlusion window {window} at S={self.size} costs {passes} forward passes per study, more than the limit of "
+                f"{MAX_OCCLUSION_PASSES}: the window must be at least S/16 = {max(1, self.size // 16)}"
+            )
         self.method, self.steps, self.window = method, steps, window
         self.device = torch.device(device)
         self.classifier = classifier.eval().to(self.device)

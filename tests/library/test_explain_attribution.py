@@ -104,8 +104,26 @@ def test_bad_volumes_are_refused_by_name(region_classifier, volume, message):
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"method": "saliency"}, "method must be one of"), ({"steps": 0}, "steps"), ({"method": "occlusion", "window": 5}, "divide")],
+    [
+        ({"method": "saliency"}, "method must be one of"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 257}, "steps must be 1..256, not 257"),
+        ({"method": "occlusion", "window": 5}, "divide"),
+        # a window of 1 voxel: (S / 1)^3 + 1 passes, 16.7 million at S=256, that nothing could cancel
+        (
+            {"method": "occlusion", "window": 1},
+            r"occlusion window 1 at S=32 costs 32769 forward passes per study, more than the limit of 4097: "
+            r"the window must be at least S/16 = 2",
+        ),
+    ],
 )
 def test_bad_options_are_refused_by_name(region_classifier, options, message):
     with pytest.raises(ExplainError, match=message):
         Explainer(region_classifier, size=32, **options)
+
+
+def test_occlusion_is_bounded_by_its_forward_passes_and_other_methods_ignore_the_window(region_classifier):
+    assert Explainer(region_classifier, size=32, method="occlusion", window=2).window == 2  # 16^3 + 1: the limit itself
+    with pytest.raises(ExplainError, match="16777217 forward passes"):
+        Explainer(region_classifier, size=256, method="occlusion", window=1)
+    assert Explainer(region_classifier, size=32, method="gradcam", window=1).method == "gradcam"

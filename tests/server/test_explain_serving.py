@@ -177,6 +177,32 @@ def test_localize_answers_minus_one_when_nothing_is_attributed_and_refuses_a_met
             assert refused.value.status() == "StatusCode.INVALID_ARGUMENT" and "\n" not in refused.value.message(), refused.value
 
 
+def test_an_occlusion_window_past_the_forward_pass_limit_is_refused_at_load_and_the_running_explainer_stays(triton_server):
+    """window 1 at S=64: 64^3 + 1 forward passes per study, which nothing could cancel. The load API
+    refuses it in a line naming the limit; ct_explain keeps serving with its running config."""
+    with triton_http.InferenceServerClient(triton_server.http_url) as client:
+        running = client.get_model_config(NAMES.explain)
+        occlusion = {"method": {"string_value": "occlusion"}, "window": {"string_value": "1"}}
+        finer = {**running, "parameters": {**running["parameters"], **occlusion}}
+        try:
+            client.load_model(NAMES.explain, config=json.dumps(finer))
+        except InferenceServerException as error:
+            refused = error
+        else:
+            client.load_model(NAMES.explain, config=json.dumps(running))  # the later tests need the running config
+            pytest.fail("ct_explain loaded an occlusion window of 1 voxel")
+        assert client.is_model_ready(NAMES.explain)
+        assert client.get_model_config(NAMES.explain)["parameters"] == running["parameters"]
+    # Triton's load error, then the Python backend's "At:" line of the model.py frame that raised
+    first_line = str(refused).splitlines()[0]
+    assert refused.status() == "400", refused
+    assert first_line.endswith(
+        f"ct_explain: occlusion window 1 at S={S} costs {S**3 + 1} forward passes per study, more than the limit of 4097: "
+        f"the window must be at least S/16 = {S // 16}"
+    ), first_line
+    assert "explain/attribution.py" not in str(refused)  # the explainer's own frames stay in the server
+
+
 def test_triage_never_runs_the_explanation_and_localize_loads_no_torch(triton_server, payload):
     before = int(model_stats(triton_server, NAMES.explain).get("inference_count", 0))
     triaged = int(model_stats(triton_server, NAMES.triage).get("inference_count", 0))

@@ -49,14 +49,17 @@ class TritonPythonModel:
         self.threads = threads or max(1, available_cpus() // instances)
         torch.set_num_threads(self.threads)
         size = int(pb_utils.get_input_config_by_name(config, NAMES.volume)["dims"][-1])  # [1, 1, S, S, S]
-        self.explainer = Explainer.from_file(
-            weights,
-            size=size,
-            device=instance_device(NAMES.explain, parameters.get("device", "cpu"), args),
-            method=parameters.get("method", "gradcam"),
-            steps=_integer(parameters, "steps", "16"),
-            window=_integer(parameters, "window", "16"),
-        )
+        try:
+            self.explainer = Explainer.from_file(
+                weights,
+                size=size,
+                device=instance_device(NAMES.explain, parameters.get("device", "cpu"), args),
+                method=parameters.get("method", "gradcam"),
+                steps=_integer(parameters, "steps", "16"),
+                window=_integer(parameters, "window", "16"),
+            )
+        except ExplainError as error:  # a method, steps or window it refuses: one line, for whoever set it
+            raise pb_utils.TritonModelException(f"{NAMES.explain}: {error}") from None
         pb_utils.Logger.log_info(
             f"{NAMES.explain}: {self.explainer.method} at S={size} on {self.explainer.device} ({self.threads} threads), "
             f"weights {self.provenance.get('weights_sha256', '?')[:12]} of {self.provenance.get('checkpoint')} "
