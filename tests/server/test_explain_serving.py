@@ -98,6 +98,26 @@ def test_triage_explain_returns_the_explained_volume_its_attribution_and_localiz
             assert 0 <= lo <= hi < n
 
 
+def test_triage_explain_answers_the_documented_subsets_of_its_outputs(triton_server, answers, payload):
+    """A request naming LOCALIZATION and one of ct_postprocess's outputs may leave out the rest (the 96 MiB
+    of ATTRIBUTION and VOLUME at S=256); Triton 2.51 refuses the triage outputs alone (its ensemble
+    pruning, documented in ct_triage_explain/config.pbtxt: call ct_triage for them)."""
+    full = answers[NAMES.triage_explain]
+    with grpc_client(triton_server) as client:
+
+        def ask(names):
+            outputs = [triton_grpc.InferRequestedOutput(name) for name in names]
+            return client.infer(NAMES.triage_explain, [dicom(triton_grpc, payload)], outputs=outputs, client_timeout=DEADLINE_S)
+
+        for names in ([*TRIAGE_OUTPUTS, NAMES.localization], [NAMES.probability, NAMES.localization]):
+            answer = ask(names)
+            assert sorted(output["name"] for output in answer.get_response(as_json=True)["outputs"]) == sorted(names)
+            assert answer.as_numpy(NAMES.localization).tolist() == full[NAMES.localization].tolist()
+        with pytest.raises(InferenceServerException, match="unexpected deadlock") as refused:
+            ask(TRIAGE_OUTPUTS)
+        assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
 def test_explain_probabilities_equal_the_classifiers(triton_server, answers):
     volumes = [answers[NAMES.triage_explain][NAMES.volume], smooth(1, S, torch.Generator().manual_seed(5)).numpy()]
     with grpc_client(triton_server) as client:
