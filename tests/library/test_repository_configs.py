@@ -139,7 +139,10 @@ def test_the_explanation_models_keep_their_contract_on_every_target(target):
     steps = {step.model_name: step for step in explained.ensemble_scheduling.step}
     assert list(steps) == [NAMES.preprocess, NAMES.explain, NAMES.postprocess, NAMES.localize]
     assert steps[NAMES.postprocess].input_map[NAMES.probabilities] == steps[NAMES.explain].output_map[NAMES.probabilities]
-    assert steps[NAMES.localize].input_map[NAMES.meta] == steps[NAMES.preprocess].output_map[NAMES.meta]
+    # a straight chain: ct_localize reads ct_postprocess's META, so no two steps run side by side (a client
+    # gone mid-request cancelled two parallel steps, and Triton 2.51 crashed)
+    assert steps[NAMES.localize].input_map[NAMES.meta] == steps[NAMES.postprocess].output_map[NAMES.meta]
+    assert steps[NAMES.postprocess].input_map[NAMES.meta] == steps[NAMES.preprocess].output_map[NAMES.meta]
     assert steps[NAMES.explain].input_map[NAMES.volume] == steps[NAMES.preprocess].output_map[NAMES.volume] == NAMES.volume
     explain, localize = configs[NAMES.explain], configs[NAMES.localize]
     assert _tensors(explain) == {NAMES.volume: (fp32, volume), NAMES.attribution: (fp16, attribution), NAMES.probabilities: (fp32, [1, 2])}
