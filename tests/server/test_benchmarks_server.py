@@ -99,12 +99,12 @@ def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypa
     assert "| openvino (served) [fp32 in use] |" in text and "| openvino-bf16 [" in text and "Served at bf16" in text
 
 
-def test_explain_opt_in_compares_ct_triage_with_and_without_the_explanation_models(private_server):
+def test_explain_opt_in_compares_ct_triage_with_and_without_the_explanation_models(private_explaining_server):
     """A private server: the benchmark unloads and reloads models, which the shared one must keep."""
     from benchmarks import explain_opt_in
 
     payload = phantom.study_files("series", slices=24, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
-    results = explain_opt_in.measure(private_server, payload, levels=[1], requests=2, rounds=1, repeats=1)
+    results = explain_opt_in.measure(private_explaining_server, payload, levels=[1], requests=2, rounds=1, repeats=1)
     (level,) = results["levels"]
     assert level["failures"] == 0 and level["studies_per_s_loaded"] > 0 and level["studies_per_s_unloaded"] > 0
     assert [r["explanations_loaded"] for r in results["rounds"]] == [True, False]  # both states on one server

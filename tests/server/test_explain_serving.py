@@ -258,10 +258,10 @@ asyncio.run(main())
 KILLED_CLIENTS = 10
 
 
-def test_clients_killed_mid_explanation_never_crash_the_server(private_server, payload, tmp_path):
+def test_clients_killed_mid_explanation_never_crash_the_server(private_explaining_server, payload, tmp_path):
     """Each client is SIGKILLed while ct_explain runs its request: gRPC cancels the request, and the
     ensemble's next steps fail as cancelled. The same server process answers a study afterwards."""
-    server, pid = private_server, private_server.pid
+    server, pid = private_explaining_server, private_explaining_server.pid
     folder = tmp_path / "study"
     folder.mkdir()
     for k, data in enumerate(payload):

@@ -35,9 +35,9 @@ BATCH = [100_000, 1, TEST_SIZE, TEST_SIZE, TEST_SIZE]
 
 
 @pytest.fixture(scope="module")
-def server(triton_repository, tmp_path_factory):
+def server(triage_repository, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("faults") / "tritonserver.log"
-    server = start_on_free_ports(triton_repository, log_file=log_file, exit_timeout_s=2, supervise=True)
+    server = start_on_free_ports(triage_repository, log_file=log_file, exit_timeout_s=2, supervise=True)
     try:
         yield server
     finally:

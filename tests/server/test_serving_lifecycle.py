@@ -56,7 +56,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> N
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_cli_serves_then_stops_cleanly_on_signal(triton_repository, tmp_path, stop_signal):
+def test_cli_serves_then_stops_cleanly_on_signal(triage_repository, tmp_path, stop_signal):
     http_port, grpc_port, metrics_port = free_ports(3)
     process = subprocess.Popen(
         [
@@ -64,7 +64,7 @@ def test_cli_serves_then_stops_cleanly_on_signal(triton_repository, tmp_path, st
             "-m",
             "serve",
             "--repository",
-            str(triton_repository),
+            str(triage_repository),
             f"--http-port={http_port}",
             f"--grpc-port={grpc_port}",
             f"--metrics-port={metrics_port}",
@@ -119,10 +119,10 @@ def test_failed_start_reports_the_reason_and_leaves_nothing(triton_repository, t
     assert server.orphans() == [] and server.leaked_shm() == []
 
 
-def test_a_config_triton_cannot_parse_is_named_at_the_top_of_the_error(triton_repository, tmp_path):
+def test_a_config_triton_cannot_parse_is_named_at_the_top_of_the_error(triage_repository, tmp_path):
     """Triton's error line comes first: after it, the unload sequence filled the 40-line tail and hid it."""
     broken = tmp_path / "repository"
-    shutil.copytree(triton_repository, broken)  # every other model loads, then unloads: a long log
+    shutil.copytree(triage_repository, broken)  # every other model loads, then unloads: a long log
     with open(broken / NAMES.postprocess / "config.pbtxt", "a") as config:
         config.write("this is { not pbtxt\n")
     http_port, grpc_port, metrics_port = free_ports(3)
