@@ -8,7 +8,7 @@ No Triton imports: the serving layer, the CLI, benchmarks and tests all call the
 SimpleITK (seconds), which a client that only reads studies from disk never needs.
 """
 
-from . import errors, phantom
+from . import errors
 from .errors import *  # noqa: F403  (the StudyError hierarchy, printable and shown, listed in errors.__all__)
 from .output import write_atomically
 from .series import SELECTION_RULE, SelectionRule
@@ -16,9 +16,14 @@ from .sources import read_study
 from .workers import available_cpus
 
 _PIPELINE = ("preprocess_study", "PreprocessedStudy", "MODES")
+_LAZY_MODULES = ("phantom",)  # loaded on use: `python -m preprocess.phantom` then runs it once, as __main__
 
 
 def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     if name in _PIPELINE:
         from . import pipeline
 
@@ -31,7 +36,7 @@ __all__ = [  # noqa: PLE0604 (the pipeline names and the error classes are strin
     "read_study",
     "SelectionRule",
     "SELECTION_RULE",
-    "phantom",
+    *_LAZY_MODULES,
     "available_cpus",
     "write_atomically",
     *errors.__all__,

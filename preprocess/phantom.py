@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +38,6 @@ from pydicom.uid import (
 )
 
 from settings import INPUT_LIMITS
-
-# `python -m preprocess.phantom`: the package imports this module before runpy runs it as __main__,
-# and runpy warns about exactly that; harmless here (the CLI uses only its own namespace).
-if sys.argv[:1] == ["-m"] and "preprocess.phantom" in getattr(sys, "orig_argv", ()):
-    warnings.filterwarnings("ignore", message=r"'preprocess\.phantom' found in sys\.modules", category=RuntimeWarning)
 
 FORMS = ("series", "zip", "multiframe")
 ORDERS = ("ascending", "shuffled", "feet_first")
