@@ -264,9 +264,11 @@ def test_resume_does_not_resend_finished_studies(triton_server, archive, serial_
         assert new["processing_status"] == old["processing_status"]
 
 
-def test_a_report_that_cannot_be_written_stops_the_run_and_keeps_the_journal(triton_server, archive, tmp_path, monkeypatch):
+def test_a_report_that_cannot_be_written_stops_the_run_and_keeps_the_journal(module_server, archive, tmp_path, monkeypatch):
     """A full disk mid-run: the run stops at once with one line, instead of classifying every study
-    for a report nobody can read; the journal keeps what finished, for --resume."""
+    for a report nobody can read; the journal keeps what finished, for --resume. The module's own
+    server: the studies in flight when it stops are still answered after the test (on the shared
+    server they were counted by the next test)."""
     import errno
 
     from client import report as report_module
@@ -287,7 +289,7 @@ def test_a_report_that_cannot_be_written_stops_the_run_and_keeps_the_journal(tri
     monkeypatch.setattr(report_module, "write_report", disk_fills_up)
     out = tmp_path / "report.xlsx"
     with pytest.raises(client.ReportError, match=r"cannot write report.xlsx: No space left on device; .* --resume"):
-        _report(folder, out, triton_server, write_every_s=0)
+        _report(folder, out, module_server, write_every_s=0)
 
     finished = read_journal(journal_path(out)).rows
     assert 1 <= len(finished) < 6  # stopped early, every finished study kept
