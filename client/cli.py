@@ -4,10 +4,11 @@
 `--explain` asks ct_triage_explain instead of ct_triage: classify saves the montage, the attribution
 volume and its geometry into --out-dir; report adds pathology_localization and an HTML summary page.
 
-Exit status: 0 done; 1 the study failed (classify); 2 bad arguments or unusable paths;
-3 the server or model is not reachable, or stopped answering during a report (the report keeps the
-finished studies; --resume sends the rest), or refused the new threshold; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as a
-service manager stops a job): a report keeps the finished studies either way.
+Exit status: 0 done; 1 the study failed (classify); 2 bad arguments or unusable paths, or the
+explanation's files could not be written (classify prints the answer anyway); 3 the server or model
+is not reachable, stopped answering during a report (the report keeps the finished studies;
+--resume sends the rest), or refused the new threshold; 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM, as a service manager stops a job): a report keeps the finished studies either way.
 """
 
 from __future__ import annotations
