@@ -13,7 +13,7 @@ launcher and the clients can all import it without loading each other.
 """
 
 from .decision import Decision, DecisionError, MetaError, decide, parse_meta, parse_provenance, parse_threshold, triage_meta
-from .errors import ContractError
+from .errors import ContractError, internal_error
 from .model_input import (
     MAX_SIZE,
     MIN_SIZE,
@@ -40,6 +40,7 @@ __all__ = [
     "decide",
     "hu_to_model_range",
     "hu_window_affine",
+    "internal_error",
     "parse_meta",
     "parse_provenance",
     "parse_threshold",

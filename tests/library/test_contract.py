@@ -152,3 +152,21 @@ def test_only_volumes_in_the_model_range_pass(as_tensor):
 def test_serving_commands_refuse_numbers_they_cannot_use_in_one_line(module, args, message):
     done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_internal_error_is_answered_by_its_type_and_logged_with_where():
+    """What every served model does with its own bug: the caller never sees the message (it could
+    quote what was sent) nor a traceback; the log says where, and the message only when asked."""
+    from contract import internal_error
+
+    def failing():
+        raise ValueError("PatientName=DOE^JANE\nsecond line")
+
+    try:
+        failing()
+    except ValueError as error:
+        logged, answered = internal_error("ct_x", error)
+        with_message, _ = internal_error("ct_x", error, with_message=True)
+    assert answered == "ct_x: internal error (ValueError)"
+    assert logged.startswith("ct_x internal error ValueError at ") and f"{__file__}:" in logged and "DOE" not in logged
+    assert with_message.startswith(logged) and "DOE^JANE" in with_message and "second line" not in with_message

@@ -14,12 +14,12 @@ traceback), logged with its type, where and message (tensors only, no DICOM valu
 
 import json
 import os
-import traceback
 
 import torch
 import triton_python_backend_utils as pb_utils
 
 from classifier import file_sha256
+from contract import internal_error
 from explain import Explainer, ExplainError
 from preprocess.workers import available_cpus, instance_device
 from settings import NAMES
@@ -80,10 +80,9 @@ class TritonPythonModel:
             failure = pb_utils.TritonError(f"{NAMES.explain}: out of GPU memory", pb_utils.TritonError.UNAVAILABLE)
             return pb_utils.InferenceResponse(error=failure)
         except Exception as error:  # a failure of the explainer itself: the log says what, the caller that it failed
-            where = "; ".join(f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)[-3:])
-            pb_utils.Logger.log_error(f"{NAMES.explain} internal error {type(error).__name__} at {where}: {error}".splitlines()[0])
-            failure = pb_utils.TritonError(f"{NAMES.explain}: internal error ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
-            return pb_utils.InferenceResponse(error=failure)
+            logged, answered = internal_error(NAMES.explain, error, with_message=True)
+            pb_utils.Logger.log_error(logged)
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(answered, pb_utils.TritonError.INTERNAL))
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(NAMES.attribution, explanation.attribution),

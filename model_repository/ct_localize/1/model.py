@@ -11,12 +11,10 @@ with the exception's type only, logged with its type and where (never its messag
 quote META values; never a traceback to the caller).
 """
 
-import traceback
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from contract import ContractError, parse_meta
+from contract import ContractError, internal_error, parse_meta
 from explain import LocalizationError, localize
 from settings import NAMES
 
@@ -39,8 +37,7 @@ class TritonPythonModel:
         except (LocalizationError, ContractError) as error:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{NAMES.localize}: {error}", pb_utils.TritonError.INVALID_ARG))
         except Exception as error:  # an internal bug: report the type and where, never the message
-            where = "; ".join(f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)[-3:])
-            pb_utils.Logger.log_error(f"{NAMES.localize} internal error {type(error).__name__} at {where}")
-            failure = pb_utils.TritonError(f"{NAMES.localize}: internal error ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
-            return pb_utils.InferenceResponse(error=failure)
+            logged, answered = internal_error(NAMES.localize, error)
+            pb_utils.Logger.log_error(logged)
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(answered, pb_utils.TritonError.INTERNAL))
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(NAMES.localization, box)])

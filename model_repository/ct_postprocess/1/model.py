@@ -7,12 +7,11 @@ export writes beside this file, added to every answer.
 
 import json
 import os
-import traceback
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from contract import ContractError, MetaError, decide, parse_provenance, parse_threshold, triage_meta
+from contract import ContractError, MetaError, decide, internal_error, parse_provenance, parse_threshold, triage_meta
 from settings import NAMES
 
 
@@ -45,10 +44,9 @@ class TritonPythonModel:
         except ContractError as error:  # a classifier output that cannot give a trustworthy decision
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INTERNAL))
         except Exception as error:  # an internal bug, as the other models answer one: the type and where, never the message
-            where = "; ".join(f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)[-3:])
-            pb_utils.Logger.log_error(f"{NAMES.postprocess} internal error {type(error).__name__} at {where}")
-            message = f"{NAMES.postprocess}: internal error ({type(error).__name__})"
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
+            logged, answered = internal_error(NAMES.postprocess, error)
+            pb_utils.Logger.log_error(logged)
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(answered, pb_utils.TritonError.INTERNAL))
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(NAMES.probability, np.array([decision.probability], dtype=np.float32)),

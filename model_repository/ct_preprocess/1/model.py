@@ -15,13 +15,13 @@ Triton 2.51 has no request-size limit of its own, so this is the first place one
 
 import json
 import time
-import traceback
 
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 import preprocess
+from contract import internal_error
 from preprocess.workers import instance_device
 from settings import INPUT_LIMITS, NAMES, SERVING
 
@@ -58,8 +58,8 @@ class TritonPythonModel:
             self.logger.log_info(f"{NAMES.preprocess}: study refused ({type(error).__name__}): {error}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
         except Exception as error:  # an internal bug: report the type and where, never the message
-            where = "; ".join(f"{f.filename}:{f.lineno}" for f in traceback.extract_tb(error.__traceback__)[-3:])
-            self.logger.log_error(f"{NAMES.preprocess} internal error {type(error).__name__} at {where}")
+            logged, _ = internal_error(NAMES.preprocess, error)
+            self.logger.log_error(logged)
             return pb_utils.InferenceResponse(
                 error=pb_utils.TritonError(f"internal error in preprocessing ({type(error).__name__})", pb_utils.TritonError.INTERNAL)
             )
