@@ -7,6 +7,7 @@ ONNX Runtime on the FP32 ONNX graph export kept beside the served IR) for probab
 from __future__ import annotations
 
 import json
+import queue
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -292,8 +293,19 @@ def test_server_log_holds_no_patient_data(triton_server):
 def test_preprocessing_runs_in_parallel_instances_behind_a_bounded_queue(triton_server):
     """Studies sent together are preprocessed at the same time by different instances."""
     payload = phantom.study_files(form="series", slices=96, rows=192, columns=192)
-    with ThreadPoolExecutor(4) as pool:
-        served = [r["meta"]["served_by"] for r in pool.map(lambda _: triage(triton_server, "grpc", payload), range(4))]
+    # One client sends all four at once, so they reach the server together: clients in threads each
+    # encoding the study arrived one after another on a busy 2-core machine, and never overlapped.
+    answers: queue.Queue = queue.Queue()
+    module, client = connect(triton_server, "grpc")
+    try:
+        study = [dicom_input(module, payload)]
+        for _ in range(4):
+            client.async_infer(NAMES.triage, study, lambda result, error: answers.put((result, error)), client_timeout=CLIENT_DEADLINE_S)
+        results = [answers.get(timeout=CLIENT_DEADLINE_S) for _ in range(4)]
+    finally:
+        client.close()
+    assert [error for _, error in results] == [None] * 4
+    served = [json.loads(result.as_numpy(NAMES.meta)[0])["served_by"] for result, _ in results]
     assert len({s["instance"] for s in served}) == SERVING.preprocess_instances
     overlapping = [
         (a["instance"], b["instance"])
