@@ -1,4 +1,4 @@
-"""Compressed studies: the previous decoding path (pydicom + pylibjpeg) against imagecodecs on every core.
+"""Compressed studies: the pydicom decoding path (pydicom + pylibjpeg) against imagecodecs on every core.
 
     .venv/bin/python -m benchmarks.decoding [--repeat N] [--size S] [--encodings jpeg2000,jpegls,rle,jpeg] [--out benchmarks/results]
 
@@ -9,9 +9,9 @@ JPEG lossless process 14 SV1 (libjpeg-turbo), both through imagecodecs. HTJ2K is
 encoder for it is installed (OpenJPEG 2.5 decodes HTJ2K but does not encode it).
 
 For each copy, `preprocess.preprocess_study` in fast mode (decoding included, worker threads =
-the CPUs this process may use, as served) with `preprocess.dicom.DECODER = "pydicom"` (the path
-before imagecodecs: the same thread pool, but its decoders hold the GIL) and with "imagecodecs"
-(the default), interleaved (old, new, new, old, ...), N times each, after one warm-up of each; the
+the CPUs this process may use, as served) with `preprocess.dicom.DECODER = "pydicom"` (the same
+thread pool, but its decoders hold the GIL) and with "imagecodecs" (the default), interleaved
+(pydicom, imagecodecs, imagecodecs, pydicom, ...), N times each, after one warm-up of each; the
 uncompressed study is timed alongside for reference. Per path: median wall s, median CPU s and the
 median "decode" stage from the study's META; per copy: the ratio of the medians and of each
 interleaved pair (the shared 2-core VM drifts by ~1.5x over minutes, so only ratios are compared).
@@ -53,7 +53,7 @@ from preprocess.workers import worker_threads
 from settings import PREPROCESSING
 
 ENCODINGS = {"jpeg2000": "JPEG 2000 lossless", "jpegls": "JPEG-LS lossless", "rle": "RLE lossless", "jpeg": "JPEG lossless SV1"}
-TARGET = 0.6  # JPEG 2000, fast mode, decode included: new / old median
+TARGET = 0.6  # JPEG 2000, fast mode, decode included: imagecodecs / pydicom median
 FREE = 1.5  # parallelism probe after a pair at or above which the pair counts as run with the cores free
 
 
@@ -224,20 +224,20 @@ def measure(files: dict[str, list[bytes]], encodings: list[str], size: int, repe
             }
             for path, runs in paths.items()
         }
-        old, new = summary["pydicom"]["median_s"], summary["imagecodecs"]["median_s"]
+        slow, fast = summary["pydicom"]["median_s"], summary["imagecodecs"]["median_s"]
         for path in summary.values():  # CPU s per wall s: how many cores the run actually got
             path["cores"] = round(path["cpu_s"] / path["median_s"], 2)
         results[name] = {
             "encoding": ENCODINGS[name],
             "dicom_mb": round(sum(len(f) for f in files[name]) / 2**20, 1),
-            "old": summary["pydicom"],
-            "new": summary["imagecodecs"],
-            "new_over_old": round(new / old, 3),
-            "paired_new_over_old": [round(n["s"] / o["s"], 3) for n, o in zip(paths["imagecodecs"], paths["pydicom"])],
+            "pydicom": summary["pydicom"],
+            "imagecodecs": summary["imagecodecs"],
+            "imagecodecs_over_pydicom": round(fast / slow, 3),
+            "paired_imagecodecs_over_pydicom": [round(n["s"] / o["s"], 3) for n, o in zip(paths["imagecodecs"], paths["pydicom"])],
             "paired_parallelism": pair_probes,
         }
-        free = [r for r, probe in zip(results[name]["paired_new_over_old"], pair_probes) if probe >= FREE]
-        results[name]["new_over_old_free_cores"] = round(statistics.median(free), 3) if free else None
+        free = [r for r, probe in zip(results[name]["paired_imagecodecs_over_pydicom"], pair_probes) if probe >= FREE]
+        results[name]["imagecodecs_over_pydicom_free_cores"] = round(statistics.median(free), 3) if free else None
     uncompressed = {
         "dicom_mb": round(sum(len(f) for f in files["explicit"]) / 2**20, 1),
         "median_s": round(statistics.median(r["s"] for r in plain_runs), 3),
@@ -256,37 +256,38 @@ def markdown(result: dict) -> str:
         f"load average {r['load_average_before']} before and {r['load_average_after']} after (a shared machine), "
         f"{r['threads']} worker threads, imagecodecs {r['versions']['imagecodecs']}, pydicom {r['versions']['pydicom']}.",
         "",
-        f'Study: {r["study"]}; S={r["size"]}, fast mode, decode included. Old: `preprocess.dicom.DECODER = "pydicom"` '
-        "(pydicom + pylibjpeg on the same worker threads, as before); new: the default, imagecodecs. "
+        f'Study: {r["study"]}; S={r["size"]}, fast mode, decode included. pydicom: `preprocess.dicom.DECODER = "pydicom"` '
+        "(pydicom + pylibjpeg on the same worker threads); imagecodecs: the default. "
         f"Interleaved, {r['repeat']} runs of each after a warm-up; medians.",
         "",
-        "| encoding | DICOM MB | old wall s | old CPU s | old decode s | new wall s | new CPU s | new decode s | new cores "
-        "| new / old | per pair | max \\|HU diff\\| old / new | frames by imagecodecs |",
+        "| encoding | DICOM MB | pydicom wall s | pydicom CPU s | pydicom decode s | imagecodecs wall s | imagecodecs CPU s "
+        "| imagecodecs decode s | imagecodecs cores | imagecodecs / pydicom | per pair "
+        "| max \\|HU diff\\| pydicom / imagecodecs | frames by imagecodecs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in r["encodings"].values():
-        old, new = e["old"], e["new"]
+        slow, fast = e["pydicom"], e["imagecodecs"]
         lines.append(
-            f"| {e['encoding']} | {e['dicom_mb']} | {old['median_s']} | {old['cpu_s']} | {old['decode_s']} | {new['median_s']} | "
-            f"{new['cpu_s']} | {new['decode_s']} | {new['cores']} | **{e['new_over_old']}** | "
-            f"{', '.join(map(str, e['paired_new_over_old']))} | "
-            f"{old['max_abs_hu_diff']:g} / {new['max_abs_hu_diff']:g} | {new['frames_by_decoder']['imagecodecs']} |"
+            f"| {e['encoding']} | {e['dicom_mb']} | {slow['median_s']} | {slow['cpu_s']} | {slow['decode_s']} | {fast['median_s']} | "
+            f"{fast['cpu_s']} | {fast['decode_s']} | {fast['cores']} | **{e['imagecodecs_over_pydicom']}** | "
+            f"{', '.join(map(str, e['paired_imagecodecs_over_pydicom']))} | "
+            f"{slow['max_abs_hu_diff']:g} / {fast['max_abs_hu_diff']:g} | {fast['frames_by_decoder']['imagecodecs']} |"
         )
     u = r["uncompressed"]
     lines += [
         f"| uncompressed (reference) | {u['dicom_mb']} | | | | {u['median_s']} | {u['cpu_s']} | | | | | 0 | |",
         "",
-        f"Target: JPEG 2000, new <= {TARGET} x old: **{r['target']}**.",
+        f"Target: JPEG 2000, imagecodecs <= {TARGET} x pydicom: **{r['target']}**.",
         "",
         f"Pairs whose parallelism probe (taken right after the pair) was >= {FREE}, i.e. run while the other core was free, "
-        "median new / old: "
+        "median imagecodecs / pydicom: "
         + ", ".join(
-            f"{e['encoding']} {e['new_over_old_free_cores']} ({sum(probe >= FREE for probe in e['paired_parallelism'])} pairs)"
+            f"{e['encoding']} {e['imagecodecs_over_pydicom_free_cores']} ({sum(probe >= FREE for probe in e['paired_parallelism'])} pairs)"
             for e in r["encodings"].values()
         )
         + ".",
         "",
-        "new cores: the new path's CPU s per wall s (the old path's stays near 1: its decoders hold the GIL). "
+        "imagecodecs cores: its CPU s per wall s (the pydicom path's stays near 1: its decoders hold the GIL). "
         f"Parallelism probes (GIL-free numpy work, {r['threads']} threads over 1, at the start and after each interleaved pair; "
         f"~{r['threads']} on idle cores, ~1 when other processes hold the other cores): {r['parallelism_probes']}.",
         "",
@@ -295,9 +296,10 @@ def markdown(result: dict) -> str:
         "",
         "Output volumes against the uncompressed study's, max |diff|: "
         + ", ".join(
-            f"{e['encoding']} {e['old']['max_abs_volume_diff']:g} / {e['new']['max_abs_volume_diff']:g}" for e in r["encodings"].values()
+            f"{e['encoding']} {e['pydicom']['max_abs_volume_diff']:g} / {e['imagecodecs']['max_abs_volume_diff']:g}"
+            for e in r["encodings"].values()
         )
-        + " (old / new).",
+        + " (pydicom / imagecodecs).",
         "",
     ]
     return "\n".join(lines)
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(encodings) - set(ENCODINGS):
         parser.error(f"unknown encodings {sorted(unknown)}")
     if dicom.imagecodecs is None:
-        parser.error("imagecodecs is not installed: there is no new path to compare")
+        parser.error("imagecodecs is not installed: there is nothing to compare the pydicom path with")
     load_before = [round(v, 2) for v in os.getloadavg()]
     files = studies(encodings, args.slices)
     measured = measure(files, encodings, args.size, args.repeat)
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if "jpeg2000" in measured["encodings"]:
         j2k = measured["encodings"]["jpeg2000"]
-        ratio, free = j2k["new_over_old"], j2k["new_over_old_free_cores"]
+        ratio, free = j2k["imagecodecs_over_pydicom"], j2k["imagecodecs_over_pydicom_free_cores"]
         result["target"] = f"{'met' if ratio <= TARGET else 'not met'} ({ratio} x, all pairs)"
         if free is not None:
             pairs = sum(probe >= FREE for probe in j2k["paired_parallelism"])

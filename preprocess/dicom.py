@@ -51,9 +51,9 @@ DECODERS = ("imagecodecs", "pydicom")
 # Where compressed frames go first. "imagecodecs": the lossless syntaxes it decodes exactly as pydicom
 # would are decoded on every worker thread (its codecs release the GIL); any other syntax, and any
 # object whose frames need a fix-up not reproduced here, still goes to pydicom. "pydicom": every
-# compressed object through pydicom + pylibjpeg (the path before imagecodecs; its plugins hold the GIL,
-# so its threads take turns). The default is "imagecodecs" where it is installed. Module level so that
-# a process can choose; `python -m benchmarks.decoding` sets "pydicom" to time the previous path.
+# compressed object through pydicom + pylibjpeg (its plugins hold the GIL, so its threads take turns).
+# The default is "imagecodecs" where it is installed. Module level so that a process can choose;
+# `python -m benchmarks.decoding` sets "pydicom" to time that path against imagecodecs.
 DECODER = "imagecodecs" if imagecodecs is not None else "pydicom"
 
 # pydicom's value checks and its other warnings (an unknown character set, ...) quote the value they
