@@ -1,10 +1,17 @@
 """Clients of the chest-CT triage server: classify one study, or a folder into the triage report,
 and change a running server's operating point."""
 
+import os
+
+# gRPC's core logs each failed TLS handshake (a certificate that does not verify) at INFO on stderr,
+# a second line beside the client's own; it reads the level once, when grpc is first imported (below).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from .operating_point import set_threshold
 from .report import COLUMNS, ReportError, ReportSummary, build_report, read_report, write_report
 from .result import FAILURE, SUCCESS, TriageResult
 from .studies import StudyRef, discover_studies
+from .tls import CAFileError
 from .triage import (
     AsyncTriageClient,
     RetryPolicy,
@@ -19,6 +26,7 @@ __all__ = [
     "FAILURE",
     "SUCCESS",
     "AsyncTriageClient",
+    "CAFileError",
     "ReportError",
     "ReportSummary",
     "RetryPolicy",

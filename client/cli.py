@@ -31,6 +31,7 @@ from settings import ADMIN, NAMES, SERVING
 
 from .operating_point import set_threshold
 from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report
+from .tls import HTTPS_PORT, certificate_problem, endpoint
 from .triage import PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _connection(args: argparse.Namespace) -> dict:
-    """The connection options both commands share, as TriageClient / AsyncTriageClient arguments."""
+    """The connection options both commands share, as TriageClient / AsyncTriageClient arguments,
+    the URL and CA file checked first (a report builds its clients only once the run has started)."""
+    _check_endpoint(args.url or default_url(args.protocol), args.ca_file)
     return dict(
         url=args.url,
         protocol=args.protocol,
@@ -76,7 +79,16 @@ def _connection(args: argparse.Namespace) -> dict:
         retry=RetryPolicy(attempts=args.attempts),
         shared_memory=args.shared_memory,
         explain=args.explain,
+        ca_file=args.ca_file,
     )
+
+
+def _check_endpoint(url: str, ca_file: str | None) -> None:
+    """An unsupported scheme, --ca-file without https://, or a CA file that cannot be used: exit 2."""
+    try:
+        endpoint(url, ca_file)
+    except ValueError as error:  # client.tls.CAFileError too
+        raise UsageError(str(error)) from None
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -85,9 +97,10 @@ def _classify(args: argparse.Namespace) -> int:
     if args.explain != (args.out_dir is not None):
         raise UsageError("--explain and --out-dir go together: the explanation's files are written to --out-dir")
     _check_model(args)
+    connection = _connection(args)
     if args.out_dir is not None:
         _check_out_dir(Path(args.out_dir))
-    with TriageClient(**_connection(args)) as client:
+    with TriageClient(**connection) as client:
         client.check_ready()
         result = client.classify(args.study, series_uid=args.series)
     answer = result.to_dict()
@@ -131,9 +144,10 @@ def _check_out_dir(folder: Path) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     _check_model(args)
+    connection = _connection(args)
 
     def client() -> AsyncTriageClient:
-        return AsyncTriageClient(**_connection(args))
+        return AsyncTriageClient(**connection)
 
     summary = asyncio.run(
         _stopped_by_sigterm_like_ctrl_c(
@@ -168,11 +182,15 @@ def _set_threshold(args: argparse.Namespace) -> int:
         ADMIN.checked_key(admin_key)
     except ValueError as error:
         raise UsageError(f"{ADMIN.key_env}: {error}") from None
+    _check_endpoint(args.url, args.ca_file)
     try:
-        config = set_threshold(args.url, args.threshold, admin_key=admin_key)
+        config = set_threshold(args.url, args.threshold, admin_key=admin_key, ca_file=args.ca_file)
     except PermissionError:  # the wrong key (an OSError too): exit 2
         raise
-    except OSError as error:  # refused connection, DNS, timeout
+    except OSError as error:  # refused connection, DNS, timeout, a certificate that does not verify
+        problem = certificate_problem(error)
+        if problem is not None:
+            raise ServerUnavailable(f"the server at {args.url} is not trusted (TLS: {problem})") from None
         raise ServerUnavailable(f"the server at {args.url} is not reachable ({type(error).__name__})") from None
     except InferenceServerException as error:  # e.g. a server not started in explicit model-control mode
         raise ServerUnavailable(f"the server at {args.url} refused the new threshold: {error.message()}") from None
@@ -266,11 +284,20 @@ def _parser() -> argparse.ArgumentParser:
         f"started with one is read from {ADMIN.key_env}. Permanent: the repository's {NAMES.postprocess}/config.pbtxt.",
     )
     threshold.add_argument("threshold", type=_threshold, metavar="VALUE", help="a number in [0, 1]")
-    threshold.add_argument("--url", default=default_url("http"), help="the server's HTTP endpoint (default %(default)s)")
+    threshold.add_argument(
+        "--url",
+        default=default_url("http"),
+        help=f"the server's HTTP endpoint, HOST:PORT, or https://HOST[:PORT] for TLS (port {HTTPS_PORT} by default); "
+        "send the admin key over https:// from outside the server's host (default %(default)s)",
+    )
     threshold.set_defaults(run=_set_threshold)
 
     for command in (classify, report):
-        command.add_argument("--url", help=f"HOST:PORT (default {default_url('grpc')} for grpc, {default_url('http')} for http)")
+        command.add_argument(
+            "--url",
+            help=f"HOST:PORT, or https://HOST[:PORT] for TLS (port {HTTPS_PORT} by default), e.g. a TLS proxy in front of "
+            f"Triton (default {default_url('grpc')} for grpc, {default_url('http')} for http)",
+        )
         command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
         command.add_argument("--model", help=f"model to ask (default {NAMES.triage}, with --explain {NAMES.triage_explain})")
         command.add_argument("--timeout", type=positive_float, default=SERVING.request_timeout_s, help="seconds per request")
@@ -284,6 +311,13 @@ def _parser() -> argparse.ArgumentParser:
             "--shared-memory",
             action="store_true",
             help="pass the DICOM payload through system shared memory (server on this host only)",
+        )
+    for command in (classify, report, threshold):
+        command.add_argument(
+            "--ca-file",
+            metavar="FILE",
+            help="PEM bundle of the CA that signed the server's TLS certificate, for an https:// --url "
+            "(default: the TLS library's own trust roots; client/README.md, TLS)",
         )
     return parser
 

@@ -2,7 +2,8 @@
 
 The override lives in the server only: it is lost on restart. To make it permanent, edit the
 `threshold` parameter of the repository's ct_postprocess/config.pbtxt (serve/README.md).
-A server started with an admin key (CT_TRIAGE_ADMIN_KEY) accepts the load only with that key.
+A server started with an admin key (CT_TRIAGE_ADMIN_KEY) accepts the load only with that key; from
+outside the cluster send it only over TLS (an https:// URL), never in clear.
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ from tritonclient.utils import InferenceServerException
 from contract import parse_threshold
 from settings import ADMIN, NAMES
 
-from .triage import _strip_scheme
+from .tls import PathLike, endpoint
 
 _FORBIDDEN = "403"  # what Triton answers over HTTP when a restricted API is called without the right key
 
 
-def set_threshold(http_url: str, threshold: float, *, admin_key: str | None = None) -> dict:
+def set_threshold(http_url: str, threshold: float, *, admin_key: str | None = None, ca_file: PathLike | None = None) -> dict:
     """Reload ct_postprocess with `threshold`; returns the config now in force.
 
     The load API replaces the whole config, so the running one is read, changed in one field
     and sent back. ct_triage keeps serving: Triton swaps the composing model in place.
     Raises PermissionError when the server refuses the load for want of the right admin key.
+    `http_url` `https://HOST[:PORT]` is TLS, verified against `ca_file` (client.tls).
     """
     value = parse_threshold(threshold)
     ADMIN.checked_key(admin_key)  # names the rule; an unsendable header's own error would quote the key
-    client = triton_http.InferenceServerClient(_strip_scheme(http_url))
+    server = endpoint(http_url, ca_file)
+    client = triton_http.InferenceServerClient(server.address, **server.http_sync_options())
     try:
         config = client.get_model_config(NAMES.postprocess)
         config.setdefault("parameters", {})["threshold"] = {"string_value": repr(value)}

@@ -36,6 +36,7 @@ from tritonclient.utils import shared_memory as system_shm
 from settings import NAMES, SERVING
 
 from .result import SUCCESS, TriageResult, failure
+from .tls import PathLike, certificate_problem, endpoint
 
 _log = logging.getLogger(__name__)
 
@@ -159,10 +160,6 @@ def _check_protocol(protocol: str) -> str:
     return protocol
 
 
-def _strip_scheme(url: str) -> str:
-    return url.split("://", 1)[1] if "://" in url else url
-
-
 def _inputs(module: ModuleType, payload: Sequence[bytes], region: _SharedMemoryPayload | None):
     tensor = module.InferInput(NAMES.dicom, [len(payload)], "BYTES")
     if region is None:
@@ -215,6 +212,8 @@ def _parse(result, model: str, seconds: float, explain: bool = False) -> TriageR
 
 
 def _is_transient(error: BaseException) -> bool:
+    if certificate_problem(error) is not None:
+        return False  # gRPC reports it as UNAVAILABLE, the ssl module as an OSError: neither passes with time
     if isinstance(error, InferenceServerException):
         reloading = error.status() in _RELOADING_STATUSES and _RELOADING_MESSAGE in (error.message() or "")
         return error.status() in _TRANSIENT_STATUSES or reloading
@@ -232,6 +231,9 @@ def _is_aiohttp_connection_error(error: BaseException) -> bool:
 
 def _reason(error: BaseException) -> str:
     """The server's own message when there is one, else what went wrong on the way."""
+    problem = certificate_problem(error)
+    if problem is not None:
+        return f"TLS: {problem}"
     if isinstance(error, InferenceServerException):
         message = error.message() or str(error)
         worker = _DEAD_WORKER.search(message)
@@ -246,6 +248,8 @@ def _reason(error: BaseException) -> str:
 
 def _describe(error: BaseException, url: str) -> str:
     """One line for the report and the terminal."""
+    if certificate_problem(error) is not None:
+        return f"server at {url} is not trusted ({_reason(error)})"
     if _is_transient(error):
         return f"server at {url} unreachable or unavailable ({_reason(error)})"
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
@@ -274,9 +278,10 @@ def _region_failure(error: Exception, model: str, started: float) -> TriageResul
 
 
 class _Base:
-    def __init__(self, url, protocol, model, timeout_s, retry, shared_memory, explain):
+    def __init__(self, url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file):
         self.protocol = _check_protocol(protocol)
-        self.url = _strip_scheme(url) if url else default_url(protocol)
+        self.endpoint = endpoint(url or default_url(protocol), ca_file)
+        self.url = self.endpoint.url  # as messages name the server: https://HOST:PORT over TLS
         self.explain = bool(explain)
         self.model = model or (NAMES.triage_explain if self.explain else NAMES.triage)
         if self.model == NAMES.triage_explain and not self.explain:  # Triton would refuse every study (an ensemble deadlock)
@@ -294,9 +299,12 @@ class _Base:
         }
         if series_uid is not None:
             kwargs["parameters"] = {NAMES.series_parameter: series_uid}
-        if self.protocol == "grpc":
-            kwargs["client_timeout"] = self.timeout_s  # http: set on the connection instead
-        return kwargs
+        return kwargs | self._deadline()
+
+    def _deadline(self) -> dict[str, Any]:
+        """gRPC's per-call deadline (HTTP: set on the connection instead). It bounds the health checks
+        too, whatever the channel's own connection attempts take (a TLS handshake that stalls)."""
+        return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
 
     def _not_ready(self, reason: str) -> ServerUnavailable:
         return ServerUnavailable(f"Triton server at {self.url} ({self.protocol}) is not usable: {reason}")
@@ -330,7 +338,9 @@ class TriageClient(_Base):
     """Blocking client: `TriageClient(url, "grpc").classify(path) -> TriageResult`.
 
     `model` defaults to ct_triage, or ct_triage_explain with `explain=True` (then every Success
-    result carries `explanation`: attribution, volume and localisation)."""
+    result carries `explanation`: attribution, volume and localisation). `url` `https://HOST[:PORT]`
+    speaks TLS (port 443 by default), verified against `ca_file` (a PEM bundle) or the library's
+    default roots; `HOST:PORT` or `http://HOST:PORT` plain; other schemes raise ValueError."""
 
     def __init__(
         self,
@@ -342,16 +352,18 @@ class TriageClient(_Base):
         retry: RetryPolicy = RetryPolicy(),
         shared_memory: bool = False,
         explain: bool = False,
+        ca_file: PathLike | None = None,
     ):
-        super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain)
+        super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file)
         if self.protocol == "http":
             self._triton = tritonclient.http.InferenceServerClient(
-                self.url,
+                self.endpoint.address,
                 connection_timeout=min(self.timeout_s, 10.0),
                 network_timeout=self.timeout_s,
+                **self.endpoint.http_sync_options(),
             )
         else:
-            self._triton = tritonclient.grpc.InferenceServerClient(self.url)
+            self._triton = tritonclient.grpc.InferenceServerClient(self.endpoint.address, **self.endpoint.grpc_options())
 
     def __enter__(self) -> TriageClient:
         return self
@@ -370,8 +382,8 @@ class TriageClient(_Base):
     def check_ready(self) -> None:
         """Raise ServerUnavailable with one clear line unless the server and the model are ready."""
         try:
-            live = self._triton.is_server_live()
-            ready = live and self._triton.is_model_ready(self.model)
+            live = self._triton.is_server_live(**self._deadline())
+            ready = live and self._triton.is_model_ready(self.model, **self._deadline())
         except Exception as error:  # any transport failure means "not reachable"
             raise self._not_ready(_reason(error)) from None
         self._check_answers(live, ready)
@@ -438,12 +450,15 @@ class AsyncTriageClient(_Base):
         retry: RetryPolicy = RetryPolicy(),
         shared_memory: bool = False,
         explain: bool = False,
+        ca_file: PathLike | None = None,
     ):
-        super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain)
+        super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file)
         if self.protocol == "http":
-            self._triton = tritonclient.http.aio.InferenceServerClient(self.url, conn_timeout=self.timeout_s)
+            self._triton = tritonclient.http.aio.InferenceServerClient(
+                self.endpoint.address, conn_timeout=self.timeout_s, **self.endpoint.http_aio_options()
+            )
         else:
-            self._triton = tritonclient.grpc.aio.InferenceServerClient(self.url)
+            self._triton = tritonclient.grpc.aio.InferenceServerClient(self.endpoint.address, **self.endpoint.grpc_options())
 
     async def __aenter__(self) -> AsyncTriageClient:
         return self
@@ -460,8 +475,8 @@ class AsyncTriageClient(_Base):
 
     async def check_ready(self) -> None:
         try:
-            live = await self._triton.is_server_live()
-            ready = live and await self._triton.is_model_ready(self.model)
+            live = await self._triton.is_server_live(**self._deadline())
+            ready = live and await self._triton.is_model_ready(self.model, **self._deadline())
         except Exception as error:
             raise self._not_ready(_reason(error)) from None
         self._check_answers(live, ready)

@@ -1,0 +1,137 @@
+"""Which server a URL names, and whether to reach it over TLS: the one rule of the clients and the CLI.
+
+Triton serves HTTP in clear text only, so a site terminates TLS at a reverse proxy in front of it
+(serve/README.md, "TLS in front of Triton"). The URL's scheme is the one way to ask for TLS:
+`https://HOST[:PORT]` is TLS for both protocols (HTTP/1.1 over TLS; gRPC over TLS, ALPN h2),
+`HOST:PORT` or `http://HOST:PORT` plain, and any other scheme is refused rather than guessed at:
+a scheme dropped in silence would send studies, and the admin key, in clear.
+
+`ca_file` names a PEM bundle of the CA that signed the proxy's certificate (hospitals use private
+CAs). Without it each library verifies against its own default roots (client/README.md, "TLS").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import ssl
+from dataclasses import dataclass
+from typing import Any, Union
+
+from tritonclient.utils import InferenceServerException
+
+HTTPS_PORT = 443  # `https://HOST` without a port, for HTTP and gRPC alike: where a TLS proxy listens by default
+_SCHEMES = ("http", "https")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CAFileError(ValueError):
+    """The CA bundle cannot be read, or holds no PEM certificate."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """`address` as tritonclient takes it (HOST:PORT, for HTTP with an optional /base-path), and
+    whether to speak TLS to it, trusting `ca_file` (None: the library's default roots)."""
+
+    address: str
+    tls: bool = False
+    ca_file: str | None = None
+
+    @property
+    def url(self) -> str:
+        """How messages name the server: with `https://` when the connection is TLS."""
+        return f"https://{self.address}" if self.tls else self.address
+
+    def http_sync_options(self) -> dict[str, Any]:
+        """tritonclient.http (geventhttpclient): hostname checked, CERT_REQUIRED."""
+        if not self.tls:
+            return {}
+        return {"ssl": True, "ssl_options": {"ca_certs": self.ca_file} if self.ca_file else None}
+
+    def http_aio_options(self) -> dict[str, Any]:
+        """tritonclient.http.aio (aiohttp): a verifying context; None is aiohttp's own default one."""
+        if not self.tls:
+            return {}
+        return {"ssl": True, "ssl_context": ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None}
+
+    def grpc_options(self) -> dict[str, Any]:
+        """tritonclient.grpc and tritonclient.grpc.aio (grpc.ssl_channel_credentials): a path it reads."""
+        if not self.tls:
+            return {}
+        return {"ssl": True, "root_certificates": self.ca_file}
+
+
+def endpoint(url: str, ca_file: PathLike | None = None) -> Endpoint:
+    """The server `url` names. ValueError for a scheme other than http:// or https://, and for
+    `ca_file` without https://; CAFileError for a CA bundle that cannot be used."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        scheme, rest = "", url
+    scheme = scheme.lower()
+    if scheme and scheme not in _SCHEMES:
+        raise ValueError(f"URL scheme {scheme!r} is not supported in {url!r}: https://HOST[:PORT] for TLS, HOST:PORT without")
+    host_port, slash, path = rest.partition("/")
+    if not host_port:
+        raise ValueError(f"no host in URL {url!r}")
+    tls = scheme == "https"
+    if ca_file is not None and not tls:
+        raise ValueError(f"a CA file is for TLS, which only an https:// URL asks for, not {url!r}")
+    if tls and not _has_port(host_port):
+        host_port = f"{host_port}:{HTTPS_PORT}"
+    return Endpoint(f"{host_port}{slash}{path}", tls, None if ca_file is None else checked_ca_file(ca_file))
+
+
+def checked_ca_file(path: PathLike) -> str:
+    """`path` as a string, once it loads as a CA bundle: a bad one fails here with one line, not
+    inside gevent, aiohttp or gRPC (which reads it only at the first connection)."""
+    name = os.fspath(path)
+    try:
+        ssl.create_default_context(cafile=name)
+    except ssl.SSLError as error:  # an OSError too: before the OSError branch
+        raise CAFileError(f"CA file {name} holds no PEM certificate ({error.reason or error})") from None
+    except OSError as error:
+        raise CAFileError(f"CA file {name} cannot be read: {error.strerror or type(error).__name__}") from None
+    return name
+
+
+def _has_port(host_port: str) -> bool:
+    if host_port.startswith("["):  # [IPv6]:port
+        return "]:" in host_port
+    return ":" in host_port
+
+
+# gRPC names a failed verification only in its status text (UNAVAILABLE, as for a server that is down).
+_GRPC_VERIFY_FAILED = re.compile(r"CERTIFICATE_VERIFY_FAILED: ([^:]+)")
+_GRPC_WRONG_NAME = ("Hostname Verification Check failed", "is not in peer certificate")
+
+
+def certificate_problem(error: BaseException) -> str | None:
+    """What is wrong with the server's certificate when `error` is a failed verification (wrong CA,
+    wrong host name), else None. Such an error is an answer, not an outage: resending cannot change it."""
+    verification = _verification_error(error)
+    if verification is not None:
+        detail = (verification.verify_message or str(verification)).rstrip(".")
+        return f"certificate verify failed: {detail}"
+    if isinstance(error, InferenceServerException):
+        message = error.message() or ""
+        failed = _GRPC_VERIFY_FAILED.search(message)
+        if failed:
+            return f"certificate verify failed: {failed.group(1).strip()}"
+        if any(text in message for text in _GRPC_WRONG_NAME):
+            return "certificate verify failed: the certificate is not valid for this host name"
+    return None
+
+
+def _verification_error(error: BaseException | None) -> ssl.SSLCertVerificationError | None:
+    """The ssl module's verification error, itself or inside aiohttp's (`certificate_error`: aiohttp's
+    error is an ssl.CertificateError too, without the details) or a cause."""
+    for _ in range(5):
+        if error is None:
+            return None
+        inner = getattr(error, "certificate_error", None)
+        if inner is None and isinstance(error, ssl.SSLCertVerificationError):
+            return error
+        error = inner or error.__cause__
+    return None

@@ -1,0 +1,128 @@
+"""The client's TLS settings, no server: which URL asks for TLS and on which port, and the refusals,
+at construction, of what would otherwise go out in clear (another scheme, a CA file without https://)
+or fail deep inside gevent or gRPC (a CA file that cannot be used). tests/server/test_client_tls.py
+sends real requests through a TLS proxy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import trustme
+
+import client
+from client.cli import main as client_main
+from client.tls import CAFileError
+
+
+@pytest.fixture(scope="module")
+def ca_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
+
+
+def _sync(url, protocol, **options):
+    with client.TriageClient(url, protocol, **options) as triage:
+        return triage.endpoint, triage.url
+
+
+def _async(url, protocol, **options):
+    async def build():
+        async with client.AsyncTriageClient(url, protocol, **options) as triage:
+            return triage.endpoint, triage.url
+
+    return asyncio.run(build())
+
+
+CLIENTS = pytest.mark.parametrize("make", [_sync, _async], ids=["blocking", "asyncio"])
+PROTOCOLS = pytest.mark.parametrize("protocol", ["http", "grpc"])
+
+
+@CLIENTS
+@PROTOCOLS
+@pytest.mark.parametrize(
+    ("url", "address", "tls", "shown"),
+    [
+        ("https://ct-triage.example.org", "ct-triage.example.org:443", True, "https://ct-triage.example.org:443"),
+        ("https://ct-triage.example.org:8443", "ct-triage.example.org:8443", True, "https://ct-triage.example.org:8443"),
+        ("HTTPS://[::1]", "[::1]:443", True, "https://[::1]:443"),
+        ("http://localhost:8000", "localhost:8000", False, "localhost:8000"),
+        ("localhost:8001", "localhost:8001", False, "localhost:8001"),
+    ],
+)
+def test_https_is_tls_on_port_443_unless_named_and_the_rest_stays_plain(make, protocol, url, address, tls, shown):
+    endpoint, url_shown = make(url, protocol)
+    assert (endpoint.address, endpoint.tls, endpoint.ca_file) == (address, tls, None)
+    assert url_shown == shown
+
+
+@CLIENTS
+@PROTOCOLS
+@pytest.mark.parametrize("url", ["grpc://localhost:8001", "ftp://localhost:8000", "unix:///run/triton.sock"])
+def test_another_scheme_is_refused_at_construction_naming_it(make, protocol, url):
+    scheme = url.partition("://")[0]
+    with pytest.raises(ValueError, match=f"URL scheme '{scheme}' is not supported"):
+        make(url, protocol)
+
+
+@CLIENTS
+@PROTOCOLS
+@pytest.mark.parametrize("url", ["localhost:8001", "http://localhost:8000"])
+def test_a_ca_file_without_https_is_refused(make, protocol, url, ca_file):
+    """A CA file says the user expects TLS: a plain connection would silently not use it."""
+    with pytest.raises(ValueError, match="only an https:// URL"):
+        make(url, protocol, ca_file=ca_file)
+
+
+@CLIENTS
+@PROTOCOLS
+def test_a_ca_file_with_https_is_taken(make, protocol, ca_file):
+    endpoint, _ = make("https://ct-triage.example.org", protocol, ca_file=ca_file)
+    assert (endpoint.tls, endpoint.ca_file) == (True, str(ca_file))
+
+
+def _unusable_ca_files(tmp_path):
+    not_pem = tmp_path / "notes.txt"
+    not_pem.write_text("not a certificate\n")
+    return {
+        tmp_path / "missing.pem": "cannot be read: No such file or directory",
+        tmp_path: "cannot be read: Is a directory",
+        not_pem: "holds no PEM certificate",
+    }
+
+
+@CLIENTS
+@PROTOCOLS
+def test_an_unusable_ca_file_is_one_typed_line_at_construction(make, protocol, tmp_path):
+    for path, says in _unusable_ca_files(tmp_path).items():
+        with pytest.raises(CAFileError) as refused:
+            make("https://ct-triage.example.org", protocol, ca_file=path)
+        assert str(refused.value) == f"CA file {path} {says}" or str(refused.value).startswith(f"CA file {path} {says} (")
+        assert "\n" not in str(refused.value)
+
+
+def test_set_threshold_refuses_the_same_before_sending_anything(tmp_path, ca_file):
+    """Nothing listens on these ports: each refusal comes before any connection (and any key)."""
+    with pytest.raises(ValueError, match="URL scheme 'ftp' is not supported"):
+        client.set_threshold("ftp://127.0.0.1:9", 0.3, admin_key="a-key-for-the-test")
+    with pytest.raises(ValueError, match="only an https:// URL"):
+        client.set_threshold("127.0.0.1:9", 0.3, ca_file=ca_file)
+    with pytest.raises(CAFileError, match="cannot be read"):
+        client.set_threshold("https://127.0.0.1:9", 0.3, ca_file=tmp_path / "missing.pem")
+
+
+@pytest.mark.parametrize("command", [["classify", "study.zip"], ["report", ".", "--out", "report.xlsx"], ["set-threshold", "0.3"]])
+def test_the_cli_says_each_refusal_in_one_line_with_exit_2(tmp_path, capsys, monkeypatch, ca_file, command):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "study.zip").write_bytes(b"PK\x03\x04")  # never read: the URL is refused first
+    cases = {
+        ("--url", "ftp://127.0.0.1:9"): "URL scheme 'ftp' is not supported",
+        ("--url", "127.0.0.1:9", "--ca-file", str(ca_file)): "only an https:// URL",
+        ("--url", "https://127.0.0.1:9", "--ca-file", str(tmp_path / "missing.pem")): "cannot be read: No such file or directory",
+    }
+    for options, says in cases.items():
+        assert client_main([*command, *options]) == 2, options
+        stderr = capsys.readouterr().err
+        assert stderr.startswith("error: ") and says in stderr and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "report.xlsx").exists()  # refused before the run
