@@ -108,31 +108,29 @@ def pki(tmp_path_factory):
     }
 
 
-def _site(server, pki, certificate) -> tuple[Site, list[TLSProxy]]:
+def _site(server, pki, certificate):
+    """The server's plain ports behind TLS proxies presenting `certificate`, for a fixture to yield from."""
     proxies = {
         "http": TLSProxy(server.http_port, certificate, "http/1.1"),
         "grpc": TLSProxy(server.grpc_port, certificate, "h2"),
     }
-    site = Site({protocol: proxy.url for protocol, proxy in proxies.items()}, pki["ca_file"], pki["other_ca_file"])
-    return site, list(proxies.values())
+    try:
+        yield Site({protocol: proxy.url for protocol, proxy in proxies.items()}, pki["ca_file"], pki["other_ca_file"])
+    finally:
+        for proxy in proxies.values():
+            proxy.close()
 
 
 @pytest.fixture(scope="module")
 def site(shared_server, pki):
     """The shared server behind TLS with a certificate for 127.0.0.1 and localhost."""
-    site, proxies = _site(shared_server, pki, pki["server"])
-    yield site
-    for proxy in proxies:
-        proxy.close()
+    yield from _site(shared_server, pki, pki["server"])
 
 
 @pytest.fixture(scope="module")
 def misnamed_site(shared_server, pki):
     """The same behind a certificate of the right CA for another host name."""
-    site, proxies = _site(shared_server, pki, pki["wrong_name"])
-    yield site
-    for proxy in proxies:
-        proxy.close()
+    yield from _site(shared_server, pki, pki["wrong_name"])
 
 
 @pytest.fixture(scope="module")
