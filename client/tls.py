@@ -73,13 +73,16 @@ def endpoint(url: str, ca_file: PathLike | None = None) -> Endpoint:
     if scheme and scheme not in _SCHEMES:
         raise ValueError(f"URL scheme {scheme!r} is not supported in {url!r}: https://HOST[:PORT] for TLS, HOST:PORT without")
     host_port, slash, path = rest.partition("/")
-    if not host_port:
+    host, port = _split_port(host_port)
+    if not host:
         raise ValueError(f"no host in URL {url!r}")
+    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"port {port!r} in URL {url!r} is not a number from 1 to 65535")
     tls = scheme == "https"
     if ca_file is not None and not tls:
         raise ValueError(f"a CA file is for TLS, which only an https:// URL asks for, not {url!r}")
-    if tls and not _has_port(host_port):
-        host_port = f"{host_port}:{HTTPS_PORT}"
+    if tls and port is None:
+        host_port = f"{host}:{HTTPS_PORT}"
     return Endpoint(f"{host_port}{slash}{path}", tls, None if ca_file is None else checked_ca_file(ca_file))
 
 
@@ -96,10 +99,13 @@ def checked_ca_file(path: PathLike) -> str:
     return name
 
 
-def _has_port(host_port: str) -> bool:
-    if host_port.startswith("["):  # [IPv6]:port
-        return "]:" in host_port
-    return ":" in host_port
+def _split_port(host_port: str) -> tuple[str, str | None]:
+    """HOST and PORT (None when there is none); an IPv6 host is in brackets: [::1]:8000."""
+    if host_port.startswith("["):
+        host, bracket, port = host_port.partition("]")
+        return host + bracket, port[1:] if port.startswith(":") else None
+    host, colon, port = host_port.rpartition(":")
+    return (host, port) if colon else (host_port, None)
 
 
 # gRPC names a failed verification only in its status text (UNAVAILABLE, as for a server that is down).

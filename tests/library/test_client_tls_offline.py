@@ -6,6 +6,7 @@ sends real requests through a TLS proxy."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import trustme
@@ -63,6 +64,24 @@ def test_https_is_tls_on_port_443_unless_named_and_the_rest_stays_plain(make, pr
 def test_another_scheme_is_refused_at_construction_naming_it(make, protocol, url):
     scheme = url.partition("://")[0]
     with pytest.raises(ValueError, match=f"URL scheme '{scheme}' is not supported"):
+        make(url, protocol)
+
+
+@CLIENTS
+@PROTOCOLS
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("https://ct-triage.example.org:https", "port 'https' in URL"),
+        ("localhost:99999", "port '99999' in URL"),
+        ("http://localhost:0", "port '0' in URL"),
+        ("https://:8443", "no host in URL"),
+        ("[::1]:-1", "port '-1' in URL"),
+    ],
+)
+def test_a_url_without_a_host_or_with_a_bad_port_is_refused_at_construction(make, protocol, url, says):
+    """Not left to tritonclient, which would take it and fail every request with the resolver's message."""
+    with pytest.raises(ValueError, match=re.escape(says)):
         make(url, protocol)
 
 
