@@ -115,6 +115,20 @@ class Serving:
 
 
 @dataclass(frozen=True)
+class ServiceMetrics:
+    """The service's own Prometheus metrics, beside Triton's nv_* on the metrics port. Triton counts
+    requests; these say what the model answered and why studies were refused: a shift in the share
+    called pathology is the first sign of a new scanner protocol or a broken feed. Labels hold a
+    decision or an error type, never anything from a study."""
+
+    decisions: str = "ct_triage_decisions_total"  # counter by `decision`, one of NAMES.labels (ct_postprocess)
+    probability: str = "ct_triage_probability"  # histogram of P(pathology) (ct_postprocess)
+    probability_buckets: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    threshold: str = "ct_triage_threshold"  # gauge: the operating point in force (ct_postprocess)
+    refused: str = "ct_triage_refused_studies_total"  # counter by `reason`, the preprocess.StudyError type (ct_preprocess)
+
+
+@dataclass(frozen=True)
 class AdminAccess:
     """Triton's admin APIs (model control, shared memory, tracing, logging) answer only requests that
     carry the deployment's key (server flags --http-restricted-api / --grpc-restricted-protocol)."""
@@ -149,10 +163,12 @@ NAMES = TritonNames()
 OPERATING_POINT = OperatingPoint()
 SERVING = Serving()
 ADMIN = AdminAccess()
+METRICS = ServiceMetrics()
 
 __all__ = [
     "ADMIN",
     "INPUT_LIMITS",
+    "METRICS",
     "NAMES",
     "OPERATING_POINT",
     "PREPROCESSING",
@@ -161,6 +177,7 @@ __all__ = [
     "InputLimits",
     "OperatingPoint",
     "Preprocessing",
+    "ServiceMetrics",
     "Serving",
     "TritonNames",
 ]

@@ -18,14 +18,14 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
-from helpers import TEST_SIZE, packaged_file
+from helpers import TEST_SIZE, packaged_file, service_metrics
 from tritonclient.utils import InferenceServerException
 
 import preprocess
 from client import set_threshold
 from export import DEMO_PROVENANCE
 from preprocess import phantom
-from settings import NAMES, OPERATING_POINT, SERVING
+from settings import METRICS, NAMES, OPERATING_POINT, SERVING
 
 PROTOCOLS = ("http", "grpc")
 MODULES = {"http": triton_http, "grpc": triton_grpc}
@@ -254,17 +254,55 @@ def test_a_request_never_waits_in_a_queue_beyond_its_timeout(triton_server, good
 
 
 def test_operating_point_changes_without_re_export(private_server, good_payload):
-    """On a server of its own: a threshold left changed would skew every later answer."""
-    probability = triage(private_server, "http", good_payload)["probability"]
+    """On a server of its own: a threshold left changed would skew every later answer. The threshold
+    gauge follows each reload of ct_postprocess, and its counters go on across them."""
+    first = triage(private_server, "http", good_payload)
+    probability = first["probability"]
     assert 0.0 < probability < 1.0
     config = set_threshold(private_server.http_url, 1.0)
     assert config["parameters"]["threshold"]["string_value"] == "1.0"
+    assert service_metrics(private_server)[(METRICS.threshold, ())] == 1.0
     strict = triage(private_server, "grpc", good_payload)
     assert strict["pathology"] == 0 and strict["meta"]["threshold"] == 1.0
     set_threshold(private_server.http_url, 0.0)
     sensitive = triage(private_server, "http", good_payload)
     assert sensitive["pathology"] == 1 and sensitive["meta"]["threshold"] == 0.0
     assert strict["probability"] == sensitive["probability"] == pytest.approx(probability, abs=1e-7)
+    metrics = service_metrics(private_server)
+    assert metrics[(METRICS.threshold, ())] == 0.0
+    decided = {label: metrics[(METRICS.decisions, (("decision", label),))] for label in NAMES.labels}
+    assert decided == {"normal": 1 + (first["pathology"] == 0), "pathology": 1 + (first["pathology"] == 1)}
+    assert metrics[(f"{METRICS.probability}_count", ())] == 3
+
+
+def test_the_metrics_count_answers_by_decision_and_refusals_by_reason(triton_server, good_payload):
+    """Beside Triton's nv_* counters: what the model answered and why studies were refused, with a
+    series for every refusal reason from the start, and nothing from the studies in any label."""
+    reasons = {name for name, kind in vars(preprocess.errors).items() if isinstance(kind, type) and issubclass(kind, preprocess.StudyError)}
+    before = service_metrics(triton_server)
+    answer = triage(triton_server, "grpc", phantom.study_files(form="series"))  # fake patient data in every header
+    with pytest.raises(InferenceServerException):
+        triage(triton_server, "http", [b"not a DICOM file"])
+    after = service_metrics(triton_server)
+
+    def added(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before[key]
+
+    decided = NAMES.labels[answer["pathology"]]
+    expected = {label: int(label == decided) for label in NAMES.labels}
+    assert {label: added(METRICS.decisions, decision=label) for label in NAMES.labels} == expected
+    assert added(f"{METRICS.probability}_count") == 1
+    assert added(f"{METRICS.probability}_sum") == pytest.approx(answer["probability"], abs=1e-6)
+    for bound in METRICS.probability_buckets:
+        assert added(f"{METRICS.probability}_bucket", le=f"{bound:g}") == int(answer["probability"] <= bound), bound
+    assert after[(METRICS.threshold, ())] == answer["meta"]["threshold"] == OPERATING_POINT.threshold
+    assert {labels for name, labels in after if name == METRICS.refused} == {(("reason", reason),) for reason in reasons}
+    assert {reason: added(METRICS.refused, reason=reason) for reason in reasons if added(METRICS.refused, reason=reason)} == {
+        "NotDicomError": 1
+    }
+    text = urllib.request.urlopen(triton_server.metrics_url, timeout=10).read().decode()
+    assert not [value for value in phantom.FAKE_PHI.values() if value in text or value.replace("^", " ") in text]
 
 
 def test_server_log_holds_no_patient_data(triton_server):

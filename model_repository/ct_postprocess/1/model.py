@@ -2,7 +2,8 @@
 
 Thin: the rule is `contract.decide`. The operating point is a config parameter, so a site changes
 its threshold without re-exporting (serve/README.md); the model provenance is the provenance.json
-export writes beside this file, added to every answer.
+export writes beside this file, added to every answer. Each answer is counted by decision, its
+probability observed in a histogram, and the threshold in force is a gauge (settings.METRICS).
 """
 
 import json
@@ -12,7 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from contract import ContractError, MetaError, decide, internal_error, parse_provenance, parse_threshold, triage_meta
-from settings import NAMES
+from settings import METRICS, NAMES
 
 
 class TritonPythonModel:
@@ -29,6 +30,18 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{NAMES.postprocess}: no {args['model_version']}/provenance.json: run `python -m export` on this repository"
             ) from None
+        # Kept on the model: a family Python no longer holds is deleted from the metrics endpoint.
+        family = pb_utils.MetricFamily
+        self.metric_families = [
+            family(METRICS.decisions, "studies answered, by decision", family.COUNTER),
+            family(METRICS.probability, "P(pathology) of the studies answered", family.HISTOGRAM),
+            family(METRICS.threshold, "the operating point in force: pathology when P(pathology) >= it", family.GAUGE),
+        ]
+        decisions, probability, threshold = self.metric_families
+        self.decided = [decisions.Metric(labels={"decision": label}) for label in NAMES.labels]
+        self.probabilities = probability.Metric(labels={}, buckets=list(METRICS.probability_buckets))
+        self.threshold_in_force = threshold.Metric(labels={})
+        self.threshold_in_force.set(self.threshold)
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -47,6 +60,8 @@ class TritonPythonModel:
             logged, answered = internal_error(NAMES.postprocess, error)
             pb_utils.Logger.log_error(logged)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(answered, pb_utils.TritonError.INTERNAL))
+        self.decided[decision.pathology].increment(1)
+        self.probabilities.observe(decision.probability)
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(NAMES.probability, np.array([decision.probability], dtype=np.float32)),

@@ -11,6 +11,7 @@ else is INTERNAL and is logged without its message (which could quote DICOM valu
 A request over the served bounds (more files than INPUT_LIMITS.max_folder_files, more bytes than
 SERVING.largest_study_bytes, what /dev/shm is sized for) is refused before any copy of its files:
 Triton 2.51 has no request-size limit of its own, so this is the first place one can be refused.
+Each refusal is counted by its error type (settings.METRICS.refused): why studies fail, for the site.
 """
 
 import json
@@ -23,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 import preprocess
 from contract import internal_error
 from preprocess.workers import instance_device
-from settings import INPUT_LIMITS, NAMES, SERVING
+from settings import INPUT_LIMITS, METRICS, NAMES, SERVING
 
 
 class TritonPythonModel:
@@ -41,6 +42,10 @@ class TritonPythonModel:
         self.instance = args["model_instance_name"]
         self.logger = pb_utils.Logger
         self.preprocess_study = preprocess.preprocess_study  # loads the pipeline now, not on the first request
+        # one counter per error type from the start, so a dashboard shows zeros rather than no data;
+        # the family is kept on the model (deleted from the endpoint once Python lets it go)
+        self.refusals = pb_utils.MetricFamily(METRICS.refused, "studies refused, by error type", pb_utils.MetricFamily.COUNTER)
+        self.refused = {kind.__name__: self.refusals.Metric(labels={"reason": kind.__name__}) for kind in _study_error_types()}
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -55,6 +60,7 @@ class TritonPythonModel:
                 [bytes(f) for f in files], size=self.size, mode="fast", series_uid=series_uid, device=self.device, threads=self.threads
             )
         except preprocess.StudyError as error:
+            self.refused[type(error).__name__].increment(1)
             self.logger.log_info(f"{NAMES.preprocess}: study refused ({type(error).__name__}): {error}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
         except Exception as error:  # an internal bug: report the type and where, never the message
@@ -77,6 +83,16 @@ class TritonPythonModel:
                 pb_utils.Tensor(NAMES.meta, np.array([json.dumps(study.meta).encode()], dtype=np.object_)),
             ]
         )
+
+
+def _study_error_types() -> list[type]:
+    """preprocess.StudyError and every error type derived from it: the reasons a study is refused."""
+    found, pending = [], [preprocess.StudyError]
+    while pending:
+        kind = pending.pop()
+        found.append(kind)
+        pending.extend(kind.__subclasses__())
+    return found
 
 
 def _requested_series(request) -> str | None:
