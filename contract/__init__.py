@@ -13,7 +13,7 @@ launcher and the clients can all import it without loading each other.
 """
 
 from .decision import Decision, DecisionError, MetaError, decide, parse_meta, parse_provenance, parse_threshold, triage_meta
-from .errors import ContractError, internal_error
+from .errors import ContractError, internal_error, metric_update
 from .model_input import (
     MAX_SIZE,
     MIN_SIZE,
@@ -41,6 +41,7 @@ __all__ = [
     "hu_to_model_range",
     "hu_window_affine",
     "internal_error",
+    "metric_update",
     "parse_meta",
     "parse_provenance",
     "parse_threshold",

@@ -1,6 +1,7 @@
 """The contract's one error base, and how a served model reports a failure of its own."""
 
 import traceback
+from collections.abc import Callable
 
 
 class ContractError(ValueError):
@@ -18,3 +19,13 @@ def internal_error(model: str, error: BaseException, *, with_message: bool = Fal
     if with_message:
         logged = f"{logged}: {error}".splitlines()[0]
     return logged, f"{model}: internal error ({kind})"
+
+
+def metric_update(model: str, update: Callable[[], object]) -> str | None:
+    """Run `update`, a change to one of the service's Prometheus metrics; None when done, else the line
+    to log. A metric that cannot be updated costs its sample, never the study's answer."""
+    try:
+        update()
+    except Exception as error:
+        return f"{model}: metrics not updated ({type(error).__name__})"
+    return None

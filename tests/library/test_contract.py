@@ -170,3 +170,17 @@ def test_an_internal_error_is_answered_by_its_type_and_logged_with_where():
     assert answered == "ct_x: internal error (ValueError)"
     assert logged.startswith("ct_x internal error ValueError at ") and f"{__file__}:" in logged and "DOE" not in logged
     assert with_message.startswith(logged) and "DOE^JANE" in with_message and "second line" not in with_message
+
+
+def test_a_metric_that_cannot_be_updated_costs_its_sample_not_the_answer():
+    """The served models update their Prometheus metrics through this: a failure is one line to log
+    (the type only) and never an exception that would fail the study."""
+    from contract import metric_update
+
+    updated = []
+    assert metric_update("ct_x", lambda: updated.append(1)) is None and updated == [1]
+
+    def failing():
+        raise KeyError("NotARefusalReason")
+
+    assert metric_update("ct_x", failing) == "ct_x: metrics not updated (KeyError)"

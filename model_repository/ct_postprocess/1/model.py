@@ -12,7 +12,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from contract import ContractError, MetaError, decide, internal_error, parse_provenance, parse_threshold, triage_meta
+from contract import ContractError, MetaError, decide, internal_error, metric_update, parse_provenance, parse_threshold, triage_meta
 from settings import METRICS, NAMES
 
 
@@ -60,8 +60,8 @@ class TritonPythonModel:
             logged, answered = internal_error(NAMES.postprocess, error)
             pb_utils.Logger.log_error(logged)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(answered, pb_utils.TritonError.INTERNAL))
-        self.decided[decision.pathology].increment(1)
-        self.probabilities.observe(decision.probability)
+        if problem := metric_update(NAMES.postprocess, lambda: self._count(decision)):
+            pb_utils.Logger.log_warn(problem)
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(NAMES.probability, np.array([decision.probability], dtype=np.float32)),
@@ -69,3 +69,7 @@ class TritonPythonModel:
                 pb_utils.Tensor(NAMES.meta, np.array([meta.encode()], dtype=np.object_)),
             ]
         )
+
+    def _count(self, decision):
+        self.decided[decision.pathology].increment(1)
+        self.probabilities.observe(decision.probability)

@@ -22,7 +22,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 import preprocess
-from contract import internal_error
+from contract import internal_error, metric_update
 from preprocess.workers import instance_device
 from settings import INPUT_LIMITS, METRICS, NAMES, SERVING
 
@@ -60,8 +60,10 @@ class TritonPythonModel:
                 [bytes(f) for f in files], size=self.size, mode="fast", series_uid=series_uid, device=self.device, threads=self.threads
             )
         except preprocess.StudyError as error:
-            self.refused[type(error).__name__].increment(1)
-            self.logger.log_info(f"{NAMES.preprocess}: study refused ({type(error).__name__}): {error}")
+            reason = type(error).__name__
+            if problem := metric_update(NAMES.preprocess, lambda: self.refused[reason].increment(1)):
+                self.logger.log_warn(problem)
+            self.logger.log_info(f"{NAMES.preprocess}: study refused ({reason}): {error}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
         except Exception as error:  # an internal bug: report the type and where, never the message
             logged, _ = internal_error(NAMES.preprocess, error)
