@@ -9,7 +9,10 @@
    or in the artifacts: the graph the OpenVINO IR or a TensorRT plan was built from), else PyTorch FP32 on the exported
    weights; bounds of the export: <= 1e-4 for an FP32 target, <= 1e-2 for FP16, same decisions;
 4. sweep: perf_analyzer on ct_triage at concurrency 1 and 2 (SKIP, and why, when perf_analyzer is
-   not installed: it counts neither as passed nor as failed).
+   not installed: it counts neither as passed nor as failed);
+5. metrics: the metrics endpoint Prometheus scrapes serves Triton's counters and the service's own
+   (settings.METRICS): the studies above counted by decision and the refusal by its reason, and
+   the threshold gauge equal to the threshold ct_postprocess is configured with.
 Exit status 0 only if every check that ran passed.
 """
 
@@ -145,6 +148,31 @@ def _sweep(grpc: str, work: Path) -> str:
     )
 
 
+def _metrics(metrics: str, http: str) -> str:
+    from serve.metrics import scrape
+    from settings import METRICS, NAMES
+
+    samples = scrape(f"http://{metrics}/metrics", timeout_s=30)
+
+    def total(name: str) -> float:
+        return sum(value for (sample, _), value in samples.items() if sample == name)
+
+    names = {sample for sample, _ in samples}
+    assert "nv_inference_request_success" in names, f"no Triton counters at {metrics}: is it Triton's metrics port?"
+    expected = (METRICS.decisions, f"{METRICS.probability}_count", METRICS.threshold, METRICS.refused)
+    missing = [name for name in expected if name not in names]
+    assert not missing, f"the service's metrics are missing at {metrics}: {', '.join(missing)}"
+    answered, refused = total(METRICS.decisions), total(METRICS.refused)
+    counted = f"{metrics} counted {answered:g} answers and {refused:g} refusals"
+    assert answered >= 1 and refused >= 1, f"{counted}: is it the server --http reaches?"
+    with urllib.request.urlopen(f"http://{http}/v2/models/{NAMES.postprocess}/config", timeout=30) as response:
+        configured = float(json.loads(response.read())["parameters"]["threshold"]["string_value"])
+    in_force = samples[(METRICS.threshold, ())]
+    assert in_force == configured, f"{METRICS.threshold} is {in_force:g}, the served config says {configured:g}"
+    pathology = samples[(METRICS.decisions, (("decision", NAMES.labels[1]),))]
+    return f"{answered:g} studies answered ({pathology:g} pathology), {refused:g} refused, threshold {in_force:g} as configured"
+
+
 def check(results: list[tuple[str, str, str]], name: str, run) -> None:
     """Run one check, record (name, PASS|FAIL|SKIP, what it found) and print it: every check reports,
     one failure does not hide the others."""
@@ -172,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deploy/verify.sh", description=__doc__.splitlines()[0])
     parser.add_argument("--http", default="localhost:8000", help="HOST:PORT of Triton's HTTP endpoint")
     parser.add_argument("--grpc", default="localhost:8001", help="HOST:PORT of Triton's gRPC endpoint")
+    parser.add_argument("--metrics", default="localhost:8002", help="HOST:PORT of Triton's metrics endpoint")
     parser.add_argument("--repository", default="/models/ct-triage", help="the served repository (for its FP32 graph)")
     parser.add_argument(
         "--artifacts", default="/models/ct-triage.artifacts", help="export's artifacts (weights, the graph a plan came from)"
@@ -194,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         check(results, "studies", studies)
         check(results, "parity", lambda: _parity(args.http, Path(args.repository), Path(args.artifacts), provenance, args.parity_inputs))
         check(results, "sweep", lambda: _sweep(args.grpc, work))
+        check(results, "metrics", lambda: _metrics(args.metrics, args.http))
     print(summary(results))
     failed = [name for name, outcome, _ in results if outcome == "FAIL"]
     return 1 if failed else 0

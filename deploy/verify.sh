@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Verify a running deployment: readiness, generated studies through ct_triage over HTTP and gRPC,
 # the served classifier against the export's FP32 reference on the parity set, a short
-# perf_analyzer sweep; prints PASS/FAIL per check and a summary, exits non-zero on any failure.
+# perf_analyzer sweep, the metrics endpoint; prints PASS/FAIL per check and a summary, exits non-zero on any failure.
 #
 #   bash deploy/verify.sh                   after `docker compose up -d`: runs inside the `triton`
 #                                           container, where every dependency and the repository are
 #   bash deploy/verify.sh --local [ARGS]    with the project installed here: $PYTHON, else this
 #                                           checkout's .venv, else python3; ARGS: --http HOST:PORT
-#                                           --grpc HOST:PORT --repository DIR --artifacts DIR
-#                                           --parity-inputs N (deploy/verify.py -h)
+#                                           --grpc HOST:PORT --metrics HOST:PORT --repository DIR
+#                                           --artifacts DIR --parity-inputs N (deploy/verify.py -h)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--local" ]; then

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -89,17 +88,11 @@ def counted_stats(server, model: str, inferences: int, limit_s: float = 30.0) ->
         time.sleep(0.05)
 
 
-def service_metrics(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The server's metrics endpoint, as {(name, sorted label pairs): value} (Prometheus text format)."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, value = line.rsplit(" ", 1)
-            name, _, labels = series.partition("{")
-            samples[(name, tuple(sorted(re.findall(r'(\w+)="([^"]*)"', labels))))] = float(value)
-    return samples
+def service_metrics(server):
+    """The server's metrics endpoint, as serve.metrics.scrape reads it."""
+    from serve.metrics import scrape
+
+    return scrape(server.metrics_url)
 
 
 def report_row(path: str, status: str = "Success", probability: float | None = 0.25) -> dict:

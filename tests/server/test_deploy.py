@@ -26,7 +26,7 @@ import export
 from export.__main__ import _parser as export_parser
 from preprocess import phantom
 from serve import sizing, start_on_free_ports
-from settings import SERVING
+from settings import METRICS, OPERATING_POINT, SERVING
 
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -202,12 +202,24 @@ def test_the_sizing_formula_matches_a_measured_run(triton_repository, tmp_path):
 def test_verify_passes_against_the_running_server(triton_server, triton_repository):
     artifacts = triton_repository.with_name(triton_repository.name + ".artifacts")
     command = ["bash", "deploy/verify.sh", "--local", "--http", triton_server.http_url, "--grpc", triton_server.grpc_url]
+    command += ["--metrics", f"localhost:{triton_server.metrics_port}"]
     command += ["--repository", str(triton_repository), "--artifacts", str(artifacts), "--parity-inputs", "4"]
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert [line.split()[0] for line in lines[:4]] == ["PASS"] * 4 and lines[-1] == "verify: 4/4 checks passed", lines
+    assert [line.split()[0] for line in lines[:5]] == ["PASS"] * 5 and lines[-1] == "verify: 5/5 checks passed", lines
     assert "max |dP|" in lines[2] and "studies/s" in lines[3]
+    assert f"threshold {OPERATING_POINT.threshold:g} as configured" in lines[4], lines[4]
+
+
+def test_verify_fails_a_metrics_port_that_is_not_the_servers(triton_server, private_server):
+    """--metrics of a server that answered nothing, or whose threshold is not the one --http's serves."""
+    verify = _verify_module()
+    with pytest.raises(AssertionError, match=r"counted 0 answers and 0 refusals: is it the server --http reaches\?"):
+        verify._metrics(f"localhost:{private_server.metrics_port}", triton_server.http_url)
+    client.set_threshold(private_server.http_url, 0.3)
+    with pytest.raises(AssertionError, match=rf"{METRICS.threshold} is {OPERATING_POINT.threshold:g}, the served config says 0.3"):
+        verify._metrics(f"localhost:{triton_server.metrics_port}", private_server.http_url)
 
 
 def _verify_module():
