@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def _connection(args: argparse.Namespace) -> dict:
     """The connection options both commands share, as TriageClient / AsyncTriageClient arguments,
     the URL and CA file checked first (a report builds its clients only once the run has started)."""
-    _check_endpoint(args.url or default_url(args.protocol), args.ca_file)
+    _check_endpoint(args.url or default_url(args.protocol), args.ca_file, args.protocol)
     return dict(
         url=args.url,
         protocol=args.protocol,
@@ -83,10 +83,10 @@ def _connection(args: argparse.Namespace) -> dict:
     )
 
 
-def _check_endpoint(url: str, ca_file: str | None) -> None:
+def _check_endpoint(url: str, ca_file: str | None, protocol: str = "http") -> None:
     """An unsupported scheme, --ca-file without https://, or a CA file that cannot be used: exit 2."""
     try:
-        endpoint(url, ca_file)
+        endpoint(url, ca_file, protocol)
     except ValueError as error:  # client.tls.CAFileError too
         raise UsageError(str(error)) from None
 

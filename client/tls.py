@@ -12,6 +12,7 @@ CAs). Without it each library verifies against its own default roots (client/REA
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
@@ -63,9 +64,10 @@ class Endpoint:
         return {"ssl": True, "root_certificates": self.ca_file}
 
 
-def endpoint(url: str, ca_file: PathLike | None = None) -> Endpoint:
-    """The server `url` names. ValueError for a scheme other than http:// or https://, and for
-    `ca_file` without https://; CAFileError for a CA bundle that cannot be used."""
+def endpoint(url: str, ca_file: PathLike | None = None, protocol: str = "http") -> Endpoint:
+    """The server `url` names. ValueError for a scheme other than http:// or https://, a URL that is
+    not [SCHEME://]HOST[:PORT] (a base path only for HTTP), and `ca_file` without https://;
+    CAFileError for a CA bundle that cannot be used."""
     scheme, separator, rest = url.partition("://")
     if not separator:
         scheme, rest = "", url
@@ -73,11 +75,9 @@ def endpoint(url: str, ca_file: PathLike | None = None) -> Endpoint:
     if scheme and scheme not in _SCHEMES:
         raise ValueError(f"URL scheme {scheme!r} is not supported in {url!r}: https://HOST[:PORT] for TLS, HOST:PORT without")
     host_port, slash, path = rest.partition("/")
-    host, port = _split_port(host_port)
-    if not host:
-        raise ValueError(f"no host in URL {url!r}")
-    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"port {port!r} in URL {url!r} is not a number from 1 to 65535")
+    host, port = _host_and_port(host_port, url)
+    if slash and protocol == "grpc":
+        raise ValueError(f"a gRPC URL has no path: {url!r}")
     tls = scheme == "https"
     if ca_file is not None and not tls:
         raise ValueError(f"a CA file is for TLS, which only an https:// URL asks for, not {url!r}")
@@ -99,13 +99,31 @@ def checked_ca_file(path: PathLike) -> str:
     return name
 
 
-def _split_port(host_port: str) -> tuple[str, str | None]:
-    """HOST and PORT (None when there is none); an IPv6 host is in brackets: [::1]:8000."""
-    if host_port.startswith("["):
-        host, bracket, port = host_port.partition("]")
-        return host + bracket, port[1:] if port.startswith(":") else None
-    host, colon, port = host_port.rpartition(":")
-    return (host, port) if colon else (host_port, None)
+def _host_and_port(host_port: str, url: str) -> tuple[str, str | None]:
+    """HOST and PORT (None when there is none) of HOST[:PORT]; an IPv6 host is in brackets: [::1]:8001.
+    Nothing else passes (user info, a stray bracket, a port that is no number from 1 to 65535), so
+    the clients never connect somewhere the URL did not say."""
+    matched = _HOST_PORT.match(host_port)
+    if not host_port or host_port.startswith(":"):
+        raise ValueError(f"no host in URL {url!r}")
+    if matched is None or (matched["ipv6"] is not None and not _is_ipv6(matched["ipv6"])):
+        raise ValueError(f"{host_port!r} in URL {url!r} is not HOST[:PORT] (an IPv6 address in brackets: [::1]:8001)")
+    port = matched["port"]
+    if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"port {port!r} in URL {url!r} is not a number from 1 to 65535")
+    return matched["host"], port
+
+
+# a name or an IPv4 address (no ':', '@', brackets or spaces), or an IPv6 address in brackets; then :PORT
+_HOST_PORT = re.compile(r"^(?P<host>\[(?P<ipv6>[^\]]*)\]|[^:@\[\]\s]+)(?::(?P<port>[^:]*))?$")
+
+
+def _is_ipv6(address: str) -> bool:
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        return False
+    return True
 
 
 # gRPC names a failed verification only in its status text (UNAVAILABLE, as for a server that is down).

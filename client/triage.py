@@ -280,7 +280,7 @@ def _region_failure(error: Exception, model: str, started: float) -> TriageResul
 class _Base:
     def __init__(self, url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file):
         self.protocol = _check_protocol(protocol)
-        self.endpoint = endpoint(url or default_url(protocol), ca_file)
+        self.endpoint = endpoint(url or default_url(protocol), ca_file, self.protocol)
         self.url = self.endpoint.url  # as messages name the server: https://HOST:PORT over TLS
         self.explain = bool(explain)
         self.model = model or (NAMES.triage_explain if self.explain else NAMES.triage)

@@ -77,12 +77,28 @@ def test_another_scheme_is_refused_at_construction_naming_it(make, protocol, url
         ("http://localhost:0", "port '0' in URL"),
         ("https://:8443", "no host in URL"),
         ("[::1]:-1", "port '-1' in URL"),
+        ("https://ct-triage.example.org:\uff18\uff14\uff14\uff13", "in URL"),  # full-width digits: no port number
+        ("https://[::1]x:8443", "'[::1]x:8443' in URL 'https://[::1]x:8443' is not HOST[:PORT]"),  # once read as [::1]:443
+        ("https://[::1", "is not HOST[:PORT]"),
+        ("https://[]:8443", "is not HOST[:PORT]"),
+        ("https://[not-an-address]:8443", "is not HOST[:PORT]"),
+        ("https://user:secret@ct-triage.example.org:8443", "is not HOST[:PORT]"),
+        ("https://::1", "no host in URL"),
     ],
 )
 def test_a_url_without_a_host_or_with_a_bad_port_is_refused_at_construction(make, protocol, url, says):
     """Not left to tritonclient, which would take it and fail every request with the resolver's message."""
     with pytest.raises(ValueError, match=re.escape(says)):
         make(url, protocol)
+
+
+@CLIENTS
+def test_a_grpc_url_with_a_path_is_refused_and_an_http_one_keeps_it(make):
+    """gRPC has no base path (its resolver would fail each request); HTTP keeps one, as behind a proxy's prefix."""
+    with pytest.raises(ValueError, match=re.escape("a gRPC URL has no path: 'https://ct-triage.example.org/triton'")):
+        make("https://ct-triage.example.org/triton", "grpc")
+    endpoint, _ = make("https://ct-triage.example.org/triton", "http")
+    assert endpoint.address == "ct-triage.example.org:443/triton"
 
 
 @CLIENTS
