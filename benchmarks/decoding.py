@@ -224,7 +224,7 @@ def measure(files: dict[str, list[bytes]], encodings: list[str], size: int, repe
             }
             for path, runs in paths.items()
         }
-        slow, fast = summary["pydicom"]["median_s"], summary["imagecodecs"]["median_s"]
+        pydicom_s, imagecodecs_s = summary["pydicom"]["median_s"], summary["imagecodecs"]["median_s"]
         for path in summary.values():  # CPU s per wall s: how many cores the run actually got
             path["cores"] = round(path["cpu_s"] / path["median_s"], 2)
         results[name] = {
@@ -232,8 +232,8 @@ def measure(files: dict[str, list[bytes]], encodings: list[str], size: int, repe
             "dicom_mb": round(sum(len(f) for f in files[name]) / 2**20, 1),
             "pydicom": summary["pydicom"],
             "imagecodecs": summary["imagecodecs"],
-            "imagecodecs_over_pydicom": round(fast / slow, 3),
-            "paired_imagecodecs_over_pydicom": [round(n["s"] / o["s"], 3) for n, o in zip(paths["imagecodecs"], paths["pydicom"])],
+            "imagecodecs_over_pydicom": round(imagecodecs_s / pydicom_s, 3),
+            "paired_imagecodecs_over_pydicom": [round(c["s"] / p["s"], 3) for c, p in zip(paths["imagecodecs"], paths["pydicom"])],
             "paired_parallelism": pair_probes,
         }
         free = [r for r, probe in zip(results[name]["paired_imagecodecs_over_pydicom"], pair_probes) if probe >= FREE]
@@ -266,12 +266,13 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in r["encodings"].values():
-        slow, fast = e["pydicom"], e["imagecodecs"]
+        by_pydicom, by_codecs = e["pydicom"], e["imagecodecs"]
         lines.append(
-            f"| {e['encoding']} | {e['dicom_mb']} | {slow['median_s']} | {slow['cpu_s']} | {slow['decode_s']} | {fast['median_s']} | "
-            f"{fast['cpu_s']} | {fast['decode_s']} | {fast['cores']} | **{e['imagecodecs_over_pydicom']}** | "
+            f"| {e['encoding']} | {e['dicom_mb']} | {by_pydicom['median_s']} | {by_pydicom['cpu_s']} | {by_pydicom['decode_s']} | "
+            f"{by_codecs['median_s']} | {by_codecs['cpu_s']} | {by_codecs['decode_s']} | {by_codecs['cores']} | "
+            f"**{e['imagecodecs_over_pydicom']}** | "
             f"{', '.join(map(str, e['paired_imagecodecs_over_pydicom']))} | "
-            f"{slow['max_abs_hu_diff']:g} / {fast['max_abs_hu_diff']:g} | {fast['frames_by_decoder']['imagecodecs']} |"
+            f"{by_pydicom['max_abs_hu_diff']:g} / {by_codecs['max_abs_hu_diff']:g} | {by_codecs['frames_by_decoder']['imagecodecs']} |"
         )
     u = r["uncompressed"]
     lines += [

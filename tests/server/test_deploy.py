@@ -213,13 +213,19 @@ def test_verify_passes_against_the_running_server(triton_server, triton_reposito
 
 
 def test_verify_fails_a_metrics_port_that_is_not_the_servers(triton_server, private_server):
-    """--metrics of a server that answered nothing, or whose threshold is not the one --http's serves."""
+    """--metrics of a server that did not count the studies sent, or whose threshold is not the one
+    --http's serves (the private server, reloaded at another threshold)."""
     verify = _verify_module()
-    with pytest.raises(AssertionError, match=r"counted 0 answers and 0 refusals: is it the server --http reaches\?"):
-        verify._metrics(f"localhost:{private_server.metrics_port}", triton_server.http_url)
+    elsewhere = f"localhost:{private_server.metrics_port}"
+    before = verify._counts(elsewhere)
+    with client.TriageClient(triton_server.http_url, "http") as triage:
+        assert triage.classify(phantom.study_files(form="series")).ok
+    with pytest.raises(AssertionError, match=r"counted 0 answers and 0 refusals of the 1 and 0 sent: is it the server --http reaches\?"):
+        verify._metrics(elsewhere, triton_server.http_url, before, answered=1, refused=0)
     client.set_threshold(private_server.http_url, 0.3)
-    with pytest.raises(AssertionError, match=rf"{METRICS.threshold} is {OPERATING_POINT.threshold:g}, the served config says 0.3"):
-        verify._metrics(f"localhost:{triton_server.metrics_port}", private_server.http_url)
+    shared = f"localhost:{triton_server.metrics_port}"
+    with pytest.raises(AssertionError, match=rf"{METRICS.threshold} is {OPERATING_POINT.threshold!r}, the served config says 0.3"):
+        verify._metrics(shared, private_server.http_url, verify._counts(shared), answered=0, refused=0)
 
 
 def _verify_module():

@@ -30,7 +30,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"{NAMES.postprocess}: no {args['model_version']}/provenance.json: run `python -m export` on this repository"
             ) from None
-        # Kept on the model: a family Python no longer holds is deleted from the metrics endpoint.
+        # the service's metrics (settings.METRICS), held for the model's life
         family = pb_utils.MetricFamily
         self.metric_families = [
             family(METRICS.decisions, "studies answered, by decision", family.COUNTER),

@@ -42,8 +42,7 @@ class TritonPythonModel:
         self.instance = args["model_instance_name"]
         self.logger = pb_utils.Logger
         self.preprocess_study = preprocess.preprocess_study  # loads the pipeline now, not on the first request
-        # one counter per error type from the start, so a dashboard shows zeros rather than no data;
-        # the family is kept on the model (deleted from the endpoint once Python lets it go)
+        # one counter per error type from the start, so a dashboard shows zeros rather than no data
         self.refusals = pb_utils.MetricFamily(METRICS.refused, "studies refused, by error type", pb_utils.MetricFamily.COUNTER)
         self.refused = {kind.__name__: self.refusals.Metric(labels={"reason": kind.__name__}) for kind in _study_error_types()}
 
