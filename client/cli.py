@@ -31,7 +31,7 @@ from settings import ADMIN, NAMES, SERVING
 
 from .operating_point import set_threshold
 from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report
-from .tls import HTTPS_PORT, certificate_problem, endpoint
+from .tls import HTTPS_PORT, PLAIN_TEXT_ANSWER, certificate_problem, endpoint, speaks_no_tls
 from .triage import PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
@@ -191,6 +191,8 @@ def _set_threshold(args: argparse.Namespace) -> int:
         problem = certificate_problem(error)
         if problem is not None:
             raise ServerUnavailable(f"the server at {args.url} is not trusted (TLS: {problem})") from None
+        if speaks_no_tls(error):
+            raise ServerUnavailable(f"the server at {args.url} does not speak TLS: {PLAIN_TEXT_ANSWER}") from None
         raise ServerUnavailable(f"the server at {args.url} is not reachable ({type(error).__name__})") from None
     except InferenceServerException as error:  # e.g. a server not started in explicit model-control mode
         raise ServerUnavailable(f"the server at {args.url} refused the new threshold: {error.message()}") from None

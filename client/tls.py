@@ -148,6 +148,23 @@ def certificate_problem(error: BaseException) -> str | None:
     return None
 
 
+PLAIN_TEXT_ANSWER = "it answered the TLS handshake in plain text (WRONG_VERSION_NUMBER): is that the plain port?"
+
+
+def speaks_no_tls(error: BaseException) -> bool:
+    """Whether `error` is a TLS handshake answered in plain text (OpenSSL's WRONG_VERSION_NUMBER): an
+    https:// URL naming a port where Triton or a proxy speaks plain HTTP or gRPC. Resending cannot
+    change it either. The ssl module, aiohttp (its cause) and gRPC (its status text) all name it."""
+    for _ in range(5):
+        if error is None:
+            return False
+        text = error.message() if isinstance(error, InferenceServerException) else str(error)
+        if "WRONG_VERSION_NUMBER" in (text or ""):
+            return True
+        error = error.__cause__
+    return False
+
+
 def _verification_error(error: BaseException | None) -> ssl.SSLCertVerificationError | None:
     """The ssl module's verification error, itself or inside aiohttp's (`certificate_error`: aiohttp's
     error is an ssl.CertificateError too, without the details) or a cause."""

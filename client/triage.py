@@ -36,7 +36,7 @@ from tritonclient.utils import shared_memory as system_shm
 from settings import NAMES, SERVING
 
 from .result import SUCCESS, TriageResult, failure
-from .tls import PathLike, certificate_problem, endpoint
+from .tls import PLAIN_TEXT_ANSWER, PathLike, certificate_problem, endpoint, speaks_no_tls
 
 _log = logging.getLogger(__name__)
 
@@ -212,8 +212,8 @@ def _parse(result, model: str, seconds: float, explain: bool = False) -> TriageR
 
 
 def _is_transient(error: BaseException) -> bool:
-    if certificate_problem(error) is not None:
-        return False  # gRPC reports it as UNAVAILABLE, the ssl module as an OSError: neither passes with time
+    if certificate_problem(error) is not None or speaks_no_tls(error):
+        return False  # gRPC reports them as UNAVAILABLE, the ssl module as an OSError: neither passes with time
     if isinstance(error, InferenceServerException):
         reloading = error.status() in _RELOADING_STATUSES and _RELOADING_MESSAGE in (error.message() or "")
         return error.status() in _TRANSIENT_STATUSES or reloading
@@ -234,6 +234,8 @@ def _reason(error: BaseException) -> str:
     problem = certificate_problem(error)
     if problem is not None:
         return f"TLS: {problem}"
+    if speaks_no_tls(error):
+        return PLAIN_TEXT_ANSWER
     if isinstance(error, InferenceServerException):
         message = error.message() or str(error)
         worker = _DEAD_WORKER.search(message)
@@ -250,6 +252,8 @@ def _describe(error: BaseException, url: str) -> str:
     """One line for the report and the terminal."""
     if certificate_problem(error) is not None:
         return f"server at {url} is not trusted ({_reason(error)})"
+    if speaks_no_tls(error):
+        return f"server at {url} does not speak TLS: {PLAIN_TEXT_ANSWER}"
     if _is_transient(error):
         return f"server at {url} unreachable or unavailable ({_reason(error)})"
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socketserver
+import threading
 
 import pytest
 import trustme
@@ -161,3 +163,49 @@ def test_the_cli_says_each_refusal_in_one_line_with_exit_2(tmp_path, capsys, mon
         stderr = capsys.readouterr().err
         assert stderr.startswith("error: ") and says in stderr and stderr.count("\n") == 1, stderr
     assert not (tmp_path / "report.xlsx").exists()  # refused before the run
+
+
+@pytest.fixture(scope="module")
+def plain_port():
+    """A port that answers in plain text, as Triton's own ports do: what an https:// URL names by mistake."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _PlainAnswer)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+class _PlainAnswer(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.recv(4096)  # the TLS ClientHello
+        self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+@CLIENTS
+@PROTOCOLS
+def test_an_https_url_naming_a_plain_port_is_one_line_and_never_retried(make, protocol, plain_port):
+    """OpenSSL's WRONG_VERSION_NUMBER cannot pass with time: a Failure row at the first answer (a retry
+    would wait 30 s first), naming the likely mistake."""
+    url = f"https://127.0.0.1:{plain_port}"
+    retry = client.RetryPolicy(attempts=2, initial_backoff_s=30.0)
+    if make is _sync:
+        with client.TriageClient(url, protocol, retry=retry, timeout_s=20) as triage:
+            result = triage.classify(b"DICM")
+    else:
+
+        async def classify():
+            async with client.AsyncTriageClient(url, protocol, retry=retry, timeout_s=20) as triage:
+                return await triage.classify(b"DICM")
+
+        result = asyncio.run(classify())
+    plain = "it answered the TLS handshake in plain text (WRONG_VERSION_NUMBER): is that the plain port?"
+    assert result.error == f"server at {url} does not speak TLS: {plain}"
+    assert result.time_of_processing < 30
+
+
+def test_set_threshold_to_a_plain_port_over_https_exits_3_in_one_line(plain_port, capsys):
+    url = f"https://127.0.0.1:{plain_port}"
+    assert client_main(["set-threshold", "0.3", "--url", url]) == 3
+    plain = "it answered the TLS handshake in plain text (WRONG_VERSION_NUMBER): is that the plain port?"
+    assert capsys.readouterr().err == f"error: the server at {url} does not speak TLS: {plain}\n"
