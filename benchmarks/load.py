@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -166,16 +166,17 @@ def write_results(out: str | Path, stem: str, results: dict, text: str) -> None:
 
 
 @contextmanager
-def rendered_server(target: str, size: int, checkpoint: str | None = None) -> Iterator:
+def rendered_server(target: str, size: int, checkpoint: str | None = None, models: Sequence[str] | None = None) -> Iterator:
     """The bundled tritonserver on a repository rendered for `target` at S=`size` (the checkpoint's
-    weights, or demo weights), in a scratch folder that goes with the server (0.7 GB of weights)."""
+    weights, or demo weights), in a scratch folder that goes with the server (0.7 GB of weights);
+    `models`: only these loaded (TritonServer)."""
     import export
     from serve import start_on_free_ports
 
     with tempfile.TemporaryDirectory(prefix="ct_triage_bench_") as scratch:
         repository = Path(scratch) / "repository"
         export.write_repository(repository, target=target, size=size, checkpoint=checkpoint, demo_weights=checkpoint is None)
-        with start_on_free_ports(repository, log_file=Path(scratch) / "tritonserver.log", exit_timeout_s=5) as server:
+        with start_on_free_ports(repository, log_file=Path(scratch) / "tritonserver.log", exit_timeout_s=5, models=models) as server:
             yield server
 
 

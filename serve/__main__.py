@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-file", help="server log (default: a temporary file, its path is printed)")
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--model-config-name", help="load configs/<name>.pbtxt where a model has one (Triton's own option)")
+    parser.add_argument(
+        "--load-model",
+        action="append",
+        metavar="NAME",
+        help="load only this model (repeatable; an ensemble brings its steps): --load-model ct_triage serves "
+        "without the explanation models (default: every model)",
+    )
     args = parser.parse_args(argv)
 
     admin_key = os.environ.get(ADMIN.key_env)  # set but empty: refused below, never served open by mistake
@@ -69,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             model_config_name=args.model_config_name,
             admin_key=admin_key,
             supervise=True,
+            models=args.load_model,
         )
     except ValueError as error:
         print(f"error: {ADMIN.key_env}: {error}", file=sys.stderr)

@@ -36,6 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,8 +212,13 @@ class TritonServer:
         cuda_memory_pool_bytes: int | None = None,
         admin_key: str | None = None,
         supervise: bool = False,
+        models: Sequence[str] | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
+        # the models loaded at start (Triton loads an ensemble's steps with it); None: every model.
+        # A site that never asks for explanations loads ct_triage alone: no ct_explain process, no
+        # second copy of the weights (in GPU memory, with ct_explain on the GPU).
+        self.models = tuple(models) if models is not None else None
         self.model_config_name = model_config_name
         self.cuda_memory_pool_bytes = cuda_memory_pool_bytes  # on GPU 0; None: Triton's default (64 MiB)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
@@ -277,7 +283,7 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             "--model-control-mode=explicit",
-            "--load-model=*",
+            *(f"--load-model={model}" for model in (self.models or ("*",))),
             "--strict-readiness=true",
             "--allow-gpu-metrics=false",
             f"--exit-timeout-secs={self.exit_timeout_s}",
@@ -323,6 +329,9 @@ class TritonServer:
             return self
         if not any(self.repository.glob("*/config.pbtxt")):
             raise ServerError(f"{self.repository} holds no model (config.pbtxt); run `python -m export` first")
+        missing = [model for model in self.models or () if not (self.repository / model / "config.pbtxt").is_file()]
+        if missing or self.models == ():
+            raise ServerError(f"{self.repository} holds no model {', '.join(missing) or '(none named)'} to load")
         if (self.repository / NAMES.classifier).is_dir() and not (self.repository / NAMES.classifier / "1" / "provenance.json").is_file():
             # the committed configs without export's files: every model would load but the classifier
             raise ServerError(

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pydicom
 
+from settings import NAMES
+
 ROOT = Path(__file__).resolve().parents[1]
 # Small S for the server tests: the network is fully convolutional, so every code path is the one of S=256.
 TEST_SIZE = 64
+TRIAGE_ONLY = (NAMES.triage,)  # the models a site that never asks for explanations loads (TritonServer(models=...))
 
 
 def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:

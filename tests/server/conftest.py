@@ -4,22 +4,17 @@
 so the suite stays fast; `triton_server` runs the bundled tritonserver on it on free ports for the
 whole session. Tests that kill or reconfigure a server use `private_server` instead, tests that
 interrupt a client `module_server`, so no test depends on what another left on the shared one; those
-two serve `triage_repository`, the same repository without the explanation models, which no such
-test asks for (a start without them is 6 s instead of 9.5 here). If
-the shared server dies, the test during which it died fails with its log, and every later test
-that needs it fails at once, without retries.
+two load ct_triage alone (TRIAGE_ONLY: no explanation models, which no such test asks for; a start
+without them is 6 s instead of 9.5 here). If the shared server dies, the test during which it died
+fails with its log, and every later test that needs it fails at once, without retries.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
-from helpers import TEST_SIZE, discard
+from helpers import TEST_SIZE, TRIAGE_ONLY, discard
 
 from serve import start_on_free_ports
-from settings import NAMES
 
 
 @pytest.fixture(scope="session")
@@ -28,16 +23,6 @@ def triton_repository(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("exported") / "repository"
     export.write_repository(out, target="cpu", size=TEST_SIZE, demo_weights=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def triage_repository(triton_repository, tmp_path_factory):
-    """`triton_repository` without ct_explain, ct_localize and ct_triage_explain: ct_triage alone, as a
-    site serves it that never asks for explanations (hard links: nothing is copied)."""
-    out = tmp_path_factory.mktemp("triage") / "repository"
-    explanation_models = {NAMES.explain, NAMES.localize, NAMES.triage_explain}
-    shutil.copytree(triton_repository, out, copy_function=os.link, ignore=lambda folder, names: explanation_models & set(names))
     return out
 
 
@@ -61,9 +46,9 @@ def triton_server(shared_server):
         pytest.fail(f"the shared tritonserver died during this test:\n{shared_server.log_tail()}", pytrace=False)
 
 
-def _own_server(repository, tmp_path_factory):
+def _own_server(repository, tmp_path_factory, **options):
     log_file = tmp_path_factory.mktemp("private") / "tritonserver.log"
-    server = start_on_free_ports(repository, log_file=log_file, exit_timeout_s=5)
+    server = start_on_free_ports(repository, log_file=log_file, exit_timeout_s=5, **options)
     try:
         yield server
     finally:
@@ -71,9 +56,9 @@ def _own_server(repository, tmp_path_factory):
 
 
 @pytest.fixture
-def private_server(triage_repository, tmp_path_factory):
+def private_server(triton_repository, tmp_path_factory):
     """A server of this test's own, for tests that kill or reconfigure it (ct_triage only)."""
-    yield from _own_server(triage_repository, tmp_path_factory)
+    yield from _own_server(triton_repository, tmp_path_factory, models=TRIAGE_ONLY)
 
 
 @pytest.fixture
@@ -83,7 +68,7 @@ def private_explaining_server(triton_repository, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def module_server(triage_repository, tmp_path_factory):
+def module_server(triton_repository, tmp_path_factory):
     """A server of one module's own, for tests that leave requests in flight (an interrupted client):
     those must not land on the shared server, but such tests can share one (ct_triage only)."""
-    yield from _own_server(triage_repository, tmp_path_factory)
+    yield from _own_server(triton_repository, tmp_path_factory, models=TRIAGE_ONLY)

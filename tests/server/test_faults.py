@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from helpers import TEST_SIZE, service_metrics
+from helpers import TEST_SIZE, TRIAGE_ONLY, service_metrics
 from tritonclient.utils import InferenceServerException
 
 from client import TriageClient
@@ -35,9 +35,9 @@ BATCH = [100_000, 1, TEST_SIZE, TEST_SIZE, TEST_SIZE]
 
 
 @pytest.fixture(scope="module")
-def server(triage_repository, tmp_path_factory):
+def server(triton_repository, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("faults") / "tritonserver.log"
-    server = start_on_free_ports(triage_repository, log_file=log_file, exit_timeout_s=2, supervise=True)
+    server = start_on_free_ports(triton_repository, log_file=log_file, exit_timeout_s=2, supervise=True, models=TRIAGE_ONLY)
     try:
         yield server
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
-from helpers import discard
+from helpers import TRIAGE_ONLY, discard
 from tritonclient.utils import InferenceServerException
 
 import client
@@ -33,11 +33,11 @@ KEY_HEADERS = {"http": ADMIN.header, "grpc": ADMIN.grpc_metadata}
 
 
 @pytest.fixture(scope="module")
-def keyed_server(triage_repository, tmp_path_factory):
+def keyed_server(triton_repository, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("restricted") / "tritonserver.log"
     with pytest.MonkeyPatch.context() as environment:
         environment.setenv(ADMIN.key_env, KEY)  # as a deployment sets it: the launcher must not pass it on
-        server = start_on_free_ports(triage_repository, log_file=log_file, exit_timeout_s=5, admin_key=KEY)
+        server = start_on_free_ports(triton_repository, log_file=log_file, exit_timeout_s=5, admin_key=KEY, models=TRIAGE_ONLY)
     try:
         yield server
     finally:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as triton_http
+from helpers import TRIAGE_ONLY
 
 import preprocess
 from preprocess import phantom
@@ -56,7 +57,7 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> N
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_cli_serves_then_stops_cleanly_on_signal(triage_repository, tmp_path, stop_signal):
+def test_cli_serves_then_stops_cleanly_on_signal(triton_repository, tmp_path, stop_signal):
     http_port, grpc_port, metrics_port = free_ports(3)
     process = subprocess.Popen(
         [
@@ -64,7 +65,8 @@ def test_cli_serves_then_stops_cleanly_on_signal(triage_repository, tmp_path, st
             "-m",
             "serve",
             "--repository",
-            str(triage_repository),
+            str(triton_repository),
+            f"--load-model={NAMES.triage}",  # and its steps; not the explanation models
             f"--http-port={http_port}",
             f"--grpc-port={grpc_port}",
             f"--metrics-port={metrics_port}",
@@ -84,6 +86,8 @@ def test_cli_serves_then_stops_cleanly_on_signal(triage_repository, tmp_path, st
         tensor.set_data_from_numpy(np.array(payload, dtype=np.object_))
         meta = json.loads(client.infer(NAMES.triage, [tensor]).as_numpy(NAMES.meta)[0])
         assert meta["provenance"]
+        loaded = {model["name"] for model in client.get_model_repository_index() if model.get("state") == "READY"}
+        assert loaded == {NAMES.triage, NAMES.preprocess, NAMES.classifier, NAMES.postprocess}  # --load-model: no explanation models
         client.close()
         server_processes = children(process.pid)
         stubs = [p for p in server_processes if "triton_python_backend_stub" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
@@ -119,15 +123,15 @@ def test_failed_start_reports_the_reason_and_leaves_nothing(triton_repository, t
     assert server.orphans() == [] and server.leaked_shm() == []
 
 
-def test_a_config_triton_cannot_parse_is_named_at_the_top_of_the_error(triage_repository, tmp_path):
+def test_a_config_triton_cannot_parse_is_named_at_the_top_of_the_error(triton_repository, tmp_path):
     """Triton's error line comes first: after it, the unload sequence filled the 40-line tail and hid it."""
     broken = tmp_path / "repository"
-    shutil.copytree(triage_repository, broken)  # every other model loads, then unloads: a long log
+    shutil.copytree(triton_repository, broken)  # every other model loads, then unloads: a long log
     with open(broken / NAMES.postprocess / "config.pbtxt", "a") as config:
         config.write("this is { not pbtxt\n")
     http_port, grpc_port, metrics_port = free_ports(3)
     with pytest.raises(ServerError) as failed:
-        TritonServer(broken, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port).start()
+        TritonServer(broken, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, models=TRIAGE_ONLY).start()
     head = "\n".join(str(failed.value).splitlines()[:6])
     assert f"failed to read text proto from {broken / NAMES.postprocess / 'config.pbtxt'}" in head, head
 
@@ -140,6 +144,11 @@ def test_a_repository_that_was_never_exported_says_so(triton_repository, tmp_pat
     http_port, grpc_port, metrics_port = free_ports(3)
     with pytest.raises(ServerError, match=r"no 1/provenance.json: run `python -m export`"):
         TritonServer(broken, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port).start()
+
+
+def test_a_model_to_load_that_the_repository_lacks_is_named_before_triton_starts(triton_repository):
+    with pytest.raises(ServerError, match=f"{re.escape(str(triton_repository))} holds no model ct_triage_v2 to load"):
+        TritonServer(triton_repository, models=[NAMES.triage, "ct_triage_v2"]).start()
 
 
 def test_start_refuses_a_folder_without_models(tmp_path):
