@@ -151,11 +151,61 @@ def test_the_image_is_the_ngc_release_with_the_project_installed_and_runs_as_its
         assert users and users[-1] not in ("root", "0"), stage.splitlines()[0]
 
 
-def test_prometheus_scrapes_triton_metrics(compose):
+def test_prometheus_scrapes_triton_metrics_and_loads_the_alerts(compose):
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     assert job["static_configs"][0]["targets"] == [f"triton:{SERVING.metrics_port}"]
-    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in compose["services"]["prometheus"]["volumes"]
+    volumes = compose["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in volumes
+    assert config["rule_files"] == ["/etc/prometheus/rules.yml"] and "./deploy/prometheus-rules.yml:/etc/prometheus/rules.yml:ro" in volumes
+
+
+def _selectors(node) -> list:
+    """The vector selectors of a parsed PromQL expression (promql_parser's tree)."""
+    if type(node).__name__ == "VectorSelector":
+        return [node]
+    children = [getattr(node, name, None) for name in ("lhs", "rhs", "expr", "param", "vector_selector")]
+    children += getattr(node, "args", None) or []
+    nodes = [child for child in children if type(child).__module__ == "promql_parser"]  # not literals' values, not None
+    return [selector for child in nodes for selector in _selectors(child)]
+
+
+def _promql_in_deploy() -> dict[str, str]:
+    """Every PromQL expression a site is given: the alerts, and the dashboard queries of deploy/README's "Metrics" table."""
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus-rules.yml").read_text())
+    found = {rule["alert"]: rule["expr"] for group in rules["groups"] for rule in group["rules"]}
+    metrics = (ROOT / "deploy" / "README.md").read_text().split("### Metrics", 1)[1].split("\n### ", 1)[0]
+    for panel, query in re.findall(r"^\| ([^|`]+) \| `([^`]+)`[^|`]* \|$", metrics, flags=re.MULTILINE):
+        found[panel.strip()] = query
+    return found
+
+
+def test_every_promql_expression_parses_and_selects_series_the_server_exports(triton_server):
+    """A typo in a metric, a label or a label value would leave a dashboard empty or an alert silent,
+    with no error anywhere: each selector must match a series of the running server. `up` and `job`
+    are Prometheus's own; nv_gpu_* exist only on a GPU server."""
+    import promql_parser
+
+    from serve.metrics import scrape
+
+    groups = yaml.safe_load((ROOT / "deploy" / "prometheus-rules.yml").read_text())["groups"]
+    assert all({"alert", "expr", "for", "labels", "annotations"} <= set(rule) for group in groups for rule in group["rules"])
+    exported = scrape(triton_server.metrics_url)
+    expressions = _promql_in_deploy()
+    assert len(expressions) == 6 + 13, sorted(expressions)  # the alerts and the table's rows
+    for name, expression in expressions.items():
+        for selector in _selectors(promql_parser.parse(expression)):
+            if selector.name == "up" or selector.name.startswith("nv_gpu_"):
+                continue
+            series = [labels for sample, labels in exported if sample == selector.name]
+            assert series, f"{name}: no series {selector.name}"
+            for matcher in selector.matchers.matchers:
+                if matcher.name == "job" or str(matcher.op) not in ("MatchOp.Equal", "MatchOp.Re"):
+                    continue
+                values = {dict(labels).get(matcher.name) for labels in series}
+                matching = {value for value in values if value is not None and re.fullmatch(matcher.value, value)}
+                has = sorted(map(str, values))
+                assert matching, f"{name}: {selector.name} has no {matcher.name} matching {matcher.value!r} (it has {has})"
 
 
 def _shm_used(prefix: str) -> int:
