@@ -103,9 +103,9 @@ def _host_and_port(host_port: str, url: str) -> tuple[str, str | None]:
     """HOST and PORT (None when there is none) of HOST[:PORT]; an IPv6 host is in brackets: [::1]:8001.
     Nothing else passes (user info, a stray bracket, a port that is no number from 1 to 65535), so
     the clients never connect somewhere the URL did not say."""
-    matched = _HOST_PORT.match(host_port)
     if not host_port or host_port.startswith(":"):
         raise ValueError(f"no host in URL {url!r}")
+    matched = _HOST_PORT.match(host_port)
     if matched is None or (matched["ipv6"] is not None and not _is_ipv6(matched["ipv6"])):
         raise ValueError(f"{host_port!r} in URL {url!r} is not HOST[:PORT] (an IPv6 address in brackets: [::1]:8001)")
     port = matched["port"]

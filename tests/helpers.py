@@ -91,13 +91,6 @@ def counted_stats(server, model: str, inferences: int, limit_s: float = 30.0) ->
         time.sleep(0.05)
 
 
-def service_metrics(server):
-    """The server's metrics endpoint, as serve.metrics.scrape reads it."""
-    from serve.metrics import scrape
-
-    return scrape(server.metrics_url)
-
-
 def report_row(path: str, status: str = "Success", probability: float | None = 0.25) -> dict:
     """A report row as the client writes it, for the report and journal tests."""
     ok = status == "Success"

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from helpers import TEST_SIZE, TRIAGE_ONLY, service_metrics
+from helpers import TEST_SIZE, TRIAGE_ONLY
 from tritonclient.utils import InferenceServerException
 
 from client import TriageClient
 from preprocess import phantom
 from serve import start_on_free_ports
+from serve.metrics import scrape
 from settings import METRICS, NAMES
 
 RSS_TOLERANCE = 0.10  # allocator caches and lazily loaded code move it by a few %; a leak of the payload is >100%
@@ -103,7 +104,7 @@ def test_requests_far_over_the_limits_are_refused_and_leave_memory_as_it_was(ser
     shm_before, rss_before, stubs = server.shm_bytes(), sum(server.resident_bytes().values()), len(server.stubs())
     done = len(server.recoveries)
     too_large = (METRICS.refused, (("reason", "InputTooLargeError"),))
-    refused_before = service_metrics(server)[too_large]
+    refused_before = scrape(server.metrics_url)[too_large]
 
     # 100,000 files: ct_preprocess refuses on the count, before copying one
     many = classify(server, [b"DICM"] * 100_000)
@@ -133,7 +134,7 @@ def test_requests_far_over_the_limits_are_refused_and_leave_memory_as_it_was(ser
     reload = recovery(server, done + 1)
     assert reload.ok and reload.action == f"reload {NAMES.preprocess}" and "grew to" in reload.reason, reload
     warm(server, study)
-    assert service_metrics(server)[too_large] == refused_before + 2  # both refusals counted, across the reload
+    assert scrape(server.metrics_url)[too_large] == refused_before + 2  # both refusals counted, across the reload
     assert settled(server, shm_before, stubs) == shm_before
     deadline = time.monotonic() + 30  # freed buffers go back as the server's threads release them
     while sum((rss_after := server.resident_bytes()).values()) > rss_before * (1 + RSS_TOLERANCE) and time.monotonic() < deadline:

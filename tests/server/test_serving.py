@@ -18,13 +18,14 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
-from helpers import TEST_SIZE, packaged_file, service_metrics
+from helpers import TEST_SIZE, packaged_file
 from tritonclient.utils import InferenceServerException
 
 import preprocess
 from client import set_threshold
 from export import DEMO_PROVENANCE
 from preprocess import phantom
+from serve.metrics import scrape
 from settings import METRICS, NAMES, OPERATING_POINT, SERVING
 
 PROTOCOLS = ("http", "grpc")
@@ -261,14 +262,14 @@ def test_operating_point_changes_without_re_export(private_server, good_payload)
     assert 0.0 < probability < 1.0
     config = set_threshold(private_server.http_url, 1.0)
     assert config["parameters"]["threshold"]["string_value"] == "1.0"
-    assert service_metrics(private_server)[(METRICS.threshold, ())] == 1.0
+    assert scrape(private_server.metrics_url)[(METRICS.threshold, ())] == 1.0
     strict = triage(private_server, "grpc", good_payload)
     assert strict["pathology"] == 0 and strict["meta"]["threshold"] == 1.0
     set_threshold(private_server.http_url, 0.0)
     sensitive = triage(private_server, "http", good_payload)
     assert sensitive["pathology"] == 1 and sensitive["meta"]["threshold"] == 0.0
     assert strict["probability"] == sensitive["probability"] == pytest.approx(probability, abs=1e-7)
-    metrics = service_metrics(private_server)
+    metrics = scrape(private_server.metrics_url)
     assert metrics[(METRICS.threshold, ())] == 0.0
     decided = {label: metrics[(METRICS.decisions, (("decision", label),))] for label in NAMES.labels}
     assert decided == {"normal": 1 + (first["pathology"] == 0), "pathology": 1 + (first["pathology"] == 1)}
@@ -279,11 +280,11 @@ def test_the_metrics_count_answers_by_decision_and_refusals_by_reason(triton_ser
     """Beside Triton's nv_* counters: what the model answered and why studies were refused, with a
     series for every refusal reason from the start, and nothing from the studies in any label."""
     reasons = {name for name, kind in vars(preprocess.errors).items() if isinstance(kind, type) and issubclass(kind, preprocess.StudyError)}
-    before = service_metrics(triton_server)
+    before = scrape(triton_server.metrics_url)
     answer = triage(triton_server, "grpc", phantom.study_files(form="series"))  # fake patient data in every header
     with pytest.raises(InferenceServerException):
         triage(triton_server, "http", [b"not a DICOM file"])
-    after = service_metrics(triton_server)
+    after = scrape(triton_server.metrics_url)
 
     def added(name: str, **labels: str) -> float:
         key = (name, tuple(sorted(labels.items())))
