@@ -22,14 +22,23 @@ Choices:
 - The input shape is fixed at load, [1, 1, S, S, S], and a batch runs volume by volume: OpenVINO
   plans its kernels for that one shape, which measured faster than a dynamic batch axis, and on a
   CPU a batch gains no throughput over its volumes one after another (the cores are already busy).
+- No call home: `import openvino` (its converter, ovc) sends usage events to Google Analytics unless
+  a consent file under $HOME says otherwise, so every export and every load of the served model
+  would try to reach the internet from a hospital's server. Without the openvino_telemetry package
+  ovc falls back to its own stub that sends nothing; this module makes that package unimportable
+  before it imports openvino, and every import of OpenVINO in the project goes through it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
-import openvino as ov
+
+sys.modules.setdefault("openvino_telemetry", None)  # None: `import openvino_telemetry` raises ImportError
+
+import openvino as ov  # noqa: E402  (after the line above, or it would send)
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # the precisions offered -> OpenVINO's INFERENCE_PRECISION_HINT
 _IN_USE = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  # OpenVINO's element type name -> ours

@@ -1,15 +1,20 @@
 """classifier.OpenVINOClassifier's precision: FP32 unless BF16 is asked for, and what OpenVINO
-actually compiled read back (a CPU without BF16 instructions computes in FP32 whatever is asked)."""
+actually compiled read back (a CPU without BF16 instructions computes in FP32 whatever is asked);
+and OpenVINO used through it never calls home."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
-import openvino as ov
 import pytest
 
 from classifier import OpenVINOClassifier, convert_to_openvino, openvino_engine
+from classifier.openvino_engine import ov  # never `import openvino` first: that import alone sends telemetry
+from helpers import ROOT
 from export import build_classifier, demo_weights, onnx_graph
 from export.parity import FP16_BOUND, FP32_BOUND, parity_inputs, reference_probabilities
 
@@ -80,3 +85,57 @@ def test_a_precision_the_engine_does_not_offer_is_refused(network_and_ir, precis
     _, ir = network_and_ir
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
         OpenVINOClassifier(ir, size=SIZE, threads=1, precision=precision)
+
+
+def test_openvino_through_the_project_sends_no_telemetry(tmp_path):
+    """`import openvino` and its converter send usage events to Google Analytics when no consent file
+    in $HOME says no (the CI variables also stop it, so they are removed here). Through
+    classifier.openvino_engine, a conversion and a compile leave the telemetry package unimported and
+    write no client ID under a fresh $HOME."""
+    home = tmp_path / "home"
+    home.mkdir()
+    environment = {key: value for key, value in os.environ.items() if key not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    environment["HOME"] = str(home)
+    would_send = (
+        "from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker;"
+        "print(OptInChecker().check(enable_opt_in_dialog=False, disable_in_ci=True) == ConsentCheckResult.NO_FILE)"
+    )  # what ovc asks: NO_FILE is consent to send (checked without importing openvino, which would send)
+    asked = subprocess.run([sys.executable, "-c", would_send], env=environment, capture_output=True, text=True, check=True)
+    assert asked.stdout.strip() == "True", asked.stderr
+    graph = tmp_path / "relu.onnx"
+    _write_relu_graph(graph)
+    converts = (
+        "import sys; from classifier import openvino_engine as engine;"
+        f"engine.convert({str(graph)!r}, {str(tmp_path / 'relu.xml')!r});"
+        f"engine.ov.Core().compile_model({str(tmp_path / 'relu.xml')!r}, 'CPU');"
+        "from openvino.tools.ovc import telemetry_utils;"
+        "print(sys.modules['openvino_telemetry'], telemetry_utils.tm.__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", converts], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "openvino.tools.ovc.telemetry_stub"]
+    assert (tmp_path / "relu.xml").is_file() and list(home.iterdir()) == [], sorted(home.rglob("*"))
+
+
+def _write_relu_graph(path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = [1, 1, 4, 4, 4]
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["volume"], ["out"])],
+        "relu",
+        [helper.make_tensor_value_info("volume", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_only_the_engine_module_imports_openvino():
+    """The telemetry block works only if OpenVINO is first imported through classifier.openvino_engine."""
+    importers = [
+        path.relative_to(ROOT).as_posix()
+        for path in ROOT.rglob("*.py")
+        if ".venv" not in path.parts and any(line.lstrip().startswith(("import openvino", "from openvino ")) for line in path.read_text().splitlines())
+    ]
+    assert importers == ["classifier/openvino_engine.py"]
