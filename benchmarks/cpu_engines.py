@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
     precision_in_use = {name: engine.precision_in_use for name, engine in engines.items() if isinstance(engine, OpenVINOClassifier)}
     volume = chest(args.size, 7, lesion=True).numpy()
     load_before = [round(load, 2) for load in os.getloadavg()]
-    ceiling = [matmul_gflops()]
+    ceiling = [matmul_gflops(args.ceiling_n)]
     times: dict[str, list[float]] = {name: [] for name in engines}
     for engine in engines.values():
         engine(volume)  # warm-up
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
             engine(volume)
             times[name].append(time.perf_counter() - started)
     del engines
-    ceiling.append(matmul_gflops())
+    ceiling.append(matmul_gflops(args.ceiling_n))
     gflop = study_tflop(args.size) * 1e3
     baseline = statistics.median(times[BASELINE])
     rows = {
@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="timed rounds after the warm-up (default 2)")
     parser.add_argument("--threads", type=int, default=0, help="threads per engine (default: every CPU this process may use)")
     parser.add_argument("--parity-size", type=int, default=64)
+    parser.add_argument("--ceiling-n", type=int, default=4096, help="matrix size of the FP32 ceiling's product (default 4096: 137 GFLOP)")
     parser.add_argument("--checkpoint", help="a checkpoint instead of the seeded demo weights")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile (minutes of compiling)")
     parser.add_argument("--no-served", dest="served", action="store_false", help="leave out the served measurement")
