@@ -8,6 +8,8 @@ sidecar written beside the .npy carries that mapping (client/README.md, "Explana
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -130,7 +132,9 @@ def save(result: TriageResult, out_dir: str | os.PathLike[str]) -> list[Path]:
     """montage.png, attribution.npy (float16 [S, S, S]) and attribution.json in `out_dir`; returns
     the paths written. The three are written into a temporary folder inside `out_dir`, then moved in
     together: a failure (a full disk) leaves none of them, never a new montage beside the last
-    study's attribution. A result without explanation (a failed study) removes the last study's."""
+    study's attribution. A result without explanation (a failed study) removes the last study's.
+    Runs saving into one folder at once take turns for the moves: the folder then holds the three
+    files of the run that moved last, never a mix of two studies."""
     from .montage import save_montage
 
     folder = Path(out_dir)
@@ -142,7 +146,8 @@ def save(result: TriageResult, out_dir: str | os.PathLike[str]) -> list[Path]:
             (folder / name).unlink(missing_ok=True)
 
     if result.explanation is None:
-        remove()
+        with _one_writer(folder):
+            remove()
         return []
     try:
         with tempfile.TemporaryDirectory(dir=folder, prefix=".explanation-") as staging:
@@ -152,9 +157,23 @@ def save(result: TriageResult, out_dir: str | os.PathLike[str]) -> list[Path]:
             write_atomically(staged / ATTRIBUTION_FILE, lambda stream: np.save(stream, attribution))
             text = json.dumps(sidecar(result), indent=2) + "\n"
             write_atomically(staged / SIDECAR_FILE, lambda stream: stream.write(text.encode("utf-8")))
-            for name in names:
-                os.replace(staged / name, folder / name)
+            with _one_writer(folder):
+                for name in names:
+                    os.replace(staged / name, folder / name)
     except BaseException:
-        remove()
+        with _one_writer(folder):
+            remove()
         raise
     return [folder / name for name in names]
+
+
+@contextlib.contextmanager
+def _one_writer(folder: Path):
+    """The kernel's lock (flock) on the folder itself: no lock file beside the three, and a killed
+    run holds it no longer."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)

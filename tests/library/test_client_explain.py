@@ -6,11 +6,14 @@ HTML summary page, sorted in headless Chromium."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import html.parser
 import io
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -351,6 +354,28 @@ def test_save_moves_the_three_in_together_or_leaves_none_of_them(tmp_path, monke
     failed = client.result.failure("DICOM header has invalid or missing values", seconds=0.5, model=NAMES.triage_explain)
     assert explained.save(failed, folder) == [] and list(folder.iterdir()) == []  # a failed study leaves no one else's
 
+
+
+def test_runs_saving_into_one_folder_take_turns_for_the_moves(tmp_path):
+    """Two `classify --explain` runs into one --out-dir: while one moves its three files in, the other
+    waits, so the folder never holds one study's montage beside another's attribution."""
+    folder = tmp_path / "out"
+    explained.save(_explained(probability=0.875), folder)
+    before = {path.name: path.stat().st_ino for path in folder.iterdir()}
+    held = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)  # another run, in the middle of its moves
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        other = threading.Thread(target=explained.save, args=(_explained(probability=0.125), folder))
+        other.start()
+        other.join(timeout=1.0)
+        assert other.is_alive()  # staged, waiting for its turn
+        assert {path.name: path.stat().st_ino for path in folder.iterdir() if not path.name.startswith(".")} == before
+    finally:
+        os.close(held)
+    other.join(timeout=30)
+    assert not other.is_alive()
+    assert json.loads((folder / "attribution.json").read_text())["probability_of_pathology"] == 0.125
+    assert sorted(path.name for path in folder.iterdir()) == sorted(before)  # the staging folder is gone
 
 # --- the explained report and its page ---------------------------------------------------------------
 
