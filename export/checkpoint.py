@@ -9,6 +9,7 @@ model that is not the one that was validated.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import re
@@ -218,8 +219,15 @@ def demo_weights(seed: int = DEMO_SEED) -> Weights:
     Convolutions use MedicalNet's own init (Kaiming, fan_out) from a fixed seed, BatchNorm affine
     parameters are perturbed, and the running statistics are measured on seeded smooth volumes,
     so activations stay well scaled, probabilities are not saturated, and an export bug that
-    mishandles BatchNorm (e.g. folding) shows up as a parity failure.
+    mishandles BatchNorm (e.g. folding) shows up as a parity failure. Computed once per process
+    and seed (the calibration is seconds of CPU); each call gets its own copy of the tensors.
     """
+    state = {key: value.clone() for key, value in _demo_state(seed).items()}
+    return Weights(state, DEMO_PROVENANCE, "demo", head_trained=False)
+
+
+@functools.cache
+def _demo_state(seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = ResNet34Classifier()  # every tensor is set below: no default initialisation to pay for
@@ -241,5 +249,4 @@ def demo_weights(seed: int = DEMO_SEED) -> Weights:
         model.train()
         model(smooth(2, _CALIBRATION_SIZE, generator))
     model.eval()
-    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    return Weights(state, DEMO_PROVENANCE, "demo", head_trained=False)
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}

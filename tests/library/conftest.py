@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def demo_weights():
-    """export.demo_weights(), computed once: its BatchNorm calibration is a few seconds of CPU."""
+    """export.demo_weights(), one copy shared by the library tests."""
     import export
 
     return export.demo_weights()

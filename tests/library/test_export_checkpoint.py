@@ -197,9 +197,14 @@ def test_no_resnet_at_all(tmp_path):
 
 
 def test_demo_weights_are_deterministic_with_real_batchnorm_statistics(demo_weights):
-    first, second = demo_weights, export.demo_weights()
+    from export.checkpoint import DEMO_SEED, _demo_state
+
+    first, again = demo_weights, _demo_state.__wrapped__(DEMO_SEED)  # computed anew, not the process's copy
     assert first.source == DEMO_PROVENANCE and not first.head_trained
-    assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
+    assert all(torch.equal(first.state_dict[k], again[k]) for k in first.state_dict)
+    mine = export.demo_weights()  # each call its own tensors: changing them changes no later call's
+    mine.state_dict["fc.bias"].add_(1.0)
+    assert torch.equal(export.demo_weights().state_dict["fc.bias"], first.state_dict["fc.bias"])
     for key in ("bn1", "layer2.0.bn1", "layer4.2.bn2"):
         mean, var = first.state_dict[f"{key}.running_mean"], first.state_dict[f"{key}.running_var"]
         assert mean.abs().max() > 1e-3 and (var - 1).abs().max() > 1e-2 and (var > 0).all()
