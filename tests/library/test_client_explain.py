@@ -355,7 +355,6 @@ def test_save_moves_the_three_in_together_or_leaves_none_of_them(tmp_path, monke
     assert explained.save(failed, folder) == [] and list(folder.iterdir()) == []  # a failed study leaves no one else's
 
 
-
 def test_runs_saving_into_one_folder_take_turns_for_the_moves(tmp_path):
     """Two `classify --explain` runs into one --out-dir: while one moves its three files in, the other
     waits, so the folder never holds one study's montage beside another's attribution."""
@@ -376,6 +375,7 @@ def test_runs_saving_into_one_folder_take_turns_for_the_moves(tmp_path):
     assert not other.is_alive()
     assert json.loads((folder / "attribution.json").read_text())["probability_of_pathology"] == 0.125
     assert sorted(path.name for path in folder.iterdir()) == sorted(before)  # the staging folder is gone
+
 
 # --- the explained report and its page ---------------------------------------------------------------
 

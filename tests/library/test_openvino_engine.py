@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 
 from classifier import OpenVINOClassifier, convert_to_openvino, openvino_engine
 from classifier.openvino_engine import ov  # never `import openvino` first: that import alone sends telemetry
-from helpers import ROOT
 from export import build_classifier, demo_weights, onnx_graph
 from export.parity import FP16_BOUND, FP32_BOUND, parity_inputs, reference_probabilities
 
@@ -133,9 +133,9 @@ def _write_relu_graph(path: Path) -> None:
 
 def test_only_the_engine_module_imports_openvino():
     """The telemetry block works only if OpenVINO is first imported through classifier.openvino_engine."""
-    importers = [
-        path.relative_to(ROOT).as_posix()
-        for path in ROOT.rglob("*.py")
-        if ".venv" not in path.parts and any(line.lstrip().startswith(("import openvino", "from openvino ")) for line in path.read_text().splitlines())
-    ]
+
+    def imports_openvino(path: Path) -> bool:
+        return any(line.lstrip().startswith(("import openvino", "from openvino ")) for line in path.read_text().splitlines())
+
+    importers = [path.relative_to(ROOT).as_posix() for path in ROOT.rglob("*.py") if ".venv" not in path.parts and imports_openvino(path)]
     assert importers == ["classifier/openvino_engine.py"]

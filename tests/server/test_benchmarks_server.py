@@ -85,7 +85,8 @@ def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypa
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    assert cpu_engines.main(["--size", "16", "--parity-size", "16", "--repeat", "1", "--ceiling-n", "512", "--no-compile", "--out", str(tmp_path)]) == 0
+    options = ["--size", "16", "--parity-size", "16", "--repeat", "1", "--ceiling-n", "512", "--no-compile"]
+    assert cpu_engines.main([*options, "--out", str(tmp_path)]) == 0
     assert bytes_under(scratch) < 2**20, sorted(scratch.iterdir())  # the graphs and both rendered repositories (2.4 GB) are removed
     result = json.loads((tmp_path / "cpu-engines.json").read_text())
     assert set(result["engines"]) == {"onnxruntime", "openvino", "openvino-bf16", "pytorch", "pytorch-channels-last"}

@@ -341,9 +341,9 @@ def test_ctrl_c_or_sigterm_keeps_the_finished_rows(module_server, archive, tmp_p
     # as from a terminal: a shell starts a background job (`pytest &`) with Ctrl-C ignored, and the
     # client would inherit that and never see the signal
     at_a_terminal = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, sys.argv[1:])"
+    report = ["-m", "client", "report", str(studies_folder), "--out", str(out), "--url", module_server.grpc_url]
     run = subprocess.Popen(
-        [sys.executable, "-c", at_a_terminal, sys.executable, "-m", "client", "report", str(studies_folder), "--out", str(out)]
-        + ["--url", module_server.grpc_url],
+        [sys.executable, "-c", at_a_terminal, sys.executable, *report],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
