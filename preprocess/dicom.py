@@ -297,7 +297,9 @@ def _data_set_start(blob: Blob) -> tuple[int | None, bool]:
         while inflated <= bound:  # counted 1 MiB at a time, never held
             piece = inflater.decompress(pending, 2**20)
             inflated, pending = inflated + len(piece), inflater.unconsumed_tail
-            if not pending and len(piece) < 2**20:
+            # done: the stream ended (bytes after its end stay in unconsumed_tail once a call was cut at
+            # the 1 MiB: looping on them never ends), or nothing more comes out, or everything is out
+            if inflater.eof or not piece or (not pending and len(piece) < 2**20):
                 break
     except zlib.error:
         return start, True  # pydicom reports it

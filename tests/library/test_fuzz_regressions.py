@@ -179,6 +179,24 @@ def test_a_deflated_file_within_the_ratio_is_read_with_its_pixels():
     assert np.array_equal(out[0], pydicom.dcmread(packaged_file("image_dfl.dcm")).pixel_array)
 
 
+
+@pytest.mark.timeout(60)
+def test_bytes_after_a_deflated_data_set_over_one_mib_end_the_bound_check():
+    """The bound's inflate loop spun forever (the fuzzer's timeout): once a call is cut at 1 MiB, the
+    bytes after the stream's end stay in zlib's unconsumed_tail and nothing more comes out."""
+    ds = pydicom.dcmread(packaged_file("CT_small.dcm"))
+    ds.add_new(0x00091010, "OB", np.random.default_rng(0).bytes(3 * 2**19))  # 1.5 MiB that do not compress
+    meta, body = DicomBytesIO(), DicomBytesIO()
+    meta.is_little_endian = body.is_little_endian = True
+    meta.is_implicit_VR, body.is_implicit_VR = False, False
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    write_file_meta_info(meta, ds.file_meta)
+    write_dataset(body, ds)
+    deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    data = b"\0" * 128 + b"DICM" + meta.getvalue() + deflate.compress(body.getvalue()) + deflate.flush() + b"\xff" * 100
+    frames, _ = parse([Blob(data, "file 1")])
+    assert [(frame.rows, frame.columns) for frame in frames] == [(128, 128)]
+
 # malformed values: refused only where used, and named
 
 
