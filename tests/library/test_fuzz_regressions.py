@@ -179,7 +179,6 @@ def test_a_deflated_file_within_the_ratio_is_read_with_its_pixels():
     assert np.array_equal(out[0], pydicom.dcmread(packaged_file("image_dfl.dcm")).pixel_array)
 
 
-
 @pytest.mark.timeout(60)
 def test_bytes_after_a_deflated_data_set_over_one_mib_end_the_bound_check():
     """The bound's inflate loop spun forever (the fuzzer's timeout): once a call is cut at 1 MiB, the
@@ -196,6 +195,7 @@ def test_bytes_after_a_deflated_data_set_over_one_mib_end_the_bound_check():
     data = b"\0" * 128 + b"DICM" + meta.getvalue() + deflate.compress(body.getvalue()) + deflate.flush() + b"\xff" * 100
     frames, _ = parse([Blob(data, "file 1")])
     assert [(frame.rows, frame.columns) for frame in frames] == [(128, 128)]
+
 
 # malformed values: refused only where used, and named
 
