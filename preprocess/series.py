@@ -7,7 +7,8 @@ The rule is data (`SelectionRule`), applied in this order to every series:
   4. axial (slice normal within `max_axial_angle_deg` of the patient's cranio-caudal axis);
   5. at least `min_slices` distinct slices, within settings.INPUT_LIMITS;
   6. slices sorted by position projected on the slice normal are evenly spaced (no gap, no
-     duplicate position) and stacked along the normal (no gantry tilt).
+     duplicate position, each within `grid_tolerance` of a step of its place on the even grid)
+     and stacked along the normal (no gantry tilt).
 A study is one patient's: images of several patients (PatientID, or the study when it is absent)
 are refused unless the caller names the series. Among the series that pass, the thinnest slice spacing wins, then the most slices, then the
 smallest SeriesInstanceUID (so the choice is deterministic). A forced SeriesInstanceUID skips
@@ -57,6 +58,7 @@ class SelectionRule:
     localizer_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW")
     max_axial_angle_deg: float = 30.0  # slice normal vs patient z
     spacing_tolerance: float = 0.10  # relative deviation of one slice step from the median step
+    grid_tolerance: float = 0.25  # deviation of a slice from the even grid the volume assumes, in slice steps
     max_tilt_deg: float = 1.0  # sideways shift of the stack per step, as an angle
     same_geometry_tolerance: float = 1e-3  # direction cosines and relative pixel spacing
     limits: InputLimits = INPUT_LIMITS
@@ -202,11 +204,19 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
             f"uneven slice spacing: steps from {steps.min():.2f} to {steps.max():.2f} mm (typical {median:.2f} mm)"
             + (f", {gaps} gap{'s' if gaps != 1 else ''}: missing slices?" if gaps else "")
         )
+    slice_spacing = float(along[-1] - along[0]) / (n - 1)
+    # the volume puts slice k at along[0] + k * slice_spacing: steps each near the median can still drift off that grid
+    off_grid = np.abs(along - (along[0] + np.arange(n) * slice_spacing))
+    if off_grid.max() > rule.grid_tolerance * slice_spacing + 1e-2:
+        k = int(off_grid.argmax())
+        raise SliceGapError(
+            f"uneven slice spacing: slice {k + 1} of {n} from the feet lies {off_grid[k]:.2f} mm "
+            f"from its place on an even {slice_spacing:.2f} mm grid"
+        )
     sideways = np.diff(positions, axis=0) - steps[:, None] * normal
     tilt = math.degrees(math.atan(float(np.linalg.norm(sideways, axis=1).max()) / median))
     if tilt > rule.max_tilt_deg:
         raise GantryTiltError(f"slices are shifted sideways along the stack (gantry tilt of about {tilt:.1f} degrees): not supported")
-    slice_spacing = float(along[-1] - along[0]) / (n - 1)
     return Stack(
         study_uid=first.study_uid,
         series_uid=first.series_uid,

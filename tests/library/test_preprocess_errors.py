@@ -159,6 +159,29 @@ def test_gap_in_the_stack(series):
     refused(series[:9] + series[10:], preprocess.SliceGapError, "steps from 5.00 to 10.00 mm .* 1 gap: missing slices")
 
 
+def _moved(series, offsets):
+    """The series with slice k moved by offsets[k] mm along z (the fixture's files run feet to head)."""
+
+    def move(ds, k):
+        ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], round(position(ds) + offsets[k], 4)]
+
+    return edit(series, move)
+
+
+def test_slices_drifting_off_an_even_grid_are_refused(series):
+    """Each step within 10% of the median (9 of 4.55 mm, one of 5, 9 of 5.45) yet the middle slices lie
+    4 mm from the even grid the volume assumes: resampled, the content would land 4 mm off."""
+    steps = [4.55] * 9 + [5.0] + [5.45] * 9
+    offsets = np.concatenate([[0.0], np.cumsum(steps)]) - 5.0 * np.arange(20)
+    refused(
+        _moved(series, offsets),
+        preprocess.SliceGapError,
+        r"uneven slice spacing: slice 1[01] of 20 .* lies 4.05 mm from .* even 5.00 mm grid",
+    )
+    jitter = np.random.default_rng(0).uniform(-0.002, 0.002, 20)  # what real scanners' positions do
+    assert preprocess.preprocess_study(_moved(series, jitter), size=S).meta["original_spacing_mm"][0] == pytest.approx(5.0, abs=1e-3)
+
+
 def test_two_slices_at_one_position(series):
     def clash(ds, k):
         if k == 6:
