@@ -1,7 +1,7 @@
 """Group frames into series, check each one as a volume, and choose the series to classify.
 
 The rule is data (`SelectionRule`), applied in this order to every series:
-  1. modality is CT;  2. not a localizer/scout/topogram (localizer images filed in a volume's series
+  1. modality is CT (every image);  2. not a localizer/scout/topogram (localizer images filed in a volume's series
   are set aside);  3. every slice has pixels, position, orientation and pixel spacing, all slices the
   same size, spacing, orientation and pixel storage, with stored values that are (or rescale to) HU;
   4. axial (slice normal within `max_axial_angle_deg` of the patient's cranio-caudal axis);
@@ -111,9 +111,12 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
     """Check one series against the rule and sort it into a volume, or raise the reason it is unusable."""
     first = frames[0]
     limits = rule.limits
-    if first.modality.upper() != rule.modality:
-        modality = shown(first.modality, "CS", "Modality") if first.modality else "unknown"
-        raise NotCTError(f"series is {modality}, not {rule.modality}")
+    others = [f for f in frames if f.modality.upper() != rule.modality]
+    if others:  # every frame: a series of MR slices behind one CT header would be read as HU
+        modality = " and ".join(sorted({shown(f.modality, "CS", "Modality") if f.modality else "unknown" for f in others}))
+        if len(others) == len(frames):
+            raise NotCTError(f"series is {modality}, not {rule.modality}")
+        raise NotCTError(f"{len(others)} of {len(frames)} images of the series are {modality}, not {rule.modality}")
     notes: list[str] = []
     volume = [f for f in frames if not any(t in rule.localizer_image_types for t in f.image_type)]
     if not volume:

@@ -79,6 +79,16 @@ def test_no_usable_series_lists_every_reason(series):
     assert sorted(s["reason"] for s in error.skipped) == ["only 5 slices: a chest CT volume needs at least 16", "series is MR, not CT"]
 
 
+def test_a_series_is_ct_only_if_every_image_says_so(series):
+    """The first image CT and the others MR: refused like an MR series (only the first was checked)."""
+
+    def mr(ds, k):
+        if k:
+            ds.Modality = "MR"
+
+    refused(edit(series, mr), preprocess.NotCTError, "^19 of 20 images of the series are MR, not CT$")
+
+
 def test_localizer_only(series):
     files = edit(series, lambda ds, k: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "LOCALIZER"]))
     refused(files, preprocess.LocalizerError, "localizer")
