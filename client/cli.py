@@ -32,7 +32,7 @@ from settings import ADMIN, NAMES, SERVING
 from .operating_point import set_threshold
 from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report
 from .tls import HTTPS_PORT, PLAIN_TEXT_ANSWER, certificate_problem, endpoint, speaks_no_tls
-from .triage import PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
+from .triage import MAX_TIMEOUT_S, PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
 
@@ -158,7 +158,7 @@ def _report(args: argparse.Namespace) -> int:
                 csv_out=args.csv,
                 concurrency=args.concurrency,
                 resume=args.resume,
-                max_bytes_in_flight=int(args.max_mb_in_flight * 1024**2),
+                max_bytes_in_flight=args.max_bytes_in_flight,
                 write_every_s=args.write_every,
                 stable_age_s=args.stable_age,
             )
@@ -268,9 +268,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--max-mb-in-flight",
-        type=positive_float,
-        default=DEFAULT_MAX_BYTES_IN_FLIGHT / 1024**2,
-        help="bound on study file sizes held at once, MiB (default %(default).0f)",
+        type=_mebibytes,
+        default=DEFAULT_MAX_BYTES_IN_FLIGHT,
+        dest="max_bytes_in_flight",
+        help=f"bound on study file sizes held at once, MiB (default {DEFAULT_MAX_BYTES_IN_FLIGHT // 1024**2})",
     )
     report.add_argument(
         "--explain",
@@ -302,7 +303,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
         command.add_argument("--model", help=f"model to ask (default {NAMES.triage}, with --explain {NAMES.triage_explain})")
-        command.add_argument("--timeout", type=positive_float, default=SERVING.request_timeout_s, help="seconds per request")
+        command.add_argument("--timeout", type=_timeout, default=SERVING.request_timeout_s, help="seconds per request")
         command.add_argument(
             "--attempts",
             type=positive_int,
@@ -343,6 +344,21 @@ def positive_float(text: str) -> float:
     if not 0 < value < math.inf:  # also refuses nan
         raise argparse.ArgumentTypeError("must be a number above 0")
     return value
+
+
+def _timeout(text: str) -> float:
+    value = positive_float(text)
+    if value > MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT_S:.0f} (a day)")
+    return value
+
+
+def _mebibytes(text: str) -> int:
+    """MiB as bytes; at most 1 TiB (a bound this large holds any study, and its bytes stay a number)."""
+    value = positive_float(text)
+    if value > 2**20:
+        raise argparse.ArgumentTypeError(f"must be at most {2**20} (1 TiB)")
+    return max(int(value * 1024**2), 1)
 
 
 def _threshold(text: str) -> float:

@@ -24,7 +24,6 @@ import os
 import re
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +31,13 @@ from typing import IO, Any
 
 import openpyxl
 from openpyxl.cell import WriteOnlyCell
-from openpyxl.utils.exceptions import InvalidFileException
 from tqdm import tqdm
 
 from preprocess.errors import printable
 from preprocess.output import write_atomically
 
 from .result import SUCCESS, TriageResult, failure
-from .studies import StudyRef, discover_studies
+from .studies import StudyRef, discover_studies, resolved
 from .triage import AsyncTriageClient, ServerUnavailable
 
 COLUMNS = (
@@ -71,10 +69,11 @@ _PAUSE_PER_WRITE_SECOND = 9
 # reading takes exactly one off. In .xlsx, text cells are typed as text and never run.
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 # ECMA-376's escape for characters XML cannot hold (control characters; the unpaired surrogates of a
-# file name that is not UTF-8): _xHHHH_; text that already looks like an escape gets its underscore
-# escaped (_x005F_), so reading back is exact.
+# file name that is not UTF-8), and for a carriage return, which XML reading turns into a line feed:
+# _xHHHH_; text that already looks like an escape gets its underscore escaped (_x005F_), so reading
+# back is exact.
 _OOXML_ESCAPE = re.compile(r"_x[0-9A-Fa-f]{4}_")
-_NOT_IN_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_NOT_IN_XML = re.compile("[\x00-\x08\x0b-\x1f\ud800-\udfff\ufffe\uffff]")
 _READY_CHECK_S = 10.0  # a readiness check after a failed study; no answer means the server is gone
 _log = logging.getLogger(__name__)
 
@@ -142,8 +141,9 @@ def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a report written by `write_report`, values typed back (numbers, None for empty);
     an explained report's rows also hold `pathology_localization`."""
     source = Path(path)
+    xlsx = _format(source) == ".xlsx"
     try:
-        if _format(source) == ".xlsx":
+        if xlsx:
             workbook = openpyxl.load_workbook(source, read_only=True)
             try:
                 table = [[_from_xlsx(value) for value in row] for row in workbook.active.iter_rows(values_only=True)]
@@ -152,14 +152,23 @@ def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         else:
             with open(source, newline="", encoding="utf-8") as stream:
                 table = [[value.removeprefix("'") for value in row] for row in csv.reader(stream)]
-    except (zipfile.BadZipFile, InvalidFileException, KeyError, UnicodeDecodeError, csv.Error) as error:
+    except OSError:
+        raise
+    except Exception as error:  # a damaged file: openpyxl and the XML parser under it raise many types
         raise ReportError(f"{source.name} is not a triage report: it cannot be read ({type(error).__name__})") from None
     if not table or tuple(table[0][: len(COLUMNS)]) != COLUMNS:
         raise ReportError(f"{source.name} is not a triage report: its header is not {', '.join(COLUMNS)}")
     columns = EXPLAIN_COLUMNS if tuple(table[0][: len(EXPLAIN_COLUMNS)]) == EXPLAIN_COLUMNS else COLUMNS
-    # a row's trailing empty cells may be missing (xlsx): they are None
-    padded = (list(values) + [None] * (len(columns) - len(values)) for values in table[1:])
-    return [_typed(dict(zip(columns, values))) for values in padded if any(v not in (None, "") for v in values)]
+    rows = []
+    for number, values in enumerate(table[1:], start=2):
+        if not any(v not in (None, "") for v in values):
+            continue
+        padded = list(values) + [None] * (len(columns) - len(values))  # a row's trailing empty cells may be missing (xlsx)
+        try:
+            rows.append(_typed(dict(zip(columns, padded))))
+        except ValueError as error:
+            raise ReportError(f"{source.name} is not a triage report: row {number} holds a value of the wrong type ({error})") from None
+    return rows
 
 
 def read_journal(path: str | os.PathLike[str]) -> Journal:
@@ -223,9 +232,9 @@ async def build_report(
     paths = [Path(out)] + ([Path(csv_out)] if csv_out else [])
     for path in paths:  # what would stop the run after every study was classified stops it now
         _format(path)
-        _check_writable(path, resume)
+        _check_writable(path)
     own_files = {path.resolve() for path in paths}  # a report written into FOLDER is not a study (an .xlsx is a ZIP)
-    studies = [study for study in discover_studies(folder) if study.path.resolve() not in own_files]
+    studies = [study for study in discover_studies(folder) if resolved(study.path) not in own_files]
     settled_before = time.time() - stable_age_s
 
     def still_arriving(study: StudyRef) -> bool:
@@ -351,16 +360,16 @@ def _only_run_on(out: str | os.PathLike[str]):
         os.close(fd)
 
 
-def _check_writable(path: Path, resume: bool) -> None:
+def _check_writable(path: Path) -> None:
     """A report file this run can write: not a folder, in a writable folder, and if it exists, a
-    report (a run never overwrites someone's other spreadsheet; `resume` reads it later anyway)."""
+    report (a run never overwrites someone's other spreadsheet)."""
     if path.is_dir():
         raise ReportError(f"{path.name} is a folder, not a report file")
     existing = next(folder for folder in (path.absolute().parent, *path.absolute().parents) if folder.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ReportError(f"cannot write {path.name}: {existing} is not a writable folder")
-    if path.exists() and not resume and not journal_path(path).exists():
-        read_report(path)  # ReportError: not a triage report
+    if path.exists():
+        read_report(path)  # ReportError: not a triage report (also with --resume: a --csv is never read otherwise)
 
 
 def _resumed(journal_file: Path, out: Path) -> Journal | None:
@@ -396,6 +405,8 @@ def _journal_row(line: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(record, dict) or not all(column in record for column in COLUMNS) or not isinstance(record["path_to_study"], str):
         return None
+    if not all(value is None or isinstance(value, (str, int, float)) for value in record.values()):
+        return None  # a damaged line: a report cell holds no list or object
     return record
 
 

@@ -34,8 +34,11 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
     folders). A folder holding no DICOM files of its own is searched further, so ZIPs grouped in
     sub-folders are found. A DICOM file lying directly in `folder` is one study (a multi-frame file).
     Hidden files and folders are ignored; an empty folder is no study; a link to `folder` itself or
-    to a folder above it is no study (it would hold every study again); only regular files are read
-    (a FIFO or a device would block the scan).
+    to a folder above it is no study (it would hold every study again), nor is a link to a study
+    found in `folder` (it would be sent twice); only regular files are read (a FIFO or a device would
+    block the scan). What cannot be read (a folder that cannot be listed, a file that cannot be
+    opened) is a study rather than nothing, so that its row says why: a folder holding it with no
+    DICOM file or ZIP readable is one such study, a folder of ZIPs lists it beside them.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -43,18 +46,57 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
     above = {root.resolve(), *root.resolve().parents}
     studies: list[StudyRef] = []
     for entry in _visible(root):
-        if entry.is_symlink() and entry.resolve() in above:
+        if entry.is_symlink() and resolved(entry) in above:
             continue
         if entry.is_dir():
-            if _holds_dicom(entry):
-                studies.append(_ref(entry, root, _tree_stat(entry)))
-            else:  # nothing below is DICOM: only the ZIPs in it are studies
-                studies.extend(_ref(path, root, _stat(path)) for path in _files(entry) if _is_zip(path, _head(path)))
+            studies.extend(_ref(path, root, stat) for path, stat in _studies_below(entry))
         elif entry.is_file() or entry.is_symlink():  # a dangling link named .zip is a study that fails to read
             head = _head(entry)
-            if _is_zip(entry, head) or _is_dicom(entry, head):
+            if head is None or _is_zip(entry, head) or _is_dicom(entry, head):
                 studies.append(_ref(entry, root, _stat(entry)))
-    return sorted(studies, key=lambda study: study.path_to_study)
+    return sorted(_each_once(studies), key=lambda study: study.path_to_study)
+
+
+def resolved(path: Path) -> Path | None:
+    """The path with its links followed; None for a link that loops (Python 3.11 raises RuntimeError)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def _studies_below(directory: Path) -> list[tuple[Path, tuple[int, float]]]:
+    """The studies of a sub-folder of the report's folder: itself if it holds a DICOM file (found
+    without reading every file's head), else its ZIPs and what cannot be read."""
+    unreadable: list[Path] = []
+    zips: list[Path] = []
+    for path in _files(directory, unreadable):
+        head = _head(path)
+        if head is None:
+            unreadable.append(path)
+        elif _is_dicom(path, head):
+            return [(directory, _tree_stat(directory))]
+        elif _is_zip(path, head):
+            zips.append(path)
+    if unreadable and not zips:  # reading it names what cannot be read
+        return [(directory, _tree_stat(directory))]
+    return [(path, _stat(path)) for path in zips + unreadable]
+
+
+def _each_once(studies: list[StudyRef]) -> list[StudyRef]:
+    """One study per file or folder reached: of the names that lead to the same place (a link to a
+    study in the folder, a linked group folder), the one without a link is kept, else the first."""
+    by_target: dict[Path, list[StudyRef]] = {}
+    once = []
+    for study in sorted(studies, key=lambda study: study.path_to_study):
+        target = resolved(study.path)
+        if target is None:
+            once.append(study)
+        else:
+            by_target.setdefault(target, []).append(study)
+    for target, names in by_target.items():
+        once.append(next((study for study in names if study.path.absolute() == target), names[0]))
+    return once
 
 
 def _ref(path: Path, root: Path, stat: tuple[int, float]) -> StudyRef:
@@ -65,16 +107,18 @@ def _visible(directory: Path) -> list[Path]:
     return [entry for entry in directory.iterdir() if not entry.name.startswith(".")]
 
 
-def _files(directory: Path):
-    for parent, folders, names in os.walk(directory):
+def _files(directory: Path, unlisted: list[Path] | None = None):
+    """The visible files below `directory`; the folders that cannot be listed go to `unlisted`."""
+
+    def cannot_list(error: OSError) -> None:
+        if unlisted is not None:
+            unlisted.append(Path(error.filename))
+
+    for parent, folders, names in os.walk(directory, onerror=cannot_list):
         folders[:] = [name for name in folders if not name.startswith(".")]
         for name in names:
             if not name.startswith("."):
                 yield Path(parent, name)
-
-
-def _holds_dicom(directory: Path) -> bool:
-    return any(_is_dicom(path, _head(path)) for path in _files(directory))
 
 
 def _tree_stat(directory: Path) -> tuple[int, float]:
@@ -95,14 +139,16 @@ def _stat(path: Path) -> tuple[int, float]:
     return (stat.st_size if path.is_file() else 0), max(stat.st_mtime, stat.st_ctime)
 
 
-def _head(path: Path) -> bytes:
+def _head(path: Path) -> bytes | None:
+    """Its first bytes; b"" for what is not a regular file (never opened: a FIFO would block), None
+    for a file that cannot be read."""
     try:
         if not path.is_file():
             return b""
         with open(path, "rb") as stream:
             return stream.read(_HEAD)
     except OSError:
-        return b""
+        return None
 
 
 # The reader's own rules, so discovery finds exactly what preprocess reads.

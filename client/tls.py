@@ -16,6 +16,7 @@ import ipaddress
 import os
 import re
 import ssl
+import stat
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -91,6 +92,8 @@ def checked_ca_file(path: PathLike) -> str:
     inside gevent, aiohttp or gRPC (which reads it only at the first connection)."""
     name = os.fspath(path)
     try:
+        if not stat.S_ISREG(os.stat(name).st_mode):  # a FIFO would block the read for ever
+            raise CAFileError(f"CA file {name} is not a regular file")
         ssl.create_default_context(cafile=name)
     except ssl.SSLError as error:  # an OSError too: before the OSError branch
         raise CAFileError(f"CA file {name} holds no PEM certificate ({error.reason or error})") from None

@@ -46,6 +46,7 @@ Study = Union[str, "os.PathLike[str]", bytes, Sequence[bytes]]
 PROTOCOLS = ("grpc", "http")
 _SYNC = {"grpc": tritonclient.grpc, "http": tritonclient.http}
 _DEFAULT_PORT = {"grpc": SERVING.grpc_port, "http": SERVING.http_port}
+MAX_TIMEOUT_S = 86400.0  # a day per request: gRPC fails a deadline past about 1e9 s at once (as "Deadline Exceeded")
 _OUTPUTS = (NAMES.probability, NAMES.pathology, NAMES.study_uid, NAMES.series_uid, NAMES.meta)
 # At S=256 the explanation adds 96 MiB to the answer (ATTRIBUTION FP16 32 MiB, VOLUME FP32 64 MiB):
 # over gRPC's default 4 MiB, within the 2 GiB (INT32_MAX) that tritonclient's channels (blocking and
@@ -291,6 +292,8 @@ class _Base:
         if self.model == NAMES.triage_explain and not self.explain:  # Triton would refuse every study (an ensemble deadlock)
             raise ValueError(f"{NAMES.triage_explain} answers with explanations: ask it with explain=True")
         self.timeout_s = float(timeout_s)
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:  # also refuses nan
+            raise ValueError(f"timeout_s must be above 0 and at most {MAX_TIMEOUT_S:.0f} s, not {timeout_s!r}")
         self.retry = retry
         self.shared_memory = shared_memory
         self._module = _SYNC[self.protocol]

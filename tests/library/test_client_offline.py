@@ -120,6 +120,62 @@ def test_discovery_never_blocks_on_a_fifo_nor_follows_a_link_back_up(tmp_path):
     assert [study.path_to_study for study in found] == ["linked", "s1"]
 
 
+def test_a_link_that_loops_is_no_traceback_and_a_link_to_a_study_inside_is_no_second_study(tmp_path):
+    _dicom_like(tmp_path / "patient1" / "IM0001")
+    (tmp_path / "exam.zip").write_bytes(b"PK\x03\x04rest")
+    (tmp_path / "latest").symlink_to(tmp_path / "patient1")  # the same study again
+    (tmp_path / "group").mkdir()
+    (tmp_path / "group" / "exam.zip").symlink_to(tmp_path / "exam.zip")
+    (tmp_path / "group" / "loop.zip").symlink_to(tmp_path / "group" / "loop.zip")
+    (tmp_path / "loop.zip").symlink_to(tmp_path / "loop.zip")
+    (tmp_path / "notes").symlink_to(tmp_path / "notes")
+
+    studies = client.discover_studies(tmp_path)
+
+    assert [study.path_to_study for study in studies] == ["exam.zip", "group/loop.zip", "loop.zip", "patient1"]
+    with client.TriageClient(f"127.0.0.1:{_closed_port()}", protocol="grpc") as triage:
+        result = triage.classify(studies[2].path)
+    assert result.processing_status == client.FAILURE and result.error.startswith("cannot read study:"), result.error
+
+
+def test_what_cannot_be_read_is_a_study_whose_row_says_so_not_left_out(tmp_path):
+    """A folder that cannot be listed or files that cannot be opened (another user's export, a copy
+    with the wrong permissions): their rows say why, instead of the studies silently missing. Root
+    reads everything, so discovery runs without the capabilities that let it."""
+    _dicom_like(tmp_path / "patientA" / "IM0001")
+    _dicom_like(tmp_path / "patientB" / "IM0001")
+    _dicom_like(tmp_path / "patientC" / "IM0001")
+    (tmp_path / "group" / "locked").mkdir(parents=True)
+    (tmp_path / "group" / "x.zip").write_bytes(b"PK\x03\x04rest")
+    (tmp_path / "group" / "unknown").write_bytes(b"PK\x03\x04rest")
+    locked = [tmp_path / "patientB", tmp_path / "patientC" / "IM0001", tmp_path / "group" / "locked", tmp_path / "group" / "unknown"]
+    for path in locked:
+        path.chmod(0)
+    tmp_path.chmod(0o755)
+    as_a_user = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    discover = "import sys, client; print(*(study.path_to_study for study in client.discover_studies(sys.argv[1])))"
+    try:
+        done = subprocess.run(
+            [*(as_a_user if os.geteuid() == 0 else []), sys.executable, "-c", discover, str(tmp_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        for path in locked:
+            path.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["group/locked", "group/unknown", "group/x.zip", "patientA", "patientB", "patientC"]
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1, float("nan"), 1e10])
+def test_a_timeout_gRPC_or_HTTP_cannot_keep_is_refused_at_construction(timeout_s):
+    for make in (client.TriageClient, client.AsyncTriageClient):
+        with pytest.raises(ValueError, match="timeout_s must be above 0 and at most 86400 s"):
+            make("127.0.0.1:1", protocol="grpc", timeout_s=timeout_s)
+
+
 def test_discovery_rejects_a_file(tmp_path):
     (tmp_path / "x.zip").write_bytes(b"PK\x03\x04")
     with pytest.raises(NotADirectoryError):

@@ -6,6 +6,7 @@ sends real requests through a TLS proxy."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socketserver
 import threading
@@ -122,9 +123,13 @@ def test_a_ca_file_with_https_is_taken(make, protocol, ca_file):
 def _unusable_ca_files(tmp_path):
     not_pem = tmp_path / "notes.txt"
     not_pem.write_text("not a certificate\n")
+    fifo = tmp_path / "ca.fifo"  # reading it would block for ever
+    if not fifo.exists():
+        os.mkfifo(fifo)
     return {
         tmp_path / "missing.pem": "cannot be read: No such file or directory",
-        tmp_path: "cannot be read: Is a directory",
+        tmp_path: "is not a regular file",
+        fifo: "is not a regular file",
         not_pem: "holds no PEM certificate",
     }
 

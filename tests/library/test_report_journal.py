@@ -120,9 +120,10 @@ def test_resume_keeps_the_latest_row_of_each_study_once(tmp_path):
 
 def test_text_from_the_studies_is_never_a_formula_and_reads_back_exactly(tmp_path):
     # folder names and DICOM headers are the studies' own text: formulas, control characters, an
-    # escape look-alike, a Latin-1 name (not UTF-8: an unpaired surrogate) and U+FFFE, which XML cannot hold
+    # escape look-alike, a Latin-1 name (not UTF-8: an unpaired surrogate), U+FFFE, which XML cannot hold,
+    # and carriage returns, which XML reading turns into line feeds
     formulas = ['=HYPERLINK("evil.example","open")', "-2+3", "@SUM(A1)", "'quoted"]
-    names = [*formulas, "esc\x1b[2J", "_x0041_", "M\udcdcLLER", "x\ufffey"]
+    names = [*formulas, "esc\x1b[2J", "_x0041_", "M\udcdcLLER", "x\ufffey", "cr\rname", "crlf\r\nname"]
     folder, out, csv_out = tmp_path / "studies", tmp_path / "report.xlsx", tmp_path / "report.csv"
     for name in names:
         _study(folder / name)
@@ -140,7 +141,9 @@ def test_text_from_the_studies_is_never_a_formula_and_reads_back_exactly(tmp_pat
     assert client.read_report(csv_out) == [{**row, "path_to_study": row["path_to_study"].replace("\udcdc", "\\udcdc")} for row in expected]
     with open(csv_out, newline="", encoding="utf-8") as stream:
         cells = {row[0]: row[1] for row in list(csv.reader(stream))[1:]}  # path_to_study: study_uid, as written
-    assert sorted(cells) == sorted(["'" + name for name in formulas] + ["esc\x1b[2J", "_x0041_", "M\\udcdcLLER", "x\ufffey"])
+    assert sorted(cells) == sorted(
+        ["'" + name for name in formulas] + ["esc\x1b[2J", "_x0041_", "M\\udcdcLLER", "x\ufffey", "cr\rname", "crlf\r\nname"]
+    )
     assert cells["esc\x1b[2J"] == "'=1+4\x01"  # an apostrophe before each formula
 
 
@@ -197,6 +200,32 @@ def test_a_report_inside_the_folder_is_not_taken_for_a_study(tmp_path):
     assert (summary.studies, summary.sent, summary.skipped) == (1, 0, 1)
 
 
+def _someones_csv(out: Path) -> None:
+    out.with_suffix(".csv").write_text("department,amount\nradiology,120000\n")
+
+
+def _someones_file_and_a_journal(out: Path) -> None:
+    """A journal beside --out does not make --out a report."""
+    out.write_bytes(b"someone's worklist")
+    _journal(out, out.parent / "studies", [])
+
+
+def _report_with_a_word_for_a_number(out: Path) -> None:
+    client.write_report([{**finished("s1"), "probability_of_pathology": "high"}], out)
+
+
+def _damaged_sheet(out: Path) -> None:
+    """A report whose sheet's XML was cut short (a copy interrupted, a disk error)."""
+    client.write_report([finished("s1")], out)
+    with zipfile.ZipFile(out) as archive:
+        parts = {name: archive.read(name) for name in archive.namelist()}
+    sheet = next(name for name in parts if name.startswith("xl/worksheets/"))
+    parts[sheet] = parts[sheet][: len(parts[sheet]) // 2]
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, data in parts.items():
+            archive.writestr(name, data)
+
+
 @pytest.mark.parametrize(
     "setup, options, message",
     [
@@ -206,6 +235,12 @@ def test_a_report_inside_the_folder_is_not_taken_for_a_study(tmp_path):
         (lambda out: None, ["--timeout", "0"], "argument --timeout: must be a number above 0"),
         (lambda out: None, ["--timeout", "inf"], "argument --timeout: must be a number above 0"),
         (lambda out: None, ["--max-mb-in-flight", "nan"], "argument --max-mb-in-flight: must be a number above 0"),
+        (lambda out: None, ["--max-mb-in-flight", "1e308"], "argument --max-mb-in-flight: must be at most 1048576 (1 TiB)"),
+        (lambda out: None, ["--timeout", "1e10"], "argument --timeout: must be at most 86400 (a day)"),
+        (_someones_csv, ["--csv", "{out_csv}", "--resume"], "report.csv is not a triage report: its header is not"),
+        (_someones_file_and_a_journal, [], "report.xlsx is not a triage report: it cannot be read (BadZipFile)"),
+        (_report_with_a_word_for_a_number, ["--resume"], "report.xlsx is not a triage report: row 2 holds a value of the wrong type"),
+        (_damaged_sheet, [], "report.xlsx is not a triage report: it cannot be read (ParseError)"),
     ],
 )
 def test_unusable_report_files_and_options_stop_the_run_before_any_study(tmp_path, capsys, setup, options, message):
@@ -213,7 +248,7 @@ def test_unusable_report_files_and_options_stop_the_run_before_any_study(tmp_pat
     folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
     _study(folder / "s1")
     setup(out)
-    before = out.read_bytes() if out.is_file() else None
+    before, journal_before = (path.read_bytes() if path.is_file() else None for path in (out, journal_path(out)))
     options = [option.format(out_csv=out.with_suffix(".csv")) for option in options]
     try:
         code = client_main(["report", str(folder), "--out", str(out), "--url", _closed_url(), *options])
@@ -222,7 +257,10 @@ def test_unusable_report_files_and_options_stop_the_run_before_any_study(tmp_pat
     assert code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], errors
-    assert (out.read_bytes() if out.is_file() else None) == before and not journal_path(out).exists()
+    assert (out.read_bytes() if out.is_file() else None) == before
+    assert (journal_path(out).read_bytes() if journal_path(out).exists() else None) == journal_before
+    csv_out = out.with_suffix(".csv")
+    assert not csv_out.is_file() or csv_out.read_text().startswith("department,amount")
 
 
 def test_a_journal_line_with_a_path_that_is_not_text_is_skipped(tmp_path):
@@ -230,8 +268,9 @@ def test_a_journal_line_with_a_path_that_is_not_text_is_skipped(tmp_path):
     journal = _journal(out, folder, [finished("s1")])
     with open(journal, "ab") as stream:
         stream.write(json.dumps({**finished("s2"), "path_to_study": ["s2"]}).encode() + b"\n")
+        stream.write(json.dumps({**finished("s3"), "study_uid": {"x": 1}}).encode() + b"\n")  # no cell holds that
     read = read_journal(journal)
-    assert [row["path_to_study"] for row in read.rows] == ["s1"] and read.unreadable == 1
+    assert [row["path_to_study"] for row in read.rows] == ["s1"] and read.unreadable == 2
 
 
 def test_without_resume_a_run_starts_a_new_journal(tmp_path):
