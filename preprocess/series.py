@@ -157,12 +157,13 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
     _check_hounsfield(frames)
     if any(f.slope <= 0 for f in frames):
         raise InconsistentSlicesError("invalid RescaleSlope/RescaleIntercept (slope must be positive)")
-    slope = max(f.slope for f in frames)
+    slopes = [f.slope for f in frames]
+    slope = min(slopes) if min(slopes) < limits.min_rescale_slope else max(slopes)
     intercept = max((f.intercept for f in frames), key=abs)
-    if slope > limits.max_rescale_slope or abs(intercept) > limits.max_abs_rescale_intercept:
+    if not limits.min_rescale_slope <= slope <= limits.max_rescale_slope or abs(intercept) > limits.max_abs_rescale_intercept:
         raise ImplausibleValueError(
             f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} are outside what CT uses "
-            f"(slope up to {limits.max_rescale_slope:g}, |intercept| up to {limits.max_abs_rescale_intercept:g})"
+            f"(slope {limits.min_rescale_slope:g} to {limits.max_rescale_slope:g}, |intercept| up to {limits.max_abs_rescale_intercept:g})"
         )
     row_dir, col_dir = _unit(orientations[0][:3]), _unit(orientations[0][3:])
     if row_dir is None or col_dir is None or abs(float(row_dir @ col_dir)) > 1e-3:

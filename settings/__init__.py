@@ -44,7 +44,10 @@ class InputLimits:
     # geometry and rescale values a CT series can have; outside them a header is broken or hostile
     min_spacing_mm: float = 0.05  # pixel spacing and slice step
     max_spacing_mm: float = 20.0
-    max_rescale_slope: float = 1000.0  # HU per stored unit (CT: almost always 1)
+    # HU per stored unit (CT: almost always 1); below the minimum even 16-bit values (65,536 of them)
+    # span less than the model's 1,600 HU window: the volume would be nearly constant
+    min_rescale_slope: float = 0.025
+    max_rescale_slope: float = 1000.0
     max_abs_rescale_intercept: float = 100_000.0
 
 

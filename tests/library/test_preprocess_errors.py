@@ -288,6 +288,7 @@ def _as_text(keyword: str, value):
         ("RescaleSlope", "inf", "RescaleSlope is not a finite number"),
         ("RescaleIntercept", "x", "RescaleIntercept is not a finite number"),
         ("RescaleSlope", "1e300", "RescaleSlope 1e\\+300 / RescaleIntercept -1024 are outside what CT uses"),
+        ("RescaleSlope", "1e-9", r"RescaleSlope 1e-09 / RescaleIntercept -1024 are outside what CT uses \(slope 0.025 to 1000,"),
         ("RescaleIntercept", "-1e9", "RescaleIntercept -1e\\+09 are outside what CT uses"),
         ("PixelSpacing", ["0.001", "0.001"], r"PixelSpacing 0.001\\0.001 mm is outside 0.05-20 mm"),
     ],
