@@ -52,12 +52,22 @@ def read_study(path: str | os.PathLike, limits: InputLimits = INPUT_LIMITS) -> l
         if total > limits.max_uncompressed_bytes:
             limit = _amount(limits.max_uncompressed_bytes)
             raise InputTooLargeError(f"the folder holds {_amount(total)} of DICOM, more than the limit of {limit}")
-        return [_read(file, f"file {k} of the folder") for k, (file, _) in enumerate(files, start=1)]
+        payload, left = [], limits.max_uncompressed_bytes
+        for k, (file, _) in enumerate(files, start=1):  # each read bounded too: a file may grow after its size was taken
+            payload.append(_read(file, f"file {k} of the folder", left + 1))
+            left -= len(payload[-1])
+            if left < 0:
+                raise InputTooLargeError(f"the folder grew past the limit of {_amount(limits.max_uncompressed_bytes)} while it was read")
+        return payload
     if root.is_file():
         size = root.stat().st_size
+        limit = _amount(limits.max_uncompressed_bytes)
         if size > limits.max_uncompressed_bytes:
-            raise InputTooLargeError(f"the file is {_amount(size)}, more than the limit of {_amount(limits.max_uncompressed_bytes)}")
-        return [_read(root, "the input file")]
+            raise InputTooLargeError(f"the file is {_amount(size)}, more than the limit of {limit}")
+        data = _read(root, "the input file", limits.max_uncompressed_bytes + 1)
+        if len(data) > limits.max_uncompressed_bytes:
+            raise InputTooLargeError(f"the file grew past the limit of {limit} while it was read")
+        return [data]
     raise EmptyInputError("input path does not exist or is not a file or folder")
 
 
@@ -65,10 +75,11 @@ def _amount(size: int) -> str:
     return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
-def _read(path: Path, label: str, size: int | None = None) -> bytes:
+def _read(path: Path, label: str, size: int) -> bytes:
+    """At most `size` bytes of the file."""
     try:
         with open(path, "rb") as stream:
-            return stream.read(size) if size is not None else stream.read()
+            return stream.read(size)
     except OSError as error:
         raise UnreadableInputError(f"{label} cannot be read ({error.strerror or type(error).__name__})") from None
 

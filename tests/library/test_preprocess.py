@@ -270,6 +270,26 @@ def test_read_study_forms(tmp_path):
     assert len(preprocess.read_study(phantom.write_study(tmp_path / "m.dcm", "multiframe"))) == 1
 
 
+def test_files_that_grow_after_their_size_was_taken_are_read_no_further_than_the_limit(tmp_path, monkeypatch):
+    """Sizes are checked before reading, but a file still being written grows in between: each read
+    is bounded by what is left of the limit, and going past it refuses the study."""
+    from preprocess import sources
+    from settings import InputLimits
+
+    phantom.write_study(tmp_path / "series", "series")
+    one = phantom.write_study(tmp_path / "s.zip", "zip")
+    listed = sources._study_files
+    monkeypatch.setattr(
+        sources, "_study_files", lambda root, limits: [(path, 1) for path, _ in listed(root, limits)]
+    )  # sizes as listed earlier
+    limits = InputLimits(max_uncompressed_bytes=10 * 2**10)
+    with pytest.raises(preprocess.InputTooLargeError, match=r"^the folder grew past the limit of 0.0 MiB while it was read$"):
+        sources.read_study(tmp_path / "series", limits)
+    monkeypatch.setattr(type(one), "stat", lambda path, **_: os.stat_result((0o100644, 0, 0, 1, 0, 0, 1, 0, 0, 0)))
+    with pytest.raises(preprocess.InputTooLargeError, match=r"^the file grew past the limit of 0.0 MiB while it was read$"):
+        sources.read_study(one, limits)
+
+
 def unzipped(archive: bytes) -> dict[str, bytes]:
     with zipfile.ZipFile(io.BytesIO(archive)) as opened:
         return {name: opened.read(name) for name in opened.namelist()}
