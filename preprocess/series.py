@@ -4,7 +4,8 @@ The rule is data (`SelectionRule`), applied in this order to every series:
   1. modality is CT (every image);  2. not a localizer/scout/topogram (localizer images filed in a volume's series
   are set aside);  3. every slice has pixels, position, orientation and pixel spacing, all slices the
   same size, spacing, orientation and pixel storage, with stored values that are (or rescale to) HU;
-  4. axial (slice normal within `max_axial_angle_deg` of the patient's cranio-caudal axis);
+  4. axial (slice normal within `max_axial_angle_deg` of the patient's cranio-caudal axis, rows and
+     columns within `max_inplane_angle_deg` of a patient axis);
   5. at least `min_slices` distinct slices, within settings.INPUT_LIMITS;
   6. slices sorted by position projected on the slice normal are evenly spaced (no gap, no
      duplicate position, each within `grid_tolerance` of a step of its place on the even grid)
@@ -57,6 +58,7 @@ class SelectionRule:
     modality: str = "CT"
     localizer_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW")
     max_axial_angle_deg: float = 30.0  # slice normal vs patient z
+    max_inplane_angle_deg: float = 30.0  # image rows and columns vs the nearest patient axis
     spacing_tolerance: float = 0.10  # relative deviation of one slice step from the median step
     grid_tolerance: float = 0.25  # deviation of a slice from the even grid the volume assumes, in slice steps
     max_tilt_deg: float = 1.0  # sideways shift of the stack per step, as an angle
@@ -172,6 +174,13 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
     angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
     if angle > rule.max_axial_angle_deg:
         raise NotAxialError(f"slices are not axial (slice normal {angle:.0f} degrees from the body axis)")
+    # axes are put in the model's order by flips and transposes only: a rotation within the plane would stay in the volume
+    rotation = max(math.degrees(math.acos(min(1.0, float(np.abs(d).max())))) for d in (row_dir, col_dir))
+    if rotation > rule.max_inplane_angle_deg:
+        raise NotAxialError(
+            f"slices are rotated in their plane (image rows or columns {rotation:.0f} degrees from the nearest patient axis, "
+            f"at most {rule.max_inplane_angle_deg:g})"
+        )
     if normal[2] < 0:
         normal = -normal  # stack towards the head whatever the acquisition direction
     unique: dict[tuple, Frame] = {}

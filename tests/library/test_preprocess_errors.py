@@ -226,6 +226,18 @@ def test_sagittal_series(series):
     refused(edit(series, sagittal), preprocess.NotAxialError, "not axial \\(slice normal 90 degrees")
 
 
+@pytest.mark.parametrize("degrees, message", [(40, "40 degrees from the nearest patient axis, at most 30"), (20, None)])
+def test_slices_rotated_in_their_plane(series, degrees, message):
+    """Axial slices whose rows run 40 degrees off the patient's x axis: flips and transposes would leave
+    the chest rotated in the model's input, so it is refused; 20 degrees is within the limit."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    rotated = edit(series, lambda ds, k: setattr(ds, "ImageOrientationPatient", [c, s, 0, -s, c, 0]))
+    if message:
+        refused(rotated, preprocess.NotAxialError, f"slices are rotated in their plane \\(image rows or columns {message}\\)")
+    else:
+        assert preprocess.preprocess_study(rotated, size=S).volume.shape == (1, 1, S, S, S)
+
+
 def test_all_air_is_an_empty_volume(series):
     def air(ds, k):
         ds.PixelData = np.full((ds.Rows, ds.Columns), 24, dtype=np.uint16).tobytes()  # -1000 HU
