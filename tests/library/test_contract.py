@@ -38,11 +38,16 @@ def test_pathology_when_probability_reaches_threshold(p, threshold, expected):
 
 @pytest.mark.parametrize(
     "probabilities",
-    [[0.5, 0.5, 0.0], [0.2], [np.nan, 1.0], [0.7, 0.7], [-0.2, 1.2], [np.inf, 0.0]],
+    [[0.5, 0.5, 0.0], [0.2], [np.nan, 1.0], [0.7, 0.7], [-0.2, 1.2], [np.inf, 0.0], [0.0, 1.0009], [1.0009, 0.0]],
 )
 def test_decision_refuses_what_is_not_a_distribution(probabilities):
     with pytest.raises(DecisionError):
         decide(np.array(probabilities, dtype=np.float32), 0.5)
+
+
+def test_a_probability_one_float32_step_above_1_is_reported_as_1():
+    decision = decide(np.array([0.0, np.nextafter(np.float32(1), np.float32(2))], dtype=np.float32), 0.5)
+    assert decision.probability == 1.0 and decision.pathology == 1
 
 
 @pytest.mark.parametrize("value", ["0", "0.35", "1", 0.2])

@@ -196,16 +196,37 @@ def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_model_is_r
     assert busy[0].pid not in {s.pid for s in server.stubs()}
 
 
-def test_a_request_that_aborts_tritonserver_gets_it_restarted(server, study, answer):
-    """Triton 2.51's HTTP front end allocates a JSON `data` tensor by its declared shape before checking
-    the batch size: 100,000 x 64^3 FP32 (100 GB) aborts the server. The watchdog restarts it."""
+# Requests that kill Triton 2.51 itself, each by a bug of its core: the watchdog restarts it.
+_KILLING_REQUESTS = {
+    # the HTTP front end allocates a JSON `data` tensor by its declared shape before checking the batch
+    # size: 100,000 x 64^3 FP32 (100 GB) aborts the server (SIGABRT)
+    "json-shape": (NAMES.classifier, {"inputs": [{"name": NAMES.volume, "shape": BATCH, "datatype": "FP32", "data": [0.0]}]}, -6),
+    # classification asked of a BYTES output (META, the UIDs) divides by its element size, 0 (SIGFPE)
+    "classification": (
+        NAMES.postprocess,
+        {
+            "inputs": [
+                {"name": NAMES.probabilities, "shape": [1, 2], "datatype": "FP32", "data": [0.3, 0.7]},
+                {"name": NAMES.meta, "shape": [1], "datatype": "BYTES", "data": ["{}"]},
+            ],
+            "outputs": [{"name": NAMES.meta, "parameters": {"classification": 1}}],
+        },
+        -8,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", _KILLING_REQUESTS)
+def test_a_request_that_kills_tritonserver_gets_it_restarted(server, study, answer, kind):
+    """Any caller of the inference API can send these (documented in serve/README.md, "Faults")."""
+    model, body, code = _KILLING_REQUESTS[kind]
     done = len(server.recoveries)
     old = server.pid
-    body = {"inputs": [{"name": NAMES.volume, "shape": BATCH, "datatype": "FP32", "data": [0.0]}]}
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/infer", data=json.dumps(body).encode())
     with pytest.raises((urllib.error.URLError, ConnectionError)):
-        infer_classifier(server, json.dumps(body).encode())
+        urllib.request.urlopen(request, timeout=60)
     restart = recovery(server, done + 1)
-    assert restart.ok and restart.action == "restart" and restart.reason == "tritonserver exited with code -6", restart
+    assert restart.ok and restart.action == "restart" and restart.reason == f"tritonserver exited with code {code}", restart
     assert server.pid != old and server.is_running()
     assert classify(server, study).probability_of_pathology == pytest.approx(answer, abs=1e-6)
-    assert "ct-triage watchdog: tritonserver exited with code -6: restart done" in server.log_file.read_text()
+    assert f"ct-triage watchdog: tritonserver exited with code {code}: restart done" in server.log_file.read_text()
