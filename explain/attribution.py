@@ -84,10 +84,10 @@ class Explainer:
             raise ExplainError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
         if not 1 <= steps <= MAX_STEPS:
             raise ExplainError(f"integrated_gradients steps must be 1..{MAX_STEPS}, not {steps}")
-        if not (1 <= window <= self.size and self.size % window == 0):
+        if method == "occlusion" and not (1 <= window <= self.size and self.size % window == 0):  # the others have no window
             raise ExplainError(f"occlusion window must divide S={self.size}, not {window}")
-        passes = (self.size // window) ** 3 + 1
-        if method == "occlusion" and passes > MAX_OCCLUSION_PASSES:
+        passes = (self.size // window) ** 3 + 1 if method == "occlusion" else 0
+        if passes > MAX_OCCLUSION_PASSES:
             raise ExplainError(
                 f"occlusion window {window} at S={self.size} costs {passes} forward passes per study, more than the limit of "
                 f"{MAX_OCCLUSION_PASSES}: the window must be at least S/16 = {max(1, self.size // 16)}"

@@ -127,3 +127,6 @@ def test_occlusion_is_bounded_by_its_forward_passes_and_other_methods_ignore_the
     with pytest.raises(ExplainError, match="16777217 forward passes"):
         Explainer(region_classifier, size=256, method="occlusion", window=1)
     assert Explainer(region_classifier, size=32, method="gradcam", window=1).method == "gradcam"
+    assert Explainer(region_classifier, size=24, method="gradcam").method == "gradcam"  # 16 does not divide 24: gradcam has no window
+    with pytest.raises(ExplainError, match="occlusion window must divide S=24, not 16"):
+        Explainer(region_classifier, size=24, method="occlusion")
