@@ -34,6 +34,24 @@ def worker_threads(requested: int | None) -> int:
     return requested
 
 
+MAX_INSTANCE_THREADS = 1024  # a model instance's `threads` parameter: far past any CPU, short of exhausting the process
+
+
+def instance_threads(model: str, setting: str, instances: int) -> int:
+    """A Python-backend model's `threads` parameter: "0" shares the CPUs this server may use evenly
+    among the model's `instances`; anything but 0 to MAX_INSTANCE_THREADS is refused at load time,
+    naming the parameter (torch took a negative count with an error that named nothing, and 10^6
+    threads with an unrelated out-of-memory error)."""
+    try:
+        threads = int(setting)
+    except ValueError:
+        raise ValueError(f"{model}: parameter threads must be an integer, not {setting!r}") from None
+    if not 0 <= threads <= MAX_INSTANCE_THREADS:
+        shared = "0 (the CPUs shared among its instances)"
+        raise ValueError(f"{model}: parameter threads must be {shared} to {MAX_INSTANCE_THREADS}, not {threads}")
+    return threads or max(1, available_cpus() // max(1, instances))
+
+
 def instance_device(model: str, setting: str, args: dict) -> str:
     """A Python-backend model's `device` parameter as a torch device ("cpu" or "cuda:<the instance's
     GPU>"), refused at load time with the fix in the message (ct_preprocess and ct_explain share it)."""

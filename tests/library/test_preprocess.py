@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -409,3 +410,22 @@ def test_worker_threads_come_from_what_the_process_may_use(tmp_path, monkeypatch
     assert preprocess.available_cpus() == 1
     quota.write_text("max 100000\n")
     assert preprocess.available_cpus() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("-1", "0 (the CPUs shared among its instances) to 1024, not -1"),
+        ("4000000", "to 1024, not 4000000"),
+        ("two", "an integer, not 'two'"),
+    ],
+)
+def test_a_models_threads_parameter_is_refused_at_load_naming_it(setting, message):
+    """ct_preprocess, ct_classifier and ct_explain read it alike: torch took -1 with an error that named
+    nothing, and a million threads until an unrelated out-of-memory error."""
+    from preprocess.workers import instance_threads
+
+    assert instance_threads("ct_explain", "3", instances=2) == 3
+    assert instance_threads("ct_explain", "0", instances=1) == preprocess.available_cpus()  # shared among the instances
+    with pytest.raises(ValueError, match=rf"^ct_explain: parameter threads must be .*{re.escape(message)}$"):
+        instance_threads("ct_explain", setting, instances=1)

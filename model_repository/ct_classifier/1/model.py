@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from classifier import OpenVINOClassifier, file_sha256
 from contract import ContractError, check_model_range
-from preprocess.workers import available_cpus
+from preprocess.workers import instance_threads
 from settings import NAMES
 
 
@@ -31,7 +31,7 @@ class TritonPythonModel:
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
         instances = sum(group.get("count", 1) for group in config.get("instance_group", [])) or 1
-        threads = int(parameters.get("threads", "0")) or max(1, available_cpus() // instances)
+        threads = instance_threads(args["model_name"], parameters.get("threads", "0"), instances)
         size = int(config["input"][0]["dims"][-1])
         precision = parameters.get("precision", "fp32")
         try:

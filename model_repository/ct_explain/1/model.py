@@ -21,7 +21,7 @@ import triton_python_backend_utils as pb_utils
 from classifier import file_sha256
 from contract import internal_error
 from explain import Explainer, ExplainError
-from preprocess.workers import available_cpus, instance_device
+from preprocess.workers import instance_device, instance_threads
 from settings import NAMES
 
 WEIGHTS = "weights.pt"
@@ -45,8 +45,7 @@ class TritonPythonModel:
                 f"{NAMES.explain}: {WEIGHTS} is not the file export recorded in provenance.json: export again"
             )
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
-        threads = _integer(parameters, "threads", "0")
-        self.threads = threads or max(1, available_cpus() // instances)
+        self.threads = instance_threads(NAMES.explain, parameters.get("threads", "0"), instances)
         torch.set_num_threads(self.threads)
         size = int(pb_utils.get_input_config_by_name(config, NAMES.volume)["dims"][-1])  # [1, 1, S, S, S]
         try:

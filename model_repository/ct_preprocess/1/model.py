@@ -23,7 +23,7 @@ import triton_python_backend_utils as pb_utils
 
 import preprocess
 from contract import internal_error, metric_update
-from preprocess.workers import instance_device
+from preprocess.workers import instance_device, instance_threads
 from settings import INPUT_LIMITS, METRICS, NAMES, SERVING
 
 
@@ -33,12 +33,10 @@ class TritonPythonModel:
         dims = pb_utils.get_output_config_by_name(config, NAMES.volume)["dims"]
         self.size = int(dims[-1])  # the volume is [1, 1, S, S, S]; S is written once, in the config
         parameters = config.get("parameters", {})
-        threads = int(parameters.get("threads", {}).get("string_value", "0"))
         device = instance_device(NAMES.preprocess, parameters.get("device", {}).get("string_value", "cpu"), args)
         self.device = None if device == "cpu" else device  # None: the CPU path, numpy volumes
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
-        # "0": the CPUs this server may use, shared evenly among the instances that run at once
-        self.threads = threads or max(1, preprocess.available_cpus() // instances)
+        self.threads = instance_threads(NAMES.preprocess, parameters.get("threads", {}).get("string_value", "0"), instances)
         self.instance = args["model_instance_name"]
         self.logger = pb_utils.Logger
         self.preprocess_study = preprocess.preprocess_study  # loads the pipeline now, not on the first request
