@@ -35,6 +35,9 @@ _CALIBRATION_SIZE = 64
 _LIST_LIMIT = 8  # keys named in one error line; the rest are counted
 _STEM_KEYS = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight")
 _KNOWN_BLOCK_LAYOUTS = {(1, 1, 1, 1): "ResNet-10", (2, 2, 2, 2): "ResNet-18"}  # ResNet-50's layout is ResNet-34's: its shapes differ
+# The dtypes weights may be stored in: each converts to the network's float32, checked after.
+_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_COUNTER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # BatchNorm's num_batches_tracked
 
 
 @dataclass(frozen=True)
@@ -157,22 +160,49 @@ def _match(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]
         ]
         more = f" (+{len(mismatched) - _LIST_LIMIT} more)" if len(mismatched) > _LIST_LIMIT else ""
         raise ArchitectureError(f"{name}: shape mismatch: " + "; ".join(details) + more)
-    _check_values(state, expected, name)
-    return {key: state[key].to(expected[key].dtype).contiguous() for key in expected}
+    _check_tensors(state, expected, name)
+    converted = {key: state[key].to(expected[key].dtype).contiguous() for key in expected}
+    _check_values(converted, state, name)
+    return converted
 
 
-def _check_values(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], name: str) -> None:
-    """Weights the network can compute with: the conversion to its dtypes would turn integers into
-    zeros silently, and a NaN, an infinity or a negative variance would reach the served model (or
-    fail parity, blamed on the export)."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_tensors(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], name: str) -> None:
+    """Tensors the conversion to the network's dtypes and the value checks can handle: dense CPU
+    tensors (sparse and meta tensors load, then crash them with a traceback) of a floating-point
+    dtype they know (integers would silently become zeros; float8 types crash the check)."""
     for key in expected:
         value = state[key]
+        if value.layout != torch.strided:
+            layout = str(value.layout).removeprefix("torch.")
+            raise CheckpointError(f"{name}: {key} is a {layout} tensor, not a dense (strided) one; save it with .to_dense()")
+        if value.device.type != "cpu":
+            placeholder = " (a placeholder without values)" if value.device.type == "meta" else ""
+            raise CheckpointError(f"{name}: {key} is a tensor on the {value.device.type} device{placeholder}, not a CPU tensor")
+        if key.endswith("num_batches_tracked"):
+            if value.dtype not in _COUNTER_DTYPES:
+                raise CheckpointError(f"{name}: {key} holds {_dtype_name(value.dtype)} values, not an integer counter")
+        elif value.dtype not in _WEIGHT_DTYPES:
+            what = "not floating-point weights" if not value.is_floating_point() else "a dtype export does not convert"
+            choices = ", ".join(_dtype_name(dtype) for dtype in _WEIGHT_DTYPES)
+            raise CheckpointError(f"{name}: {key} holds {_dtype_name(value.dtype)} values, {what} (use {choices})")
+
+
+def _check_values(converted: dict[str, torch.Tensor], state: dict[str, torch.Tensor], name: str) -> None:
+    """Weights the network can compute with, checked as exported (float32): a NaN, an infinity
+    (also a float64 value beyond float32's range) or a negative variance would reach the served
+    model (or fail parity, blamed on the export)."""
+    for key, value in converted.items():
         if key.endswith("num_batches_tracked"):
             continue
-        if not value.is_floating_point():
-            raise CheckpointError(f"{name}: {key} holds {str(value.dtype).removeprefix('torch.')} values, not floating-point weights")
         if not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{name}: {key} holds non-finite values (NaN or infinite)")
+            stored = state[key]
+            beyond = stored.dtype != value.dtype and bool(torch.isfinite(stored).all())
+            where = f" as {_dtype_name(value.dtype)}: its {_dtype_name(stored.dtype)} values lie beyond that range" if beyond else ""
+            raise CheckpointError(f"{name}: {key} holds non-finite values (NaN or infinite){where}")
         if key.endswith("running_var") and bool((value < 0).any()):
             raise CheckpointError(f"{name}: {key} holds negative variances")
 

@@ -191,6 +191,39 @@ def test_weights_the_network_cannot_compute_with_are_refused(tmp_path, trained, 
         load_checkpoint(_save(tmp_path, dict(trained, **{key: value(trained[key])})))
 
 
+def test_values_are_checked_as_exported_in_float32(tmp_path, trained):
+    """A float64 value beyond float32's range is finite where it is stored and infinite in the exported
+    weights: the check runs on what is exported. Float64 weights within range load."""
+    variances = trained["layer1.0.bn1.running_var"].double()
+    loaded = load_checkpoint(_save(tmp_path, dict(trained, **{"layer1.0.bn1.running_var": variances})))
+    assert loaded.state_dict["layer1.0.bn1.running_var"].dtype == torch.float32
+    assert torch.equal(loaded.state_dict["layer1.0.bn1.running_var"], variances.float())
+    variances[0] = 1e300
+    with pytest.raises(
+        CheckpointError, match=r"layer1\.0\.bn1\.running_var holds non-finite values \(NaN or infinite\) as float32: its float64"
+    ):
+        load_checkpoint(_save(tmp_path, dict(trained, **{"layer1.0.bn1.running_var": variances})))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("fc.bias", lambda w: w.to(torch.float8_e4m3fn), r"fc\.bias holds float8_e4m3fn values, a dtype export does not convert"),
+        ("fc.weight", lambda w: w.to_sparse(), r"fc\.weight is a sparse_coo tensor, not a dense \(strided\) one"),
+        ("fc.weight", lambda w: w.to_sparse_csr(), r"fc\.weight is a sparse_csr tensor, not a dense \(strided\) one"),
+        ("fc.bias", lambda w: torch.empty_like(w, device="meta"), r"fc\.bias is a tensor on the meta device \(a placeholder"),
+        ("bn1.num_batches_tracked", lambda w: w.to("meta"), r"bn1\.num_batches_tracked is a tensor on the meta device"),
+        ("conv1.weight", lambda w: w.to(torch.complex64), "conv1.weight holds complex64 values, not floating-point weights"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_tensors_the_checks_cannot_handle_are_refused(tmp_path, trained, key, value, message):
+    """torch.load(weights_only=True) reads these; the conversion or the value check would crash on them
+    with a traceback: refused in one line that names the tensor and what it is."""
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_save(tmp_path, dict(trained, **{key: value(trained[key])})))
+
+
 def test_no_resnet_at_all(tmp_path):
     with pytest.raises(ArchitectureError, match="no stem keys"):
         load_checkpoint(_save(tmp_path, {"encoder.weight": torch.zeros(2, 2)}))
