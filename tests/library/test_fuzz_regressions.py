@@ -155,9 +155,10 @@ def test_many_small_members_are_bounded_by_the_archive_ratio():
         expand([archive])
 
 
-def test_deflate_bomb_in_a_dicom_file_is_refused_before_pydicom_inflates_it():
+def deflated_ct_small(private_value: bytes) -> bytes:
+    """CT_small.dcm as a Deflated Explicit VR Little Endian file, with a private OB element added."""
     ds = pydicom.dcmread(packaged_file("CT_small.dcm"))
-    ds.add_new(0x00091010, "OB", bytes(20 * 2**20))
+    ds.add_new(0x00091010, "OB", private_value)
     meta, body = DicomBytesIO(), DicomBytesIO()
     meta.is_little_endian = body.is_little_endian = True
     meta.is_implicit_VR, body.is_implicit_VR = False, False
@@ -165,7 +166,11 @@ def test_deflate_bomb_in_a_dicom_file_is_refused_before_pydicom_inflates_it():
     write_file_meta_info(meta, ds.file_meta)
     write_dataset(body, ds)
     deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-    data = b"\0" * 128 + b"DICM" + meta.getvalue() + deflate.compress(body.getvalue()) + deflate.flush()
+    return b"\0" * 128 + b"DICM" + meta.getvalue() + deflate.compress(body.getvalue()) + deflate.flush()
+
+
+def test_deflate_bomb_in_a_dicom_file_is_refused_before_pydicom_inflates_it():
+    data = deflated_ct_small(bytes(20 * 2**20))
     with pytest.raises(preprocess.InputTooLargeError, match=r"file 1: the deflated data set inflates to more than .* treated as a bomb"):
         parse([Blob(data, "file 1")])
 
@@ -183,16 +188,7 @@ def test_a_deflated_file_within_the_ratio_is_read_with_its_pixels():
 def test_bytes_after_a_deflated_data_set_over_one_mib_end_the_bound_check():
     """The bound's inflate loop spun forever (the fuzzer's timeout): once a call is cut at 1 MiB, the
     bytes after the stream's end stay in zlib's unconsumed_tail and nothing more comes out."""
-    ds = pydicom.dcmread(packaged_file("CT_small.dcm"))
-    ds.add_new(0x00091010, "OB", np.random.default_rng(0).bytes(3 * 2**19))  # 1.5 MiB that do not compress
-    meta, body = DicomBytesIO(), DicomBytesIO()
-    meta.is_little_endian = body.is_little_endian = True
-    meta.is_implicit_VR, body.is_implicit_VR = False, False
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
-    write_file_meta_info(meta, ds.file_meta)
-    write_dataset(body, ds)
-    deflate = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-    data = b"\0" * 128 + b"DICM" + meta.getvalue() + deflate.compress(body.getvalue()) + deflate.flush() + b"\xff" * 100
+    data = deflated_ct_small(np.random.default_rng(0).bytes(3 * 2**19)) + b"\xff" * 100  # 1.5 MiB that do not compress
     frames, _ = parse([Blob(data, "file 1")])
     assert [(frame.rows, frame.columns) for frame in frames] == [(128, 128)]
 
