@@ -13,6 +13,7 @@ import functools
 import logging
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,10 @@ _CALIBRATION_SIZE = 64
 _LIST_LIMIT = 8  # keys named in one error line; the rest are counted
 _STEM_KEYS = ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight")
 _KNOWN_BLOCK_LAYOUTS = {(1, 1, 1, 1): "ResNet-10", (2, 2, 2, 2): "ResNet-18"}  # ResNet-50's layout is ResNet-34's: its shapes differ
+# A checkpoint's records may hold this many times the network's float32 weights (about 2 GB): room
+# for a Lightning checkpoint's optimizer state (Adam: two moments per weight) even in float64, while
+# torch.load, which reads every record into memory, stays within a machine's means.
+CHECKPOINT_SIZE_FACTOR = 8
 # The dtypes weights may be stored in: each converts to the network's float32, checked after.
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _COUNTER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # BatchNorm's num_batches_tracked
@@ -67,11 +72,45 @@ def _key_list(keys: list[str]) -> str:
     return shown + (f" (+{len(keys) - _LIST_LIMIT} more)" if len(keys) > _LIST_LIMIT else "")
 
 
+@functools.cache
+def most_checkpoint_bytes() -> int:
+    """The most a checkpoint's records may hold once read (CHECKPOINT_SIZE_FACTOR x the float32 network)."""
+    return CHECKPOINT_SIZE_FACTOR * 4 * sum(value.numel() for value in _network_state().values())
+
+
+def _check_archive(path: Path) -> None:
+    """torch.load inflates a compressed record of its zip format in full before anything can be
+    checked (a 2 MB file can hold gigabytes of zeros), so the records are looked at first: torch.save
+    never compresses them, and together they may hold at most most_checkpoint_bytes(). Files in the
+    legacy (non-zip) format are left to torch.load."""
+    with path.open("rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":  # torch's own test for its zip format
+            return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError) as error:
+        raise CheckpointError(f"{path.name} is not a PyTorch checkpoint: {error}") from None
+    compressed = [record.filename for record in records if record.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(
+            f"{path.name} has compressed records ({_key_list(compressed)}), which torch.save never writes and "
+            "torch.load would inflate in full: refused; save the state_dict with torch.save"
+        )
+    total, bound = sum(record.file_size for record in records), most_checkpoint_bytes()
+    if total > bound:
+        raise CheckpointError(
+            f"{path.name} holds {total / 1e9:.2f} GB of records, more than the {bound / 1e9:.2f} GB a checkpoint of this "
+            f"network may hold ({CHECKPOINT_SIZE_FACTOR}x its float32 weights); save the state_dict alone"
+        )
+
+
 def _read(path: Path) -> object:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint is not a file: {path}")
+    _check_archive(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -222,6 +224,42 @@ def test_tensors_the_checks_cannot_handle_are_refused(tmp_path, trained, key, va
     with a traceback: refused in one line that names the tensor and what it is."""
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(_save(tmp_path, dict(trained, **{key: value(trained[key])})))
+
+
+def _rezip(source, destination, compression=zipfile.ZIP_DEFLATED):
+    """The records of a torch.save file written again into a zip with `compression`."""
+    with zipfile.ZipFile(source) as original, zipfile.ZipFile(destination, "w", compression) as rewritten:
+        for record in original.infolist():
+            rewritten.writestr(record.filename, original.read(record))
+    return destination
+
+
+def test_compressed_records_are_refused_before_torch_load_inflates_them(tmp_path):
+    """A zip bomb: 4 MB of zeros deflate to a few KB, and torch.load would inflate every record in
+    full (a 2 MB file made export use 2.3 GB); torch.save never compresses, so any compression is refused."""
+    bomb = _rezip(_save(tmp_path, {"conv1.weight": torch.zeros(2**20)}, "zeros.pth"), tmp_path / "bomb.pth")
+    assert bomb.stat().st_size < 2**20 // 20
+    with pytest.raises(CheckpointError, match=r"bomb\.pth has compressed records \(.*data/0.*\), which torch\.save never writes"):
+        load_checkpoint(bomb)
+
+
+def test_records_declaring_more_than_a_checkpoint_may_hold_are_refused(tmp_path):
+    """The sizes the zip declares are checked before torch.load reads a record: a few bytes stored, 3 GB declared."""
+    data = bytearray(_save(tmp_path, {"conv1.weight": torch.zeros(16)}, "small.pth").read_bytes())
+    entries = [i for i in range(len(data)) if data.startswith(b"PK\x01\x02", i)]  # the central directory
+    (entry,) = [i for i in entries if data[i + 46 : i + 46 + struct.unpack_from("<H", data, i + 28)[0]].endswith(b"data/0")]
+    struct.pack_into("<I", data, entry + 24, 3 * 2**30)  # its uncompressed size: 3 GB
+    (tmp_path / "declared.pth").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"declared\.pth holds 3\.22 GB of records, more than the 2\.03 GB"):
+        load_checkpoint(tmp_path / "declared.pth")
+    assert export.checkpoint.most_checkpoint_bytes() == export.checkpoint.CHECKPOINT_SIZE_FACTOR * 4 * 63_312_099
+
+
+def test_a_checkpoint_in_torch_legacy_format_loads(tmp_path, trained):
+    path = tmp_path / "legacy.pth"
+    torch.save(trained, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
+    assert all(torch.equal(value, trained[key]) for key, value in load_checkpoint(path).state_dict.items())
 
 
 def test_no_resnet_at_all(tmp_path):
