@@ -168,6 +168,8 @@ def target_configs(target: str, repository: Path = COMMITTED) -> dict[str, model
     configs = {}
     for folder in model_folders(repository):
         path = config_path(folder, target)
+        if not path.is_file():
+            raise ExportError(f"{folder} holds no {CONFIG}: not a model folder, which Triton cannot load; remove it from {repository}")
         config = parse_config(path.read_text(), str(path.relative_to(repository.parent)))
         if config.name and config.name != folder.name:
             raise ExportError(f"{path} names the model {config.name!r}, not {folder.name!r}")
@@ -291,6 +293,16 @@ def _check_folder(folder: Path, kind: str) -> None:
         raise OutputFolderError(f"cannot create {folder}: {parent} is not a writable folder")
 
 
+def _check_outside(folder: Path, source: Path, what: str) -> None:
+    """An output inside the source repository is a folder Triton takes for a model (and every later
+    export of the source fails on it); one around it would hold the source. Checked before any work."""
+    if folder == source or source in folder.parents:
+        where = "the source repository" if folder == source else f"inside the source repository {source}"
+        raise OutputFolderError(f"the {what} {folder} is {where}: choose a folder outside it")
+    if folder in source.parents:
+        raise OutputFolderError(f"the {what} {folder} holds the source repository {source}: choose a folder outside it")
+
+
 def _marker(kind: str, **fields) -> str:
     """The MARKER of a folder export wrote: which kind of output it is, and what it holds."""
     return json.dumps({"written_by": "python -m export", "kind": kind, **fields}, indent=2) + "\n"
@@ -400,6 +412,10 @@ def write_repository(
             f"{', '.join(sorted(given))}: the committed repository's configs set these; edit them there, "
             "or render a copy with other values into another folder (--out)"
         )
+    artifacts = Path(artifacts_dir).resolve() if artifacts_dir is not None else repository.with_name(repository.name + ARTIFACTS_SUFFIX)
+    if not in_place:
+        _check_outside(repository, source, "output folder")
+    _check_outside(artifacts, source, "artifacts folder")
     if in_place:
         configs = target_configs(target, source)
         options = serving_options(configs)
@@ -409,7 +425,6 @@ def write_repository(
     parity_size = validate_size(min(options.size, parity.MAX_PARITY_SIZE) if parity_size is None else parity_size, "parity size")
     if (checkpoint is None) == (not demo_weights):
         raise ExportError("give exactly one of a checkpoint or demo weights")
-    artifacts = Path(artifacts_dir).resolve() if artifacts_dir is not None else repository.with_name(repository.name + ARTIFACTS_SUFFIX)
     if artifacts == repository or artifacts in repository.parents or repository in artifacts.parents:
         raise OutputFolderError(
             f"the artifacts folder {artifacts} and the repository {repository} must be separate, neither inside the other"

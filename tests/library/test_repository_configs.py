@@ -4,6 +4,7 @@ settings and with each other, and the rules that render a copy at another S or f
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -263,6 +264,33 @@ def test_an_artifacts_folder_never_takes_the_place_of_a_repository(tmp_path):
         with pytest.raises(export.OutputFolderError, match=message):
             export.write_repository(out, target="cpu", size=16, demo_weights=True, artifacts_dir=artifacts)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"] and [p.name for p in earlier.iterdir()] == [export.MARKER]
+
+
+def test_outputs_inside_or_around_the_source_repository_are_refused_before_any_work(tmp_path, monkeypatch):
+    """A folder written into the source repository is one Triton takes for a model, without a config:
+    every later export of the source failed on it with a traceback."""
+    source = tmp_path / "model_repository"
+    shutil.copytree(export.COMMITTED, source, ignore=shutil.ignore_patterns("__pycache__", *export.repository.GENERATED))
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+
+    def no_work():
+        raise AssertionError("the export began")
+
+    monkeypatch.setattr(export.repository, "make_demo_weights", no_work)
+    cases = [
+        (source / "s16", None, r"output folder .*/model_repository/s16 is inside the source repository"),
+        (tmp_path / "out", source / "kept", r"artifacts folder .*/model_repository/kept is inside the source repository"),
+        (None, source, r"artifacts folder .*/model_repository is the source repository"),
+        (tmp_path, tmp_path / "kept", r"output folder .* holds the source repository"),
+    ]
+    for out, artifacts, message in cases:
+        with pytest.raises(export.OutputFolderError, match=message):
+            export.write_repository(out, target="cpu", demo_weights=True, source=source, artifacts_dir=artifacts, parity_size=16)
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_repository"]
+    (source / "s16").mkdir()  # left by an export before this check
+    with pytest.raises(export.ExportError, match=r"model_repository/s16 holds no config\.pbtxt: not a model folder"):
+        export.target_configs("cpu", source)
 
 
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
