@@ -316,7 +316,9 @@ def _marker_kind(folder: Path) -> str | None:
         return None
 
 
-def _staging(folder: Path) -> Path:
+def _staging(folder: Path, created: list[Path]) -> Path:
+    """A new folder beside `folder`; the parent folders this makes are added to `created`."""
+    created.extend(parent for parent in (folder.parent, *folder.parent.parents) if not parent.exists())
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.export-", dir=folder.parent))
@@ -447,9 +449,11 @@ def write_repository(
     classifier = build_classifier(weights)
     mark = lap("weights", mark)
 
-    kept = _staging(artifacts)
-    staged: list[Path] = [kept]
+    created: list[Path] = []  # parent folders export made: a failed export leaves none of them
+    staged: list[Path] = []
     try:
+        kept = _staging(artifacts, created)
+        staged.append(kept)
         precision = served_precision(target, configs[NAMES.classifier])
         engine: dict[str, str] = {}  # what runs the served files, where the format does not say it
         if target == TORCH_TARGET:  # the served engine itself, on the GPU when this machine has one
@@ -518,7 +522,7 @@ def write_repository(
         if in_place:
             _install_in_place(source, served_files, target)
         else:
-            rendered = _staging(repository)
+            rendered = _staging(repository, created)
             staged.append(rendered)
             for folder in model_folders(source):
                 config = configs[folder.name]
@@ -537,6 +541,11 @@ def write_repository(
     except BaseException:
         for folder in staged:
             shutil.rmtree(folder, ignore_errors=True)
+        for folder in sorted(created, key=lambda path: len(path.parts), reverse=True):  # the deepest first
+            try:
+                folder.rmdir()  # only if empty: never what someone else put there meanwhile
+            except OSError:
+                pass
         raise
     lap("total", started)
     return ExportResult(repository, artifacts, target, options, provenance, report, timings, in_place)

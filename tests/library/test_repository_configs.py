@@ -293,6 +293,26 @@ def test_outputs_inside_or_around_the_source_repository_are_refused_before_any_w
         export.target_configs("cpu", source)
 
 
+def test_a_failed_export_leaves_no_folder_it_created(tmp_path, monkeypatch):
+    """The parent folders export made for its outputs go too (the deepest first, only if empty); a
+    folder that was there stays."""
+
+    def failed(*args, **kwargs):
+        raise export.ExportError("the ONNX export failed")
+
+    monkeypatch.setattr(export.repository, "make_demo_weights", lambda: None)  # no weights needed before the failure
+    monkeypatch.setattr(export.repository, "build_classifier", lambda weights: None)
+    monkeypatch.setattr(export.repository.onnx_graph, "export_fp32", failed)
+    (tmp_path / "mine").mkdir()
+    for out, artifacts in (
+        (tmp_path / "deep" / "a" / "b" / "repo", None),
+        (tmp_path / "mine" / "a" / "repo", tmp_path / "other" / "c" / "kept"),
+    ):
+        with pytest.raises(export.ExportError, match="the ONNX export failed"):
+            export.write_repository(out, target="cpu", size=16, demo_weights=True, artifacts_dir=artifacts)
+        assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["mine"]
+
+
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(export.OutputFolderError, match="is not a writable folder"):  # (root may write anywhere: a file as parent)
