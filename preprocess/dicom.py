@@ -805,7 +805,20 @@ def decode_into(out: np.ndarray, frames: Sequence[Frame], blobs: Sequence[Blob],
     parallel (one object per task; the frames of a multi-frame object are tasks of their own when
     there are fewer objects than workers), the rest by pydicom. An object imagecodecs fails on is
     decoded again by pydicom, which reports the error as before (a `DecodeError`).
+
+    Unsigned values are then cleared above BitsStored on every path: pydicom leaves those bits of
+    JPEG 2000 and JPEG-LS as decoded and this package's native views would too, and an old overlay
+    or garbage there reads as thousands of HU (or wraps negative in the int16 volume).
     """
+    counts = _decode_stored(out, frames, blobs, threads)
+    for k, frame in enumerate(frames):
+        p = frame.pixels
+        if not p.signed and p.bits_stored < 8 * out.itemsize:
+            out[k] &= (1 << p.bits_stored) - 1
+    return counts
+
+
+def _decode_stored(out: np.ndarray, frames: Sequence[Frame], blobs: Sequence[Blob], threads: int) -> dict[str, int]:
     by_blob: dict[int, list[int]] = {}
     for k, frame in enumerate(frames):
         by_blob.setdefault(frame.blob, []).append(k)
@@ -859,10 +872,14 @@ def _map(function, items: list, threads: int) -> list:
 
 def native_views(frames: Sequence[Frame], blobs: Sequence[Blob]) -> list[np.ndarray] | None:
     """Read-only [rows, columns] views of each frame's stored values inside the input bytes (no copy),
-    or None when some frame needs decoding or sign extension (then use decode_into)."""
+    or None when some frame needs decoding, sign extension, or bits above BitsStored cleared (an old
+    overlay or garbage there: decode_into clears them); checking costs one read, copying a write too."""
     if not all(f.pixels.native_fast and not (f.pixels.signed and f.pixels.bits_stored < 16) for f in frames):
         return None
-    return [_native_view(f, blobs[f.blob].data) for f in frames]
+    views = [_native_view(f, blobs[f.blob].data) for f in frames]
+    if any(int(view.max(initial=0)) >> f.pixels.bits_stored for f, view in zip(frames, views) if f.pixels.bits_stored < 16):
+        return None
+    return views
 
 
 def _native_view(frame: Frame, data: bytes) -> np.ndarray:

@@ -104,6 +104,54 @@ def test_the_pipeline_gives_the_same_volume_for_the_jpeg2000_copy():
     assert np.abs(j2k.volume - plain.volume).max() <= 1e-6
 
 
+def _with_bits_above_stored(syntax: str | None, bit: int):
+    """Unsigned 12-bit stored values (the phantom's) with `bit` set in a box, above BitsStored: a
+    retired overlay plane or an encoder's garbage; compressed losslessly at 16 bits of precision."""
+    import imagecodecs
+
+    def change(ds, k):
+        values = ds.pixel_array.astype(np.uint16)
+        values[20:28, 4:28] |= np.uint16(bit)
+        if syntax is None:
+            ds.PixelData = values.tobytes()
+            return
+        encode = imagecodecs.jpeg2k_encode if syntax == JPEG2000Lossless else imagecodecs.jpegls_encode
+        options = {"codecformat": "J2K", "reversible": True} if syntax == JPEG2000Lossless else {}
+        ds.PixelData = encapsulate([encode(values, level=0, **options)])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = syntax
+
+    return change
+
+
+@pytest.mark.parametrize("syntax", [None, JPEG2000Lossless, JPEGLSLossless], ids=["native", "jpeg2000", "jpeg-ls"])
+@pytest.mark.parametrize("bit", [0x1000, 0x8000])
+@pytest.mark.parametrize("decoder", dicom.DECODERS)
+def test_bits_above_bits_stored_are_cleared_on_every_path(syntax, bit, decoder, monkeypatch):
+    """pydicom clears them for native data but leaves JPEG 2000's and JPEG-LS's, and the native views
+    kept them: a box read as +3999 HU, or wrapped to -32865 in the int16 volume."""
+    from helpers import edit
+
+    from preprocess.pipeline import stored_values
+    from preprocess.series import select_series
+
+    monkeypatch.setattr(dicom, "DECODER", decoder)
+    clean = phantom.study_files("series", slices=16, rows=32, columns=32)
+    dirty = edit(clean, _with_bits_above_stored(syntax, bit))
+    stacks = []
+    for files in (clean, dirty):
+        blobs = [Blob(data, f"file {k}") for k, data in enumerate(files, start=1)]
+        frames, _ = parse(blobs)
+        stack, _ = select_series(frames)
+        for in_place in (True, False):
+            values = stored_values(stack, blobs, in_place=in_place, threads=1)
+            stacks.append(np.stack([np.asarray(v, dtype=np.int32) for v in values]))
+    for values in stacks[1:]:
+        np.testing.assert_array_equal(values, stacks[0])
+    plain = preprocess.preprocess_study(clean, size=16, threads=1).volume
+    assert np.abs(preprocess.preprocess_study(dirty, size=16, threads=1).volume - plain).max() == 0
+
+
 # real files: imagecodecs where exact, pydicom for the rest; both equal to pydicom's pixel_array
 FAST_FILES = [
     "693_J2KR.dcm",  # a CT slice, signed 16-bit
