@@ -905,6 +905,11 @@ def _decode_with_pydicom(out: np.ndarray, frames: Sequence[Frame], ks: list[int]
     first = frames[ks[0]]
     if not first.pixels.present:
         raise DecodeError(f"{blob.label}: no pixel data")
+    if first.pixels.frames * first.rows * first.columns > INPUT_LIMITS.max_voxels:  # pixel_array decodes every frame, kept or not
+        raise InputTooLargeError(
+            f"{blob.label}: {first.pixels.frames} frames of {first.rows}x{first.columns} to decode at once, "
+            f"more than the limit of {INPUT_LIMITS.max_voxels} voxels"
+        )
     name = _uid_name(first.pixels.transfer_syntax, "TransferSyntaxUID")
     try:
         if first.pixels.value_at is not None:

@@ -152,6 +152,23 @@ def test_bits_above_bits_stored_are_cleared_on_every_path(syntax, bit, decoder, 
     assert np.abs(preprocess.preprocess_study(dirty, size=16, threads=1).volume - plain).max() == 0
 
 
+def test_an_object_pydicom_decodes_whole_is_bounded_by_all_its_frames(monkeypatch):
+    """pydicom's pixel_array decodes every frame of a multi-frame object, also those set aside (1000
+    localizer frames beside 16 kept ones): the bound is on the object, not the frames kept."""
+    import dataclasses
+
+    monkeypatch.setattr(dicom, "DECODER", "pydicom")
+    monkeypatch.setattr(dicom, "INPUT_LIMITS", dataclasses.replace(dicom.INPUT_LIMITS, max_voxels=10_000))
+    files = phantom.study_files("multiframe", transfer_syntax="jpeg2000", slices=16, rows=32, columns=32)
+    blobs = [Blob(data, "file 1") for data in files]
+    frames, _ = parse(blobs)
+    kept = frames[:4]  # 4 x 32 x 32 voxels: within the limit, the object's 16 frames are not
+    with pytest.raises(
+        preprocess.InputTooLargeError, match=r"^file 1: 16 frames of 32x32 to decode at once, more than the limit of 10000 voxels$"
+    ):
+        decode_into(np.empty((4, 32, 32), np.int16), kept, blobs, threads=1)
+
+
 # real files: imagecodecs where exact, pydicom for the rest; both equal to pydicom's pixel_array
 FAST_FILES = [
     "693_J2KR.dcm",  # a CT slice, signed 16-bit
