@@ -160,6 +160,7 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
         raw += header.bare
         try:
             pixels = _pixel_format(header, ts, blob.data, at, implicit)
+            _check_nothing_read_after_pixels(pixels, blob)
             if header.ushort("Rows", 0) == 0 and not pixels.present:
                 keyword = "SOPClassUID" if header.text("SOPClassUID") else "MediaStorageSOPClassUID"
                 kind = _uid_name(header.text(keyword), keyword) if header.text(keyword) else "unknown object"
@@ -952,7 +953,13 @@ def _pixel_dataset(frame: Frame, data: bytes) -> pydicom.Dataset:
 def _encapsulated_end(frame: Frame, data: bytes) -> int:
     """End of the encapsulated pixel data's items; without its sequence delimiter the data is cut
     short somewhere (a decoder could return part of a frame), as pydicom also refuses it."""
-    pos = frame.pixels.value_at
+    end = _items_end(data, frame.pixels.value_at)
+    if end is None:
+        raise DecodeError(f"{frame.label}: compressed pixel data is cut short or damaged (no end of its items)")
+    return end
+
+
+def _items_end(data: bytes, pos: int) -> int | None:
     while pos + 8 <= len(data):
         group, element, length = _IMPLICIT.unpack_from(data, pos)
         tag = group << 16 | element
@@ -961,7 +968,26 @@ def _encapsulated_end(frame: Frame, data: bytes) -> int:
         if tag != _ITEM or pos + 8 + length > len(data):
             break
         pos += 8 + length
-    raise DecodeError(f"{frame.label}: compressed pixel data is cut short or damaged (no end of its items)")
+    return None
+
+
+def _check_nothing_read_after_pixels(pixels: PixelFormat, blob: Blob) -> None:
+    """Elements are in tag order, so the pixel data (7FE0,0010) comes after everything this package
+    reads, and the header is read up to it: an element of a lower tag after it (a rescale written
+    last) would be left unread, its default taken instead (an intercept of 0: HU off by 1024).
+    Refused; zero padding and higher tags (trailing padding, signatures) are not elements read."""
+    if pixels.offset is not None:
+        end = pixels.offset + pixels.length
+    elif pixels.value_at is not None:
+        end = _items_end(blob.data, pixels.value_at)
+    else:
+        return
+    if end is None or end + 4 > len(blob.data) or not any(blob.data[end:]):
+        return
+    order = ">" if pixels.transfer_syntax == pydicom.uid.ExplicitVRBigEndian else "<"
+    group, element = struct.unpack_from(f"{order}HH", blob.data, end)
+    if (group, element) < (0x7FE0, 0x0010):
+        raise CorruptDicomError(f"{blob.label}: element ({group:04X},{element:04X}) follows the pixel data, out of tag order: not read")
 
 
 @functools.cache

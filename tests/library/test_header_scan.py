@@ -296,3 +296,25 @@ def test_pixels_are_read_in_the_encoding_the_data_set_has_not_the_declared_one(s
     assert all(_scan(data) is None for data in lying)
     expected = preprocess.preprocess_study(files, size=16).volume
     assert np.array_equal(preprocess.preprocess_study(lying, size=16).volume, expected)
+
+
+@pytest.mark.parametrize("transfer_syntax", ["explicit", "rle"])
+def test_an_element_written_after_the_pixel_data_refuses_the_file(transfer_syntax):
+    """The header is read up to the pixel data, as tag order puts it last: a rescale written after it
+    was left unread and the intercept taken as 0 (HU off by 1024). Padding after it is no element."""
+    files = phantom.study_files("series", slices=16, rows=32, columns=32, rescale="per_slice", transfer_syntax=transfer_syntax)
+
+    def rescale_last(data: bytes) -> bytes:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        intercept = f"{float(ds.RescaleIntercept):g}".encode()
+        del ds.RescaleIntercept
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        value = intercept + b" " * (len(intercept) % 2)
+        return buffer.getvalue() + struct.pack("<HH2sH", 0x0028, 0x1052, b"DS", len(value)) + value
+
+    refusal = r"^file 1: element \(0028,1052\) follows the pixel data, out of tag order: not read$"
+    with pytest.raises(CorruptDicomError, match=refusal):
+        parse([Blob(rescale_last(files[0]), "file 1")])
+    padded, _ = parse([Blob(files[0] + bytes(16), "file 1")])  # zeros after the data set: no element
+    assert len(padded) == 1
