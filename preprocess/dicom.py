@@ -108,6 +108,7 @@ class PixelFormat:
     length: int  # declared length of the native pixel value
     present: bool
     value_at: int | None = None  # first byte of the pixel data value, native or encapsulated; None if absent or deflated
+    vr: str | None = None  # the pixel data's VR as written (explicit VR); big-endian OW is byte-swapped by 16-bit words
 
     @property
     def native_fast(self) -> bool:
@@ -536,7 +537,7 @@ def _uid_name(text: str, keyword: str) -> str:
 def _pixel_format(header: _Header, ts: UID, data: bytes, at: int | None, implicit: bool) -> PixelFormat:
     """How the pixels are stored. The pixel data element's header is read as pydicom reads it: in the
     encoding the data set was read with, and in explicit VR as implicit when its VR is not letters."""
-    offset, length, present, value_at = None, 0, False, None
+    offset, length, present, value_at, pixel_vr = None, 0, False, None, None
     if at is None:  # a deflated data set read whole by pydicom: never in place
         present = header.raw("PixelData") is not None
     elif at + 8 <= len(data):
@@ -550,6 +551,7 @@ def _pixel_format(header: _Header, ts: UID, data: bytes, at: int | None, implici
                 if at + 12 > len(data):
                     raise _Malformed("PixelData")  # its header cut short
                 (length,), start = struct.unpack_from(order + "I", data, at + 8), at + 12
+                pixel_vr = vr.decode("ascii")
             else:
                 (length,), start = struct.unpack_from(order + "H", data, at + 6), at + 8
             value_at = start
@@ -571,6 +573,7 @@ def _pixel_format(header: _Header, ts: UID, data: bytes, at: int | None, implici
         length=length,
         present=present,
         value_at=value_at,
+        vr=pixel_vr,
     )
 
 
@@ -947,6 +950,8 @@ def _pixel_dataset(frame: Frame, data: bytes) -> pydicom.Dataset:
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = p.bits_allocated, p.bits_stored, max(p.bits_stored - 1, 0)
     ds.PixelRepresentation = int(p.signed)
     ds.PixelData = data[p.value_at : _encapsulated_end(frame, data) if p.offset is None else p.offset + p.length]
+    if p.vr is not None:  # pydicom swaps big-endian bytes by the VR: 8-bit values in OW words are swapped in pairs
+        ds["PixelData"].VR = p.vr
     return ds
 
 

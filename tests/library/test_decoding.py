@@ -249,3 +249,30 @@ def test_the_jpeg2000_decoder_releases_the_gil():
 
     rates = gil_check()
     assert rates["imagecodecs"] > 0.1 and rates["imagecodecs"] > 3 * rates["pylibjpeg-openjpeg"], rates
+
+
+@pytest.mark.parametrize("vr", ["OB", "OW"])
+def test_big_endian_8_bit_pixels_read_as_pydicom_reads_them_by_their_vr(vr):
+    """Explicit VR Big Endian (retired): 8-bit values in OW are in 16-bit words, bytes swapped in
+    pairs; pydicom unswaps them only when told the VR, which the pixel data handed to it lacked."""
+
+    def big_endian_8_bit(data: bytes) -> bytes:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        values = np.clip(np.round((ds.pixel_array.astype(np.int32) - 1000) / 8), -128, 127).astype(np.int8)
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation, ds.RescaleSlope, ds.RescaleIntercept = 7, 1, 8, -24
+        raw = values.tobytes()
+        ds.PixelData = np.frombuffer(raw, "<u2").astype(">u2").tobytes() if vr == "OW" else raw
+        ds["PixelData"].VR = vr
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+        buffer = io.BytesIO()
+        pydicom.filewriter.dcmwrite(buffer, ds, implicit_vr=False, little_endian=False, force_encoding=True)
+        return buffer.getvalue()
+
+    files = [big_endian_8_bit(data) for data in phantom.study_files("series", slices=16, rows=32, columns=32)]
+    blobs = [Blob(data, f"file {k}") for k, data in enumerate(files, start=1)]
+    frames, _ = parse(blobs)
+    out = np.empty((len(frames), 32, 32), np.int16)
+    decode_into(out, frames, blobs, threads=1)
+    for k, frame in enumerate(frames):
+        np.testing.assert_array_equal(out[k], pydicom.dcmread(io.BytesIO(files[frame.blob])).pixel_array)
