@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import signal
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
 
-from contract import parse_threshold
+from contract.arguments import integer, number, threshold
 from preprocess.errors import printable
 from settings import ADMIN, NAMES, SERVING
 
@@ -33,6 +32,9 @@ from .operating_point import set_threshold
 from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report
 from .tls import HTTPS_PORT, PLAIN_TEXT_ANSWER, certificate_problem, endpoint, speaks_no_tls
 from .triage import MAX_TIMEOUT_S, PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
+
+MAX_CONCURRENCY = 1024  # studies in flight: far past what any server's instances take at once
+MAX_ATTEMPTS = 100  # tries per study: with the backoff capped at 8 s, about 13 minutes of retrying
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
 
@@ -245,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("folder", help="each ZIP file and each sub-folder holding DICOM files is one study")
     report.add_argument("--out", required=True, help="report file, .xlsx (or .csv)")
     report.add_argument("--csv", help="also write the report as this .csv file")
-    report.add_argument("--concurrency", type=positive_int, default=1, help="studies in flight (default 1)")
+    report.add_argument("--concurrency", type=integer(1, MAX_CONCURRENCY), default=1, help="studies in flight (default 1)")
     report.add_argument(
         "--resume",
         action="store_true",
@@ -253,14 +255,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--write-every",
-        type=non_negative_float,
+        type=number(0),
         default=DEFAULT_WRITE_EVERY_S,
         metavar="SECONDS",
         help="rewrite the report files from the journal at most this often, and at the end (default %(default).0f)",
     )
     report.add_argument(
         "--stable-age",
-        type=non_negative_float,
+        type=number(0),
         default=0.0,
         metavar="SECONDS",
         help="leave out studies with a file written in the last SECONDS (still being copied or exported); "
@@ -280,20 +282,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.set_defaults(run=_report)
 
-    threshold = commands.add_parser(
+    threshold_command = commands.add_parser(
         "set-threshold",
         help="change the running server's operating point until it restarts (pathology when P >= VALUE)",
         description=f"Reload {NAMES.postprocess} with a new threshold; {NAMES.triage} keeps serving. The key of a server "
         f"started with one is read from {ADMIN.key_env}. Permanent: the repository's {NAMES.postprocess}/config.pbtxt.",
     )
-    threshold.add_argument("threshold", type=_threshold, metavar="VALUE", help="a number in [0, 1]")
-    threshold.add_argument(
+    threshold_command.add_argument("threshold", type=threshold, metavar="VALUE", help="a number in [0, 1]")
+    threshold_command.add_argument(
         "--url",
         default=default_url("http"),
         help=f"the server's HTTP endpoint, HOST:PORT, or https://HOST[:PORT] for TLS (port {HTTPS_PORT} by default); "
         "send the admin key over https:// from outside the server's host (default %(default)s)",
     )
-    threshold.set_defaults(run=_set_threshold)
+    threshold_command.set_defaults(run=_set_threshold)
 
     for command in (classify, report):
         command.add_argument(
@@ -303,10 +305,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
         command.add_argument("--model", help=f"model to ask (default {NAMES.triage}, with --explain {NAMES.triage_explain})")
-        command.add_argument("--timeout", type=_timeout, default=SERVING.request_timeout_s, help="seconds per request")
+        command.add_argument(
+            "--timeout", type=number(0, MAX_TIMEOUT_S, above_low=True), default=SERVING.request_timeout_s, help="seconds per request"
+        )
         command.add_argument(
             "--attempts",
-            type=positive_int,
+            type=integer(1, MAX_ATTEMPTS),
             default=RetryPolicy().attempts,
             help="tries per study on transient errors (server restarting or unreachable)",
         )
@@ -315,7 +319,7 @@ def _parser() -> argparse.ArgumentParser:
             action="store_true",
             help="pass the DICOM payload through system shared memory (server on this host only)",
         )
-    for command in (classify, report, threshold):
+    for command in (classify, report, threshold_command):
         command.add_argument(
             "--ca-file",
             metavar="FILE",
@@ -325,44 +329,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < math.inf:  # also refuses nan
-        raise argparse.ArgumentTypeError("must be a number, 0 or more")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:  # also refuses nan
-        raise argparse.ArgumentTypeError("must be a number above 0")
-    return value
-
-
-def _timeout(text: str) -> float:
-    value = positive_float(text)
-    if value > MAX_TIMEOUT_S:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT_S:.0f} (a day)")
-    return value
-
-
 def _mebibytes(text: str) -> int:
     """MiB as bytes; at most 1 TiB (a bound this large holds any study, and its bytes stay a number)."""
-    value = positive_float(text)
-    if value > 2**20:
-        raise argparse.ArgumentTypeError(f"must be at most {2**20} (1 TiB)")
-    return max(int(value * 1024**2), 1)
-
-
-def _threshold(text: str) -> float:
-    try:
-        return parse_threshold(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be a number from 0 to 1") from None
+    return max(int(number(0, 2**20, above_low=True)(text) * 1024**2), 1)

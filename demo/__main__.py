@@ -17,9 +17,11 @@ from pathlib import Path
 
 import client
 import export
+from client.triage import MAX_TIMEOUT_S
+from contract.arguments import integer, model_size, number
 from preprocess import phantom
 from serve import start_on_free_ports
-from settings import NAMES, PREPROCESSING
+from settings import INPUT_LIMITS, NAMES, PREPROCESSING
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "out" / "demo"  # git-ignored
 
@@ -105,17 +107,19 @@ def report(result, study: Path, size: int, timings: dict, per_model: dict, serve
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument("--out", type=Path, default=DEMO_DIR, help="work folder (repository, study, log)")
-    parser.add_argument("--size", type=int, default=PREPROCESSING.size, help="model input S (trained at 256)")
+    parser.add_argument("--size", type=model_size, default=PREPROCESSING.size, help="model input S (trained at 256)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=number(0, MAX_TIMEOUT_S, above_low=True),
         default=900.0,
         help="client deadline, s (a wide margin: the S=256 classifier alone takes about 21 s on 2 cores, "
         "benchmarks/results/cpu-engines.md, and longer on a slower or shared CPU)",
     )
-    parser.add_argument("--slices", type=int, default=160, help="phantom slices")
-    parser.add_argument("--matrix", type=int, default=256, help="phantom rows and columns")
+    parser.add_argument("--slices", type=integer(INPUT_LIMITS.min_slices, INPUT_LIMITS.max_slices), default=160, help="phantom slices")
+    parser.add_argument(
+        "--matrix", type=integer(32, min(INPUT_LIMITS.max_rows, INPUT_LIMITS.max_columns)), default=256, help="phantom rows and columns"
+    )
     args = parser.parse_args(argv)
     phantom_options = {"slices": args.slices, "rows": args.matrix, "columns": args.matrix}
     return run(args.out, args.size, args.protocol, args.timeout, phantom_options)

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from contract.arguments import integer
+
 TIMEOUT_S = 20  # per input: the slowest legitimate seed takes well under a second
 RSS_LIMIT_MB = 3072  # per process; the largest seed needs ~600 MB (torch and pydicom included)
 
@@ -29,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         help="packages whose coverage guides the fuzzer (comma-separated; fewer run faster)",
     )
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--seconds", type=int, default=60, help="stop after this long (default 60)")
-    budget.add_argument("--runs", type=int, help="stop after this many executions instead")
+    budget.add_argument("--seconds", type=integer(1, 7 * 24 * 3600), default=60, help="stop after this long (default 60)")
+    budget.add_argument("--runs", type=integer(1, 2**62), help="stop after this many executions instead")
     parser.add_argument("--corpus", type=Path, default=Path("build/fuzz/corpus"), help="seed and working corpus (created)")
     parser.add_argument("--artifacts", type=Path, default=Path("build/fuzz/artifacts"), help="where crash inputs are written")
-    parser.add_argument("--seed", type=int, default=1, help="libFuzzer's random seed")
-    parser.add_argument("--max-len", type=int, default=64 * 1024, help="largest input in bytes (seeds above it are left out)")
+    parser.add_argument("--seed", type=integer(0, 2**32 - 1), default=1, help="libFuzzer's random seed")
+    parser.add_argument("--max-len", type=integer(1, 2**30), default=64 * 1024, help="largest input in bytes (seeds above it are left out)")
     parser.add_argument("--replay", type=Path, nargs="+", help="run these inputs once each (no fuzzing) and report each outcome")
     options, extra = parser.parse_known_args(argv)
     if options.replay:

@@ -22,26 +22,13 @@ from pathlib import Path
 
 import torch
 
-from contract import InvalidSizeError, validate_size
+from contract.arguments import integer, model_size
 from settings import PREPROCESSING
 
 from . import MODES, MixedPatientsError, MixedStudiesError, StudyError, preprocess_study, printable, read_study
 from .output import write_atomically
 from .pipeline import check_device
-
-
-def _size(text: str) -> int:
-    try:
-        return validate_size(int(text))
-    except (ValueError, InvalidSizeError) as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _threads(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 (every available CPU) or more")
-    return value
+from .workers import MAX_THREADS
 
 
 def _output_problem(out: Path) -> str | None:
@@ -87,14 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", help="a folder of DICOM files, a ZIP archive, or one (multi-frame) DICOM file")
     parser.add_argument("-o", "--out", required=True, help="output tensor path (OUT.pt); metadata goes to OUT.json")
     parser.add_argument(
-        "--size", type=_size, default=PREPROCESSING.size, help=f"S of the [1,1,S,S,S] output (default {PREPROCESSING.size})"
+        "--size", type=model_size, default=PREPROCESSING.size, help=f"S of the [1,1,S,S,S] output (default {PREPROCESSING.size})"
     )
     parser.add_argument("--mode", choices=MODES, default="fast", help="fast (served) or reference (the trained preprocessing step by step)")
     parser.add_argument("--series", default=None, help="use this SeriesInstanceUID instead of the automatic choice")
     parser.add_argument(
         "--device", default=None, help="fast mode's tensor path on this torch device (cuda, cuda:1, cpu); default: the CPU fast path"
     )
-    parser.add_argument("--threads", type=_threads, default=0, help="worker threads (default 0: every CPU this process may use)")
+    parser.add_argument(
+        "--threads", type=integer(0, MAX_THREADS), default=0, help="worker threads (default 0: every CPU this process may use)"
+    )
     args = parser.parse_args(argv)
     if args.device is not None:
         try:

@@ -37,6 +37,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from contract.arguments import integer
 from settings import INPUT_LIMITS
 
 FORMS = ("series", "zip", "multiframe")
@@ -414,19 +415,6 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _bounded(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
-        return value
-
-    return parse
-
-
 def _output_problem(out: Path, form: str) -> str | None:
     """What is wrong with OUT before any work."""
     if form == "series":
@@ -448,11 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out", type=Path, metavar="OUT", help="the study: a .zip (zip), a folder (series) or a .dcm file (multiframe)")
     parser.add_argument("--form", choices=FORMS, default="zip", help="zip (default), series (a folder of files) or multiframe (one file)")
-    slices = _bounded(INPUT_LIMITS.min_slices, INPUT_LIMITS.max_slices)
+    slices = integer(INPUT_LIMITS.min_slices, INPUT_LIMITS.max_slices)
     parser.add_argument("--slices", type=slices, default=48, help="slices, 4 mm apart (default 48)")
-    parser.add_argument("--rows", type=_bounded(32, INPUT_LIMITS.max_rows), default=128, help="rows per slice, 2.5 mm pixels (default 128)")
-    parser.add_argument("--columns", type=_bounded(32, INPUT_LIMITS.max_columns), default=128, help="columns per slice (default 128)")
-    parser.add_argument("--seed", type=_bounded(0, 2**32 - 1), default=0, help="noise and UIDs (default 0): another seed, another study")
+    parser.add_argument("--rows", type=integer(32, INPUT_LIMITS.max_rows), default=128, help="rows per slice, 2.5 mm pixels (default 128)")
+    parser.add_argument("--columns", type=integer(32, INPUT_LIMITS.max_columns), default=128, help="columns per slice (default 128)")
+    parser.add_argument("--seed", type=integer(0, 2**32 - 1), default=0, help="noise and UIDs (default 0): another seed, another study")
     args = parser.parse_args(argv)
     problem = _output_problem(args.out, args.form)
     if problem:

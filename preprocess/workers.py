@@ -25,30 +25,30 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
+MAX_THREADS = 1024  # threads asked of preprocess or of a model instance: far past any CPU, short of exhausting the process
+
+
 def worker_threads(requested: int | None) -> int:
     """`requested` threads, or every available CPU when None or 0."""
     if requested is None or requested == 0:
         return available_cpus()
-    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
-        raise ValueError(f"threads must be a positive integer (or 0 for every available CPU), not {requested!r}")
+    if isinstance(requested, bool) or not isinstance(requested, int) or not 0 < requested <= MAX_THREADS:
+        raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS} (or 0 for every available CPU), not {requested!r}")
     return requested
-
-
-MAX_INSTANCE_THREADS = 1024  # a model instance's `threads` parameter: far past any CPU, short of exhausting the process
 
 
 def instance_threads(model: str, setting: str, instances: int) -> int:
     """A Python-backend model's `threads` parameter: "0" shares the CPUs this server may use evenly
-    among the model's `instances`; anything but 0 to MAX_INSTANCE_THREADS is refused at load time,
+    among the model's `instances`; anything but 0 to MAX_THREADS is refused at load time,
     naming the parameter (torch took a negative count with an error that named nothing, and 10^6
     threads with an unrelated out-of-memory error)."""
     try:
         threads = int(setting)
     except ValueError:
         raise ValueError(f"{model}: parameter threads must be an integer, not {setting!r}") from None
-    if not 0 <= threads <= MAX_INSTANCE_THREADS:
+    if not 0 <= threads <= MAX_THREADS:
         shared = "0 (the CPUs shared among its instances)"
-        raise ValueError(f"{model}: parameter threads must be {shared} to {MAX_INSTANCE_THREADS}, not {threads}")
+        raise ValueError(f"{model}: parameter threads must be {shared} to {MAX_THREADS}, not {threads}")
     return threads or max(1, available_cpus() // max(1, instances))
 
 

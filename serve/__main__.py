@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from contract.arguments import integer
 from serve.launcher import ServerError, TritonServer
 from settings import ADMIN, SERVING
 
@@ -34,12 +35,8 @@ def _raise_stop(signum, _frame):
     raise _Stop(signal.Signals(signum).name)
 
 
-def _port(text: str) -> int:
-    """1-65535: Triton takes 0 and serves on no known port, so the launcher would wait for nothing."""
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be a port number from 1 to 65535")
-    return value
+# 1-65535: Triton takes 0 and serves on no known port, so the launcher would wait for nothing
+_port = integer(1, 65535)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=_port, default=SERVING.grpc_port)
     parser.add_argument("--metrics-port", type=_port, default=SERVING.metrics_port)
     parser.add_argument("--log-file", help="server log (default: a temporary file, its path is printed)")
-    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--log-verbose", type=integer(0, 2**31 - 1), default=0)
     parser.add_argument("--model-config-name", help="load configs/<name>.pbtxt where a model has one (Triton's own option)")
     parser.add_argument(
         "--load-model",

@@ -109,28 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from contract import ContractError, validate_size
-
-    def whole(low: int, high: int):
-        def parse(text: str) -> int:
-            value = int(text)
-            if not low <= value <= high:
-                raise argparse.ArgumentTypeError(f"must be from {low} to {high}")
-            return value
-
-        return parse
-
-    def size(text: str) -> int:
-        try:
-            return validate_size(int(text))
-        except ContractError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
+    from contract.arguments import integer, model_size
 
     parser = argparse.ArgumentParser(prog="python -m serve.sizing", description="/dev/shm and CUDA memory pool for a deployment")
-    parser.add_argument("--size", type=size, default=256)
-    parser.add_argument("--preprocess-instances", type=whole(1, SERVING.most_preprocess_instances), default=SERVING.preprocess_instances)
-    parser.add_argument("--max-batch-size", type=whole(1, SERVING.most_max_batch_size), default=SERVING.max_batch_size)
-    parser.add_argument("--largest-study-mib", type=whole(1, 1024**2), default=SERVING.largest_study_bytes // MIB)
+    parser.add_argument("--size", type=model_size, default=256)
+    parser.add_argument("--preprocess-instances", type=integer(1, SERVING.most_preprocess_instances), default=SERVING.preprocess_instances)
+    parser.add_argument("--max-batch-size", type=integer(1, SERVING.most_max_batch_size), default=SERVING.max_batch_size)
+    parser.add_argument("--largest-study-mib", type=integer(1, 1024**2), default=SERVING.largest_study_bytes // MIB)
     parser.add_argument("--target", choices=("cpu", "openvino", "onnx-gpu", "tensorrt", "torch-gpu"), default="torch-gpu")
     parser.add_argument("--gpu-preprocessing", action="store_true", help="ct_preprocess with device 'cuda'")
     args = parser.parse_args(argv)

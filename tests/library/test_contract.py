@@ -147,14 +147,21 @@ def test_only_volumes_in_the_model_range_pass(as_tensor):
 @pytest.mark.parametrize(
     "module, args, message",
     [
-        ("serve", ["--http-port", "70000"], "argument --http-port: must be a port number from 1 to 65535"),  # was a traceback
-        ("serve", ["--grpc-port", "0"], "argument --grpc-port: must be a port number from 1 to 65535"),  # was 3 minutes of waiting
+        ("serve", ["--http-port", "70000"], "argument --http-port: must be from 1 to 65535, got 70000"),  # was a traceback
+        ("serve", ["--grpc-port", "0"], "argument --grpc-port: must be from 1 to 65535, got 0"),  # was 3 minutes of waiting
+        ("serve", ["--log-verbose", "-1"], "argument --log-verbose: must be from 0 to"),
         ("serve.sizing", ["--preprocess-instances", "-3"], "argument --preprocess-instances: must be from 1 to 64"),  # was negative MiB
         ("serve.sizing", ["--size", "0"], "argument --size: size 0 is not usable"),
         ("serve.sizing", ["--largest-study-mib", "-1"], "argument --largest-study-mib: must be from 1 to"),
+        ("demo", ["--matrix", "100000000"], "argument --matrix: must be from 32 to 1024, got 100000000"),  # was 71 PiB asked of numpy
+        ("demo", ["--slices", "-3"], "argument --slices: must be from 16 to 2000, got -3"),  # was a traceback
+        ("demo", ["--size", "-5"], "argument --size: size -5 is not usable"),  # was a traceback after the export
+        ("demo", ["--timeout", "nan"], "argument --timeout: must be a number above 0 and at most 86400, got nan"),
+        ("preprocess", ["study.zip", "-o", "out.pt", "--threads", "5000"], "argument --threads: must be from 0 to 1024, got 5000"),
+        ("fuzz", ["--seconds", "0"], "argument --seconds: must be from 1 to"),
     ],
 )
-def test_serving_commands_refuse_numbers_they_cannot_use_in_one_line(module, args, message):
+def test_commands_refuse_numbers_they_cannot_use_in_one_line(module, args, message):
     done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 

@@ -402,8 +402,9 @@ def test_worker_threads_come_from_what_the_process_may_use(tmp_path, monkeypatch
     assert 1 <= preprocess.available_cpus() <= os.cpu_count()
     assert workers.worker_threads(None) == workers.worker_threads(0) == preprocess.available_cpus()
     assert workers.worker_threads(3) == 3
-    with pytest.raises(ValueError, match="threads must be a positive integer"):
-        workers.worker_threads(-1)
+    for unusable in (-1, workers.MAX_THREADS + 1, 1.5):
+        with pytest.raises(ValueError, match=f"threads must be an integer from 1 to {workers.MAX_THREADS}"):
+            workers.worker_threads(unusable)
     quota = tmp_path / "cpu.max"
     quota.write_text("50000 100000\n")  # a container limited to half a CPU
     monkeypatch.setattr(workers, "_CGROUP_CPU_MAX", quota)
