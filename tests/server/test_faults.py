@@ -196,33 +196,54 @@ def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_model_is_r
     assert busy[0].pid not in {s.pid for s in server.stubs()}
 
 
-# Requests that kill Triton 2.51 itself, each by a bug of its core: the watchdog restarts it.
+def _study_as_a_form(megabytes: int) -> tuple[bytes, dict]:
+    """A study's binary inference request as `curl --data-binary` sends it without a Content-Type of its own."""
+    element = bytes(megabytes << 20)
+    header = json.dumps(
+        {"inputs": [{"name": NAMES.dicom, "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(element)}}]}
+    )
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Inference-Header-Content-Length": str(len(header))}
+    return header.encode() + len(element).to_bytes(4, "little") + element, headers
+
+
+# Requests that kill Triton 2.51 itself, each by a bug of its own: the watchdog restarts it. Each is (model, body, HTTP headers, the server's exit status).
 _KILLING_REQUESTS = {
     # the HTTP front end allocates a JSON `data` tensor by its declared shape before checking the batch
     # size: 100,000 x 64^3 FP32 (100 GB) aborts the server (SIGABRT)
-    "json-shape": (NAMES.classifier, {"inputs": [{"name": NAMES.volume, "shape": BATCH, "datatype": "FP32", "data": [0.0]}]}, -6),
+    "json-shape": (
+        NAMES.classifier,
+        json.dumps({"inputs": [{"name": NAMES.volume, "shape": BATCH, "datatype": "FP32", "data": [0.0]}]}).encode(),
+        {},
+        -6,
+    ),
     # classification asked of a BYTES output (META, the UIDs) divides by its element size, 0 (SIGFPE)
     "classification": (
         NAMES.postprocess,
-        {
-            "inputs": [
-                {"name": NAMES.probabilities, "shape": [1, 2], "datatype": "FP32", "data": [0.3, 0.7]},
-                {"name": NAMES.meta, "shape": [1], "datatype": "BYTES", "data": ["{}"]},
-            ],
-            "outputs": [{"name": NAMES.meta, "parameters": {"classification": 1}}],
-        },
+        json.dumps(
+            {
+                "inputs": [
+                    {"name": NAMES.probabilities, "shape": [1, 2], "datatype": "FP32", "data": [0.3, 0.7]},
+                    {"name": NAMES.meta, "shape": [1], "datatype": "BYTES", "data": ["{}"]},
+                ],
+                "outputs": [{"name": NAMES.meta, "parameters": {"classification": 1}}],
+            }
+        ).encode(),
+        {},
         -8,
     ),
+    # Content-Type application/x-www-form-urlencoded (curl's default for --data-binary, urllib's for any
+    # body) on a body of 4 MiB or more: the HTTP front end crashes (SIGSEGV; 2 MiB passes) whatever the model
+    "form-body": (NAMES.triage, *_study_as_a_form(8), -11),
 }
 
 
 @pytest.mark.parametrize("kind", _KILLING_REQUESTS)
 def test_a_request_that_kills_tritonserver_gets_it_restarted(server, study, answer, kind):
     """Any caller of the inference API can send these (documented in serve/README.md, "Faults")."""
-    model, body, code = _KILLING_REQUESTS[kind]
+    model, body, headers, code = _KILLING_REQUESTS[kind]
     done = len(server.recoveries)
     old = server.pid
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/infer", data=json.dumps(body).encode())
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/infer", data=body, headers=headers)
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(request, timeout=60)
     restart = recovery(server, done + 1)
