@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 PIP_TORCH_OPTIONS ?=
 VENV_OPTIONS ?=
 
-.PHONY: setup perf-analyzer chromium test test-fast lint fuzz bench soak gpu-rehearsal demo serve clean
+.PHONY: setup perf-analyzer chromium promtool test test-fast lint fuzz bench soak gpu-rehearsal demo serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_OPTIONS) $(VENV)
@@ -40,12 +40,25 @@ $(CHROMIUM):
 
 chromium: $(CHROMIUM)
 
+# Prometheus's promtool 2.42, which the tests run on the alert rules (deploy/prometheus-rules.test.yml):
+# the one binary, taken from Debian's prometheus package without installing it (no service started;
+# apt-get update, run as root, only when the package lists no longer have it).
+PROMTOOL := $(VENV)/bin/promtool
+$(PROMTOOL): | $(STAMP)
+	rm -rf $(VENV)/prometheus-deb && mkdir $(VENV)/prometheus-deb
+	cd $(VENV)/prometheus-deb && { apt-get download prometheus || { apt-get update && apt-get download prometheus; }; }
+	dpkg-deb -x $(VENV)/prometheus-deb/prometheus_*.deb $(VENV)/prometheus-deb/root
+	cp $(VENV)/prometheus-deb/root/usr/bin/promtool $(PROMTOOL)
+	rm -rf $(VENV)/prometheus-deb
+
+promtool: $(PROMTOOL)
+
 # Everything: library tests, then the tests against the real bundled tritonserver.
-test: setup $(PERF_ANALYZER) $(CHROMIUM)
+test: setup $(PERF_ANALYZER) $(CHROMIUM) $(PROMTOOL)
 	$(PY) -m pytest -q
 
 # Library tests only (no server): about a minute.
-test-fast: setup $(CHROMIUM)
+test-fast: setup $(CHROMIUM) $(PROMTOOL)
 	$(PY) -m pytest -q tests/library
 
 lint: setup
