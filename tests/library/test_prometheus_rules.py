@@ -1,5 +1,5 @@
 """The alert rules in Prometheus's own rule engine: promtool's unit tests (deploy/prometheus-rules.test.yml)
-fire each alert on the series it is meant for and keep it silent on the healthy case. test_deploy.py
+fire each alert on the series it is meant for, after its `for` and not before. test_deploy.py
 checks the same expressions' selectors against a running server's series."""
 
 from __future__ import annotations
