@@ -235,7 +235,7 @@ def _damaged_sheet(out: Path) -> None:
         (lambda out: None, ["--timeout", "0"], "argument --timeout: must be a number above 0"),
         (lambda out: None, ["--timeout", "inf"], "argument --timeout: must be a number above 0"),
         (lambda out: None, ["--max-mb-in-flight", "nan"], "argument --max-mb-in-flight: must be a number above 0"),
-        (lambda out: None, ["--max-mb-in-flight", "1e308"], "argument --max-mb-in-flight: must be a number above 0 and at most 1048576, got 1e308"),
+        (lambda out: None, ["--max-mb-in-flight", "1e308"], "--max-mb-in-flight: must be a number above 0 and at most 1048576, got 1e308"),
         (lambda out: None, ["--timeout", "1e10"], "argument --timeout: must be a number above 0 and at most 86400, got 1e10"),
         (lambda out: None, ["--concurrency", "100000"], "argument --concurrency: must be from 1 to 1024, got 100000"),
         (lambda out: None, ["--attempts", "x"], "argument --attempts: not an integer: 'x'"),

@@ -206,7 +206,8 @@ def _study_as_a_form(megabytes: int) -> tuple[bytes, dict]:
     return header.encode() + len(element).to_bytes(4, "little") + element, headers
 
 
-# Requests that kill Triton 2.51 itself, each by a bug of its own: the watchdog restarts it. Each is (model, body, HTTP headers, the server's exit status).
+# Requests that kill Triton 2.51 itself, each by a bug of its own: the watchdog restarts it.
+# Each is (model, body, HTTP headers, the server's exit status).
 _KILLING_REQUESTS = {
     # the HTTP front end allocates a JSON `data` tensor by its declared shape before checking the batch
     # size: 100,000 x 64^3 FP32 (100 GB) aborts the server (SIGABRT)
