@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 
 import export
 import preprocess
+from benchmarks import option_types
 from classifier import ResNet34Classifier
 from contract import decide
 from settings import NAMES, OPERATING_POINT
@@ -74,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baseline", description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True, help="weights.pt that export kept in <repository>.artifacts/")
-    parser.add_argument("--size", type=int, required=True, help="model input S (the one the Triton repository serves)")
+    parser.add_argument("--size", type=option_types.SIZE, required=True, help="model input S (the one the Triton repository serves)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--port", type=option_types.PORT, default=8090)
     args = parser.parse_args(argv)
     uvicorn.run(create_app(args.weights, args.size), host=args.host, port=args.port, log_level="warning", workers=1)
     return 0

@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 
+from benchmarks import option_types
 from benchmarks.load import add_arguments, closed_loop, reload_classifier, rendered_server, triton_sender, write_results
 from benchmarks.serving import machine
 from preprocess import phantom
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.batching_wait", description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="cpu", choices=export.TARGETS, help="the target whose classifier is measured")
-    parser.add_argument("--waits", type=int, nargs="+", default=[20000, 0], help="max_queue_delay_microseconds values")
+    parser.add_argument("--waits", type=option_types.WAIT_US, nargs="+", default=[20000, 0], help="max_queue_delay_microseconds values")
     add_arguments(parser, levels=[1, 4], requests=16, rounds=4, compared="wait")
     args = parser.parse_args(argv)
     results = run(args)

@@ -45,10 +45,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from benchmarks import option_types
 from benchmarks.gpu_check import study_tflop
 from benchmarks.load import reload_classifier, rendered_server
 from classifier import OpenVINOClassifier, TorchClassifier, convert_to_openvino
 from classifier.openvino_engine import openvino_version
+from contract.arguments import integer
 from export import build_classifier, demo_weights, load_checkpoint, onnx_graph
 from export.parity import FP16_BOUND, FP32_BOUND, compare, parity_inputs, reference_probabilities
 from export.volumes import chest
@@ -319,11 +321,15 @@ def served_row(runs: list[float], baseline: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_engines", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=2, help="timed rounds after the warm-up (default 2)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per engine (default: every CPU this process may use)")
-    parser.add_argument("--parity-size", type=int, default=64)
-    parser.add_argument("--ceiling-n", type=int, default=4096, help="matrix size of the FP32 ceiling's product (default 4096: 137 GFLOP)")
+    parser.add_argument("--size", type=option_types.SIZE, default=256)
+    parser.add_argument("--repeat", type=option_types.COUNT, default=2, help="timed rounds after the warm-up (default 2)")
+    parser.add_argument(
+        "--threads", type=option_types.THREADS, default=0, help="threads per engine (default: every CPU this process may use)"
+    )
+    parser.add_argument("--parity-size", type=option_types.SIZE, default=64)
+    parser.add_argument(
+        "--ceiling-n", type=integer(16, 16384), default=4096, help="matrix size of the FP32 ceiling's product (default 4096: 137 GFLOP)"
+    )
     parser.add_argument("--checkpoint", help="a checkpoint instead of the seeded demo weights")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile (minutes of compiling)")
     parser.add_argument("--no-served", dest="served", action="store_false", help="leave out the served measurement")

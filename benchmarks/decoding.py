@@ -44,6 +44,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless
 
 import preprocess
+from benchmarks import option_types
 from benchmarks.preprocessing import DEFAULT_STUDY
 from preprocess import dicom, phantom
 from preprocess.dicom import decode_into, parse, volume_dtype
@@ -308,11 +309,13 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--size", type=int, default=PREPROCESSING.size)
+    parser.add_argument("--repeat", type=option_types.COUNT, default=3)
+    parser.add_argument("--size", type=option_types.SIZE, default=PREPROCESSING.size)
     parser.add_argument("--encodings", default=",".join(ENCODINGS), help=f"comma-separated, of {', '.join(ENCODINGS)}")
     parser.add_argument("--out", default="benchmarks/results", help="folder for decoding-cpu.json and .md")
-    parser.add_argument("--slices", type=int, default=DEFAULT_STUDY["slices"], help="fewer slices for a quick check (default 300)")
+    parser.add_argument(
+        "--slices", type=option_types.SLICES, default=DEFAULT_STUDY["slices"], help="fewer slices for a quick check (default 300)"
+    )
     args = parser.parse_args(argv)
     encodings = [e for e in args.encodings.split(",") if e]
     if unknown := set(encodings) - set(ENCODINGS):

@@ -51,7 +51,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from benchmarks import option_types
 from benchmarks.process_memory import release_freed_memory, reset_peak, status_mib
+from contract.arguments import integer
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -569,7 +571,7 @@ def write(result: dict, out: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.explain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, nargs="+", default=[64, 128, 256], help="S values (default 64 128 256)")
+    parser.add_argument("--size", type=option_types.SIZE, nargs="+", default=[64, 128, 256], help="S values (default 64 128 256)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument(
         "--max-size",
@@ -579,13 +581,19 @@ def main(argv: list[str] | None = None) -> int:
         help="the largest S measured per method; larger ones are listed as not measured (default: %(default)s)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeat", type=int, default=3, help="calls of each per measurement, at most (no new round once past 60 s)")
-    parser.add_argument("--steps", type=int, default=16, help="integrated_gradients steps (default 16, the Explainer's)")
-    parser.add_argument("--window", type=int, default=16, help="occlusion window (default 16, the Explainer's)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: every CPU this process may use)")
+    parser.add_argument(
+        "--repeat", type=option_types.COUNT, default=3, help="calls of each per measurement, at most (no new round once past 60 s)"
+    )
+    parser.add_argument("--steps", type=integer(1, 1024), default=16, help="integrated_gradients steps (default 16, the Explainer's)")
+    parser.add_argument("--window", type=integer(1, 512), default=16, help="occlusion window (default 16, the Explainer's)")
+    parser.add_argument("--threads", type=option_types.THREADS, default=0, help="CPU threads (default: every CPU this process may use)")
     parser.add_argument("--checkpoint", help="a checkpoint instead of the seeded demo weights")
-    parser.add_argument("--quiet-load", type=float, help="wait before each CPU measurement until the 1-minute load is at most this")
-    parser.add_argument("--quiet-wait", type=float, default=1800.0, help="seconds to wait for quiet at most, per measurement")
+    parser.add_argument(
+        "--quiet-load", type=option_types.SECONDS, help="wait before each CPU measurement until the 1-minute load is at most this"
+    )
+    parser.add_argument(
+        "--quiet-wait", type=option_types.SECONDS, default=1800.0, help="seconds to wait for quiet at most, per measurement"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one CPU measurement, in a fresh process
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ import os
 import statistics
 import time
 
+from benchmarks import option_types
 from benchmarks.load import add_arguments, closed_loop, rendered_server, triton_sender, write_results
 from benchmarks.serving import machine, rss_by_process
 from client import RetryPolicy, TriageClient
@@ -165,7 +166,7 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.explain_opt_in", description=__doc__.splitlines()[0])
     add_arguments(parser, levels=[1, 2], requests=24, rounds=4, compared="state")
-    parser.add_argument("--repeats", type=int, default=3, help="single studies timed per model")
+    parser.add_argument("--repeats", type=option_types.COUNT, default=3, help="single studies timed per model")
     args = parser.parse_args(argv)
     results = run(args)
     write_results(args.out, f"explain-opt-in-cpu-s{args.size}", results, markdown(results))

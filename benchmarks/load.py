@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks import option_types
 from client import RetryPolicy, TriageClient
 from settings import NAMES
 
@@ -148,12 +149,12 @@ def baseline_sender(url: str, study: bytes, timeout_s: float = 600) -> Callable[
 def add_arguments(parser: argparse.ArgumentParser, *, levels: list[int], requests: int, rounds: int, compared: str) -> None:
     """The options of a benchmark that compares `compared` (states, waits) on one server over rounds
     of the closed loop: the rendered repository's S, the load, the phantom study, where results go."""
-    parser.add_argument("--size", type=int, default=64, help="model input S of the rendered repository")
-    parser.add_argument("--levels", type=int, nargs="+", default=levels, help="concurrency levels")
-    parser.add_argument("--requests", type=int, default=requests, help=f"studies per level, {compared} and round")
-    parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds, each measuring every {compared}")
-    parser.add_argument("--slices", type=int, default=120)
-    parser.add_argument("--matrix", type=int, default=256)
+    parser.add_argument("--size", type=option_types.SIZE, default=64, help="model input S of the rendered repository")
+    parser.add_argument("--levels", type=option_types.CONCURRENCY, nargs="+", default=levels, help="concurrency levels")
+    parser.add_argument("--requests", type=option_types.COUNT, default=requests, help=f"studies per level, {compared} and round")
+    parser.add_argument("--rounds", type=option_types.COUNT, default=rounds, help=f"rounds, each measuring every {compared}")
+    parser.add_argument("--slices", type=option_types.SLICES, default=120)
+    parser.add_argument("--matrix", type=option_types.MATRIX, default=256)
     parser.add_argument("--out", default="benchmarks/results")
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import preprocess
+from benchmarks import option_types
 from benchmarks.process_memory import release_freed_memory, reset_peak, status_mib
 from preprocess import phantom, resample
 from preprocess.dicom import parse
@@ -150,8 +151,8 @@ def device_report(device: str, *, slices: int = 300, rows: int = 512, columns: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocessing", description=__doc__.splitlines()[0])
     parser.add_argument("--study", help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--size", type=int, default=PREPROCESSING.size)
+    parser.add_argument("--repeat", type=option_types.COUNT, default=3)
+    parser.add_argument("--size", type=option_types.SIZE, default=PREPROCESSING.size)
     parser.add_argument("--exact-air", action="store_true", help="generated study: air at exactly -1000 HU, so only the body is cropped")
     parser.add_argument(
         "--transfer-syntax",

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import export
+from benchmarks import option_types
 from client import AsyncTriageClient
 from client.report import build_report, read_journal
 from preprocess import phantom
@@ -179,11 +180,13 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report_scale", description=__doc__.splitlines()[0])
-    parser.add_argument("--studies", type=int, default=10_000)
-    parser.add_argument("--size", type=int, default=16, help="S of the served model (tiny: the report is measured, not the model)")
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--window", type=int, default=1000, help="studies per window of the time per study")
-    parser.add_argument("--write-every", type=float, default=30.0, help="the report's rewrite interval, seconds")
+    parser.add_argument("--studies", type=option_types.COUNT, default=10_000)
+    parser.add_argument(
+        "--size", type=option_types.SIZE, default=16, help="S of the served model (tiny: the report is measured, not the model)"
+    )
+    parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=2)
+    parser.add_argument("--window", type=option_types.COUNT, default=1000, help="studies per window of the time per study")
+    parser.add_argument("--write-every", type=option_types.SECONDS, default=30.0, help="the report's rewrite interval, seconds")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     result = run(args)

@@ -14,8 +14,8 @@ import json
 import statistics
 import time
 
+from benchmarks import option_types
 from client import RetryPolicy, TriageClient, load_payload, payload_bytes
-from contract.arguments import integer
 from preprocess import phantom
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study", nargs="?", help="folder, ZIP or DICOM file (default: a 300-slice phantom)")
     parser.add_argument("--grpc-url", help="HOST:PORT of the gRPC endpoint")
     parser.add_argument("--http-url", help="HOST:PORT of the HTTP endpoint")
-    parser.add_argument("--repeats", type=integer(1, 1000), default=5)
+    parser.add_argument("--repeats", type=option_types.COUNT, default=5)
     args = parser.parse_args(argv)
     urls = {name: url for name, url in (("grpc", args.grpc_url), ("http", args.http_url)) if url}
     if not urls:

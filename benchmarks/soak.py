@@ -39,6 +39,7 @@ import pydicom.data
 
 import export
 import preprocess
+from benchmarks import option_types
 from client import RetryPolicy, TriageClient
 from preprocess import phantom
 from serve import start_on_free_ports
@@ -370,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--size", type=int, default=16, help="S of the rendered repository (small: the serving path is what is soaked)")
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument("--warm-up-s", type=float, default=60.0, help="load at the same concurrency before the start sample")
+    parser.add_argument("--minutes", type=option_types.MINUTES, default=10.0)
+    parser.add_argument(
+        "--size", type=option_types.SIZE, default=16, help="S of the rendered repository (small: the serving path is what is soaked)"
+    )
+    parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=4)
+    parser.add_argument("--warm-up-s", type=option_types.SECONDS, default=60.0, help="load at the same concurrency before the start sample")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     results = run(args)

@@ -148,22 +148,25 @@ def test_only_volumes_in_the_model_range_pass(as_tensor):
 @pytest.mark.parametrize(
     "module, args, message",
     [
-        ("serve", ["--http-port", "70000"], "argument --http-port: must be from 1 to 65535, got 70000"),  # was a traceback
-        ("serve", ["--grpc-port", "0"], "argument --grpc-port: must be from 1 to 65535, got 0"),  # was 3 minutes of waiting
-        ("serve", ["--log-verbose", "-1"], "argument --log-verbose: must be from 0 to"),
+        ("serve.__main__", ["--http-port", "70000"], "argument --http-port: must be from 1 to 65535, got 70000"),  # was a traceback
+        ("serve.__main__", ["--grpc-port", "0"], "argument --grpc-port: must be from 1 to 65535, got 0"),  # was 3 minutes of waiting
+        ("serve.__main__", ["--log-verbose", "-1"], "argument --log-verbose: must be from 0 to"),
         ("serve.sizing", ["--preprocess-instances", "-3"], "argument --preprocess-instances: must be from 1 to 64"),  # was negative MiB
         ("serve.sizing", ["--size", "0"], "argument --size: size 0 is not usable"),
         ("serve.sizing", ["--largest-study-mib", "-1"], "argument --largest-study-mib: must be from 1 to"),
-        ("demo", ["--matrix", "100000000"], "argument --matrix: must be from 32 to 1024, got 100000000"),  # was 71 PiB asked of numpy
-        ("demo", ["--slices", "-3"], "argument --slices: must be from 16 to 2000, got -3"),  # was a traceback
-        ("demo", ["--size", "-5"], "argument --size: size -5 is not usable"),  # was a traceback after the export
-        ("demo", ["--timeout", "nan"], "argument --timeout: must be a number above 0 and at most 86400, got nan"),
-        ("preprocess", ["study.zip", "-o", "out.pt", "--threads", "5000"], "argument --threads: must be from 0 to 1024, got 5000"),
-        ("fuzz", ["--seconds", "0"], "argument --seconds: must be from 1 to"),
+        ("demo.__main__", ["--matrix", "100000000"], "--matrix: must be from 32 to 1024, got 100000000"),  # was 71 PiB asked of numpy
+        ("demo.__main__", ["--slices", "-3"], "argument --slices: must be from 16 to 2000, got -3"),  # was a traceback
+        ("demo.__main__", ["--size", "-5"], "argument --size: size -5 is not usable"),  # was a traceback after the export
+        ("demo.__main__", ["--timeout", "nan"], "argument --timeout: must be a number above 0 and at most 86400, got nan"),
+        ("preprocess.__main__", ["study.zip", "-o", "out.pt", "--threads", "5000"], "argument --threads: must be from 0 to 1024, got 5000"),
+        ("fuzz.__main__", ["--seconds", "0"], "argument --seconds: must be from 1 to"),
+        ("benchmarks.serving", ["--size", "7"], "argument --size: size 7 is not usable"),  # was a traceback
+        ("benchmarks.soak", ["--minutes", "nan"], "argument --minutes: must be a number above 0 and at most 10080, got nan"),
+        ("benchmarks.batching_wait", ["--waits", "20000", "-1"], "argument --waits: must be from 0 to 10000000, got -1"),
     ],
 )
 def test_commands_refuse_numbers_they_cannot_use_in_one_line(module, args, message, capsys):
-    main = importlib.import_module(module if module.endswith("sizing") else f"{module}.__main__").main
+    main = importlib.import_module(module).main
     with pytest.raises(SystemExit) as stopped:  # while the options are read: anything later would be an exception here
         main(args)
     assert stopped.value.code == 2 and message in capsys.readouterr().err

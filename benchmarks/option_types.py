@@ -1,0 +1,20 @@
+"""Option types shared by the benchmarks' command lines (contract.arguments): a value a benchmark
+cannot use is a one-line usage error before any server starts, not a traceback minutes later."""
+
+from __future__ import annotations
+
+from client.cli import MAX_CONCURRENCY
+from contract.arguments import integer, model_size, number
+from preprocess.workers import MAX_THREADS
+from settings import INPUT_LIMITS, SERVING
+
+SIZE = model_size
+SLICES = integer(INPUT_LIMITS.min_slices, INPUT_LIMITS.max_slices)
+MATRIX = integer(32, min(INPUT_LIMITS.max_rows, INPUT_LIMITS.max_columns))  # the phantom's rows and columns
+CONCURRENCY = integer(1, MAX_CONCURRENCY)
+COUNT = integer(1, 1_000_000)  # studies, requests, rounds, repeats
+THREADS = integer(0, MAX_THREADS)  # 0: every CPU this process may use
+WAIT_US = integer(0, SERVING.most_queue_delay_microseconds)
+SECONDS = number(0)
+PORT = integer(1, 65535)
+MINUTES = number(0, 7 * 24 * 60, above_low=True)  # a soak's length: up to a week
