@@ -4,7 +4,7 @@ cannot use is a one-line usage error before any server starts, not a traceback m
 from __future__ import annotations
 
 from client.cli import MAX_CONCURRENCY
-from contract.arguments import integer, model_size, number
+from contract.arguments import integer, model_size, number, port
 from preprocess.workers import MAX_THREADS
 from settings import INPUT_LIMITS, SERVING
 
@@ -16,5 +16,5 @@ COUNT = integer(1, 1_000_000)  # studies, requests, rounds, repeats
 THREADS = integer(0, MAX_THREADS)  # 0: every CPU this process may use
 WAIT_US = integer(0, SERVING.most_queue_delay_microseconds)
 SECONDS = number(0)
-PORT = integer(1, 65535)
+PORT = port
 MINUTES = number(0, 7 * 24 * 60, above_low=True)  # a soak's length: up to a week

@@ -8,7 +8,7 @@ clients must agree on, as pure functions over `settings`.
   server adds to preprocess's metadata (`triage_meta`, `parse_provenance`; `parse_meta` reads it);
 - labels: `settings.NAMES.labels`, in the classifier's output order.
 - command lines: argparse types that check these bounds while the options are read
-  (`contract.arguments`: `integer`, `number`, `model_size`, `threshold`).
+  (`contract.arguments`: `integer`, `number`, `port`, `model_size`, `threshold`).
 
 It imports only `settings` and numpy, so the Python-backend models, export, preprocess, the
 launcher and the clients can all import it without loading each other.

@@ -30,6 +30,10 @@ def integer(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+# 1-65535: Triton takes port 0 and serves on no known port, so a launcher would wait for nothing
+port = integer(1, 65535)
+
+
 def number(low: float, high: float = math.inf, *, above_low: bool = False) -> Callable[[str], float]:
     """A finite float from low (excluded with above_low) to high; nan and inf are refused."""
     if math.isinf(high):

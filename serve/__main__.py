@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from contract.arguments import integer
+from contract.arguments import integer, port
 from serve.launcher import ServerError, TritonServer
 from settings import ADMIN, SERVING
 
@@ -35,10 +35,6 @@ def _raise_stop(signum, _frame):
     raise _Stop(signal.Signals(signum).name)
 
 
-# 1-65535: Triton takes 0 and serves on no known port, so the launcher would wait for nothing
-_port = integer(1, 65535)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -46,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         default=str(COMMITTED_REPOSITORY),
         help="model repository (default: the project's model_repository/, once `python -m export` has filled it)",
     )
-    parser.add_argument("--http-port", type=_port, default=SERVING.http_port)
-    parser.add_argument("--grpc-port", type=_port, default=SERVING.grpc_port)
-    parser.add_argument("--metrics-port", type=_port, default=SERVING.metrics_port)
+    parser.add_argument("--http-port", type=port, default=SERVING.http_port)
+    parser.add_argument("--grpc-port", type=port, default=SERVING.grpc_port)
+    parser.add_argument("--metrics-port", type=port, default=SERVING.metrics_port)
     parser.add_argument("--log-file", help="server log (default: a temporary file, its path is printed)")
     parser.add_argument("--log-verbose", type=integer(0, 2**31 - 1), default=0)
     parser.add_argument("--model-config-name", help="load configs/<name>.pbtxt where a model has one (Triton's own option)")
