@@ -1,0 +1,129 @@
+"""What two kinds of plain HTTP request do to the bundled tritonserver (serve/README.md, "Faults and recovery").
+
+    python -m benchmarks.http_faults --out benchmarks/results [--form-mib 1 2 4 8] [--chunks 2000000]
+
+1. A study's binary inference request of each `--form-mib` size, sent to ct_triage with `Content-Type:
+   application/x-www-form-urlencoded` (curl's default for --data-binary), each to a fresh server:
+   whether the server is still running a second later, and what it answered.
+2. One request in chunked transfer encoding, `--chunks` chunks of one byte, never finished: the
+   server's resident memory before and after, against the bytes on the wire.
+
+Writes http-faults.md and http-faults.json to --out and prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import export
+from benchmarks import option_types
+from benchmarks.load import write_results
+from benchmarks.serving import machine
+from serve import start_on_free_ports
+from settings import NAMES
+
+NAME = "http-faults"
+SIZE = 16  # the request never reaches the model: the smallest repository serves
+FORM = "application/x-www-form-urlencoded"
+
+
+def _server_rss_mib(server) -> float:
+    status = Path(f"/proc/{server.pid}/status").read_text().splitlines()
+    return int(next(line.split()[1] for line in status if line.startswith("VmRSS"))) / 1024
+
+
+def _send_form_typed(server, megabytes: int) -> str:
+    """The request, then the first line of the answer, or why there was none."""
+    element = bytes(megabytes << 20)
+    input_ = {"name": NAMES.dicom, "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(element)}}
+    header = json.dumps({"inputs": [input_]}).encode()
+    body = header + len(element).to_bytes(4, "little") + element
+    head = (
+        f"POST /v2/models/{NAMES.triage}/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: {FORM}\r\n"
+        f"Content-Length: {len(body)}\r\nInference-Header-Content-Length: {len(header)}\r\nConnection: close\r\n\r\n"
+    )
+    host, port = server.http_url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        try:
+            connection.sendall(head.encode() + body)
+            answer = connection.recv(4096)
+        except OSError as error:
+            return f"no answer ({type(error).__name__})"
+    return answer.split(b"\r\n", 1)[0].decode(errors="replace") if answer else "connection closed, no answer"
+
+
+def _send_chunks(server, chunks: int) -> int:
+    """`chunks` one-byte chunks of a request that is never finished; the bytes sent."""
+    host, port = server.http_url.rsplit(":", 1)
+    connection = socket.create_connection((host, int(port)), timeout=60)
+    connection.sendall(
+        f"POST /v2/models/{NAMES.triage}/infer HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+    )
+    block, per_block = b"1\r\n{\r\n" * 10_000, 10_000
+    for _ in range(chunks // per_block):
+        connection.sendall(block)
+    time.sleep(2)  # the server reads what is on the socket
+    connection.close()
+    return len(block) * (chunks // per_block)
+
+
+def run(form_mib: list[int], chunks: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ct_triage_http_faults_") as scratch:
+        repository = Path(scratch) / "repository"
+        export.write_repository(repository, target="cpu", size=SIZE, demo_weights=True)
+        form = []
+        for megabytes in form_mib:
+            with start_on_free_ports(repository, log_file=Path(scratch) / "form.log", exit_timeout_s=2, models=[NAMES.triage]) as server:
+                answer = _send_form_typed(server, megabytes)
+                time.sleep(1)
+                form.append({"mib": megabytes, "answer": answer, "server_running": server.is_running()})
+        with start_on_free_ports(repository, log_file=Path(scratch) / "chunks.log", exit_timeout_s=2, models=[NAMES.triage]) as server:
+            before = _server_rss_mib(server)
+            sent = _send_chunks(server, chunks)
+            after = _server_rss_mib(server)
+            chunked = {"chunks": chunks, "mb_sent": round(sent / 1e6, 1), "rss_before_mib": round(before), "rss_after_mib": round(after)}
+            chunked["server_running"] = server.is_running()
+    return {"machine": machine(SIZE), "form_typed": form, "chunked": chunked}
+
+
+def markdown(results: dict) -> str:
+    host, chunked = results["machine"], results["chunked"]
+    lines = [
+        "# Plain HTTP requests against the bundled tritonserver",
+        "",
+        f"{host['cpu']}, {host['date']}; ct_triage at S={SIZE}, `python -m benchmarks.http_faults`.",
+        "",
+        f"A study's binary request sent as `{FORM}`, each size to a fresh server:",
+        "",
+        "| MiB | answer | server running a second later |",
+        "|---:|---|---|",
+    ]
+    lines += [f"| {row['mib']} | {row['answer']} | {'yes' if row['server_running'] else '**no**'} |" for row in results["form_typed"]]
+    lines += [
+        "",
+        f"One chunked request of {chunked['chunks']:,} one-byte chunks ({chunked['mb_sent']} MB on the wire): tritonserver's "
+        f"resident memory {chunked['rss_before_mib']} MiB before, {chunked['rss_after_mib']} MiB after.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.http_faults", description=__doc__.splitlines()[0])
+    parser.add_argument("--form-mib", type=option_types.COUNT, nargs="+", default=[1, 2, 4, 8], help="sizes of the form-typed requests")
+    parser.add_argument("--chunks", type=option_types.COUNT, default=2_000_000, help="one-byte chunks of the chunked request")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    results = run(args.form_mib, args.chunks)
+    write_results(args.out, NAME, results, markdown(results))
+    print(json.dumps({"form_typed": results["form_typed"], "chunked": results["chunked"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
