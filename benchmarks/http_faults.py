@@ -37,16 +37,21 @@ def _server_rss_mib(server) -> float:
     return int(next(line.split()[1] for line in status if line.startswith("VmRSS"))) / 1024
 
 
-def _send_form_typed(server, megabytes: int) -> str:
-    """The request, then the first line of the answer, or why there was none."""
+def form_typed_request(megabytes: int) -> tuple[bytes, dict]:
+    """A study's binary inference request (one element of `megabytes` MiB) and its HTTP headers, typed
+    as `curl --data-binary` types it unless told otherwise."""
     element = bytes(megabytes << 20)
     input_ = {"name": NAMES.dicom, "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(element)}}
     header = json.dumps({"inputs": [input_]}).encode()
-    body = header + len(element).to_bytes(4, "little") + element
-    head = (
-        f"POST /v2/models/{NAMES.triage}/infer HTTP/1.1\r\nHost: localhost\r\nContent-Type: {FORM}\r\n"
-        f"Content-Length: {len(body)}\r\nInference-Header-Content-Length: {len(header)}\r\nConnection: close\r\n\r\n"
-    )
+    headers = {"Content-Type": FORM, "Inference-Header-Content-Length": str(len(header))}
+    return header + len(element).to_bytes(4, "little") + element, headers
+
+
+def _send_form_typed(server, megabytes: int) -> str:
+    """The request, then the first line of the answer, or why there was none."""
+    body, headers = form_typed_request(megabytes)
+    fields = {"Host": "localhost", **headers, "Content-Length": str(len(body)), "Connection": "close"}
+    head = f"POST /v2/models/{NAMES.triage}/infer HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
     host, port = server.http_url.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=60) as connection:
         try:

@@ -25,6 +25,7 @@ import tritonclient.grpc as triton_grpc
 from helpers import TEST_SIZE, TRIAGE_ONLY
 from tritonclient.utils import InferenceServerException
 
+from benchmarks.http_faults import form_typed_request
 from client import TriageClient
 from preprocess import phantom
 from serve import start_on_free_ports
@@ -196,16 +197,6 @@ def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_model_is_r
     assert busy[0].pid not in {s.pid for s in server.stubs()}
 
 
-def _study_as_a_form(megabytes: int) -> tuple[bytes, dict]:
-    """A study's binary inference request as `curl --data-binary` sends it without a Content-Type of its own."""
-    element = bytes(megabytes << 20)
-    header = json.dumps(
-        {"inputs": [{"name": NAMES.dicom, "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 4 + len(element)}}]}
-    )
-    headers = {"Content-Type": "application/x-www-form-urlencoded", "Inference-Header-Content-Length": str(len(header))}
-    return header.encode() + len(element).to_bytes(4, "little") + element, headers
-
-
 # Requests that kill Triton 2.51 itself, each by a bug of its own: the watchdog restarts it.
 # Each is (model, body, HTTP headers, the server's exit status).
 _KILLING_REQUESTS = {
@@ -234,7 +225,7 @@ _KILLING_REQUESTS = {
     ),
     # Content-Type application/x-www-form-urlencoded (curl's default for --data-binary, urllib's for any
     # body) on a body of 4 MiB or more: the HTTP front end crashes (SIGSEGV; 2 MiB passes) whatever the model
-    "form-body": (NAMES.triage, *_study_as_a_form(8), -11),
+    "form-body": (NAMES.triage, *form_typed_request(8), -11),
 }
 
 
