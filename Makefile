@@ -53,9 +53,12 @@ $(PROMTOOL): | $(STAMP)
 
 promtool: $(PROMTOOL)
 
-# Everything: library tests, then the tests against the real bundled tritonserver.
+# Everything: the tests against the real bundled tritonserver and the library tests, in TEST_WORKERS
+# processes (pytest-xdist), each file in one of them (its servers and fixtures are shared by its tests).
+# TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
 test: setup $(PERF_ANALYZER) $(CHROMIUM) $(PROMTOOL)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Library tests only (no server): about a minute.
 test-fast: setup $(CHROMIUM) $(PROMTOOL)
