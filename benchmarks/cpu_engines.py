@@ -14,10 +14,15 @@ round, so that all of them see the same minutes of a machine whose speed drifts.
 - pytorch / pytorch-channels-last: classifier.TorchClassifier at FP32 on the CPU, contiguous and
   channels-last-3d;
 - pytorch-compile: torch.compile (inductor) of the channels-last model; its compile time is reported
-  (it is paid at every server start).
+  (it is paid at every server start);
+- openvino-int8: what INT8 would give, which no target offers: the ONNX graph quantized by ONNX
+  Runtime's static quantization (QDQ; weights int8 per channel, activations uint8 per tensor, MinMax
+  ranges from 8 chest phantoms at --parity-size, none of them in the parity set), run by OpenVINO
+  (int8 convolutions where the CPU has them, FP32 elsewhere).
 Parity: each engine on export's parity set (7 volumes at --parity-size) against torch FP32: max |dP|
-and whether every decision at the operating point agrees; an FP32 engine passes at <= 1e-4, the
-BF16 engine at export's half-precision bound (1e-2) with every decision agreeing.
+(and |dP| per volume) and whether every decision at the operating point agrees; an FP32 engine
+passes at <= 1e-4, the BF16 and INT8 engines at export's half-precision bound (1e-2) with every
+decision agreeing.
 Ceiling: the FP32 arithmetic rate each engine reaches (the network's FLOPs at S over its time) next
 to the machine's, measured as the best of 3 float32 4096x4096 matrix products (numpy's BLAS, its
 default threads) before and after the rounds: an engine near that rate has no FP32 speed left to find.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import platform
 import statistics
@@ -44,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from onnxruntime import quantization
 
 from benchmarks import option_types
 from benchmarks.gpu_check import study_tflop
@@ -61,7 +68,9 @@ Engine = Callable[[np.ndarray], np.ndarray]  # [B, 1, S, S, S] float32 -> probab
 BASELINE = "onnxruntime"
 SERVED_ENGINE = "openvino"
 BF16_ENGINE = "openvino-bf16"  # the cpu target with --precision bf16
-BOUNDS = {BF16_ENGINE: FP16_BOUND}  # the engines held to a lower-precision bound; the others to FP32_BOUND
+INT8_ENGINE = "openvino-int8"  # measured only: no target serves it
+BOUNDS = {BF16_ENGINE: FP16_BOUND, INT8_ENGINE: FP16_BOUND}  # the engines held to a lower-precision bound; the others to FP32_BOUND
+CALIBRATION_SEEDS = range(100, 108)  # INT8's calibration volumes: chest phantoms, half with a lesion, apart from the parity set's
 
 
 def onnxruntime_engine(graph: Path, threads: int) -> Engine:
@@ -85,16 +94,50 @@ def compiled_engine(network) -> Engine:
     return lambda volumes: engine(torch.from_numpy(volumes)).numpy()
 
 
+class _CalibrationVolumes(quantization.CalibrationDataReader):
+    """The calibration volumes, one [1, 1, S, S, S] input at a time, as ONNX Runtime's calibrator reads them."""
+
+    def __init__(self, size: int):
+        self.volumes = ({NAMES.volume: chest(size, seed, lesion=seed % 2 == 1).numpy()} for seed in CALIBRATION_SEEDS)
+
+    def get_next(self) -> dict | None:
+        return next(self.volumes, None)
+
+
+def quantize_int8(graph: Path, ir: Path, size: int) -> None:
+    """The FP32 graph with int8 QDQ pairs (ranges calibrated at S=`size`) as OpenVINO IR at `ir`.
+
+    The spatial axes stay dynamic, so ranges calibrated at the parity size serve at any S."""
+    quantized = graph.with_name("model-int8.onnx")
+    logging.disable(logging.WARNING)  # ONNX Runtime's advice, on the root logger, to pre-process the graph: OpenVINO fuses it
+    try:
+        quantization.quantize_static(
+            graph,
+            quantized,
+            _CalibrationVolumes(size),
+            quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8,
+            calibrate_method=quantization.CalibrationMethod.MinMax,
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    convert_to_openvino(quantized, ir)
+
+
 def build_engines(
-    network, graph: Path, ir: Path, size: int, threads: int, compile_: bool, bf16: bool = True
+    network, graph: Path, ir: Path, size: int, threads: int, compile_: bool, bf16: bool = True, int8_ir: Path | None = None
 ) -> tuple[dict[str, Engine], dict[str, float]]:
-    """name -> engine at this S; and the seconds each took to build (compile included)."""
+    """name -> engine at this S; and the seconds each took to build (compile included; INT8's
+    quantization is not: it is done once, before)."""
     engines: dict[str, Engine] = {}
     build_s: dict[str, float] = {}
     builders = {
         BASELINE: lambda: onnxruntime_engine(graph, threads),
         SERVED_ENGINE: lambda: OpenVINOClassifier(ir, size=size, threads=threads),
         **({BF16_ENGINE: lambda: OpenVINOClassifier(ir, size=size, threads=threads, precision="bf16")} if bf16 else {}),
+        **({INT8_ENGINE: lambda: OpenVINOClassifier(int8_ir, size=size, threads=threads)} if int8_ir else {}),
         "pytorch": lambda: torch_engine(network, channels_last=False),
         "pytorch-channels-last": lambda: torch_engine(network, channels_last=True),
     }
@@ -111,22 +154,35 @@ def build_engines(
     return engines, build_s
 
 
-def parity_of(network, graph: Path, ir: Path, size: int, threads: int, compile_: bool, bf16: bool = True) -> dict[str, dict]:
+def parity_of(
+    network, graph: Path, ir: Path, size: int, threads: int, compile_: bool, bf16: bool = True, int8_ir: Path | None = None
+) -> dict[str, dict]:
     names, inputs = parity_inputs(size)
     reference = reference_probabilities(network, inputs)
-    engines, _ = build_engines(network, graph, ir, size, threads, compile_, bf16)
+    engines, _ = build_engines(network, graph, ir, size, threads, compile_, bf16, int8_ir)
     result = {}
     for name, engine in engines.items():
         probabilities = np.concatenate([engine(inputs[i : i + 1]) for i in range(len(names))])
         comparison = compare(names, probabilities, reference, OPERATING_POINT.threshold, BOUNDS.get(name, FP32_BOUND))
         result[name] = {
             "max_abs_dp": comparison.max_abs_diff,
+            "abs_dp": dict(zip(names, np.abs(probabilities[:, 1] - reference[:, 1]).round(6).tolist())),
             "bound": comparison.bound,
             "decisions_agree": comparison.decisions_agree,
             "passed": comparison.passed,
         }
     torch._dynamo.reset()  # the timed build compiles afresh at S
     return result
+
+
+def int8_in_use(engine: OpenVINOClassifier) -> str:
+    """How many of the compiled model's convolutions run on int8 inputs: the CPU plugin falls back
+    to FP32 kernels, in silence, where it has no int8 ones."""
+    convolutions = [
+        op for op in engine.compiled.get_runtime_model().get_ops() if op.get_rt_info()["layerType"].astype(str) == "Convolution"
+    ]
+    int8 = [op for op in convolutions if op.get_rt_info()["runtimePrecision"].astype(str) in ("i8", "u8")]
+    return f"int8 in {len(int8)} of {len(convolutions)} convolutions"
 
 
 def served_seconds(server, volume: np.ndarray, repeat: int) -> list[float]:
@@ -203,7 +259,7 @@ def markdown(result: dict) -> str:
         "",
         f"One study per call, median of {result['repeat']} interleaved rounds after a warm-up; parity on export's "
         f"{result['parity_inputs']} volumes at {result['parity_size']}^3 against PyTorch FP32 "
-        f"(bound {FP32_BOUND:g}; {FP16_BOUND:g} for {BF16_ENGINE}, "
+        f"(bound {FP32_BOUND:g}; {FP16_BOUND:g} for {BF16_ENGINE} and {INT8_ENGINE}, "
         f"decisions at {OPERATING_POINT.threshold:g}).",
         "",
         f"Load average {result['load_before']} before, {result['load_after']} after (a shared machine). The network: "
@@ -221,12 +277,23 @@ def markdown(result: dict) -> str:
             label += f" [{result['precision_in_use'][name]} in use]"
         if name == BF16_ENGINE:
             label += " (served with --precision bf16; FP16 bound)"
+        if name == INT8_ENGINE:
+            label += " (not offered; FP16 bound)"
         lines.append(
             f"| {label} | {row['median_s']:.2f} | {row['speedup_vs_onnxruntime']:.2f}x | "
             f"{row['gflops']:.1f} | {row['gflops'] / max(result['ceiling_gflops']):.0%} | {row['build_s']:.1f} | "
             f"{parity.get('max_abs_dp', float('nan')):.1e} | {parity.get('bound', FP32_BOUND):g} | "
             f"{parity.get('decisions_agree', '-')} | {parity.get('passed', '-')} |"
         )
+    if INT8_ENGINE in result["parity"]:
+        int8 = result["parity"][INT8_ENGINE]
+        lines += [
+            "",
+            f"INT8: ONNX Runtime's static quantization (QDQ, MinMax ranges from {len(CALIBRATION_SEEDS)} chest phantoms at "
+            f"{result['parity_size']}^3, {result['int8_quantize_s']:.0f} s), run by OpenVINO. |dP| per parity volume: "
+            + ", ".join(f"{name} {dp:.1e}" for name, dp in int8["abs_dp"].items())
+            + ".",
+        ]
     for key, precision in (("served", "fp32"), ("served_bf16", "bf16")):
         if result.get(key):
             served = result[key]
@@ -253,9 +320,16 @@ def run(args: argparse.Namespace) -> dict:
         graph, ir = Path(scratch) / "model.onnx", Path(scratch) / "model.xml"
         onnx_graph.export_fp32(network, graph)
         convert_to_openvino(graph, ir)
-        parity = parity_of(network, graph, ir, args.parity_size, threads, args.compile, args.bf16)
-        engines, build_s = build_engines(network, graph, ir, args.size, threads, args.compile, args.bf16)
+        int8_ir = Path(scratch) / "model-int8.xml" if args.int8 else None
+        if int8_ir:
+            started = time.perf_counter()
+            quantize_int8(graph, int8_ir, args.parity_size)
+            quantize_s = time.perf_counter() - started
+        parity = parity_of(network, graph, ir, args.parity_size, threads, args.compile, args.bf16, int8_ir)
+        engines, build_s = build_engines(network, graph, ir, args.size, threads, args.compile, args.bf16, int8_ir)
     precision_in_use = {name: engine.precision_in_use for name, engine in engines.items() if isinstance(engine, OpenVINOClassifier)}
+    if INT8_ENGINE in engines:
+        precision_in_use[INT8_ENGINE] = int8_in_use(engines[INT8_ENGINE])
     volume = chest(args.size, 7, lesion=True).numpy()
     load_before = [round(load, 2) for load in os.getloadavg()]
     ceiling = [matmul_gflops(args.ceiling_n)]
@@ -301,6 +375,7 @@ def run(args: argparse.Namespace) -> dict:
         "parity": parity,
         "precision_in_use": precision_in_use,
         "fastest_passing": min(passing, key=lambda name: rows[name]["median_s"]) if passing else None,
+        **({"int8_quantize_s": round(quantize_s, 1)} if int8_ir else {}),
         "versions": {"openvino": openvino_version(), "onnxruntime": ort.__version__, "torch": torch.__version__},
     }
     if args.served:
@@ -334,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile (minutes of compiling)")
     parser.add_argument("--no-served", dest="served", action="store_false", help="leave out the served measurement")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="leave out OpenVINO at BF16 (engine and served)")
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="leave out OpenVINO on the INT8-quantized graph")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     result = run(args)

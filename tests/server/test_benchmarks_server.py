@@ -4,6 +4,7 @@ locust run, and the FastAPI baseline answering what the offline model answers.""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -89,15 +90,20 @@ def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypa
     assert cpu_engines.main([*options, "--out", str(tmp_path)]) == 0
     assert bytes_under(scratch) < 2**20, sorted(scratch.iterdir())  # the graphs and both rendered repositories (2.4 GB) are removed
     result = json.loads((tmp_path / "cpu-engines.json").read_text())
-    assert set(result["engines"]) == {"onnxruntime", "openvino", "openvino-bf16", "pytorch", "pytorch-channels-last"}
+    assert set(result["engines"]) == {"onnxruntime", "openvino", "openvino-bf16", "openvino-int8", "pytorch", "pytorch-channels-last"}
+    int8 = result["parity"].pop("openvino-int8")  # held to the FP16 bound, but not offered: its parity is reported, not required
     assert all(row["passed"] and row["decisions_agree"] for row in result["parity"].values())
-    assert result["parity"]["openvino-bf16"]["bound"] == 1e-2 and result["parity"]["openvino"]["bound"] == 1e-4
+    assert result["parity"]["openvino-bf16"]["bound"] == 1e-2 and result["parity"]["openvino"]["bound"] == 1e-4 and int8["bound"] == 1e-2
+    assert len(int8["abs_dp"]) == 7 and max(int8["abs_dp"].values()) == pytest.approx(int8["max_abs_dp"], abs=1e-6)
     assert result["precision_in_use"]["openvino"] == "fp32" and result["precision_in_use"]["openvino-bf16"] in ("bf16", "fp32")
+    assert re.fullmatch(r"int8 in [1-9]\d* of 33 convolutions", result["precision_in_use"]["openvino-int8"])
     assert result["fastest_passing"] in result["engines"] and result["served"]["median_s"] > 0 and result["served_bf16"]["median_s"] > 0
     assert all(row["gflops"] > 0 for row in result["engines"].values()) and min(result["ceiling_gflops"]) > 0
     assert set(result["cpu_flags"]) >= {"avx2", "avx512_bf16", "amx_bf16"}
     text = (tmp_path / "cpu-engines.md").read_text()
     assert "| openvino (served) [fp32 in use] |" in text and "| openvino-bf16 [" in text and "Served at bf16" in text
+    assert re.search(r"\| openvino-int8 \[int8 in \d+ of 33 convolutions in use\] \(not offered; FP16 bound\) \|", text)
+    assert "|dP| per parity volume: uniform-0 " in text
 
 
 def test_explain_opt_in_compares_ct_triage_with_and_without_the_explanation_models(private_explaining_server):
