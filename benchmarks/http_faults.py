@@ -3,8 +3,9 @@
     python -m benchmarks.http_faults --out benchmarks/results [--form-mib 1 2 4 8] [--chunks 2000000]
 
 1. A study's binary inference request of each `--form-mib` size, sent to ct_triage with `Content-Type:
-   application/x-www-form-urlencoded` (curl's default for --data-binary), each to a fresh server:
-   whether the server is still running a second later, and what it answered.
+   application/x-www-form-urlencoded` (curl's default for --data-binary), in the order given, to
+   one server while it lives (a fresh one after each it did not survive): whether the server is
+   still running a second later, and what it answered.
 2. One request in chunked transfer encoding, `--chunks` chunks of one byte, never finished: the
    server's resident memory before and after, against the bytes on the wire.
 
@@ -70,24 +71,33 @@ def _send_chunks(server, chunks: int) -> int:
         f"POST /v2/models/{NAMES.triage}/infer HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
         "Content-Type: application/octet-stream\r\n\r\n".encode()
     )
-    block, per_block = b"1\r\n{\r\n" * 10_000, 10_000
-    for _ in range(chunks // per_block):
-        connection.sendall(block)
+    chunk, per_block = b"1\r\n{\r\n", 10_000
+    blocks, rest = divmod(chunks, per_block)
+    for _ in range(blocks):
+        connection.sendall(chunk * per_block)
+    connection.sendall(chunk * rest)
     time.sleep(2)  # the server reads what is on the socket
     connection.close()
-    return len(block) * (chunks // per_block)
+    return len(chunk) * chunks
 
 
 def run(form_mib: list[int], chunks: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="ct_triage_http_faults_") as scratch:
         repository = Path(scratch) / "repository"
         export.write_repository(repository, target="cpu", size=SIZE, demo_weights=True)
-        form = []
-        for megabytes in form_mib:
-            with start_on_free_ports(repository, log_file=Path(scratch) / "form.log", exit_timeout_s=2, models=[NAMES.triage]) as server:
+        form, server = [], None
+        try:
+            for megabytes in form_mib:
+                if server is None or not server.is_running():
+                    if server is not None:
+                        server.stop()
+                    server = start_on_free_ports(repository, log_file=Path(scratch) / "form.log", exit_timeout_s=2, models=[NAMES.triage])
                 answer = _send_form_typed(server, megabytes)
                 time.sleep(1)
                 form.append({"mib": megabytes, "answer": answer, "server_running": server.is_running()})
+        finally:
+            if server is not None:
+                server.stop()
         with start_on_free_ports(repository, log_file=Path(scratch) / "chunks.log", exit_timeout_s=2, models=[NAMES.triage]) as server:
             before = _server_rss_mib(server)
             sent = _send_chunks(server, chunks)
@@ -104,7 +114,7 @@ def markdown(results: dict) -> str:
         "",
         f"{host['cpu']}, {host['date']}; ct_triage at S={SIZE}, `python -m benchmarks.http_faults`.",
         "",
-        f"A study's binary request sent as `{FORM}`, each size to a fresh server:",
+        f"A study's binary request sent as `{FORM}`, the sizes in turn (a fresh server after each one that killed it):",
         "",
         "| MiB | answer | server running a second later |",
         "|---:|---|---|",
