@@ -11,7 +11,7 @@ from .operating_point import set_threshold
 from .report import COLUMNS, ReportError, ReportSummary, build_report, read_report, write_report
 from .result import FAILURE, SUCCESS, TriageResult
 from .studies import StudyRef, discover_studies
-from .tls import CAFileError
+from .tls import CAFileError, ClientCertificateError
 from .triage import (
     AsyncTriageClient,
     RetryPolicy,
@@ -27,6 +27,7 @@ __all__ = [
     "SUCCESS",
     "AsyncTriageClient",
     "CAFileError",
+    "ClientCertificateError",
     "ReportError",
     "ReportSummary",
     "RetryPolicy",

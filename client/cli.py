@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _connection(args: argparse.Namespace) -> dict:
     """The connection options both commands share, as TriageClient / AsyncTriageClient arguments,
-    the URL and CA file checked first (a report builds its clients only once the run has started)."""
-    _check_endpoint(args.url or default_url(args.protocol), args.ca_file, args.protocol)
+    the URL and TLS files checked first (a report builds its clients only once the run has started)."""
+    _check_endpoint(args.url or default_url(args.protocol), args, args.protocol)
     return dict(
         url=args.url,
         protocol=args.protocol,
@@ -82,14 +82,21 @@ def _connection(args: argparse.Namespace) -> dict:
         shared_memory=args.shared_memory,
         explain=args.explain,
         ca_file=args.ca_file,
+        client_cert=_client_cert(args),
     )
 
 
-def _check_endpoint(url: str, ca_file: str | None, protocol: str = "http") -> None:
-    """An unsupported scheme, --ca-file without https://, or a CA file that cannot be used: exit 2."""
+def _client_cert(args: argparse.Namespace) -> tuple[str, str] | None:
+    if (args.client_cert is None) != (args.client_key is None):
+        raise UsageError("--client-cert and --client-key go together: the certificate and its key, each a PEM file")
+    return None if args.client_cert is None else (args.client_cert, args.client_key)
+
+
+def _check_endpoint(url: str, args: argparse.Namespace, protocol: str = "http") -> None:
+    """An unsupported scheme, --ca-file or --client-cert without https://, or TLS files that cannot be used: exit 2."""
     try:
-        endpoint(url, ca_file, protocol)
-    except ValueError as error:  # client.tls.CAFileError too
+        endpoint(url, args.ca_file, protocol, _client_cert(args))
+    except ValueError as error:  # client.tls.CAFileError and ClientCertificateError too
         raise UsageError(str(error)) from None
 
 
@@ -184,9 +191,9 @@ def _set_threshold(args: argparse.Namespace) -> int:
         ADMIN.checked_key(admin_key)
     except ValueError as error:
         raise UsageError(f"{ADMIN.key_env}: {error}") from None
-    _check_endpoint(args.url, args.ca_file)
+    _check_endpoint(args.url, args)
     try:
-        config = set_threshold(args.url, args.threshold, admin_key=admin_key, ca_file=args.ca_file)
+        config = set_threshold(args.url, args.threshold, admin_key=admin_key, ca_file=args.ca_file, client_cert=_client_cert(args))
     except PermissionError:  # the wrong key (an OSError too): exit 2
         raise
     except OSError as error:  # refused connection, DNS, timeout, a certificate that does not verify
@@ -326,6 +333,12 @@ def _parser() -> argparse.ArgumentParser:
             help="PEM bundle of the CA that signed the server's TLS certificate, for an https:// --url "
             "(default: the TLS library's own trust roots; client/README.md, TLS)",
         )
+        command.add_argument(
+            "--client-cert",
+            metavar="FILE",
+            help="PEM certificate to present to an https:// --url that asks for client certificates (mutual TLS); with --client-key",
+        )
+        command.add_argument("--client-key", metavar="FILE", help="the unencrypted PEM key of --client-cert")
     return parser
 
 

@@ -21,17 +21,25 @@ from .tls import PathLike, endpoint
 _FORBIDDEN = "403"  # what Triton answers over HTTP when a restricted API is called without the right key
 
 
-def set_threshold(http_url: str, threshold: float, *, admin_key: str | None = None, ca_file: PathLike | None = None) -> dict:
+def set_threshold(
+    http_url: str,
+    threshold: float,
+    *,
+    admin_key: str | None = None,
+    ca_file: PathLike | None = None,
+    client_cert: tuple[PathLike, PathLike] | None = None,
+) -> dict:
     """Reload ct_postprocess with `threshold`; returns the config now in force.
 
     The load API replaces the whole config, so the running one is read, changed in one field
     and sent back. ct_triage keeps serving: Triton swaps the composing model in place.
     Raises PermissionError when the server refuses the load for want of the right admin key.
-    `http_url` `https://HOST[:PORT]` is TLS, verified against `ca_file` (client.tls).
+    `http_url` `https://HOST[:PORT]` is TLS, verified against `ca_file`, presenting `client_cert`
+    where the server asks for one (client.tls).
     """
     value = parse_threshold(threshold)
     ADMIN.checked_key(admin_key)  # names the rule; an unsendable header's own error would quote the key
-    server = endpoint(http_url, ca_file)
+    server = endpoint(http_url, ca_file, client_cert=client_cert)
     client = triton_http.InferenceServerClient(server.address, **server.http_sync_options())
     try:
         config = client.get_model_config(NAMES.postprocess)

@@ -8,6 +8,8 @@ a scheme dropped in silence would send studies, and the admin key, in clear.
 
 `ca_file` names a PEM bundle of the CA that signed the proxy's certificate (hospitals use private
 CAs). Without it each library verifies against its own default roots (client/README.md, "TLS").
+`client_cert`, a (certificate, key) pair of PEM files, is what the client presents to a proxy that
+asks for client certificates (mutual TLS, as `ssl_verify_client on` in nginx).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class CAFileError(ValueError):
     """The CA bundle cannot be read, or holds no PEM certificate."""
 
 
+class ClientCertificateError(ValueError):
+    """The client certificate or its key cannot be read, or they do not make a pair."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """`address` as tritonclient takes it (HOST:PORT, for HTTP with an optional /base-path), and
@@ -40,6 +46,7 @@ class Endpoint:
     address: str
     tls: bool = False
     ca_file: str | None = None
+    client_cert: tuple[str, str] | None = None  # (certificate, key) PEM files, for mutual TLS
 
     @property
     def url(self) -> str:
@@ -50,25 +57,37 @@ class Endpoint:
         """tritonclient.http (geventhttpclient): hostname checked, CERT_REQUIRED."""
         if not self.tls:
             return {}
-        return {"ssl": True, "ssl_options": {"ca_certs": self.ca_file} if self.ca_file else None}
+        options = {"ca_certs": self.ca_file} if self.ca_file else {}
+        if self.client_cert:
+            options.update(zip(("certfile", "keyfile"), self.client_cert))
+        return {"ssl": True, "ssl_options": options or None}
 
     def http_aio_options(self) -> dict[str, Any]:
         """tritonclient.http.aio (aiohttp): a verifying context; None is aiohttp's own default one."""
         if not self.tls:
             return {}
-        return {"ssl": True, "ssl_context": ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None}
+        if not (self.ca_file or self.client_cert):
+            return {"ssl": True, "ssl_context": None}
+        context = ssl.create_default_context(cafile=self.ca_file)  # cafile None: the default roots, as aiohttp's own
+        if self.client_cert:
+            context.load_cert_chain(*self.client_cert)
+        return {"ssl": True, "ssl_context": context}
 
     def grpc_options(self) -> dict[str, Any]:
         """tritonclient.grpc and tritonclient.grpc.aio (grpc.ssl_channel_credentials): a path it reads."""
         if not self.tls:
             return {}
-        return {"ssl": True, "root_certificates": self.ca_file}
+        certificate, key = self.client_cert or (None, None)
+        return {"ssl": True, "root_certificates": self.ca_file, "certificate_chain": certificate, "private_key": key}
 
 
-def endpoint(url: str, ca_file: PathLike | None = None, protocol: str = "http") -> Endpoint:
+def endpoint(
+    url: str, ca_file: PathLike | None = None, protocol: str = "http", client_cert: tuple[PathLike, PathLike] | None = None
+) -> Endpoint:
     """The server `url` names. ValueError for a scheme other than http:// or https://, a URL that is
-    not [SCHEME://]HOST[:PORT] (a base path only for HTTP), and `ca_file` without https://;
-    CAFileError for a CA bundle that cannot be used."""
+    not [SCHEME://]HOST[:PORT] (a base path only for HTTP), and `ca_file` or `client_cert` without
+    https://; CAFileError for a CA bundle, ClientCertificateError for a client certificate and key
+    that cannot be used."""
     scheme, separator, rest = url.partition("://")
     if not separator:
         scheme, rest = "", url
@@ -82,9 +101,16 @@ def endpoint(url: str, ca_file: PathLike | None = None, protocol: str = "http") 
     tls = scheme == "https"
     if ca_file is not None and not tls:
         raise ValueError(f"a CA file is for TLS, which only an https:// URL asks for, not {url!r}")
+    if client_cert is not None and not tls:
+        raise ValueError(f"a client certificate is for TLS, which only an https:// URL asks for, not {url!r}")
     if tls and port is None:
         host_port = f"{host}:{HTTPS_PORT}"
-    return Endpoint(f"{host_port}{slash}{path}", tls, None if ca_file is None else checked_ca_file(ca_file))
+    return Endpoint(
+        f"{host_port}{slash}{path}",
+        tls,
+        None if ca_file is None else checked_ca_file(ca_file),
+        None if client_cert is None else checked_client_cert(client_cert),
+    )
 
 
 def checked_ca_file(path: PathLike) -> str:
@@ -100,6 +126,44 @@ def checked_ca_file(path: PathLike) -> str:
     except OSError as error:
         raise CAFileError(f"CA file {name} cannot be read: {error.strerror or type(error).__name__}") from None
     return name
+
+
+def checked_client_cert(client_cert: tuple[PathLike, PathLike]) -> tuple[str, str]:
+    """(certificate, key) as strings, once they load as a pair. An encrypted key is refused: each
+    library would ask for its passphrase on the terminal at the first connection, which in a
+    service waits for ever."""
+    try:
+        certificate, key = (os.fspath(name) for name in client_cert)
+    except (TypeError, ValueError):
+        raise ClientCertificateError(f"a client certificate is a (certificate file, key file) pair, not {client_cert!r}") from None
+    for name in (certificate, key):
+        try:
+            if not stat.S_ISREG(os.stat(name).st_mode):
+                raise ClientCertificateError(f"client certificate file {name} is not a regular file")
+        except OSError as error:
+            raise ClientCertificateError(
+                f"client certificate file {name} cannot be read: {error.strerror or type(error).__name__}"
+            ) from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(certificate, key, password=_no_passphrase)
+    except (ssl.SSLError, _EncryptedKey) as error:
+        if isinstance(error, _EncryptedKey):
+            reason = "the key is encrypted: give it decrypted"
+        elif error.reason == "KEY_VALUES_MISMATCH":
+            reason = "the key is not the certificate's"
+        else:  # OpenSSL's "PEM lib": no certificate or no key where one was expected
+            reason = "not a PEM certificate and its PEM key"
+        raise ClientCertificateError(f"client certificate {certificate} with key {key} cannot be used ({reason})") from None
+    return certificate, key
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    """OpenSSL asks for a passphrase only for an encrypted key."""
+    raise _EncryptedKey
 
 
 def _host_and_port(host_port: str, url: str) -> tuple[str, str | None]:

@@ -30,6 +30,7 @@ import tritonclient.grpc
 import tritonclient.grpc.aio
 import tritonclient.http
 import tritonclient.http.aio
+from geventhttpclient.response import HTTPConnectionClosed
 from tritonclient.utils import InferenceServerException
 from tritonclient.utils import shared_memory as system_shm
 
@@ -220,8 +221,9 @@ def _is_transient(error: BaseException) -> bool:
         return error.status() in _TRANSIENT_STATUSES or reloading
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
         return False  # the request already used its whole time budget: do not multiply it
-    # Refused, reset or dropped connections: the server is down or restarting.
-    return isinstance(error, OSError) or _is_aiohttp_connection_error(error)
+    # Refused, reset or dropped connections: the server is down or restarting. A connection closed
+    # before the answer is geventhttpclient's HTTPConnectionClosed (an HTTPException, not an OSError).
+    return isinstance(error, (OSError, HTTPConnectionClosed)) or _is_aiohttp_connection_error(error)
 
 
 def _is_aiohttp_connection_error(error: BaseException) -> bool:
@@ -283,9 +285,9 @@ def _region_failure(error: Exception, model: str, started: float) -> TriageResul
 
 
 class _Base:
-    def __init__(self, url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file):
+    def __init__(self, url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file, client_cert):
         self.protocol = _check_protocol(protocol)
-        self.endpoint = endpoint(url or default_url(protocol), ca_file, self.protocol)
+        self.endpoint = endpoint(url or default_url(protocol), ca_file, self.protocol, client_cert)
         self.url = self.endpoint.url  # as messages name the server: https://HOST:PORT over TLS
         self.explain = bool(explain)
         self.model = model or (NAMES.triage_explain if self.explain else NAMES.triage)
@@ -347,7 +349,8 @@ class TriageClient(_Base):
     `model` defaults to ct_triage, or ct_triage_explain with `explain=True` (then every Success
     result carries `explanation`: attribution, volume and localisation). `url` `https://HOST[:PORT]`
     speaks TLS (port 443 by default), verified against `ca_file` (a PEM bundle) or the library's
-    default roots; `HOST:PORT` or `http://HOST:PORT` plain; other schemes raise ValueError."""
+    default roots, presenting `client_cert` (certificate file, key file) where the server asks for
+    one; `HOST:PORT` or `http://HOST:PORT` plain; other schemes raise ValueError."""
 
     def __init__(
         self,
@@ -360,8 +363,9 @@ class TriageClient(_Base):
         shared_memory: bool = False,
         explain: bool = False,
         ca_file: PathLike | None = None,
+        client_cert: tuple[PathLike, PathLike] | None = None,
     ):
-        super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file)
+        super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file, client_cert)
         if self.protocol == "http":
             self._triton = tritonclient.http.InferenceServerClient(
                 self.endpoint.address,
@@ -458,8 +462,9 @@ class AsyncTriageClient(_Base):
         shared_memory: bool = False,
         explain: bool = False,
         ca_file: PathLike | None = None,
+        client_cert: tuple[PathLike, PathLike] | None = None,
     ):
-        super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file)
+        super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file, client_cert)
         if self.protocol == "http":
             self._triton = tritonclient.http.aio.InferenceServerClient(
                 self.endpoint.address, conn_timeout=self.timeout_s, **self.endpoint.http_aio_options()

@@ -267,6 +267,34 @@ def test_unreachable_server_gives_failure_after_bounded_retries(protocol):
     assert result.time_of_processing == pytest.approx(elapsed, abs=0.05)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_connection_closed_before_the_answer_is_retried_as_a_server_gone(protocol):
+    """What a client sees of a server killed mid-request, or of a TLS proxy that drops it: the
+    blocking HTTP client raised geventhttpclient's HTTPConnectionClosed, which is no OSError."""
+    accepted = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def close_each():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # the listener closed: the test is over
+                return
+            accepted.append(connection.recv(65536))
+            connection.close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    url = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with client.TriageClient(url, protocol, retry=client.RetryPolicy(attempts=3, initial_backoff_s=0.1), timeout_s=5) as triage:
+            result = triage.classify(b"\0" * 128 + b"DICM")
+    finally:
+        listener.close()
+    assert result.processing_status == client.FAILURE
+    assert result.error.startswith(f"server at {url} unreachable or unavailable ("), result.error
+    assert len(accepted) >= (3 if protocol == "http" else 1)  # gRPC's channel fails the retries within its own reconnect backoff
+
+
 def test_server_down_at_start_is_one_clear_line(tmp_path, capsys):
     _dicom_like(tmp_path / "s1" / "IM1")
     for command in (

@@ -1,6 +1,7 @@
 """The client's TLS settings, no server: which URL asks for TLS and on which port, and the refusals,
-at construction, of what would otherwise go out in clear (another scheme, a CA file without https://)
-or fail deep inside gevent or gRPC (a CA file that cannot be used). tests/server/test_client_tls.py
+at construction, of what would otherwise go out in clear (another scheme, a CA file or a client
+certificate without https://) or fail deep inside gevent or gRPC (a CA file, a client certificate or
+key that cannot be used; an encrypted key, whose passphrase they would ask for on the terminal). tests/server/test_client_tls.py
 sends real requests through a TLS proxy."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import trustme
 
 import client
 from client.cli import main as client_main
-from client.tls import CAFileError
+from client.tls import CAFileError, ClientCertificateError
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,25 @@ def ca_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("ca") / "ca.pem"
     trustme.CA().cert_pem.write_to_path(str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def client_files(tmp_path_factory):
+    """A client certificate and key, a key of another certificate, and the right key encrypted."""
+    from cryptography.hazmat.primitives import serialization  # trustme's own dependency
+
+    folder = tmp_path_factory.mktemp("client-certificate")
+    ca = trustme.CA()
+    mine, other = ca.issue_cert("reader@example.org"), ca.issue_cert("someone-else@example.org")
+    mine.cert_chain_pems[0].write_to_path(str(folder / "client.crt"))
+    mine.private_key_pem.write_to_path(str(folder / "client.key"))
+    other.private_key_pem.write_to_path(str(folder / "other.key"))
+    key = serialization.load_pem_private_key(mine.private_key_pem.bytes(), password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"a passphrase")
+    )
+    (folder / "encrypted.key").write_bytes(encrypted)
+    return {name: folder / name for name in ("client.crt", "client.key", "other.key", "encrypted.key")}
 
 
 def _sync(url, protocol, **options):
@@ -120,6 +140,34 @@ def test_a_ca_file_with_https_is_taken(make, protocol, ca_file):
     assert (endpoint.tls, endpoint.ca_file) == (True, str(ca_file))
 
 
+@CLIENTS
+@PROTOCOLS
+def test_a_client_certificate_with_https_is_taken_and_without_it_refused(make, protocol, client_files):
+    pair = (client_files["client.crt"], client_files["client.key"])
+    endpoint, _ = make("https://ct-triage.example.org", protocol, client_cert=pair)
+    assert endpoint.client_cert == tuple(str(path) for path in pair)
+    with pytest.raises(ValueError, match="a client certificate is for TLS, which only an https:// URL asks for"):
+        make("localhost:8001", protocol, client_cert=pair)
+
+
+@CLIENTS
+@PROTOCOLS
+def test_an_unusable_client_certificate_is_one_typed_line_at_construction(make, protocol, client_files, tmp_path):
+    certificate, key = client_files["client.crt"], client_files["client.key"]
+    cases = {
+        (certificate, client_files["other.key"]): "cannot be used (the key is not the certificate's)",
+        (certificate, client_files["encrypted.key"]): "cannot be used (the key is encrypted: give it decrypted)",
+        (key, key): "cannot be used (not a PEM certificate and its PEM key)",
+        (certificate, tmp_path / "missing.key"): "cannot be read: No such file or directory",
+        (tmp_path, key): "is not a regular file",
+    }
+    for pair, says in cases.items():
+        with pytest.raises(ClientCertificateError) as refused:
+            make("https://ct-triage.example.org", protocol, client_cert=pair)
+        assert str(refused.value).startswith("client certificate ") and says in str(refused.value), (pair, refused.value)
+        assert "\n" not in str(refused.value)
+
+
 def _unusable_ca_files(tmp_path):
     not_pem = tmp_path / "notes.txt"
     not_pem.write_text("not a certificate\n")
@@ -144,7 +192,7 @@ def test_an_unusable_ca_file_is_one_typed_line_at_construction(make, protocol, t
         assert "\n" not in str(refused.value)
 
 
-def test_set_threshold_refuses_the_same_before_sending_anything(tmp_path, ca_file):
+def test_set_threshold_refuses_the_same_before_sending_anything(tmp_path, ca_file, client_files):
     """Nothing listens on these ports: each refusal comes before any connection (and any key)."""
     with pytest.raises(ValueError, match="URL scheme 'ftp' is not supported"):
         client.set_threshold("ftp://127.0.0.1:9", 0.3, admin_key="a-key-for-the-test")
@@ -152,16 +200,23 @@ def test_set_threshold_refuses_the_same_before_sending_anything(tmp_path, ca_fil
         client.set_threshold("127.0.0.1:9", 0.3, ca_file=ca_file)
     with pytest.raises(CAFileError, match="cannot be read"):
         client.set_threshold("https://127.0.0.1:9", 0.3, ca_file=tmp_path / "missing.pem")
+    with pytest.raises(ClientCertificateError, match="the key is encrypted"):
+        client.set_threshold("https://127.0.0.1:9", 0.3, client_cert=(client_files["client.crt"], client_files["encrypted.key"]))
 
 
 @pytest.mark.parametrize("command", [["classify", "study.zip"], ["report", ".", "--out", "report.xlsx"], ["set-threshold", "0.3"]])
-def test_the_cli_says_each_refusal_in_one_line_with_exit_2(tmp_path, capsys, monkeypatch, ca_file, command):
+def test_the_cli_says_each_refusal_in_one_line_with_exit_2(tmp_path, capsys, monkeypatch, ca_file, client_files, command):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "study.zip").write_bytes(b"PK\x03\x04")  # never read: the URL is refused first
+    certificate, key = ("--client-cert", str(client_files["client.crt"])), ("--client-key", str(client_files["client.key"]))
     cases = {
         ("--url", "ftp://127.0.0.1:9"): "URL scheme 'ftp' is not supported",
         ("--url", "127.0.0.1:9", "--ca-file", str(ca_file)): "only an https:// URL",
         ("--url", "https://127.0.0.1:9", "--ca-file", str(tmp_path / "missing.pem")): "cannot be read: No such file or directory",
+        ("--url", "https://127.0.0.1:9", *certificate): "--client-cert and --client-key go together",
+        ("--url", "https://127.0.0.1:9", *key): "--client-cert and --client-key go together",
+        ("--url", "127.0.0.1:9", *certificate, *key): "a client certificate is for TLS",
+        ("--url", "https://127.0.0.1:9", *certificate, "--client-key", str(client_files["encrypted.key"])): "the key is encrypted",
     }
     for options, says in cases.items():
         assert client_main([*command, *options]) == 2, options

@@ -2,7 +2,8 @@
 and gRPC ports (serve/README.md, "TLS in front of Triton"; here a small asyncio proxy in front of the
 shared server, with a private test CA from trustme, instead of nginx). Over https:// every client
 answers as over the plain ports; a certificate that does not verify is one line, at once, never
-retried. Refusals that need no server are in tests/library/test_client_tls_offline.py."""
+retried; a proxy that asks for client certificates (mutual TLS) answers a client that presents one.
+Refusals that need no server are in tests/library/test_client_tls_offline.py."""
 
 from __future__ import annotations
 
@@ -27,12 +28,16 @@ from settings import OPERATING_POINT
 
 class TLSProxy:
     """TLS in front of a plain TCP port, as nginx's `listen 443 ssl` (HTTP/1.1, ALPN http/1.1) and
-    `listen 8443 ssl; http2 on` (gRPC: ALPN h2, which gRPC clients require) do; bytes pass unchanged."""
+    `listen 8443 ssl; http2 on` (gRPC: ALPN h2, which gRPC clients require) do; bytes pass unchanged.
+    With `client_ca`, only clients presenting a certificate it signed get through (`ssl_verify_client on`)."""
 
-    def __init__(self, backend_port: int, certificate: trustme.LeafCert, alpn: str):
+    def __init__(self, backend_port: int, certificate: trustme.LeafCert, alpn: str, client_ca: trustme.CA | None = None):
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         certificate.configure_cert(context)
         context.set_alpn_protocols([alpn])
+        if client_ca is not None:
+            client_ca.configure_trust(context)
+            context.verify_mode = ssl.CERT_REQUIRED
         self._backend_port = backend_port
         self._connections: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
@@ -99,7 +104,11 @@ def pki(tmp_path_factory):
     ca, other = trustme.CA(), trustme.CA()
     ca.cert_pem.write_to_path(str(folder / "ca.pem"))
     other.cert_pem.write_to_path(str(folder / "other-ca.pem"))
+    reader = ca.issue_cert("reader@example.org")  # a client certificate, as a site's own CA issues them
+    reader.cert_chain_pems[0].write_to_path(str(folder / "client.crt"))
+    reader.private_key_pem.write_to_path(str(folder / "client.key"))
     return {
+        "client_cert": (folder / "client.crt", folder / "client.key"),
         "ca": ca,
         "ca_file": folder / "ca.pem",
         "other_ca_file": folder / "other-ca.pem",
@@ -108,11 +117,11 @@ def pki(tmp_path_factory):
     }
 
 
-def _site(server, pki, certificate):
+def _site(server, pki, certificate, client_ca=None):
     """The server's plain ports behind TLS proxies presenting `certificate`, for a fixture to yield from."""
     proxies = {
-        "http": TLSProxy(server.http_port, certificate, "http/1.1"),
-        "grpc": TLSProxy(server.grpc_port, certificate, "h2"),
+        "http": TLSProxy(server.http_port, certificate, "http/1.1", client_ca),
+        "grpc": TLSProxy(server.grpc_port, certificate, "h2", client_ca),
     }
     try:
         yield Site({protocol: proxy.url for protocol, proxy in proxies.items()}, pki["ca_file"], pki["other_ca_file"])
@@ -131,6 +140,12 @@ def site(shared_server, pki):
 def misnamed_site(shared_server, pki):
     """The same behind a certificate of the right CA for another host name."""
     yield from _site(shared_server, pki, pki["wrong_name"])
+
+
+@pytest.fixture(scope="module")
+def mutual_site(shared_server, pki):
+    """The shared server behind TLS that lets through only clients with a certificate of the site's CA."""
+    yield from _site(shared_server, pki, pki["server"], client_ca=pki["ca"])
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +259,36 @@ def test_classify_cli_with_a_ca_file(triton_server, site, study, plain_probabili
     assert refused.returncode == 3
     reason = "TLS: certificate verify failed: unable to get local issuer certificate"
     assert refused.stderr == f"error: Triton server at {url} (grpc) is not usable: {reason}\n"
+
+
+@CLIENTS
+@PROTOCOLS
+def test_a_client_certificate_gets_through_a_proxy_that_asks_for_one(
+    triton_server, mutual_site, pki, study, plain_probability, classify, protocol
+):
+    """Without one the proxy closes the connection after the handshake: TLS names no reason the
+    clients could show, so it reads as a server gone (client/README.md, TLS)."""
+    url = mutual_site.urls[protocol]
+    result = classify(url, protocol, study, ca_file=mutual_site.ca_file, client_cert=pki["client_cert"])
+    assert result.ok, result.error
+    assert result.probability_of_pathology == plain_probability
+    with client.TriageClient(url, protocol, ca_file=mutual_site.ca_file, retry=client.RetryPolicy(attempts=1)) as triage:
+        refused = triage.classify(study)
+    assert refused.processing_status == client.FAILURE
+    assert refused.error.startswith(f"server at {url} unreachable or unavailable ("), refused.error
+
+
+def test_the_commands_present_a_client_certificate(triton_server, mutual_site, pki, study, plain_probability):
+    """classify over HTTP, and set-threshold (set back in `finally` over the plain port)."""
+    url = mutual_site.urls["http"]
+    tls = ["--url", url, "--ca-file", str(mutual_site.ca_file), "--client-cert", str(pki["client_cert"][0])]
+    tls += ["--client-key", str(pki["client_cert"][1])]
+    done = run_module("client", "classify", str(study), "--protocol", "http", *tls, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["probability_of_pathology"] == plain_probability
+    try:
+        assert client_main(["set-threshold", "0.75", *tls]) == 0
+        with client.TriageClient(triton_server.grpc_url, "grpc") as triage:
+            assert triage.classify(study).meta["threshold"] == 0.75
+    finally:
+        client.set_threshold(triton_server.http_url, OPERATING_POINT.threshold)
