@@ -145,6 +145,7 @@ class Frame:
     rescaled: bool  # RescaleIntercept was given: without it stored values are not known to be HU
     pixels: PixelFormat
     patient: str = field(repr=False)  # a digest of PatientID ("" if none): tells patients apart without holding the ID
+    conflicting_copy: bool = False  # another file has this SOP instance, frame and position, with other pixel data
 
 
 def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
@@ -169,6 +170,7 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
                     raise CorruptDicomError(f"{blob.label} is a truncated or damaged DICOM image ({kind} without image data)")
                 warnings.append(f"{blob.label} is a DICOM object without an image ({kind}): skipped")
                 continue
+            _check_pixel_length(header, pixels, blob)
             frames.extend(_frames(header, index, blob.label, pixels))
         except StudyError:
             raise
@@ -178,7 +180,45 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
             raise CorruptDicomError(f"{blob.label}: DICOM header has invalid or missing values ({type(exc).__name__})") from None
     if raw:
         warnings.append(f"{raw} files have no DICOM file header (preamble and file meta): read as bare little-endian data sets")
-    return frames, warnings
+    return _mark_conflicting_copies(frames, blobs), warnings
+
+
+def _check_pixel_length(header: _Header, pixels: PixelFormat, blob: Blob) -> None:
+    """Native pixel data a row or more longer than Rows x Columns x frames says, and not zeros: the
+    header does not describe the pixels (a wrong Rows keeps part of each image, a wrong Columns
+    scrambles them), where pydicom would cut the excess off in silence. Zeros, or less than a row,
+    are padding (pydicom's own test data has a row of zeros), and read as pydicom reads them."""
+    if pixels.offset is None or pixels.bits_allocated % 8:
+        return
+    row = header.ushort("Columns", 0) * pixels.samples_per_pixel * pixels.bits_allocated // 8
+    expected = header.ushort("Rows", 0) * row * pixels.frames
+    excess = blob.data[pixels.offset + expected : pixels.offset + pixels.length]
+    if row and len(excess) >= row and excess.count(0) != len(excess):
+        raise CorruptDicomError(
+            f"{blob.label}: pixel data holds {pixels.length} bytes where its header describes {expected} "
+            f"({pixels.frames} x {header.ushort('Rows', 0)} x {header.ushort('Columns', 0)}): Rows, Columns or "
+            "NumberOfFrames is wrong"
+        )
+
+
+def _mark_conflicting_copies(frames: list[Frame], blobs: Sequence[Blob]) -> list[Frame]:
+    """Copies of one image (its SOP instance, frame and position) are read once; copies whose pixel
+    data differ are marked, so that their series is refused rather than read from whichever came first."""
+    first: dict[tuple, Frame] = {}
+    for k, frame in enumerate(frames):
+        other = first.setdefault((frame.series_uid, frame.sop_uid, frame.frame, frame.position), frame)
+        if other is not frame and _pixel_bytes(other, blobs) != _pixel_bytes(frame, blobs):
+            frames[k] = dataclasses.replace(frame, conflicting_copy=True)
+    return frames
+
+
+def _pixel_bytes(frame: Frame, blobs: Sequence[Blob]) -> memoryview | None:
+    """The pixel data value as stored (None where it is not in place: a deflated data set)."""
+    p = frame.pixels
+    if p.value_at is None:
+        return None
+    data = memoryview(blobs[frame.blob].data)
+    return data[p.value_at : p.value_at + p.length] if p.offset is not None else data[p.value_at :]
 
 
 def looks_like_dicom(head: bytes) -> bool:

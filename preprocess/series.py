@@ -183,6 +183,12 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
         )
     if normal[2] < 0:
         normal = -normal  # stack towards the head whatever the acquisition direction
+    conflicting = sum(f.conflicting_copy for f in frames)
+    if conflicting:
+        raise InconsistentSlicesError(
+            f"{_count(conflicting, 'slice')} sent again with other pixel data (the same SOPInstanceUID and position): "
+            "which copy is right is unknown"
+        )
     unique: dict[tuple, Frame] = {}
     for f in frames:  # a copy of a file has its SOP instance, frame and position: kept once
         unique.setdefault((f.sop_uid, f.frame, f.position), f)
@@ -337,6 +343,7 @@ def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rul
             continue
         try:
             _check_one_patient(groups[uid])
+            _check_one_study(groups[uid])
             stacks[uid] = build_stack(groups[uid], rule)
         except StudyError as exc:
             errors[uid] = exc
@@ -367,6 +374,14 @@ def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rul
         for s in ranked[1:]
     ]
     return chosen, {"chosen": _shown_uid(chosen.series_uid), "reason": reason, "skipped": skipped}
+
+
+def _check_one_study(frames: Sequence[Frame]) -> None:
+    """A series belongs to one study: files of one SeriesInstanceUID from several studies (a prior
+    exam relabelled, a UID reused) would be stacked into one volume and answered under one study."""
+    studies = len({f.study_uid for f in frames})
+    if studies > 1:
+        raise MixedStudiesError(f"the series' files belong to {studies} studies (StudyInstanceUID differs): it is not one volume")
 
 
 def _shown_uid(uid: str) -> str:

@@ -767,3 +767,45 @@ def test_a_zip_member_that_cannot_be_opened_is_not_named(series, monkeypatch):
     archive[archive.index(b"PK\x01\x02") + 8] |= 0x1  # marked encrypted in the central directory
     monkeypatch.setattr("preprocess.sources._check_member", lambda *args: None)  # which refuses it before it is opened
     refused([bytes(archive)], preprocess.ArchiveError, r"^file 1, archive member 1: damaged ZIP member \(RuntimeError\)$")
+
+
+def test_a_series_whose_files_belong_to_two_studies_is_refused(series):
+    """A prior exam relabelled with the current series' UID (or a UID reused) would be stacked with it
+    into one volume, slices interleaved, and answered under one study."""
+    uid = pydicom.dcmread(io.BytesIO(series[0])).SeriesInstanceUID
+    prior = phantom.study_files("series", slices=20, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0, seed=9)
+    relabelled = edit(
+        prior,
+        lambda ds, k: (
+            setattr(ds, "SeriesInstanceUID", uid),
+            setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], position(ds) + 2.5]),
+        ),
+    )
+    refused(series + relabelled, preprocess.MixedStudiesError, r"^the series' files belong to 2 studies \(StudyInstanceUID differs\)")
+    each_its_own = edit(series, lambda ds, k: setattr(ds, "StudyInstanceUID", f"1.2.826.0.1.{k + 1}"))
+    refused(each_its_own, preprocess.MixedStudiesError, "belong to 20 studies")
+
+
+def test_copies_of_a_slice_with_other_pixel_data_refuse_the_series(series):
+    """Exact copies are read once (test_slices_that_reuse_one_sop_instance_uid_are_read_by_position);
+    copies that differ would be read from whichever came first."""
+    other = edit(series[5:8], lambda ds, k: setattr(ds, "PixelData", (ds.pixel_array + 100).astype(ds.pixel_array.dtype).tobytes()))
+    for files in (series + other, other + series):
+        refused(files, preprocess.InconsistentSlicesError, r"^3 slices sent again with other pixel data \(the same SOPInstanceUID")
+
+
+def test_pixel_data_longer_than_its_header_says_is_refused(series):
+    """A wrong Rows keeps part of each image, a wrong Columns scrambles them: pydicom cuts the excess
+    off in silence. Zeros after the image are padding, and read (pydicom's MR_small_padded.dcm has a
+    row of them)."""
+    for keyword in ("Rows", "Columns"):
+        halved = edit(series, lambda ds, k, keyword=keyword: setattr(ds, keyword, getattr(ds, keyword) // 2))
+        refused(halved, preprocess.CorruptDicomError, r"^file 1: pixel data holds 8192 bytes where its header describes 4096 .*is wrong$")
+    one_row_short = edit(series, lambda ds, k: setattr(ds, "Rows", 63))
+    refused(one_row_short, preprocess.CorruptDicomError, "describes 8064")
+    expected = preprocess.preprocess_study(series, size=S).volume
+    for pad in (bytes(8), bytes(128 * 3)):  # less than a row (64 x 2 bytes), and three rows of zeros
+        padded = edit(series, lambda ds, k, pad=pad: setattr(ds, "PixelData", ds.PixelData + pad))
+        np.testing.assert_array_equal(preprocess.preprocess_study(padded, size=S).volume, expected)
+    data_after = edit(series, lambda ds, k: setattr(ds, "PixelData", ds.PixelData + b"\x01\x00" * 64))
+    refused(data_after, preprocess.CorruptDicomError, "describes 8192")
