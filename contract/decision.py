@@ -73,10 +73,14 @@ def triage_meta(preprocess_meta: bytes | str, decision: Decision, provenance: ob
     return json.dumps(meta)
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def parse_meta(value: bytes | str) -> dict:
     """ct_preprocess's META as a dict, or MetaError: the models after it parse it the same way."""
     try:
-        meta = json.loads(value)
+        meta = json.loads(value, parse_constant=_not_json)  # NaN, Infinity: Python's, not JSON's, and passed on in the answer
     except (ValueError, RecursionError):  # RecursionError: arrays nested too deep
         raise MetaError("META is not valid JSON") from None
     if not isinstance(meta, dict):

@@ -76,12 +76,17 @@ def most_attributed_region(attribution: np.ndarray, fraction: float = DEFAULT_FR
 def axis_to_original(lo: int, hi: int, axis_meta: dict) -> tuple[int, int]:
     """Output indices lo..hi on one axis -> the original voxels whose nearest output sample lies in
     lo..hi (the original voxel i belongs to output cell round((i - offset) / step)), within the crop."""
-    offset, step = float(axis_meta["offset"]), float(axis_meta["step"])
-    clamp_lo, clamp_hi = (float(v) for v in axis_meta["clamp"])
+    offset, step = _number(axis_meta["offset"], "offset"), _number(axis_meta["step"], "step")
+    clamp = axis_meta["clamp"]
+    if not isinstance(clamp, list) or len(clamp) != 2:
+        raise LocalizationError("META output_to_original clamp is not a pair of voxel indices")
+    clamp_lo, clamp_hi = (_number(v, "clamp") for v in clamp)
     if not np.isfinite([offset, step, clamp_lo, clamp_hi]).all():
         raise LocalizationError("META output_to_original holds a number that is not finite")
     if step == 0.0:
         raise LocalizationError("META output_to_original has a zero step")
+    if clamp_lo > clamp_hi:
+        raise LocalizationError("META output_to_original clamp ends before it starts")
     ends = sorted((offset + step * (lo - 0.5), offset + step * (hi + 0.5)))
     # finite numbers can still map beyond any series, or past float's range (inf: no integer index)
     if not (np.isfinite(ends).all() and -_MAX_INDEX <= ends[0] and ends[1] <= 2 * _MAX_INDEX):
@@ -94,6 +99,13 @@ def axis_to_original(lo: int, hi: int, axis_meta: dict) -> tuple[int, int]:
     if not 0 <= first <= last <= _MAX_INDEX:
         raise LocalizationError(f"META output_to_original maps to voxels {first}..{last}, outside any series")
     return first, last
+
+
+def _number(value, name: str) -> float:
+    """A JSON number of META (a string or a bool is not preprocess's mapping, whatever float() makes of it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LocalizationError(f"META output_to_original {name} is not a number")
+    return float(value)
 
 
 def to_original(box: Box, meta: dict) -> OriginalBox:

@@ -74,6 +74,9 @@ def test_meta_adds_operating_point_and_provenance_to_preprocess_meta():
         triage_meta(b"[1, 2]", decide(np.array([0.2, 0.8]), 0.4), provenance)
     with pytest.raises(MetaError, match="META is not valid JSON"):  # nested past Python's recursion limit: not a traceback
         triage_meta(b"[" * 100_000 + b"]" * 100_000, decide(np.array([0.2, 0.8]), 0.4), provenance)
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):  # Python's json reads them; the answer's META would not be JSON
+        with pytest.raises(MetaError, match="META is not valid JSON"):
+            triage_meta(b'{"size": ' + constant + b"}", decide(np.array([0.2, 0.8]), 0.4), provenance)
 
 
 def test_backend_directory_holds_python_backend_and_the_stub_for_this_python(tmp_path):

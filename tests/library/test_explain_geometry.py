@@ -97,9 +97,15 @@ def _meta(**d_axis) -> dict:
             {**_meta(), "output_to_original": {"D": {}, "H": {}, "W": {}}},
             r"\[D\] is not preprocess's mapping \(KeyError\)",
         ),
-        (np.ones((4, 4, 4)), _meta(offset="nan"), "not finite"),
-        (np.ones((4, 4, 4)), _meta(offset="one"), r"\(ValueError\)"),
-        (np.ones((4, 4, 4)), _meta(clamp=3), r"\(TypeError\)"),
+        (np.ones((4, 4, 4)), _meta(offset=float("nan")), "not finite"),
+        # float() would take these: "12" as a clamp was read as 1..2, "nan" as a number
+        (np.ones((4, 4, 4)), _meta(offset="nan"), "offset is not a number"),
+        (np.ones((4, 4, 4)), _meta(step=True), "step is not a number"),
+        (np.ones((4, 4, 4)), _meta(clamp=3), "clamp is not a pair of voxel indices"),
+        (np.ones((4, 4, 4)), _meta(clamp="12"), "clamp is not a pair of voxel indices"),
+        (np.ones((4, 4, 4)), _meta(clamp={"5": 0, "9": 0}), "clamp is not a pair of voxel indices"),
+        (np.ones((4, 4, 4)), _meta(clamp=[0, "9"]), "clamp is not a number"),
+        (np.ones((4, 4, 4)), _meta(clamp=[3, 0]), "clamp ends before it starts"),
         (np.ones((4, 4, 4)), _meta(step=1e10, clamp=[0, 1e12]), "outside any series"),  # would wrap around in int32
         # finite numbers whose box ends are infinite, or huge: no integer index (an OverflowError traceback)
         (np.ones((4, 4, 4)), _meta(step=1e308), r"maps to voxels -5e\+307\.\.inf, outside any series"),
