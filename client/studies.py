@@ -35,7 +35,8 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
     sub-folders are found. A DICOM file lying directly in `folder` is one study (a multi-frame file).
     Hidden files and folders are ignored; an empty folder is no study; a link to `folder` itself or
     to a folder above it is no study (it would hold every study again), nor is a link to a study
-    found in `folder` (it would be sent twice); only regular files are read (a FIFO or a device would
+    found in `folder` (it would be sent twice); a folder linked from a sub-folder is looked at as if
+    it were there (a study linked into a group folder, a series into a patient's folder); only regular files are read (a FIFO or a device would
     block the scan). What cannot be read (a folder that cannot be listed, a file that cannot be
     opened) is a study rather than nothing, so that its row says why: a folder holding it with no
     DICOM file or ZIP readable is one such study, a folder of ZIPs lists it beside them.
@@ -49,7 +50,7 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
         if entry.is_symlink() and resolved(entry) in above:
             continue
         if entry.is_dir():
-            studies.extend(_ref(path, root, stat) for path, stat in _studies_below(entry))
+            studies.extend(_ref(path, root, stat) for path, stat in _studies_below(entry, above, set()))
         elif entry.is_file() or entry.is_symlink():  # a dangling link named .zip is a study that fails to read
             head = _head(entry)
             if head is None or _is_zip(entry, head) or _is_dicom(entry, head):
@@ -65,12 +66,16 @@ def resolved(path: Path) -> Path | None:
         return None
 
 
-def _studies_below(directory: Path) -> list[tuple[Path, tuple[int, float]]]:
+def _studies_below(directory: Path, above: set[Path], seen: set[Path]) -> list[tuple[Path, tuple[int, float]]]:
     """The studies of a sub-folder of the report's folder: itself if it holds a DICOM file (found
-    without reading every file's head), else its ZIPs and what cannot be read."""
+    without reading every file's head), else its ZIPs, what cannot be read, and the studies of the
+    folders linked from it, each looked at as if it were there (not a link to the report's folder or
+    above it, nor one already looked at: a loop). A study folder's own links are not followed, as
+    reading it does not follow them."""
     unreadable: list[Path] = []
     zips: list[Path] = []
-    for path in _files(directory, unreadable):
+    linked: list[Path] = []
+    for path in _files(directory, unreadable, linked):
         head = _head(path)
         if head is None:
             unreadable.append(path)
@@ -78,9 +83,15 @@ def _studies_below(directory: Path) -> list[tuple[Path, tuple[int, float]]]:
             return [(directory, _tree_stat(directory))]
         elif _is_zip(path, head):
             zips.append(path)
-    if unreadable and not zips:  # reading it names what cannot be read
+    if unreadable and not zips and not linked:  # reading it names what cannot be read
         return [(directory, _tree_stat(directory))]
-    return [(path, _stat(path)) for path in zips + unreadable]
+    studies = [(path, _stat(path)) for path in zips + unreadable]
+    seen.add(resolved(directory))
+    for link in linked:
+        target = resolved(link)
+        if target is not None and target not in above and target not in seen:
+            studies += _studies_below(link, above, seen)
+    return studies
 
 
 def _each_once(studies: list[StudyRef]) -> list[StudyRef]:
@@ -107,8 +118,9 @@ def _visible(directory: Path) -> list[Path]:
     return [entry for entry in directory.iterdir() if not entry.name.startswith(".")]
 
 
-def _files(directory: Path, unlisted: list[Path] | None = None):
-    """The visible files below `directory`; the folders that cannot be listed go to `unlisted`."""
+def _files(directory: Path, unlisted: list[Path] | None = None, linked: list[Path] | None = None):
+    """The visible files below `directory`; the folders that cannot be listed go to `unlisted`, the
+    links to folders (not followed) to `linked`."""
 
     def cannot_list(error: OSError) -> None:
         if unlisted is not None:
@@ -116,6 +128,8 @@ def _files(directory: Path, unlisted: list[Path] | None = None):
 
     for parent, folders, names in os.walk(directory, onerror=cannot_list):
         folders[:] = [name for name in folders if not name.startswith(".")]
+        if linked is not None:
+            linked.extend(path for path in (Path(parent, name) for name in folders) if path.is_symlink())
         for name in names:
             if not name.startswith("."):
                 yield Path(parent, name)

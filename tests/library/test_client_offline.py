@@ -138,6 +138,29 @@ def test_a_link_that_loops_is_no_traceback_and_a_link_to_a_study_inside_is_no_se
     assert result.processing_status == client.FAILURE and result.error.startswith("cannot read study:"), result.error
 
 
+def test_a_folder_linked_below_the_top_is_looked_at_as_if_it_were_there(tmp_path):
+    """A study linked into a group folder, a series linked into a patient's folder: each gets its
+    row (they were left out, exit 0). Links back up, and loops between linked folders, are no study."""
+    elsewhere, root = tmp_path / "elsewhere", tmp_path / "studies"
+    _dicom_like(elsewhere / "exam" / "IM0001")
+    _dicom_like(elsewhere / "series" / "IM0001")
+    (elsewhere / "group").mkdir()
+    (elsewhere / "group" / "scan.zip").write_bytes(b"PK\x03\x04rest")
+    (elsewhere / "group" / "back").symlink_to(elsewhere / "group")  # a loop between linked folders
+    (root / "group").mkdir(parents=True)
+    (root / "group" / "first.zip").write_bytes(b"PK\x03\x04rest")
+    (root / "group" / "exam").symlink_to(elsewhere / "exam")
+    (root / "group" / "more").symlink_to(elsewhere / "group")
+    (root / "group" / "up").symlink_to(root)
+    (root / "patient").mkdir()
+    (root / "patient" / "series1").symlink_to(elsewhere / "series")
+    (root / "patient" / "series2").symlink_to(elsewhere / "exam")  # a study already found: listed once
+
+    studies = [study.path_to_study for study in client.discover_studies(root)]
+
+    assert studies == ["group/exam", "group/first.zip", "group/more/scan.zip", "patient/series1"]
+
+
 def test_what_cannot_be_read_is_a_study_whose_row_says_so_not_left_out(tmp_path):
     """A folder that cannot be listed or files that cannot be opened (another user's export, a copy
     with the wrong permissions): their rows say why, instead of the studies silently missing. Root
