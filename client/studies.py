@@ -36,10 +36,11 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
     Hidden files and folders are ignored; an empty folder is no study; a link to `folder` itself or
     to a folder above it is no study (it would hold every study again), nor is a link to a study
     found in `folder` (it would be sent twice); a folder linked from a sub-folder is looked at as if
-    it were there (a study linked into a group folder, a series into a patient's folder); only regular files are read (a FIFO or a device would
-    block the scan). What cannot be read (a folder that cannot be listed, a file that cannot be
-    opened) is a study rather than nothing, so that its row says why: a folder holding it with no
-    DICOM file or ZIP readable is one such study, a folder of ZIPs lists it beside them.
+    it were there (a study linked into a group folder, a series into a patient's folder); only
+    regular files are read (a FIFO or a device would block the scan). What cannot be read (a folder
+    that cannot be listed, a file that cannot be opened) is a study rather than nothing, so that its
+    row says why: a folder holding it with no DICOM file or ZIP readable is one such study, a folder
+    of ZIPs lists it beside them.
     """
     root = Path(folder)
     if not root.is_dir():
