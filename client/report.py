@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import openpyxl
 from openpyxl.cell import WriteOnlyCell
@@ -132,9 +132,8 @@ def write_report(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], c
     """Write rows as .xlsx or .csv (by suffix) atomically: readers never see a half-written file.
     `columns`: COLUMNS, or EXPLAIN_COLUMNS for an explained report."""
     target = Path(path)
-    writer = _writer_for(target)
-    rows = list(rows)
-    write_atomically(target, lambda stream: writer(rows, stream, columns))
+    content = _rendered_for(target)(list(rows), columns)  # in memory first: a full disk fails our write, not openpyxl's
+    write_atomically(target, lambda stream: stream.write(content))
 
 
 def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -595,17 +594,21 @@ def _format(path: Path) -> str:
     return suffix
 
 
-def _writer_for(target: Path) -> Callable[[list[dict[str, Any]], IO[bytes], tuple[str, ...]], None]:
-    return _write_xlsx if _format(target) == ".xlsx" else _write_csv
+def _rendered_for(target: Path) -> Callable[[list[dict[str, Any]], tuple[str, ...]], bytes]:
+    """The report's bytes; openpyxl writing straight to a file that fails (a full disk) leaves its
+    zip writer half closed, which prints tracebacks on stderr when it is collected."""
+    return _xlsx_bytes if _format(target) == ".xlsx" else _csv_bytes
 
 
-def _write_xlsx(rows: list[dict[str, Any]], stream: IO[bytes], columns: tuple[str, ...] = COLUMNS) -> None:
+def _xlsx_bytes(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> bytes:
     workbook = openpyxl.Workbook(write_only=True)
     sheet = workbook.create_sheet("triage")
     sheet.append(list(columns))
     for row in rows:
         sheet.append([_xlsx_cell(sheet, row.get(column)) for column in columns])
-    workbook.save(stream)
+    buffer = io.BytesIO()
+    workbook.save(buffer)
+    return buffer.getvalue()
 
 
 def _xlsx_cell(sheet, value: Any) -> Any:
@@ -625,14 +628,13 @@ def _from_xlsx(value: Any) -> Any:
     return _OOXML_ESCAPE.sub(lambda match: chr(int(match.group()[2:6], 16)), value)
 
 
-def _write_csv(rows: list[dict[str, Any]], stream: IO[bytes], columns: tuple[str, ...] = COLUMNS) -> None:
-    text = io.TextIOWrapper(stream, encoding="utf-8", errors="backslashreplace", newline="")  # a name that is not UTF-8: \udcxx
+def _csv_bytes(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> bytes:
+    text = io.StringIO(newline="")
     table = csv.writer(text)
     table.writerow(columns)
     for row in rows:
         table.writerow([_csv_cell(row.get(column)) for column in columns])
-    text.flush()
-    text.detach()  # the stream stays open for write_atomically to sync and close
+    return text.getvalue().encode("utf-8", errors="backslashreplace")  # a name that is not UTF-8: \udcxx
 
 
 def _csv_cell(value: Any) -> Any:

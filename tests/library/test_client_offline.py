@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
 import subprocess
@@ -230,6 +231,48 @@ def test_report_write_is_atomic_when_writing_fails(tmp_path):
 
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["report.xlsx"]
+
+
+@pytest.mark.parametrize("suffix", [".xlsx", ".csv"])
+def test_a_full_disk_fails_the_rewrite_in_one_error_and_nothing_on_stderr(tmp_path, monkeypatch, suffix):
+    """The report's file fails as a full disk fails it (ENOSPC after its first KiB). openpyxl saving
+    straight into it left its zip writer half closed, and its collection printed two tracebacks
+    ("Exception ignored in ...") under the command's one-line error."""
+    import errno
+    import gc
+
+    from preprocess import output
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, file):
+            self.file, self.left = file, 1024
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(data)
+            return self.file.write(data)
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def close(self):
+            self.file.close()
+            super().close()
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(output.os, "fdopen", lambda handle, mode: FullDisk(real_fdopen(handle, mode)))
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    path = tmp_path / f"report{suffix}"
+    with pytest.raises(OSError, match="No space left on device"):
+        client.write_report([report_row(f"study-{k}") for k in range(2000)], path)
+    gc.collect()
+    assert unraisable == []
+    assert list(tmp_path.iterdir()) == []  # no report, no temporary file left
 
 
 def test_a_wrong_report_suffix_stops_the_run_before_any_study(tmp_path):
