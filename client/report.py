@@ -232,6 +232,7 @@ async def build_report(
     for path in paths:  # what would stop the run after every study was classified stops it now
         _format(path)
         _check_writable(path)
+    _check_regular(journal_path(out))
     own_files = {path.resolve() for path in paths}  # a report written into FOLDER is not a study (an .xlsx is a ZIP)
     studies = [study for study in discover_studies(folder) if resolved(study.path) not in own_files]
     settled_before = time.time() - stable_age_s
@@ -364,11 +365,19 @@ def _check_writable(path: Path) -> None:
     report (a run never overwrites someone's other spreadsheet)."""
     if path.is_dir():
         raise ReportError(f"{path.name} is a folder, not a report file")
+    _check_regular(path)
     existing = next(folder for folder in (path.absolute().parent, *path.absolute().parents) if folder.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ReportError(f"cannot write {path.name}: {existing} is not a writable folder")
     if path.exists():
         read_report(path)  # ReportError: not a triage report (also with --resume: a --csv is never read otherwise)
+
+
+def _check_regular(path: Path) -> None:
+    """Not a FIFO or a device where a report file goes: opening one to read it would wait for a
+    writer for ever, deaf to SIGTERM (the event loop never gets back control)."""
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ReportError(f"{path.name} is not a regular file (a FIFO or a device): choose another --out")
 
 
 def _resumed(journal_file: Path, out: Path) -> Journal | None:

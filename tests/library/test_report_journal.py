@@ -232,6 +232,11 @@ def _damaged_sheet(out: Path) -> None:
         (lambda out: out.write_bytes(b"someone's worklist"), [], "report.xlsx is not a triage report: it cannot be read (BadZipFile)"),
         (lambda out: out.write_bytes(b"text"), ["--resume"], "report.xlsx is not a triage report: it cannot be read (BadZipFile)"),
         (lambda out: out.with_suffix(".csv").mkdir(), ["--csv", "{out_csv}"], "report.csv is a folder, not a report file"),
+        # a FIFO would block the open for ever, and the run would not even hear SIGTERM
+        (os.mkfifo, [], "report.xlsx is not a regular file (a FIFO or a device)"),
+        (lambda out: os.mkfifo(out.with_suffix(".csv")), ["--csv", "{out_csv}"], "report.csv is not a regular file"),
+        (lambda out: os.mkfifo(journal_path(out)), ["--resume"], "report.xlsx.journal.jsonl is not a regular file"),
+        (lambda out: os.mkfifo(journal_path(out)), [], "report.xlsx.journal.jsonl is not a regular file"),
         (lambda out: None, ["--timeout", "0"], "argument --timeout: must be a number above 0"),
         (lambda out: None, ["--timeout", "inf"], "argument --timeout: must be a number above 0"),
         (lambda out: None, ["--max-mb-in-flight", "nan"], "argument --max-mb-in-flight: must be a number above 0"),
@@ -261,7 +266,7 @@ def test_unusable_report_files_and_options_stop_the_run_before_any_study(tmp_pat
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0], errors
     assert (out.read_bytes() if out.is_file() else None) == before
-    assert (journal_path(out).read_bytes() if journal_path(out).exists() else None) == journal_before
+    assert (journal_path(out).read_bytes() if journal_path(out).is_file() else None) == journal_before  # a FIFO: left as it was
     csv_out = out.with_suffix(".csv")
     assert not csv_out.is_file() or csv_out.read_text().startswith("department,amount")
 
