@@ -272,10 +272,9 @@ def test_a_client_certificate_gets_through_a_proxy_that_asks_for_one(
     result = classify(url, protocol, study, ca_file=mutual_site.ca_file, client_cert=pki["client_cert"])
     assert result.ok, result.error
     assert result.probability_of_pathology == plain_probability
-    with client.TriageClient(url, protocol, ca_file=mutual_site.ca_file, retry=client.RetryPolicy(attempts=1)) as triage:
-        refused = triage.classify(study)
-    assert refused.processing_status == client.FAILURE
-    assert refused.error.startswith(f"server at {url} unreachable or unavailable ("), refused.error
+    with pytest.raises(client.ServerUnavailable) as refused:
+        classify(url, protocol, study, ca_file=mutual_site.ca_file, retry=client.RetryPolicy(attempts=1))
+    assert str(refused.value).startswith(f"Triton server at {url} ({protocol}) is not usable: "), refused.value
 
 
 def test_the_commands_present_a_client_certificate(triton_server, mutual_site, pki, study, plain_probability):
