@@ -341,6 +341,8 @@ class TritonServer:
         busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(p)]
         if busy:
             raise ServerError(f"port(s) {busy} already in use")
+        if not self._owns_log:
+            _check_log_file(self._log_file)
         self._stopping.clear()
         self._known.clear()
         self._retired.clear()
@@ -360,6 +362,7 @@ class TritonServer:
             raise
         if self.supervise:
             self.shm_region_limits = self._served_region_limits()
+            self._know_stubs()
             self._watchdog = threading.Thread(target=self._watch, name="triton-watchdog", daemon=True)
             self._watchdog.start()
         return self
@@ -470,8 +473,14 @@ class TritonServer:
             if self._stopping.is_set():
                 return
             if not self._reload(model, reason):
-                self._restart(f"reloading {model} failed")
+                if not self._stopping.is_set():  # a reload cut short by stop(): no new server while stopping
+                    self._restart(f"reloading {model} failed")
                 return
+
+    def _know_stubs(self) -> None:
+        """The stubs of a server just ready: a check notices only the death of a stub it knew, and the
+        first check comes WATCH_INTERVAL_S later (a stub killed in between was never replaced)."""
+        self._known.update({stub.pid: stub for stub in self.stubs()})
 
     def _died(self, stub: Stub) -> bool:
         """A stub that exited while its instance still holds its region: killed, not unloaded (an unload
@@ -524,6 +533,7 @@ class TritonServer:
                 self._stopping.set()  # ends the watchdog: serving() turns False
             return  # otherwise the next check restarts it again
         self.shm_region_limits = self._served_region_limits()
+        self._know_stubs()
         self._record(reason, "restart", True, started)
 
     def _served_region_limits(self) -> dict[str, int]:
@@ -558,8 +568,11 @@ class TritonServer:
         log.warning("watchdog: %s", message)
         if self._log_file is not None:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-            with open(self._log_file, "a", encoding="utf-8") as stream:
-                stream.write(f"W {stamp} ct-triage watchdog: {message}\n")
+            try:
+                with open(self._log_file, "a", encoding="utf-8") as stream:
+                    stream.write(f"W {stamp} ct-triage watchdog: {message}\n")
+            except OSError:  # its folder removed, a full disk: the launcher's log has it, and supervision goes on
+                pass
 
     # -- processes and memory ------------------------------------------------------------------
     def stubs(self) -> list[Stub]:
@@ -651,6 +664,16 @@ def start_on_free_ports(repository: str | os.PathLike, *, attempts: int = 3, **o
             if "in use" not in str(error).lower() or attempt == attempts - 1:
                 raise
     raise ServerError("no free ports")  # attempts < 1
+
+
+def _check_log_file(path: Path) -> None:
+    """The server log can be appended to (its folder made if missing): one line, before anything starts."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise ServerError(f"log file {path} cannot be written ({error.strerror or type(error).__name__})") from None
 
 
 def _file_size(path: Path) -> int:

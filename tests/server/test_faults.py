@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 import urllib.error
@@ -28,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 from benchmarks.http_faults import form_typed_request
 from client import TriageClient
 from preprocess import phantom
-from serve import start_on_free_ports
+from serve import ServerError, start_on_free_ports
 from serve.metrics import scrape
 from settings import METRICS, NAMES
 
@@ -243,3 +244,28 @@ def test_a_request_that_kills_tritonserver_gets_it_restarted(server, study, answ
     assert server.pid != old and server.is_running()
     assert classify(server, study).probability_of_pathology == pytest.approx(answer, abs=1e-6)
     assert f"ct-triage watchdog: tritonserver exited with code {code}: restart done" in server.log_file.read_text()
+
+
+def test_a_log_file_that_can_no_longer_be_written_does_not_end_supervision(triton_repository, tmp_path, study):
+    """Its folder removed (a tmp cleaner, a rotation) or a full disk: the watchdog's note to it failed,
+    the exception ended the watchdog thread, and the dead stub was never replaced."""
+    logs = tmp_path / "logs"
+    server = start_on_free_ports(triton_repository, log_file=logs / "server.log", exit_timeout_s=2, supervise=True, models=TRIAGE_ONLY)
+    try:
+        answer = classify(server, study).probability_of_pathology
+        shutil.rmtree(logs)
+        (victim,) = [s for s in server.stubs() if s.model == NAMES.postprocess]
+        os.kill(victim.pid, signal.SIGKILL)
+        reload = recovery(server, 1)
+        assert reload.ok and reload.action == f"reload {NAMES.postprocess}", reload
+        assert warm(server, study) == pytest.approx([answer, answer], abs=1e-6)
+    finally:
+        server.stop()
+
+
+def test_a_log_file_that_cannot_be_written_is_one_line_before_anything_starts(triton_repository, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for path, reason in ((tmp_path, "Is a directory"), (tmp_path / "a-file" / "server.log", "File exists")):
+        with pytest.raises(ServerError) as refused:
+            start_on_free_ports(triton_repository, log_file=path, models=TRIAGE_ONLY)
+        assert str(refused.value) == f"log file {path} cannot be written ({reason})"
