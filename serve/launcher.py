@@ -342,7 +342,7 @@ class TritonServer:
         if busy:
             raise ServerError(f"port(s) {busy} already in use")
         if not self._owns_log:
-            _check_log_file(self._log_file)
+            _check_log_file(self._log_file)  # one line before anything starts
         self._stopping.clear()
         self._known.clear()
         self._retired.clear()
@@ -352,7 +352,6 @@ class TritonServer:
             self._stub_python = prepare_stub_python(self._workdir / "stub-python", os.environ[STUB_PYTHONPATH].split(os.pathsep))
         if self._owns_log:
             self._log_file = self._workdir / "tritonserver.log"
-        self._log_file.parent.mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop)
         try:
             self._launch()
@@ -368,6 +367,7 @@ class TritonServer:
         return self
 
     def _launch(self) -> None:
+        _check_log_file(self._log_file)  # a restart after the log's folder was removed makes it again
         with open(self._log_file, "ab") as log:
             self._process = subprocess.Popen(
                 self.command(self._workdir / "backends"),
