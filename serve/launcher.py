@@ -341,8 +341,6 @@ class TritonServer:
         busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(p)]
         if busy:
             raise ServerError(f"port(s) {busy} already in use")
-        if not self._owns_log:
-            _check_log_file(self._log_file)  # one line before anything starts
         self._stopping.clear()
         self._known.clear()
         self._retired.clear()
@@ -367,7 +365,7 @@ class TritonServer:
         return self
 
     def _launch(self) -> None:
-        _check_log_file(self._log_file)  # a restart after the log's folder was removed makes it again
+        _check_log_file(self._log_file)  # one line, not a traceback; a restart makes a removed folder again
         with open(self._log_file, "ab") as log:
             self._process = subprocess.Popen(
                 self.command(self._workdir / "backends"),
