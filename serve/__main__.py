@@ -1,8 +1,9 @@
 """`python -m serve --repository DIR`: run tritonserver in the foreground until SIGINT/SIGTERM.
 
 The server is supervised: a Python-backend stub that dies, or a region grown past what serve.sizing
-gives its model, gets its model reloaded; a server that exits, or a failed reload, gets the server
-restarted (after 3 restarts in a row that did not bring it up, this exits 1). Each action is a line on
+gives its model, gets its model reloaded; a server that exits or hangs (a minute without answering a
+health check), or a failed reload, gets the server restarted (after 3 restarts in a row that did not
+bring it up, this exits 1). Each action is a line on
 stderr and in the server log.
 
 CT_TRIAGE_ADMIN_KEY, when set, restricts the model-repository, shared-memory, trace and logging APIs

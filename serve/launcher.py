@@ -50,6 +50,8 @@ STUB_BINARY = "triton_python_backend_stub"
 RELOAD_PARAMETER = "reloaded_by_launcher"
 WATCH_INTERVAL_S = 0.5
 STUB_EXIT_GRACE_S = 1.0  # an unloaded instance removes its region just after its stub exits
+LIVENESS_CHECKS = 4  # health checks in hang_timeout_s; all unanswered: the server is hung
+WATCHDOG_JOIN_S = 2.0  # stop() waits this long for the watchdog to finish a step before it ends the server under it
 MAX_FAILED_RESTARTS = 3  # restarts in a row that did not bring the server up: give up
 
 log = logging.getLogger("serve")
@@ -207,6 +209,7 @@ class TritonServer:
         log_file: str | os.PathLike | None = None,
         startup_timeout_s: float = SERVING.startup_timeout_s,
         exit_timeout_s: int = SERVING.exit_timeout_s,
+        hang_timeout_s: float = SERVING.hang_timeout_s,
         log_verbose: int = 0,
         model_config_name: str | None = None,
         cuda_memory_pool_bytes: int | None = None,
@@ -224,6 +227,7 @@ class TritonServer:
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.startup_timeout_s = startup_timeout_s
         self.exit_timeout_s = exit_timeout_s
+        self.hang_timeout_s = hang_timeout_s  # supervised: a server that answers no health check this long is restarted
         self.log_verbose = log_verbose
         self._admin_key = ADMIN.checked_key(admin_key)  # private: never printed, logged or put in an error
         self._log_file = Path(log_file) if log_file else None
@@ -238,6 +242,8 @@ class TritonServer:
         self.recoveries: list[Recovery] = []  # what the watchdog did, oldest first
         self._watchdog: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._launching = threading.Lock()  # stop() and a restart in the watchdog: no server launched once stopping
+        self._last_probe, self._unanswered = 0.0, 0  # the last health check sent (monotonic), checks unanswered since one was
         self._known: dict[int, Stub] = {}  # stubs the watchdog has seen alive
         self._retired: set[int] = set()  # stubs of instances a reload replaced: their exit is expected
 
@@ -359,14 +365,16 @@ class TritonServer:
             raise
         if self.supervise:
             self.shm_region_limits = self._served_region_limits()
-            self._know_stubs()
+            self._watch_from_now()
             self._watchdog = threading.Thread(target=self._watch, name="triton-watchdog", daemon=True)
             self._watchdog.start()
         return self
 
     def _launch(self) -> None:
         _check_log_file(self._log_file)  # one line, not a traceback; a restart makes a removed folder again
-        with open(self._log_file, "ab") as log:
+        with self._launching, open(self._log_file, "ab") as log:
+            if self._stopping.is_set():
+                raise ServerError("stopped during start-up")
             self._process = subprocess.Popen(
                 self.command(self._workdir / "backends"),
                 env=self.environment(),
@@ -400,10 +408,16 @@ class TritonServer:
         atexit.unregister(self.stop)
         self._stopping.set()
         watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None and watchdog is not threading.current_thread():
-            watchdog.join()  # it checks _stopping between steps, and its requests are bounded
-        process, self._process = self._process, None
+        joinable = watchdog is not None and watchdog is not threading.current_thread()
+        if joinable:
+            # it checks _stopping between steps, but a request to a hung server (or a reload's load) can
+            # last startup_timeout_s: the server is ended under it, which ends the request
+            watchdog.join(WATCHDOG_JOIN_S)
+        with self._launching:
+            process, self._process = self._process, None
         self._terminate(process)
+        if joinable:
+            watchdog.join()  # its server gone, it returns at once (a restart it was in launches nothing)
         if self._workdir is not None:
             self._remove_leftovers()
             # the log we placed in the work folder stays (its path was printed); a caller's log lives elsewhere
@@ -411,16 +425,19 @@ class TritonServer:
             shutil.rmtree(self._workdir / "stub-python", ignore_errors=True)
             self._stub_python = None
 
-    def _terminate(self, process: subprocess.Popen | None) -> None:
-        if process is not None and process.poll() is None:
+    def _terminate(self, process: subprocess.Popen | None, *, graceful: bool = True) -> None:
+        """SIGTERM and `exit_timeout_s` + 15 s for in-flight requests (graceful), then SIGKILL of the group."""
+        if process is None:
+            return
+        if graceful and process.poll() is None:
             process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGCONT)  # a stopped server acts on it
             try:
                 process.wait(timeout=self.exit_timeout_s + 15)
             except subprocess.TimeoutExpired:
-                _kill_group(process.pid)
-                process.wait(timeout=15)
-        if process is not None:
-            _kill_group(process.pid)  # stubs share the server's process group
+                pass
+        _kill_group(process.pid)  # stubs share the server's process group
+        process.wait(timeout=15)
 
     def _remove_leftovers(self) -> None:
         self._reap_stubs()
@@ -450,6 +467,10 @@ class TritonServer:
         if process.poll() is not None:
             self._restart(f"tritonserver exited with code {process.returncode}")
             return
+        if self._hung():
+            # it would not act on SIGTERM either (a stopped or deadlocked process): killed at once
+            self._restart(f"tritonserver answered no health check for {self.hang_timeout_s:.0f} s", graceful=False)
+            return
         live = {stub.pid: stub for stub in self.stubs()}
         for stub in live.values():
             self._known.setdefault(stub.pid, stub)
@@ -475,10 +496,27 @@ class TritonServer:
                     self._restart(f"reloading {model} failed")
                 return
 
-    def _know_stubs(self) -> None:
-        """The stubs of a server just ready: a check notices only the death of a stub it knew, and the
-        first check comes WATCH_INTERVAL_S later (a stub killed in between was never replaced)."""
+    def _hung(self) -> bool:
+        """Whether /v2/health/live went unanswered at every check for hang_timeout_s (LIVENESS_CHECKS in a
+        row, as a Kubernetes liveness probe): Triton alive but stuck (stopped, deadlocked) serves no study
+        and never exits, so nothing else here would notice."""
+        period = self.hang_timeout_s / LIVENESS_CHECKS
+        if time.monotonic() - self._last_probe < period:
+            return False
+        self._last_probe = time.monotonic()
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/live", timeout=min(period, 5.0)):
+                self._unanswered = 0
+        except OSError:  # urllib's errors: a refused connection, a timeout, a status other than 2xx
+            self._unanswered += 1
+        return self._unanswered >= LIVENESS_CHECKS
+
+    def _watch_from_now(self) -> None:
+        """Supervision of a server just ready: its stubs (a check notices only the death of a stub it knew,
+        and the first check comes WATCH_INTERVAL_S later: a stub killed in between was never replaced),
+        and a fresh count of unanswered health checks."""
         self._known.update({stub.pid: stub for stub in self.stubs()})
+        self._last_probe, self._unanswered = time.monotonic(), 0
 
     def _died(self, stub: Stub) -> bool:
         """A stub that exited while its instance still holds its region: killed, not unloaded (an unload
@@ -499,18 +537,20 @@ class TritonServer:
             parameters[RELOAD_PARAMETER] = {"string_value": str(count)}
             self._request(f"/v2/repository/models/{model}/load", {"parameters": {"config": json.dumps(config)}})
         except (OSError, ValueError) as error:  # urllib's errors are OSErrors
+            if self._stopping.is_set():  # stop() ended the server under it: not a failed reload
+                return False
             self._record(f"{reason}; the reload failed ({error})", f"reload {model}", False, started)
             return False
         self._retired |= replaced
         self._record(reason, f"reload {model}", True, started)
         return True
 
-    def _restart(self, reason: str) -> None:
+    def _restart(self, reason: str, *, graceful: bool = True) -> None:
         """Stop what is left of the server and start it again on the same ports; give up after
         MAX_FAILED_RESTARTS restarts in a row that did not bring it up (a broken repository, not a crash)."""
         self._note(f"{reason}: restarting tritonserver")
         started = time.monotonic()
-        self._terminate(self._process)
+        self._terminate(self._process, graceful=graceful)
         self._remove_leftovers()
         self._known.clear()
         self._retired.clear()
@@ -519,6 +559,8 @@ class TritonServer:
             self._wait_ready()
         except ServerError as error:
             self._terminate(self._process)
+            if self._stopping.is_set():  # stop() ended it: not a failed restart
+                return
             self._record(f"{reason}; the restart failed ({str(error).splitlines()[0]})", "restart", False, started)
             failed = 0
             for previous in reversed(self.recoveries):
@@ -531,7 +573,7 @@ class TritonServer:
                 self._stopping.set()  # ends the watchdog: serving() turns False
             return  # otherwise the next check restarts it again
         self.shm_region_limits = self._served_region_limits()
-        self._know_stubs()
+        self._watch_from_now()
         self._record(reason, "restart", True, started)
 
     def _served_region_limits(self) -> dict[str, int]:

@@ -115,6 +115,9 @@ class Serving:
     tensorrt_workspace_bytes: int = 2 * 1024**3  # bounded so engine building fits next to the server on an 8 GB card
     startup_timeout_s: float = 180.0
     exit_timeout_s: int = 30  # on stop, in-flight requests get this long before the server exits
+    # python -m serve restarts a server whose /v2/health/live has gone unanswered this long (hung, not
+    # exited): the Kubernetes liveness probe's minute, since large uploads keep the HTTP threads busy for seconds
+    hang_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -269,3 +269,45 @@ def test_a_log_file_that_cannot_be_written_is_one_line_before_anything_starts(tr
         with pytest.raises(ServerError) as refused:
             start_on_free_ports(triton_repository, log_file=path, models=TRIAGE_ONLY)
         assert str(refused.value) == f"log file {path} cannot be written ({reason})"
+
+
+def test_a_hung_server_is_restarted_and_stop_does_not_wait_on_the_watchdog(triton_repository, tmp_path, study):
+    """A tritonserver that is alive but answers nothing (here SIGSTOPped) never exits, so only the
+    health checks notice it. And stop() must not wait for a watchdog request to such a server, which
+    lasts startup_timeout_s (a reload's config request here): the server is ended under it."""
+    log_file = tmp_path / "server.log"
+    startup_timeout_s = 150
+    server = start_on_free_ports(
+        triton_repository,
+        log_file=log_file,
+        exit_timeout_s=2,
+        startup_timeout_s=startup_timeout_s,
+        hang_timeout_s=4,
+        supervise=True,
+        models=TRIAGE_ONLY,
+    )
+    try:
+        answer = classify(server, study).probability_of_pathology
+        hung = server.pid
+        os.kill(hung, signal.SIGSTOP)
+        restart = recovery(server, 1, limit_s=60)
+        assert restart.ok and restart.action == "restart", restart
+        assert restart.reason == "tritonserver answered no health check for 4 s", restart
+        assert server.pid != hung and not Path(f"/proc/{hung}").exists()  # killed, not left stopped
+        assert classify(server, study).probability_of_pathology == pytest.approx(answer, abs=1e-6)
+
+        # hung again, and a stub killed: the watchdog's reload waits on the server, and stop() comes
+        os.kill(server.pid, signal.SIGSTOP)
+        (victim,) = [s for s in server.stubs() if s.model == NAMES.postprocess]
+        os.kill(victim.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while f"reloading {NAMES.postprocess}" not in log_file.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"reloading {NAMES.postprocess}" in log_file.read_text(), server.log_tail()
+    finally:
+        started = time.monotonic()
+        server.stop()
+        stopped_in = time.monotonic() - started
+    assert stopped_in < startup_timeout_s / 2, stopped_in
+    assert not server.is_running() and server.orphans() == [] and server.leaked_shm() == []
+    assert len(server.recoveries) == 1  # the cut-short reload is not a failure, nor followed by a restart
