@@ -244,6 +244,7 @@ class TritonServer:
         self._stopping = threading.Event()
         self._launching = threading.Lock()  # stop() and a restart in the watchdog: no server launched once stopping
         self._last_probe, self._unanswered = 0.0, 0  # the last health check sent (monotonic), checks unanswered since one was
+        self._launched_at = 0  # offset of the last launch in the server log
         self._known: dict[int, Stub] = {}  # stubs the watchdog has seen alive
         self._retired: set[int] = set()  # stubs of instances a reload replaced: their exit is expected
 
@@ -375,6 +376,7 @@ class TritonServer:
         with self._launching, open(self._log_file, "ab") as log:
             if self._stopping.is_set():
                 raise ServerError("stopped during start-up")
+            self._launched_at = log.tell()  # where this launch's lines begin in the log
             self._process = subprocess.Popen(
                 self.command(self._workdir / "backends"),
                 env=self.environment(),
@@ -391,7 +393,10 @@ class TritonServer:
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline and not self._stopping.is_set():
             if self._process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self._process.returncode} during start-up:\n{self._failure_log()}")
+                cause = self._load_failure()
+                raise ServerError(
+                    f"tritonserver exited with code {self._process.returncode} during start-up{f' ({cause})' if cause else ''}:\n{self._failure_log()}"
+                )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
@@ -561,7 +566,7 @@ class TritonServer:
             self._terminate(self._process)
             if self._stopping.is_set():  # stop() ended it: not a failed restart
                 return
-            self._record(f"{reason}; the restart failed ({str(error).splitlines()[0]})", "restart", False, started)
+            self._record(f"{reason}; the restart failed ({str(error).splitlines()[0].rstrip(':')})", "restart", False, started)
             failed = 0
             for previous in reversed(self.recoveries):
                 if previous.action != "restart" or previous.ok:
@@ -668,6 +673,18 @@ class TritonServer:
     def leaked_shm(self) -> list[Path]:
         """Shared-memory regions with this server's prefix (none may remain after stop)."""
         return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.exists() else []
+
+    def _load_failure(self) -> str | None:
+        """The first model this launch failed to load and why, from Triton's log (one line: the reason's
+        first line): what a start-up failure's one-line message and a failed restart's reason name."""
+        try:
+            with open(self._log_file, "rb") as stream:
+                stream.seek(self._launched_at)
+                text = stream.read().decode(errors="replace")
+        except (OSError, TypeError):  # no log, or none of ours
+            return None
+        found = re.search(r"failed to load '([^']+)' version (\d+): (.*?)(?:\\n|\"$)", text, re.MULTILINE)
+        return f"failed to load {found[1]} version {found[2]}: {found[3]}" if found else None
 
     def _failure_log(self, lines: int = 40) -> str:
         """Triton's error lines (glog "E<date>"), which a long unload sequence can push out of the

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -311,3 +312,28 @@ def test_a_hung_server_is_restarted_and_stop_does_not_wait_on_the_watchdog(trito
     assert stopped_in < startup_timeout_s / 2, stopped_in
     assert not server.is_running() and server.orphans() == [] and server.leaked_shm() == []
     assert len(server.recoveries) == 1  # the cut-short reload is not a failure, nor followed by a restart
+
+
+def test_a_server_that_cannot_be_brought_back_is_given_up_with_its_reason(triton_repository, tmp_path):
+    """Restarts that fail (here the repository broke while the server ran: a model no longer loads, so
+    tritonserver exits during start-up) are not retried for ever: after 3 in a row the watchdog gives
+    up, serving() turns False (`python -m serve` then exits 1), and nothing of the server is left."""
+    repository = tmp_path / "repository"
+    shutil.copytree(triton_repository, repository)
+    server = start_on_free_ports(repository, log_file=tmp_path / "server.log", exit_timeout_s=2, supervise=True, models=TRIAGE_ONLY)
+    try:
+        (repository / NAMES.postprocess / "1" / "model.py").write_text("this is not Python\n")
+        os.kill(server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while server.serving() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not server.serving(), server.log_tail()
+        restarts = [(r.action, r.ok) for r in server.recoveries]
+        assert restarts == [("restart", False)] * 3, server.recoveries
+        assert server.recoveries[0].reason.startswith("tritonserver exited with code -9; "), server.recoveries[0]
+        cause = f"failed to load {NAMES.postprocess} version 1: Internal: NameError: name 'this' is not defined"
+        for failed in server.recoveries:  # Triton 2.51 exits with 1, or crashes on its way out (-6, -11)
+            assert re.search(rf"; the restart failed \(tritonserver exited with code -?\d+ during start-up \({re.escape(cause)}\)\)$", failed.reason), failed
+        assert server.orphans() == [] and server.leaked_shm() == []
+    finally:
+        server.stop()
