@@ -234,7 +234,7 @@ async def _stopped_by_sigterm_like_ctrl_c(report):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     classify = commands.add_parser("classify", help="classify one study, print one JSON object")

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     given = [f"--{name.replace('_', '-')}" for name in RENDERING if getattr(args, name) is not None]
     if given and args.out is None:
         parser.error(
-            f"{', '.join(given)} only apply to a rendered copy (--out DIR); "
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to a rendered copy (--out DIR); "
             f"the committed repository's configs set them in {COMMITTED.name}/"
         )
     logging.basicConfig(level=logging.WARNING, format="WARNING: %(message)s")

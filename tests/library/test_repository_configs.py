@@ -343,7 +343,7 @@ def test_ctrl_c_is_one_line_and_leaves_an_earlier_export_as_it_was(tmp_path, cap
         (["--checkpoint", "missing.pth", "--size", "32", "--out", "{tmp}/repo"], "export: error: checkpoint not found"),
         (["--demo-weights", "--size", "36", "--out", "{tmp}/repo"], "export: error: size 36 is not usable"),
         (["--demo-weights", "--size", "32", "--out", "{tmp}/repo", "--target", "tensorrt"], "needs the TensorRT Python API"),
-        (["--demo-weights", "--threshold", "0.3"], "--threshold only apply to a rendered copy (--out DIR)"),
+        (["--demo-weights", "--threshold", "0.3"], "--threshold applies only to a rendered copy (--out DIR)"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
@@ -410,7 +410,7 @@ def test_a_committed_cpu_config_with_an_unknown_precision_is_refused():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--demo-weights", "--precision", "bf16"], "--precision only apply to a rendered copy (--out DIR)"),
+        (["--demo-weights", "--precision", "bf16"], "--precision applies only to a rendered copy (--out DIR)"),
         (["--demo-weights", "--size", "16", "--out", "{tmp}/repo", "--precision", "fp16"], "export: error: ct_classifier precision 'fp16'"),
         (["--demo-weights", "--size", "16", "--out", "{tmp}/repo", "--precision", "bf16", "--target", "openvino"], "takes no precision"),
     ],
