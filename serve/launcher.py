@@ -393,10 +393,9 @@ class TritonServer:
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline and not self._stopping.is_set():
             if self._process.poll() is not None:
-                cause = self._load_failure()
-                raise ServerError(
-                    f"tritonserver exited with code {self._process.returncode} during start-up{f' ({cause})' if cause else ''}:\n{self._failure_log()}"
-                )
+                cause = f" ({found})" if (found := self._load_failure()) else ""
+                code = self._process.returncode
+                raise ServerError(f"tritonserver exited with code {code} during start-up{cause}:\n{self._failure_log()}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:

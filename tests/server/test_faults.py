@@ -333,7 +333,8 @@ def test_a_server_that_cannot_be_brought_back_is_given_up_with_its_reason(triton
         assert server.recoveries[0].reason.startswith("tritonserver exited with code -9; "), server.recoveries[0]
         cause = f"failed to load {NAMES.postprocess} version 1: Internal: NameError: name 'this' is not defined"
         for failed in server.recoveries:  # Triton 2.51 exits with 1, or crashes on its way out (-6, -11)
-            assert re.search(rf"; the restart failed \(tritonserver exited with code -?\d+ during start-up \({re.escape(cause)}\)\)$", failed.reason), failed
+            restart_failed = rf"; the restart failed \(tritonserver exited with code -?\d+ during start-up \({re.escape(cause)}\)\)$"
+            assert re.search(restart_failed, failed.reason), failed
         assert server.orphans() == [] and server.leaked_shm() == []
     finally:
         server.stop()
