@@ -3,23 +3,37 @@
 `python -m benchmarks.batching_wait [--target cpu] [--size 64] [--waits 20000 0] [--levels 1 4] [--rounds 4] [--out DIR]`
 
 One bundled tritonserver on a rendered repository (demo weights). ct_triage is measured by the closed
-client loop (benchmarks.load) with ct_classifier reloaded at each wait through Triton's model-control
-API (its served config with only the wait changed), the order of the waits reversed every other round
-so that every wait sees the same minutes of a shared machine; medians over the rounds. What each
-target's config waits comes from this. Writes batching-wait-<target>-s<S>.json and .md to --out.
+client loop (benchmarks.load) with ct_classifier reloaded to each wait through Triton's model-control
+API (its served config with only the wait changed; no reload to the wait it already serves), the
+order of the waits reversed every other round so that every wait sees the same minutes of a shared
+machine; medians over the rounds. What each target's config waits comes from this. Writes
+batching-wait-<target>-s<S>.json and .md to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import time
 
 from benchmarks import option_types
 from benchmarks.load import add_arguments, closed_loop, reload_classifier, rendered_server, triton_sender, write_results
 from benchmarks.serving import machine
 from preprocess import phantom
 from settings import NAMES
+
+
+def served_wait(url: str) -> int:
+    """The batching wait ct_classifier serves now, in microseconds."""
+    from tritonclient import http
+
+    client = http.InferenceServerClient(url)
+    try:
+        return int(client.get_model_config(NAMES.classifier)["dynamic_batching"].get("max_queue_delay_microseconds", 0))
+    finally:
+        client.close()
 
 
 def set_wait(server, wait_us: int) -> None:
@@ -33,19 +47,46 @@ def set_wait(server, wait_us: int) -> None:
         raise RuntimeError(f"{NAMES.classifier} serves a wait of {served} us, not {wait_us}")
 
 
+def study_timeout(ends: float, concurrency: int, requests: int) -> float:
+    """The longest a study of a closed-loop level (benchmarks.load) may take so that the level ends by
+    `ends` (time.monotonic) even if every study times out (each worker sends its warm-up study, then
+    its share of `requests`, one after another); at least 1 s."""
+    return max((ends - time.monotonic()) / (1 + math.ceil(requests / concurrency)), 1.0)
+
+
 def measure(
-    server, payload: list[bytes], *, waits: list[int], levels: list[int], requests: int, rounds: int, shared_memory: bool = False
+    server,
+    payload: list[bytes],
+    *,
+    waits: list[int],
+    levels: list[int],
+    requests: int,
+    rounds: int,
+    shared_memory: bool = False,
+    ends: float | None = None,
 ) -> dict:
     """The measurements on a started server (studies through system shared memory when `shared_memory`);
-    its classifier is left at the last wait measured."""
-    measured = []
+    its classifier is left at the last wait measured. ct_classifier is reloaded only when the next wait
+    is not the one it serves (a reload starts a new stub: on a GPU, CUDA and cuDNN's autotuning again).
+    With `ends` (time.monotonic), a round starts only while the time left holds the longest round so
+    far, and each study times out so that its level ends by then."""
+    measured, rounds_s = [], []
+    current = served_wait(server.http_url)
     for number in range(rounds):
+        if ends is not None and rounds_s and ends - time.monotonic() < max(rounds_s):
+            break
+        started = time.monotonic()
         for wait in waits if number % 2 == 0 else waits[::-1]:
-            set_wait(server, wait)
+            if wait != current:
+                set_wait(server, wait)
+                current = wait
             for level in levels:
-                sender = triton_sender(server.http_url, payload, shared_memory=shared_memory)
-                result = closed_loop(NAMES.triage, sender, level, max(requests, 2 * level))
+                count = max(requests, 2 * level)
+                timeout = {} if ends is None else {"timeout_s": study_timeout(ends, level, count)}
+                sender = triton_sender(server.http_url, payload, shared_memory=shared_memory, **timeout)
+                result = closed_loop(NAMES.triage, sender, level, count)
                 measured.append({"round": number, "wait_us": wait, **result.to_dict()})
+        rounds_s.append(time.monotonic() - started)
     summary = []
     for level in levels:
         for wait in waits:
@@ -81,7 +122,7 @@ def markdown(results: dict) -> str:
         "",
         f"{host['cpu']}, {host['available_cpus']} CPUs, {host['date']}; demo weights; a phantom study of {study['slices']} slices "
         f"of {study['rows']}x{study['columns']} ({study['megabytes']} MB), HTTP; the closed client loop of benchmarks.load, "
-        f"{results['requests']} studies per run; ct_classifier reloaded at each wait, the waits' order reversed every other round; "
+        f"{results['requests']} studies per run; ct_classifier reloaded to each wait, the waits' order reversed every other round; "
         f"medians over {rounds} rounds.",
         "",
         "| concurrency | wait (µs) | studies/s | p50 s | p95 s | failures |",

@@ -6,21 +6,28 @@ out of time is recorded as such, and the others still run):
 1. classifier: studies/s, latency and achieved TFLOP/s per batch size and precision (the served
    engine, classifier.TorchClassifier, on random volumes at S); channels-last vs contiguous at FP16;
 2. memory: peak GPU memory per batch and precision under a cap that emulates an 8 GB card (the
-   caching allocator limited to 8 GiB minus the CUDA context this process holds), and the largest
-   batch that fits, found by bisection above the last fitting batch size;
+   caching allocator limited to what such a card gives CUDA, serve.sizing.CARD_BYTES, minus the CUDA
+   context this process holds), and the largest batch that fits, found by bisection above the last
+   fitting batch size;
 3. parity: the served engine at FP16 and BF16 vs FP32 (export's check on the parity set), and FP16
    vs FP32 on the GPU at S;
 4. preprocessing: a 300 x 512 x 512 study on the device (upload and device time) vs the CPU fast path;
 5. served: the ensemble on the bundled tritonserver (torch-gpu classifier, ct_preprocess on the
-   device) at a few concurrency levels, when the server is installed; then one study through
-   ct_triage_explain (the explanation models on the same device); the GPU memory the server held;
-   then, with time left, the classifier's configured batching wait against none;
+   device) at a few concurrency levels after an untimed round at the highest, when the server is
+   installed; then one study through ct_triage_explain (the explanation models on the same device);
+   the GPU memory the server held; then, with time left, the classifier's configured batching wait
+   against none;
 6. explain: one Grad-CAM explanation (explain.Explainer, FP32) at S beside one plain inference
    (benchmarks.explain): time, ratio, peak allocated and reserved memory, and whether it runs on an
    8 GB card (run again under the same kind of cap as the memory section).
-A section starts only while the budget has the time it needs left (SECTION_RESERVE_S), and the
-classifier and memory sections stop after their own share (SECTION_LIMIT_S), so that a GPU run ends
-within 8 minutes with every section's turn kept.
+The budget counts from gpu_check.sh's start (GPU_CHECK_STARTED: the carried packages' install and
+the imports are part of the 8 minutes). A section that cannot stop midway starts only with its own
+reserve and those of the sections after it left (SECTION_RESERVE_S); the classifier and memory
+sections stop after their own share (SECTION_LIMIT_S) or when the sections after them need the rest;
+the served section's steps end by the time the explain section needs, and each of its requests times
+out by then. So a GPU run ends within 8 minutes with every section's turn kept, and what did not fit
+says "no time left". Results are written after each section and each served step: a run killed
+midway keeps what it measured.
 `--smoke` runs every section on the CPU at a tiny S in well under a minute of compute (the test suite
 runs it, so the script cannot rot between GPU runs); the memory section needs CUDA and says so.
 """
@@ -50,17 +57,27 @@ from torch.utils.flop_counter import FlopCounterMode
 from classifier import ResNet34Classifier, TorchClassifier
 from export import build_classifier, check_torch_parity, demo_weights
 from export.parity import FP16_BOUND, parity_inputs
+from serve.sizing import CARD_BYTES
 
 GIB = 1024**3
-CARD_BYTES = 8 * GIB  # the card the product promises to fit
 SERVED_PREPROCESS_INSTANCES = {"cuda": 4, "cpu": 2}  # ct_preprocess instances of the served section
-# The time a section needs once started (rendering, server start and stop, its levels): it starts only
-# with that much of the budget left, so that the run ends in time (a running section is not stopped).
-SECTION_RESERVE_S = {"served": 150.0, "explain": 60.0}
+STARTED_ENV = "GPU_CHECK_STARTED"  # gpu_check.sh's start, epoch seconds
+# The time a section that cannot stop midway needs once started (served: rendering, server start and
+# stop, a warm-up round and its levels): it starts only with that much left beside the reserves of the
+# sections after it, which the sections before them leave them.
+SECTION_RESERVE_S = {"parity": 20.0, "preprocessing": 30.0, "served": 100.0, "explain": 50.0}
 # A looping section's own share of the budget: its rows past it are recorded as not measured, so that
 # cuDNN autotuning at large FP32 batches cannot cost the sections after it their turn.
-SECTION_LIMIT_S = {"classifier": 120.0, "memory": 90.0}
-BATCHING_WAIT_S = 60.0  # the served section's last part, run only with this much left beside explain's reserve
+SECTION_LIMIT_S = {"classifier": 100.0, "memory": 60.0}
+# Parts of the served section, each started only with this much of its turn left: the levels after the
+# server start (a warm-up round and one level), the explained study (the first call warms ct_explain
+# up), and the batching wait (its first round: a level, a reload of ct_classifier, which tritonclient's
+# 60 s network timeout bounds, and a level).
+SERVED_AFTER_START_S = 30.0
+EXPLAINED_S = 20.0
+BATCHING_WAIT_S = 90.0
+SECTIONS = ("classifier", "memory", "parity", "preprocessing", "served", "explain")  # in this order
+NO_TIME = "no time left"
 TARGETS = {"fp16_studies_per_s": 40.0, "fp16_batch_in_8gb": 4, "preprocess_ms": 20.0, "parity_max_abs": 1e-4, "served_studies_per_s": 20.0}
 
 
@@ -78,7 +95,7 @@ class Plan:
     served_levels: tuple[int, ...]
     served_requests: int
     served_wait_rounds: int  # of the batching-wait comparison, each measuring both waits
-    budget_s: float  # the whole run; later sections are skipped when it is spent
+    budget_s: float  # from gpu_check.sh's start; later sections are skipped when it is spent
 
     @staticmethod
     def gpu() -> Plan:
@@ -336,10 +353,17 @@ def preprocessing_section(plan: Plan) -> dict:
 
 
 def explain_section(plan: Plan) -> dict:
-    """benchmarks.explain for Grad-CAM at S on the plan's device (CPU: a fresh process per measurement)."""
+    """benchmarks.explain for Grad-CAM at S on the plan's device (CPU: a fresh process per measurement),
+    with cuDNN as ct_explain serves it: IEEE FP32 (benchmarks.explain turns TF32 off) and no autotuning,
+    which the classifier sections turned on in this process."""
     from benchmarks.explain import run as measure_explanations
 
-    result = measure_explanations([plan.size], ["gradcam"], device=plan.device, repeat=5 if plan.device == "cuda" else 2)
+    autotuning = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        result = measure_explanations([plan.size], ["gradcam"], device=plan.device, repeat=5 if plan.device == "cuda" else 2)
+    finally:
+        torch.backends.cudnn.benchmark = autotuning
     if plan.device != "cuda":
         result["fits_8gb"] = "not measured: needs a CUDA device"
     return result
@@ -366,8 +390,9 @@ def served_repository(out: Path, size: int, device: str, preprocess_instances: i
     return out
 
 
-def served_section(plan: Plan, log_file: Path, deadline: float) -> dict:
-    """Studies through ct_triage on the bundled server, closed loop (benchmarks.load), per concurrency level.
+def served_section(plan: Plan, log_file: Path, ends: float, progress) -> dict:
+    """Studies through ct_triage on the bundled server, closed loop (benchmarks.load), per concurrency level,
+    every step ending by `ends` (time.monotonic); `progress` is given the results so far after each step.
     The server's log is kept at `log_file`, beside the results: on a lent GPU it is the only trace."""
     from serve import ServerError
     from serve.launcher import find_installation
@@ -378,85 +403,132 @@ def served_section(plan: Plan, log_file: Path, deadline: float) -> dict:
         return {"not_measured": f"no bundled tritonserver here ({error}); gpu_carry.sh carries one, and says in the log why it cannot run"}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:  # the rendered repository: 0.7 GB of weights
         repository = served_repository(Path(work) / "repository", plan.size, plan.device, SERVED_PREPROCESS_INSTANCES[plan.device])
-        return _served(plan, repository, log_file, deadline)
+        return _served(plan, repository, log_file, ends, progress)
 
 
-def _served(plan: Plan, repository: Path, log_file: Path, deadline: float) -> dict:
+def served_pool_bytes(plan: Plan) -> int | None:
+    """The CUDA pool of the served section (serve.sizing): no more studies than twice the highest
+    concurrency are in the server at once, each with at most one volume: a closed loop keeps one per
+    worker in flight, and a study its client gave up on may still hold one."""
+    from serve import sizing
+    from settings import SERVING
+
+    if plan.device != "cuda":
+        return None
+    deployment = sizing.Deployment(
+        size=plan.size,
+        preprocess_instances=SERVED_PREPROCESS_INSTANCES["cuda"],
+        max_batch_size=SERVING.max_batch_size,
+        preprocess_on_gpu=True,
+    )
+    return sizing.cuda_pool_bytes(deployment, in_flight=2 * max(plan.served_levels))
+
+
+def _served(plan: Plan, repository: Path, log_file: Path, ends: float, progress) -> dict:
     """The served measurements on a rendered repository."""
+    from benchmarks.batching_wait import study_timeout
     from benchmarks.load import closed_loop, triton_sender
     from preprocess import phantom
     from serve import start_on_free_ports
+    from settings import SERVING
 
-    instances = SERVED_PREPROCESS_INSTANCES[plan.device]
     slices, rows, columns = plan.served_shape
     payload = phantom.study_files("series", slices=slices, rows=rows, columns=columns, pixel_spacing=0.7, slice_spacing=1.0)
-    # one FP32 volume per ct_preprocess instance and per batched classifier input in the CUDA pool
-    pool = (instances + 4) * 4 * plan.size**3
+    pool = served_pool_bytes(plan)
     # studies through system shared memory where /dev/shm holds one region per worker (client and
     # server share this host; a 157 MB study costs seconds of serialisation on the wire)
     shm_free = shutil.disk_usage("/dev/shm").free if Path("/dev/shm").is_dir() else 0
     shared_memory = shm_free > 2 * max(plan.served_levels) * sum(map(len, payload))
+    result = {
+        "study": {"slices": slices, "rows": rows, "columns": columns, "megabytes": round(sum(map(len, payload)) / 1e6, 1)},
+        "preprocess_instances": SERVED_PREPROCESS_INSTANCES[plan.device],
+        "transport": "system shared memory" if shared_memory else "HTTP wire",
+        "cuda_memory_pool_bytes": pool,
+        "warm_up": {"not_measured": NO_TIME},
+        "levels": [],
+        "levels_skipped_for_time": [],
+        "explained": {"not_measured": NO_TIME},
+        "batching_wait": {"not_measured": NO_TIME},
+    }
     gpu_memory = ServedGpuMemory(plan.device)  # what the card holds before the server starts
-    server = start_on_free_ports(
-        repository, log_file=log_file, exit_timeout_s=5, cuda_memory_pool_bytes=pool if plan.device == "cuda" else None
-    )
+
+    def step_done() -> None:
+        result["gpu_memory"] = gpu_memory.to_dict()
+        progress(result)
+
+    # the section starts with its reserve left, which holds this start, the rendering and SERVED_AFTER_START_S
+    startup_s = min(SERVING.startup_timeout_s, ends - time.monotonic() - SERVED_AFTER_START_S)
+    server = start_on_free_ports(repository, log_file=log_file, exit_timeout_s=5, startup_timeout_s=startup_s, cuda_memory_pool_bytes=pool)
     gpu_memory.watch(server)
     try:
-        levels, skipped = [], []
+        # untimed: every ct_preprocess instance's first studies at the study's size, the classifier's
+        # batches. Its slowest study, scaled to a level (a study waits for those ahead of it at the
+        # instances), is what a study of that level takes, about; a level whose timeouts, which end it
+        # by `ends` even if every study times out, are not twice that is not started.
+        most, instances = max(plan.served_levels), SERVED_PREPROCESS_INSTANCES[plan.device]
+        sender = triton_sender(server.http_url, payload, timeout_s=(ends - time.monotonic()) / 2, shared_memory=shared_memory)
+        try:
+            warm_s = warm_up(sender, most)
+            result["warm_up"] = {"concurrency": most, "slowest_s": round(warm_s, 3)}
+        except Exception as error:  # the levels still run, and their failures say more
+            warm_s, result["warm_up"] = 0.0, {"error": f"{type(error).__name__}: {error}"}
+        step_done()
         for level in plan.served_levels:
-            if time.monotonic() > deadline:  # the run must end in time: the levels not reached say so
-                skipped.append(level)
+            count = max(plan.served_requests, 2 * level)
+            timeout = study_timeout(ends, level, count)
+            if timeout < 2 * warm_s * max(level, instances) / most:
+                result["levels_skipped_for_time"].append(level)
                 continue
-            sender = triton_sender(server.http_url, payload, shared_memory=shared_memory)
-            levels.append(closed_loop("triton", sender, level, max(plan.served_requests, 2 * level)).to_dict())
-        explained = {"not_measured": "time budget spent"}
-        if time.monotonic() < deadline:
+            sender = triton_sender(server.http_url, payload, timeout_s=timeout, shared_memory=shared_memory)
+            result["levels"].append(closed_loop("triton", sender, level, count).to_dict())
+            step_done()
+        if ends - time.monotonic() >= EXPLAINED_S:
             try:
-                explained = explained_study(server.http_url, payload, shared_memory)
+                result["explained"] = explained_study(server.http_url, payload, shared_memory, (ends - time.monotonic()) / 2)
             except Exception as error:  # recorded; the levels above still stand
-                explained = {"error": f"{type(error).__name__}: {error}"}
-        waits = {"not_measured": "time budget spent"}
-        if time.monotonic() < deadline - SECTION_RESERVE_S["explain"] - BATCHING_WAIT_S:
+                result["explained"] = {"error": f"{type(error).__name__}: {error}"}
+            step_done()
+        if ends - time.monotonic() >= BATCHING_WAIT_S:
             gpu_memory.stop()  # a reload holds two classifiers for a moment: not what the stack needs
             try:
-                waits = batching_waits(server, payload, plan, shared_memory)
+                result["batching_wait"] = batching_waits(server, payload, plan, shared_memory, ends)
             except Exception as error:  # recorded; the levels above still stand
-                waits = {"error": f"{type(error).__name__}: {error}"}
+                result["batching_wait"] = {"error": f"{type(error).__name__}: {error}"}
+            step_done()
     finally:
         gpu_memory.stop()
         server.stop()
-    return {
-        "study": {"slices": slices, "rows": rows, "columns": columns, "megabytes": round(sum(map(len, payload)) / 1e6, 1)},
-        "preprocess_instances": instances,
-        "transport": "system shared memory" if shared_memory else "HTTP wire",
-        "cuda_memory_pool_bytes": pool if plan.device == "cuda" else None,
-        "levels": levels,
-        "levels_skipped_for_time": skipped,
-        "explained": explained,
-        "batching_wait": waits,
-        "gpu_memory": gpu_memory.to_dict(),
-    }
+    result["gpu_memory"] = gpu_memory.to_dict()
+    return result
 
 
-def batching_waits(server, payload: list[bytes], plan: Plan, shared_memory: bool) -> dict:
+def warm_up(make_sender, concurrency: int) -> float:
+    """One study from each of `concurrency` clients at once; the slowest one's seconds. A failure is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_) -> float:
+        send = make_sender()  # in its thread: tritonclient's HTTP client belongs to the thread that made it
+        started = time.perf_counter()
+        send()
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return max(pool.map(one, range(concurrency)))
+
+
+def batching_waits(server, payload: list[bytes], plan: Plan, shared_memory: bool, ends: float) -> dict:
     """The classifier's configured batching wait against none (benchmarks.batching_wait: ct_classifier
-    reloaded at each, the order reversed every other round) at the middle concurrency level: what the
-    GPU targets' wait should be."""
-    from tritonclient import http
+    reloaded to each, the order reversed every other round, a round only while the time before `ends`
+    holds one) at the middle concurrency level: what the GPU targets' wait should be."""
+    from benchmarks.batching_wait import measure, served_wait
 
-    from benchmarks.batching_wait import measure
-    from settings import NAMES
-
-    client = http.InferenceServerClient(server.http_url)
-    try:
-        configured = int(client.get_model_config(NAMES.classifier)["dynamic_batching"].get("max_queue_delay_microseconds", 0))
-    finally:
-        client.close()
+    configured = served_wait(server.http_url)
     level = plan.served_levels[len(plan.served_levels) // 2]
     waits = [configured, 0] if configured else [0]
-    rounds, requests = plan.served_wait_rounds, plan.served_requests
-    results = measure(server, payload, waits=waits, levels=[level], requests=requests, rounds=rounds, shared_memory=shared_memory)
-    return {"concurrency": level, "rounds": rounds, "summary": results["summary"]}
+    rounds, count = plan.served_wait_rounds, plan.served_requests
+    results = measure(server, payload, waits=waits, levels=[level], requests=count, rounds=rounds, shared_memory=shared_memory, ends=ends)
+    measured = 1 + max(r["round"] for r in results["rounds"])  # rounds that fitted in the time left
+    return {"concurrency": level, "rounds": measured, "summary": results["summary"]}
 
 
 def parse_smi(text: str) -> list[list[int]]:
@@ -479,8 +551,8 @@ class ServedGpuMemory:
     """The GPU memory the server holds under load, as the driver reports it (nvidia-smi: CUDA contexts
     and every caching allocator's reserve included), sampled twice a second from a thread: the peak of
     the whole card and, where the driver lists them, of each of the server's processes. An upper bound
-    of what the served stack needs (allocators keep what they once used), so within 8 GiB means it fits
-    an 8 GB card; above, it is not shown not to."""
+    of what the served stack needs (allocators keep what they once used, the CUDA pool is held whole), so
+    within CARD_BYTES means it fits an 8 GB card; above, it is not shown not to."""
 
     def __init__(self, device: str):
         self.enabled = device == "cuda" and shutil.which("nvidia-smi") is not None
@@ -530,18 +602,18 @@ class ServedGpuMemory:
             "card_before_server_mib": self.before_mib,
             "card_peak_mib": used,
             "server_peak_mib": used - self.before_mib,
-            "server_within_8gib": used - self.before_mib <= CARD_BYTES / 2**20,
+            "server_within_card": used - self.before_mib <= CARD_BYTES / 2**20,
             "per_process_mib": held,
             "sampling_error": self.error,
         }
 
 
-def explained_study(url: str, payload: list[bytes], shared_memory: bool) -> dict:
-    """One study through ct_triage_explain (ct_explain and ct_localize on the same device): that the
-    explanation ensemble serves there, and what it costs beside ct_triage."""
+def explained_study(url: str, payload: list[bytes], shared_memory: bool, timeout_s: float) -> dict:
+    """One study through ct_triage_explain (ct_explain and ct_localize on the same device), twice, each
+    call bounded by `timeout_s`: that the explanation ensemble serves there, and what it costs beside ct_triage."""
     from client import RetryPolicy, TriageClient
 
-    client = TriageClient(url, "http", explain=True, retry=RetryPolicy(attempts=1), shared_memory=shared_memory)
+    client = TriageClient(url, "http", explain=True, timeout_s=timeout_s, retry=RetryPolicy(attempts=1), shared_memory=shared_memory)
     seconds = []
     for _ in range(2):  # the first call includes ct_explain's warm-up
         result = client.classify(payload)
@@ -635,7 +707,8 @@ def markdown(results: dict) -> str:
         lines += [
             "## Memory under an 8 GB cap",
             "",
-            f"Allocator capped at {memory['cap_mib']} MiB = 8 GiB minus the {memory['context_mib']} MiB CUDA context of this process.",
+            f"Allocator capped at {memory['cap_mib']} MiB = the {memory['card_gib'] * 1024:.0f} MiB an 8 GB card gives CUDA "
+            f"(serve.sizing.CARD_BYTES) minus the {memory['context_mib']} MiB CUDA context of this process.",
             "",
         ]
         rows = []
@@ -662,7 +735,7 @@ def markdown(results: dict) -> str:
     elif memory:
         lines += ["## Memory under an 8 GB cap", "", f"Not measured: {_reason(memory)}.", ""]
     parity = results.get("parity", {})
-    if parity:
+    if parity and _reason(parity) is None:  # a section not run or failed says so at the end
         lines += ["## Parity (probabilities; decisions at 0.5)", ""]
         rows = []
         for check, report in parity.items():
@@ -700,22 +773,31 @@ def markdown(results: dict) -> str:
         lines += [f"## Explanation (explain.Explainer, Grad-CAM, FP32, S={env['size']}, beside one inference)", ""]
         lines += [*table(explanation), ""]
         if env["device"] == "cuda":
+            caps = ", ".join(f"{row['method']} {row['cap_mib']} MiB" for row in explanation["rows"] if "cap_mib" in row)
             lines += [
                 "Peak memory of one call (counters reset before it); fits 8 GB: the call ran again with the caching allocator "
-                "capped at 8 GiB minus this process's CUDA context.",
+                f"capped at the card's memory minus this process's CUDA context ({caps}).",
                 "",
             ]
     served = results.get("served", {})
-    if served.get("levels"):
+    if "study" in served:
         study = served["study"]
+        pool = served["cuda_memory_pool_bytes"]
         lines += [
             f"## Served ensemble (ct_triage, bundled tritonserver, {study['slices']} x {study['rows']} x {study['columns']} study, "
-            f"{study['megabytes']} MB, {served['preprocess_instances']} ct_preprocess instances, {served['transport']})",
+            f"{study['megabytes']} MB, {served['preprocess_instances']} ct_preprocess instances, {served['transport']}"
+            + (f", CUDA pool {pool / 2**20:.0f} MiB)" if pool else ")"),
             "",
         ]
+        warm = served["warm_up"]
+        if "slowest_s" in warm:
+            lines += [f"Untimed first: one study from each of {warm['concurrency']} clients at once (slowest {warm['slowest_s']} s).", ""]
+        else:
+            lines += [f"Warm-up round: {_reason(warm)}", ""]
         rows = [
             [lv["concurrency"], lv["requests"], lv["failures"], lv["studies_per_s"], lv["p50_s"], lv["p95_s"]] for lv in served["levels"]
         ]
+        rows += [[level, "", "", NO_TIME, "", ""] for level in served["levels_skipped_for_time"]]
         lines += [*_table(["concurrency", "requests", "failures", "studies/s", "p50 s", "p95 s"], rows), ""]
         explained = served.get("explained", {})
         if "seconds" in explained:
@@ -735,7 +817,7 @@ def markdown(results: dict) -> str:
                 for row in waits["summary"]
             )
             lines += [
-                f"The classifier's batching wait at concurrency {waits['concurrency']} (ct_classifier reloaded at each wait, "
+                f"The classifier's batching wait at concurrency {waits['concurrency']} (ct_classifier reloaded to each wait, "
                 f"medians of {waits['rounds']} round(s), the order reversed every other round): {measured}.",
                 "",
             ]
@@ -745,9 +827,10 @@ def markdown(results: dict) -> str:
         if "server_peak_mib" in memory:
             processes = ", ".join(f"{name} {mib}" for name, mib in sorted(memory["per_process_mib"].items())) or "none listed by the driver"
             lines += [
-                f"GPU memory the server held at the peak of the load (nvidia-smi: CUDA contexts and allocator caches, an upper "
-                f"bound of its need): {memory['server_peak_mib']} MiB above the {memory['card_before_server_mib']} MiB in use "
-                f"before it started ({'within' if memory['server_within_8gib'] else 'above'} 8 GiB); per process (MiB): {processes}.",
+                f"GPU memory the server held at the peak of the load (nvidia-smi: CUDA contexts, allocator caches and the "
+                f"CUDA pool, an upper bound of its need): {memory['server_peak_mib']} MiB above the "
+                f"{memory['card_before_server_mib']} MiB in use before it started ({'within' if memory['server_within_card'] else 'above'} "
+                f"the {CARD_BYTES / 2**20:.0f} MiB of an 8 GB card); per process (MiB): {processes}.",
                 "",
             ]
         elif memory:
@@ -788,44 +871,68 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def reserved_after(section: str) -> float:
+    """The reserves of the sections after `section`: the time it must leave them."""
+    return sum(SECTION_RESERVE_S.get(later, 0.0) for later in SECTIONS[SECTIONS.index(section) + 1 :])
+
+
 def not_started(section: str, spent: float, budget_s: float) -> str | None:
-    """Why `section` does not start with `spent` seconds of the run's budget gone; None: it starts."""
+    """Why `section` does not start with `spent` seconds of the run's budget gone; None: it starts. One
+    that cannot stop midway needs its reserve and those of the sections after it; a looping one starts
+    while the budget lasts, its share cut to what the sections after it leave."""
     reserve = SECTION_RESERVE_S.get(section, 0.0)
-    if spent <= budget_s - reserve:
+    needs = reserve + reserved_after(section) if reserve else 0.0
+    if spent <= budget_s - needs:
         return None
-    needs = f", {section} needs about {reserve:.0f} s" if reserve else ""
-    return f"time budget of {budget_s:.0f} s: {spent:.0f} s spent{needs}"
+    return f"time budget of {budget_s:.0f} s: {spent:.0f} s spent" + (f", {section} needs about {needs:.0f} s" if needs else "")
 
 
-def run(plan: Plan, out: Path, command: str) -> dict:
-    started = time.perf_counter()
-    results: dict = {"command": command, "plan": asdict(plan)}
+def run_started() -> float:
+    """When gpu_check.sh started, on time.monotonic(): from its GPU_CHECK_STARTED (epoch seconds), so
+    that the install of the carried packages and the imports count against the budget; now when unset."""
+    value = os.environ.get(STARTED_ENV)
+    return time.monotonic() - (time.time() - float(value)) if value else time.monotonic()
+
+
+def run(plan: Plan, out: Path, command: str, started: float | None = None) -> dict:
+    """Every section in turn within the plan's budget from `started` (time.monotonic(); now when None),
+    the results written after each section and each served step."""
+    started = time.monotonic() if started is None else started
+    deadline = started + plan.budget_s
+    results: dict = {"command": command, "plan": asdict(plan), "seconds_before_run": round(time.monotonic() - started, 1)}
     results["environment"] = environment(plan)
     name = re.sub(r"[^a-z0-9]+", "-", results["environment"]["gpu"].split(" (")[0].lower()).strip("-")
     stem = f"gpu-{name}-s{plan.size}" if plan.device == "cuda" else f"smoke-cpu-s{plan.size}"
-    deadline = time.monotonic() + plan.budget_s
     classifier = build_classifier(demo_weights())
     tflop = results["environment"]["study_tflop"]
-    sections = [
-        ("classifier", lambda: classifier_section(classifier, plan, tflop)),
-        ("memory", lambda: memory_section(classifier, plan)),
-        ("parity", lambda: parity_section(classifier, plan)),
-        ("preprocessing", lambda: preprocessing_section(plan)),
-        ("served", lambda: served_section(plan, out / f"{stem}-tritonserver.log", deadline)),
-        ("explain", lambda: explain_section(plan)),
-    ]
-    for section, measure in sections:
-        spent = time.perf_counter() - started
+
+    def share(section: str, ends: float) -> float:
+        return max(min(SECTION_LIMIT_S[section], ends - time.monotonic()), 0.0)
+
+    def served_progress(partial: dict) -> None:
+        results["served"] = partial
+        _write(results, out, stem, started)
+
+    measures = {
+        "classifier": lambda ends: classifier_section(classifier, plan, tflop, limit_s=share("classifier", ends)),
+        "memory": lambda ends: memory_section(classifier, plan, limit_s=share("memory", ends)),
+        "parity": lambda ends: parity_section(classifier, plan),
+        "preprocessing": lambda ends: preprocessing_section(plan),
+        "served": lambda ends: served_section(plan, out / f"{stem}-tritonserver.log", ends, served_progress),
+        "explain": lambda ends: explain_section(plan),
+    }
+    for section in SECTIONS:
+        spent = time.monotonic() - started
         if reason := not_started(section, spent, plan.budget_s):
-            results[section] = {"not_measured": reason}
+            results[section] = {"not_measured": f"{NO_TIME} ({reason})"}
             continue
         print(f"gpu_check: {section} ({spent:.0f} s so far)", file=sys.stderr, flush=True)
-        section_started = time.perf_counter()
+        section_started = time.monotonic()
         try:
-            results[section] = measure()
+            results[section] = measures[section](deadline - reserved_after(section))
         except Exception as error:  # one section's failure is a result too; the others still run
             results[section] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=6)}
-        results[section + "_seconds"] = round(time.perf_counter() - section_started, 1)
+        results[section + "_seconds"] = round(time.monotonic() - section_started, 1)
         _write(results, out, stem, started)
     results["targets"] = targets(results, plan)
     _write(results, out, stem, started)
@@ -834,7 +941,7 @@ def run(plan: Plan, out: Path, command: str) -> dict:
 
 
 def _write(results: dict, out: Path, stem: str, started: float) -> None:
-    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["seconds"] = round(time.monotonic() - started, 1)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     (out / f"{stem}.md").write_text(markdown(results))
 
@@ -849,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = Plan.smoke() if args.smoke else Plan.gpu()
-    results = run(plan, out, "bash benchmarks/gpu_check.sh" + (" --smoke" if args.smoke else ""))
+    results = run(plan, out, "bash benchmarks/gpu_check.sh" + (" --smoke" if args.smoke else ""), run_started())
     failed = [name for name, value in results.items() if isinstance(value, dict) and "error" in value]
     if "error" in results.get("served", {}).get("explained", {}):
         failed.append("served (ct_triage_explain)")

@@ -3,13 +3,17 @@
 # 8 GB cap, FP16/BF16 parity, GPU preprocessing, and the served ensemble when the bundled server is
 # there. Results (JSON, markdown, plot) go to $OUT, or to benchmarks/results/ when OUT is unset.
 #
-#   bash benchmarks/gpu_check.sh            on a machine with a CUDA GPU (S=256; sections stop at a 7-minute budget)
+#   bash benchmarks/gpu_check.sh            on a machine with a CUDA GPU (S=256; sections stop at a 7-minute budget
+#                                           counted from here, the install below included)
 #   bash benchmarks/gpu_check.sh --smoke    anywhere, on the CPU at S=16 (the test suite runs this)
 #
 # On a GPU machine without the project's dependencies (no network), first run
 # `bash benchmarks/gpu_carry.sh` on a machine with one: what it writes to .gpu-carry/ (the trimmed
 # bundled server and the wheels the checks need) is installed here from the files alone.
 set -euo pipefail
+# the budget's start (epoch seconds), read by benchmarks.gpu_check
+GPU_CHECK_STARTED=$(date +%s.%N)
+export GPU_CHECK_STARTED
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 out=${OUT:-benchmarks/results}

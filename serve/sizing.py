@@ -25,9 +25,20 @@ ct_preprocess region grown to 64 + 3 x 64 MiB, five at 64 MiB). A 40 MiB study d
 region, a 73 MiB one grew it by 2 x 64 MiB, as the formula says (tests/server/test_deploy.py
 measures such a run). A deployment is sized for every instance at its peak at once, plus headroom.
 
-CUDA memory pool (`--cuda-memory-pool-byte-size`): with ct_preprocess on the GPU, each volume in
-flight between it and the classifier is one FP32 volume in the pool: one per ct_preprocess instance
-plus one batch waiting at the classifier.
+CUDA memory pool (`--cuda-memory-pool-byte-size`): with ct_preprocess on the GPU, each volume it
+returns is one FP32 volume (4 S^3) in the pool until the step that reads it has finished with it.
+The bound on how many are alive at once is the queues, not the instances: a volume waits in
+ct_classifier's queue (at most `SERVING.volume_queue_size`, beyond which Triton rejects the study and
+frees its volume) or runs in its batch (`max_batch_size`, one classifier instance per GPU), and in
+ct_triage_explain it waits in ct_explain's queue (the same bound) or runs there (one per instance),
+and stays alive as that ensemble's VOLUME output until ct_postprocess and ct_localize, which answer in
+milliseconds against ct_explain's explanation, have run (one per ct_explain instance); plus the one
+each ct_preprocess instance is handing over. A pool smaller than that fails requests under load:
+Triton then falls back to pinned host memory, which the Python backend's stub cannot fill with a GPU
+tensor ("failed to load GPU buffers ... failed to copy data: invalid argument", a request answered
+with an error or empty outputs: triton-inference-server/server#7148, #8177). At S=256 with 2
+ct_preprocess instances, batches of 4 and queues of 8 that is 24 volumes, 1.5 GiB of the card: those
+two queues are short for that reason (the other heavy models queue 32 studies, on the CPU).
 """
 
 from __future__ import annotations
@@ -38,6 +49,10 @@ from dataclasses import dataclass
 from settings import NAMES, SERVING
 
 MIB = 1024**2
+# The smallest card the product promises to fit, as CUDA sees it: an "8 GB" card (RTX 3070 class)
+# gives CUDA 7.76 to 7.78 GiB, the driver keeping the rest (PyTorch's "total capacity" in out-of-memory
+# reports: sshan-zhao/GASDA#19, akshitac8/OW-DETR#46, meta-llama/codellama#82); 7.75 GiB is below each.
+CARD_BYTES = 7936 * MIB
 HEADROOM_BYTES = 64 * MIB  # Triton's own use of /dev/shm beyond the stubs' regions, rounded up
 FITS_MARGIN_BYTES = 4 * MIB  # what a stub's own messages may hold of its default region
 
@@ -55,6 +70,7 @@ class Deployment:
     preprocess_on_gpu: bool = False
     explain_instances: int = 1  # ct_explain (its volume arrives on the CPU, wherever it runs)
     localize_instances: int = 1
+    volume_queue_size: int = SERVING.volume_queue_size  # of ct_classifier (GPU configs) and ct_explain
 
     @property
     def volume_bytes(self) -> int:
@@ -92,12 +108,23 @@ def shm_bytes(deployment: Deployment) -> int:
     return sum(instances[model] * limit for model, limit in region_limits(d).items()) + HEADROOM_BYTES
 
 
-def cuda_pool_bytes(deployment: Deployment) -> int:
-    """Triton's CUDA memory pool on each GPU: the volumes in flight from GPU preprocessing (at least
-    Triton's default 64 MiB)."""
+def pool_volumes(deployment: Deployment) -> int:
+    """The most volumes GPU preprocessing can have alive in the CUDA pool at once (the module's
+    docstring says why these are the bound)."""
+    d = deployment
+    classifier = d.volume_queue_size + d.max_batch_size
+    explain = d.volume_queue_size + 2 * d.explain_instances if d.explain_instances else 0
+    return d.preprocess_instances + classifier + explain
+
+
+def cuda_pool_bytes(deployment: Deployment, in_flight: int | None = None) -> int:
+    """Triton's CUDA memory pool on each GPU: room for every volume GPU preprocessing can have alive,
+    or for `in_flight` when no more studies than that are ever sent at once (each holds at most one
+    volume); at least Triton's default 64 MiB."""
     if not deployment.preprocess_on_gpu:
         return 64 * MIB
-    return (deployment.preprocess_instances + deployment.max_batch_size) * deployment.volume_bytes
+    volumes = pool_volumes(deployment) if in_flight is None else min(pool_volumes(deployment), in_flight)
+    return max(volumes * deployment.volume_bytes, 64 * MIB)
 
 
 def mib(value: int) -> int:

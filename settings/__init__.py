@@ -109,6 +109,11 @@ class Serving:
     most_queue_delay_microseconds: int = 10_000_000
     request_timeout_s: float = 300.0  # the client's deadline per request; on the server, the longest queue wait
     max_queue_size: int = 32  # studies waiting per model queue before new ones are rejected (back-pressure)
+    # ... at the models that take a volume (ct_classifier's GPU configs, ct_explain): with preprocessing
+    # on the GPU each waiting study holds its 64 MiB volume (S=256) in Triton's CUDA pool, which is sized
+    # for them all (serve.sizing) on an 8 GB card; two classifier batches keep batching fed, and 8
+    # explanations are already minutes of queue on a CPU
+    volume_queue_size: int = 8
     # ct_postprocess takes microseconds: a shorter wait and a longer queue than the heavy models
     postprocess_queue_timeout_s: float = 60.0
     postprocess_max_queue_size: int = 64

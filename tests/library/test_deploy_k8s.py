@@ -253,6 +253,26 @@ def test_the_cuda_memory_pool_is_serve_sizing_for_gpu_preprocessing():
     assert sizing.mib(int(size)) == sizing_cli()["cuda_memory_pool_mib"]
 
 
+def test_the_cuda_memory_pool_holds_every_volume_the_served_queues_can_hold():
+    """A GPU volume stays in the pool while it waits in ct_classifier's or ct_explain's queue (a pool too
+    small fails studies under load): the size follows the queue lengths the served configs really have."""
+    from export import parse_config
+
+    def queue(path: Path) -> int:
+        return parse_config(path.read_text(), str(path)).dynamic_batching.default_queue_policy.max_queue_size
+
+    deployment = deployment_sizing()
+    classifier = queue(REPOSITORY / NAMES.classifier / "configs" / f"{sizing_args().target}.pbtxt")
+    explain = queue(REPOSITORY / NAMES.explain / "config.pbtxt")
+    # handed over by each ct_preprocess instance, queued and batched at the classifier, queued, running
+    # and on its way to the answer at ct_explain
+    volumes = deployment.preprocess_instances + classifier + deployment.max_batch_size + explain + 2 * deployment.explain_instances
+    assert sizing.cuda_pool_bytes(deployment) == volumes * deployment.volume_bytes == 24 * 64 * sizing.MIB
+    # a benchmark that never has more studies in the server needs no more than their volumes
+    assert sizing.cuda_pool_bytes(deployment, in_flight=16) == 16 * deployment.volume_bytes
+    assert sizing.cuda_pool_bytes(deployment, in_flight=1000) == sizing.cuda_pool_bytes(deployment)
+
+
 # -- the server's flags, ports and probes ----------------------------------------------------------------
 
 

@@ -170,3 +170,19 @@ def test_the_served_models_take_cpu_or_cuda_on_gpu_instances_only():
     else:
         with pytest.raises(ValueError, match="torch sees no CUDA device"):
             device("cuda", {"model_instance_kind": "GPU", "model_instance_device_id": "0"})
+
+
+def test_a_gpu_instance_of_ct_preprocess_warms_up_on_the_device_path(monkeypatch):
+    """ct_preprocess's load-time warm-up runs a real study through `on_device` (here on the CPU, the same
+    tensor code): the CUDA context, cuBLAS and the lazily loaded kernels are then paid for at load."""
+    import importlib.util
+    import types
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    spec = importlib.util.spec_from_file_location("ct_preprocess_model", ROOT / "model_repository" / "ct_preprocess" / "1" / "model.py")
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+
+    study = model.warm_up("cpu", S)
+    assert isinstance(study.volume, torch.Tensor) and study.volume.shape == (1, 1, S, S, S)  # the device path, not numpy
+    assert study.meta["device"] == "cpu" and torch.isfinite(study.volume).all() and study.volume.abs().max() <= 1

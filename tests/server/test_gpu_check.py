@@ -49,15 +49,22 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert explanation["fits_8gb"] == "not measured: needs a CUDA device"
 
     served = results["served"]  # the ensemble on the torch classifier, through the bundled server
-    assert [level["concurrency"] for level in served["levels"]] == [1, 2]
+    assert served["warm_up"]["concurrency"] == 2 and served["warm_up"]["slowest_s"] > 0  # untimed, before the levels
+    assert [level["concurrency"] for level in served["levels"]] == [1, 2] and served["levels_skipped_for_time"] == []
     assert all(level["failures"] == 0 and level["studies_per_s"] > 0 for level in served["levels"]), served
     explained = served["explained"]  # one study through ct_triage_explain on the same server
     assert explained["seconds"] > 0 and explained["seconds_first"] > 0 and "localization" in explained, explained
     assert served["gpu_memory"] == {"not_measured": "needs a CUDA device and nvidia-smi"}
     waits = served["batching_wait"]  # the torch-gpu config's 20 ms against none, at the middle level
     assert waits["concurrency"] == 2 and [(row["wait_us"], row["failures"]) for row in waits["summary"]] == [(20000, 0), (0, 0)]
+    log = (out / "smoke-cpu-s16-tritonserver.log").read_text()
+    assert "ct_explain: gradcam at S=16 on cpu" in log and "IEEE FP32 convolutions" in log  # TF32 off, as benchmarks.explain
+    assert "warmed up" not in log  # ct_preprocess on the CPU: no device path to warm up
+    # the budget counts from gpu_check.sh's start, before the imports: some of it is gone when run() starts
+    assert 0 < results["seconds_before_run"] < results["seconds"]
     markdown = (out / "smoke-cpu-s16.md").read_text()
     assert "## Classifier" in markdown and "Not measured: needs a CUDA device" in markdown
     assert "## Explanation (explain.Explainer, Grad-CAM, FP32, S=16, beside one inference)" in markdown
     assert "The same study through ct_triage_explain" in markdown
-    assert "The classifier's batching wait at concurrency 2 (ct_classifier reloaded at each wait" in markdown
+    assert "Untimed first: one study from each of 2 clients at once" in markdown
+    assert "The classifier's batching wait at concurrency 2 (ct_classifier reloaded to each wait" in markdown

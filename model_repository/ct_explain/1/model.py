@@ -4,7 +4,9 @@ Thin on purpose: the methods and their costs live in `explain.Explainer` (PyTorc
 this file reads the config's parameters and moves tensors between Triton and the explainer. The
 weights are the ones export wrote beside this file (weights.pt, a plain state_dict loaded with
 weights-only loading), checked against provenance.json's SHA-256 at load, or the model refuses to
-load; the provenance is logged once and kept.
+load; the provenance is logged once and kept. On a GPU its convolutions run in IEEE FP32, not
+PyTorch's default TF32: the map and the probabilities ct_triage_explain decides on are the FP32
+network's, as on the CPU and as benchmarks.explain measures them.
 
 A request the explainer cannot answer as asked (explain.ExplainError: shape, dtype, values that
 are not finite or outside [-1, 1]) fails that request only, with INVALID_ARG and the explainer's one-line message; out of GPU
@@ -47,6 +49,7 @@ class TritonPythonModel:
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", [])) or 1
         self.threads = instance_threads(NAMES.explain, parameters.get("threads", "0"), instances)
         torch.set_num_threads(self.threads)
+        torch.backends.cudnn.allow_tf32 = False  # TF32 keeps 10 bits of mantissa: not the network the export checked
         size = int(pb_utils.get_input_config_by_name(config, NAMES.volume)["dims"][-1])  # [1, 1, S, S, S]
         try:
             self.explainer = Explainer.from_file(
@@ -60,7 +63,8 @@ class TritonPythonModel:
         except ExplainError as error:  # a method, steps or window it refuses: one line, for whoever set it
             raise pb_utils.TritonModelException(f"{NAMES.explain}: {error}") from None
         pb_utils.Logger.log_info(
-            f"{NAMES.explain}: {self.explainer.method} at S={size} on {self.explainer.device} ({self.threads} threads), "
+            f"{NAMES.explain}: {self.explainer.method} at S={size} on {self.explainer.device} ({self.threads} threads, "
+            f"{'TF32' if torch.backends.cudnn.allow_tf32 else 'IEEE FP32'} convolutions), "
             f"weights {self.provenance.get('weights_sha256', '?')[:12]} of {self.provenance.get('checkpoint')} "
             f"exported {self.provenance.get('exported_at')}"
         )

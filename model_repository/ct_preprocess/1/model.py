@@ -2,7 +2,8 @@
 
 The config's `device` parameter says where the volume is computed: "cpu" (KIND_CPU instances, the
 CPU fast path, a numpy volume) or "cuda" (KIND_GPU instances, each on its own GPU; the volume stays
-on that GPU and goes to Triton by DLPack, so the classifier reads it there without a host copy).
+on that GPU and goes to Triton by DLPack, so the classifier reads it there without a host copy). A
+GPU instance runs a small synthetic study through that path when it loads (`warm_up`).
 
 A bad study (preprocess.StudyError) fails that request only, with INVALID_ARG and the preprocess
 message (written for the sender, free of patient data), and is logged with that message; anything
@@ -23,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 import preprocess
 from contract import internal_error, metric_update
+from preprocess import phantom
 from preprocess.workers import instance_device, instance_threads
 from settings import INPUT_LIMITS, METRICS, NAMES, SERVING
 
@@ -43,6 +45,10 @@ class TritonPythonModel:
         # one counter per error type from the start, so a dashboard shows zeros rather than no data
         self.refusals = pb_utils.MetricFamily(METRICS.refused, "studies refused, by error type", pb_utils.MetricFamily.COUNTER)
         self.refused = {kind.__name__: self.refusals.Metric(labels={"reason": kind.__name__}) for kind in _study_error_types()}
+        if self.device is not None:
+            started = time.perf_counter()
+            warm_up(self.device, self.size)
+            self.logger.log_info(f"{NAMES.preprocess}: {self.instance} warmed up on {self.device} in {time.perf_counter() - started:.1f} s")
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -82,6 +88,15 @@ class TritonPythonModel:
                 pb_utils.Tensor(NAMES.meta, np.array([json.dumps(study.meta).encode()], dtype=np.object_)),
             ]
         )
+
+
+def warm_up(device: str, size: int) -> preprocess.PreprocessedStudy:
+    """One small synthetic study (16 slices of 32 x 32) through the device path as a request takes it:
+    the CUDA context, cuBLAS and the kernels CUDA loads on first use are paid for at load, not by the
+    first study the instance serves (the pinned host buffer is sized by the study: the first large one
+    still allocates its own)."""
+    files = phantom.study_files("series", slices=16, rows=32, columns=32, pixel_spacing=12.0, slice_spacing=20.0)
+    return preprocess.preprocess_study(files, size=size, mode="fast", device=device)
 
 
 def _study_error_types() -> list[type]:
