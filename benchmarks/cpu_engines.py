@@ -27,9 +27,11 @@ Ceiling: the FP32 arithmetic rate each engine reaches (the network's FLOPs at S 
 to the machine's, measured as the best of 3 float32 4096x4096 matrix products (numpy's BLAS, its
 default threads) before and after the rounds: an engine near that rate has no FP32 speed left to find.
 Served (unless --no-served): a repository rendered for the cpu target at S, the bundled tritonserver,
-and one volume at a time sent to ct_classifier: the round trip, next to the engines' times; then
-the same with ct_classifier reloaded as `--precision bf16` renders it (unless --no-bf16).
-Writes cpu-engines.json and cpu-engines.md into --out, and prints the table.
+and one volume sent to ct_classifier, its round trip timed in every round after the engines', at
+FP32 and with ct_classifier reloaded as `--precision bf16` renders it (unless --no-bf16), the two
+precisions' order swapped every round (one reload per round, a warm-up call after each), so that
+their ratios to ONNX Runtime compare the same rounds.
+Writes cpu-engines.json and cpu-engines.md into --out, and prints the table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -185,27 +188,34 @@ def int8_in_use(engine: OpenVINOClassifier) -> str:
     return f"int8 in {len(int8)} of {len(convolutions)} convolutions"
 
 
-def served_seconds(server, volume: np.ndarray, repeat: int) -> list[float]:
-    """Round trips of one volume to ct_classifier on a started server, after a warm-up."""
+@contextmanager
+def served_engine(server) -> Iterator[Engine]:
+    """ct_classifier on a started server as one more engine: a volume's round trip over HTTP."""
     from tritonclient import http
 
-    times = []
     triton = http.InferenceServerClient(server.http_url, network_timeout=1800, connection_timeout=1800)
-    try:
+
+    def infer(volume: np.ndarray) -> np.ndarray:
         tensor = http.InferInput(NAMES.volume, list(volume.shape), "FP32")
         tensor.set_data_from_numpy(volume, binary_data=True)
-        for _ in range(repeat + 1):  # the first one is a warm-up
-            started = time.perf_counter()
-            triton.infer(NAMES.classifier, [tensor], outputs=[http.InferRequestedOutput(NAMES.probabilities, binary_data=True)])
-            times.append(time.perf_counter() - started)
+        answer = triton.infer(NAMES.classifier, [tensor], outputs=[http.InferRequestedOutput(NAMES.probabilities, binary_data=True)])
+        return answer.as_numpy(NAMES.probabilities)
+
+    try:
+        yield infer
     finally:
         triton.close()
-    return times[1:]
 
 
-def at_bf16(config: dict) -> None:
-    """ct_classifier's config as `export --precision bf16` renders it: the same IR, precision bf16."""
-    config.setdefault("parameters", {})["precision"] = {"string_value": "bf16"}
+def serve_at(server, precision: str) -> None:
+    """ct_classifier reloaded as `export --precision <precision>` renders it: the same IR, that precision."""
+
+    def edit(config: dict) -> None:
+        config.setdefault("parameters", {})["precision"] = {"string_value": precision}
+
+    served = reload_classifier(server, edit)["parameters"]["precision"]["string_value"]
+    if served != precision:
+        raise RuntimeError(f"{NAMES.classifier} serves precision {served} after its reload at {precision}")
 
 
 def matmul_gflops(n: int = 4096, runs: int = 3) -> float:
@@ -303,7 +313,7 @@ def markdown(result: dict) -> str:
                 f"{', --precision bf16' if precision == 'bf16' else ''}), one [1, 1, {result['size']}^3] volume per "
                 f"request over HTTP: median round trip {served['median_s']:.2f} s "
                 f"(runs {', '.join(f'{s:.2f}' for s in served['runs_s'])}); "
-                f"{served['speedup_vs_onnxruntime_in_process']:.2f}x ONNX Runtime's in-process time in the same run.",
+                f"{served['speedup_vs_onnxruntime']:.2f}x ONNX Runtime's in-process time over the same rounds.",
             ]
     lines += ["", f"Fastest engine that passes parity in this run: **{result['fastest_passing']}**; the cpu target serves "
               f"**{SERVED_ENGINE}** (FP32; {BF16_ENGINE} when exported with --precision bf16). OpenVINO {result['versions']['openvino']}, "
@@ -334,13 +344,29 @@ def run(args: argparse.Namespace) -> dict:
     load_before = [round(load, 2) for load in os.getloadavg()]
     ceiling = [matmul_gflops(args.ceiling_n)]
     times: dict[str, list[float]] = {name: [] for name in engines}
-    for engine in engines.values():
-        engine(volume)  # warm-up
-    for _ in range(args.repeat):
-        for name, engine in engines.items():
-            started = time.perf_counter()
-            engine(volume)
-            times[name].append(time.perf_counter() - started)
+    served_precisions = (["fp32", "bf16"] if args.bf16 else ["fp32"]) if args.served else []
+    served_times: dict[str, list[float]] = {precision: [] for precision in served_precisions}
+    with ExitStack() as stack:
+        if args.served:  # ct_classifier alone is measured; it takes its turn in every round
+            server = stack.enter_context(rendered_server("cpu", args.size, args.checkpoint, models=[NAMES.classifier]))
+            served = stack.enter_context(served_engine(server))
+            serving = "fp32"
+            served(volume)  # warm-up
+        for engine in engines.values():
+            engine(volume)  # warm-up
+        for k in range(args.repeat):
+            for name, engine in engines.items():
+                started = time.perf_counter()
+                engine(volume)
+                times[name].append(time.perf_counter() - started)
+            for precision in served_precisions if k % 2 == 0 else served_precisions[::-1]:  # one reload per round
+                if precision != serving:
+                    serve_at(server, precision)
+                    serving = precision
+                    served(volume)  # warm-up after the reload
+                started = time.perf_counter()
+                served(volume)
+                served_times[precision].append(time.perf_counter() - started)
     del engines
     ceiling.append(matmul_gflops(args.ceiling_n))
     gflop = study_tflop(args.size) * 1e3
@@ -378,20 +404,14 @@ def run(args: argparse.Namespace) -> dict:
         **({"int8_quantize_s": round(quantize_s, 1)} if int8_ir else {}),
         "versions": {"openvino": openvino_version(), "onnxruntime": ort.__version__, "torch": torch.__version__},
     }
-    if args.served:
-        with rendered_server("cpu", args.size, args.checkpoint, models=[NAMES.classifier]) as server:  # it alone is measured
-            result["served"] = served_row(served_seconds(server, volume, args.repeat), baseline)
-            if args.bf16:
-                served = reload_classifier(server, at_bf16)["parameters"]["precision"]["string_value"]
-                if served != "bf16":
-                    raise RuntimeError(f"{NAMES.classifier} serves precision {served} after its reload at bf16")
-                result["served_bf16"] = served_row(served_seconds(server, volume, args.repeat), baseline)
+    for precision, runs in served_times.items():
+        result["served" if precision == "fp32" else "served_bf16"] = served_row(runs, baseline)
     return result
 
 
 def served_row(runs: list[float], baseline: float) -> dict:
     median = statistics.median(runs)
-    return {"median_s": median, "runs_s": [round(s, 3) for s in runs], "speedup_vs_onnxruntime_in_process": baseline / median}
+    return {"median_s": median, "runs_s": [round(s, 3) for s in runs], "speedup_vs_onnxruntime": baseline / median}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -419,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     (out / "cpu-engines.md").write_text(text)
     print(text)
+    measured = {**result["engines"], **{key: result[key] for key in ("served", "served_bf16") if key in result}}
+    summary = {name: {key: row[key] for key in ("median_s", "speedup_vs_onnxruntime")} for name, row in measured.items()}
+    print(json.dumps({"fastest_passing": result["fastest_passing"], "engines": summary}))
     return 0
 
 

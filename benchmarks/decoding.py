@@ -318,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     encodings = [e for e in args.encodings.split(",") if e]
+    if not encodings:
+        parser.error("--encodings names no encoding")
     if unknown := set(encodings) - set(ENCODINGS):
         parser.error(f"unknown encodings {sorted(unknown)}")
     if dicom.imagecodecs is None:
@@ -353,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "decoding-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "decoding-cpu.md").write_text(markdown(result))
     print(markdown(result))
-    print(out / "decoding-cpu.json")
+    ratios = {name: e["imagecodecs_over_pydicom"] for name, e in result["encodings"].items()}
+    print(json.dumps({"target": result["target"], "imagecodecs_over_pydicom": ratios, "results": str(out / "decoding-cpu.json")}))
     return 0
 
 

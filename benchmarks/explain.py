@@ -29,7 +29,7 @@ than 0.2 cores is taken again (twice at most; the disturbed attempts stay in the
 CUDA: in this process (torch.cuda's peak counters are reset per call):
 peak allocated and reserved above the weights and the volume, the CUDA context measured as in
 gpu_check, whether the call fits an 8 GB card, by running it again with the caching allocator capped
-at 8 GiB minus that context (a measurement, not an estimate), cuDNN's TF32 off (IEEE FP32).
+at an 8 GB card's 7936 MiB minus that context (a measurement, not an estimate), cuDNN's TF32 off (IEEE FP32).
 
 (method, S) beyond --max-size METHOD=S are listed as "not measured" with the reason; nothing is
 extrapolated. Writes explain-<device>.json and explain-<device>.md into --out, prints the table and
@@ -54,10 +54,9 @@ from pathlib import Path
 from benchmarks import option_types
 from benchmarks.process_memory import release_freed_memory, reset_peak, status_mib
 from contract.arguments import integer
+from serve.sizing import CARD_BYTES  # what an 8 GB card gives CUDA (as benchmarks.gpu_check)
 
 ROOT = Path(__file__).resolve().parents[1]
-GIB = 1024**3
-CARD_BYTES = 8 * GIB  # the card the product promises to fit (as benchmarks.gpu_check)
 INFERENCE = "inference"
 METHODS = ("gradcam", "integrated_gradients", "occlusion")  # explain.METHODS, without importing captum here
 WARM_UP_SIZE = 16
@@ -263,7 +262,7 @@ def measure_cpu_child(config: Config, quiet: float | None, quiet_wait_s: float, 
 
 def measure_cuda(config: Config, context_bytes: int | None = None) -> dict:
     """One (method, S) on the GPU in this process: medians after a warm-up, peaks per call, and a run
-    under an 8 GB cap (caching allocator limited to 8 GiB minus the CUDA context)."""
+    under an 8 GB cap (caching allocator limited to the card's 7936 MiB minus the CUDA context)."""
     import torch
 
     network, source = _network(config.checkpoint)
@@ -520,8 +519,8 @@ def markdown(result: dict) -> str:
         lines += [
             "Memory: torch.cuda.max_memory_allocated / max_memory_reserved during one call (peak counters reset before it); "
             f'the CUDA context of this process: {row["context_mib"] if row else "?"} MiB. "fits 8 GB": the call ran again '
-            f"with the caching allocator capped at 8 GiB minus that context ({row['cap_mib'] if row else '?'} MiB) without running out "
-            "of memory (measured, not estimated).",
+            f"with the caching allocator capped at 7936 MiB (an 8 GB card) minus that context ({row['cap_mib'] if row else '?'} MiB) "
+            "without running out of memory (measured, not estimated).",
             "",
         ]
     else:

@@ -130,8 +130,12 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.http_faults", description=__doc__.splitlines()[0])
-    parser.add_argument("--form-mib", type=option_types.COUNT, nargs="+", default=[1, 2, 4, 8], help="sizes of the form-typed requests")
-    parser.add_argument("--chunks", type=option_types.COUNT, default=2_000_000, help="one-byte chunks of the chunked request")
+    parser.add_argument(
+        "--form-mib", type=option_types.FORM_MIB, nargs="+", default=[1, 2, 4, 8], help="sizes of the form-typed requests, MiB (1-1024)"
+    )
+    parser.add_argument(
+        "--chunks", type=option_types.CHUNKS, default=2_000_000, help="one-byte chunks of the chunked request (at most 4,000,000)"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     results = run(args.form_mib, args.chunks)

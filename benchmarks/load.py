@@ -60,12 +60,15 @@ def percentile(values: list[float], q: float) -> float:
 def closed_loop(target: str, make_sender: Callable[[], Sender], concurrency: int, requests: int) -> LevelResult:
     """`requests` studies through `concurrency` workers. Each worker makes its own sender (client) in
     its own thread (tritonclient's HTTP client belongs to the thread that made it) and sends one
-    warm-up study; the clock starts when every worker is warm."""
+    warm-up study; the clock starts when every worker is warm. A level whose warm-up failed in any
+    worker sends nothing more and counts every study as failed: it never ran at `concurrency`.
+    An interrupt (Ctrl-C) stops the workers after the studies in flight."""
     latencies: list[float] = []
     errors: list[str] = []
     remaining = requests
     lock = threading.Lock()
     warm = threading.Barrier(concurrency + 1)
+    stop = threading.Event()
 
     def work() -> None:
         nonlocal remaining
@@ -73,10 +76,14 @@ def closed_loop(target: str, make_sender: Callable[[], Sender], concurrency: int
             send = make_sender()
             send()
         except Exception as error:
-            errors.append(f"warm-up: {error}")
-            send = None
-        warm.wait()
-        while send is not None:
+            with lock:
+                errors.append(f"warm-up: {error}")
+            stop.set()
+        try:
+            warm.wait()
+        except threading.BrokenBarrierError:  # interrupted before the start
+            return
+        while not stop.is_set():
             with lock:
                 if remaining == 0:
                     return
@@ -93,11 +100,15 @@ def closed_loop(target: str, make_sender: Callable[[], Sender], concurrency: int
 
     with ThreadPoolExecutor(concurrency) as pool:
         workers = [pool.submit(work) for _ in range(concurrency)]
-        warm.wait()
-        started = time.perf_counter()
-        for worker in workers:
-            worker.result()
-        seconds = time.perf_counter() - started
+        try:
+            warm.wait()
+            started = time.perf_counter()
+            for worker in workers:
+                worker.result()
+            seconds = time.perf_counter() - started
+        finally:
+            stop.set()
+            warm.abort()
     return LevelResult(
         target=target,
         concurrency=concurrency,

@@ -18,3 +18,6 @@ WAIT_US = integer(0, SERVING.most_queue_delay_microseconds)
 SECONDS = number(0)
 PORT = port
 MINUTES = number(0, 7 * 24 * 60, above_low=True)  # a soak's length: up to a week
+FORM_MIB = integer(1, 1024)  # http_faults: a form-typed request is built in memory, three copies of it at once
+CHUNKS = integer(1, 4_000_000)  # http_faults: tritonserver keeps about 1 KB per one-byte chunk (4 GB at most)
+WINDOW = integer(2, 1_000_000)  # report_scale: a window's time per study spans its first and last study

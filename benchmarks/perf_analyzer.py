@@ -123,27 +123,49 @@ def run(
     """perf_analyzer at one concurrency level, for exactly `requests` requests (`--request-count`:
     bounded in time, and no stability loop to fail on a shared machine's noise). Its verbose CSV stays
     at csv_path (its console report, which breaks an ensemble down by composing model, beside it as
-    .log); returns the CSV's row."""
+    .log); returns the CSV's row and `throughput`, the requests over the time from the first send to
+    the last answer: perf_analyzer's own Inferences/Second divides by whole seconds of its
+    measurement window under --request-count, so it is not a throughput to report."""
     if not installed():
         raise PerfAnalyzerError(f"perf_analyzer is not installed: run `python -m benchmarks.perf_analyzer install` ({BINARY})")
+    profile = csv_path.with_suffix(".profile.json")
     command = [
         str(BINARY), "-m", model, "-u", url, "-i", protocol, "--async",
         "--concurrency-range", f"{concurrency}:{concurrency}", "--request-count", str(requests),
-        "-f", str(csv_path), "--verbose-csv",
+        "-f", str(csv_path), "--verbose-csv", "--profile-export-file", str(profile),
         "--input-data", str(input_json) if input_json else "zero",  # random bytes hold NaN: ct_classifier refuses them
     ]  # fmt: skip
     if shared_memory:
         command += ["--shared-memory", "system", "--output-shared-memory-size", str(1 << 20)]
     if metrics_url:
         command += ["--collect-metrics", "--metrics-url", metrics_url, "--metrics-interval", "1000"]
-    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=timeout_s)
-    csv_path.with_suffix(".log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0 or not csv_path.is_file():
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-        raise PerfAnalyzerError(f"perf_analyzer failed on {model} ({protocol}, concurrency {concurrency}, exit {done.returncode}):\n{tail}")
+    try:
+        done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=timeout_s)
+        csv_path.with_suffix(".log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0 or not csv_path.is_file() or not profile.is_file():
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+            what = f"{model} ({protocol}, concurrency {concurrency}, exit {done.returncode})"
+            raise PerfAnalyzerError(f"perf_analyzer failed on {what}:\n{tail}")
+        measured = throughput(profile)
+    finally:
+        profile.unlink(missing_ok=True)  # every request's inputs: 16 studies are 90 MB
     with open(csv_path, newline="") as stream:
         (row,) = list(csv.DictReader(stream))
-    return {key: _number(value) for key, value in row.items() if key}
+    row = {key: _number(value) for key, value in row.items() if key}
+    return {**row, **measured}
+
+
+def throughput(profile: Path) -> dict:
+    """From perf_analyzer's --profile-export-file (every request's send and response timestamps):
+    the requests, the seconds from the first send to the last response, and their ratio."""
+    text = profile.read_bytes().decode("latin-1")  # the requests' inputs are written as raw bytes, not UTF-8
+    (experiment,) = json.loads(text)["experiments"]
+    if not experiment["requests"] or not all(request["response_timestamps"] for request in experiment["requests"]):
+        raise PerfAnalyzerError(f"{profile.name}: a request without a response")
+    sent = [request["timestamp"] for request in experiment["requests"]]
+    answered = [request["response_timestamps"][-1] for request in experiment["requests"]]
+    elapsed_s = (max(answered) - min(sent)) / 1e9
+    return {"requests": len(sent), "elapsed_s": round(elapsed_s, 4), "throughput": round(len(sent) / elapsed_s, 4)}
 
 
 def _number(value: str):

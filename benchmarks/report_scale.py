@@ -185,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         "--size", type=option_types.SIZE, default=16, help="S of the served model (tiny: the report is measured, not the model)"
     )
     parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=2)
-    parser.add_argument("--window", type=option_types.COUNT, default=1000, help="studies per window of the time per study")
+    parser.add_argument("--window", type=option_types.WINDOW, default=1000, help="studies per window of the time per study")
     parser.add_argument("--write-every", type=option_types.SECONDS, default=30.0, help="the report's rewrite interval, seconds")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if args.studies < 2 * args.window:
+        parser.error(f"--studies must be at least 2 x --window ({2 * args.window}): the first window is compared with the last")
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -4,7 +4,8 @@
 
 Without STUDY it sends a generated phantom as large as a real chest CT (300 slices of 512 x 512
 at 0.7 x 0.7 x 1 mm, about 157 MB of DICOM). The study is read once, so every request sends the same bytes in memory;
-the numbers are whole `classify` calls through `ct_triage` (client wall time), median of --repeats.
+the numbers are whole `classify` calls through `ct_triage` (client wall time), median of --repeats
+rounds, each round sending the study once per protocol and transport, in turns.
 """
 
 from __future__ import annotations
@@ -20,27 +21,42 @@ from preprocess import phantom
 
 
 def measure(payload: list[bytes], urls: dict[str, str], *, repeats: int = 5, timeout_s: float = 600.0) -> list[dict[str, object]]:
-    """One row per (protocol, transport): median and min seconds of `repeats` classify calls."""
+    """One row per (protocol, transport): median and min seconds of `repeats` classify calls, and per
+    protocol the median of the rounds' shared memory / wire ratios. The transports take turns in each
+    round, in an order reversed every round, so that each ratio compares the same minutes."""
+    arms = [(protocol, shared_memory) for protocol in urls for shared_memory in (False, True)]
+    clients = {
+        arm: TriageClient(urls[arm[0]], arm[0], timeout_s=timeout_s, retry=RetryPolicy(attempts=1), shared_memory=arm[1]) for arm in arms
+    }
+    results: dict[tuple[str, bool], list] = {arm: [] for arm in arms}
+    seconds: dict[tuple[str, bool], list[float]] = {arm: [] for arm in arms}
+    try:
+        for arm, triage in clients.items():
+            triage.check_ready()
+            results[arm].append(triage.classify(payload))  # first call: connections, server-side buffers
+        for k in range(repeats):
+            for arm in arms if k % 2 == 0 else arms[::-1]:
+                started = time.perf_counter()
+                results[arm].append(clients[arm].classify(payload))
+                seconds[arm].append(time.perf_counter() - started)
+    finally:
+        for triage in clients.values():
+            triage.close()
     rows = []
-    for protocol, url in urls.items():
-        for shared_memory in (False, True):
-            with TriageClient(url, protocol, timeout_s=timeout_s, retry=RetryPolicy(attempts=1), shared_memory=shared_memory) as triage:
-                triage.check_ready()
-                results = [triage.classify(payload)]  # first call: connections, server-side buffers
-                seconds = []
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    results.append(triage.classify(payload))
-                    seconds.append(time.perf_counter() - started)
-            rows.append(
-                {
-                    "protocol": protocol,
-                    "transport": "shared memory" if shared_memory else "wire",
-                    "status": results[0].processing_status if len({r.ok for r in results}) == 1 else "inconsistent",
-                    "median_s": statistics.median(seconds),
-                    "min_s": min(seconds),
-                }
-            )
+    for protocol, shared_memory in arms:
+        answers = results[(protocol, shared_memory)]
+        row = {
+            "protocol": protocol,
+            "transport": "shared memory" if shared_memory else "wire",
+            "status": answers[0].processing_status if len({r.ok for r in answers}) == 1 else "inconsistent",
+            "failures": sum(not r.ok for r in answers),
+            "median_s": statistics.median(seconds[(protocol, shared_memory)]),
+            "min_s": min(seconds[(protocol, shared_memory)]),
+        }
+        if shared_memory:
+            pairs = zip(seconds[(protocol, True)], seconds[(protocol, False)])
+            row["paired_shm_over_wire"] = statistics.median(shm / wire for shm, wire in pairs)
+        rows.append(row)
     return rows
 
 
@@ -60,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         payload = phantom.study_files(form="series", slices=300, rows=512, columns=512, pixel_spacing=0.7, slice_spacing=1.0)
     print(f"payload: {len(payload)} elements, {payload_bytes(payload) / 1024**2:.0f} MiB")
     rows = measure(payload, urls, repeats=args.repeats)
-    print("| protocol | transport | status | median s | min s |\n|---|---|---|---|---|")
+    print("| protocol | transport | status | median s | min s | shared memory / wire, median of rounds |\n|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['protocol']} | {row['transport']} | {row['status']} | {row['median_s']:.3f} | {row['min_s']:.3f} |")
+        ratio = f"{row['paired_shm_over_wire']:.3f}" if "paired_shm_over_wire" in row else ""
+        print(f"| {row['protocol']} | {row['transport']} | {row['status']} | {row['median_s']:.3f} | {row['min_s']:.3f} | {ratio} |")
     print(json.dumps({"payload_mib": round(payload_bytes(payload) / 1024**2, 1), "rows": rows}))
     return 0
 

@@ -14,9 +14,10 @@ served bound for the file count). Resident memory of tritonserver and of each st
 of the same load (the server's threads and buffers for concurrent requests); start = idle after it,
 end = idle after the last answer.
 
-Pass: no unexpected answer, no watchdog action, every process's resident memory at the end within 10%
-of its start, /dev/shm pages back to their start and no client region left. Writes soak-cpu.md, .json
-and .png to --out; prints one JSON summary line; exits 1 if it did not pass.
+Pass: studies sent for the whole --minutes, no unexpected answer, no watchdog action, every process's
+resident memory at the end within 10% of its start, /dev/shm pages back to their start and no client
+region left. Writes soak-cpu.md, .json and .png to --out; prints one JSON summary line; exits 1 if it
+did not pass.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import pydicom.data
 import export
 import preprocess
 from benchmarks import option_types
+from benchmarks.load import percentile
 from client import RetryPolicy, TriageClient
 from preprocess import phantom
 from serve import start_on_free_ports
@@ -157,8 +159,8 @@ class Sampler:
         self._thread.join()
 
 
-def send_all(server, studies: list[Case], tally: Tally, deadline: float, offset: int) -> None:
-    """One client thread: the cases in turn, each time in the next mode, until the deadline."""
+def send_all(server, studies: list[Case], tally: Tally, deadline: float, offset: int, stop: threading.Event) -> None:
+    """One client thread: the cases in turn, each time in the next mode, until the deadline or `stop`."""
     clients = {
         mode: TriageClient(
             server.grpc_url if mode[0] == "grpc" else server.http_url, mode[0], retry=RetryPolicy(attempts=1), shared_memory=mode[1]
@@ -167,7 +169,7 @@ def send_all(server, studies: list[Case], tally: Tally, deadline: float, offset:
     }
     try:
         for k in itertools.count(offset):
-            if time.monotonic() >= deadline:
+            if stop.is_set() or time.monotonic() >= deadline:
                 return
             case, mode = studies[k % len(studies)], MODES[(k // len(studies) + k) % len(MODES)]
             tally.check(case, mode, clients[mode].classify(case.payload))
@@ -177,11 +179,19 @@ def send_all(server, studies: list[Case], tally: Tally, deadline: float, offset:
 
 
 def load(server, studies: list[Case], tally: Tally, concurrency: int, deadline: float) -> None:
-    threads = [threading.Thread(target=send_all, args=(server, studies, tally, deadline, 5 * n)) for n in range(concurrency)]
+    """`concurrency` client threads until the deadline; an interrupt (Ctrl-C) stops them after the
+    studies in flight."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=send_all, args=(server, studies, tally, deadline, 5 * n, stop)) for n in range(concurrency)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
 def connect(server, mode: tuple[str, bool]) -> TriageClient:
@@ -245,6 +255,7 @@ def summarise(args, studies, tally, warm_up, samples, start, end, elapsed, recov
         "no watchdog action": not recoveries,
         "resident memory flat within 10%": all(e["change"] is not None and abs(e["change"]) <= RSS_TOLERANCE for e in memory.values()),
         "/dev/shm back to its start": end["shm_mib"] == start["shm_mib"] and not leftover,
+        "ran its length with studies sent": sent > 0 and elapsed >= args.minutes * 60,
     }
     return {
         "machine": machine(args.size),
@@ -262,7 +273,7 @@ def summarise(args, studies, tally, warm_up, samples, start, end, elapsed, recov
         "sent": sent,
         "valid_sent": valid,
         "invalid_sent": sent - valid,
-        "studies_per_s": round(sent / elapsed, 2),
+        "studies_per_s": round(sent / elapsed, 2) if elapsed else 0.0,
         "unexpected": tally.unexpected_count,
         "unexpected_examples": warm_up["unexpected"] + tally.unexpected,
         "cases": {
@@ -270,7 +281,7 @@ def summarise(args, studies, tally, warm_up, samples, start, end, elapsed, recov
                 **counts,
                 "expects": next(s.refusal or "a probability" for s in studies if s.name == name),
                 "p50_s": round(statistics.median(tally.seconds[name]), 3),
-                "p95_s": round(statistics.quantiles(tally.seconds[name], n=20)[-1], 3) if len(tally.seconds[name]) > 1 else None,
+                "p95_s": round(percentile(tally.seconds[name], 95), 3),
             }
             for name, counts in tally.counts.items()
         },
@@ -319,6 +330,8 @@ def markdown(results: dict) -> str:
         f"{', '.join(results['modes'])}, no retries, after a warm-up of {results['warm_up_sent']} (every case in every mode once, "
         f"then {results['warm_up_s']:g} s of the same load). "
         f"Unexpected answers: {results['unexpected']}. Watchdog actions: {len(results['recoveries'])}.",
+        "",
+        "p50 and p95: over the studies sent of each case, interpolated between the closest of them.",
         "",
         "| case | expected answer | sent | as expected | p50 s | p95 s |",
         "|---|---|---|---|---|---|",

@@ -145,7 +145,7 @@ def _sweep(grpc: str, work: Path) -> str:
         perf_analyzer.run(NAMES.triage, grpc, "grpc", level, work / f"sweep_c{level}.csv", input_json=data, requests=8) for level in (1, 2)
     ]
     return "; ".join(
-        f"concurrency {row['Concurrency']}: {row['Inferences/Second']:.2f} studies/s, p95 {row['p95 latency'] / 1e6:.2f} s" for row in rows
+        f"concurrency {row['Concurrency']}: {row['throughput']:.2f} studies/s, p95 {row['p95 latency'] / 1e6:.2f} s" for row in rows
     )
 
 

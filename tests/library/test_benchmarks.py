@@ -5,6 +5,9 @@ sections' handling of a precision that fails."""
 from __future__ import annotations
 
 import json
+import threading
+import time
+import types
 
 import pytest
 
@@ -136,7 +139,134 @@ def test_closed_loop_counts_every_request_and_failure():
     assert result.studies_per_s > 0 and result.p50_s <= result.p95_s
 
 
-def test_decoding_benchmark_times_both_paths_and_checks_their_values(tmp_path):
+def test_a_level_whose_warm_up_failed_in_one_worker_counts_every_study_as_failed():
+    """Three of four workers cannot connect: the level did not run at concurrency 4, so nothing of it
+    may read as a success (the others would otherwise send every study, failures 0)."""
+    made = []
+    lock = threading.Lock()
+
+    def make():
+        with lock:
+            made.append(1)
+            broken = len(made) <= 3
+        if broken:
+            raise ConnectionRefusedError("connection refused")
+        return lambda: time.sleep(0.01)
+
+    result = load.closed_loop("fake", make, concurrency=4, requests=8)
+    assert result.failures == result.requests == 8 and result.studies_per_s == 0
+    assert result.first_error == "warm-up: connection refused"
+
+
+def _level(target: str, concurrency: int, failures: int = 0, studies_per_s: float = 4.0, p95_s: float = 0.3) -> dict:
+    return {
+        "target": target,
+        "concurrency": concurrency,
+        "requests": 8,
+        "failures": failures,
+        "studies_per_s": studies_per_s,
+        "p95_s": p95_s,
+    }
+
+
+def _serving_results(load_rows: list[dict], served_failures: int = 0) -> dict:
+    return {
+        "levels": [1, 4],
+        "load": load_rows,
+        "in_process": {"rounds": 8, "served_s": 0.25, "total_s": 0.24, "served_failures": served_failures},
+        "locust": {"failures": 0, "exit_code": 0},
+        "memory": {"shm_before_mib": 0.0, "shm_after_stop_mib": 0.0},
+    }
+
+
+def test_serving_targets_are_met_only_over_studies_that_all_succeeded():
+    from benchmarks import serving
+
+    clean = [
+        _level("triton", 1),
+        _level("baseline", 1, studies_per_s=0.8, p95_s=1.5),
+        _level("triton", 4),
+        _level("baseline", 4, studies_per_s=0.8),
+    ]
+    met = serving.targets(_serving_results(clean))
+    assert all(verdict["met"] for verdict in met.values()), met
+    ratio, p95, overhead = (met[name] for name in list(met)[:3])
+    assert ratio["value"] == 5.0 and p95["value"] == "0.3 s vs 1.5 s" and overhead["value"] == "0.25 s vs 0.24 s: +4.2%"
+
+    baseline_failed = [_level("triton", 1), _level("baseline", 1, 8, 0.0), _level("triton", 4), _level("baseline", 4, 8, 0.0)]
+    verdicts = list(serving.targets(_serving_results(baseline_failed)).values())
+    assert verdicts[0] == {"value": "not measured: baseline: 8 of 8 failed", "met": None}
+    assert verdicts[1]["met"] is False and verdicts[1]["value"].endswith("(baseline: 8 of 8 failed)")
+
+    triton_failed = [_level("triton", 1, 6, 1.0, 0.01), clean[1], _level("triton", 4, 6, 1.3), clean[3]]
+    verdicts = list(serving.targets(_serving_results(triton_failed, served_failures=1)).values())
+    assert [verdict["met"] for verdict in verdicts[:3]] == [False, False, False]
+    assert verdicts[0]["value"] == "1.62 (triton: 6 of 8 failed)" and verdicts[2]["value"].endswith("(1 of 8 served studies failed)")
+
+
+def test_a_soak_that_sent_nothing_does_not_pass():
+    import argparse
+
+    from benchmarks import soak
+
+    args = argparse.Namespace(minutes=0.000001, size=16, concurrency=4, warm_up_s=0.0)
+    sample = {"t_s": 0.0, "phase": "start", "rss_mib": {"tritonserver": 40.0}, "shm_mib": 0.0}
+    results = soak.summarise(args, [], soak.Tally(), {"sent": 0, "unexpected": []}, [sample], sample, sample, 0.0, [], [], "")
+    assert results["sent"] == 0 and not results["checks"]["ran its length with studies sent"] and not results["passed"]
+
+
+def test_soak_p95_stays_within_the_times_measured():
+    import argparse
+
+    from benchmarks import soak
+
+    tally = soak.Tally()
+    case = soak.Case("phantom, ZIP", [b""], None)
+    for seconds in (0.1, 0.2, 0.3, 5.0):
+        tally.check(case, ("grpc", False), types.SimpleNamespace(processing_status="Failure", error="", time_of_processing=seconds))
+    args = argparse.Namespace(minutes=0.01, size=16, concurrency=1, warm_up_s=0.0)
+    sample = {"t_s": 0.0, "phase": "start", "rss_mib": {"tritonserver": 40.0}, "shm_mib": 0.0}
+    results = soak.summarise(args, [case], tally, {"sent": 0, "unexpected": []}, [sample], sample, sample, 1.0, [], [], "")
+    p95 = results["cases"]["phantom, ZIP"]["p95_s"]
+    assert p95 <= 5.0 and p95 == pytest.approx(4.295, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [
+        ("http_faults", ["--form-mib", "200000"]),
+        ("http_faults", ["--chunks", "4000001"]),
+        ("report_scale", ["--studies", "1", "--window", "2"]),
+        ("report_scale", ["--studies", "100", "--window", "1"]),
+        ("report_scale", ["--studies", "1999", "--window", "1000"]),
+        ("decoding", ["--encodings", ","]),
+    ],
+)
+def test_benchmark_options_they_cannot_use_are_usage_errors(module, argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(f"benchmarks.{module}").main([*argv, "--out", "/nonexistent/never-written"])
+    assert exited.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_http_faults_default_chunks_are_within_their_bound():
+    from benchmarks import option_types
+
+    assert option_types.CHUNKS("2000000") == 2_000_000  # the default, the committed result's count
+
+
+def test_perf_analyzer_throughput_is_requests_over_first_send_to_last_answer(tmp_path):
+    """Its profile export, as perf_analyzer 2.51 writes it: the requests' inputs as raw, non-UTF-8 bytes."""
+    pairs = [(1_000_000_000, 1_300_000_000), (1_300_000_000, 1_600_000_000), (1_600_000_000, 2_500_000_000)]
+    requests = [{"timestamp": sent, "request_inputs": {"DICOM": "RAW"}, "response_timestamps": [answered]} for sent, answered in pairs]
+    text = json.dumps({"experiments": [{"experiment": {"mode": "concurrency", "value": 1}, "requests": requests}]})
+    profile = tmp_path / "profile.json"
+    profile.write_bytes(text.encode().replace(b'"RAW"', b'"PK\\u0003\\u0004\xe9\x83"'))
+    assert pa.throughput(profile) == {"requests": 3, "elapsed_s": 1.5, "throughput": 2.0}
+
+
+def test_decoding_benchmark_times_both_paths_and_checks_their_values(tmp_path, capsys):
     pytest.importorskip("imagecodecs")
     from benchmarks import decoding
 
@@ -148,6 +278,7 @@ def test_decoding_benchmark_times_both_paths_and_checks_their_values(tmp_path):
         assert row["pydicom"]["max_abs_hu_diff"] == row["imagecodecs"]["max_abs_hu_diff"] == 0
         assert row["imagecodecs"]["frames_by_decoder"]["imagecodecs"] == 16 and row["pydicom"]["frames_by_decoder"]["pydicom"] == 16
     assert (tmp_path / "decoding-cpu.md").read_text().startswith("# Compressed studies")
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["imagecodecs_over_pydicom"].keys() == {"jpeg2000", "rle"}
 
 
 def test_explain_benchmark_writes_its_table_with_positive_numbers(tmp_path):

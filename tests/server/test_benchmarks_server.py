@@ -26,8 +26,12 @@ def study_zip(tmp_path_factory) -> Path:
 
 
 def test_perf_analyzer_runs_one_level_on_the_classifier_and_the_ensemble(triton_server, study_zip, tmp_path):
-    classifier = pa.run(NAMES.classifier, triton_server.grpc_url, "grpc", 1, tmp_path / "classifier.csv", requests=3)
-    assert classifier["Concurrency"] == 1 and classifier["Inferences/Second"] > 0 and classifier["Server Compute Infer"] > 0
+    classifier = pa.run(NAMES.classifier, triton_server.grpc_url, "grpc", 2, tmp_path / "classifier.csv", requests=6)
+    assert classifier["Concurrency"] == 2 and classifier["requests"] == 6 and classifier["Server Compute Infer"] > 0
+    # the throughput over the elapsed time, not over whole seconds: at most what the mean latency allows
+    # at this concurrency, and near it (the loop's only idle time is its start and its end)
+    assert 0.5 < classifier["throughput"] / (2 / (classifier["Avg latency"] / 1e6)) <= 1.01, classifier
+    assert not list(tmp_path.glob("*.profile.json"))  # every request's inputs: not kept
     input_json = tmp_path / "input.json"
     input_json.write_text(json.dumps(pa.input_data([study_zip.read_bytes()])))
     before = serving.statistics_of(triton_server.http_url)
@@ -41,11 +45,34 @@ def test_perf_analyzer_runs_one_level_on_the_classifier_and_the_ensemble(triton_
         shared_memory=True,
         requests=3,
     )
-    assert triage["Inferences/Second"] > 0 and triage["p95 latency"] > 0
+    assert triage["throughput"] > 0 and triage["p95 latency"] > 0
     per_model = serving.breakdown(before, serving.statistics_of(triton_server.http_url))
     assert per_model[NAMES.preprocess]["requests"] >= 2 and per_model[NAMES.preprocess]["compute_infer_ms"] > 0
     assert sum(per_model[NAMES.classifier]["executions_per_batch_size"].values()) >= 1
     assert (tmp_path / "triage.log").read_text()  # perf_analyzer's own report, kept beside its CSV
+
+
+def test_the_overhead_reference_alternates_served_and_in_process_studies(triton_server, triton_repository, study_zip):
+    reference = serving.overhead_c1(triton_server, triton_repository, [study_zip.read_bytes()], TEST_SIZE, rounds=2)
+    assert reference["rounds"] == 2 and reference["served_failures"] == 0
+    assert reference["served_s"] > 0 and reference["total_s"] == pytest.approx(
+        reference["preprocess_s"] + reference["classifier_s"], rel=0.5
+    )
+
+
+def test_shared_memory_benchmark_alternates_the_transports(triton_server, study_zip):
+    from benchmarks import shared_memory
+
+    urls = {"grpc": triton_server.grpc_url, "http": triton_server.http_url}
+    rows = shared_memory.measure([study_zip.read_bytes()], urls, repeats=2)
+    assert [(row["protocol"], row["transport"]) for row in rows] == [
+        ("grpc", "wire"),
+        ("grpc", "shared memory"),
+        ("http", "wire"),
+        ("http", "shared memory"),
+    ]
+    assert all(row["status"] == "Success" and row["failures"] == 0 and 0 < row["min_s"] <= row["median_s"] for row in rows)
+    assert all(row["paired_shm_over_wire"] > 0 for row in rows if row["transport"] == "shared memory")
 
 
 def test_locust_scenario_completes_a_bounded_run_without_failures(triton_server, study_zip, tmp_path):
@@ -80,7 +107,7 @@ def test_baseline_answers_what_the_offline_model_answers(triton_repository, stud
     assert refused.value.code == 400 and "DICOM" in json.loads(refused.value.read())["error"]
 
 
-def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypatch):
+def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypatch, capsys):
     from benchmarks import cpu_engines
 
     scratch = tmp_path / "tmp"
@@ -88,6 +115,7 @@ def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypa
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     options = ["--size", "16", "--parity-size", "16", "--repeat", "1", "--ceiling-n", "512", "--no-compile"]
     assert cpu_engines.main([*options, "--out", str(tmp_path)]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[-1])  # one JSON object last, as every benchmark prints
     assert bytes_under(scratch) < 2**20, sorted(scratch.iterdir())  # the graphs and both rendered repositories (2.4 GB) are removed
     result = json.loads((tmp_path / "cpu-engines.json").read_text())
     assert set(result["engines"]) == {"onnxruntime", "openvino", "openvino-bf16", "openvino-int8", "pytorch", "pytorch-channels-last"}
@@ -98,6 +126,12 @@ def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypa
     assert result["precision_in_use"]["openvino"] == "fp32" and result["precision_in_use"]["openvino-bf16"] in ("bf16", "fp32")
     assert re.fullmatch(r"int8 in [1-9]\d* of 33 convolutions", result["precision_in_use"]["openvino-int8"])
     assert result["fastest_passing"] in result["engines"] and result["served"]["median_s"] > 0 and result["served_bf16"]["median_s"] > 0
+    assert len(result["served"]["runs_s"]) == len(result["served_bf16"]["runs_s"]) == len(result["engines"]["onnxruntime"]["runs_s"])
+    assert printed["fastest_passing"] == result["fastest_passing"] and printed["engines"].keys() == {
+        *result["engines"],
+        "served",
+        "served_bf16",
+    }
     assert all(row["gflops"] > 0 for row in result["engines"].values()) and min(result["ceiling_gflops"]) > 0
     assert set(result["cpu_flags"]) >= {"avx2", "avx512_bf16", "amx_bf16"}
     text = (tmp_path / "cpu-engines.md").read_text()
