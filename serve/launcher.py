@@ -536,6 +536,8 @@ class TritonServer:
         replaced = {pid for pid, stub in self._known.items() if stub.model == model}
         try:
             config = self._request(f"/v2/models/{model}/config")
+            if self._stopping.is_set():  # stop() began while it waited (its SIGCONT wakes a stopped server): no load now
+                return False
             parameters = config.setdefault("parameters", {})
             count = int(parameters.get(RELOAD_PARAMETER, {}).get("string_value", "0")) + 1
             parameters[RELOAD_PARAMETER] = {"string_value": str(count)}
