@@ -80,7 +80,7 @@ fuzz: setup
 	$(PY) -m pip install --quiet -e ".[fuzz]"
 	$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
 
-# The serving benchmarks on this machine at a small S (4 min on 2 Zen 4 cores): benchmarks/results/.
+# The serving benchmarks on this machine at a small S (7 min on 2 Zen 4 cores): benchmarks/results/.
 bench: setup $(PERF_ANALYZER)
 	$(PY) -m benchmarks.serving --size 64 --out benchmarks/results
 
