@@ -12,7 +12,7 @@ Choices:
   would otherwise lower the precision by itself, and export's FP32 parity proof is for FP32.
 - `precision="bf16"` is the explicit opt-in (`INFERENCE_PRECISION_HINT bf16`): on a CPU with BF16
   instructions (AVX512_BF16, AMX) OpenVINO computes in BF16 (at S=256 on 2 cores of a Zen 4 EPYC:
-  10.7 s per study against 21.8 s at f32; export holds it to the bound of the half-precision
+  9.8 s per study against 19.8 s at f32; export holds it to the bound of the half-precision
   targets). On a CPU without them,
   OpenVINO's CPU plugin ignores the hint (no error, no warning) and computes in f32; the precision
   the compiled model actually uses is read back after compiling: `precision_in_use`.
