@@ -320,7 +320,8 @@ def test_a_server_that_cannot_be_brought_back_is_given_up_with_its_reason(triton
     up, serving() turns False (`python -m serve` then exits 1), and nothing of the server is left."""
     repository = tmp_path / "repository"
     shutil.copytree(triton_repository, repository)
-    server = start_on_free_ports(repository, log_file=tmp_path / "server.log", exit_timeout_s=2, supervise=True, models=TRIAGE_ONLY)
+    # ct_postprocess alone: each start and each failed restart takes a second or two, not seven
+    server = start_on_free_ports(repository, log_file=tmp_path / "server.log", exit_timeout_s=2, supervise=True, models=[NAMES.postprocess])
     try:
         (repository / NAMES.postprocess / "1" / "model.py").write_text("this is not Python\n")
         os.kill(server.pid, signal.SIGKILL)

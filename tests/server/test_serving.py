@@ -331,7 +331,10 @@ def test_server_log_holds_no_patient_data(triton_server):
 
 def test_preprocessing_runs_in_parallel_instances_behind_a_bounded_queue(triton_server):
     """Studies sent together are preprocessed at the same time by different instances."""
-    payload = phantom.study_files(form="series", slices=96, rows=192, columns=192)
+    # JPEG 2000 slices: small to send, a few hundred ms to decode, so each study is still being
+    # preprocessed when the next arrives (uncompressed, 7 MB took longer to send than the 25 ms to
+    # preprocess on a busy machine, and the studies never overlapped)
+    payload = phantom.study_files(form="series", slices=96, rows=192, columns=192, transfer_syntax="jpeg2000")
     # One client sends all four at once, so they reach the server together: clients in threads each
     # encoding the study arrived one after another on a busy 2-core machine, and never overlapped.
     answers: queue.Queue = queue.Queue()
