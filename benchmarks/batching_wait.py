@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 
 from benchmarks import option_types
-from benchmarks.load import add_arguments, closed_loop, reload_classifier, rendered_server, triton_sender, write_results
+from benchmarks.load import add_arguments, closed_loop, reload_classifier, rendered_server, study_timeout, triton_sender, write_results
 from benchmarks.serving import machine
 from preprocess import phantom
 from settings import NAMES
@@ -31,9 +30,13 @@ def served_wait(url: str) -> int:
 
     client = http.InferenceServerClient(url)
     try:
-        return int(client.get_model_config(NAMES.classifier)["dynamic_batching"].get("max_queue_delay_microseconds", 0))
+        return _wait_of(client.get_model_config(NAMES.classifier))
     finally:
         client.close()
+
+
+def _wait_of(config: dict) -> int:
+    return int(config["dynamic_batching"].get("max_queue_delay_microseconds", 0))
 
 
 def set_wait(server, wait_us: int) -> None:
@@ -42,16 +45,9 @@ def set_wait(server, wait_us: int) -> None:
     def wait(config: dict) -> None:
         config.setdefault("dynamic_batching", {})["max_queue_delay_microseconds"] = wait_us
 
-    served = int(reload_classifier(server, wait)["dynamic_batching"].get("max_queue_delay_microseconds", 0))
+    served = _wait_of(reload_classifier(server, wait))
     if served != wait_us:
         raise RuntimeError(f"{NAMES.classifier} serves a wait of {served} us, not {wait_us}")
-
-
-def study_timeout(ends: float, concurrency: int, requests: int) -> float:
-    """The longest a study of a closed-loop level (benchmarks.load) may take so that the level ends by
-    `ends` (time.monotonic) even if every study times out (each worker sends its warm-up study, then
-    its share of `requests`, one after another); at least 1 s."""
-    return max((ends - time.monotonic()) / (1 + math.ceil(requests / concurrency)), 1.0)
 
 
 def measure(

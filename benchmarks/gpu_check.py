@@ -426,8 +426,7 @@ def served_pool_bytes(plan: Plan) -> int | None:
 
 def _served(plan: Plan, repository: Path, log_file: Path, ends: float, progress) -> dict:
     """The served measurements on a rendered repository."""
-    from benchmarks.batching_wait import study_timeout
-    from benchmarks.load import closed_loop, triton_sender
+    from benchmarks.load import closed_loop, study_timeout, triton_sender
     from preprocess import phantom
     from serve import start_on_free_ports
     from settings import SERVING

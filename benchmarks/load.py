@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import threading
@@ -121,6 +122,13 @@ def closed_loop(target: str, make_sender: Callable[[], Sender], concurrency: int
         p95_s=round(percentile(latencies, 95), 4),
         first_error=errors[0][:300] if errors else "",
     )
+
+
+def study_timeout(ends: float, concurrency: int, requests: int) -> float:
+    """The longest a study of a closed_loop level may take so that the level ends by
+    `ends` (time.monotonic) even if every study times out (each worker sends its warm-up study, then
+    its share of `requests`, one after another); at least 1 s."""
+    return max((ends - time.monotonic()) / (1 + math.ceil(requests / concurrency)), 1.0)
 
 
 def triton_sender(url: str, payload: list[bytes], timeout_s: float = 600, shared_memory: bool = False) -> Callable[[], Sender]:

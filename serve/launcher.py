@@ -682,7 +682,7 @@ class TritonServer:
             with open(self._log_file, "rb") as stream:
                 stream.seek(self._launched_at)
                 text = stream.read().decode(errors="replace")
-        except (OSError, TypeError):  # no log, or none of ours
+        except OSError:  # the log removed
             return None
         found = re.search(r"failed to load '([^']+)' version (\d+): (.*?)(?:\\n|\"$)", text, re.MULTILINE)
         return f"failed to load {found[1]} version {found[2]}: {found[3]}" if found else None
