@@ -54,11 +54,12 @@ $(PROMTOOL): | $(STAMP)
 promtool: $(PROMTOOL)
 
 # Everything: the tests against the real bundled tritonserver and the library tests, in TEST_WORKERS
-# processes (pytest-xdist), each file in one of them (its servers and fixtures are shared by its tests).
-# TEST_WORKERS=0 runs them in this process, one after another.
+# processes (pytest-xdist), each file in one of them (its servers and fixtures are shared by its tests),
+# handed out in collection order (pyproject's testpaths: the long server files first) rather than
+# xdist's default of the files with most tests first. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
 test: setup $(PERF_ANALYZER) $(CHROMIUM) $(PROMTOOL)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Library tests only (no server): about a minute.
 test-fast: setup $(CHROMIUM) $(PROMTOOL)
