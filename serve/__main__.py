@@ -1,10 +1,9 @@
 """`python -m serve --repository DIR`: run tritonserver in the foreground until SIGINT/SIGTERM.
 
 The server is supervised: a Python-backend stub that dies, or a region grown past what serve.sizing
-gives its model, gets its model reloaded; a server that exits or hangs (a minute without answering a
-health check), or a failed reload, gets the server restarted (after 3 restarts in a row that did not
-bring it up, this exits 1). Each action is a line on
-stderr and in the server log.
+gives its model, gets its model reloaded; a server that exits or hangs (--hang-timeout without
+answering a health check), or a failed reload, gets the server restarted (after 3 restarts in a row
+that did not bring it up, this exits 1). Each action is a line on stderr and in the server log.
 
 CT_TRIAGE_ADMIN_KEY, when set, restricts the model-repository, shared-memory, trace and logging APIs
 to requests carrying it (serve/README.md, "Security"). It is read from the environment only: a
@@ -21,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from contract.arguments import integer, port
+from contract.arguments import integer, number, port
 from serve.launcher import ServerError, TritonServer
 from settings import ADMIN, SERVING
 
@@ -50,6 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-verbose", type=integer(0, 2**31 - 1), default=0)
     parser.add_argument("--model-config-name", help="load configs/<name>.pbtxt where a model has one (Triton's own option)")
     parser.add_argument(
+        "--startup-timeout",
+        type=number(0, above_low=True),
+        default=SERVING.startup_timeout_s,
+        metavar="SECONDS",
+        help=f"give up when the models are not all loaded by then (default {SERVING.startup_timeout_s:.0f})",
+    )
+    parser.add_argument(
+        "--hang-timeout",
+        type=number(0, above_low=True),
+        default=SERVING.hang_timeout_s,
+        metavar="SECONDS",
+        help=f"restart a server whose liveness check goes unanswered this long (default {SERVING.hang_timeout_s:.0f})",
+    )
+    parser.add_argument(
         "--load-model",
         action="append",
         metavar="NAME",
@@ -70,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             model_config_name=args.model_config_name,
             admin_key=admin_key,
             supervise=True,
+            startup_timeout_s=args.startup_timeout,
+            hang_timeout_s=args.hang_timeout,
             models=args.load_model,
         )
     except ValueError as error:

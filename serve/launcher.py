@@ -41,7 +41,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings import ADMIN, NAMES, PREPROCESSING, SERVING
+from settings import ADMIN, NAMES, SERVING
 
 SHM_DIR = Path("/dev/shm")
 STUB_PYTHONPATH = "CT_TRIAGE_STUB_PYTHONPATH"  # see the module docstring
@@ -223,7 +223,9 @@ class TritonServer:
         # second copy of the weights (in GPU memory, with ct_explain on the GPU).
         self.models = tuple(models) if models is not None else None
         self.model_config_name = model_config_name
-        self.cuda_memory_pool_bytes = cuda_memory_pool_bytes  # on GPU 0; None: Triton's default (64 MiB)
+        # on GPU 0; None: what serve.sizing gives the repository's configs (Triton's default 64 MiB unless
+        # ct_preprocess runs on the GPU, whose volumes wait in that pool)
+        self.cuda_memory_pool_bytes = cuda_memory_pool_bytes
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.startup_timeout_s = startup_timeout_s
         self.exit_timeout_s = exit_timeout_s
@@ -239,6 +241,7 @@ class TritonServer:
         self.shm_prefix = f"ct_triage_{os.getpid()}_{secrets.token_hex(4)}"
         self.supervise = supervise
         self.shm_region_limits: dict[str, int] = {}  # by model, from the served repository once it is up
+        self._deployment = None  # serve.sizing.Deployment of the repository's configs, read at each launch (command)
         self.recoveries: list[Recovery] = []  # what the watchdog did, oldest first
         self._watchdog: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -280,7 +283,11 @@ class TritonServer:
     # -- lifecycle ---------------------------------------------------------------------------
     def command(self, backend_directory: Path) -> list[str]:
         """The tritonserver command line (explicit model control, so the load API can override configs);
-        it holds the admin key when there is one: never print it."""
+        it holds the admin key when there is one: never print it. Reads the repository's configs, which
+        size the CUDA pool and the watchdog's region limits (serve.sizing)."""
+        from serve.sizing import served_deployment  # see _served_region_limits
+
+        self._deployment = served_deployment(self.repository, self.model_config_name, self.models)
         python = "--backend-config=python,"
         return [
             str(find_installation().binary),
@@ -302,9 +309,18 @@ class TritonServer:
             f"{python}shm-growth-byte-size={SERVING.shm_growth_byte_size}",
             f"{python}shm-region-prefix-name={self.shm_prefix}",
             *([f"--model-config-name={self.model_config_name}"] if self.model_config_name else []),
-            *([f"--cuda-memory-pool-byte-size=0:{self.cuda_memory_pool_bytes}"] if self.cuda_memory_pool_bytes else []),
+            *([f"--cuda-memory-pool-byte-size=0:{pool}"] if (pool := self._cuda_pool_bytes()) else []),
             *self._restriction_flags(),
         ]
+
+    def _cuda_pool_bytes(self) -> int | None:
+        """The pool asked for, else room for every volume GPU preprocessing can have waiting (None:
+        Triton's default, enough where ct_preprocess runs on the CPU)."""
+        from serve.sizing import cuda_pool_bytes  # see _served_region_limits
+
+        if self.cuda_memory_pool_bytes is not None:
+            return self.cuda_memory_pool_bytes
+        return cuda_pool_bytes(self._deployment) if self._deployment.preprocess_on_gpu else None
 
     def _restriction_flags(self) -> list[str]:
         """Triton's own access control: the restricted APIs answer only requests whose HTTP header
@@ -405,7 +421,7 @@ class TritonServer:
             time.sleep(0.25)
         if self._stopping.is_set():
             raise ServerError("stopped during start-up")
-        raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s:\n{self._failure_log()}")
+        raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:g} s:\n{self._failure_log()}")
 
     def stop(self) -> None:
         """Graceful SIGTERM, bounded wait, then SIGKILL of the group; leaves no stub and no shm region."""
@@ -473,7 +489,7 @@ class TritonServer:
             return
         if self._hung():
             # it would not act on SIGTERM either (a stopped or deadlocked process): killed at once
-            self._restart(f"tritonserver answered no health check for {self.hang_timeout_s:.0f} s", graceful=False)
+            self._restart(f"tritonserver answered no health check for {self.hang_timeout_s:g} s", graceful=False)
             return
         live = {stub.pid: stub for stub in self.stubs()}
         for stub in live.values():
@@ -583,17 +599,12 @@ class TritonServer:
         self._record(reason, "restart", True, started)
 
     def _served_region_limits(self) -> dict[str, int]:
-        """Each model's largest legitimate region (serve.sizing, what /dev/shm is sized with) for the S and
-        batch ct_classifier is served with (the project's defaults without one)."""
+        """Each model's largest legitimate region (serve.sizing, what /dev/shm is sized with) for the
+        repository's configs as this launch read them."""
         # imported here: the package imports this module, and `python -m serve.sizing` must find sizing not yet loaded
-        from serve.sizing import Deployment, region_limits
+        from serve.sizing import region_limits
 
-        try:
-            config = self._request(f"/v2/models/{NAMES.classifier}/config")
-            size, batch = int(config["input"][0]["dims"][-1]), int(config["max_batch_size"])
-        except OSError:  # urllib's errors are OSErrors
-            size, batch = PREPROCESSING.size, SERVING.max_batch_size
-        return region_limits(Deployment(size=size, preprocess_instances=SERVING.preprocess_instances, max_batch_size=batch))
+        return region_limits(self._deployment)
 
     def _request(self, path: str, body: dict | None = None) -> dict:
         """One call to the server's HTTP API (with the admin key, which the load API may need)."""

@@ -44,9 +44,11 @@ two queues are short for that reason (the other heavy models queue 32 studies, o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from settings import NAMES, SERVING
+from settings import NAMES, PREPROCESSING, SERVING
 
 MIB = 1024**2
 # The smallest card the product promises to fit, as CUDA sees it: an "8 GB" card (RTX 3070 class)
@@ -125,6 +127,60 @@ def cuda_pool_bytes(deployment: Deployment, in_flight: int | None = None) -> int
         return 64 * MIB
     volumes = pool_volumes(deployment) if in_flight is None else min(pool_volumes(deployment), in_flight)
     return max(volumes * deployment.volume_bytes, 64 * MIB)
+
+
+def served_deployment(repository: Path, model_config_name: str | None = None, models: Sequence[str] | None = None) -> Deployment:
+    """The Deployment a model repository's configs describe, as Triton will load them (the named
+    alternative config where a model has one, only `models` and their ensembles' steps where given).
+    A model that is missing or whose config does not parse counts with the project's defaults:
+    Triton names that problem when it loads."""
+    configs = _served_configs(Path(repository), model_config_name)
+    loaded = set(configs) if models is None else _with_steps(set(models), configs)
+
+    def instances(model: str) -> int:
+        config = configs.get(model)
+        if model not in loaded or config is None:
+            return 0
+        return sum(group.count or 1 for group in config.instance_group) or 1
+
+    classifier, preprocess, explain = (configs.get(model) for model in (NAMES.classifier, NAMES.preprocess, NAMES.explain))
+    queues = [
+        config.dynamic_batching.default_queue_policy.max_queue_size
+        for config in (classifier, explain)
+        if config is not None and config.dynamic_batching.default_queue_policy.max_queue_size
+    ]
+    return Deployment(
+        size=int(classifier.input[0].dims[-1]) if classifier is not None and classifier.input else PREPROCESSING.size,
+        preprocess_instances=instances(NAMES.preprocess) or SERVING.preprocess_instances,
+        max_batch_size=classifier.max_batch_size if classifier is not None and classifier.max_batch_size else SERVING.max_batch_size,
+        classifier_python_instances=instances(NAMES.classifier) if classifier is not None and classifier.backend == "python" else 0,
+        postprocess_instances=instances(NAMES.postprocess),
+        preprocess_on_gpu=preprocess is not None and preprocess.parameters["device"].string_value == "cuda",
+        explain_instances=instances(NAMES.explain),
+        localize_instances=instances(NAMES.localize),
+        volume_queue_size=max(queues, default=SERVING.volume_queue_size),
+    )
+
+
+def _served_configs(repository: Path, model_config_name: str | None) -> dict:
+    """Model name -> its parsed config (tritonclient's ModelConfig), for the project's models found."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    configs = {}
+    for folder in sorted(p for p in repository.glob("*") if p.is_dir()):
+        alternative = folder / "configs" / f"{model_config_name}.pbtxt"
+        path = alternative if model_config_name and alternative.is_file() else folder / "config.pbtxt"
+        try:
+            configs[folder.name] = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        except (OSError, UnicodeDecodeError, text_format.ParseError):
+            continue
+    return configs
+
+
+def _with_steps(models: set[str], configs: dict) -> set[str]:
+    """`models` and the models their ensembles run."""
+    return models | {step.model_name for model in models if model in configs for step in configs[model].ensemble_scheduling.step}
 
 
 def mib(value: int) -> int:

@@ -14,11 +14,13 @@ import io
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from google.protobuf import text_format
 from helpers import ROOT, run_module
 
 from serve import sizing
@@ -271,6 +273,35 @@ def test_the_cuda_memory_pool_holds_every_volume_the_served_queues_can_hold():
     # a benchmark that never has more studies in the server needs no more than their volumes
     assert sizing.cuda_pool_bytes(deployment, in_flight=16) == 16 * deployment.volume_bytes
     assert sizing.cuda_pool_bytes(deployment, in_flight=1000) == sizing.cuda_pool_bytes(deployment)
+
+
+def test_the_launcher_sizes_the_cuda_pool_from_the_configs_it_serves(tmp_path):
+    """`python -m serve` on a repository rendered with ct_preprocess on the GPU: the same pool as the
+    deployment above (with Triton's default 64 MiB one volume at S=256 filled it), smaller when the
+    explanation models are not loaded, and none asked for while preprocessing stays on the CPU."""
+    from export import parse_config
+    from serve import TritonServer
+
+    repository = tmp_path / "repository"
+    shutil.copytree(REPOSITORY, repository, ignore=shutil.ignore_patterns("1"))  # the configs are what is read
+    target = sizing_args().target
+    launched = TritonServer(repository, model_config_name=target).command(tmp_path)
+    assert not any(flag.startswith("--cuda-memory-pool-byte-size") for flag in launched)
+
+    config_path = repository / NAMES.preprocess / "config.pbtxt"
+    config = parse_config(config_path.read_text(), str(config_path))
+    config.parameters["device"].string_value = "cuda"  # as export --preprocess-device cuda renders it
+    config_path.write_text(text_format.MessageToString(config))
+    launched = TritonServer(repository, model_config_name=target).command(tmp_path)
+    assert f"--cuda-memory-pool-byte-size=0:{sizing.cuda_pool_bytes(deployment_sizing())}" in launched
+    assert sizing.served_deployment(repository, target) == deployment_sizing()
+
+    without_explanations = sizing.served_deployment(repository, target, models=[NAMES.triage])
+    assert without_explanations.explain_instances == 0 and without_explanations.preprocess_instances == 2
+    launched = TritonServer(repository, model_config_name=target, models=[NAMES.triage]).command(tmp_path)
+    assert f"--cuda-memory-pool-byte-size=0:{sizing.cuda_pool_bytes(without_explanations)}" in launched
+    assert sizing.cuda_pool_bytes(without_explanations) < sizing.cuda_pool_bytes(deployment_sizing())
+    assert f"--cuda-memory-pool-byte-size=0:{2**30}" in TritonServer(repository, cuda_memory_pool_bytes=2**30).command(tmp_path)
 
 
 # -- the server's flags, ports and probes ----------------------------------------------------------------

@@ -109,6 +109,23 @@ def test_cli_serves_then_stops_cleanly_on_signal(triton_repository, tmp_path, st
     assert not any(port_in_use(p) for p in (http_port, grpc_port, metrics_port))
 
 
+def test_cli_gives_up_at_its_startup_timeout_and_leaves_nothing(triton_repository, tmp_path):
+    """A site whose models load slowly (TensorRT engines, a cold disk) sets the wait; past it the
+    command says so in its error and exits 2 with nothing left running. The hang timeout is checked
+    like it (the watchdog's restart itself: tests/server/test_faults.py)."""
+    ports = free_ports(3)
+    options = [f"--{kind}-port={port}" for kind, port in zip(("http", "grpc", "metrics"), ports)]
+    serve = [sys.executable, "-m", "serve", "--repository", str(triton_repository), *options]
+    done = subprocess.run([*serve, "--startup-timeout", "0.5"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("error: tritonserver not ready after 0.5 s:"), done.stderr
+    assert not any(port_in_use(port) for port in ports)
+    assert re.search(r"^log: .+/tritonserver.log$", done.stderr, re.MULTILINE), done.stderr  # kept, for the operator
+    for bad in ("0", "nan", "-5"):
+        refused = subprocess.run([*serve, "--hang-timeout", bad], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and f"argument --hang-timeout: must be a finite number above 0, got {bad}" in refused.stderr
+
+
 def test_failed_start_reports_the_reason_and_leaves_nothing(triton_repository, tmp_path):
     """A repository whose operating point is not a probability must not load, and must say why."""
     broken = tmp_path / "repository"
