@@ -196,6 +196,8 @@ def _set_threshold(args: argparse.Namespace) -> int:
         config = set_threshold(args.url, args.threshold, admin_key=admin_key, ca_file=args.ca_file, client_cert=_client_cert(args))
     except PermissionError:  # the wrong key (an OSError too): exit 2
         raise
+    except ValueError as error:  # the key would go in clear to another host
+        raise UsageError(str(error)) from None
     except OSError as error:  # refused connection, DNS, timeout, a certificate that does not verify
         problem = certificate_problem(error)
         if problem is not None:

@@ -2,8 +2,9 @@
 
 The override lives in the server only: it is lost on restart. To make it permanent, edit the
 `threshold` parameter of the repository's ct_postprocess/config.pbtxt (serve/README.md).
-A server started with an admin key (CT_TRIAGE_ADMIN_KEY) accepts the load only with that key; from
-outside the cluster send it only over TLS (an https:// URL), never in clear.
+A server started with an admin key (CT_TRIAGE_ADMIN_KEY) accepts the load only with that key, which
+goes only to a server on this host (a port-forward or SSH tunnel ends there) or over TLS (an
+https:// URL), never in clear across a network.
 """
 
 from __future__ import annotations
@@ -33,13 +34,19 @@ def set_threshold(
 
     The load API replaces the whole config, so the running one is read, changed in one field
     and sent back. ct_triage keeps serving: Triton swaps the composing model in place.
-    Raises PermissionError when the server refuses the load for want of the right admin key.
-    `http_url` `https://HOST[:PORT]` is TLS, verified against `ca_file`, presenting `client_cert`
-    where the server asks for one (client.tls).
+    Raises PermissionError when the server refuses the load for want of the right admin key, and
+    ValueError before sending anything when the key would cross a network in clear (plain http to
+    another host). `http_url` `https://HOST[:PORT]` is TLS, verified against `ca_file`, presenting
+    `client_cert` where the server asks for one (client.tls).
     """
     value = parse_threshold(threshold)
     ADMIN.checked_key(admin_key)  # names the rule; an unsendable header's own error would quote the key
     server = endpoint(http_url, ca_file, client_cert=client_cert)
+    if admin_key is not None and not server.tls and not server.on_this_host:
+        raise ValueError(
+            f"the admin key is not sent in clear to {server.address}: use https:// (TLS in front of Triton), "
+            "or reach the server through localhost (kubectl port-forward, an SSH tunnel)"
+        )
     client = triton_http.InferenceServerClient(server.address, **server.http_sync_options())
     try:
         config = client.get_model_config(NAMES.postprocess)

@@ -49,6 +49,18 @@ class Endpoint:
     client_cert: tuple[str, str] | None = None  # (certificate, key) PEM files, for mutual TLS
 
     @property
+    def on_this_host(self) -> bool:
+        """Whether the address is a loopback one (localhost, 127.0.0.0/8, ::1): plain text to it never
+        leaves the machine (a port-forward or SSH tunnel ends there too)."""
+        host = _HOST_PORT.match(self.address.partition("/")[0])["host"].strip("[]")
+        if host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name other than localhost
+            return False
+
+    @property
     def url(self) -> str:
         """How messages name the server: with `https://` when the connection is TLS."""
         return f"https://{self.address}" if self.tls else self.address

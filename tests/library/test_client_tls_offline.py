@@ -204,6 +204,26 @@ def test_set_threshold_refuses_the_same_before_sending_anything(tmp_path, ca_fil
         client.set_threshold("https://127.0.0.1:9", 0.3, client_cert=(client_files["client.crt"], client_files["encrypted.key"]))
 
 
+def test_the_admin_key_never_crosses_a_network_in_clear(monkeypatch, capsys):
+    """Plain http to another host would carry the key readable on every hop: refused before any
+    connection (these names do not resolve: a connection would fail otherwise, not be refused).
+    Loopback URLs (a port-forward, an SSH tunnel) and https:// ones are where it may go."""
+    refusal = "the admin key is not sent in clear to ct-triage.invalid:8000: use https://"
+    for url in ("ct-triage.invalid:8000", "http://ct-triage.invalid:8000"):
+        with pytest.raises(ValueError, match=re.escape(refusal)):
+            client.set_threshold(url, 0.3, admin_key="a-key-for-the-test")
+    monkeypatch.setenv("CT_TRIAGE_ADMIN_KEY", "a-key-for-the-test")
+    assert client_main(["set-threshold", "0.3", "--url", "ct-triage.invalid:8000"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {refusal}") and error.count("\n") == 1 and "a-key-for-the-test" not in error
+    # where it may go, the request is made: nothing listens on port 9, so the server is not reachable
+    for url in ("localhost:9", "127.0.0.1:9", "[::1]:9", "https://127.0.0.1:9"):
+        with pytest.raises(OSError):
+            client.set_threshold(url, 0.3, admin_key="a-key-for-the-test")
+    with pytest.raises(OSError):  # an open server (no key): nothing secret to keep
+        client.set_threshold("ct-triage.invalid:8000", 0.3)
+
+
 @pytest.mark.parametrize("command", [["classify", "study.zip"], ["report", ".", "--out", "report.xlsx"], ["set-threshold", "0.3"]])
 def test_the_cli_says_each_refusal_in_one_line_with_exit_2(tmp_path, capsys, monkeypatch, ca_file, client_files, command):
     monkeypatch.chdir(tmp_path)
