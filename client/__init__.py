@@ -7,7 +7,7 @@ import os
 # a second line beside the client's own; it reads the level once, when grpc is first imported (below).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from .operating_point import set_threshold
+from .operating_point import KeyInClearError, set_threshold
 from .report import COLUMNS, ReportError, ReportSummary, build_report, read_report, write_report
 from .result import FAILURE, SUCCESS, TriageResult
 from .studies import StudyRef, discover_studies
@@ -28,6 +28,7 @@ __all__ = [
     "AsyncTriageClient",
     "CAFileError",
     "ClientCertificateError",
+    "KeyInClearError",
     "ReportError",
     "ReportSummary",
     "RetryPolicy",

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import tempfile
+from http.client import HTTPException
 from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
@@ -28,7 +29,7 @@ from contract.arguments import integer, number, threshold
 from preprocess.errors import printable
 from settings import ADMIN, NAMES, SERVING
 
-from .operating_point import set_threshold
+from .operating_point import KeyInClearError, set_threshold
 from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report
 from .tls import HTTPS_PORT, PLAIN_TEXT_ANSWER, certificate_problem, endpoint, speaks_no_tls
 from .triage import MAX_TIMEOUT_S, PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
@@ -196,8 +197,10 @@ def _set_threshold(args: argparse.Namespace) -> int:
         config = set_threshold(args.url, args.threshold, admin_key=admin_key, ca_file=args.ca_file, client_cert=_client_cert(args))
     except PermissionError:  # the wrong key (an OSError too): exit 2
         raise
-    except ValueError as error:  # the key would go in clear to another host
+    except KeyInClearError as error:
         raise UsageError(str(error)) from None
+    except (HTTPException, ValueError):  # an answer that is not HTTP (the gRPC port) or not JSON (the metrics port)
+        raise ServerUnavailable(f"the server at {args.url} did not answer as Triton's HTTP API: is that its HTTP port?") from None
     except OSError as error:  # refused connection, DNS, timeout, a certificate that does not verify
         problem = certificate_problem(error)
         if problem is not None:

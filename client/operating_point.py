@@ -19,6 +19,11 @@ from settings import ADMIN, NAMES
 
 from .tls import PathLike, endpoint
 
+
+class KeyInClearError(ValueError):
+    """The admin key would cross a network in clear: plain http to another host."""
+
+
 _FORBIDDEN = "403"  # what Triton answers over HTTP when a restricted API is called without the right key
 
 
@@ -35,15 +40,16 @@ def set_threshold(
     The load API replaces the whole config, so the running one is read, changed in one field
     and sent back. ct_triage keeps serving: Triton swaps the composing model in place.
     Raises PermissionError when the server refuses the load for want of the right admin key, and
-    ValueError before sending anything when the key would cross a network in clear (plain http to
-    another host). `http_url` `https://HOST[:PORT]` is TLS, verified against `ca_file`, presenting
+    KeyInClearError before sending anything when the key would cross a network in clear (plain http
+    to another host); a port that is not Triton's HTTP one gives http.client.HTTPException or a
+    ValueError of the JSON parser. `http_url` `https://HOST[:PORT]` is TLS, verified against `ca_file`, presenting
     `client_cert` where the server asks for one (client.tls).
     """
     value = parse_threshold(threshold)
     ADMIN.checked_key(admin_key)  # names the rule; an unsendable header's own error would quote the key
     server = endpoint(http_url, ca_file, client_cert=client_cert)
     if admin_key is not None and not server.tls and not server.on_this_host:
-        raise ValueError(
+        raise KeyInClearError(
             f"the admin key is not sent in clear to {server.address}: use https:// (TLS in front of Triton), "
             "or reach the server through localhost (kubectl port-forward, an SSH tunnel)"
         )

@@ -210,7 +210,7 @@ def test_the_admin_key_never_crosses_a_network_in_clear(monkeypatch, capsys):
     Loopback URLs (a port-forward, an SSH tunnel) and https:// ones are where it may go."""
     refusal = "the admin key is not sent in clear to ct-triage.invalid:8000: use https://"
     for url in ("ct-triage.invalid:8000", "http://ct-triage.invalid:8000"):
-        with pytest.raises(ValueError, match=re.escape(refusal)):
+        with pytest.raises(client.KeyInClearError, match=re.escape(refusal)):
             client.set_threshold(url, 0.3, admin_key="a-key-for-the-test")
     monkeypatch.setenv("CT_TRIAGE_ADMIN_KEY", "a-key-for-the-test")
     assert client_main(["set-threshold", "0.3", "--url", "ct-triage.invalid:8000"]) == 2
@@ -289,3 +289,34 @@ def test_set_threshold_to_a_plain_port_over_https_exits_3_in_one_line(plain_port
     assert client_main(["set-threshold", "0.3", "--url", url]) == 3
     plain = "it answered the TLS handshake in plain text (WRONG_VERSION_NUMBER): is that the plain port?"
     assert capsys.readouterr().err == f"error: the server at {url} does not speak TLS: {plain}\n"
+
+
+class _Http2Frame(socketserver.BaseRequestHandler):
+    """What Triton's gRPC port answers an HTTP/1.1 request with: not HTTP/1.1."""
+
+    def handle(self):
+        self.request.recv(4096)
+        self.request.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03\x7f\xff\xff\xff")
+
+
+class _EmptyAnswer(socketserver.BaseRequestHandler):
+    """An HTTP answer with no JSON: a port that is not Triton's HTTP API (metrics, a health proxy)."""
+
+    def handle(self):
+        self.request.recv(4096)
+        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("handler", [_Http2Frame, _EmptyAnswer])
+def test_set_threshold_at_a_port_that_is_not_tritons_http_api_is_one_line_and_exit_3(handler, capsys):
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"127.0.0.1:{server.server_address[1]}"
+        assert client_main(["set-threshold", "0.3", "--url", url]) == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+    error = capsys.readouterr().err
+    assert error == f"error: the server at {url} did not answer as Triton's HTTP API: is that its HTTP port?\n"
