@@ -102,6 +102,8 @@ def _check_endpoint(url: str, args: argparse.Namespace, protocol: str = "http") 
 
 
 def _classify(args: argparse.Namespace) -> int:
+    if not args.study:  # Path("") is ".": an unset variable would classify the working folder
+        raise UsageError("STUDY is empty: name a study folder, ZIP or DICOM file")
     if not Path(args.study).exists():
         raise FileNotFoundError(f"no such study: {args.study}")
     if args.explain != (args.out_dir is not None):

@@ -99,8 +99,8 @@ class ReportSummary:
 class Journal:
     """What a journal holds: the folder and model it was written for, and its readable lines."""
 
-    folder: str | None  # the studies' folder, absolute (None: rows read from a report without journal)
-    model: str | None  # the model name the studies were sent to
+    folder: str  # the studies' folder, absolute
+    model: str  # the model name the studies were sent to
     rows: list[dict[str, Any]]  # in the order written; a later row of a study replaces an earlier one
     unreadable: int  # lines ignored: a torn last line (killed while writing it) or damage
     explain: bool | None = None  # an explained report's (None: not recorded)
@@ -130,10 +130,11 @@ def row_for(study: StudyRef, result: TriageResult, explain: bool = False) -> dic
 
 def write_report(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], columns: tuple[str, ...] = COLUMNS) -> None:
     """Write rows as .xlsx or .csv (by suffix) atomically: readers never see a half-written file.
-    `columns`: COLUMNS, or EXPLAIN_COLUMNS for an explained report."""
+    `columns`: COLUMNS, or EXPLAIN_COLUMNS for an explained report. The folder must exist: a report's
+    folder removed during a run is not made again (FileNotFoundError)."""
     target = Path(path)
     content = _rendered_for(target)(list(rows), columns)  # in memory first: a full disk fails our write, not openpyxl's
-    write_atomically(target, lambda stream: stream.write(content))
+    write_atomically(target, lambda stream: stream.write(content), make_folder=False)
 
 
 def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -179,6 +180,7 @@ def read_journal(path: str | os.PathLike[str]) -> Journal:
         head = json.loads(header)
         folder, model, explain = head["folder"], head["model"], head.get("explain")
         known = head["journal"] == _JOURNAL_KIND and head["version"] == _JOURNAL_VERSION
+        known = known and isinstance(folder, str) and isinstance(model, str)  # what a resume is checked against
     except (ValueError, TypeError, KeyError):
         known = False
     if not lines or not known:  # the header is written atomically with its newline: never torn
@@ -211,7 +213,7 @@ async def build_report(
 
     `concurrency` studies are in flight at most, and together at most `max_bytes_in_flight`
     bytes of study files (a single larger study still goes, alone). `resume` keeps the rows of
-    `out`'s journal (or, without one, of `out` itself) and sends the studies not yet Success.
+    `out`'s journal and sends the studies not yet Success; without a journal it sends every study.
     `stable_age_s` > 0 leaves out a study with a file written less than that many seconds ago: it is
     still being copied or exported, and a classification of part of it would be a confident answer for
     a study never seen whole. It is neither sent nor in the report, and a later `resume` run sends it
@@ -232,7 +234,7 @@ async def build_report(
     for path in paths:  # what would stop the run after every study was classified stops it now
         _format(path)
         _check_writable(path)
-    _check_regular(journal_path(out))
+    _check_journal(journal_path(out))
     own_files = {path.resolve() for path in paths}  # a report written into FOLDER is not a study (an .xlsx is a ZIP)
     studies = [study for study in discover_studies(folder) if resolved(study.path) not in own_files]
     settled_before = time.time() - stable_age_s
@@ -244,6 +246,8 @@ async def build_report(
     studies = [study for study in studies if not still_arriving(study)]
     folder_name = str(Path(folder).resolve())
     journal_file = journal_path(out)
+    for path in paths:  # once, here: a folder removed during the run is never made again
+        path.parent.mkdir(parents=True, exist_ok=True)
     with _only_run_on(out):  # a second run on the same report would interleave two journals
         earlier = _resumed(journal_file, Path(out)) if resume else None
         async with client_factory() as client:
@@ -347,7 +351,6 @@ def _only_run_on(out: str | os.PathLike[str]):
     does not wait) is refused instead of rewriting the journal under it. The lock is the kernel's
     (flock), so a killed run holds it no longer; the file stays, empty."""
     lock = Path(f"{os.fspath(out)}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)  # as the report files' own writes do
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -373,6 +376,14 @@ def _check_writable(path: Path) -> None:
         read_report(path)  # ReportError: not a triage report (also with --resume: a --csv is never read otherwise)
 
 
+def _check_journal(path: Path) -> None:
+    """A journal this run can append to: a read-only one would be replaced by the rewrite at the
+    start (the folder allows that), then fail the first append."""
+    _check_regular(path)
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise ReportError(f"{path.name} is read-only: make it writable (each finished study is appended to it), or choose another --out")
+
+
 def _check_regular(path: Path) -> None:
     """Not a FIFO or a device where a report file goes: opening one to read it would wait for a
     writer for ever, deaf to SIGTERM (the event loop never gets back control)."""
@@ -381,11 +392,17 @@ def _check_regular(path: Path) -> None:
 
 
 def _resumed(journal_file: Path, out: Path) -> Journal | None:
-    """What a resumed run starts from: the journal, else the rows of a report written without one."""
+    """What a resumed run starts from: the journal. A report without one says nothing of the folder
+    its rows are for, so none of them is taken: each would be the answer for any study that has
+    its path in this folder (another day's s1.zip)."""
     if journal_file.exists():
         return read_journal(journal_file)
     if out.exists():
-        return Journal(folder=None, model=None, rows=read_report(out), unreadable=0)
+        _log.warning(
+            "%s has no journal (%s), so the folder of its rows cannot be checked: every study is sent again",
+            printable(out.name),
+            printable(journal_file.name),
+        )
     return None
 
 
@@ -399,7 +416,7 @@ def _check_same_run(earlier: Journal, journal_file: Path, folder: str, model: st
             kind = "a report without explanations: resume without --explain"
         raise ReportError(f"{journal_file.name} is the journal of {kind}, or choose another --out")
     for what, theirs, ours in (("folder", earlier.folder, folder), ("model", earlier.model, model)):
-        if theirs is not None and theirs != ours:
+        if theirs != ours:
             raise ReportError(
                 f"{journal_file.name} is the journal of a report of {what} {theirs}, not {ours}: "
                 f"resume with that {what}, or choose another --out"
@@ -407,15 +424,27 @@ def _check_same_run(earlier: Journal, journal_file: Path, folder: str, model: st
 
 
 def _journal_row(line: bytes) -> dict[str, Any] | None:
+    """A line's row, or None for a damaged or hand-edited line: each cell must have its column's type
+    (as `read_report` types them), or the report written from it could not be read back."""
     try:
         record = json.loads(line)
     except ValueError:
         return None
     if not isinstance(record, dict) or not all(column in record for column in COLUMNS) or not isinstance(record["path_to_study"], str):
         return None
-    if not all(value is None or isinstance(value, (str, int, float)) for value in record.values()):
-        return None  # a damaged line: a report cell holds no list or object
+    if not all(_of_its_type(column, record[column]) for column in EXPLAIN_COLUMNS if column in record):
+        return None
     return record
+
+
+def _of_its_type(column: str, value: Any) -> bool:
+    if value is None:
+        return True
+    if column in _FLOAT_COLUMNS:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if column in _INT_COLUMNS:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def _line(record: dict[str, Any]) -> bytes:
@@ -486,7 +515,7 @@ class _JournalWriter:
     def create(cls, path: Path, folder: str, model: str, rows: Iterable[dict[str, Any]], *, explain: bool = False) -> _JournalWriter:
         rows = list(rows)
         header = {"journal": _JOURNAL_KIND, "version": _JOURNAL_VERSION, "folder": folder, "model": model, "explain": explain}
-        write_atomically(path, lambda stream: stream.write(b"".join(_line(record) for record in (header, *rows))))
+        write_atomically(path, lambda stream: stream.write(b"".join(_line(record) for record in (header, *rows))), make_folder=False)
         _sync_folder(path.parent)  # the rename itself survives a power cut
         return cls(path, {row["path_to_study"]: row for row in rows})
 
@@ -498,6 +527,21 @@ class _JournalWriter:
         os.fsync(self._fd)
         self.latest[row["path_to_study"]] = row
         self.appended += 1
+
+    def check_in_place(self) -> None:
+        """ReportError unless the path still names the file this run appends to: once it was removed
+        or replaced (its folder deleted by a cleanup job, a share unmounted), every line appended is
+        lost with it."""
+        held = os.fstat(self._fd)
+        try:
+            found = os.stat(self.path)
+        except OSError:
+            found = None
+        if found is None or (found.st_ino, found.st_dev) != (held.st_ino, held.st_dev):
+            raise ReportError(
+                f"{self.path.name} was removed or replaced during the run (its folder deleted?), and with it the "
+                "studies it held: the run stops; run it again"
+            )
 
     def close(self) -> None:
         os.close(self._fd)
@@ -578,13 +622,15 @@ class _ReportFiles:
             await self._write()
 
     async def _write(self) -> None:
+        self._journal.check_in_place()  # the report is only ever rewritten from a journal that is still there
         self._seen = self._journal.appended
         snapshot = self.ordered_rows()
         started = time.perf_counter()
         for path in self._paths:
             try:
                 await asyncio.to_thread(write_report, snapshot, path, self._columns)
-            except OSError as error:  # a full disk, a folder gone: the journal still holds every finished study
+            except OSError as error:  # a full disk: the journal still holds every finished study
+                self._journal.check_in_place()  # unless its folder is gone too (removed while this was written)
                 raise ReportError(
                     f"cannot write {path.name}: {error.strerror or type(error).__name__}; "
                     f"{self._journal.path.name} holds every finished study: run again with --resume once it can be written"

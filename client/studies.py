@@ -7,6 +7,7 @@ one at a time, under the report's memory budget.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
     row says why: a folder holding it with no DICOM file or ZIP readable is one such study, a folder
     of ZIPs lists it beside them.
     """
+    if not os.fspath(folder):  # Path("") is ".": an unset variable in a cron line would scan the working folder
+        raise NotADirectoryError("the folder's name is empty: name the folder of studies")
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
@@ -145,13 +148,16 @@ def _tree_stat(directory: Path) -> tuple[int, float]:
 def _stat(path: Path) -> tuple[int, float]:
     """Bytes on disk, and when the file last changed: the later of its modification time and its
     inode change time, since copies that keep the source's times (`cp -p`, `rsync -a`, unzip) set an
-    old modification time on a file written just now. (0, 0.0) for what cannot be stat'ed (a
-    dangling link, a file gone): reading it fails later, as that study's row."""
+    old modification time on a file written just now. A modification time in the future (copied
+    from a host whose clock is ahead) is ignored: it would keep the study "arriving" until then; the
+    inode change time is set by this host's clock. (0, 0.0) for what cannot be stat'ed (a dangling
+    link, a file gone): reading it fails later, as that study's row."""
     try:
         stat = path.stat()
     except OSError:
         return 0, 0.0
-    return (stat.st_size if path.is_file() else 0), max(stat.st_mtime, stat.st_ctime)
+    modified = stat.st_mtime if stat.st_mtime <= time.time() else 0.0
+    return (stat.st_size if path.is_file() else 0), max(modified, stat.st_ctime)
 
 
 def _head(path: Path) -> bytes | None:

@@ -13,6 +13,7 @@ them as `result.explanation` (`client.explanation`). The plain path is unchanged
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from geventhttpclient.response import HTTPConnectionClosed
 from tritonclient.utils import InferenceServerException
 from tritonclient.utils import shared_memory as system_shm
 
-from settings import NAMES, SERVING
+from settings import INPUT_LIMITS, NAMES, SERVING, InputLimits
 
 from .result import SUCCESS, TriageResult, failure
 from .tls import PLAIN_TEXT_ANSWER, PathLike, certificate_problem, endpoint, speaks_no_tls
@@ -51,8 +52,17 @@ MAX_TIMEOUT_S = 86400.0  # a day per request: gRPC fails a deadline past about 1
 _OUTPUTS = (NAMES.probability, NAMES.pathology, NAMES.study_uid, NAMES.series_uid, NAMES.meta)
 # At S=256 the explanation adds 96 MiB to the answer (ATTRIBUTION FP16 32 MiB, VOLUME FP32 64 MiB):
 # over gRPC's default 4 MiB, within the 2 GiB (INT32_MAX) that tritonclient's channels (blocking and
-# asyncio) and Triton's server allow; HTTP bodies have no such limit. tests/library checks the bound.
+# asyncio) and Triton's server allow; HTTP answers have no such limit. tests/library checks the bound.
 _EXPLAIN_OUTPUTS = (*_OUTPUTS, NAMES.attribution, NAMES.localization, NAMES.volume)
+# A request carries the study's files (a 4-byte length each) and a header of well under a MiB, and
+# no request to Triton may exceed INT32_MAX bytes: that is the gRPC message limit, and Triton's HTTP
+# server reads a body's length as a 32-bit number (a 2.2 GB study: "inference header size should be
+# in range (0, -1988099702)"). A larger study is refused from its files' sizes before it is read:
+# sending it took several copies of it (9 GB of memory for 2.2 GB) and then failed. With shared
+# memory the request only names the region holding the study.
+_WIRE_LIMITS = dataclasses.replace(
+    INPUT_LIMITS, max_uncompressed_bytes=min(INPUT_LIMITS.max_uncompressed_bytes, tritonclient.grpc.MAX_GRPC_MESSAGE_SIZE - 2**20)
+)
 # Only these mean "try again later": the server is restarting, overloaded or not reachable yet.
 # INVALID_ARG (a bad study, HTTP 400) and INTERNAL are answers, and resending cannot change them.
 _TRANSIENT_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "503", "502", "504"})
@@ -87,15 +97,18 @@ def default_url(protocol: str) -> str:
     return f"localhost:{_DEFAULT_PORT[_check_protocol(protocol)]}"
 
 
-def load_payload(study: Study) -> list[bytes]:
-    """The elements to send: paths go through `preprocess.read_study`, the single path->payload rule."""
+def load_payload(study: Study, limits: InputLimits = INPUT_LIMITS) -> list[bytes]:
+    """The elements to send: paths go through `preprocess.read_study`, the single path->payload rule,
+    within `limits` (sizes checked before the files are read)."""
     if isinstance(study, (bytes, bytearray, memoryview)):
         return [bytes(study)]
     if isinstance(study, (str, os.PathLike)):
         # Imported here so that `python -m client --help` does not pay for the imaging stack.
-        from preprocess import read_study
+        from preprocess import EmptyInputError, read_study
 
-        return read_study(study)
+        if not os.fspath(study):  # Path("") is ".": the working folder would be read as the study
+            raise EmptyInputError("the study's path is empty")
+        return read_study(study, limits)
     payload = list(study)
     if not all(isinstance(element, (bytes, bytearray)) for element in payload):
         raise TypeError("a study is a path, bytes, or a sequence of bytes (one element per file)")
@@ -264,16 +277,6 @@ def _describe(error: BaseException, url: str) -> str:
     return _reason(error)
 
 
-def _read_failure(error: Exception, model: str, started: float) -> TriageResult | None:
-    """A study that cannot even be read is a Failure row, not a crash (bad path, bad archive)."""
-    from preprocess import StudyError
-
-    if isinstance(error, (StudyError, OSError)):
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        return failure(f"cannot read study: {reason}", seconds=time.perf_counter() - started, model=model)
-    return None
-
-
 def _region_failure(error: Exception, model: str, started: float) -> TriageResult:
     """No room in /dev/shm (or no /dev/shm): say so instead of crashing; the wire still works."""
     cause = f": {error.__cause__}" if error.__cause__ else ""
@@ -299,6 +302,7 @@ class _Base:
         self.retry = retry
         self.shared_memory = shared_memory
         self._module = _SYNC[self.protocol]
+        self._read_limits = INPUT_LIMITS if shared_memory else _WIRE_LIMITS
 
     def _infer_kwargs(self, payload, region, series_uid: str | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -323,6 +327,18 @@ class _Base:
             raise self._not_ready("server is not live")
         if not ready:
             raise self._not_ready(f"model {self.model!r} is not ready")
+
+    def _read_failure(self, error: Exception, started: float) -> TriageResult | None:
+        """A study that cannot even be read is a Failure row, not a crash (bad path, bad archive)."""
+        from preprocess import StudyError, StudyTooLargeError
+
+        if not isinstance(error, (StudyError, OSError)):
+            return None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        largest = self._read_limits.max_uncompressed_bytes
+        if isinstance(error, StudyTooLargeError) and largest < INPUT_LIMITS.max_uncompressed_bytes:
+            reason += f" (a request to Triton carries at most {largest / 2**30:.1f} GiB of study files, over gRPC and HTTP alike)"
+        return failure(f"cannot read study: {reason}", seconds=time.perf_counter() - started, model=self.model)
 
     def _region(self, payload, started) -> tuple[_SharedMemoryPayload | None, TriageResult | None]:
         """The payload's shared-memory region when one is asked for, or the failure that replaces the request.
@@ -404,9 +420,9 @@ class TriageClient(_Base):
         one is named); None lets the server's selection rule choose."""
         started = time.perf_counter()
         try:
-            payload = load_payload(study)
+            payload = load_payload(study, self._read_limits)
         except Exception as error:
-            result = _read_failure(error, self.model, started)
+            result = self._read_failure(error, started)
             if result is None:
                 raise
             return result
@@ -496,9 +512,9 @@ class AsyncTriageClient(_Base):
     async def classify(self, study: Study, series_uid: str | None = None) -> TriageResult:
         started = time.perf_counter()
         try:
-            payload = await asyncio.to_thread(load_payload, study)
+            payload = await asyncio.to_thread(load_payload, study, self._read_limits)
         except Exception as error:
-            result = _read_failure(error, self.model, started)
+            result = self._read_failure(error, started)
             if result is None:
                 raise
             return result

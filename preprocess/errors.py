@@ -43,6 +43,10 @@ class InputTooLargeError(StudyError):
     """Declared sizes beyond settings.INPUT_LIMITS: refused before any memory is allocated."""
 
 
+class StudyTooLargeError(InputTooLargeError):
+    """The study's files hold more bytes than `max_uncompressed_bytes` (checked from their sizes)."""
+
+
 class SeriesNotFoundError(StudyError):
     """The SeriesInstanceUID asked for is not in the study."""
 

@@ -10,15 +10,18 @@ from pathlib import Path
 from typing import IO
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, make_folder: bool = True) -> Path:
     """Call write(stream) on a temporary file beside `path`, flush it to disk, then rename it over
     `path`: the file is either the old one or the complete new one. Returns the path written.
+    `make_folder` creates the folder first if it is missing; without it a missing folder is
+    FileNotFoundError (a report's folder removed while it runs is not silently made again).
 
     The file gets the mode of the one it replaces, else what the umask allows (as `open` would):
     the temporary file alone is private, and a report left private is unreadable to the people and
     web servers it is written for."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if make_folder:
+        target.parent.mkdir(parents=True, exist_ok=True)
     try:
         mode = target.stat().st_mode & 0o7777
     except OSError:

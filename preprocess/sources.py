@@ -16,7 +16,7 @@ from pathlib import Path
 
 from settings import INPUT_LIMITS, InputLimits
 
-from .errors import ArchiveError, EmptyInputError, InputTooLargeError, UnreadableInputError, UnsafeArchiveError
+from .errors import ArchiveError, EmptyInputError, InputTooLargeError, StudyTooLargeError, UnreadableInputError, UnsafeArchiveError
 
 _HEAD = 132  # enough to recognise a ZIP, a DICOM file (128-byte preamble and "DICM") or a bare data set
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header, or the end record of an empty archive
@@ -51,22 +51,22 @@ def read_study(path: str | os.PathLike, limits: InputLimits = INPUT_LIMITS) -> l
         total = sum(size for _, size in files)
         if total > limits.max_uncompressed_bytes:
             limit = _amount(limits.max_uncompressed_bytes)
-            raise InputTooLargeError(f"the folder holds {_amount(total)} of DICOM, more than the limit of {limit}")
+            raise StudyTooLargeError(f"the folder holds {_amount(total)} of DICOM, more than the limit of {limit}")
         payload, left = [], limits.max_uncompressed_bytes
         for k, (file, _) in enumerate(files, start=1):  # each read bounded too: a file may grow after its size was taken
             payload.append(_read(file, f"file {k} of the folder", left + 1))
             left -= len(payload[-1])
             if left < 0:
-                raise InputTooLargeError(f"the folder grew past the limit of {_amount(limits.max_uncompressed_bytes)} while it was read")
+                raise StudyTooLargeError(f"the folder grew past the limit of {_amount(limits.max_uncompressed_bytes)} while it was read")
         return payload
     if root.is_file():
         size = root.stat().st_size
         limit = _amount(limits.max_uncompressed_bytes)
         if size > limits.max_uncompressed_bytes:
-            raise InputTooLargeError(f"the file is {_amount(size)}, more than the limit of {limit}")
+            raise StudyTooLargeError(f"the file is {_amount(size)}, more than the limit of {limit}")
         data = _read(root, "the input file", limits.max_uncompressed_bytes + 1)
         if len(data) > limits.max_uncompressed_bytes:
-            raise InputTooLargeError(f"the file grew past the limit of {limit} while it was read")
+            raise StudyTooLargeError(f"the file grew past the limit of {limit} while it was read")
         return [data]
     raise EmptyInputError("input path does not exist or is not a file or folder")
 

@@ -18,7 +18,7 @@ from helpers import ROOT, report_row, run_module
 
 import client
 from client.cli import main as client_main
-from client.report import _ByteBudget, journal_path, read_journal
+from client.report import _ByteBudget
 from client.triage import _is_transient
 from settings import NAMES
 
@@ -92,15 +92,31 @@ def test_discovery_dates_each_study_by_its_newest_file(tmp_path):
     _dicom_like(tmp_path / "a_study" / "series2" / "IM0001")
     (tmp_path / "b.zip").write_bytes(b"PK\x03\x04rest")
     (tmp_path / "moved.zip").symlink_to(tmp_path / "gone.zip")
-    later = time.time() + 1000
-    os.utime(tmp_path / "a_study" / "series1" / "IM0001", (1_000_000, 1_000_000))
-    os.utime(tmp_path / "a_study" / "series2" / "IM0001", (later, later))
+    os.utime(tmp_path / "a_study" / "series2" / "IM0001", (1_000_000, 1_000_000))  # its inode changed last
     os.utime(tmp_path / "b.zip", (1_000_000, 1_000_000))  # copied just now with its source's time
 
     modified = {study.path_to_study: study.modified for study in client.discover_studies(tmp_path)}
 
-    assert modified["a_study"] == later and modified["moved.zip"] == 0.0  # a dangling link: never "arriving"
+    newest = (tmp_path / "a_study" / "series2" / "IM0001").stat().st_ctime
+    assert newest > (tmp_path / "a_study" / "series1" / "IM0001").stat().st_ctime
+    assert modified["a_study"] == newest and modified["moved.zip"] == 0.0  # a dangling link: never "arriving"
     assert started <= modified["b.zip"] <= time.time()
+
+
+def test_a_modification_time_in_the_future_does_not_keep_a_study_arriving(tmp_path):
+    """rsync -a from a host whose clock is ahead keeps the source's future time: with --stable-age
+    the study was "still arriving" on every run until that date. The inode change time, set by this
+    host's clock, says when it arrived."""
+    started = time.time() - 1
+    _dicom_like(tmp_path / "a_study" / "IM0001")
+    (tmp_path / "b.zip").write_bytes(b"PK\x03\x04rest")
+    years_ahead = time.time() + 4 * 365 * 86400
+    for path in (tmp_path / "a_study" / "IM0001", tmp_path / "b.zip"):
+        os.utime(path, (years_ahead, years_ahead))
+
+    modified = [study.modified for study in client.discover_studies(tmp_path)]
+
+    assert len(modified) == 2 and all(started <= when <= time.time() for when in modified)
 
 
 def test_discovery_never_blocks_on_a_fifo_nor_follows_a_link_back_up(tmp_path):
@@ -296,29 +312,6 @@ def test_read_report_refuses_other_tables(tmp_path):
         client.write_report([], tmp_path / "report.txt")
 
 
-def test_resume_with_everything_done_sends_nothing(tmp_path):
-    """Finished studies are not resent: here the server does not even exist."""
-    folder = tmp_path / "studies"
-    _dicom_like(folder / "s1" / "IM1")
-    _dicom_like(folder / "s2" / "IM1")
-    out = tmp_path / "report.xlsx"
-    client.write_report([report_row("s2"), report_row("gone"), report_row("s1", probability=0.5)], out)
-
-    def unreachable() -> client.AsyncTriageClient:
-        return client.AsyncTriageClient(f"127.0.0.1:{_closed_port()}", "grpc")
-
-    summary = asyncio.run(client.build_report(folder, out, unreachable, csv_out=tmp_path / "r.csv", resume=True))
-
-    assert (summary.studies, summary.sent, summary.skipped) == (2, 0, 2)
-    rows = client.read_report(out)
-    assert [row["path_to_study"] for row in rows] == ["s1", "s2"]  # discovery order; "gone" dropped
-    assert rows[0]["probability_of_pathology"] == 0.5
-    assert client.read_report(tmp_path / "r.csv") == rows
-    # a report written without a journal starts one: its rows are what later resumes read
-    journaled = read_journal(summary.journal).rows
-    assert summary.journal == journal_path(out) and sorted(row["path_to_study"] for row in journaled) == ["gone", "s1", "s2"]
-
-
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_unreachable_server_gives_failure_after_bounded_retries(protocol):
     retry = client.RetryPolicy(attempts=3, initial_backoff_s=0.1)
@@ -452,6 +445,50 @@ def test_missing_paths_are_one_line_usage_errors(tmp_path, capsys):
     assert client_main(["report", str(tmp_path / "nope"), "--out", "r.xlsx", "--url", f"127.0.0.1:{_closed_port()}"]) == 2
     stderr = capsys.readouterr().err
     assert len(stderr.strip().splitlines()) == 1 and "nope" in stderr
+
+
+def test_an_empty_study_or_folder_name_is_not_the_working_folder(tmp_path, monkeypatch, capsys):
+    """Path("") is ".": an unset variable in a cron line (`report "$INCOMING"`) sent every study of
+    the working folder, and `classify ""` in a study folder answered for it."""
+    _dicom_like(tmp_path / "IM0001")
+    _dicom_like(tmp_path / "s1" / "IM0001")
+    monkeypatch.chdir(tmp_path)
+    closed = f"127.0.0.1:{_closed_port()}"
+    for arguments, reason in (
+        (["report", "", "--out", "r.xlsx"], "error: the folder's name is empty: name the folder of studies"),
+        (["classify", ""], "error: STUDY is empty: name a study folder, ZIP or DICOM file"),
+    ):
+        assert client_main([*arguments, "--url", closed]) == 2, arguments
+        assert capsys.readouterr().err.splitlines() == [reason]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["IM0001", "s1"]  # no report, no lock
+    with client.TriageClient(closed, "grpc") as triage:
+        assert triage.classify("").error == "cannot read study: the study's path is empty"
+
+
+def test_a_study_larger_than_a_request_can_carry_fails_from_its_size_before_it_is_read(tmp_path):
+    """No request to Triton exceeds 2 GiB (gRPC's message limit; Triton's HTTP server reads a body's
+    length as 32 bits): a 2.2 GB study was read, copied into 9 GB of memory and failed as "Exception
+    serializing request!" (gRPC) or with an "inference header size" range (HTTP). It is refused from
+    its file's size (a sparse file here: nothing is written or read); the server is never asked."""
+    study = tmp_path / "big.dcm"
+    with open(study, "wb") as stream:
+        stream.truncate(2200 * 2**20)
+    closed = f"127.0.0.1:{_closed_port()}"
+
+    async def asynchronously(protocol: str) -> client.TriageResult:
+        async with client.AsyncTriageClient(closed, protocol) as triage:
+            return await triage.classify(study)
+
+    results = [asyncio.run(asynchronously(protocol)) for protocol in ("grpc", "http")]
+    with client.TriageClient(closed, "grpc") as triage:
+        results.append(triage.classify(study))
+
+    for result in results:
+        assert result.processing_status == client.FAILURE and result.time_of_processing < 5
+        assert result.error == (
+            "cannot read study: the file is 2.1 GiB, more than the limit of 2.0 GiB "
+            "(a request to Triton carries at most 2.0 GiB of study files, over gRPC and HTTP alike)"
+        )
 
 
 def test_paths_the_system_refuses_and_a_model_without_its_outputs_are_one_line_before_any_request(tmp_path, capsys):

@@ -8,12 +8,16 @@ import csv
 import fcntl
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 from helpers import report_row as finished
 
 import client
@@ -44,6 +48,33 @@ def _journal(out: Path, folder: Path, rows: list[dict], model: str = "ct_triage"
         writer.append(row)
     writer.close()
     return writer.path
+
+
+class _Answering:
+    """A client without a server: each study's answer carries the study's own path as its UID, so a
+    row given to another study shows. `during(path)` runs as a study is classified."""
+
+    model, explain = "ct_triage", False
+
+    def __init__(self, during=None):
+        self.sent: list[Path] = []
+        self._during = during
+
+    async def __aenter__(self) -> _Answering:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        return None
+
+    async def check_ready(self) -> None:
+        return None
+
+    async def classify(self, path: Path) -> client.TriageResult:
+        self.sent.append(path)
+        if self._during is not None:
+            self._during(path)
+        uid = str(Path(path).resolve())
+        return client.TriageResult(uid, f"{uid}.1", 0.5, 1, client.SUCCESS, None, 0.01, model="demo")
 
 
 def _resume(folder: Path, out: Path, **options) -> client.ReportSummary:
@@ -354,3 +385,92 @@ def test_report_files_are_as_readable_as_the_umask_allows_and_a_replaced_one_kee
             assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
     finally:
         os.umask(before)
+
+
+def test_a_report_without_its_journal_is_not_resumed_with_another_folders_rows(tmp_path, caplog):
+    """dayA's report, its journal deleted (the report copied elsewhere without it), resumed for dayB,
+    whose s1 is another study: nothing in a report says which folder its rows are for, so dayB's s1
+    is sent, never given dayA's s1's answer."""
+    day_a, day_b, out = tmp_path / "dayA", tmp_path / "dayB", tmp_path / "report.csv"
+    _study(day_a / "s1")
+    _study(day_b / "s1")
+    asyncio.run(client.build_report(day_a, out, _Answering))
+    journal_path(out).unlink()
+
+    answering = _Answering()
+    summary = asyncio.run(client.build_report(day_b, out, lambda: answering, resume=True))
+
+    assert (summary.sent, summary.skipped) == (1, 0) and answering.sent == [day_b / "s1"]
+    assert [row["study_uid"] for row in client.read_report(out)] == [str((day_b / "s1").resolve())]
+    assert read_journal(journal_path(out)).rows[0]["study_uid"] == str((day_b / "s1").resolve())
+    assert "report.csv has no journal (report.csv.journal.jsonl)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"pathology": "yes"},
+        {"pathology": True},
+        {"pathology": 0.5},
+        {"probability_of_pathology": "0.25"},
+        {"time_of_processing": False},
+        {"study_uid": 123},
+        {"pathology_localization": 7},
+    ],
+    ids=str,
+)
+def test_a_value_of_the_wrong_type_costs_only_its_study(tmp_path, edit):
+    """A hand-edited journal line ("pathology": "yes") was taken, written into the report, and every
+    later run refused that report as not a triage report. It is a damaged line: its study is sent
+    again, and the report stays one that reads back."""
+    folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
+    _study(folder / "s1")
+    _study(folder / "s2")
+    journal = _journal(out, folder, [finished("s2")])
+    with open(journal, "ab") as stream:
+        stream.write(json.dumps({**finished("s1"), **edit}).encode() + b"\n")
+    read = read_journal(journal)
+    assert [row["path_to_study"] for row in read.rows] == ["s2"] and read.unreadable == 1
+
+    answering = _Answering()
+    summary = asyncio.run(client.build_report(folder, out, lambda: answering, resume=True))
+
+    assert (summary.sent, summary.skipped) == (1, 1) and answering.sent == [folder / "s1"]
+    assert [row["pathology"] for row in client.read_report(out)] == [1, 0]
+
+
+def test_the_reports_folder_removed_during_the_run_stops_it_and_is_not_made_again(tmp_path):
+    """A cleanup job deletes the report's folder mid-run: the run went on appending to a journal
+    no longer on disk, and re-created the folder holding only the report. It stops (exit 2 from
+    the command) before the next rewrite, and the folder stays gone."""
+    folder, out = tmp_path / "studies", tmp_path / "out" / "report.xlsx"
+    for name in ("s1", "s2", "s3"):
+        _study(folder / name)
+
+    def folder_removed(path: Path) -> None:
+        if path.name == "s2":
+            shutil.rmtree(out.parent)
+
+    with pytest.raises(client.ReportError, match=r"^report\.xlsx\.journal\.jsonl was removed or replaced during the run"):
+        asyncio.run(client.build_report(folder, out, lambda: _Answering(folder_removed), write_every_s=0))
+    assert not out.parent.exists()
+
+
+def test_a_read_only_journal_is_one_line_before_any_study(tmp_path):
+    """A journal of mode 0444 (a copy from read-only media): the rewrite at the start replaced it, and
+    the first append failed with Python's "[Errno 13] Permission denied: '...'". Root may write
+    anything, so as root the command runs without the capabilities that let it (as a user would)."""
+    folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
+    _study(folder / "s1")
+    journal = _journal(out, folder, [finished("s1")])  # nothing left to send: the server is not needed
+    journal.chmod(0o444)
+    before = journal.read_bytes()
+    as_a_user = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    report = [sys.executable, "-m", "client", "report", str(folder), "--out", str(out), "--resume", "--url", _closed_url()]
+    done = subprocess.run([*(as_a_user if os.geteuid() == 0 else []), *report], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "error: report.xlsx.journal.jsonl is read-only: make it writable (each finished study is appended to it), or choose another --out"
+    ]
+    assert journal.read_bytes() == before and not out.exists()
