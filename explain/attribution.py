@@ -2,7 +2,8 @@
 
 Methods, by cost for one study at S (F = one forward pass, B = one backward pass):
 - `gradcam` (default): Captum's LayerGradCam on the last residual layer (layer4), upsampled
-  trilinearly to S^3. The network below layer4 runs without an autograd graph (layer4's output is
+  linearly to S^3 with each cell on the input voxel it is centred on (`cam_on_input_voxels`).
+  The network below layer4 runs without an autograd graph (layer4's output is
   made the leaf Grad-CAM differentiates to), so it costs one forward pass plus a backward pass
   through the pooling and the FC layer, with an inference pass's memory. Resolution: layer4's grid,
   S/8 per axis.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
+from captum.attr import IntegratedGradients, LayerGradCam, Occlusion
 from torch import nn
 from torch.nn import functional as F
 
@@ -36,6 +37,7 @@ METHODS = ("gradcam", "integrated_gradients", "occlusion")
 PATHOLOGY = NAMES.labels.index("pathology")
 AIR = -1.0  # the model-range value of -1000 HU and below: the baseline IG and Occlusion replace voxels with
 MAX_STEPS = 256  # integrated_gradients: steps x (F + B) + F
+CAM_STRIDE = 8  # layer4's cells in input voxels (conv1, the max pool and layer2 each stride 2)
 MAX_OCCLUSION_PASSES = 16**3 + 1  # occlusion: (S / window)^3 + 1 F; the default window (16) at S=256
 
 
@@ -140,8 +142,7 @@ class Explainer:
             return logits
 
         cam = LayerGradCam(forward, self._gradcam_network.last_residual).attribute(x, target=PATHOLOGY, relu_attributions=True)
-        upsampled = LayerAttribution.interpolate(cam.detach(), (self.size,) * 3, interpolate_mode="trilinear")
-        return upsampled[0, 0], outputs[0]
+        return cam_on_input_voxels(cam.detach(), self.size)[0, 0], outputs[0]
 
     def _input_attribution(self, x: torch.Tensor) -> torch.Tensor:
         baseline = torch.full_like(x, AIR)
@@ -155,6 +156,17 @@ class Explainer:
                     x, sliding_window_shapes=window, strides=window, baselines=AIR, target=PATHOLOGY, perturbations_per_eval=1
                 )
         return attribution.detach()[0, 0].clamp_min(0)
+
+
+def cam_on_input_voxels(cam: torch.Tensor, size: int) -> torch.Tensor:
+    """layer4's [N, C, n, n, n] grid on the S^3 input: cell k sits on voxel CAM_STRIDE * k, where the
+    strides centre it (conv1 k7 s2 p3, the k3 s2 p1 max pool and layer2's stride 2 each centre output
+    i on input 2i; layer3 and layer4 are dilated, not strided), linear in between and the last cell's
+    value past it. A plain resize (align_corners=False, as Captum's `interpolate`) puts cell k on
+    8k + 3.5: the map and its box shifted half a cell towards the high end of every axis."""
+    span = CAM_STRIDE * (cam.shape[-1] - 1) + 1
+    inside = F.interpolate(cam, size=(span,) * 3, mode="trilinear", align_corners=True)
+    return F.pad(inside, (0, size - span) * 3, mode="replicate")
 
 
 def _normalised(attribution: torch.Tensor) -> np.ndarray:

@@ -4,10 +4,11 @@ that the decision depends only on a known region, and probabilities equal to the
 import numpy as np
 import pytest
 import torch
-from captum.attr import LayerAttribution, LayerGradCam
+from captum.attr import LayerGradCam
 
 from classifier import ResNet34Classifier, TorchClassifier
 from explain import Explainer, ExplainError, most_attributed_region
+from explain.attribution import cam_on_input_voxels
 
 SIZE = 64
 REGION = (slice(16, 32), slice(32, 48), slice(8, 24))  # D, H, W of the bright cube at SIZE
@@ -67,6 +68,17 @@ def test_attribution_concentrates_on_the_region_the_decision_depends_on(region_c
     assert explanation.probabilities[0, 1] > 0.5  # the region speaks for pathology
 
 
+def test_the_gradcam_map_is_centred_on_the_region_not_half_a_cell_past_it(region_classifier):
+    """Layer4's cell k is centred on input voxel 8k: a cube centred on such a voxel is seen
+    symmetrically by the network, so its map is centred there too (a plain resize put every cell
+    3.5 voxels further along each axis)."""
+    volume = np.full((1, 1, SIZE, SIZE, SIZE), -1.0, np.float32)
+    volume[0, 0, 20:29, 36:45, 12:21] = 1.0  # 9 voxels centred on 24, 40 and 16: cells 3, 5 and 2
+    attribution = Explainer(region_classifier, size=SIZE)(volume).attribution.astype(np.float64)
+    centre = [float((grid * attribution).sum() / attribution.sum()) for grid in np.indices(attribution.shape)]
+    assert np.allclose(centre, [24, 40, 16], atol=0.25), centre
+
+
 def test_nothing_attributed_when_nothing_speaks_for_pathology(region_classifier):
     explanation = Explainer(region_classifier, size=SIZE)(_volume(bright=False))
     assert not explanation.attribution.any()
@@ -83,7 +95,7 @@ def test_probabilities_equal_the_classifiers_and_gradcam_equals_captums_on_the_w
     np.testing.assert_allclose(explanation.probabilities, engine(torch.from_numpy(volume)).numpy(), atol=1e-6)
     plain = ResNet34Classifier.from_state_dict({k: v.clone() for k, v in demo_weights.state_dict.items()})
     cam = LayerGradCam(plain, plain.layer4).attribute(torch.from_numpy(volume), target=1, relu_attributions=True)
-    expected = LayerAttribution.interpolate(cam.detach(), (size,) * 3, interpolate_mode="trilinear")[0, 0].numpy()
+    expected = cam_on_input_voxels(cam.detach(), size)[0, 0].numpy()
     assert expected.max() > 0
     np.testing.assert_allclose(explanation.attribution.astype(np.float32), expected / expected.max(), atol=2e-3)
 
