@@ -66,6 +66,7 @@ _WIRE_LIMITS = dataclasses.replace(
 # Only these mean "try again later": the server is restarting, overloaded or not reachable yet.
 # INVALID_ARG (a bad study, HTTP 400) and INTERNAL are answers, and resending cannot change them.
 _TRANSIENT_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "503", "502", "504"})
+_QUEUE_TIMEOUT = "Request timeout expired"  # Triton's UNAVAILABLE (503) for a request its timeout ended in a queue
 # While a model is unloading or reloading (server stopping, repository update) Triton answers
 # NOT_FOUND "... has no available versions"; a wrong model name ("... is not found") is permanent.
 _RELOADING_STATUSES = frozenset({"StatusCode.NOT_FOUND", "404"})
@@ -230,6 +231,8 @@ def _is_transient(error: BaseException) -> bool:
     if certificate_problem(error) is not None or speaks_no_tls(error):
         return False  # gRPC reports them as UNAVAILABLE, the ssl module as an OSError: neither passes with time
     if isinstance(error, InferenceServerException):
+        if _QUEUE_TIMEOUT in (error.message() or ""):
+            return False  # the study waited its whole deadline (the request's timeout) in a queue: do not multiply it
         reloading = error.status() in _RELOADING_STATUSES and _RELOADING_MESSAGE in (error.message() or "")
         return error.status() in _TRANSIENT_STATUSES or reloading
     if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
@@ -312,7 +315,10 @@ class _Base:
         }
         if series_uid is not None:
             kwargs["parameters"] = {NAMES.series_parameter: series_uid}
-        return kwargs | self._deadline()
+        # the deadline is also Triton's per-request timeout (microseconds; the models' queue policies
+        # allow the override): a study still queued when its caller has given up is dropped, not run
+        # for no one (an explanation holds its instance for seconds to minutes)
+        return kwargs | self._deadline() | {"timeout": int(self.timeout_s * 1e6)}
 
     def _deadline(self) -> dict[str, Any]:
         """gRPC's per-call deadline (HTTP: set on the connection instead). It bounds the health checks

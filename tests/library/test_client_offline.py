@@ -394,6 +394,9 @@ def test_only_unavailability_is_transient():
     assert not _is_transient(InferenceServerException("no CT series", status="400"))
     assert not _is_transient(InferenceServerException("stub crashed", status="StatusCode.INTERNAL"))
     assert not _is_transient(TimeoutError("timed out"))
+    # the study's deadline, which the client also sends as its request timeout, ended in a queue (as measured)
+    assert not _is_transient(InferenceServerException("in ensemble 'ct_triage', Request timeout expired", status="503"))
+    assert not _is_transient(InferenceServerException("Request timeout expired", status="StatusCode.UNAVAILABLE"))
 
 
 def test_byte_budget_bounds_bytes_in_flight():

@@ -380,3 +380,26 @@ def test_shared_memory_benchmark_measures_every_protocol_and_transport(triton_se
         ("http", "shared memory"),
     ]
     assert all(row["status"] == "Success" and row["min_s"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_study_whose_deadline_passes_in_the_queue_is_dropped_by_the_server(triton_server, protocol):
+    """The client's deadline is also Triton's per-request timeout: studies still queued when their
+    caller gave up are not preprocessed for no one (without it all 8 ran after their callers left)."""
+    payload = phantom.study_files(form="series", slices=96, rows=192, columns=192, transfer_syntax="jpeg2000")  # ~0.5 s each
+
+    def preprocessed() -> int:  # studies ct_preprocess ran (a request its queue rejected counts as a failure, not run)
+        with client.TriageClient(triton_server.http_url, "http") as triage:
+            return int(triage.triton.get_inference_statistics(NAMES.preprocess)["model_stats"][0]["execution_count"])
+
+    before = preprocessed()
+
+    async def send_together() -> list[client.TriageResult]:
+        url = triton_server.grpc_url if protocol == "grpc" else triton_server.http_url
+        async with client.AsyncTriageClient(url, protocol, timeout_s=0.3, retry=client.RetryPolicy(attempts=1)) as triage:
+            return await asyncio.gather(*(triage.classify(payload) for _ in range(8)))
+
+    results = asyncio.run(send_together())
+    assert all(result.processing_status == "Failure" for result in results), [r.error for r in results]
+    time.sleep(3)  # what the server would still run for them has run by now
+    assert preprocessed() - before < 8  # 2 here: those the 2 instances had started
