@@ -361,7 +361,11 @@ class TritonServer:
                 f"{self.repository}: {NAMES.classifier} was never exported (no 1/provenance.json); "
                 "run `python -m export --checkpoint CKPT` (or --demo-weights) on it first"
             )
-        busy = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if port_in_use(p)]
+        self._check_one_export()
+        ports = (self.http_port, self.grpc_port, self.metrics_port)
+        if len(set(ports)) < len(ports):  # Triton would say so only after its whole usage text
+            raise ServerError(f"the HTTP, gRPC and metrics ports must differ, not {', '.join(map(str, ports))}")
+        busy = [p for p in ports if port_in_use(p)]
         if busy:
             raise ServerError(f"port(s) {busy} already in use")
         self._stopping.clear()
@@ -386,6 +390,21 @@ class TritonServer:
             self._watchdog = threading.Thread(target=self._watch, name="triton-watchdog", daemon=True)
             self._watchdog.start()
         return self
+
+    def _check_one_export(self) -> None:
+        """Export writes one provenance.json into each model that serves the weights: copies that
+        differ come from different exports (a partial rsync, one folder rolled back), and an answer
+        would name one model while another computed it (or ct_explain explain another network)."""
+        copies = {
+            model: path.read_bytes()
+            for model in (NAMES.classifier, NAMES.postprocess, NAMES.explain)
+            if (path := self.repository / model / "1" / "provenance.json").is_file()
+        }
+        if len(set(copies.values())) > 1:
+            raise ServerError(
+                f"{self.repository}: the provenance.json of {', '.join(copies)} differ, so they come from different "
+                "exports: run `python -m export` on the repository again"
+            )
 
     def _launch(self) -> None:
         _check_log_file(self._log_file)  # one line, not a traceback; a restart makes a removed folder again

@@ -163,6 +163,26 @@ def test_a_repository_that_was_never_exported_says_so(triton_repository, tmp_pat
         TritonServer(broken, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port).start()
 
 
+def test_models_of_different_exports_are_refused_before_triton_starts(triton_repository, tmp_path):
+    """ct_postprocess names the model in every answer from its provenance.json: a copy from another
+    export (a partial rsync, one folder rolled back) would name a model that did not compute it."""
+    mixed = tmp_path / "repository"
+    for model in (NAMES.classifier, NAMES.postprocess):
+        (mixed / model / "1").mkdir(parents=True)
+        shutil.copy(triton_repository / model / "config.pbtxt", mixed / model)
+        shutil.copy(triton_repository / model / "1" / "provenance.json", mixed / model / "1")
+    provenance = mixed / NAMES.postprocess / "1" / "provenance.json"
+    provenance.write_text(provenance.read_text().replace("demo", "another checkpoint", 1))
+    with pytest.raises(ServerError, match=f"the provenance.json of {NAMES.classifier}, {NAMES.postprocess} differ"):
+        TritonServer(mixed).start()
+
+
+def test_one_port_for_two_endpoints_is_refused_before_triton_starts(triton_repository):
+    http_port, metrics_port = free_ports(2)
+    with pytest.raises(ServerError, match=f"ports must differ, not {http_port}, {http_port}, {metrics_port}"):
+        TritonServer(triton_repository, http_port=http_port, grpc_port=http_port, metrics_port=metrics_port).start()
+
+
 def test_a_model_to_load_that_the_repository_lacks_is_named_before_triton_starts(triton_repository):
     with pytest.raises(ServerError, match=f"{re.escape(str(triton_repository))} holds no model ct_triage_v2 to load"):
         TritonServer(triton_repository, models=[NAMES.triage, "ct_triage_v2"]).start()
