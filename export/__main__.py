@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from contract import ContractError
@@ -24,6 +25,16 @@ RENDERING = (
 )
 
 
+class Terminated(BaseException):
+    """SIGTERM (docker stop, a Kubernetes Job's deadline, timeout) raised where the export is, as Ctrl-C raises
+    KeyboardInterrupt, so that it cleans up the same way (its default action ends the process, staging folders left);
+    a BaseException, which `except Exception` lets by."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export",
@@ -36,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", required=True, choices=TARGETS)
     parser.add_argument("--out", help=f"render a copy here (new, empty, or an earlier copy) instead of exporting into {COMMITTED.name}/")
     parser.add_argument("--artifacts", help="where what Triton does not serve goes (default: <repository>.artifacts beside it)")
-    parser.add_argument("--parity-size", type=int, default=None, help="size of the parity check volumes (default min(S, 64))")
+    parser.add_argument("--parity-size", type=int, default=None, help="size of the parity check volumes (default min(S, 64); at most S)")
     rendering = parser.add_argument_group("serving options of a rendered copy (--out; defaults from settings)")
     rendering.add_argument("--size", type=int, help="model input S (S^3 volume)")
     rendering.add_argument("--max-batch-size", type=int)
@@ -65,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             f"the committed repository's configs set them in {COMMITTED.name}/"
         )
     logging.basicConfig(level=logging.WARNING, format="WARNING: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = write_repository(
             args.out,
@@ -85,9 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ContractError) as error:
         print(f"export: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("export: interrupted (an output folder is replaced only once its export is complete)", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as stopped:
+        terminated = isinstance(stopped, Terminated)
+        print(
+            f"export: {'terminated' if terminated else 'interrupted'} (an output folder is replaced only once its export is complete)",
+            file=sys.stderr,
+        )
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(result.parity.to_dict(), indent=2))
     print(result.parity.summary())
     print(f"weights: {result.provenance['checkpoint']}; timings (s): {json.dumps(result.timings_s)}")

@@ -13,6 +13,7 @@ import functools
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ CHECKPOINT_SIZE_FACTOR = 8
 # The dtypes weights may be stored in: each converts to the network's float32, checked after.
 _WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _COUNTER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # BatchNorm's num_batches_tracked
+_READABLE_PROTOCOLS = (2, 3)  # the pickle protocols weights-only loading reads (torch.save's default is 2)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,20 @@ def _check_archive(path: Path) -> None:
         )
 
 
+def _pickle_protocol(path: Path) -> int | None:
+    """The protocol the checkpoint's pickle declares (its first opcode, PROTO), read without unpickling;
+    None where it declares none (protocols 0 and 1) or holds no pickle."""
+    with path.open("rb") as handle:
+        if handle.read(4) == b"PK\x03\x04":
+            with zipfile.ZipFile(handle) as archive:
+                pickles = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+                head = archive.open(pickles[0]).read(2) if pickles else b""
+        else:
+            handle.seek(0)
+            head = handle.read(2)
+    return head[1] if len(head) == 2 and head[:1] == pickle.PROTO else None
+
+
 def _read(path: Path) -> object:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -112,11 +128,18 @@ def _read(path: Path) -> object:
         raise CheckpointError(f"checkpoint is not a file: {path}")
     _check_archive(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of any protocol but 2: 3 loads, 4 and 5 are refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "Unsupported operand" in str(error) and (protocol := _pickle_protocol(path)) not in (None, *_READABLE_PROTOCOLS):
+            raise CheckpointError(
+                f"{path.name} was saved with pickle protocol {protocol}, which weights-only loading cannot read: "
+                "save it again with torch.save's default protocol: torch.save(state_dict, path)"
+            ) from None
         if "Unsupported operand" in str(error) or "Weights only load failed" not in str(error):
             raise CheckpointError(f"{path.name} is not a PyTorch checkpoint (not a valid pickle stream)") from None
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))  # "Unsupported global: GLOBAL x.y", "unsupported GLOBAL x.y whose module"
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
             f"checkpoint {path.name} holds pickled Python objects{what}, refused by weights-only loading; "

@@ -19,10 +19,13 @@ TensorRT plan was built from) goes to the artifacts folder beside the repository
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -280,6 +283,8 @@ def config_text(config: model_config_pb2.ModelConfig, source: str) -> str:
 def _check_folder(folder: Path, kind: str) -> None:
     """An output folder export may replace: absent, empty, or an earlier export's of the same kind
     ("repository" or "artifacts"), whose parent takes new folders. Checked before any work."""
+    if os.path.ismount(folder):  # whatever it holds: it cannot be renamed or removed, only written into
+        raise OutputFolderError(f"output folder {folder} is a mount point, which export cannot replace: export into a folder inside it")
     if folder.exists() and not folder.is_dir():
         raise OutputFolderError(f"output {folder} exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()):
@@ -328,23 +333,59 @@ def _staging(folder: Path, created: list[Path]) -> Path:
     return staging
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block is done, then act as they would have: cut short, swapping
+    the outputs in left no repository (between two renames), and cleaning up left folders behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers run in the main thread only: they never interrupt this one
+        return
+    caught: list[int] = []
+    previous = {number: signal.signal(number, lambda received, _: caught.append(received)) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def _install(staging: Path, folder: Path, kind: str) -> None:
     """Move a finished folder into place; an older export there is replaced only at the end."""
     _check_folder(folder, kind)  # again: someone may have filled it meanwhile
-    if folder.is_dir() and any(folder.iterdir()):
-        retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        folder.rename(retired / folder.name)
-        try:
+    try:
+        if folder.is_dir() and any(folder.iterdir()):
+            retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            try:
+                folder.rename(retired / folder.name)
+                staging.rename(folder)
+            except OSError:  # the earlier export goes back
+                if not folder.exists():
+                    (retired / folder.name).rename(folder)
+                retired.rmdir()
+                raise
+            shutil.rmtree(retired)
+        else:
+            if folder.is_dir():
+                folder.rmdir()  # empty: nothing of the user's is lost
             staging.rename(folder)
-        except BaseException:  # Ctrl-C between the two renames: the earlier export goes back
-            (retired / folder.name).rename(folder)
-            retired.rmdir()
+    except OSError as error:
+        raise OutputFolderError(f"cannot put the {kind} in place at {folder}: {error.strerror or error}") from None
+
+
+def _parity(check, *args, size: int, **kwargs) -> parity.ParityReport:
+    """check(*args, size=size, ...); running out of memory (a large parity size) is one line."""
+    try:
+        return check(*args, size=size, **kwargs)
+    except Exception as error:  # torch and OpenVINO raise RuntimeError, ONNX Runtime its own type, numpy MemoryError
+        if not isinstance(error, MemoryError) and "alloc" not in str(error).lower():
             raise
-        shutil.rmtree(retired)
-    else:
-        if folder.is_dir():
-            folder.rmdir()  # empty: nothing of the user's is lost
-        staging.rename(folder)
+        text = str(error).strip()
+        raise ExportError(
+            f"the parity check at {size}^3 ran out of memory ({text.splitlines()[0] if text else type(error).__name__}): "
+            "choose a smaller --parity-size"
+        ) from None
 
 
 def _python_model(config: model_config_pb2.ModelConfig) -> str | None:
@@ -414,9 +455,9 @@ def write_repository(
             f"{', '.join(sorted(given))}: the committed repository's configs set these; edit them there, "
             "or render a copy with other values into another folder (--out)"
         )
-    artifacts = Path(artifacts_dir).resolve() if artifacts_dir is not None else repository.with_name(repository.name + ARTIFACTS_SUFFIX)
     if not in_place:
-        _check_outside(repository, source, "output folder")
+        _check_outside(repository, source, "output folder")  # first: "/" has no name to put the artifacts beside
+    artifacts = Path(artifacts_dir).resolve() if artifacts_dir is not None else repository.with_name(repository.name + ARTIFACTS_SUFFIX)
     _check_outside(artifacts, source, "artifacts folder")
     if in_place:
         configs = target_configs(target, source)
@@ -425,6 +466,8 @@ def write_repository(
         options = replace(ServingOptions(), **given).validated()
         configs = render_configs(target, options, source)
     parity_size = validate_size(min(options.size, parity.MAX_PARITY_SIZE) if parity_size is None else parity_size, "parity size")
+    if parity_size > options.size:
+        raise ExportError(f"parity size {parity_size} is larger than the served size S={options.size}: choose at most {options.size}")
     if (checkpoint is None) == (not demo_weights):
         raise ExportError("give exactly one of a checkpoint or demo weights")
     if artifacts == repository or artifacts in repository.parents or repository in artifacts.parents:
@@ -451,6 +494,7 @@ def write_repository(
 
     created: list[Path] = []  # parent folders export made: a failed export leaves none of them
     staged: list[Path] = []
+    placed: list[tuple[Path, Path]] = []  # (temporary, destination) of the files an export in place renames
     try:
         kept = _staging(artifacts, created)
         staged.append(kept)
@@ -458,8 +502,8 @@ def write_repository(
         engine: dict[str, str] = {}  # what runs the served files, where the format does not say it
         if target == TORCH_TARGET:  # the served engine itself, on the GPU when this machine has one
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            report = parity.check_torch_parity(
-                classifier, device=device, precision=precision, size=parity_size, threshold=options.threshold
+            report = _parity(
+                parity.check_torch_parity, classifier, device=device, precision=precision, size=parity_size, threshold=options.threshold
             )
             mark = lap("parity", mark)
         else:
@@ -473,14 +517,19 @@ def write_repository(
                 convert(graph, kept / IR_FILES[0])
                 engine = {"engine": f"openvino {openvino_version()}"}
                 mark = lap("openvino_ir", mark)
-                report = parity.check_openvino_parity(
-                    classifier, kept / IR_FILES[0], size=parity_size, threshold=options.threshold, precision=precision
+                report = _parity(
+                    parity.check_openvino_parity,
+                    classifier,
+                    kept / IR_FILES[0],
+                    size=parity_size,
+                    threshold=options.threshold,
+                    precision=precision,
                 )
             else:
                 clamped = onnx_graph.convert_fp16(graph, kept / FP16_FILE)
                 mark = lap("onnx_fp16", mark)
                 graphs.append(onnx_graph.check_graph(kept / FP16_FILE, clamped))
-                report = parity.check_parity(classifier, graph, kept / FP16_FILE, size=parity_size, threshold=options.threshold)
+                report = _parity(parity.check_parity, classifier, graph, kept / FP16_FILE, size=parity_size, threshold=options.threshold)
             report.graphs = [vars(checked) for checked in graphs]
             mark = lap("parity", mark)
         (kept / PARITY_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -520,7 +569,7 @@ def write_repository(
             served_files[Path(NAMES.explain, "1", WEIGHTS_FILE)] = kept / WEIGHTS_FILE
             served_files[Path(NAMES.explain, "1", PROVENANCE_FILE)] = kept / PROVENANCE_FILE
         if in_place:
-            _install_in_place(source, served_files, target)
+            _place_in_place(source, served_files, placed)
         else:
             rendered = _staging(repository, created)
             staged.append(rendered)
@@ -534,39 +583,45 @@ def write_repository(
                 (rendered / relative).parent.mkdir(parents=True, exist_ok=True)  # a version folder may hold no model.py
                 shutil.copy2(source, rendered / relative)
             (rendered / MARKER).write_text(_marker("repository", **provenance))
-            _install(rendered, repository, "repository")
         for path in served:
             path.unlink()  # now in the repository: the artifacts keep only what Triton does not load
-        _install(kept, artifacts, "artifacts")
+        with _signals_held():  # both outputs go in before an interrupt acts
+            if in_place:
+                _replace_in_place(source, placed, target)
+            else:
+                _install(rendered, repository, "repository")
+            _install(kept, artifacts, "artifacts")
     except BaseException:
-        for folder in staged:
-            shutil.rmtree(folder, ignore_errors=True)
-        for folder in sorted(created, key=lambda path: len(path.parts), reverse=True):  # the deepest first
-            try:
-                folder.rmdir()  # only if empty: never what someone else put there meanwhile
-            except OSError:
-                pass
+        with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the clean-up short
+            for folder in staged:
+                shutil.rmtree(folder, ignore_errors=True)
+            for temporary, _ in placed:
+                temporary.unlink(missing_ok=True)
+            for folder in sorted(created, key=lambda path: len(path.parts), reverse=True):  # the deepest first
+                try:
+                    folder.rmdir()  # only if empty: never what someone else put there meanwhile
+                except OSError:
+                    pass
         raise
     lap("total", started)
     return ExportResult(repository, artifacts, target, options, provenance, report, timings, in_place)
 
 
-def _install_in_place(repository: Path, files: dict[Path, Path], target: str) -> None:
-    """Copy each served file into the repository under a temporary name, then rename it over the
-    old one; the other target's graph goes, so version 1 holds exactly what is served."""
-    placed = []
-    try:
-        for relative, source in files.items():
-            destination = repository / relative
-            handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
-            os.close(handle)
-            shutil.copyfile(source, temporary)
-            os.chmod(temporary, 0o644)
-            placed.append((Path(temporary), destination))
-    except BaseException:
-        for temporary, _ in placed:
-            temporary.unlink(missing_ok=True)
-        raise
+def _place_in_place(repository: Path, files: dict[Path, Path], placed: list[tuple[Path, Path]]) -> None:
+    """Copy each served file into the repository under a temporary name beside the old one, each
+    added to `placed` as soon as it exists (so a failed export removes it)."""
+    for relative, source in files.items():
+        destination = repository / relative
+        handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+        os.close(handle)
+        placed.append((Path(temporary), destination))
+        shutil.copyfile(source, temporary)
+        os.chmod(temporary, 0o644)
+
+
+def _replace_in_place(repository: Path, placed: list[tuple[Path, Path]], target: str) -> None:
+    """Rename each placed file over the old one; the other target's graph goes, so version 1 holds
+    exactly what is served."""
     for temporary, destination in placed:
         os.replace(temporary, destination)
     for name in GENERATED - {*SERVED_FILES[target], PROVENANCE_FILE}:

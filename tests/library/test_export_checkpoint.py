@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import struct
 import zipfile
 
@@ -124,6 +125,35 @@ def test_pickle_with_arbitrary_objects_is_refused(tmp_path, trained):
     path = _save(tmp_path, {"state_dict": trained, "hparams": argparse.Namespace(lr=1e-3)})
     with pytest.raises(CheckpointError, match=r"pickled Python objects \(argparse.Namespace\)"):
         load_checkpoint(path)
+
+
+def test_a_blocked_function_is_named_and_never_run(tmp_path):
+    """torch words a global of a blocked module (os, subprocess, ...) otherwise than other globals."""
+    ran = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {ran}",)
+
+    path = _save(tmp_path, {"fc.bias": Payload()})
+    with pytest.raises(CheckpointError, match=rf"pickled Python objects \({os.system.__module__}\.system\)"):
+        load_checkpoint(path)
+    assert not ran.exists()
+
+
+def test_pickle_protocols_weights_only_loading_cannot_read_are_named_without_torch_warnings(tmp_path, trained, recwarn):
+    """torch.save(..., pickle_protocol=4), a common choice for large files: weights-only loading reads
+    protocols 2 (torch.save's default) and 3 only, and warns of every protocol but 2."""
+    path = tmp_path / "p3.pth"
+    torch.save(trained, path, pickle_protocol=3)
+    assert load_checkpoint(path).checkpoint_format == "state_dict"
+    path = tmp_path / "p4.pth"
+    torch.save(trained, path, pickle_protocol=4)
+    with pytest.raises(
+        CheckpointError, match=r"^p4.pth was saved with pickle protocol 4, which weights-only loading cannot read: save it again"
+    ):
+        load_checkpoint(path)
+    assert not [warning for warning in recwarn if "pickle protocol" in str(warning.message)]
 
 
 def test_whole_model_pickle_is_refused(tmp_path):

@@ -3,8 +3,12 @@ which then serves as it is; provenance, parity, the artifacts Triton does not lo
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -13,9 +17,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import TEST_SIZE, discard, run_module
+from helpers import ROOT, TEST_SIZE, discard, run_module
 
 import export
+from export.__main__ import main as export_main
 from serve import start_on_free_ports
 from settings import NAMES
 
@@ -156,3 +161,137 @@ def test_export_into_the_committed_repository_serves_it_as_it_is(tmp_path):
         assert config["backend"] == "python" and config["input"][0]["dims"] == [1, 256, 256, 256]
     finally:
         discard(server)
+
+
+def _without_the_network(monkeypatch) -> None:
+    """Export's steps around the network without it (empty weights), for the torch-gpu target, which
+    converts no graph: what happens to the output folders, in a fraction of a second."""
+    monkeypatch.setattr(export.repository, "make_demo_weights", lambda: export.Weights({}, export.DEMO_PROVENANCE, "demo", False))
+    monkeypatch.setattr(export.repository, "build_classifier", lambda weights: None)
+
+
+def _passing_parity(classifier, *, size, threshold, **_) -> export.ParityReport:
+    return export.ParityReport(size, threshold, [], {}, {}, 1, 0.0)
+
+
+def _no_work():
+    raise AssertionError("the export began")
+
+
+# python -c: _without_the_network and _passing_parity, then SIGTERM to itself while working
+# (in the parity check) or swapping (right after the earlier export was renamed aside)
+TERMINATED = """
+import os, signal, sys
+from pathlib import Path
+import export
+from export.__main__ import main
+
+stage, out = sys.argv[1], Path(sys.argv[2]).resolve()
+export.repository.make_demo_weights = lambda: export.Weights({}, export.DEMO_PROVENANCE, "demo", False)
+export.repository.build_classifier = lambda weights: None
+
+def passing(classifier, *, size, threshold, **options):
+    if stage == "working":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return export.ParityReport(size, threshold, [], {}, {}, 1, 0.0)
+
+rename = Path.rename
+
+def rename_then_terminate(self, target):
+    moved = rename(self, target)
+    if stage == "swapping" and self == out:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return moved
+
+export.parity.check_torch_parity = passing
+Path.rename = rename_then_terminate
+sys.exit(main(["--demo-weights", "--target", "torch-gpu", "--size", "16", "--out", str(out)]))
+"""
+
+
+@pytest.mark.parametrize("stage", ["working", "swapping"])
+def test_sigterm_ends_an_export_as_ctrl_c_does(tmp_path, stage):
+    """docker stop, a Kubernetes Job's deadline and timeout send SIGTERM: one line, exit 143, no staging
+    folder left, and a complete repository in place (the earlier one, or the new one once the swap began:
+    the signal waits for it; it used to kill the export with the earlier repository renamed aside)."""
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / export.MARKER).write_text(json.dumps({"written_by": "python -m export", "kind": "repository"}))
+    (out / "served.txt").write_text("the earlier export")
+    result = subprocess.run([sys.executable, "-c", TERMINATED, stage, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (
+        143,
+        "export: terminated (an output folder is replaced only once its export is complete)\n",
+    )
+    if stage == "working":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"] and (out / "served.txt").read_text() == "the earlier export"
+    else:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "repo.artifacts"] and not (out / "served.txt").exists()
+        assert json.loads((out / NAMES.classifier / "1" / "provenance.json").read_text())["target"] == "torch-gpu"
+
+
+def test_a_mount_point_as_output_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """`docker run -v host:/models ... --out /models`: a mount point can be neither renamed nor removed, which
+    export found out after all its work (a traceback). /proc, a mount point on every Linux, stands for one;
+    / is one too, and had no name to put the artifacts beside (a traceback)."""
+    assert os.path.ismount("/proc")
+    monkeypatch.setattr(export.repository, "make_demo_weights", _no_work)
+    mount_point = "output folder /proc is a mount point, which export cannot replace: export into a folder inside it"
+    cases = [
+        (["--out", "/proc"], mount_point),
+        (["--out", str(tmp_path / "repo"), "--artifacts", "/proc"], mount_point),
+        (["--out", "/"], f"the output folder / holds the source repository {export.COMMITTED}: choose a folder outside it"),
+    ]
+    for options, message in cases:
+        assert export_main(["--demo-weights", "--target", "cpu", "--size", "16", *options]) == 2
+        assert capsys.readouterr().err == f"export: error: {message}\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_the_system_will_not_replace_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """An OSError while putting an output in place (EBUSY: what an empty mount point gave before it was
+    refused up front) is one line, exit 2, with nothing left behind."""
+    _without_the_network(monkeypatch)
+    monkeypatch.setattr(export.parity, "check_torch_parity", _passing_parity)
+    out = tmp_path / "repo"
+    out.mkdir()
+    rmdir = os.rmdir
+
+    def busy(path, *args, **kwargs):
+        if Path(path) == out:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(path))
+        return rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", busy)
+    assert export_main(["--demo-weights", "--target", "torch-gpu", "--size", "16", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"export: error: cannot put the repository in place at {out}: Device or resource busy\n"
+    assert [p.name for p in tmp_path.rglob("*")] == ["repo"]
+
+
+def test_a_parity_size_above_s_is_refused_before_any_work(tmp_path, monkeypatch):
+    """`--size 32 --parity-size 256` ran minutes to 9 GB; 512 asked for 30 GB: the check is of the served size."""
+    monkeypatch.setattr(export.repository, "make_demo_weights", _no_work)
+    with pytest.raises(export.ExportError, match=r"^parity size 32 is larger than the served size S=16: choose at most 16$"):
+        export.write_repository(tmp_path / "repo", target="cpu", size=16, parity_size=32, demo_weights=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_running_out_of_memory_in_the_parity_check_is_one_line(tmp_path, capsys, monkeypatch):
+    """--size 512 --parity-size 512 asks torch for 30 GB: its allocator's error (as seen on a 12 GB limit),
+    one line and exit 2, with nothing left behind."""
+    _without_the_network(monkeypatch)
+    refused = (
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 30064771072 bytes. Error code 12 (Cannot allocate memory)"
+    )
+
+    def out_of_memory(classifier, inputs):
+        raise RuntimeError(refused)
+
+    monkeypatch.setattr(export.parity, "reference_probabilities", out_of_memory)
+    assert export_main(["--demo-weights", "--target", "torch-gpu", "--size", "16", "--out", str(tmp_path / "repo")]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"export: error: the parity check at 16^3 ran out of memory ({refused}): choose a smaller --parity-size\n"
+    )
+    assert not list(tmp_path.iterdir())
