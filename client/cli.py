@@ -201,8 +201,6 @@ def _set_threshold(args: argparse.Namespace) -> int:
         raise
     except KeyInClearError as error:
         raise UsageError(str(error)) from None
-    except (HTTPException, ValueError):  # an answer that is not HTTP (the gRPC port) or not JSON (the metrics port)
-        raise ServerUnavailable(f"the server at {args.url} did not answer as Triton's HTTP API: is that its HTTP port?") from None
     except OSError as error:  # refused connection, DNS, timeout, a certificate that does not verify
         problem = certificate_problem(error)
         if problem is not None:
@@ -212,6 +210,9 @@ def _set_threshold(args: argparse.Namespace) -> int:
         raise ServerUnavailable(f"the server at {args.url} is not reachable ({type(error).__name__})") from None
     except InferenceServerException as error:  # e.g. a server not started in explicit model-control mode
         raise ServerUnavailable(f"the server at {args.url} refused the new threshold: {error.message()}") from None
+    except (HTTPException, ValueError):  # after OSError (a failed verification is a ValueError too): an answer
+        # that is not HTTP (the gRPC port) or not JSON (the metrics port)
+        raise ServerUnavailable(f"the server at {args.url} did not answer as Triton's HTTP API: is that its HTTP port?") from None
     in_force = float(config["parameters"]["threshold"]["string_value"])
     print(json.dumps({"model": NAMES.postprocess, "threshold": in_force}))
     return 0
