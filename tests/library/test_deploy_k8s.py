@@ -374,7 +374,7 @@ def test_probes_ask_triton_for_readiness_and_liveness_on_the_http_port():
         return get["path"], named_ports.get(get["port"], get["port"])
 
     assert probed("startupProbe") == ("/v2/health/ready", SERVING.http_port)
-    assert probed("readinessProbe") == ("/v2/health/ready", SERVING.http_port)
+    assert probed("readinessProbe") == (f"/v2/models/{NAMES.triage}/ready", SERVING.http_port)  # tests/server/test_serving.py says why
     assert probed("livenessProbe") == ("/v2/health/live", SERVING.http_port)
     startup = server["startupProbe"]
     # generous: at least the bundled launcher's start-up allowance for loading and warming up the models

@@ -256,7 +256,10 @@ def test_a_request_never_waits_in_a_queue_beyond_its_timeout(triton_server, good
 
 def test_operating_point_changes_without_re_export(private_server, good_payload):
     """On a server of its own: a threshold left changed would skew every later answer. The threshold
-    gauge follows each reload of ct_postprocess, and its counters go on across them."""
+    gauge follows each reload of ct_postprocess, and its counters go on across them. Last, the model
+    control API unloads ct_triage (as a config override that no longer fits it does): Triton's
+    strict readiness counts loaded models only, so /v2/health/ready still says 200 while every study
+    is refused, which is why the Kubernetes readiness probe asks for ct_triage itself."""
     first = triage(private_server, "http", good_payload)
     probability = first["probability"]
     assert 0.0 < probability < 1.0
@@ -274,6 +277,16 @@ def test_operating_point_changes_without_re_export(private_server, good_payload)
     decided = {label: metrics[(METRICS.decisions, (("decision", label),))] for label in NAMES.labels}
     assert decided == {"normal": 1 + (first["pathology"] == 0), "pathology": 1 + (first["pathology"] == 1)}
     assert metrics[(f"{METRICS.probability}_count", ())] == 3
+
+    def status(path: str, data: bytes | None = None) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{private_server.http_url}{path}", data=data, timeout=30) as answer:
+                return answer.status
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert status(f"/v2/repository/models/{NAMES.triage}/unload", data=b"{}") == 200
+    assert status("/v2/health/ready") == 200 and status(f"/v2/models/{NAMES.triage}/ready") == 400
 
 
 def test_the_metrics_count_answers_by_decision_and_refusals_by_reason(triton_server, good_payload):
@@ -302,6 +315,9 @@ def test_the_metrics_count_answers_by_decision_and_refusals_by_reason(triton_ser
     assert {reason: added(METRICS.refused, reason=reason) for reason in reasons if added(METRICS.refused, reason=reason)} == {
         "NotDicomError": 1
     }
+    # Triton's own counter adds 2 for the one refused study: the alert rule and the panel halve it (deploy/)
+    failed = [key for key in after if key[0] == "nv_inference_request_failure" and ("model", NAMES.triage) in key[1]]
+    assert sum(after[key] - before[key] for key in failed) == 2
     text = urllib.request.urlopen(triton_server.metrics_url, timeout=10).read().decode()
     assert not [value for value in phantom.FAKE_PHI.values() if value in text or value.replace("^", " ") in text]
 
