@@ -10,7 +10,8 @@ The fake patient name/ID/birth date exist so tests can check that they never lea
 CLI, a study to try the service with (`python -m client classify OUT`, `python -m preprocess OUT`):
     python -m preprocess.phantom OUT [--form zip|series|multiframe] [--slices N] [--rows N] [--columns N] [--seed N]
 writes OUT (a .zip, a folder of .dcm files, or one multi-frame .dcm) and prints its path; a bad
-command line or an OUT that cannot be written exits with status 2 and one line.
+command line (slices x rows x columns over INPUT_LIMITS.max_voxels included: `voxels_problem`) or an
+OUT that cannot be written exits with status 2 and one line.
 """
 
 from __future__ import annotations
@@ -415,6 +416,15 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def voxels_problem(slices: int, rows: int, columns: int) -> str | None:
+    """Why a phantom of this size is not made: over INPUT_LIMITS.max_voxels, preprocess would refuse it,
+    and its volume is allocated whole (int16) before it is encoded. For command lines that make phantoms."""
+    voxels = slices * rows * columns
+    if voxels > INPUT_LIMITS.max_voxels:
+        return f"{slices} x {rows} x {columns} = {voxels:,} voxels: at most {INPUT_LIMITS.max_voxels:,} (a study preprocess accepts)"
+    return None
+
+
 def _output_problem(out: Path, form: str) -> str | None:
     """What is wrong with OUT before any work."""
     if form == "series":
@@ -442,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", type=integer(32, INPUT_LIMITS.max_columns), default=128, help="columns per slice (default 128)")
     parser.add_argument("--seed", type=integer(0, 2**32 - 1), default=0, help="noise and UIDs (default 0): another seed, another study")
     args = parser.parse_args(argv)
-    problem = _output_problem(args.out, args.form)
+    problem = voxels_problem(args.slices, args.rows, args.columns) or _output_problem(args.out, args.form)
     if problem:
         parser.error(problem)
     try:

@@ -210,10 +210,138 @@ def test_no_escape_sequence_reaches_the_terminal(run, tmp_path, monkeypatch):
 
     monkeypatch.setattr("preprocess.__main__.read_study", lambda path: [])
     monkeypatch.setattr("preprocess.__main__.preprocess_study", study_error)
-    refused = run(str(tmp_path), "-o", str(tmp_path / "out.pt"), "--size", "16")
+    refused = run(str(tmp_path / "study"), "-o", str(tmp_path / "out.pt"), "--size", "16")  # read_study is replaced
     assert refused.stderr == "error: series 1.2\\x1b]0;owned\\x07\\x1b[2J is odd\n"
     volume = np.zeros((1, 1, 16, 16, 16), np.float32)
     study = preprocess.PreprocessedStudy(volume, "1.2", "1.2" + ESCAPE, {"timings_s": {"total": 0.5}})
     monkeypatch.setattr("preprocess.__main__.preprocess_study", lambda files, **options: study)
-    shown = run(str(tmp_path), "-o", str(tmp_path / "out.pt"), "--size", "16")
+    shown = run(str(tmp_path / "study"), "-o", str(tmp_path / "out.pt"), "--size", "16")  # read_study is replaced
     assert shown.stdout.endswith("from series 1.2\\x1b]0;owned\\x07\\x1b[2J in 0.50 s\n")
+
+
+def _small_zip(path):
+    return phantom.write_study(path, "zip", slices=16, rows=32, columns=32)
+
+
+@pytest.mark.parametrize(
+    "case", ["failing study onto itself", "good study onto itself", "OUT.json is the input", "inside the input folder"]
+)
+def test_an_output_that_is_the_input_is_refused_before_any_work(run, tmp_path, monkeypatch, case):
+    if case == "failing study onto itself":
+        source = out = tmp_path / "mine.dcm"
+        source.write_bytes(phantom.study_files("series", slices=16)[0])  # one slice: the study fails
+    elif case == "good study onto itself":
+        source = out = _small_zip(tmp_path / "mine.zip")
+    elif case == "OUT.json is the input":
+        source = _small_zip(tmp_path / "mine.json")
+        out = tmp_path / "mine.pt"
+    else:
+        source = phantom.write_study(tmp_path / "folder", "series", slices=16, rows=32, columns=32)
+        out = source / "out.pt"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr("preprocess.__main__.read_study", lambda path: pytest.fail("read before -o was checked"))
+    with pytest.raises(SystemExit) as stopped:
+        run(str(source), "-o", str(out), "--size", "16")
+    assert stopped.value.code == 2
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("good_study", [False, True])
+@pytest.mark.parametrize("which", ["OUT", "OUT.json"])
+@pytest.mark.parametrize(
+    "content",
+    ["text", "json without the metadata's keys", "other torch file", "link to an earlier output"],
+)
+def test_a_file_at_out_that_is_not_its_output_is_refused_and_kept(run, tmp_path, capsys, good_study, which, content):
+    study = _small_zip(tmp_path / "in.zip") if good_study else tmp_path / "bad.dcm"
+    if not good_study:
+        study.write_bytes(b"not a study")
+    earlier = tmp_path / "earlier" / "study.pt"
+    assert run(str(_small_zip(tmp_path / "earlier.zip")), "-o", str(earlier), "--size", "16").returncode == 0
+    out = tmp_path / "notes.pt"
+    target = out if which == "OUT" else out.with_suffix(".json")
+    if content == "text":
+        target.write_text("important notes")
+    elif content == "json without the metadata's keys":
+        target.write_text('{"my": "config"}')
+    elif content == "other torch file":
+        torch.save({"weights": torch.zeros(1, 1, 16, 16, 16)} if which == "OUT" else torch.zeros(3), target)
+    else:
+        target.symlink_to(earlier if which == "OUT" else earlier.with_suffix(".json"))
+    kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as stopped:
+        run(str(study), "-o", str(out), "--size", "16")
+    assert stopped.value.code == 2
+    errors = capsys.readouterr().err
+    assert f"{target} exists and is not an output of this command" in errors and "Traceback" not in errors
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == kept and target.is_symlink() == (content.startswith("link"))
+
+
+def test_a_good_run_replaces_the_outputs_of_an_earlier_one(run, tmp_path):
+    out = tmp_path / "study.pt"
+    for size in ("16", "24"):
+        assert run(str(_small_zip(tmp_path / "in.zip")), "-o", str(out), "--size", size).returncode == 0
+    assert torch.load(out, weights_only=True).shape[-1] == 24 and json.loads(out.with_suffix(".json").read_text())["size"] == 24
+
+
+@pytest.mark.parametrize("input_, out, message", [("", "x.pt", "INPUT is empty"), ("IN", "", "-o is empty")])
+def test_an_empty_input_or_output_is_a_usage_error(tmp_path, capsys, monkeypatch, input_, out, message):
+    monkeypatch.chdir(tmp_path)
+    _small_zip(tmp_path / "IN")
+    with pytest.raises(SystemExit) as stopped:
+        main([input_, "-o", out, "--size", "16"])
+    assert stopped.value.code == 2
+    errors = capsys.readouterr().err
+    assert message in errors and "Traceback" not in errors and sorted(p.name for p in tmp_path.iterdir()) == ["IN"]
+
+
+def test_the_success_line_is_one_line_whatever_the_output_name(run, tmp_path):
+    out = tmp_path / "new\nline.pt"
+    result = run(str(_small_zip(tmp_path / "in.zip")), "-o", str(out), "--size", "16")
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 1 and "new\\nline.pt: tensor" in result.stdout
+
+
+@pytest.mark.parametrize("when", ["while the study is read", "while torch.save writes", "after the tensor is written"])
+def test_ctrl_c_is_one_line_and_leaves_no_half_output(run, tmp_path, monkeypatch, when):
+    out = tmp_path / "study.pt"
+    assert run(str(_small_zip(tmp_path / "in.zip")), "-o", str(out), "--size", "16").returncode == 0
+    earlier = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    if when == "while the study is read":
+        monkeypatch.setattr("preprocess.__main__.read_study", lambda path: (_ for _ in ()).throw(KeyboardInterrupt))
+    elif when == "while torch.save writes":
+
+        def interrupted_in_save(path, write, **options):
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662") from None
+
+        monkeypatch.setattr("preprocess.__main__.write_atomically", interrupted_in_save)
+    else:
+        real = preprocess.output.write_atomically
+
+        def interrupted_at_meta(path, write, **options):
+            if str(path).endswith(".json"):
+                raise KeyboardInterrupt
+            return real(path, write, **options)
+
+        monkeypatch.setattr("preprocess.__main__.write_atomically", interrupted_at_meta)
+    try:
+        result = run(str(tmp_path / "in.zip"), "-o", str(out), "--size", "24")
+    except KeyboardInterrupt:  # left to pytest it would end the session
+        pytest.fail("Ctrl-C went past main: Python prints its traceback")
+    assert result.returncode == 130 and result.stderr == "interrupted (nothing written)\n"
+    left = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert left == (earlier if when == "while the study is read" else {"in.zip": earlier["in.zip"]})
+
+
+def test_phantom_refuses_more_voxels_than_preprocess_accepts_before_allocating(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(phantom, "write_study", lambda *args, **options: pytest.fail("the phantom was made"))
+    with pytest.raises(SystemExit) as stopped:
+        phantom.main([str(tmp_path / "huge.zip"), "--slices", "2000", "--rows", "1024", "--columns", "1024"])
+    assert stopped.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors == [
+        "python -m preprocess.phantom: error: 2000 x 1024 x 1024 = 2,097,152,000 voxels: at most 524,288,000 (a study preprocess accepts)"
+    ]
+    assert phantom.voxels_problem(500, 1024, 1024) is None and not list(tmp_path.iterdir())
