@@ -27,6 +27,7 @@ from types import ModuleType
 from typing import Any, Union
 
 import numpy as np
+import rapidjson
 import tritonclient.grpc
 import tritonclient.grpc.aio
 import tritonclient.http
@@ -71,6 +72,10 @@ _QUEUE_TIMEOUT = "Request timeout expired"  # Triton's UNAVAILABLE (503) for a r
 # NOT_FOUND "... has no available versions"; a wrong model name ("... is not found") is permanent.
 _RELOADING_STATUSES = frozenset({"StatusCode.NOT_FOUND", "404"})
 _RELOADING_MESSAGE = "has no available versions"
+# Health checks are status codes only, and Triton's metrics port answers 200 to every path: the server
+# metadata (GET /v2, gRPC ServerMetadata) must also name Triton.
+_NOT_TRITON = "it answers, but not with Triton's server metadata: is it another port, such as Triton's metrics port?"
+_NOT_JSON = (rapidjson.JSONDecodeError, UnicodeDecodeError)  # tritonclient.http's reading of an answer that is no JSON
 # Triton 2.51's answer when the Python-backend process of the model instance that got the request died
 # (killed, out of memory): not retried, since a study that crashes its worker would crash the next one.
 _DEAD_WORKER = re.compile(r"Stub process '([^']+)' is not healthy")
@@ -328,11 +333,16 @@ class _Base:
     def _not_ready(self, reason: str) -> ServerUnavailable:
         return ServerUnavailable(f"Triton server at {self.url} ({self.protocol}) is not usable: {reason}")
 
-    def _check_answers(self, live: bool, ready: bool) -> None:
+    def _metadata_options(self) -> dict[str, Any]:
+        return {"as_json": True, **self._deadline()} if self.protocol == "grpc" else {}
+
+    def _check_answers(self, live: bool, ready: bool, metadata: Any) -> None:
         if not live:
             raise self._not_ready("server is not live")
         if not ready:
             raise self._not_ready(f"model {self.model!r} is not ready")
+        if not isinstance(metadata, dict) or metadata.get("name") != "triton":
+            raise self._not_ready(_NOT_TRITON)
 
     def _read_failure(self, error: Exception, started: float) -> TriageResult | None:
         """A study that cannot even be read is a Failure row, not a crash (bad path, bad archive)."""
@@ -417,9 +427,12 @@ class TriageClient(_Base):
         try:
             live = self._triton.is_server_live(**self._deadline())
             ready = live and self._triton.is_model_ready(self.model, **self._deadline())
+            metadata = ready and self._triton.get_server_metadata(**self._metadata_options())
+        except _NOT_JSON:
+            raise self._not_ready(_NOT_TRITON) from None
         except Exception as error:  # any transport failure means "not reachable"
             raise self._not_ready(_reason(error)) from None
-        self._check_answers(live, ready)
+        self._check_answers(live, ready, metadata)
 
     def classify(self, study: Study, series_uid: str | None = None) -> TriageResult:
         """`series_uid`: the series to classify (a study of several patients' series is refused unless
@@ -511,9 +524,12 @@ class AsyncTriageClient(_Base):
         try:
             live = await self._triton.is_server_live(**self._deadline())
             ready = live and await self._triton.is_model_ready(self.model, **self._deadline())
+            metadata = ready and await self._triton.get_server_metadata(**self._metadata_options())
+        except _NOT_JSON:
+            raise self._not_ready(_NOT_TRITON) from None
         except Exception as error:
             raise self._not_ready(_reason(error)) from None
-        self._check_answers(live, ready)
+        self._check_answers(live, ready, metadata)
 
     async def classify(self, study: Study, series_uid: str | None = None) -> TriageResult:
         started = time.perf_counter()

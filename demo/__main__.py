@@ -4,13 +4,15 @@ Renders a copy of the model repository with the classifier exported from demo we
 the probability means nothing) at S=256 as trained, starts the bundled tritonserver on free ports,
 sends a generated chest phantom study through ct_triage with the project's client, prints what a
 site would look at (probability, decision, chosen series, timings per stage, model provenance) and
-stops the server. The committed model_repository/ is left as it is.
+stops the server. The committed model_repository/ is left as it is. Ctrl-C or SIGTERM stops it
+cleanly (the server and its stubs stopped, an unfinished export removed): one line, exit 130 or 143.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +28,22 @@ from settings import INPUT_LIMITS, NAMES, PREPROCESSING
 DEMO_DIR = Path(__file__).resolve().parent.parent / "out" / "demo"  # git-ignored
 
 
+class _Stop(BaseException):
+    """Raised in the main thread by SIGINT/SIGTERM so export, the client and the server unwind to their
+    clean-up (as in `python -m serve`); a BaseException, which their `except Exception` lets by."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop(signum, _frame):
+    # A second signal must not cut short the clean-up this one starts (the server's stop() is bounded in time).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Stop(signum)
+
+
 def model_compute_seconds(triton, models) -> dict[str, dict[str, float]]:
     """Cumulative server-side time per model (queue + compute), from Triton's statistics extension."""
     stats = {}
@@ -36,7 +54,6 @@ def model_compute_seconds(triton, models) -> dict[str, dict[str, float]]:
 
 
 def run(out_dir: Path, size: int, protocol: str, timeout_s: float, phantom_options: dict) -> int:
-    out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
@@ -121,8 +138,28 @@ def main(argv: list[str] | None = None) -> int:
         "--matrix", type=integer(32, min(INPUT_LIMITS.max_rows, INPUT_LIMITS.max_columns)), default=256, help="phantom rows and columns"
     )
     args = parser.parse_args(argv)
+    too_large = phantom.voxels_problem(args.slices, args.matrix, args.matrix)
+    if too_large:
+        parser.error(f"--slices, --matrix: {too_large}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = "not a folder" if isinstance(error, FileExistsError) else error.strerror
+        print(f"python -m demo: error: --out {args.out}: {reason}", file=sys.stderr)
+        return 2
     phantom_options = {"slices": args.slices, "rows": args.matrix, "columns": args.matrix}
-    return run(args.out, args.size, args.protocol, args.timeout, phantom_options)
+    previous = {signum: signal.signal(signum, _raise_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run(args.out, args.size, args.protocol, args.timeout, phantom_options)
+    except _Stop as stop:
+        print(f"python -m demo: stopped by {stop}; nothing is left running", file=sys.stderr)
+        return 128 + stop.signum
+    except export.ExportError as error:  # such as a --out/repository holding files export did not write
+        print(f"python -m demo: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Checks a running deployment end to end and prints a pass/fail summary (deploy/verify.sh runs it).
 
-1. ready: the server and ct_triage answer ready over HTTP and gRPC;
+1. ready: the server and ct_triage answer ready over HTTP and gRPC, and the server metadata names Triton;
 2. studies: generated chest studies through ct_triage over HTTP and gRPC give a result with the
    model's provenance, the same probability on both protocols, and a file that is not DICOM gets a
    clear refusal (not an internal error);
@@ -12,7 +12,8 @@
    not installed: it counts neither as passed nor as failed);
 5. metrics: the metrics endpoint Prometheus scrapes serves Triton's counters and the service's own
    (settings.METRICS): the 4 answers and the refusal of check 2 counted (at least: other traffic
-   adds its own), and the threshold gauge equal to the threshold ct_postprocess is configured with.
+   adds its own), and the threshold gauge equal to the threshold ct_postprocess is configured with (an
+   endpoint that serves no Prometheus text fails this check alone, in one line).
 Exit status 0 only if every check that ran passed.
 """
 
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
@@ -156,24 +158,33 @@ def _counted(samples: dict) -> dict[str, float]:
     return {name: sum(value for (sample, _), value in samples.items() if sample == name) for name in (METRICS.decisions, METRICS.refused)}
 
 
-def _counts(metrics: str) -> dict[str, float]:
-    """The service's counters at the metrics endpoint before the studies (empty when it cannot be read:
-    the metrics check says why)."""
+def _scrape(metrics: str) -> dict:
+    """The samples at the metrics endpoint; AssertionError in one line when it serves none."""
     from serve.metrics import scrape
 
     try:
-        return _counted(scrape(f"http://{metrics}/metrics", timeout_s=30))
-    except OSError:
+        return scrape(f"http://{metrics}/metrics", timeout_s=30)
+    except HTTPException as error:  # an answer that is not HTTP (the gRPC port): its bytes say nothing readable
+        raise AssertionError(f"{metrics} does not answer HTTP ({type(error).__name__}): is it Triton's metrics port?") from None
+    except (OSError, ValueError) as error:  # unreachable, or a page that is not Prometheus text
+        raise AssertionError(f"no metrics at {metrics} ({error}): is it Triton's metrics port?") from None
+
+
+def _counts(metrics: str) -> dict[str, float]:
+    """The service's counters at the metrics endpoint before the studies (empty when it cannot be read:
+    the metrics check says why)."""
+    try:
+        return _counted(_scrape(metrics))
+    except AssertionError:
         return {}
 
 
 def _metrics(metrics: str, http: str, before: dict[str, float], answered: int, refused: int) -> str:
     """The endpoint serves Triton's counters and the service's, counted at least `answered` answers and
     `refused` refusals since `before` (the studies check sent them), and shows the threshold in force."""
-    from serve.metrics import scrape
     from settings import METRICS, NAMES
 
-    samples = scrape(f"http://{metrics}/metrics", timeout_s=30)
+    samples = _scrape(metrics)
     names = {sample for sample, _ in samples}
     assert "nv_inference_request_success" in names, f"no Triton counters at {metrics}: is it Triton's metrics port?"
     expected = (METRICS.decisions, f"{METRICS.probability}_count", METRICS.threshold, METRICS.refused)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import io
 import os
 import socket
@@ -352,6 +353,47 @@ def test_a_connection_closed_before_the_answer_is_retried_as_a_server_gone(proto
     assert result.processing_status == client.FAILURE
     assert result.error.startswith(f"server at {url} unreachable or unavailable ("), result.error
     assert len(accepted) >= (3 if protocol == "http" else 1)  # gRPC's channel fails the retries within its own reconnect backoff
+
+
+@pytest.fixture
+def metrics_port_stand_in():
+    """HOST:PORT of a server that answers every path as Triton's metrics port does: 200 and Prometheus text."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"# TYPE nv_inference_request_success counter\nnv_inference_request_success 0\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_port_that_answers_200_to_every_path_is_not_a_ready_server(metrics_port_stand_in):
+    """Triton's metrics port passes liveness and readiness by status code alone (deploy/verify.sh said
+    PASS): the server metadata must name Triton too, in the blocking and the asyncio client."""
+    expected = rf"^Triton server at {metrics_port_stand_in} \(http\) is not usable: it answers, but not with Triton's server metadata"
+    with client.TriageClient(metrics_port_stand_in, "http", timeout_s=5) as triage:
+        with pytest.raises(client.ServerUnavailable, match=expected):
+            triage.check_ready()
+
+    async def check_async():
+        async with client.AsyncTriageClient(metrics_port_stand_in, "http", timeout_s=5) as triage:
+            await triage.check_ready()
+
+    with pytest.raises(client.ServerUnavailable, match=expected):
+        asyncio.run(check_async())
 
 
 def test_server_down_at_start_is_one_clear_line(tmp_path, capsys):

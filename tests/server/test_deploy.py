@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -313,3 +314,49 @@ def test_a_check_that_cannot_run_is_a_skip_not_a_pass(tmp_path, monkeypatch, cap
         "FAIL  parity: ZeroDivisionError: division by zero",
     ]
     assert verify.summary(results) == "verify: 1/2 checks passed; FAILED: parity; SKIPPED: sweep"
+
+
+def _answering(reply: bytes):
+    """HOST:PORT of a local socket that answers each connection with `reply` and closes it; and its listener."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_each():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # the listener closed: the test is over
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(reply)
+
+    threading.Thread(target=answer_each, daemon=True).start()
+    return f"127.0.0.1:{listener.getsockname()[1]}", listener
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x03\x7f\xff\xff\xff", r"does not answer HTTP \(BadStatusLine\)"),  # gRPC's port
+        (b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n<html>hello</html>", r"not a Prometheus sample: '<html>hello</html>'"),
+    ],
+    ids=["grpc-port", "web-page"],
+)
+def test_a_metrics_endpoint_that_serves_no_metrics_fails_the_metrics_check_alone(monkeypatch, capsys, reply, reason):
+    """--metrics of another port or a web page: the metrics check fails in one line, the others still
+    report, the summary and the exit status are as documented (it was a traceback with no summary)."""
+    verify = _verify_module()
+    monkeypatch.setattr(verify, "_ready", lambda http, grpc: "ready")
+    monkeypatch.setattr(verify, "_studies", lambda http, grpc, work: ("studies", {"target": "cpu"}))
+    monkeypatch.setattr(verify, "_parity", lambda *args: "parity")
+    monkeypatch.setattr(verify, "_sweep", lambda grpc, work: "sweep")
+    metrics, listener = _answering(reply)
+    try:
+        code = verify.main(["--metrics", metrics])
+    finally:
+        listener.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1 and len(lines) == 6, lines
+    assert [line.split()[0] for line in lines[:4]] == ["PASS"] * 4, lines
+    assert re.fullmatch(rf"FAIL  metrics: .*{reason}.*: is it Triton's metrics port\?", lines[4]), lines[4]
+    assert lines[5] == "verify: 4/5 checks passed; FAILED: metrics"
