@@ -6,8 +6,10 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -105,3 +107,22 @@ def report_row(path: str, status: str = "Success", probability: float | None = 0
         "error": None if ok else "bad study",
         "model": "demo",
     }
+
+
+def answering(reply: bytes) -> tuple[str, socket.socket]:
+    """HOST:PORT of a local socket that answers each connection with `reply` and closes it, and its
+    listener (close it when done): a port that is not what the caller thinks (gRPC's, a web page)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer_each():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # the listener closed: the test is over
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(reply)
+
+    threading.Thread(target=answer_each, daemon=True).start()
+    return f"127.0.0.1:{listener.getsockname()[1]}", listener

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 import trustme
+from helpers import answering
 
 import client
 from client.cli import main as client_main
@@ -291,32 +292,19 @@ def test_set_threshold_to_a_plain_port_over_https_exits_3_in_one_line(plain_port
     assert capsys.readouterr().err == f"error: the server at {url} does not speak TLS: {plain}\n"
 
 
-class _Http2Frame(socketserver.BaseRequestHandler):
-    """What Triton's gRPC port answers an HTTP/1.1 request with: not HTTP/1.1."""
-
-    def handle(self):
-        self.request.recv(4096)
-        self.request.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03\x7f\xff\xff\xff")
-
-
-class _EmptyAnswer(socketserver.BaseRequestHandler):
-    """An HTTP answer with no JSON: a port that is not Triton's HTTP API (metrics, a health proxy)."""
-
-    def handle(self):
-        self.request.recv(4096)
-        self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-
-
-@pytest.mark.parametrize("handler", [_Http2Frame, _EmptyAnswer])
-def test_set_threshold_at_a_port_that_is_not_tritons_http_api_is_one_line_and_exit_3(handler, capsys):
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03\x7f\xff\xff\xff",  # Triton's gRPC port: HTTP/2, not HTTP/1.1
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",  # no JSON: a port that is not Triton's HTTP API (metrics)
+    ],
+    ids=["grpc-port", "no-json"],
+)
+def test_set_threshold_at_a_port_that_is_not_tritons_http_api_is_one_line_and_exit_3(reply, capsys):
+    url, listener = answering(reply)
     try:
-        url = f"127.0.0.1:{server.server_address[1]}"
         assert client_main(["set-threshold", "0.3", "--url", url]) == 3
     finally:
-        server.shutdown()
-        server.server_close()
+        listener.close()
     error = capsys.readouterr().err
     assert error == f"error: the server at {url} did not answer as Triton's HTTP API: is that its HTTP port?\n"

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import check_jsonschema
 import jsonschema
 import pytest
 import yaml
-from helpers import ROOT, discard
+from helpers import ROOT, answering, discard
 
 import client
 import export
@@ -316,24 +315,6 @@ def test_a_check_that_cannot_run_is_a_skip_not_a_pass(tmp_path, monkeypatch, cap
     assert verify.summary(results) == "verify: 1/2 checks passed; FAILED: parity; SKIPPED: sweep"
 
 
-def _answering(reply: bytes):
-    """HOST:PORT of a local socket that answers each connection with `reply` and closes it; and its listener."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def answer_each():
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:  # the listener closed: the test is over
-                return
-            with connection:
-                connection.recv(65536)
-                connection.sendall(reply)
-
-    threading.Thread(target=answer_each, daemon=True).start()
-    return f"127.0.0.1:{listener.getsockname()[1]}", listener
-
-
 @pytest.mark.parametrize(
     ("reply", "reason"),
     [
@@ -350,7 +331,7 @@ def test_a_metrics_endpoint_that_serves_no_metrics_fails_the_metrics_check_alone
     monkeypatch.setattr(verify, "_studies", lambda http, grpc, work: ("studies", {"target": "cpu"}))
     monkeypatch.setattr(verify, "_parity", lambda *args: "parity")
     monkeypatch.setattr(verify, "_sweep", lambda grpc, work: "sweep")
-    metrics, listener = _answering(reply)
+    metrics, listener = answering(reply)
     try:
         code = verify.main(["--metrics", metrics])
     finally:
