@@ -6,7 +6,8 @@ is the input or inside its folder, or that exists and is not recognisably an ear
 archive of one such tensor; a JSON object with the metadata's keys), is refused and left as it was.
 A bad study exits with status 1 and one line on stderr; no output file is written, and the outputs of
 an earlier run at OUT are removed (they are not this study's). A bad command line exits with status 2;
-Ctrl-C exits with status 130 and one line, leaving no temporary file and never a tensor without its metadata.
+Ctrl-C exits with status 130 and SIGTERM with 143, each with one line, leaving no temporary file and
+never a tensor without its metadata.
 Warnings of the DICOM and numeric libraries are not printed, nor what native decoders write to the
 process's stderr when they fail (a Rust panic message): what matters about the study is in the error
 line or in the metadata's `warnings`. What the study put in those lines is printed through `printable`:
@@ -190,11 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     problem = _output_problem(out, meta_path, Path(args.input))
     if problem:
         parser.error(problem)
+    stopped_by = [signal.SIGINT]
+
+    def terminate(_signum, _frame):  # SIGTERM (a job's deadline, `timeout`) gets Ctrl-C's clean-up
+        stopped_by[0] = signal.SIGTERM
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         return _run(args, out, meta_path)
     except KeyboardInterrupt:
-        print("interrupted (nothing written)", file=sys.stderr)
-        return 130
+        print(f"{'terminated' if stopped_by[0] == signal.SIGTERM else 'interrupted'} (nothing written)", file=sys.stderr)
+        return 128 + stopped_by[0]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace, out: Path, meta_path: Path) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import struct
 import subprocess
 
@@ -345,3 +347,19 @@ def test_phantom_refuses_more_voxels_than_preprocess_accepts_before_allocating(t
         "python -m preprocess.phantom: error: 2000 x 1024 x 1024 = 2,097,152,000 voxels: at most 524,288,000 (a study preprocess accepts)"
     ]
     assert phantom.voxels_problem(500, 1024, 1024) is None and not list(tmp_path.iterdir())
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(run, tmp_path, monkeypatch):
+    """A job's deadline or `timeout` sends SIGTERM: one line, exit 143, nothing written (its default
+    action ended the process where it was, a temporary file left), and the handler given back."""
+    out = tmp_path / "study.pt"
+
+    def terminated(path, limits=None):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler acts here, in the main thread
+        pytest.fail("SIGTERM did not stop the run")
+
+    monkeypatch.setattr("preprocess.__main__.read_study", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    result = run(str(_small_zip(tmp_path / "in.zip")), "-o", str(out), "--size", "16")
+    assert result.returncode == 143 and result.stderr == "terminated (nothing written)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.zip"] and signal.getsignal(signal.SIGTERM) is before
