@@ -109,9 +109,10 @@ def report_row(path: str, status: str = "Success", probability: float | None = 0
     }
 
 
-def answering(reply: bytes) -> tuple[str, socket.socket]:
-    """HOST:PORT of a local socket that answers each connection with `reply` and closes it, and its
-    listener (close it when done): a port that is not what the caller thinks (gRPC's, a web page)."""
+def answering(reply: bytes, received: list[bytes] | None = None) -> tuple[str, socket.socket]:
+    """HOST:PORT of a local socket that answers each connection with `reply` (b"": nothing) and closes
+    it, and its listener (close it when done): a port that is not what the caller thinks (gRPC's, a web
+    page, a server gone mid-request). What each connection sent is appended to `received`."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def answer_each():
@@ -121,7 +122,9 @@ def answering(reply: bytes) -> tuple[str, socket.socket]:
             except OSError:  # the listener closed: the test is over
                 return
             with connection:
-                connection.recv(65536)
+                request = connection.recv(65536)
+                if received is not None:
+                    received.append(request)
                 connection.sendall(reply)
 
     threading.Thread(target=answer_each, daemon=True).start()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openpyxl
 import pytest
-from helpers import ROOT, report_row, run_module
+from helpers import ROOT, answering, report_row, run_module
 
 import client
 from client.cli import main as client_main
@@ -331,20 +331,8 @@ def test_unreachable_server_gives_failure_after_bounded_retries(protocol):
 def test_a_connection_closed_before_the_answer_is_retried_as_a_server_gone(protocol):
     """What a client sees of a server killed mid-request, or of a TLS proxy that drops it: the
     blocking HTTP client raised geventhttpclient's HTTPConnectionClosed, which is no OSError."""
-    accepted = []
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def close_each():
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:  # the listener closed: the test is over
-                return
-            accepted.append(connection.recv(65536))
-            connection.close()
-
-    threading.Thread(target=close_each, daemon=True).start()
-    url = f"127.0.0.1:{listener.getsockname()[1]}"
+    accepted: list[bytes] = []
+    url, listener = answering(b"", received=accepted)  # each connection closed without an answer
     try:
         with client.TriageClient(url, protocol, retry=client.RetryPolicy(attempts=3, initial_backoff_s=0.1), timeout_s=5) as triage:
             result = triage.classify(b"\0" * 128 + b"DICM")

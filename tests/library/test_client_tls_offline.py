@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socketserver
-import threading
 
 import pytest
 import trustme
@@ -249,18 +247,9 @@ def test_the_cli_says_each_refusal_in_one_line_with_exit_2(tmp_path, capsys, mon
 @pytest.fixture(scope="module")
 def plain_port():
     """A port that answers in plain text, as Triton's own ports do: what an https:// URL names by mistake."""
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _PlainAnswer)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
-class _PlainAnswer(socketserver.BaseRequestHandler):
-    def handle(self):
-        self.request.recv(4096)  # the TLS ClientHello
-        self.request.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    url, listener = answering(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")  # to the TLS ClientHello
+    yield int(url.rsplit(":", 1)[1])
+    listener.close()
 
 
 @CLIENTS
