@@ -1,9 +1,12 @@
 """Preprocessing speed and memory: fast vs reference on one study, decoding included; the device path.
 
-    .venv/bin/python -m benchmarks.preprocessing [--study PATH] [--repeat N] [--size S] [--exact-air] [--transfer-syntax TS]
+    .venv/bin/python -m benchmarks.preprocessing [--study PATH | --real-ct] [--repeat N] [--size S] [--exact-air] [--transfer-syntax TS]
     .venv/bin/python -m benchmarks.preprocessing --device cuda [--repeat N] [--size S]
 
 Without --study it generates the issue's default: a 300-slice 512x512 phantom (~150 MB of DICOM).
+--real-ct stacks pydicom-data's real CT slice 693_UNCR.dcm (the patient's back at the edge of the
+field of view, -3024 HU padding beyond it) REAL_CT_SLICES times, 5 mm apart: real padding meeting the
+body, which the phantoms never have.
 The two modes run interleaved, N times each, so that both see the same minutes of a shared machine.
 Prints a table, then as its last line one JSON object: fast_s and reference_s (median wall seconds
 per study through preprocess.preprocess_study), speedup (their ratio) and paired_speedups (one per
@@ -37,6 +40,30 @@ from preprocess.series import select_series
 from preprocess.sources import expand
 from preprocess.workers import worker_threads
 from settings import PREPROCESSING
+
+REAL_CT_SLICES = 20
+
+
+def real_ct_series(slices: int = REAL_CT_SLICES) -> list[bytes]:
+    """A series of copies of pydicom-data's real slice 693_UNCR.dcm, each its own instance, 5 mm apart."""
+    import io
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    series_uid, files = generate_uid(), []
+    for k in range(slices):
+        ds = pydicom.dcmread(get_testdata_file("693_UNCR.dcm"))
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID, ds.InstanceNumber = series_uid, k + 1
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 5.0 * k]
+        stream = io.BytesIO()
+        ds.save_as(stream, enforce_file_format=True)
+        files.append(stream.getvalue())
+    return files
+
 
 # the issue's default study; scanner air (noisy air in the field of view, padding outside) makes the
 # crop box the whole field of view, as on real scans, instead of just the body
@@ -150,7 +177,9 @@ def device_report(device: str, *, slices: int = 300, rows: int = 512, columns: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocessing", description=__doc__.splitlines()[0])
-    parser.add_argument("--study", help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
+    study = parser.add_mutually_exclusive_group()
+    study.add_argument("--study", help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
+    study.add_argument("--real-ct", action="store_true", help=f"pydicom-data's real 693_UNCR.dcm slice stacked {REAL_CT_SLICES} times")
     parser.add_argument("--repeat", type=option_types.COUNT, default=3)
     parser.add_argument("--size", type=option_types.SIZE, default=PREPROCESSING.size)
     parser.add_argument("--exact-air", action="store_true", help="generated study: air at exactly -1000 HU, so only the body is cropped")
@@ -168,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.study:
         files, label = preprocess.read_study(args.study), args.study
+    elif args.real_ct:
+        files, label = real_ct_series(), f"pydicom-data 693_UNCR.dcm (real CT) x {REAL_CT_SLICES}, 5 mm apart"
     else:
         options = dict(DEFAULT_STUDY, scanner_air=not args.exact_air, transfer_syntax=args.transfer_syntax)
         with tempfile.TemporaryDirectory() as tmp:  # written and read back like a real folder
@@ -204,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference_stages_s": reference["stages_s"],
         "mean_abs_diff": float(f"{diff.mean():.6f}"),
         "max_abs_diff": float(f"{diff.max():.6f}"),
+        "voxels_over_0.15": int((diff > 0.15).sum()),
     }
     print(
         f"study: {label} ({result['files']} files, {result['dicom_mb']} MB), S={args.size}, "

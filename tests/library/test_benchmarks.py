@@ -312,3 +312,13 @@ def test_explain_benchmark_writes_its_table_with_positive_numbers(tmp_path):
         assert float(row[2]) > 0 and float(row[3].split()[0]) > 0 and float(row[4]) > 0
     assert rows[2][2:6] == ["not measured"] * 4 and rows[2][6] == "2 F"
     assert "integrated_gradients: steps x (F + full B to the input) + 1 F" in text and "occlusion at S=16: too slow" in text
+
+
+def test_the_real_ct_series_is_one_series_of_the_real_slice_5_mm_apart():
+    """benchmarks.preprocessing --real-ct: copies of a real slice read as one series, stacked as said."""
+    import preprocess
+    from benchmarks.preprocessing import real_ct_series
+
+    study = preprocess.preprocess_study(real_ct_series(), size=16, mode="fast")
+    assert study.meta["original_shape"] == [20, 512, 512]
+    assert study.meta["original_spacing_mm"][0] == pytest.approx(5.0)
