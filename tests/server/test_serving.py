@@ -286,6 +286,9 @@ def test_operating_point_changes_without_re_export(private_server, good_payload)
             return error.code
 
     assert status(f"/v2/repository/models/{NAMES.triage}/unload", data=b"{}") == 200
+    deadline = time.monotonic() + 30  # the unload finishes after its call returns (not ready while it runs)
+    while status("/v2/health/ready") != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert status("/v2/health/ready") == 200 and status(f"/v2/models/{NAMES.triage}/ready") == 400
 
 
