@@ -37,7 +37,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,6 +237,7 @@ class TritonServer:
         self._workdir: Path | None = None
         self._stub_python: Path | None = None  # bin/ of the stubs' own environment, if CT_TRIAGE_STUB_PYTHONPATH asks for one
         self._process: subprocess.Popen | None = None
+        self._reaper: subprocess.Popen | None = None  # serve/reaper.py: cleans up after this process if it dies
         # Unique per server: names its shared-memory regions, so leaks can be found and removed.
         self.shm_prefix = f"ct_triage_{os.getpid()}_{secrets.token_hex(4)}"
         self.supervise = supervise
@@ -377,6 +378,15 @@ class TritonServer:
             self._stub_python = prepare_stub_python(self._workdir / "stub-python", os.environ[STUB_PYTHONPATH].split(os.pathsep))
         if self._owns_log:
             self._log_file = self._workdir / "tritonserver.log"
+        # does what stop() does if this process dies without calling it (SIGKILL, an OOM kill)
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-I", str(Path(__file__).with_name("reaper.py")), str(self.exit_timeout_s + 15)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        for line in [f"regions {self.shm_prefix}", *(f"folder {folder}" for folder in self._leftover_folders())]:
+            self._tell(self._reaper, line)
         atexit.register(self.stop)
         try:
             self._launch()
@@ -422,6 +432,8 @@ class TritonServer:
                 start_new_session=True,  # our own process group: a terminal's Ctrl-C reaches us, not it
                 preexec_fn=_die_with_parent,
             )
+            if self._reaper is not None:
+                self._tell(self._reaper, f"group {self._process.pid}")
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -459,10 +471,30 @@ class TritonServer:
             watchdog.join()  # its server gone, it returns at once (a restart it was in launches nothing)
         if self._workdir is not None:
             self._remove_leftovers()
-            # the log we placed in the work folder stays (its path was printed); a caller's log lives elsewhere
-            shutil.rmtree(self._workdir if not self._owns_log else self._workdir / "backends", ignore_errors=True)
-            shutil.rmtree(self._workdir / "stub-python", ignore_errors=True)
+            for folder in self._leftover_folders():
+                shutil.rmtree(folder, ignore_errors=True)
             self._stub_python = None
+        if self._reaper is not None:
+            reaper, self._reaper = self._reaper, None
+            self._tell(reaper, "done")
+            with suppress(OSError):
+                reaper.stdin.close()
+            reaper.wait()  # it exits on reading "done"
+
+    def _leftover_folders(self) -> list[Path]:
+        """The log we placed in the work folder stays (its path was printed); a caller's log lives elsewhere."""
+        if self._owns_log:
+            return [self._workdir / "backends", self._workdir / "stub-python"]
+        return [self._workdir]
+
+    @staticmethod
+    def _tell(reaper: subprocess.Popen, line: str) -> None:
+        """serve/reaper.py ends the server `group PGID` names if this process dies before `done`."""
+        try:
+            reaper.stdin.write(line + "\n")
+            reaper.stdin.flush()
+        except OSError:  # it was killed: the parent-death signal still ends the server
+            pass
 
     def _terminate(self, process: subprocess.Popen | None, *, graceful: bool = True) -> None:
         """SIGTERM and `exit_timeout_s` + 15 s for in-flight requests (graceful), then SIGKILL of the group."""

@@ -7,6 +7,7 @@ leaves behind: no tritonserver, no backend stub, no shared-memory region, the po
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -231,3 +232,63 @@ def test_a_killed_launcher_takes_its_server_along(triton_repository, tmp_path):
         time.sleep(0.2)
     assert [p for p in server_processes if alive(p)] == []
     assert list(SHM.glob(prefix + "*")) == []
+
+
+MODEL_CONFIG = """
+name: "NAME"
+backend: "python"
+max_batch_size: 0
+input [{ name: "X", data_type: TYPE_FP32, dims: [1] }]
+output [{ name: "Y", data_type: TYPE_FP32, dims: [1] }]
+instance_group [{ kind: KIND_CPU, count: 1 }]
+"""
+
+
+def test_a_launcher_killed_while_models_load_leaves_nothing(tmp_path):
+    """SIGKILL of the launcher while a model loads: the parent-death signal ends tritonserver only, and
+    a stub still in its model's initialize outlived it for good, holding its region (serve/reaper.py)."""
+    repository = tmp_path / "repository"
+    for model, work in (("quick", "0"), ("slow", "sum(range(10**12))")):
+        (repository / model / "1").mkdir(parents=True)
+        (repository / model / "config.pbtxt").write_text(MODEL_CONFIG.replace("NAME", model))
+        (repository / model / "1" / "model.py").write_text(f"class TritonPythonModel:\n    def initialize(self, args):\n        {work}\n")
+    launcher = (
+        "from serve import TritonServer, free_ports\n"
+        "h, g, m = free_ports(3)\n"
+        f"server = TritonServer({str(repository)!r}, http_port=h, grpc_port=g, metrics_port=m, startup_timeout_s=600)\n"
+        "print(server.shm_prefix, flush=True)\n"
+        "server.start()\n"
+    )
+    scratch = tmp_path / "scratch"  # the launcher's work folder (TMPDIR) goes here
+    scratch.mkdir()
+    environment = {**os.environ, "TMPDIR": str(scratch)}
+    process = subprocess.Popen([sys.executable, "-c", launcher], cwd=tmp_path, stdout=subprocess.PIPE, text=True, env=environment)
+    try:
+        prefix = process.stdout.readline().strip()
+        deadline = time.monotonic() + 120
+        while len(stub_pids(prefix)) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, "the stubs never started"
+            time.sleep(0.2)
+        time.sleep(2)  # quick has loaded (its stub waits for requests), slow is still loading
+        assert list(SHM.glob(prefix + "*"))
+    finally:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 90
+    while (stub_pids(prefix) or list(SHM.glob(prefix + "*"))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stub_pids(prefix) == []
+    assert list(SHM.glob(prefix + "*")) == []
+    assert [path.name for path in scratch.glob("ct_triage_triton_*/backends")] == []
+
+
+def stub_pids(prefix: str) -> list[int]:
+    """Live processes whose command line names the regions of the server with this prefix (its stubs)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if prefix in cmdline.read_text(errors="replace") and alive(int(cmdline.parent.name)):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
