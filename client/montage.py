@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.patheffects import withStroke
 
+from contract import shown_probability
 from preprocess.output import write_atomically
 from settings import PREPROCESSING
 
@@ -212,7 +213,7 @@ def title_for(result: TriageResult) -> str:
     meta = result.meta
     threshold = meta.get("threshold")
     decision = "PATHOLOGY" if result.pathology else "NORMAL"
-    rule = f" (threshold {threshold:.2f})" if isinstance(threshold, (int, float)) else ""
+    rule = f" (threshold {threshold:g})" if isinstance(threshold, (int, float)) else ""
     explanation = result.explanation
     where = (
         f"most attributed region: x {explanation.localization.x[0]}-{explanation.localization.x[1]}, "
@@ -222,7 +223,8 @@ def title_for(result: TriageResult) -> str:
         else "no region attributed: nothing in the volume speaks for pathology"
     )
     provenance = meta.get("provenance", result.model)
-    return f"P(pathology) = {result.probability_of_pathology:.3f}   {decision}{rule}\n{where}\n{describe_model(provenance)}"
+    probability = shown_probability(result.probability_of_pathology, result.pathology)
+    return f"P(pathology) = {probability}   {decision}{rule}\n{where}\n{describe_model(provenance)}"
 
 
 def captions_for(result: TriageResult, centre: tuple[int, int, int]) -> tuple[str, str, str]:

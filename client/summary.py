@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from contract import shown_probability
 from preprocess.errors import printable
 from preprocess.output import write_atomically
 
@@ -161,7 +162,7 @@ def _row(number: int, row: dict[str, Any], thumbnails: Path, folder: str) -> str
     cells = [
         f'<td class="number">{number}</td>',
         f"<td>{picture}</td>",
-        f'<td class="probability">{f"{probability:.3f}" if has_probability else "&mdash;"}</td>',
+        f'<td class="probability">{shown_probability(probability, row.get("pathology")) if has_probability else "&mdash;"}</td>',
         f'<td class="decision">{decision}</td>',
         f"<td>{region}</td>",
         f"<td>{html.escape(str(row.get('processing_status') or ''))}</td>",

@@ -7,7 +7,9 @@ same `parse_threshold`, so the rule exists once and is tested without a server.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 import numpy as np
 
@@ -55,6 +57,17 @@ def decide(probabilities: np.ndarray, threshold: float) -> Decision:
         raise DecisionError("classifier output is not a probability distribution")
     probability = min(float(p[NAMES.labels.index("pathology")]), 1.0)
     return Decision(probability=probability, pathology=int(probability >= threshold), threshold=threshold)
+
+
+def shown_probability(probability: float, pathology: int, decimals: int = 3) -> str:
+    """P for people, rounded towards its decision (down for normal, up for pathology): shown beside
+    the decision it never contradicts it, whatever the threshold (0.4996 under threshold 0.5 is
+    "0.499 normal", never "0.500 normal"). Reports keep the exact value."""
+    if not math.isfinite(probability):  # never from decide(); a hand-edited report row
+        return str(probability)
+    rounding = ROUND_CEILING if pathology else ROUND_FLOOR
+    # the classifier's P is float32: its shortest decimal (0.296, not 0.29600000381...) is the value
+    return str(Decimal(str(np.float32(probability))).quantize(Decimal(1).scaleb(-decimals), rounding=rounding))
 
 
 def parse_provenance(value: str) -> object:

@@ -20,6 +20,7 @@ from pathlib import Path
 import client
 import export
 from client.triage import MAX_TIMEOUT_S
+from contract import shown_probability
 from contract.arguments import integer, model_size, number
 from preprocess import phantom
 from serve import start_on_free_ports
@@ -91,7 +92,7 @@ def report(result, study: Path, size: int, timings: dict, per_model: dict, serve
     threshold = meta.get("threshold")
     decision = NAMES.labels[result.pathology]
     lines += [
-        f"  probability of pathology : {result.probability_of_pathology:.6f}",
+        f"  probability of pathology : {shown_probability(result.probability_of_pathology, result.pathology, decimals=6)}",
         f"  decision                 : {result.pathology} ({decision}) at threshold {threshold}",
         f"  study / series           : {result.study_uid} / {result.series_uid}",
     ]

@@ -304,7 +304,7 @@ def test_lung_window_and_overlay_transparency():
 def test_the_title_has_decision_probability_and_provenance_but_no_uid():
     result = _explained(probability=0.8125)
     title = montage.title_for(result)
-    assert "P(pathology) = 0.812" in title and "PATHOLOGY (threshold 0.50)" in title
+    assert "P(pathology) = 0.813" in title and "PATHOLOGY (threshold 0.5)" in title  # rounded towards the decision
     assert "checkpoint sha256:abababababab, cpu, fp32, S=32" in title
     assert "1.2.3" not in title
     assert "no region attributed" in montage.title_for(_explained(probability=0.1, box=None))
@@ -592,6 +592,12 @@ def test_the_page_has_one_row_per_study_with_failures_and_escaped_errors(tmp_pat
     assert "server at x unreachable &lt;b&gt;" in page and "<b>" not in page.split("<tbody")[1]
     assert "http://" not in page and "https://" not in page and 'src="//' not in page  # nothing fetched
     assert "Content-Security-Policy" in page
+
+
+def test_the_page_shows_each_probability_on_its_decisions_side(tmp_path):
+    rows = [{**report_row("s1", probability=0.4996), LOCALIZATION_COLUMN: None}]  # normal at threshold 0.5
+    page = summary.write_summary(rows, tmp_path / "X.html", tmp_path, report_name="X.xlsx").read_text()
+    assert '<td class="probability">0.499</td><td class="decision">normal</td>' in page
 
 
 def _chromium(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -22,6 +22,7 @@ from contract import (
     hu_to_model_range,
     parse_provenance,
     parse_threshold,
+    shown_probability,
     triage_meta,
     validate_size,
 )
@@ -49,6 +50,21 @@ def test_decision_refuses_what_is_not_a_distribution(probabilities):
 def test_a_probability_one_float32_step_above_1_is_reported_as_1():
     decision = decide(np.array([0.0, np.nextafter(np.float32(1), np.float32(2))], dtype=np.float32), 0.5)
     assert decision.probability == 1.0 and decision.pathology == 1
+
+
+@pytest.mark.parametrize("p, threshold", [(0.0719, 0.0734), (0.4996, 0.5), (0.296, 0.2951), (0.5, 0.5), (0.9999, 0.99995), (3e-8, 1e-8)])
+def test_the_shown_probability_never_contradicts_its_decision(p, threshold):
+    """Sites set thresholds such as 0.0734: P rounded to the nearest (0.072, 0.500) read as the
+    wrong side of the threshold beside its decision."""
+    decision = decide(np.array([1 - p, p], dtype=np.float32), threshold)
+    shown = float(shown_probability(decision.probability, decision.pathology))
+    assert (shown >= threshold) == bool(decision.pathology)
+    assert abs(shown - decision.probability) <= 1e-3
+
+
+def test_the_shown_probability_is_the_classifiers_float32_value_rounded():
+    assert shown_probability(float(np.float32(0.296)), 1) == "0.296"  # not 0.297 from 0.29600000381...
+    assert shown_probability(0.4996, 0, decimals=6) == "0.499600"
 
 
 @pytest.mark.parametrize("value", ["0", "0.35", "1", 0.2])
