@@ -15,7 +15,8 @@ set -euo pipefail
 GPU_CHECK_STARTED=$(date +%s.%N)
 export GPU_CHECK_STARTED
 cd "$(dirname "$0")/.."
-python=${PYTHON:-python3}
+# the checkout's venv where `make setup` made one; the GPU machine's python3 otherwise
+python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 out=${OUT:-benchmarks/results}
 # the carried packages, only where the project's own are missing (the GPU machine, not a set-up checkout)
 if [ -d .gpu-carry ] && ! "$python" -c "import pydicom, pytriton, tritonclient.http, captum" 2>/dev/null; then
