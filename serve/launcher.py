@@ -342,10 +342,7 @@ class TritonServer:
         # so the models import the packages installed there, whatever the working directory.
         python = self._stub_python or Path(sys.prefix) / "bin"
         env["PATH"] = os.pathsep.join(p for p in (str(python), env.get("PATH")) if p)
-        # glibc returns freed memory at once (blocks of 64 KiB and more are mapped on their own, the heap
-        # is trimmed on every free, 2 arenas): with its defaults the buffers of one 1 GiB gRPC request
-        # stayed resident in tritonserver (~400 MB) for good
-        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="2")
+        env.update(SERVING.malloc_environment)  # freed memory back to the system at once
         return env
 
     def start(self) -> TritonServer:
@@ -545,6 +542,12 @@ class TritonServer:
         live = {stub.pid: stub for stub in self.stubs()}
         for stub in live.values():
             self._known.setdefault(stub.pid, stub)
+            if _stopped(stub.pid):
+                # Triton routes every other request to it, each failing after seconds, and a SIGCONT during
+                # a reload aborted tritonserver: killed, its death gets the model reloaded at the next check
+                self._note(f"the stub of {stub.instance} (pid {stub.pid}) is stopped (SIGSTOP): killing it")
+                with suppress(ProcessLookupError):
+                    os.kill(stub.pid, signal.SIGKILL)
         broken: dict[str, str] = {}
         for pid in [pid for pid in self._known if pid not in live]:
             stub = self._known.pop(pid)
@@ -801,6 +804,14 @@ def _file_size(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
+
+
+def _stopped(pid: int) -> bool:
+    """A process stopped by a signal (state T), which will serve nothing until someone continues it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
 
 
 def _resident_bytes(pid: int) -> int:

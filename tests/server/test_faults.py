@@ -10,6 +10,7 @@ served a study), before and after.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -197,6 +198,23 @@ def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_model_is_r
     assert f"ct-triage watchdog: {reload.reason}: reload {NAMES.preprocess} done" in server.log_file.read_text()
     assert warm(server, study) == pytest.approx([answer, answer], abs=1e-6)  # both instances answer, correctly
     assert busy[0].pid not in {s.pid for s in server.stubs()}
+
+
+def test_a_stopped_stub_is_killed_and_its_model_reloaded(server, study, answer):
+    """A stub stopped by SIGSTOP stays alive: Triton kept routing every other study to it, each failing
+    after seconds, and nothing noticed."""
+    stub = next(s for s in server.stubs() if s.model == NAMES.preprocess)
+    done = len(server.recoveries)
+    os.kill(stub.pid, signal.SIGSTOP)
+    try:
+        reload = recovery(server, done + 1, limit_s=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stub.pid, signal.SIGCONT)  # never left stopped, whatever happened
+    assert reload.ok and reload.action == f"reload {NAMES.preprocess}", reload
+    assert reload.reason == f"the stub of {stub.instance} (pid {stub.pid}) died"
+    assert f"the stub of {stub.instance} (pid {stub.pid}) is stopped (SIGSTOP): killing it" in server.log_file.read_text()
+    assert warm(server, study) == pytest.approx([answer, answer], abs=1e-6)
 
 
 # Requests that kill Triton 2.51 itself, each by a bug of its own: the watchdog restarts it.
