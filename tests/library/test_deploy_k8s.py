@@ -325,6 +325,11 @@ def test_flags_are_the_projects():
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # the export pod fills it through this claim
 
 
+def test_the_server_gives_freed_memory_back_as_the_launcher_has_it():
+    values = {env["name"]: env.get("value") for env in container()["env"]}
+    assert dict(SERVING.malloc_environment).items() <= values.items()
+
+
 def test_the_model_config_name_is_a_target_with_a_committed_config():
     name = flag("model-config-name")
     assert name in export_targets()

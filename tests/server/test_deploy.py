@@ -116,6 +116,7 @@ def test_triton_reserves_the_gpu_and_serves_what_export_writes(compose):
     assert ports[str(SERVING.metrics_port)].startswith("127.0.0.1:")  # metrics: the host's loopback only
     assert compose["services"]["prometheus"]["ports"][0].startswith("127.0.0.1:")  # no authentication
     assert triton["read_only"] is True and triton["cap_drop"] == ["ALL"] and triton["environment"]["HOME"] == "/tmp"
+    assert dict(SERVING.malloc_environment).items() <= triton["environment"].items()  # as serve.launcher sets them
     assert "/v2/models/ct_triage/ready" in " ".join(triton["healthcheck"]["test"])  # as the Kubernetes readiness probe
 
 
