@@ -34,6 +34,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _dictionary_vr_fast as _dictionary_vr  # the VR pydicom reads implicit elements with
 from pydicom.filereader import _read_file_meta_info  # where pydicom's data set starts
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import _get_jpg_parameters, get_j2k_parameters  # what pydicom's fix-ups read from a frame
 from pydicom.uid import UID
 
@@ -143,6 +144,7 @@ class Frame:
     slope: float
     intercept: float
     rescaled: bool  # RescaleIntercept was given: without it stored values are not known to be HU
+    rescale_type: str  # RescaleType as written, "" when absent (CT images must give it when the values are not HU)
     pixels: PixelFormat
     patient: str = field(repr=False)  # a digest of PatientID ("" if none): tells patients apart without holding the ID
     conflicting_copy: bool = False  # another file has this SOP instance, frame and position, with other pixel data
@@ -383,6 +385,7 @@ _WANTED = {
         "SliceThickness",
         "RescaleSlope",
         "RescaleIntercept",
+        "RescaleType",
         "BitsAllocated",
         "BitsStored",
         "PixelRepresentation",
@@ -774,6 +777,7 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
     )
     image_type = tuple(v.upper() for v in (h.texts("ImageType") or []))
     slope, intercept = h.number("RescaleSlope", 1.0), h.number("RescaleIntercept")
+    rescale_type = h.text("RescaleType")
     rescaled = intercept is not None
     intercept = _first(intercept, 0.0)
     per_frame = h.items("PerFrameFunctionalGroupsSequence")
@@ -789,6 +793,7 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
             slope=slope,
             intercept=intercept,
             rescaled=rescaled,
+            rescale_type=rescale_type,
             **common,
         )
         if pixels.frames == 1:
@@ -803,6 +808,7 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
         groups = [group, shared]
         frame_type = _functional(groups, "CTImageFrameTypeSequence", lambda m: m.texts("FrameType"))
         frame_intercept = _functional(groups, "PixelValueTransformationSequence", lambda m: m.number("RescaleIntercept"))
+        frame_rescale_type = _functional(groups, "PixelValueTransformationSequence", lambda m: m.text("RescaleType") or None)
         result.append(
             Frame(
                 frame=k,
@@ -814,6 +820,7 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
                 slope=_first(_functional(groups, "PixelValueTransformationSequence", lambda m: m.number("RescaleSlope")), slope),
                 intercept=_first(frame_intercept, intercept),
                 rescaled=rescaled or frame_intercept is not None,
+                rescale_type=_first(frame_rescale_type, rescale_type),
                 **common,
             )
         )
@@ -828,8 +835,12 @@ def volume_dtype(frames: Sequence[Frame]) -> np.dtype:
 
 
 def check_decodable(frame: Frame) -> None:
-    """Refuse pixel layouts that are not a grey-level CT image before anything is allocated."""
+    """Refuse pixel layouts that are not a grey-level CT image, and transfer syntaxes no installed
+    decoder reads, before anything is allocated: the series is then skipped, not the study refused."""
     p = frame.pixels
+    if not _decodable(p.transfer_syntax):
+        name = _uid_name(p.transfer_syntax, "TransferSyntaxUID")
+        raise UnsupportedPixelDataError(f"{frame.label}: pixel data in transfer syntax {name}, which no installed decoder reads")
     if not p.photometric.startswith("MONOCHROME"):
         photometric = shown(p.photometric, "CS", "PhotometricInterpretation")
         raise UnsupportedPixelDataError(f"{frame.label}: colour images ({photometric}) are not CT slices")
@@ -837,6 +848,16 @@ def check_decodable(frame: Frame) -> None:
         raise UnsupportedPixelDataError(f"{frame.label}: {p.samples_per_pixel} samples per pixel: a CT slice has one")
     if p.bits_allocated not in (8, 16):
         raise UnsupportedPixelDataError(f"{frame.label}: {p.bits_allocated}-bit pixels are not supported for CT")
+
+
+@functools.lru_cache(maxsize=64)
+def _decodable(syntax: str) -> bool:
+    """Whether pydicom, which decodes every object imagecodecs does not, has an installed decoder for
+    the syntax (native ones included); an unknown or unimplemented syntax has none."""
+    try:
+        return get_decoder(_as_uid(syntax)).is_available
+    except Exception:  # NotImplementedError: no decoder for that UID; anything else: not a syntax pydicom knows
+        return False
 
 
 def decode_into(out: np.ndarray, frames: Sequence[Frame], blobs: Sequence[Blob], *, threads: int) -> dict[str, int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from pydicom.pixels.common import PhotometricInterpretation
+
 
 class StudyError(ValueError):
     """Base class: the study (not the software) is the problem; the message is safe to show."""
@@ -101,7 +103,8 @@ class InconsistentSlicesError(UnusableSeriesError):
 
 
 class NotHounsfieldError(UnusableSeriesError):
-    """Stored values without RescaleIntercept that cannot be Hounsfield units as they are (8-bit or unsigned)."""
+    """Stored values that are not Hounsfield units: a RescaleType other than HU (an iodine map, electron
+    density), or no RescaleIntercept with values that cannot be HU as they are (8-bit or unsigned)."""
 
 
 class DuplicateSliceError(UnusableSeriesError):
@@ -129,7 +132,7 @@ class DecodeError(CorruptDicomError):
 
 
 class EmptyVolumeError(StudyError):
-    """No voxel above the region-of-interest threshold: nothing to classify."""
+    """No voxel above the region-of-interest threshold, or every voxel of one value (blank pixel data): nothing to classify."""
 
 
 def printable(text: str) -> str:
@@ -144,6 +147,20 @@ def printable(text: str) -> str:
 # what a value of each VR may hold (PS3.5 6.2), as `shown` quotes it; stripped of padding first
 _REPERTOIRES = {"CS": re.compile(r"[A-Z0-9 _]{0,16}"), "UI": re.compile(r"[0-9.]{1,64}")}
 
+# the coded values a message quotes, each only as one of its standard terms: a code string can hold a
+# name ("DOE JOHN" fits CS). Modality: PS3.3 C.7.3.1.1.1, current and retired terms; RescaleType:
+# PS3.3 C.11.1.1.2; PhotometricInterpretation: the terms pydicom's pixel handlers know.
+DEFINED_TERMS = {
+    "Modality": frozenset(
+        "ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL IVOCT "
+        "IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP RF RG "
+        "RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA "
+        "XA XAPROTOCOL XC AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF".split()
+    ),
+    "PhotometricInterpretation": frozenset(term.value for term in PhotometricInterpretation),
+    "RescaleType": frozenset({"OD", "HU", "US", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT"}),
+}
+
 
 def fits_vr(value: str, vr: str) -> bool:
     """Whether `value` holds only the characters, and no more than the length, its VR allows."""
@@ -152,12 +169,17 @@ def fits_vr(value: str, vr: str) -> bool:
 
 def shown(value: str, vr: str, keyword: str) -> str:
     """A header value as a message, log line or meta may show it: the value where it fits its VR's
-    characters and length, else "<invalid KEYWORD>". A misfiled header (a patient's name in
-    Modality or a UID) must not reach the sender, the server log or a report through a message."""
-    return value if fits_vr(value, vr) else f"<invalid {keyword}>"
+    characters and length, else "<invalid KEYWORD>"; for a keyword of `DEFINED_TERMS`, only one of
+    its terms, else "<unrecognised KEYWORD>". A misfiled header (a patient's name in Modality or a
+    UID) must not reach the sender, the server log or a report through a message."""
+    if not fits_vr(value, vr):
+        return f"<invalid {keyword}>"
+    terms = DEFINED_TERMS.get(keyword)
+    return value if terms is None or value in terms else f"<unrecognised {keyword}>"
 
 
 __all__ = [name for name, value in list(globals().items()) if isinstance(value, type) and issubclass(value, StudyError)] + [
+    "DEFINED_TERMS",
     "fits_vr",
     "printable",
     "shown",

@@ -52,7 +52,7 @@ import math
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -183,6 +183,7 @@ def fast(
 def _fast(slices: Sequence[np.ndarray], stack: Stack, size: int, threads: int, settings: Preprocessing) -> tuple[np.ndarray, GridMapping]:
     with ThreadPoolExecutor(threads) as pool:
         mapping = GridMapping(grid_shape(stack, settings), _box_1mm(_array_box(slices, stack, settings), stack, settings), size)
+        check_not_uniform(((values.min(), values.max()) for values in slices), stack)
         # in-plane: rows (the strided axis) by a sparse matrix product, which computes only the
         # taps; columns (the contiguous axis) by the band of their matrix, in tiles
         transposed = stack.canonical[1][0] == 2  # image rows run along canonical W
@@ -282,10 +283,11 @@ def from_stored(
     uploaded stored values, and its mapping: the same function as `fast`.
 
     Crop box: per slice, the row and column maxima of the stored values against the slice's integer
-    threshold (exact, as on the CPU), one transfer of three flag vectors back, then the CPU path's
-    own mapping to the 1 mm grid. Then the cropped values only are converted to float32 and filtered
-    by three dense products with the composed filters (along D, with rescale and window folded in,
-    then columns, then rows), plus the bias and one clamp. Device memory: the stored values, plus at
+    threshold (exact, as on the CPU), one transfer of three flag vectors and each slice's lowest and
+    highest value back, then the CPU path's own mapping to the 1 mm grid and its check for one
+    value. Then the cropped values only are converted to float32 and filtered by three dense
+    products with the composed filters (along D, with rescale and window folded in, then columns,
+    then rows), plus the bias and one clamp. Device memory: the stored values, plus at
     any time at most two float32 arrays: the crop and its product along D ([S, crop rows, crop
     columns]), then each product and the next, smaller one. For CUDA it returns once the result is
     computed (the current stream is synchronised), so that other streams, DLPack consumers and
@@ -295,11 +297,16 @@ def from_stored(
     n, rows, _ = stored.shape
     # a stored integer v is above threshold t exactly when v > floor(t)
     limits = torch.from_numpy(np.floor(_thresholds(stack, settings)).clip(-(2**31), 2**31 - 1).astype(np.int64)).to(device)[:, None]
-    above_rows, above_columns = stored.amax(dim=2) > limits, stored.amax(dim=1) > limits  # [slice, row], [slice, column]
-    flags = torch.cat([above_rows.any(dim=1), above_rows.any(dim=0), above_columns.any(dim=0)]).cpu().numpy()
+    row_maxima = stored.amax(dim=2)  # [slice, row]
+    above_rows, above_columns = row_maxima > limits, stored.amax(dim=1) > limits  # [slice, row], [slice, column]
+    flags = torch.cat([above_rows.any(dim=1), above_rows.any(dim=0), above_columns.any(dim=0)])
+    extremes = torch.stack([stored.amin(dim=(1, 2)), row_maxima.amax(dim=1)], dim=1)  # [slice, (min, max)]
+    host = torch.cat([flags.to(stored.dtype), extremes.flatten()]).cpu().numpy()  # one transfer back
+    flags, extremes = host[: len(flags)].astype(bool), host[len(flags) :].reshape(n, 2)
     present, found = np.flatnonzero(flags[:n]), [np.flatnonzero(part) for part in np.split(flags[n:], [rows])]
     array_box = [(int(a[0]), int(a[-1])) for a in (present, *found)] if len(present) else None
     mapping = GridMapping(grid_shape(stack, settings), _box_1mm(array_box, stack, settings), size)
+    check_not_uniform(extremes, stack)
 
     *depth_filter, bias = _depth_filter(mapping, stack, settings)
     canonical = {axis: c for c, (axis, _) in enumerate(stack.canonical)}  # array axis -> canonical axis
@@ -354,6 +361,23 @@ def _array_box(slices: Sequence[np.ndarray], stack: Stack, settings: Preprocessi
                 extent if box is None else (min(box[0], extent[0]), max(box[1], extent[1]), min(box[2], extent[2]), max(box[3], extent[3]))
             )
     return [(present[0], present[-1]), box[:2], box[2:]] if present else None
+
+
+# HU: a volume spanning less holds one value, up to the rescale's rounding
+_ONE_VALUE_HU = 1.0
+
+
+def check_not_uniform(extremes: Iterable[tuple[float, float]], stack: Stack) -> None:
+    """Refuse a volume of one value (blank or wiped pixel data): above -1000 HU it passes the crop
+    whole, and the model would answer it confidently. `extremes`: the lowest and highest stored
+    value of each sorted slice, read only until two values differ (on CT, within the first slice)."""
+    low, high = math.inf, -math.inf
+    for (lowest, highest), slope, intercept in zip(extremes, stack.slopes.astype(np.float64), stack.intercepts.astype(np.float64)):
+        low = min(low, float(lowest) * slope + intercept)  # slopes are positive
+        high = max(high, float(highest) * slope + intercept)
+        if high - low >= _ONE_VALUE_HU:
+            return
+    raise EmptyVolumeError(f"the images hold one value ({round(low, 1):g} HU): blank or wiped pixel data, nothing to classify")
 
 
 def _box_1mm(array_box: list[tuple[int, int]] | None, stack: Stack, settings: Preprocessing) -> tuple[tuple[int, int], ...]:
@@ -545,6 +569,7 @@ def reference(raw: np.ndarray, stack: Stack, size: int, *, settings: Preprocessi
     mask = hu_1mm > settings.crop_threshold_hu
     if not mask.any():
         raise EmptyVolumeError(f"no voxel above {settings.crop_threshold_hu:.0f} HU: the images are empty")
+    check_not_uniform(((values.min(), values.max()) for values in raw), stack)
     box = []
     for axis in range(3):
         present = np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]

@@ -2,18 +2,23 @@
 
 The rule is data (`SelectionRule`), applied in this order to every series:
   1. modality is CT (every image);  2. not a localizer/scout/topogram (localizer images filed in a volume's series
-  are set aside);  3. every slice has pixels, position, orientation and pixel spacing, all slices the
-  same size, spacing, orientation and pixel storage, with stored values that are (or rescale to) HU;
+  are set aside);  3. every slice has pixels in a transfer syntax an installed decoder reads,
+  position, orientation and pixel spacing, all slices the same size, spacing, orientation and pixel
+  storage, with stored values that are (or rescale to) HU (a RescaleType other than HU is another quantity);
   4. axial (slice normal within `max_axial_angle_deg` of the patient's cranio-caudal axis, rows and
      columns within `max_inplane_angle_deg` of a patient axis);
   5. at least `min_slices` distinct slices, within settings.INPUT_LIMITS;
   6. slices sorted by position projected on the slice normal are evenly spaced (no gap, no
      duplicate position, each within `grid_tolerance` of a step of its place on the even grid)
      and stacked along the normal (no gantry tilt).
-A study is one patient's: images of several patients (PatientID, or the study when it is absent)
-are refused unless the caller names the series. Among the series that pass, the thinnest slice spacing wins, then the most slices, then the
-smallest SeriesInstanceUID (so the choice is deterministic). A forced SeriesInstanceUID skips
-the ranking but not the checks.
+A study is one patient's: images of several patients (PatientID; images without it count as the
+patient their study's images name, or as their study's own when none does) are refused unless the
+caller names the series. Among the series that pass, those covering at least `min_coverage_fraction`
+of the widest one's length along the body compete (a partial slab must not beat the full chest,
+while thin and thick reconstructions of one chest both do): the thinnest slice spacing wins, then
+the most slices, then the smallest SeriesInstanceUID compared as text, "1.2.3.10" before "1.2.3.9"
+(only so that the choice is deterministic). A forced SeriesInstanceUID skips the ranking but not
+the checks.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class SelectionRule:
     grid_tolerance: float = 0.25  # deviation of a slice from the even grid the volume assumes, in slice steps
     max_tilt_deg: float = 1.0  # sideways shift of the stack per step, as an angle
     same_geometry_tolerance: float = 1e-3  # direction cosines and relative pixel spacing
+    min_coverage_fraction: float = 0.8  # of the widest usable series' length along the body, to compete in the ranking
     limits: InputLimits = INPUT_LIMITS
 
 
@@ -99,6 +105,12 @@ class Stack:
     def intercepts(self) -> np.ndarray:
         return np.array([f.intercept for f in self.frames], dtype=np.float32)
 
+    @property
+    def coverage_mm(self) -> float:
+        """Length along the slice normal the slices stand for (slices x spacing): a thin and a thick
+        reconstruction of one range cover the same."""
+        return len(self.frames) * self.spacing[0]
+
     def canonical_shape(self) -> tuple[int, int, int]:
         return tuple(self.shape[axis] for axis, _ in self.canonical)
 
@@ -129,7 +141,11 @@ def build_stack(frames: Sequence[Frame], rule: SelectionRule = SELECTION_RULE) -
     missing = sum(not f.pixels.present for f in frames)
     if missing:
         raise MissingPixelDataError(f"{missing} of {len(frames)} images have no pixel data (truncated or image-less files)")
-    check_decodable(first)
+    by_syntax: dict[str, Frame] = {}
+    for f in frames:  # the first image of each transfer syntax
+        by_syntax.setdefault(f.pixels.transfer_syntax, f)
+    for f in by_syntax.values():
+        check_decodable(f)
     _check_same_storage(frames)
     if any(f.position is None or f.orientation is None or f.pixel_spacing is None for f in frames):
         raise MissingGeometryError("slices lack ImagePositionPatient, ImageOrientationPatient or PixelSpacing: no 3D geometry")
@@ -273,9 +289,15 @@ def _check_same_storage(frames: Sequence[Frame]) -> None:
 
 
 def _check_hounsfield(frames: Sequence[Frame]) -> None:
-    """Stored values become HU through RescaleSlope/RescaleIntercept (type 1 in a CT image). Without
-    them only signed values of more than 8 bits can already be HU; 8-bit or unsigned ones are display
-    levels or offset values (a lossy 8-bit export read as HU would be a confident wrong answer)."""
+    """Stored values become HU through RescaleSlope/RescaleIntercept (type 1 in a CT image), unless
+    RescaleType names another quantity (a CT image must give it when the values are not HU: a
+    dual-energy iodine map in mg/ml read as HU would be a confident wrong answer). Without a rescale
+    only signed values of more than 8 bits can already be HU; 8-bit or unsigned ones are display
+    levels or offset values (a lossy 8-bit export read as HU would be one too)."""
+    other = sorted({f.rescale_type.upper() for f in frames if f.rescale_type and f.rescale_type.upper() != "HU"})
+    if other:
+        named = " and ".join(shown(value, "CS", "RescaleType") for value in other)
+        raise NotHounsfieldError(f"RescaleType {named}: the stored values are not Hounsfield units")
     missing = sum(not f.rescaled for f in frames)
     if not missing:
         return
@@ -289,13 +311,24 @@ def _check_hounsfield(frames: Sequence[Frame]) -> None:
 
 def _check_one_patient(frames: Sequence[Frame]) -> None:
     """Choosing among series of different patients would answer for whoever has the thinner slices:
-    patients are told apart by PatientID digest, or by study where PatientID is absent."""
-    patients = {f.patient or f"study {f.study_uid}" for f in frames}
+    patients are told apart by PatientID digest. An image without PatientID is its study's patient
+    where that study's other images name one (an export that dropped it from a file), else counts
+    as a patient of its own study."""
+    named: dict[str, set[str]] = {}
+    for f in frames:
+        if f.patient:
+            named.setdefault(f.study_uid, set()).add(f.patient)
+    patients = {f.patient or _only(named.get(f.study_uid, ())) or f"study {f.study_uid}" for f in frames}
     if len(patients) > 1:
         series = len({f.series_uid for f in frames})
         raise MixedPatientsError(
             f"images of {len(patients)} patients ({_count(series, 'series', 'series')}): a study is one patient's, so none is chosen"
         )
+
+
+def _only(values) -> str | None:
+    """The one element of a collection, None unless there is exactly one."""
+    return next(iter(values)) if len(values) == 1 else None
 
 
 def _check_finite(frames: Sequence[Frame]) -> None:
@@ -356,24 +389,47 @@ def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rul
             raise error
         listing = "; ".join(f"series {i + 1}: {s['reason']}" for i, s in enumerate(skipped))
         raise NoUsableSeriesError(f"no usable chest-CT series among {len(groups)} ({listing})", skipped)
-    ranked = sorted(stacks.values(), key=lambda s: (round(s.spacing[0], 3), -len(s.frames), s.series_uid))
-    studies = {s.study_uid for s in ranked}
+    studies = {s.study_uid for s in stacks.values()}
     if series_uid is None and len(studies) > 1:  # the thinnest series could be the prior exam's
         raise MixedStudiesError(
-            f"usable series of {len(studies)} studies ({len(ranked)} series): one study is classified at a time, so none is chosen"
+            f"usable series of {len(studies)} studies ({len(stacks)} series): one study is classified at a time, so none is chosen"
         )
-    chosen = ranked[0]
+    # string order of the UIDs: any fixed order makes the choice deterministic
+    ranked = sorted(stacks.values(), key=lambda s: (round(s.spacing[0], 3), -len(s.frames), s.series_uid))
+    widest = max(s.coverage_mm for s in ranked)
+    enough = rule.min_coverage_fraction * widest
+    competing, partial = [s for s in ranked if s.coverage_mm >= enough], [s for s in ranked if s.coverage_mm < enough]
+    chosen = competing[0]
     if series_uid is not None:
         reason = f"{chosen.describe()}: requested by SeriesInstanceUID"
     elif len(ranked) == 1:
         reason = f"{chosen.describe()}: the only usable series"
     else:
-        reason = f"{chosen.describe()}: thinnest slices, then most slices, among {len(ranked)} usable series"
+        reason = (
+            f"{chosen.describe()}: thinnest slices, then most slices, among the {len(competing)} of {len(ranked)} usable series "
+            f"that cover at least {rule.min_coverage_fraction:.0%} of the widest one's {widest:.0f} mm"
+        )
     skipped += [
-        {"series_uid": _shown_uid(s.series_uid), "reason": f"usable ({s.describe()}) but thicker or fewer slices than the chosen series"}
-        for s in ranked[1:]
+        {"series_uid": _shown_uid(s.series_uid), "reason": f"usable ({s.describe()}) but {_behind(s, chosen)}"} for s in competing[1:]
+    ]
+    skipped += [
+        {
+            "series_uid": _shown_uid(s.series_uid),
+            "reason": f"usable ({s.describe()}) but covers {s.coverage_mm:.0f} mm, less than "
+            f"{rule.min_coverage_fraction:.0%} of the widest one's {widest:.0f} mm",
+        }
+        for s in partial
     ]
     return chosen, {"chosen": _shown_uid(chosen.series_uid), "reason": reason, "skipped": skipped}
+
+
+def _behind(stack: Stack, chosen: Stack) -> str:
+    """Why a competing series ranks after the chosen one."""
+    if round(stack.spacing[0], 3) > round(chosen.spacing[0], 3):
+        return "thicker slices than the chosen series"
+    if len(stack.frames) < len(chosen.frames):
+        return "fewer slices than the chosen series"
+    return "the same spacing and number of slices as the chosen series, whose SeriesInstanceUID sorts first"
 
 
 def _check_one_study(frames: Sequence[Frame]) -> None:

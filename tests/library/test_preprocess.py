@@ -244,7 +244,7 @@ def test_real_enhanced_ct_metadata_from_functional_groups():
     assert [f.position for f in frames] == [(99.5, -301.5, -159.0), (99.5, -301.5, -149.0)]
     assert all(f.orientation == (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0) for f in frames)
     assert all(f.pixel_spacing == (0.388672, 0.388672) and f.slope == 1.0 and f.intercept == -1024.0 for f in frames)
-    assert all(f.modality == "CT" and f.pixels.frames == 2 for f in frames)
+    assert all(f.modality == "CT" and f.pixels.frames == 2 and f.rescale_type == "US" for f in frames)  # a perfusion map
 
 
 @pytest.mark.parametrize(
@@ -252,7 +252,7 @@ def test_real_enhanced_ct_metadata_from_functional_groups():
     [
         ("CT_small.dcm", preprocess.TooFewSlicesError, "only 1 slice: a chest CT volume needs at least 16"),
         ("693_J2KR.dcm", preprocess.TooFewSlicesError, "only 1 slice"),
-        ("eCT_Supplemental.dcm", preprocess.TooFewSlicesError, "only 2 slices"),
+        ("eCT_Supplemental.dcm", preprocess.NotHounsfieldError, "RescaleType US: the stored values are not Hounsfield units"),
         ("MR_small.dcm", preprocess.NotCTError, "series is MR, not CT"),
         ("JPEG-LL.dcm", preprocess.NotCTError, "series is NM, not CT"),
     ],

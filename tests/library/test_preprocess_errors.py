@@ -246,6 +246,18 @@ def test_all_air_is_an_empty_volume(series):
         refused(edit(series, air), preprocess.EmptyVolumeError, "no voxel above -1000 HU", mode=mode)
 
 
+@pytest.mark.parametrize("options", [dict(mode="fast"), dict(mode="reference"), dict(device="cpu")], ids=["fast", "reference", "device"])
+def test_blank_pixel_data_is_refused_not_answered(series, options):
+    """Wiped slices (all 0 with intercept 0: 0 HU everywhere) passed the crop whole and got a confident answer."""
+
+    def blank(ds, k):
+        ds.PixelData = bytes(len(ds.PixelData))
+        ds.RescaleIntercept = 0
+
+    message = r"^the images hold one value \(0 HU\): blank or wiped pixel data, nothing to classify$"
+    refused(edit(series, blank), preprocess.EmptyVolumeError, message, **options)
+
+
 def test_colour_and_unsupported_bit_depths(series):
     def rgb(ds, k):
         ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
@@ -651,6 +663,22 @@ def test_a_header_value_is_shown_only_when_it_fits_its_vr(value, vr, expected):
     assert preprocess.shown(value, vr, "Keyword") == expected
 
 
+@pytest.mark.parametrize(
+    ("value", "keyword", "expected"),
+    [
+        ("MR", "Modality", "MR"),
+        ("DOE JOHN", "Modality", "<unrecognised Modality>"),  # fits a code string
+        (NAME, "Modality", "<invalid Modality>"),
+        ("YBR_FULL_422", "PhotometricInterpretation", "YBR_FULL_422"),
+        ("SMITH", "PhotometricInterpretation", "<unrecognised PhotometricInterpretation>"),
+        ("MGML", "RescaleType", "MGML"),
+        ("DOE", "RescaleType", "<unrecognised RescaleType>"),
+    ],
+)
+def test_a_coded_value_is_shown_only_as_one_of_its_standard_terms(value, keyword, expected):
+    assert preprocess.shown(value, "CS", keyword) == expected
+
+
 def _set(keyword: str, value: str, only: int | None = None):
     def change(ds, k):
         if only is None or k == only:
@@ -675,6 +703,12 @@ def _other_series(files: list[bytes], change) -> list[bytes]:
     ("misfiled", "expected"),
     [
         pytest.param(lambda s: edit(s, _set("Modality", NAME)), "series is <invalid Modality>, not CT", id="Modality"),
+        pytest.param(lambda s: edit(s, _set("Modality", "DOE JOHN")), "series is <unrecognised Modality>, not CT", id="Modality-code"),
+        pytest.param(
+            lambda s: edit(s, _set("PhotometricInterpretation", "DOE JOHN")),
+            "colour images (<unrecognised PhotometricInterpretation>) are not CT slices",
+            id="PhotometricInterpretation-code",
+        ),
         pytest.param(
             lambda s: edit(s, _set("PhotometricInterpretation", NAME)),
             "colour images (<invalid PhotometricInterpretation>) are not CT slices",
@@ -687,7 +721,7 @@ def _other_series(files: list[bytes], change) -> list[bytes]:
         ),
         pytest.param(
             lambda s: _transfer_syntax(s, "1.2." + NAME),
-            "pixel data could not be decoded (<invalid TransferSyntaxUID>",
+            "pixel data in transfer syntax <invalid TransferSyntaxUID>, which no installed decoder reads",
             id="TransferSyntaxUID",
         ),
         pytest.param(
