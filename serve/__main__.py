@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from contract.arguments import integer, number, port
-from serve.launcher import ServerError, TritonServer
+from serve.launcher import ServerError, TritonServer, installation_at
 from settings import ADMIN, SERVING
 
 COMMITTED_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -45,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=port, default=SERVING.http_port)
     parser.add_argument("--grpc-port", type=port, default=SERVING.grpc_port)
     parser.add_argument("--metrics-port", type=port, default=SERVING.metrics_port)
-    parser.add_argument("--log-file", help="server log (default: a temporary file, its path is printed)")
+    parser.add_argument(
+        "--log-file",
+        help="server log (default: a temporary file, its path is printed); /dev/stdout in a container, for its log collector",
+    )
+    parser.add_argument(
+        "--tritonserver",
+        metavar="DIR",
+        help="a Triton installation to run (bin/tritonserver, backends/, lib/: /opt/tritonserver in NGC's image, whose "
+        "ONNX Runtime and TensorRT backends the onnx-gpu and tensorrt targets need; default: the nvidia-pytriton wheel's)",
+    )
     parser.add_argument("--log-verbose", type=integer(0, 2**31 - 1), default=0)
     parser.add_argument("--model-config-name", help="load configs/<name>.pbtxt where a model has one (Triton's own option)")
     parser.add_argument(
@@ -67,11 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         metavar="NAME",
         help="load only this model (repeatable; an ensemble brings its steps): --load-model ct_triage serves "
-        "without the explanation models (default: every model)",
+        "without the explanation models (default, or '*': every model)",
     )
     args = parser.parse_args(argv)
+    models = None if args.load_model in (None, ["*"]) else args.load_model
 
     admin_key = os.environ.get(ADMIN.key_env)  # set but empty: refused below, never served open by mistake
+    try:
+        installation = installation_at(args.tritonserver) if args.tritonserver else None
+    except ServerError as error:
+        print(f"error: --tritonserver: {error}", file=sys.stderr)
+        return 2
     try:
         server = TritonServer(
             args.repository,
@@ -85,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             supervise=True,
             startup_timeout_s=args.startup_timeout,
             hang_timeout_s=args.hang_timeout,
-            models=args.load_model,
+            models=models,
+            installation=installation,
         )
     except ValueError as error:
         print(f"error: {ADMIN.key_env}: {error}", file=sys.stderr)

@@ -84,12 +84,33 @@ class Recovery:
 
 @dataclass(frozen=True)
 class Installation:
-    """Where the wheel keeps the pieces a backend directory is assembled from."""
+    """Where a Triton installation keeps its pieces: the nvidia-pytriton wheel's, from which a backend
+    directory is assembled for this Python, or a Triton installation root such as the NGC image's
+    /opt/tritonserver, whose backend directory (python, onnxruntime, tensorrt, ...) is used as it is."""
 
     binary: Path
     python_backend: Path  # libtriton_python.so + triton_python_backend_utils.py
     stub: Path  # triton_python_backend_stub built for this Python version
     libs: Path  # the wheel's bundled shared libraries (libtritonserver, libcudart, ...)
+    backends: Path | None = None  # a ready backend directory; None: assembled from python_backend and stub
+
+
+def installation_at(root: str | os.PathLike) -> Installation:
+    """The Triton installation under `root` (bin/tritonserver, backends/, lib/: NGC's /opt/tritonserver),
+    whose Python backend stub must have been built for the Python that runs the models (the image's)."""
+    root = Path(root)
+    backends = root / "backends"
+    installation = Installation(
+        binary=root / "bin" / "tritonserver",
+        python_backend=backends / "python",
+        stub=backends / "python" / STUB_BINARY,
+        libs=root / "lib",
+        backends=backends,
+    )
+    missing = [str(p) for p in (installation.binary, installation.stub) if not p.exists()]
+    if missing:
+        raise ServerError(f"{root} is not a Triton installation: missing {', '.join(missing)}")
+    return installation
 
 
 @functools.cache
@@ -107,7 +128,7 @@ def find_installation() -> Installation:
         stub=package / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub",
         libs=package.parent / "nvidia_pytriton.libs",
     )
-    missing = [str(p) for p in vars(installation).values() if not p.exists()]
+    missing = [str(p) for p in vars(installation).values() if p is not None and not p.exists()]
     if missing:
         raise ServerError(f"incomplete nvidia-pytriton installation (Python {version}): missing {missing}")
     return installation
@@ -216,8 +237,10 @@ class TritonServer:
         admin_key: str | None = None,
         supervise: bool = False,
         models: Sequence[str] | None = None,
+        installation: Installation | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
+        self._installation = installation  # None: the nvidia-pytriton wheel's (find_installation)
         # the models loaded at start (Triton loads an ensemble's steps with it); None: every model.
         # A site that never asks for explanations loads ct_triage alone: no ct_explain process, no
         # second copy of the weights (in GPU memory, with ct_explain on the GPU).
@@ -281,6 +304,10 @@ class TritonServer:
         """Running, or being recovered by the watchdog (False once it gave up, or after stop())."""
         return self.is_running() or (self._watchdog is not None and self._watchdog.is_alive())
 
+    @property
+    def installation(self) -> Installation:
+        return self._installation or find_installation()
+
     # -- lifecycle ---------------------------------------------------------------------------
     def command(self, backend_directory: Path) -> list[str]:
         """The tritonserver command line (explicit model control, so the load API can override configs);
@@ -291,7 +318,7 @@ class TritonServer:
         self._deployment = served_deployment(self.repository, self.model_config_name, self.models)
         python = "--backend-config=python,"
         return [
-            str(find_installation().binary),
+            str(self.installation.binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={backend_directory}",
             f"--http-port={self.http_port}",
@@ -336,7 +363,7 @@ class TritonServer:
         """Environment of the server: the wheel's libraries, and this venv's Python for the stubs."""
         env = dict(os.environ)
         env.pop(ADMIN.key_env, None)  # the models never need it
-        libs = str(find_installation().libs)
+        libs = str(self.installation.libs)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, env.get("LD_LIBRARY_PATH")) if p)
         # The embedded interpreter in each stub finds its prefix through PATH: put this venv first,
         # so the models import the packages installed there, whatever the working directory.
@@ -370,7 +397,8 @@ class TritonServer:
         self._known.clear()
         self._retired.clear()
         self._workdir = Path(tempfile.mkdtemp(prefix="ct_triage_triton_"))
-        prepare_backend_directory(self._workdir / "backends")
+        if self.installation.backends is None:
+            prepare_backend_directory(self._workdir / "backends", self.installation)
         if os.environ.get(STUB_PYTHONPATH):
             self._stub_python = prepare_stub_python(self._workdir / "stub-python", os.environ[STUB_PYTHONPATH].split(os.pathsep))
         if self._owns_log:
@@ -418,9 +446,9 @@ class TritonServer:
         with self._launching, open(self._log_file, "ab") as log:
             if self._stopping.is_set():
                 raise ServerError("stopped during start-up")
-            self._launched_at = log.tell()  # where this launch's lines begin in the log
+            self._launched_at = log.tell() if log.seekable() else 0  # where this launch's lines begin in the log
             self._process = subprocess.Popen(
-                self.command(self._workdir / "backends"),
+                self.command(self.installation.backends or self._workdir / "backends"),
                 env=self.environment(),
                 cwd=self._workdir,  # never the checkout: the models must import installed packages
                 stdin=subprocess.DEVNULL,
@@ -677,7 +705,8 @@ class TritonServer:
     def _note(self, message: str) -> None:
         """To the launcher's log and the server log (where an operator looks first)."""
         log.warning("watchdog: %s", message)
-        if self._log_file is not None:
+        # a stream (--log-file /dev/stdout in a container) already carries the launcher's own line
+        if self._log_file is not None and (self._log_file.is_file() or not self._log_file.exists()):
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
             try:
                 with open(self._log_file, "a", encoding="utf-8") as stream:
@@ -740,9 +769,16 @@ class TritonServer:
         """Shared-memory regions with this server's prefix (none may remain after stop)."""
         return sorted(SHM_DIR.glob(f"{self.shm_prefix}*")) if SHM_DIR.exists() else []
 
+    def _readable_log(self) -> Path | None:
+        """The server log, where it can be read back: a regular file (never a /dev/stdout, whose
+        reading would take the lines meant for a container's log collector)."""
+        return self._log_file if self._log_file is not None and self._log_file.is_file() else None
+
     def _load_failure(self) -> str | None:
         """The first model this launch failed to load and why, from Triton's log (one line: the reason's
         first line): what a start-up failure's one-line message and a failed restart's reason name."""
+        if self._readable_log() is None:
+            return None
         try:
             with open(self._log_file, "rb") as stream:
                 stream.seek(self._launched_at)
@@ -755,16 +791,16 @@ class TritonServer:
     def _failure_log(self, lines: int = 40) -> str:
         """Triton's error lines (glog "E<date>"), which a long unload sequence can push out of the
         tail, then the tail."""
-        if self._log_file is None or not self._log_file.exists():
-            return "(no server log)"
+        if self._readable_log() is None:
+            return f"(the server log: {self._log_file})" if self._log_file is not None else "(no server log)"
         text = self._log_file.read_text(errors="replace").splitlines()
         errors = [line for line in text if re.match(r"E\d{4} ", line)][:10]
         head = [*errors, "..."] if errors else []
         return "\n".join(head + text[-lines:])
 
     def log_tail(self, lines: int = 40) -> str:
-        if self._log_file is None or not self._log_file.exists():
-            return "(no server log)"
+        if self._readable_log() is None:
+            return f"(the server log: {self._log_file})" if self._log_file is not None else "(no server log)"
         text = self._log_file.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
 

@@ -24,7 +24,7 @@ from helpers import TRIAGE_ONLY
 
 import preprocess
 from preprocess import phantom
-from serve import ServerError, TritonServer, free_ports, port_in_use, process_tree
+from serve import ServerError, TritonServer, find_installation, free_ports, port_in_use, prepare_backend_directory, process_tree
 from serve.__main__ import COMMITTED_REPOSITORY
 from settings import NAMES
 
@@ -292,3 +292,51 @@ def stub_pids(prefix: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_a_triton_installation_root_serves_with_its_log_on_stdout(triton_repository, tmp_path):
+    """As the project's image runs it: NGC's /opt/tritonserver (bin/, backends/ used as they are, lib/),
+    Triton's log on the container's stdout. The root here is laid out from the wheel's pieces."""
+    wheel = find_installation()
+    root = tmp_path / "tritonserver"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "tritonserver").symlink_to(wheel.binary)
+    (root / "lib").symlink_to(wheel.libs)
+    prepare_backend_directory(root / "backends", wheel)
+    scratch = tmp_path / "scratch"  # the launcher's work folder (TMPDIR)
+    scratch.mkdir()
+    http_port, grpc_port, metrics_port = free_ports(3)
+    command = [sys.executable, "-m", "serve", "--repository", str(triton_repository), "--tritonserver", str(root)]
+    command += ["--log-file", "/dev/stdout", "--load-model", "*", f"--http-port={http_port}", f"--grpc-port={grpc_port}"]
+    command += [f"--metrics-port={metrics_port}"]
+    environment = {**os.environ, "TMPDIR": str(scratch)}
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    try:
+        wait_ready(f"localhost:{http_port}", process)
+        assert [path.name for path in scratch.glob("ct_triage_triton_*/*")] == []  # no backend directory assembled
+        payload = preprocess.read_study(phantom.write_study(tmp_path / "study.zip", form="zip"))
+        client = triton_http.InferenceServerClient(f"localhost:{http_port}")
+        tensor = triton_http.InferInput(NAMES.dicom, [len(payload)], "BYTES")
+        tensor.set_data_from_numpy(np.array(payload, dtype=np.object_))
+        assert json.loads(client.infer(NAMES.triage, [tensor]).as_numpy(NAMES.meta)[0])["provenance"]
+        client.close()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, output
+    assert f"successfully loaded '{NAMES.triage}'" in output  # Triton's own lines, on stdout
+    assert "log: /dev/stdout" in output and "stopping tritonserver" in output
+
+
+def test_a_folder_that_is_no_triton_installation_is_one_line(triton_repository, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "serve", "--repository", str(triton_repository), "--tritonserver", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and result.stderr.startswith(f"error: --tritonserver: {tmp_path} is not a Triton installation")
+    assert len(result.stderr.splitlines()) == 1
