@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from contract.arguments import integer, number, port
-from serve.launcher import ServerError, TritonServer, installation_at
+from serve.launcher import Installation, ServerError, TritonServer, installation_at
 from settings import ADMIN, SERVING
 
 COMMITTED_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -35,7 +35,8 @@ def _raise_stop(signum, _frame):
     raise _Stop(signal.Signals(signum).name)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (the Kubernetes test reads the Deployment's container arguments with it)."""
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--repository",
@@ -78,9 +79,30 @@ def main(argv: list[str] | None = None) -> int:
         help="load only this model (repeatable; an ensemble brings its steps): --load-model ct_triage serves "
         "without the explanation models (default, or '*': every model)",
     )
-    args = parser.parse_args(argv)
-    models = None if args.load_model in (None, ["*"]) else args.load_model
+    return parser
 
+
+def server_for(args: argparse.Namespace, admin_key: str | None, installation: Installation | None) -> TritonServer:
+    """The supervised server a command line describes."""
+    return TritonServer(
+        args.repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_file=args.log_file,
+        log_verbose=args.log_verbose,
+        model_config_name=args.model_config_name,
+        admin_key=admin_key,
+        supervise=True,
+        startup_timeout_s=args.startup_timeout,
+        hang_timeout_s=args.hang_timeout,
+        models=None if args.load_model in (None, ["*"]) else args.load_model,
+        installation=installation,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     admin_key = os.environ.get(ADMIN.key_env)  # set but empty: refused below, never served open by mistake
     try:
         installation = installation_at(args.tritonserver) if args.tritonserver else None
@@ -88,21 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --tritonserver: {error}", file=sys.stderr)
         return 2
     try:
-        server = TritonServer(
-            args.repository,
-            http_port=args.http_port,
-            grpc_port=args.grpc_port,
-            metrics_port=args.metrics_port,
-            log_file=args.log_file,
-            log_verbose=args.log_verbose,
-            model_config_name=args.model_config_name,
-            admin_key=admin_key,
-            supervise=True,
-            startup_timeout_s=args.startup_timeout,
-            hang_timeout_s=args.hang_timeout,
-            models=models,
-            installation=installation,
-        )
+        server = server_for(args, admin_key, installation)
     except ValueError as error:
         print(f"error: {ADMIN.key_env}: {error}", file=sys.stderr)
         return 2

@@ -120,8 +120,7 @@ class Serving:
     tensorrt_workspace_bytes: int = 2 * 1024**3  # bounded so engine building fits next to the server on an 8 GB card
     # The server's and its stubs' glibc returns freed memory at once (blocks of 64 KiB and more mapped
     # on their own, the heap trimmed on every free, 2 arenas): with its defaults the buffers of one
-    # 1 GiB gRPC request stayed resident in tritonserver (~400 MB) for good. The launcher sets them;
-    # the compose file and the Kubernetes Deployment set them too.
+    # 1 GiB gRPC request stayed resident in tritonserver (~400 MB) for good. The launcher sets them.
     malloc_environment: tuple[tuple[str, str], ...] = (
         ("MALLOC_MMAP_THRESHOLD_", "65536"),
         ("MALLOC_TRIM_THRESHOLD_", "0"),

@@ -25,6 +25,25 @@ TEST_SIZE = 64
 TRIAGE_ONLY = (NAMES.triage,)  # the models a site that never asks for explanations loads (TritonServer(models=...))
 
 
+def served_configs(destination: Path, preprocess_device: str, preprocess_instances: int) -> Path:
+    """The committed model_repository/'s configs (no weights: the configs are what the launcher reads),
+    with ct_preprocess as `python -m export --preprocess-device D --preprocess-instances N` renders it:
+    the repository a deployment file's launcher serves, for the flags it would give Triton."""
+    import shutil
+
+    from google.protobuf import text_format
+
+    from export import parse_config
+
+    shutil.copytree(ROOT / "model_repository", destination, ignore=shutil.ignore_patterns("1"))
+    path = destination / NAMES.preprocess / "config.pbtxt"
+    config = parse_config(path.read_text(), str(path))
+    config.parameters["device"].string_value = preprocess_device
+    config.instance_group[0].count = preprocess_instances
+    path.write_text(text_format.MessageToString(config))
+    return destination
+
+
 def run_module(module: str, *args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m module args` as a user runs the CLIs (text output captured), from `cwd` (default the
     project root)."""

@@ -15,16 +15,19 @@ import json
 import re
 import shlex
 import shutil
+import tempfile
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 from google.protobuf import text_format
-from helpers import ROOT, run_module
+from helpers import ROOT, run_module, served_configs
 
+import serve.__main__ as serve_cli
 from serve import sizing
-from settings import NAMES, PREPROCESSING, SERVING
+from serve.launcher import STUB_BINARY, Installation
+from settings import ADMIN, NAMES, PREPROCESSING, SERVING
 
 K8S = ROOT / "deploy" / "k8s"
 REPOSITORY = ROOT / "model_repository"
@@ -61,14 +64,35 @@ def container() -> dict:
     return server
 
 
-def flags() -> dict[str, list[str]]:
-    """tritonserver's `--name=value` arguments, by name (some are repeated). The container keeps the
-    image's entrypoint (NVIDIA's, which execs its arguments) and its args are the server's command line."""
+def serve_arguments() -> argparse.Namespace:
+    """The container's arguments, `python3 -m serve ...`, as serve's own parser reads them (the container
+    keeps the image's entrypoint, NVIDIA's, which execs its arguments)."""
     server = container()
     assert "command" not in server
-    assert server["args"][0] == "tritonserver"
+    assert server["args"][:3] == ["python3", "-m", "serve"], server["args"]
+    return serve_cli.parser().parse_args(server["args"][3:])
+
+
+# the repository export writes for the Deployment, as the launcher reads it: the committed configs
+_RENDERED = tempfile.TemporaryDirectory(prefix="ct-triage-k8s-")
+
+
+@functools.cache
+def flags() -> dict[str, list[str]]:
+    """tritonserver's `--name=value` arguments, by name (some are repeated), as the launcher passes them
+    for the container's arguments: on the configs export writes for the Deployment (the committed ones,
+    with ct_preprocess where its annotation puts it), with a key in CT_TRIAGE_ADMIN_KEY."""
+    written = export_command(shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/model-repository"]))
+    args = serve_arguments()
+    args.repository = str(served_configs(Path(_RENDERED.name) / "repository", written.preprocess_device, written.preprocess_instances))
+    root = Path(args.tritonserver)
+    backends = root / "backends"
+    python = backends / "python"
+    installation = Installation(root / "bin" / "tritonserver", python, python / STUB_BINARY, root / "lib", backends)
+    command = serve_cli.server_for(args, "test-key", installation).command(backends)
+    assert command[0] == "/opt/tritonserver/bin/tritonserver"  # the image's Triton, with its ONNX Runtime and TensorRT backends
     parsed: dict[str, list[str]] = {}
-    for argument in server["args"][1:]:
+    for argument in command[1:]:
         name, equals, value = argument.partition("=")
         assert argument.startswith("--") and equals, f"not a --name=value flag: {argument}"
         parsed.setdefault(name[2:], []).append(value)
@@ -220,7 +244,7 @@ def test_the_sizing_annotation_describes_what_the_deployment_serves():
     # the repository on the volume is written for the same target, device and instance count
     written = export_command(shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/model-repository"]))
     assert written.target == args.target
-    assert written.out == flag("model-repository")
+    assert written.out == serve_arguments().repository
     assert written.preprocess_device == ("cuda" if args.gpu_preprocessing else "cpu")
     assert written.preprocess_instances == args.preprocess_instances
 
@@ -309,25 +333,20 @@ def test_the_launcher_sizes_the_cuda_pool_from_the_configs_it_serves(tmp_path):
 
 def test_flags_are_the_projects():
     parsed = flags()
+    assert serve_arguments().load_model == ["*"] and flag("load-model") == "*"
     assert flag("model-control-mode") == "explicit"
-    assert flag("load-model") == "*"
     assert flag("strict-readiness") == "true"
     assert int(flag("exit-timeout-secs")) == SERVING.exit_timeout_s
     assert flag("grpc-infer-allocation-pool-size") == "0"  # as serve.launcher runs it: no request keeps a study's capacity
     assert len(parsed["backend-config"]) == len(set(parsed["backend-config"]))
     # the served repository is on the read-only volume, which is the model-repository PVC
-    repository = Path(flag("model-repository"))
+    repository = Path(serve_arguments().repository)
     (mount,) = [mount for mount in container()["volumeMounts"] if Path(mount["mountPath"]) in repository.parents]
     assert mount["readOnly"] is True
     volume = next(volume for volume in pod_spec()["volumes"] if volume["name"] == mount["name"])
     claim = the("PersistentVolumeClaim")
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # the export pod fills it through this claim
-
-
-def test_the_server_gives_freed_memory_back_as_the_launcher_has_it():
-    values = {env["name"]: env.get("value") for env in container()["env"]}
-    assert dict(SERVING.malloc_environment).items() <= values.items()
 
 
 def test_the_model_config_name_is_a_target_with_a_committed_config():
@@ -389,7 +408,8 @@ def test_probes_ask_triton_for_readiness_and_liveness_on_the_http_port():
 def test_termination_outlasts_the_pre_stop_pause_and_the_exit_timeout():
     pause = container()["lifecycle"]["preStop"]["exec"]["command"]
     assert pause[0] == "sleep"
-    assert pod_spec()["terminationGracePeriodSeconds"] > int(pause[1]) + int(flag("exit-timeout-secs"))
+    # the launcher's stop: SIGTERM, Triton's exit timeout for in-flight studies and 15 s more, then SIGKILL
+    assert pod_spec()["terminationGracePeriodSeconds"] > int(pause[1]) + int(flag("exit-timeout-secs")) + 15
 
 
 # -- access and privileges -----------------------------------------------------------------------------
@@ -404,9 +424,9 @@ def test_admin_apis_need_the_key_from_a_secret(option):
     assert ADMIN_APIS <= restricted <= TRITON_APIS
     assert not restricted & OPEN_APIS  # probes and clients send no key
     assert re.fullmatch(r"[a-z0-9-]+", key), key  # a header (HTTP) and metadata key (gRPC): lower case
-    variable = re.fullmatch(r"\$\(([A-Z_]+)\)", secret)
-    assert variable, f"the key must come from the environment, not the manifest: {secret}"
-    (env,) = [env for env in container()["env"] if env["name"] == variable[1]]
+    assert secret == "test-key"  # the launcher's, from CT_TRIAGE_ADMIN_KEY
+    assert not any(ADMIN.key_env in argument for argument in container()["args"])  # never on the command line
+    (env,) = [env for env in container()["env"] if env["name"] == ADMIN.key_env]
     reference = env["valueFrom"]["secretKeyRef"]
     assert reference.get("optional") is not True  # no secret, no server: never an empty key
     example = the("Secret", reference["name"])
@@ -476,7 +496,7 @@ def test_the_export_job_runs_the_annotations_export_with_a_checkpoint_from_the_v
     annotated = export_command(shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/model-repository"]))
     assert {**vars(run), "checkpoint": None} == {**vars(annotated), "checkpoint": None}  # all but the checkpoint's path
     assert not run.demo_weights
-    assert run.out == flag("model-repository")
+    assert run.out == serve_arguments().repository
     assert run.target in export_targets()
     # the checkpoint is a file on the Job's volume, the one the init container waits for
     checkpoint = Path(run.checkpoint)

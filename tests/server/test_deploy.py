@@ -19,14 +19,15 @@ import check_jsonschema
 import jsonschema
 import pytest
 import yaml
-from helpers import ROOT, answering, discard
+from helpers import ROOT, answering, discard, served_configs
 
 import client
 import export
+import serve.__main__ as serve_cli
 from export.__main__ import _parser as export_parser
 from preprocess import phantom
 from serve import sizing, start_on_free_ports
-from settings import METRICS, OPERATING_POINT, SERVING
+from settings import ADMIN, METRICS, OPERATING_POINT, SERVING
 
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -95,32 +96,25 @@ def test_triton_reserves_the_gpu_and_serves_what_export_writes(compose):
     assert job["restart"] == "no" and triton["restart"] == "unless-stopped"
     options = export_parser().parse_args(job["command"][3:])  # python3 -m export ... as the export CLI parses it
     assert options.target in export.TARGETS and options.checkpoint == "/checkpoints/fold0.ckpt"
-    flags = _flags(triton["command"])
-    assert flags["--model-repository"] == [options.out] and f"{options.out}:" not in str(triton["volumes"])
+    # the supervised launcher on the image's Triton, as serve's CLI parses it (serve/README.md says what it passes)
+    assert triton["command"][:3] == ["python3", "-m", "serve"]
+    served = serve_cli.parser().parse_args(triton["command"][3:])
+    assert served.repository == options.out and f"{options.out}:" not in str(triton["volumes"])
+    assert served.tritonserver == "/opt/tritonserver" and served.log_file == "/dev/stdout" and served.load_model == ["*"]
     assert "models:/models:ro" in triton["volumes"] and "models:/models" in job["volumes"]
     assert options.artifacts.startswith("/models/") and options.out.startswith("/models/")
-    assert flags["--backend-config"] == [
-        f"python,shm-default-byte-size={SERVING.shm_default_byte_size}",
-        f"python,shm-growth-byte-size={SERVING.shm_growth_byte_size}",
-    ]
-    assert flags["--load-model"] == ["*"] and flags["--model-control-mode"] == ["explicit"] and flags["--strict-readiness"] == ["true"]
-    assert flags["--grpc-infer-allocation-pool-size"] == ["0"]  # as serve.launcher runs it
-    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
-        (value,) = flags[flag]
-        apis, _, header = value.partition(":")
-        assert (
-            set(apis.split(",")) == {"model-repository", "shared-memory", "trace", "logging"} and header == "ct-triage-admin-key=test-key"
-        )
+    assert triton["environment"][ADMIN.key_env] == "test-key"  # from .env; the launcher keeps it from the models
+    assert not any("test-key" in argument for argument in triton["command"])
+    assert triton["init"] is True  # reaps what the launcher's restarts leave orphaned
     ports = {port.rsplit(":", 1)[1]: port for port in triton["ports"]}  # by the container's port
     assert set(ports) == {str(SERVING.http_port), str(SERVING.grpc_port), str(SERVING.metrics_port)}
     assert ports[str(SERVING.metrics_port)].startswith("127.0.0.1:")  # metrics: the host's loopback only
     assert compose["services"]["prometheus"]["ports"][0].startswith("127.0.0.1:")  # no authentication
     assert triton["read_only"] is True and triton["cap_drop"] == ["ALL"] and triton["environment"]["HOME"] == "/tmp"
-    assert dict(SERVING.malloc_environment).items() <= triton["environment"].items()  # as serve.launcher sets them
     assert "/v2/models/ct_triage/ready" in " ".join(triton["healthcheck"]["test"])  # as the Kubernetes readiness probe
 
 
-def test_shared_memory_and_the_cuda_pool_follow_the_sizing_formula(compose):
+def test_shared_memory_follows_the_sizing_formula(compose):
     job = export_parser().parse_args(compose["services"]["export"]["command"][3:])
     deployment = sizing.Deployment(
         size=job.size,
@@ -129,10 +123,23 @@ def test_shared_memory_and_the_cuda_pool_follow_the_sizing_formula(compose):
         classifier_python_instances=1 if job.target in ("cpu", "torch-gpu") else 0,
         preprocess_on_gpu=job.preprocess_device == "cuda",
     )
-    triton = compose["services"]["triton"]
-    assert triton["shm_size"] == f"{sizing.mib(sizing.shm_bytes(deployment))}m"
-    (pool,) = _flags(triton["command"])["--cuda-memory-pool-byte-size"]
-    assert pool == f"0:{sizing.cuda_pool_bytes(deployment)}"
+    assert compose["services"]["triton"]["shm_size"] == f"{sizing.mib(sizing.shm_bytes(deployment))}m"
+
+
+def test_the_launcher_gives_triton_the_cuda_pool_the_sizing_formula_gives(compose, tmp_path):
+    job = export_parser().parse_args(compose["services"]["export"]["command"][3:])
+    served = serve_cli.parser().parse_args(compose["services"]["triton"]["command"][3:])
+    served.repository = str(served_configs(tmp_path / "repository", job.preprocess_device, job.preprocess_instances))
+    served.model_config_name = job.target  # the committed layout of the configs export renders for that target
+    deployment = sizing.Deployment(
+        size=job.size,
+        preprocess_instances=job.preprocess_instances,
+        max_batch_size=job.max_batch_size,
+        classifier_python_instances=1 if job.target in ("cpu", "torch-gpu") else 0,
+        preprocess_on_gpu=job.preprocess_device == "cuda",
+    )
+    launched = serve_cli.server_for(served, None, None).command(tmp_path)
+    assert f"--cuda-memory-pool-byte-size=0:{sizing.cuda_pool_bytes(deployment)}" in launched
 
 
 def test_the_image_is_the_ngc_release_with_the_project_installed_and_runs_as_its_user():
