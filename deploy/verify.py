@@ -1,6 +1,7 @@
 """Checks a running deployment end to end and prints a pass/fail summary (deploy/verify.sh runs it).
 
-1. ready: the server and ct_triage answer ready over HTTP and gRPC, and the server metadata names Triton;
+1. ready: the server and ct_triage answer ready over HTTP and gRPC, and the server metadata names Triton
+   (when it fails, the other checks are SKIP: nothing there answers them);
 2. studies: generated chest studies through ct_triage over HTTP and gRPC give a result with the
    model's provenance, the same probability on both protocols, and a file that is not DICOM gets a
    clear refusal (not an internal error);
@@ -14,7 +15,7 @@
    (settings.METRICS): the 4 answers and the refusal of check 2 counted (at least: other traffic
    adds its own), and the threshold gauge equal to the threshold ct_postprocess is configured with (an
    endpoint that serves no Prometheus text fails this check alone, in one line).
-Exit status 0 only if every check that ran passed.
+Every check reports in one line. Exit status 0 only if every check that ran passed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+# Triton answers health and metadata in milliseconds: a request that gets nothing in this time meets a
+# hung server or another service, which waiting longer does not change.
+READY_TIMEOUT_S = 10
+# A server still starting refuses connections or answers "not ready": retried for this long.
+READY_WAIT_S = 60
+
 
 class Skipped(Exception):
     """A check that cannot run here: printed as SKIP with why, counted neither as passed nor as failed."""
@@ -40,17 +47,35 @@ def _ready(http: str, grpc: str) -> str:
     from client import TriageClient
 
     for url, protocol in ((http, "http"), (grpc, "grpc")):
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + READY_WAIT_S
         while True:
+            tried = time.monotonic()
             try:
-                with TriageClient(url, protocol) as triage:
+                with TriageClient(url, protocol, timeout_s=READY_TIMEOUT_S) as triage:
                     triage.check_ready()
                 break
             except Exception as error:
+                if time.monotonic() - tried >= READY_TIMEOUT_S:
+                    raise AssertionError(f"{protocol} {url}: {error} ({READY_TIMEOUT_S} s)") from None
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{protocol} {url}: {error}") from None
                 time.sleep(2)
     return "server and ct_triage ready over HTTP and gRPC"
+
+
+def _not_ready() -> str:
+    raise Skipped("not run: the server did not answer ready")
+
+
+def _config(http: str, model: str) -> dict:
+    """The config `model` is served with; AssertionError in one line when --http answers no JSON
+    (another port: Triton's metrics port answers every path with its metrics)."""
+    with urllib.request.urlopen(f"http://{http}/v2/models/{model}/config", timeout=30) as response:
+        body = response.read()
+    try:
+        return json.loads(body)
+    except ValueError:  # JSONDecodeError, or bytes that are no UTF-8
+        raise AssertionError(f"{http} answered {model}'s config with {body[:60]!r}, not JSON: is it Triton's HTTP port?") from None
 
 
 def _studies(http: str, grpc: str, work: Path) -> tuple[str, dict]:
@@ -107,8 +132,7 @@ def _parity(http: str, repository: Path, artifacts: Path, provenance: dict, inpu
     from export.parity import FP16_BOUND, FP32_BOUND, parity_inputs
     from settings import NAMES, OPERATING_POINT
 
-    with urllib.request.urlopen(f"http://{http}/v2/models/{NAMES.classifier}/config", timeout=30) as response:
-        size = int(json.loads(response.read())["input"][0]["dims"][-1])
+    size = int(_config(http, NAMES.classifier)["input"][0]["dims"][-1])
     names, volumes = parity_inputs(size)
     names, volumes = names[:inputs], volumes[:inputs]
     client = triton_http.InferenceServerClient(http, network_timeout=600)
@@ -194,23 +218,23 @@ def _metrics(metrics: str, http: str, before: dict[str, float], answered: int, r
     counted = f"{metrics} counted {added[METRICS.decisions]:g} answers and {added[METRICS.refused]:g} refusals"
     counted += f" of the {answered} and {refused} sent"
     assert added[METRICS.decisions] >= answered and added[METRICS.refused] >= refused, f"{counted}: is it the server --http reaches?"
-    with urllib.request.urlopen(f"http://{http}/v2/models/{NAMES.postprocess}/config", timeout=30) as response:
-        configured = float(json.loads(response.read())["parameters"]["threshold"]["string_value"])
+    configured = float(_config(http, NAMES.postprocess)["parameters"]["threshold"]["string_value"])
     in_force = samples[(METRICS.threshold, ())]
     assert math.isclose(in_force, configured, rel_tol=1e-9), f"{METRICS.threshold} is {in_force!r}, the served config says {configured!r}"
     return f"{counted}; threshold {in_force:g} as configured"
 
 
 def check(results: list[tuple[str, str, str]], name: str, run) -> None:
-    """Run one check, record (name, PASS|FAIL|SKIP, what it found) and print it: every check reports,
-    one failure does not hide the others."""
+    """Run one check, record (name, PASS|FAIL|SKIP, what it found, in one line) and print it: every
+    check reports, one failure does not hide the others."""
     try:
-        results.append((name, "PASS", run()))
+        outcome, found = "PASS", run()
     except Skipped as reason:
-        results.append((name, "SKIP", str(reason)))
+        outcome, found = "SKIP", str(reason)
     except Exception as error:
-        results.append((name, "FAIL", str(error) if isinstance(error, AssertionError) else f"{type(error).__name__}: {error}"))
-    print(f"{results[-1][1]}  {name}: {results[-1][2]}", flush=True)
+        outcome, found = "FAIL", str(error) if isinstance(error, AssertionError) else f"{type(error).__name__}: {error}"
+    results.append((name, outcome, " ".join(found.split())))  # a tool's multi-line output (perf_analyzer's) on one line
+    print(f"{outcome}  {name}: {results[-1][2]}", flush=True)
 
 
 def summary(results: list[tuple[str, str, str]]) -> str:
@@ -248,11 +272,17 @@ def main(argv: list[str] | None = None) -> int:
             return found
 
         check(results, "ready", lambda: _ready(args.http, args.grpc))
-        counted_before = _counts(args.metrics)
-        check(results, "studies", studies)
-        check(results, "parity", lambda: _parity(args.http, Path(args.repository), Path(args.artifacts), provenance, args.parity_inputs))
-        check(results, "sweep", lambda: _sweep(args.grpc, work))
-        check(results, "metrics", lambda: _metrics(args.metrics, args.http, counted_before, answered=4, refused=1))
+        ready = results[-1][1] == "PASS"
+        counted_before = _counts(args.metrics) if ready else {}
+        checks = {
+            "studies": studies,
+            "parity": lambda: _parity(args.http, Path(args.repository), Path(args.artifacts), provenance, args.parity_inputs),
+            "sweep": lambda: _sweep(args.grpc, work),
+            "metrics": lambda: _metrics(args.metrics, args.http, counted_before, answered=4, refused=1),
+        }
+        for name, run in checks.items():
+            # each would wait out its own timeouts against a server that did not even answer ready
+            check(results, name, run if ready else _not_ready)
     print(summary(results))
     failed = [name for name, outcome, _ in results if outcome == "FAIL"]
     return 1 if failed else 0
