@@ -19,7 +19,7 @@ import time
 
 from benchmarks import option_types
 from benchmarks.load import add_arguments, closed_loop, reload_classifier, rendered_server, study_timeout, triton_sender, write_results
-from benchmarks.serving import machine
+from benchmarks.serving import machine, versions_text
 from preprocess import phantom
 from settings import NAMES
 
@@ -105,9 +105,10 @@ def run(args: argparse.Namespace) -> dict:
         "series", slices=args.slices, rows=args.matrix, columns=args.matrix, pixel_spacing=400.0 / args.matrix, slice_spacing=2.5
     )
     with rendered_server(args.target, args.size, models=[NAMES.triage]) as server:  # ct_triage is what it measures
+        host = machine(args.size, server.http_url)
         results = measure(server, payload, waits=args.waits, levels=args.levels, requests=args.requests, rounds=args.rounds)
     study = {"slices": args.slices, "rows": args.matrix, "columns": args.matrix, "megabytes": round(sum(map(len, payload)) / 1e6, 1)}
-    return {"machine": machine(args.size), "target": args.target, "requests": args.requests, "study": study, **results}
+    return {"command": args.command, "machine": host, "target": args.target, "requests": args.requests, "study": study, **results}
 
 
 def markdown(results: dict) -> str:
@@ -116,7 +117,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"# The classifier's batching wait: {results['target']} target, S={host['size']}",
         "",
-        f"{host['cpu']}, {host['available_cpus']} CPUs, {host['date']}; demo weights; a phantom study of {study['slices']} slices "
+        f"`{results['command']}` on {host['date']}: {host['cpu']}, {host['available_cpus']} CPUs; {versions_text(host)}; "
+        f"demo weights; a phantom study of {study['slices']} slices "
         f"of {study['rows']}x{study['columns']} ({study['megabytes']} MB), HTTP; the closed client loop of benchmarks.load, "
         f"{results['requests']} studies per run; ct_classifier reloaded to each wait, the waits' order reversed every other round; "
         f"medians over {rounds} rounds.",
@@ -131,6 +133,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
     import export
 
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--waits", type=option_types.WAIT_US, nargs="+", default=[20000, 0], help="max_queue_delay_microseconds values")
     add_arguments(parser, levels=[1, 4], requests=16, rounds=4, compared="wait")
     args = parser.parse_args(argv)
+    args.command = option_types.command_line(parser, argv)
     results = run(args)
     write_results(args.out, f"batching-wait-{args.target}-s{args.size}", results, markdown(results))
     print(json.dumps({"summary": results["summary"]}))

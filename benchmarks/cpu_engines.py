@@ -23,9 +23,11 @@ Parity: each engine on export's parity set (7 volumes at --parity-size) against 
 (and |dP| per volume) and whether every decision at the operating point agrees; an FP32 engine
 passes at <= 1e-4, the BF16 and INT8 engines at export's half-precision bound (1e-2) with every
 decision agreeing.
-Ceiling: the FP32 arithmetic rate each engine reaches (the network's FLOPs at S over its time) next
-to the machine's, measured as the best of 3 float32 4096x4096 matrix products (numpy's BLAS, its
-default threads) before and after the rounds: an engine near that rate has no FP32 speed left to find.
+Rate: the arithmetic rate each engine reaches (the network's FLOPs at S over its time) against a
+float32 matrix product's on the same machine, the best of 3 float32 4096x4096 products (numpy's
+BLAS, its default threads) before and after the rounds: a reference, not a bound (a convolution
+engine with better blocking reaches more than 100% of it), so an FP32 engine near it has little
+FP32 speed left to find.
 Served (unless --no-served): a repository rendered for the cpu target at S, the bundled tritonserver,
 and one volume sent to ct_classifier, its round trip timed in every round after the engines', at
 FP32 and with ct_classifier reloaded as `--precision bf16` renders it (unless --no-bf16), the two
@@ -219,7 +221,7 @@ def serve_at(server, precision: str) -> None:
 
 
 def matmul_gflops(n: int = 4096, runs: int = 3) -> float:
-    """The best float32 matrix-product rate of `runs` (2 n^3 FLOP each): the machine's practical FP32 ceiling."""
+    """The best float32 matrix-product rate of `runs` (2 n^3 FLOP each): the engines' rates are compared with it."""
     a, b = np.random.default_rng(0).random((2, n, n), dtype=np.float32)
     best = float("inf")
     for _ in range(runs):
@@ -263,6 +265,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# CPU classifier engines at S={result['size']} ({result['threads']} threads, {result['cpu']})",
         "",
+        f"`{result['command']}` on {result['date']}.",
+        "",
         f"CPU: {result['cpu']}, {result.get('cpu_family') or 'family unknown'}; "
         + (", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in flags.items()) or "flags unknown")
         + ".",
@@ -273,10 +277,10 @@ def markdown(result: dict) -> str:
         f"decisions at {OPERATING_POINT.threshold:g}).",
         "",
         f"Load average {result['load_before']} before, {result['load_after']} after (a shared machine). The network: "
-        f"{result['study_gflop']:.0f} GFLOP per study at S={result['size']}. FP32 ceiling, float32 matrix product: "
-        f"{result['ceiling_gflops'][0]:.1f} GFLOP/s before the rounds, {result['ceiling_gflops'][1]:.1f} after.",
+        f"{result['study_gflop']:.0f} GFLOP per study at S={result['size']}. A float32 matrix product (numpy's BLAS): "
+        f"{result['matmul_gflops'][0]:.1f} GFLOP/s before the rounds, {result['matmul_gflops'][1]:.1f} after.",
         "",
-        "| engine | s / study | vs onnxruntime | GFLOP/s | of the ceiling | build s | parity max abs dP | bound | decisions agree"
+        "| engine | s / study | vs onnxruntime | GFLOP/s | vs float32 matmul | build s | parity max abs dP | bound | decisions agree"
         " | passes |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
@@ -291,7 +295,7 @@ def markdown(result: dict) -> str:
             label += " (not offered; FP16 bound)"
         lines.append(
             f"| {label} | {row['median_s']:.2f} | {row['speedup_vs_onnxruntime']:.2f}x | "
-            f"{row['gflops']:.1f} | {row['gflops'] / max(result['ceiling_gflops']):.0%} | {row['build_s']:.1f} | "
+            f"{row['gflops']:.1f} | {row['gflops'] / max(result['matmul_gflops']):.0%} | {row['build_s']:.1f} | "
             f"{parity.get('max_abs_dp', float('nan')):.1e} | {parity.get('bound', FP32_BOUND):g} | "
             f"{parity.get('decisions_agree', '-')} | {parity.get('passed', '-')} |"
         )
@@ -342,7 +346,7 @@ def run(args: argparse.Namespace) -> dict:
         precision_in_use[INT8_ENGINE] = int8_in_use(engines[INT8_ENGINE])
     volume = chest(args.size, 7, lesion=True).numpy()
     load_before = [round(load, 2) for load in os.getloadavg()]
-    ceiling = [matmul_gflops(args.ceiling_n)]
+    matmul = [matmul_gflops(args.matmul_n)]
     times: dict[str, list[float]] = {name: [] for name in engines}
     served_precisions = (["fp32", "bf16"] if args.bf16 else ["fp32"]) if args.served else []
     served_times: dict[str, list[float]] = {precision: [] for precision in served_precisions}
@@ -368,7 +372,7 @@ def run(args: argparse.Namespace) -> dict:
                 served(volume)
                 served_times[precision].append(time.perf_counter() - started)
     del engines
-    ceiling.append(matmul_gflops(args.ceiling_n))
+    matmul.append(matmul_gflops(args.matmul_n))
     gflop = study_tflop(args.size) * 1e3
     baseline = statistics.median(times[BASELINE])
     rows = {
@@ -390,7 +394,7 @@ def run(args: argparse.Namespace) -> dict:
         "load_before": load_before,
         "load_after": [round(load, 2) for load in os.getloadavg()],
         "study_gflop": gflop,
-        "ceiling_gflops": [round(rate, 1) for rate in ceiling],
+        "matmul_gflops": [round(rate, 1) for rate in matmul],
         "size": args.size,
         "threads": threads,
         "repeat": args.repeat,
@@ -414,6 +418,7 @@ def served_row(runs: list[float], baseline: float) -> dict:
     return {"median_s": median, "runs_s": [round(s, 3) for s in runs], "speedup_vs_onnxruntime": baseline / median}
 
 
+@option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_engines", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=option_types.SIZE, default=256)
@@ -423,18 +428,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--parity-size", type=option_types.SIZE, default=64)
     parser.add_argument(
-        "--ceiling-n", type=integer(16, 16384), default=4096, help="matrix size of the FP32 ceiling's product (default 4096: 137 GFLOP)"
+        "--matmul-n",
+        type=integer(16, 16384),
+        default=4096,
+        help="matrix size of the float32 product the engines' rates are compared with (default 4096: 137 GFLOP)",
     )
     parser.add_argument("--checkpoint", help="a checkpoint instead of the seeded demo weights")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile (minutes of compiling)")
     parser.add_argument("--no-served", dest="served", action="store_false", help="leave out the served measurement")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="leave out OpenVINO at BF16 (engine and served)")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="leave out OpenVINO on the INT8-quantized graph")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
     args = parser.parse_args(argv)
-    result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    result = {"command": option_types.command_line(parser, argv), **run(args)}
+    out = args.out
     (out / "cpu-engines.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
     (out / "cpu-engines.md").write_text(text)

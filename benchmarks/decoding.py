@@ -253,7 +253,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Compressed studies: decoding on every core (`benchmarks/decoding.py`)",
         "",
-        f"`python -m benchmarks.decoding --repeat {r['repeat']}`, one run on {r['date']}: {r['machine']}, "
+        f"`{r['command']}`, one run on {r['date']}: {r['machine']}, "
         f"load average {r['load_average_before']} before and {r['load_average_after']} after (a shared machine), "
         f"{r['threads']} worker threads, imagecodecs {r['versions']['imagecodecs']}, pydicom {r['versions']['pydicom']}.",
         "",
@@ -307,12 +307,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+@option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding", description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=option_types.COUNT, default=3)
     parser.add_argument("--size", type=option_types.SIZE, default=PREPROCESSING.size)
     parser.add_argument("--encodings", default=",".join(ENCODINGS), help=f"comma-separated, of {', '.join(ENCODINGS)}")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for decoding-cpu.json and .md")
+    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results", help="folder for decoding-cpu.json and .md")
     parser.add_argument(
         "--slices", type=option_types.SLICES, default=DEFAULT_STUDY["slices"], help="fewer slices for a quick check (default 300)"
     )
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     import imagecodecs
 
     result = {
+        "command": option_types.command_line(parser, argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "study": f"generated phantom {args.slices}x512x512, 0.7 mm pixels, 1 mm slices, scanner air, signed 16-bit stored values",
@@ -350,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             result["target"] += f"; {'met' if free <= TARGET else 'not met'} ({free} x) over the {pairs} pairs run with the cores free"
     else:
         result["target"] = "not measured (no jpeg2000 copy)"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out
     (out / "decoding-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "decoding-cpu.md").write_text(markdown(result))
     print(markdown(result))

@@ -17,7 +17,7 @@ Cost of each method for one study at S (F = one forward pass, B = one backward p
 - integrated_gradients: steps x (F + full B to the input) + 1 F; the memory of one full backward pass.
 - occlusion: (S / window)^3 + 1 F (one per window position, plus the unoccluded one), inference memory.
 
-CPU: each (method, S) runs in a fresh child process (`--child`), so that no earlier measurement's
+CPU: each (method, S) runs in a fresh child process (`child`), so that no earlier measurement's
 heap counts in its peak: the model and the volume are loaded, everything is warmed up once at S=16,
 the resident memory then is the baseline, and each call's peak is the kernel's VmHWM after resetting
 it (clear_refs 5) just before the call, freed memory given back first (malloc_trim). The first call
@@ -61,6 +61,8 @@ INFERENCE = "inference"
 METHODS = ("gradcam", "integrated_gradients", "occlusion")  # explain.METHODS, without importing captum here
 WARM_UP_SIZE = 16
 QUIET_OTHERS_CORES = 0.2  # with --quiet-load: a CPU measurement during which others used more is taken again
+# one CPU measurement in a fresh interpreter, its Config as JSON in argv[1]; prints the row as JSON
+CHILD = "import json, sys; from benchmarks.explain import Config, child; print(json.dumps(child(Config(**json.loads(sys.argv[1])))))"
 COST = {
     INFERENCE: "F",
     "gradcam": "F + backward through pooling and FC; inference memory",
@@ -240,7 +242,7 @@ def measure_cpu_child(config: Config, quiet: float | None, quiet_wait_s: float, 
     own = _children_cpu()
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.explain", "--child", json.dumps(asdict(config))],
+        [sys.executable, "-c", CHILD, json.dumps(asdict(config))],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -378,9 +380,12 @@ def run(
     import torch
 
     from contract import validate_size
+    from export import load_checkpoint
 
     for size in sizes:
         validate_size(size)
+    if checkpoint:
+        load_checkpoint(checkpoint)  # one that cannot be used fails here, not in each child's traceback
     max_size = max_size or {}
     result: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -504,7 +509,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# The cost of one explanation ({result['device']}: {device})",
         "",
-        f"{result['date']}; torch {result['torch']}, captum {result['captum']}, Python {result['python']}"
+        f"`{result['command']}` on {result['date']}; torch {result['torch']}, captum {result['captum']}, Python {result['python']}"
         + (f", {result['threads']} threads" if result.get("threads") else "")
         + f". Weights: {result.get('weights')}. Volume: {result['volume']}. FP32, batch 1; integrated_gradients "
         f"with {result['steps']} steps, occlusion with a window of {result['window']} voxels (stride = window). "
@@ -560,7 +565,6 @@ def markdown(result: dict) -> str:
 
 
 def write(result: dict, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
     name = f"explain-{result['device']}"
     paths = out / f"{name}.json", out / f"{name}.md"
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
@@ -568,6 +572,7 @@ def write(result: dict, out: Path) -> tuple[Path, Path]:
     return paths
 
 
+@option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.explain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=option_types.SIZE, nargs="+", default=[64, 128, 256], help="S values (default 64 128 256)")
@@ -579,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="METHOD=S",
         help="the largest S measured per method; larger ones are listed as not measured (default: %(default)s)",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", type=option_types.DEVICE, choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--repeat", type=option_types.COUNT, default=3, help="calls of each per measurement, at most (no new round once past 60 s)"
     )
@@ -593,17 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quiet-wait", type=option_types.SECONDS, default=1800.0, help="seconds to wait for quiet at most, per measurement"
     )
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # one CPU measurement, in a fresh process
+    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
     args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(Config(**json.loads(args.child)))))
-        return 0
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device here")
     result = run(
         args.size,
         args.methods,
@@ -618,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         quiet_wait_s=args.quiet_wait,
         log=lambda message: print(message, file=sys.stderr, flush=True),
     )
-    json_path, md_path = write(result, Path(args.out))
+    result["command"] = option_types.command_line(parser, argv)
+    json_path, md_path = write(result, args.out)
     print("\n".join(table(result)))
     summary = {
         "json": str(json_path),

@@ -21,7 +21,7 @@ import time
 
 from benchmarks import option_types
 from benchmarks.load import add_arguments, closed_loop, rendered_server, triton_sender, write_results
-from benchmarks.serving import machine, rss_by_process
+from benchmarks.serving import machine, rss_by_process, versions_text
 from client import RetryPolicy, TriageClient
 from preprocess import phantom
 from settings import NAMES
@@ -74,9 +74,10 @@ def one_study_s(url: str, payload: list[bytes], explain: bool, repeats: int) -> 
 def run(args: argparse.Namespace) -> dict:
     payload = phantom.study_files("series", slices=args.slices, rows=args.matrix, columns=args.matrix, pixel_spacing=0.7, slice_spacing=1.0)
     with rendered_server("cpu", args.size) as server:
+        host = machine(args.size, server.http_url)
         results = measure(server, payload, levels=args.levels, requests=args.requests, rounds=args.rounds, repeats=args.repeats)
     shape = {"slices": args.slices, "rows": args.matrix, "columns": args.matrix}
-    return {"machine": machine(args.size), "study": {**shape, "megabytes": round(sum(map(len, payload)) / 1e6, 1)}, **results}
+    return {"command": args.command, "machine": host, "study": {**shape, "megabytes": round(sum(map(len, payload)) / 1e6, 1)}, **results}
 
 
 def measure(server, payload: list[bytes], *, levels: list[int], requests: int, rounds: int, repeats: int) -> dict:
@@ -133,7 +134,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Explanations opt-in: ct_triage with and without the explanation models (S={host['size']})",
         "",
-        f"{host['cpu']}, {host['available_cpus']} CPUs, {host['date']}; demo weights, target cpu; "
+        f"`{results['command']}` on {host['date']}: {host['cpu']}, {host['available_cpus']} CPUs; {versions_text(host)}; "
+        "demo weights, target cpu; "
         f"a phantom study of {study['slices']} slices of {study['rows']}x{study['columns']} ({study['megabytes']} MB), HTTP; "
         "the closed client loop of benchmarks.load; loaded and unloaded alternate within each round (medians over rounds). "
         f"Load average (1, 5, 15 min) {results['load_average']['before']} before, {results['load_average']['after']} after.",
@@ -163,11 +165,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+@option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.explain_opt_in", description=__doc__.splitlines()[0])
     add_arguments(parser, levels=[1, 2], requests=24, rounds=4, compared="state")
     parser.add_argument("--repeats", type=option_types.COUNT, default=3, help="single studies timed per model")
     args = parser.parse_args(argv)
+    args.command = option_types.command_line(parser, argv)
     results = run(args)
     write_results(args.out, f"explain-opt-in-cpu-s{args.size}", results, markdown(results))
     print(json.dumps({"levels": results["levels"], "one_study_s": results["one_study_s"], "target": results["target"]}))

@@ -992,7 +992,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or use --smoke")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # not benchmarks.option_types.OUT: it imports the client, which the GPU machine has only if carried
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {out}: {error.strerror or error}")
     plan = Plan.smoke() if args.smoke else Plan.gpu()
     results = run(plan, out, "bash benchmarks/gpu_check.sh" + (" --smoke" if args.smoke else ""), run_started())
     failed = [name for name, value in results.items() if isinstance(value, dict) and "error" in value]

@@ -24,7 +24,7 @@ from pathlib import Path
 import export
 from benchmarks import option_types
 from benchmarks.load import write_results
-from benchmarks.serving import machine
+from benchmarks.serving import machine, versions_text
 from serve import start_on_free_ports
 from settings import NAMES
 
@@ -81,7 +81,7 @@ def _send_chunks(server, chunks: int) -> int:
     return len(chunk) * chunks
 
 
-def run(form_mib: list[int], chunks: int) -> dict:
+def run(form_mib: list[int], chunks: int, command: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="ct_triage_http_faults_") as scratch:
         repository = Path(scratch) / "repository"
         export.write_repository(repository, target="cpu", size=SIZE, demo_weights=True)
@@ -99,12 +99,13 @@ def run(form_mib: list[int], chunks: int) -> dict:
             if server is not None:
                 server.stop()
         with start_on_free_ports(repository, log_file=Path(scratch) / "chunks.log", exit_timeout_s=2, models=[NAMES.triage]) as server:
+            host = machine(SIZE, server.http_url)
             before = _server_rss_mib(server)
             sent = _send_chunks(server, chunks)
             after = _server_rss_mib(server)
             chunked = {"chunks": chunks, "mb_sent": round(sent / 1e6, 1), "rss_before_mib": round(before), "rss_after_mib": round(after)}
             chunked["server_running"] = server.is_running()
-    return {"machine": machine(SIZE), "form_typed": form, "chunked": chunked}
+    return {"command": command, "machine": host, "form_typed": form, "chunked": chunked}
 
 
 def markdown(results: dict) -> str:
@@ -112,7 +113,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# Plain HTTP requests against the bundled tritonserver",
         "",
-        f"{host['cpu']}, {host['date']}; ct_triage at S={SIZE}, `python -m benchmarks.http_faults`.",
+        f"`{results['command']}` on {host['date']}: {host['cpu']}; {versions_text(host)}; ct_triage at S={SIZE}.",
         "",
         f"A study's binary request sent as `{FORM}`, the sizes in turn (a fresh server after each one that killed it):",
         "",
@@ -128,6 +129,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.http_faults", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -136,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chunks", type=option_types.CHUNKS, default=2_000_000, help="one-byte chunks of the chunked request (at most 4,000,000)"
     )
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
     args = parser.parse_args(argv)
-    results = run(args.form_mib, args.chunks)
+    results = run(args.form_mib, args.chunks, option_types.command_line(parser, argv))
     write_results(args.out, NAME, results, markdown(results))
     print(json.dumps({"form_typed": results["form_typed"], "chunked": results["chunked"]}))
     return 0

@@ -174,13 +174,20 @@ def add_arguments(parser: argparse.ArgumentParser, *, levels: list[int], request
     parser.add_argument("--rounds", type=option_types.COUNT, default=rounds, help=f"rounds, each measuring every {compared}")
     parser.add_argument("--slices", type=option_types.SLICES, default=120)
     parser.add_argument("--matrix", type=option_types.MATRIX, default=256)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
 
 
-def write_results(out: str | Path, stem: str, results: dict, text: str) -> None:
-    """`stem`.json (everything) and `stem`.md (the tables) in `out`."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def triton_version(url: str, protocol: str = "http") -> str:
+    """The Triton version the server at `url` reports in its metadata, what a results file names;
+    client.ServerUnavailable (one line) when none answers there or ct_triage is not ready."""
+    with TriageClient(url, protocol, retry=RetryPolicy(attempts=1)) as client:
+        client.check_ready()
+        metadata = client.triton.get_server_metadata()
+    return metadata["version"] if isinstance(metadata, dict) else metadata.version
+
+
+def write_results(out: Path, stem: str, results: dict, text: str) -> None:
+    """`stem`.json (everything) and `stem`.md (the tables) in `out` (a folder option_types.OUT checked)."""
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{stem}.md").write_text(text)
 

@@ -178,6 +178,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+@option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report_scale", description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=option_types.COUNT, default=10_000)
@@ -187,12 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=2)
     parser.add_argument("--window", type=option_types.WINDOW, default=1000, help="studies per window of the time per study")
     parser.add_argument("--write-every", type=option_types.SECONDS, default=30.0, help="the report's rewrite interval, seconds")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.studies < 2 * args.window:
         parser.error(f"--studies must be at least 2 x --window ({2 * args.window}): the first window is compared with the last")
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{NAME}.md").write_text(markdown(result))
     print(json.dumps({key: result[key] for key in ("studies", "wall_seconds", "last_over_first_window", "report_write_seconds")}))

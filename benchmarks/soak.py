@@ -259,10 +259,7 @@ def summarise(args, studies, tally, warm_up, samples, start, end, elapsed, recov
     }
     return {
         "machine": machine(args.size),
-        "command": (
-            f"python -m benchmarks.soak --minutes {args.minutes:g} --size {args.size} "
-            f"--concurrency {args.concurrency} --warm-up-s {args.warm_up_s:g}"
-        ),
+        "command": args.command,
         "size": args.size,
         "concurrency": args.concurrency,
         "modes": [f"{p}{' + shm' if s else ''}" for p, s in MODES],
@@ -380,6 +377,7 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+@option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -390,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=4)
     parser.add_argument("--warm-up-s", type=option_types.SECONDS, default=60.0, help="load at the same concurrency before the start sample")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
     args = parser.parse_args(argv)
+    args.command = option_types.command_line(parser, argv)
     results = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak-cpu.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "soak-cpu.md").write_text(markdown(results))
     plot(results, args.out / "soak-cpu.png")

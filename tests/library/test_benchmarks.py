@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
 
@@ -175,7 +176,7 @@ def _serving_results(load_rows: list[dict], served_failures: int = 0) -> dict:
         "load": load_rows,
         "in_process": {"rounds": 8, "served_s": 0.25, "total_s": 0.24, "served_failures": served_failures},
         "locust": {"failures": 0, "exit_code": 0},
-        "memory": {"shm_before_mib": 0.0, "shm_after_stop_mib": 0.0},
+        "memory": {"shm_idle_mib": 64.0, "shm_peak_mib": 128.0, "shm_after_stop_mib": 0.0},
     }
 
 
@@ -209,7 +210,7 @@ def test_a_soak_that_sent_nothing_does_not_pass():
 
     from benchmarks import soak
 
-    args = argparse.Namespace(minutes=0.000001, size=16, concurrency=4, warm_up_s=0.0)
+    args = argparse.Namespace(minutes=0.000001, size=16, concurrency=4, warm_up_s=0.0, command="python -m benchmarks.soak")
     sample = {"t_s": 0.0, "phase": "start", "rss_mib": {"tritonserver": 40.0}, "shm_mib": 0.0}
     results = soak.summarise(args, [], soak.Tally(), {"sent": 0, "unexpected": []}, [sample], sample, sample, 0.0, [], [], "")
     assert results["sent"] == 0 and not results["checks"]["ran its length with studies sent"] and not results["passed"]
@@ -224,7 +225,7 @@ def test_soak_p95_stays_within_the_times_measured():
     case = soak.Case("phantom, ZIP", [b""], None)
     for seconds in (0.1, 0.2, 0.3, 5.0):
         tally.check(case, ("grpc", False), types.SimpleNamespace(processing_status="Failure", error="", time_of_processing=seconds))
-    args = argparse.Namespace(minutes=0.01, size=16, concurrency=1, warm_up_s=0.0)
+    args = argparse.Namespace(minutes=0.01, size=16, concurrency=1, warm_up_s=0.0, command="python -m benchmarks.soak")
     sample = {"t_s": 0.0, "phase": "start", "rss_mib": {"tritonserver": 40.0}, "shm_mib": 0.0}
     results = soak.summarise(args, [case], tally, {"sent": 0, "unexpected": []}, [sample], sample, sample, 1.0, [], [], "")
     p95 = results["cases"]["phantom, ZIP"]["p95_s"]
@@ -242,11 +243,11 @@ def test_soak_p95_stays_within_the_times_measured():
         ("decoding", ["--encodings", ","]),
     ],
 )
-def test_benchmark_options_they_cannot_use_are_usage_errors(module, argv, capsys):
+def test_benchmark_options_they_cannot_use_are_usage_errors(module, argv, capsys, tmp_path):
     import importlib
 
     with pytest.raises(SystemExit) as exited:
-        importlib.import_module(f"benchmarks.{module}").main([*argv, "--out", "/nonexistent/never-written"])
+        importlib.import_module(f"benchmarks.{module}").main([*argv, "--out", str(tmp_path)])
     assert exited.value.code == 2 and "error:" in capsys.readouterr().err
 
 
@@ -277,7 +278,8 @@ def test_decoding_benchmark_times_both_paths_and_checks_their_values(tmp_path, c
     for row in result["encodings"].values():
         assert row["pydicom"]["max_abs_hu_diff"] == row["imagecodecs"]["max_abs_hu_diff"] == 0
         assert row["imagecodecs"]["frames_by_decoder"]["imagecodecs"] == 16 and row["pydicom"]["frames_by_decoder"]["pydicom"] == 16
-    assert (tmp_path / "decoding-cpu.md").read_text().startswith("# Compressed studies")
+    text = (tmp_path / "decoding-cpu.md").read_text()
+    assert text.startswith("# Compressed studies") and f"`python -m benchmarks.decoding {' '.join(args)}`, one run on " in text
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["imagecodecs_over_pydicom"].keys() == {"jpeg2000", "rle"}
 
 
@@ -299,6 +301,7 @@ def test_explain_benchmark_writes_its_table_with_positive_numbers(tmp_path):
     assert [(entry["method"], entry["size"]) for entry in result["not_measured"]] == [("occlusion", 16)]
 
     text = (tmp_path / "explain-cpu.md").read_text()
+    assert f"`python -m benchmarks.explain {' '.join(args)}` on " in text
     table = [line for line in text.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
     assert header[:5] == ["method", "S", "time s", "ratio to inference", "peak RSS MiB"]
@@ -322,3 +325,154 @@ def test_the_real_ct_series_is_one_series_of_the_real_slice_5_mm_apart():
     study = preprocess.preprocess_study(real_ct_series(), size=16, mode="fast")
     assert study.meta["original_shape"] == [20, 512, 512]
     assert study.meta["original_spacing_mm"][0] == pytest.approx(5.0)
+
+
+# -- what every benchmark's command line does before and after its work ---------------------------
+WITH_OUT = ["soak", "decoding", "explain", "cpu_engines", "report_scale", "batching_wait", "explain_opt_in", "http_faults", "serving"]
+WORK = {"decoding": "studies", "shared_memory": "triton_version", "preprocessing": "measure", "baseline": "create_app"}  # else run
+
+
+def _benchmark(name: str, monkeypatch, work):
+    """benchmarks.<name> with the function its main() starts the work with replaced by `work`."""
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    monkeypatch.setattr(module, WORK.get(name, "run"), work)
+    return module
+
+
+def _no_work(*args, **kwargs):
+    pytest.fail("the benchmark started its work")
+
+
+@pytest.mark.parametrize("name", [*WITH_OUT, "shared_memory"])
+def test_an_out_that_is_a_file_is_a_usage_error_before_any_work(name, monkeypatch, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    extra = ["--http-url", "127.0.0.1:1"] if name == "shared_memory" else []
+    with pytest.raises(SystemExit) as exited:
+        _benchmark(name, monkeypatch, _no_work).main([*extra, "--out", str(afile)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.splitlines()[-1].endswith(f"argument --out: {afile} is a file, not a folder"), err
+
+
+def test_an_out_folder_is_made_while_the_options_are_read_and_one_it_cannot_write_refused(tmp_path):
+    import argparse
+
+    from benchmarks import option_types
+
+    assert option_types.OUT(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    assert not list((tmp_path / "a" / "b").iterdir())  # the write check leaves nothing
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"cannot write results in .*afile/sub: Not a directory"):
+        option_types.OUT(str(tmp_path / "afile" / "sub"))
+
+
+@pytest.mark.parametrize("name", [*WITH_OUT, "shared_memory", "preprocessing", "baseline"])
+def test_ctrl_c_ends_a_benchmark_with_one_line_and_status_130(name, monkeypatch, tmp_path, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    argv = {
+        "shared_memory": ["--http-url", "127.0.0.1:1"],
+        "preprocessing": ["--real-ct", "--size", "16"],
+        "baseline": ["--weights", "w.pt", "--size", "16"],
+    }.get(name, ["--out", str(tmp_path)])
+    try:
+        status = _benchmark(name, monkeypatch, interrupted).main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left main() as a traceback")
+    assert status == 130 and capsys.readouterr().err == f"python -m benchmarks.{name}: interrupted: no results written\n"
+
+
+def test_a_study_or_checkpoint_a_benchmark_cannot_use_is_one_line_and_status_2(tmp_path, capsys):
+    from benchmarks import baseline, cpu_engines, explain, preprocessing
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not DICOM")
+    assert preprocessing.main(["--study", str(notes), "--size", "16"]) == 2
+    assert capsys.readouterr().err == "python -m benchmarks.preprocessing: error: no DICOM images found in the input\n"
+    assert baseline.main(["--weights", str(notes), "--size", "16"]) == 2
+    assert capsys.readouterr().err.startswith("python -m benchmarks.baseline: error: notes.txt is not a PyTorch checkpoint")
+    missing = tmp_path / "missing.pt"
+    for module in (cpu_engines, explain):  # explain: in this process, before any measurement's child
+        assert module.main(["--checkpoint", str(missing), "--size", "16", "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"python -m {module.__name__}: error: checkpoint not found: {missing}\n", err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_a_device_a_benchmark_cannot_use_is_a_usage_error(capsys):
+    import torch
+
+    from benchmarks import preprocessing
+
+    bad = ["xyz", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(SystemExit) as exited:
+            preprocessing.main(["--device", device])
+        assert exited.value.code == 2 and "argument --device: " in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_serving_at_a_url_where_no_server_answers_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    import tempfile
+
+    from benchmarks import serving
+    from serve import free_ports
+
+    before = set(Path(tempfile.gettempdir()).glob("ct_triage_bench_*"))
+    http, grpc = free_ports(2)
+    with pytest.raises(SystemExit) as exited:
+        serving.main(["--url", f"127.0.0.1:{http}", "--grpc-url", f"127.0.0.1:{grpc}", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"python -m benchmarks.serving: error: --url 127.0.0.1:{http}: no ct_classifier config")
+    assert set(Path(tempfile.gettempdir()).glob("ct_triage_bench_*")) == before and not list(tmp_path.iterdir())
+
+
+def test_the_command_a_results_file_names_is_the_one_run():
+    import argparse
+
+    from benchmarks import option_types
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving")
+    assert option_types.command_line(parser, ["--size", "16", "--out", "my results"]) == (
+        "python -m benchmarks.serving --size 16 --out 'my results'"
+    )
+
+
+def test_the_serving_report_names_its_command_and_what_locust_sent():
+    from benchmarks import serving
+
+    machine = {"date": "today", "cpu": "a CPU", "cores": 2, "available_cpus": 2, "memory_gib": 1.0, "size": 16}
+    machine |= {"python": "3.11", "triton": "2.51.0", "versions": {"numpy": "1.26.4"}}
+    locust = {"users": 1, "seconds": 2, "requests": 5, "failures": 2, "succeeded": 3, "succeeded_per_s": 1.5}
+    locust |= {"succeeded_p50_ms": 12, "succeeded_p95_ms": 20, "requests_per_type": {"http": 5}, "exit_code": 1}
+    row = {"target": "triton", "concurrency": 1, "requests": 2, "failures": 0, "studies_per_s": 9.0, "p50_s": 0.1, "p95_s": 0.1}
+    results = {"command": "python -m benchmarks.serving --size 16 --levels 1 --locust-seconds 2", "machine": machine, "levels": [1]}
+    results |= {"requests_per_level": 2, "perf_analyzer_requests": 2, "server": "127.0.0.1:8000", "perf_analyzer": {}}
+    results |= {"study": {"slices": 16, "rows": 32, "columns": 32, "dicom_mib": 0.1}, "load": [row], "locust": locust, "targets": {}}
+    text = serving.markdown(results, "remote-s16")
+    assert "`python -m benchmarks.serving --size 16 --levels 1 --locust-seconds 2` on today" in text and "Triton 2.51.0;" in text
+    assert "5 studies (5 over HTTP), 2 failed; 3 answered with a result, 1.5 per second, p50 12 ms, p95 20 ms" in text
+    assert "gRPC" not in text.split("## locust")[1]
+
+
+def test_serving_counts_only_its_own_servers_shared_memory(tmp_path):
+    """Another job's region in /dev/shm is neither a leak of this server nor a reason to miss the target."""
+    import os
+
+    from benchmarks import serving
+
+    other = Path("/dev/shm") / f"another_job_{os.getpid()}"
+    other.write_bytes(bytes(4 << 20))
+    server = types.SimpleNamespace(pid=os.getpid(), shm_bytes=lambda: 1 << 20)
+    try:
+        with serving.MemoryPeaks(server) as peaks:
+            time.sleep(0.6)
+    finally:
+        other.unlink()
+    assert peaks.shm_mib == 1.0
+    leaked = {**_serving_results([]), "memory": {"shm_idle_mib": 1.0, "shm_peak_mib": 2.0, "shm_after_stop_mib": 1.0}}
+    verdict = serving.targets(leaked)["no /dev/shm region of the server's left after it stopped"]
+    assert verdict == {"value": "1.0 MiB idle, 2.0 MiB at peak, 1.0 MiB after", "met": False}

@@ -79,6 +79,8 @@ def test_locust_scenario_completes_a_bounded_run_without_failures(triton_server,
     result = serving.locust_run(triton_server, users=2, seconds=4, prefix=tmp_path / "locust", study=study_zip)
     assert result["exit_code"] == 0 and result["failures"] == 0
     assert result["requests"] >= 2 and set(result["requests_per_type"]) <= {"http", "grpc"}
+    assert result["succeeded"] == result["requests"] and result["succeeded_per_s"] > 0
+    assert 0 < result["succeeded_p50_ms"] <= result["succeeded_p95_ms"]
 
 
 def test_locust_exits_non_zero_when_studies_fail(triton_server, tmp_path):
@@ -86,6 +88,8 @@ def test_locust_exits_non_zero_when_studies_fail(triton_server, tmp_path):
     not_a_study.write_text("not DICOM")
     result = serving.locust_run(triton_server, users=1, seconds=2, prefix=tmp_path / "locust", study=not_a_study)
     assert result["failures"] >= 1 and result["exit_code"] != 0
+    # refusals are not throughput: no study answered with a result, so no rate and no latency of one
+    assert result["succeeded"] == 0 and result["succeeded_per_s"] == 0 and result["succeeded_p50_ms"] is None
 
 
 def test_baseline_answers_what_the_offline_model_answers(triton_repository, study_zip):
@@ -113,7 +117,7 @@ def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypa
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    options = ["--size", "16", "--parity-size", "16", "--repeat", "1", "--ceiling-n", "512", "--no-compile"]
+    options = ["--size", "16", "--parity-size", "16", "--repeat", "1", "--matmul-n", "512", "--no-compile"]
     assert cpu_engines.main([*options, "--out", str(tmp_path)]) == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])  # one JSON object last, as every benchmark prints
     assert bytes_under(scratch) < 2**20, sorted(scratch.iterdir())  # the graphs and both rendered repositories (2.4 GB) are removed
@@ -132,9 +136,10 @@ def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypa
         "served",
         "served_bf16",
     }
-    assert all(row["gflops"] > 0 for row in result["engines"].values()) and min(result["ceiling_gflops"]) > 0
+    assert all(row["gflops"] > 0 for row in result["engines"].values()) and min(result["matmul_gflops"]) > 0
     assert set(result["cpu_flags"]) >= {"avx2", "avx512_bf16", "amx_bf16"}
     text = (tmp_path / "cpu-engines.md").read_text()
+    assert "| GFLOP/s | vs float32 matmul |" in text
     assert "| openvino (served) [fp32 in use] |" in text and "| openvino-bf16 [" in text and "Served at bf16" in text
     assert re.search(r"\| openvino-int8 \[int8 in \d+ of 33 convolutions in use\] \(not offered; FP16 bound\) \|", text)
     assert "|dP| per parity volume: uniform-0 " in text
@@ -153,9 +158,12 @@ def test_explain_opt_in_compares_ct_triage_with_and_without_the_explanation_mode
     assert memory["explanations_loaded"][f"stub {NAMES.explain}"] > 100  # PyTorch and its own copy of the weights
     assert not {f"stub {model}" for model in explain_opt_in.EXPLANATION_MODELS} & memory["explanations_unloaded"].keys()
     assert results["one_study_s"][NAMES.triage_explain] > 0 and results["one_study_s"][NAMES.triage] > 0
-    assert "ct_triage throughput unchanged" in explain_opt_in.markdown(
-        {"machine": serving.machine(TEST_SIZE), "study": {"slices": 24, "rows": 64, "columns": 64, "megabytes": 0.2}, **results}
-    )
+    study = {"slices": 24, "rows": 64, "columns": 64, "megabytes": 0.2}
+    host = serving.machine(TEST_SIZE, private_explaining_server.http_url)
+    command = "python -m benchmarks.explain_opt_in --levels 1"
+    text = explain_opt_in.markdown({"command": command, "machine": host, "study": study, **results})
+    assert "ct_triage throughput unchanged" in text and f"`{command}` on " in text
+    assert f"Triton {host['triton']};" in text and host["triton"].startswith("2.")  # the server's own /v2 metadata
 
 
 def test_batching_wait_measures_each_wait_on_one_server(private_server):
@@ -170,8 +178,10 @@ def test_batching_wait_measures_each_wait_on_one_server(private_server):
     with urllib.request.urlopen(f"http://{private_server.http_url}/v2/models/{NAMES.classifier}/config") as response:
         assert int(json.loads(response.read())["dynamic_batching"]["max_queue_delay_microseconds"]) == 1000  # the last one measured
     study = {"slices": 24, "rows": 64, "columns": 64, "megabytes": 0.2}
-    text = batching_wait.markdown({"machine": serving.machine(TEST_SIZE), "target": "cpu", "requests": 2, "study": study, **results})
-    assert "| 1 | 0 |" in text and "medians over 2 rounds" in text
+    command = "python -m benchmarks.batching_wait --waits 1000 0"
+    host = serving.machine(TEST_SIZE, private_server.http_url)
+    text = batching_wait.markdown({"command": command, "machine": host, "target": "cpu", "requests": 2, "study": study, **results})
+    assert "| 1 | 0 |" in text and "medians over 2 rounds" in text and f"`{command}` on " in text
 
 
 def test_http_faults_measures_the_crash_by_size_and_the_growth_by_chunks(tmp_path):
