@@ -46,6 +46,7 @@ from settings import ADMIN, NAMES, SERVING
 SHM_DIR = Path("/dev/shm")
 STUB_PYTHONPATH = "CT_TRIAGE_STUB_PYTHONPATH"  # see the module docstring
 STUB_BINARY = "triton_python_backend_stub"
+NVIDIA_CONTROL_DEVICE = Path("/dev/nvidiactl")  # present where the NVIDIA driver (or a GPU container runtime) is
 # A model's config parameter the watchdog changes to reload it: Triton skips a load whose config is unchanged.
 RELOAD_PARAMETER = "reloaded_by_launcher"
 WATCH_INTERVAL_S = 0.5
@@ -327,7 +328,8 @@ class TritonServer:
             "--model-control-mode=explicit",
             *(f"--load-model={model}" for model in (self.models or ("*",))),
             "--strict-readiness=true",
-            "--allow-gpu-metrics=false",
+            # GPU metrics (nv_gpu_*: the dashboards' utilisation and memory panels) where there is a GPU
+            *([] if NVIDIA_CONTROL_DEVICE.exists() else ["--allow-gpu-metrics=false"]),
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--log-verbose={self.log_verbose}",
             # gRPC request objects are not pooled for reuse: a pooled one keeps the capacity of the

@@ -328,6 +328,18 @@ def test_the_launcher_sizes_the_cuda_pool_from_the_configs_it_serves(tmp_path):
     assert f"--cuda-memory-pool-byte-size=0:{2**30}" in TritonServer(repository, cuda_memory_pool_bytes=2**30).command(tmp_path)
 
 
+def test_the_launcher_gives_the_dashboards_gpu_metrics_where_there_is_a_gpu(tmp_path, monkeypatch):
+    """The deploy/README panels of GPU utilisation and memory read Triton's nv_gpu_*, which a server
+    started with --allow-gpu-metrics=false (right where there is no GPU) never exports."""
+    from serve import TritonServer, launcher
+
+    repository = served_configs(tmp_path / "repository", "cuda", SERVING.preprocess_instances)
+    monkeypatch.setattr(launcher, "NVIDIA_CONTROL_DEVICE", tmp_path / "nvidiactl")
+    assert "--allow-gpu-metrics=false" in TritonServer(repository).command(tmp_path)
+    (tmp_path / "nvidiactl").touch()
+    assert not any("gpu-metrics" in argument for argument in TritonServer(repository).command(tmp_path))
+
+
 # -- the server's flags, ports and probes ----------------------------------------------------------------
 
 
