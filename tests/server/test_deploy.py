@@ -101,6 +101,7 @@ def test_triton_reserves_the_gpu_and_serves_what_export_writes(compose):
     served = serve_cli.parser().parse_args(triton["command"][3:])
     assert served.repository == options.out and f"{options.out}:" not in str(triton["volumes"])
     assert served.tritonserver == "/opt/tritonserver" and served.log_file == "/dev/stdout" and served.load_model == ["*"]
+    assert served.startup_timeout > SERVING.startup_timeout_s  # a GPU warm-up takes minutes
     assert "models:/models:ro" in triton["volumes"] and "models:/models" in job["volumes"]
     assert options.artifacts.startswith("/models/") and options.out.startswith("/models/")
     assert triton["environment"][ADMIN.key_env] == "test-key"  # from .env; the launcher keeps it from the models
