@@ -5,6 +5,7 @@ sizing formula against a measured run, and deploy/verify.sh against the real (CP
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -115,7 +116,8 @@ def test_triton_reserves_the_gpu_and_serves_what_export_writes(compose):
     assert "/v2/models/ct_triage/ready" in " ".join(triton["healthcheck"]["test"])  # as the Kubernetes readiness probe
 
 
-def test_shared_memory_follows_the_sizing_formula(compose):
+def exported(compose) -> tuple[argparse.Namespace, sizing.Deployment]:
+    """The compose file's export, as its CLI parses it, and the deployment serve.sizing sizes for it."""
     job = export_parser().parse_args(compose["services"]["export"]["command"][3:])
     deployment = sizing.Deployment(
         size=job.size,
@@ -124,21 +126,19 @@ def test_shared_memory_follows_the_sizing_formula(compose):
         classifier_python_instances=1 if job.target in ("cpu", "torch-gpu") else 0,
         preprocess_on_gpu=job.preprocess_device == "cuda",
     )
+    return job, deployment
+
+
+def test_shared_memory_follows_the_sizing_formula(compose):
+    _, deployment = exported(compose)
     assert compose["services"]["triton"]["shm_size"] == f"{sizing.mib(sizing.shm_bytes(deployment))}m"
 
 
 def test_the_launcher_gives_triton_the_cuda_pool_the_sizing_formula_gives(compose, tmp_path):
-    job = export_parser().parse_args(compose["services"]["export"]["command"][3:])
+    job, deployment = exported(compose)
     served = serve_cli.parser().parse_args(compose["services"]["triton"]["command"][3:])
     served.repository = str(served_configs(tmp_path / "repository", job.preprocess_device, job.preprocess_instances))
     served.model_config_name = job.target  # the committed layout of the configs export renders for that target
-    deployment = sizing.Deployment(
-        size=job.size,
-        preprocess_instances=job.preprocess_instances,
-        max_batch_size=job.max_batch_size,
-        classifier_python_instances=1 if job.target in ("cpu", "torch-gpu") else 0,
-        preprocess_on_gpu=job.preprocess_device == "cuda",
-    )
     launched = serve_cli.server_for(served, None, None).command(tmp_path)
     assert f"--cuda-memory-pool-byte-size=0:{sizing.cuda_pool_bytes(deployment)}" in launched
 
