@@ -362,7 +362,7 @@ class TritonServer:
         return [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
 
     def environment(self) -> dict[str, str]:
-        """Environment of the server: the wheel's libraries, and this venv's Python for the stubs."""
+        """Environment of the server: the installation's libraries, and this Python's prefix for the stubs."""
         env = dict(os.environ)
         env.pop(ADMIN.key_env, None)  # the models never need it
         libs = str(self.installation.libs)
