@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"not served, kept in: {result.artifacts}")
     serve = f"python -m serve --repository {result.repository}"
     if result.model_config_name:
-        serve = f"tritonserver --model-repository={result.repository} --model-config-name={result.model_config_name}"
+        serve += f" --model-config-name {result.model_config_name}"
+    if args.target in ("onnx-gpu", "tensorrt"):  # their backends are in the NGC image's Triton, not the bundled one
+        serve += " --tritonserver /opt/tritonserver"
     print(f"repository ready: {result.repository} (target {args.target}, S={result.options.size}); serve it with: {serve}")
     return 0
 
