@@ -139,7 +139,9 @@ def test_the_launcher_gives_triton_the_cuda_pool_the_sizing_formula_gives(compos
     served = serve_cli.parser().parse_args(compose["services"]["triton"]["command"][3:])
     served.repository = str(served_configs(tmp_path / "repository", job.preprocess_device, job.preprocess_instances))
     served.model_config_name = job.target  # the committed layout of the configs export renders for that target
-    launched = serve_cli.server_for(served, None, None).command(tmp_path)
+    server = serve_cli.server_for(served, None, None)
+    assert server.models is None  # --load-model=*: every model
+    launched = server.command(tmp_path)
     assert f"--cuda-memory-pool-byte-size=0:{sizing.cuda_pool_bytes(deployment)}" in launched
 
 

@@ -310,7 +310,7 @@ def test_a_triton_installation_root_serves_with_its_log_on_stdout(triton_reposit
     scratch.mkdir()
     http_port, grpc_port, metrics_port = free_ports(3)
     command = [sys.executable, "-m", "serve", "--repository", str(triton_repository), "--tritonserver", str(root)]
-    command += ["--log-file", "/dev/stdout", "--load-model", "*", f"--http-port={http_port}", f"--grpc-port={grpc_port}"]
+    command += ["--log-file", "/dev/stdout", f"--load-model={NAMES.triage}", f"--http-port={http_port}", f"--grpc-port={grpc_port}"]
     command += [f"--metrics-port={metrics_port}"]
     environment = {**os.environ, "TMPDIR": str(scratch)}
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
