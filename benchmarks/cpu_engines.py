@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-served", dest="served", action="store_false", help="leave out the served measurement")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="leave out OpenVINO at BF16 (engine and served)")
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="leave out OpenVINO on the INT8-quantized graph")
-    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
+    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
     args = parser.parse_args(argv)
     result = {"command": option_types.command_line(parser, argv), **run(args)}
     out = args.out

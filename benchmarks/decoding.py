@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=option_types.COUNT, default=3)
     parser.add_argument("--size", type=option_types.SIZE, default=PREPROCESSING.size)
     parser.add_argument("--encodings", default=",".join(ENCODINGS), help=f"comma-separated, of {', '.join(ENCODINGS)}")
-    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results", help="folder for decoding-cpu.json and .md")
+    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results", help="folder for decoding-cpu.json and .md")
     parser.add_argument(
         "--slices", type=option_types.SLICES, default=DEFAULT_STUDY["slices"], help="fewer slices for a quick check (default 300)"
     )

@@ -584,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="METHOD=S",
         help="the largest S measured per method; larger ones are listed as not measured (default: %(default)s)",
     )
-    parser.add_argument("--device", type=option_types.DEVICE, choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", type=option_types.torch_device, choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--repeat", type=option_types.COUNT, default=3, help="calls of each per measurement, at most (no new round once past 60 s)"
     )
@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quiet-wait", type=option_types.SECONDS, default=1800.0, help="seconds to wait for quiet at most, per measurement"
     )
-    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
+    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
     args = parser.parse_args(argv)
     result = run(
         args.size,

@@ -992,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or use --smoke")
     out = Path(args.out)
-    try:  # not benchmarks.option_types.OUT: it imports the client, which the GPU machine has only if carried
+    try:  # not benchmarks.option_types.out_folder: it imports the client, which the GPU machine has only if carried
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         parser.error(f"--out {out}: {error.strerror or error}")

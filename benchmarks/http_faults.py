@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chunks", type=option_types.CHUNKS, default=2_000_000, help="one-byte chunks of the chunked request (at most 4,000,000)"
     )
-    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
+    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
     args = parser.parse_args(argv)
     results = run(args.form_mib, args.chunks, option_types.command_line(parser, argv))
     write_results(args.out, NAME, results, markdown(results))

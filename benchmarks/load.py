@@ -174,7 +174,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, levels: list[int], request
     parser.add_argument("--rounds", type=option_types.COUNT, default=rounds, help=f"rounds, each measuring every {compared}")
     parser.add_argument("--slices", type=option_types.SLICES, default=120)
     parser.add_argument("--matrix", type=option_types.MATRIX, default=256)
-    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
+    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
 
 
 def triton_version(url: str, protocol: str = "http") -> str:
@@ -187,7 +187,7 @@ def triton_version(url: str, protocol: str = "http") -> str:
 
 
 def write_results(out: Path, stem: str, results: dict, text: str) -> None:
-    """`stem`.json (everything) and `stem`.md (the tables) in `out` (a folder option_types.OUT checked)."""
+    """`stem`.json (everything) and `stem`.md (the tables) in `out` (a folder option_types.out_folder checked)."""
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{stem}.md").write_text(text)
 

@@ -75,11 +75,6 @@ def torch_device(text: str) -> str:
     return text
 
 
-OUT = out_folder
-STUDY = study_path
-DEVICE = torch_device
-
-
 def command_line(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> str:
     """The command as run (argv, else this process's arguments), shell-quoted: what a results file says produced it."""
     return shlex.join([*parser.prog.split(), *(sys.argv[1:] if argv is None else argv)])

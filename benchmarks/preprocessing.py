@@ -179,7 +179,7 @@ def device_report(device: str, *, slices: int = 300, rows: int = 512, columns: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocessing", description=__doc__.splitlines()[0])
     study = parser.add_mutually_exclusive_group()
-    study.add_argument("--study", type=option_types.STUDY, help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
+    study.add_argument("--study", type=option_types.study_path, help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
     study.add_argument("--real-ct", action="store_true", help=f"pydicom-data's real 693_UNCR.dcm slice stacked {REAL_CT_SLICES} times")
     parser.add_argument("--repeat", type=option_types.COUNT, default=3)
     parser.add_argument("--size", type=option_types.SIZE, default=PREPROCESSING.size)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         help="generated study's encoding (rle, jpeg2000: decoding included in the times)",
     )
     parser.add_argument(
-        "--device", type=option_types.DEVICE, help="instead: device_report on this torch device (cuda, cpu), as one JSON line"
+        "--device", type=option_types.torch_device, help="instead: device_report on this torch device (cuda, cpu), as one JSON line"
     )
     args = parser.parse_args(argv)
     if args.device:

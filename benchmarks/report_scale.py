@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=2)
     parser.add_argument("--window", type=option_types.WINDOW, default=1000, help="studies per window of the time per study")
     parser.add_argument("--write-every", type=option_types.SECONDS, default=30.0, help="the report's rewrite interval, seconds")
-    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
+    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.studies < 2 * args.window:
         parser.error(f"--studies must be at least 2 x --window ({2 * args.window}): the first window is compared with the last")

@@ -753,7 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="HOST:PORT (HTTP) of a running server to measure instead (no export, baseline or memory)")
     parser.add_argument("--grpc-url", help="with --url: HOST:PORT of its gRPC endpoint")
     parser.add_argument("--metrics-url", help="with --url: its metrics endpoint, http://HOST:8002/metrics")
-    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results", help="folder for the markdown, CSV and PNG results")
+    parser.add_argument(
+        "--out", type=option_types.out_folder, default="benchmarks/results", help="folder for the markdown, CSV and PNG results"
+    )
     parser.add_argument("--levels", type=option_types.CONCURRENCY, nargs="+", default=[1, 2, 4], help="concurrency levels")
     parser.add_argument("--requests", type=option_types.COUNT, default=8, help="studies per level in the client loop")
     parser.add_argument("--pa-requests", type=option_types.COUNT, default=16, help="perf_analyzer requests per level")

@@ -91,11 +91,11 @@ def markdown(results: dict) -> str:
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.shared_memory", description=__doc__)
-    parser.add_argument("study", nargs="?", type=option_types.STUDY, help="folder, ZIP or DICOM file (default: a 300-slice phantom)")
+    parser.add_argument("study", nargs="?", type=option_types.study_path, help="folder, ZIP or DICOM file (default: a 300-slice phantom)")
     parser.add_argument("--grpc-url", help="HOST:PORT of the gRPC endpoint")
     parser.add_argument("--http-url", help="HOST:PORT of the HTTP endpoint")
     parser.add_argument("--repeats", type=option_types.COUNT, default=5)
-    parser.add_argument("--out", type=option_types.OUT, help=f"also write the table and what produced it here ({NAME}.md, .json)")
+    parser.add_argument("--out", type=option_types.out_folder, help=f"also write the table and what produced it here ({NAME}.md, .json)")
     args = parser.parse_args(argv)
     urls = {name: url for name, url in (("grpc", args.grpc_url), ("http", args.http_url)) if url}
     if not urls:

@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=4)
     parser.add_argument("--warm-up-s", type=option_types.SECONDS, default=60.0, help="load at the same concurrency before the start sample")
-    parser.add_argument("--out", type=option_types.OUT, default="benchmarks/results")
+    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
     args = parser.parse_args(argv)
     args.command = option_types.command_line(parser, argv)
     results = run(args)

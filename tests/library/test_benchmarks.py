@@ -361,11 +361,11 @@ def test_an_out_folder_is_made_while_the_options_are_read_and_one_it_cannot_writ
 
     from benchmarks import option_types
 
-    assert option_types.OUT(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    assert option_types.out_folder(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
     assert not list((tmp_path / "a" / "b").iterdir())  # the write check leaves nothing
     (tmp_path / "afile").write_text("x")
     with pytest.raises(argparse.ArgumentTypeError, match=r"cannot write results in .*afile/sub: Not a directory"):
-        option_types.OUT(str(tmp_path / "afile" / "sub"))
+        option_types.out_folder(str(tmp_path / "afile" / "sub"))
 
 
 @pytest.mark.parametrize("name", [*WITH_OUT, "shared_memory", "preprocessing", "baseline"])
