@@ -25,8 +25,8 @@ from google.protobuf import text_format
 from helpers import ROOT, run_module, served_configs
 
 import serve.__main__ as serve_cli
-from serve import sizing
-from serve.launcher import STUB_BINARY, Installation
+from serve import installation_at, sizing
+from serve.launcher import STUB_BINARY
 from settings import ADMIN, NAMES, PREPROCESSING, SERVING
 
 K8S = ROOT / "deploy" / "k8s"
@@ -85,12 +85,14 @@ def flags() -> dict[str, list[str]]:
     written = export_command(shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/model-repository"]))
     args = serve_arguments()
     args.repository = str(served_configs(Path(_RENDERED.name) / "repository", written.preprocess_device, written.preprocess_instances))
-    root = Path(args.tritonserver)
-    backends = root / "backends"
-    python = backends / "python"
-    installation = Installation(root / "bin" / "tritonserver", python, python / STUB_BINARY, root / "lib", backends)
-    command = serve_cli.server_for(args, "test-key", installation).command(backends)
-    assert command[0] == "/opt/tritonserver/bin/tritonserver"  # the image's Triton, with its ONNX Runtime and TensorRT backends
+    assert args.tritonserver == "/opt/tritonserver"  # the image's Triton, with its ONNX Runtime and TensorRT backends
+    root = Path(_RENDERED.name) / "opt" / "tritonserver"  # laid out as there: what serve.installation_at checks
+    for part in ("bin/tritonserver", f"backends/python/{STUB_BINARY}"):
+        (root / part).parent.mkdir(parents=True, exist_ok=True)
+        (root / part).touch()
+    installation = installation_at(root)
+    command = serve_cli.server_for(args, "test-key", installation).command(installation.backends)
+    assert command[0] == str(root / "bin" / "tritonserver")
     parsed: dict[str, list[str]] = {}
     for argument in command[1:]:
         name, equals, value = argument.partition("=")
