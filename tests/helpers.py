@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,8 +30,6 @@ def served_configs(destination: Path, preprocess_device: str, preprocess_instanc
     """The committed model_repository/'s configs (no weights: the configs are what the launcher reads),
     with ct_preprocess as `python -m export --preprocess-device D --preprocess-instances N` renders it:
     the repository a deployment file's launcher serves, for the flags it would give Triton."""
-    import shutil
-
     from google.protobuf import text_format
 
     from export import parse_config
