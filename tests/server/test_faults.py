@@ -33,7 +33,7 @@ from client import TriageClient
 from preprocess import phantom
 from serve import ServerError, start_on_free_ports
 from serve.metrics import scrape
-from settings import METRICS, NAMES
+from settings import METRICS, NAMES, SERVING
 
 RSS_TOLERANCE = 0.10  # allocator caches and lazily loaded code move it by a few %; a leak of the payload is >100%
 BATCH = [100_000, 1, TEST_SIZE, TEST_SIZE, TEST_SIZE]
@@ -169,6 +169,30 @@ def test_a_huge_request_straight_to_ct_postprocess_gets_it_reloaded_at_its_own_l
     assert len(server.recoveries) == done + 1
 
 
+def test_a_stopped_stub_is_killed_and_its_model_reloaded(server, study, answer):
+    """A stub stopped by SIGSTOP stays alive: Triton kept routing every other study to it, each failing
+    after seconds, and nothing noticed."""
+    # A stub of an instance an earlier reload replaced exits anyway (no reload follows): wait for those
+    # to go. Before the test that kills a stub mid-request: the sibling of a killed instance outlives
+    # that reload for more than a minute (Triton 2.51), while a healthy one is unloaded in seconds.
+    deadline = time.monotonic() + 60
+    while len(stubs := [s for s in server.stubs() if s.model == NAMES.preprocess]) > SERVING.preprocess_instances:
+        assert time.monotonic() < deadline, f"replaced ct_preprocess instances still running: {stubs}"
+        time.sleep(0.1)
+    stub = stubs[0]
+    done = len(server.recoveries)
+    os.kill(stub.pid, signal.SIGSTOP)
+    try:
+        reload = recovery(server, done + 1, limit_s=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stub.pid, signal.SIGCONT)  # never left stopped, whatever happened
+    assert reload.ok and reload.action == f"reload {NAMES.preprocess}", reload
+    assert reload.reason == f"the stub of {stub.instance} (pid {stub.pid}) died"
+    assert f"the stub of {stub.instance} (pid {stub.pid}) is stopped (SIGSTOP): killing it" in server.log_file.read_text()
+    assert warm(server, study) == pytest.approx([answer, answer], abs=1e-6)
+
+
 def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_model_is_reloaded(server, study, answer):
     # JPEG 2000 slices: about half a second of decoding on two cores (uncompressed, the study took 40 ms,
     # over before the kill could land)
@@ -198,23 +222,6 @@ def test_a_stub_killed_mid_request_fails_that_request_clearly_and_the_model_is_r
     assert f"ct-triage watchdog: {reload.reason}: reload {NAMES.preprocess} done" in server.log_file.read_text()
     assert warm(server, study) == pytest.approx([answer, answer], abs=1e-6)  # both instances answer, correctly
     assert busy[0].pid not in {s.pid for s in server.stubs()}
-
-
-def test_a_stopped_stub_is_killed_and_its_model_reloaded(server, study, answer):
-    """A stub stopped by SIGSTOP stays alive: Triton kept routing every other study to it, each failing
-    after seconds, and nothing noticed."""
-    stub = next(s for s in server.stubs() if s.model == NAMES.preprocess)
-    done = len(server.recoveries)
-    os.kill(stub.pid, signal.SIGSTOP)
-    try:
-        reload = recovery(server, done + 1, limit_s=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stub.pid, signal.SIGCONT)  # never left stopped, whatever happened
-    assert reload.ok and reload.action == f"reload {NAMES.preprocess}", reload
-    assert reload.reason == f"the stub of {stub.instance} (pid {stub.pid}) died"
-    assert f"the stub of {stub.instance} (pid {stub.pid}) is stopped (SIGSTOP): killing it" in server.log_file.read_text()
-    assert warm(server, study) == pytest.approx([answer, answer], abs=1e-6)
 
 
 # Requests that kill Triton 2.51 itself, each by a bug of its own: the watchdog restarts it.
