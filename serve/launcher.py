@@ -232,6 +232,7 @@ class TritonServer:
         startup_timeout_s: float = SERVING.startup_timeout_s,
         exit_timeout_s: int = SERVING.exit_timeout_s,
         hang_timeout_s: float = SERVING.hang_timeout_s,
+        drain_timeout_s: float = SERVING.drain_timeout_s,
         log_verbose: int = 0,
         model_config_name: str | None = None,
         cuda_memory_pool_bytes: int | None = None,
@@ -254,6 +255,7 @@ class TritonServer:
         self.startup_timeout_s = startup_timeout_s
         self.exit_timeout_s = exit_timeout_s
         self.hang_timeout_s = hang_timeout_s  # supervised: a server that answers no health check this long is restarted
+        self.drain_timeout_s = drain_timeout_s  # supervised: instances a reload replaced that outlive this get it restarted
         self.log_verbose = log_verbose
         self._admin_key = ADMIN.checked_key(admin_key)  # private: never printed, logged or put in an error
         self._log_file = Path(log_file) if log_file else None
@@ -275,6 +277,8 @@ class TritonServer:
         self._launched_at = 0  # offset of the last launch in the server log
         self._known: dict[int, Stub] = {}  # stubs the watchdog has seen alive
         self._retired: set[int] = set()  # stubs of instances a reload replaced: their exit is expected
+        # by model: when the instances its last reload replaced must be gone, and their regions (removed at unload)
+        self._draining: dict[str, tuple[float, set[Path]]] = {}
 
     # -- addresses ---------------------------------------------------------------------------
     @property
@@ -398,6 +402,7 @@ class TritonServer:
         self._stopping.clear()
         self._known.clear()
         self._retired.clear()
+        self._draining.clear()
         self._workdir = Path(tempfile.mkdtemp(prefix="ct_triage_triton_"))
         if self.installation.backends is None:
             prepare_backend_directory(self._workdir / "backends", self.installation)
@@ -569,6 +574,17 @@ class TritonServer:
             # it would not act on SIGTERM either (a stopped or deadlocked process): killed at once
             self._restart(f"tritonserver answered no health check for {self.hang_timeout_s:g} s", graceful=False)
             return
+        for model, (deadline, regions) in list(self._draining.items()):
+            if not any(region.exists() for region in regions):
+                del self._draining[model]
+            elif time.monotonic() > deadline:
+                # its threads, stubs and regions stay until the server exits (with a GPU model, its
+                # CUDA memory too): only a restart gives them back
+                self._restart(
+                    f"the {model} instances a reload replaced still hold their memory {self.drain_timeout_s:g} s later"
+                    " (Triton keeps a model version whose stub died mid-request)"
+                )
+                return
         live = {stub.pid: stub for stub in self.stubs()}
         for stub in live.values():
             self._known.setdefault(stub.pid, stub)
@@ -579,12 +595,14 @@ class TritonServer:
                 with suppress(ProcessLookupError):
                     os.kill(stub.pid, signal.SIGKILL)
         broken: dict[str, str] = {}
+        dead: dict[str, set[Path]] = {}  # by model, the regions of its instances whose stub died
         for pid in [pid for pid in self._known if pid not in live]:
             stub = self._known.pop(pid)
             if pid in self._retired:
                 self._retired.discard(pid)
             elif self._died(stub):
                 broken.setdefault(stub.model, f"the stub of {stub.instance} (pid {pid}) died")
+                dead.setdefault(stub.model, set()).add(stub.region)
         # a model the sizing does not know may grow as far as the largest known need
         fallback = max(self.shm_region_limits.values())
         for stub in live.values():
@@ -595,7 +613,7 @@ class TritonServer:
         for model, reason in broken.items():
             if self._stopping.is_set():
                 return
-            if not self._reload(model, reason):
+            if not self._reload(model, reason, dead.get(model, set())):
                 if not self._stopping.is_set():  # a reload cut short by stop(): no new server while stopping
                     self._restart(f"reloading {model} failed")
                 return
@@ -628,12 +646,14 @@ class TritonServer:
         self._stopping.wait(STUB_EXIT_GRACE_S)
         return stub.region.exists() and not self._stopping.is_set()
 
-    def _reload(self, model: str, reason: str) -> bool:
+    def _reload(self, model: str, reason: str, dead_regions: set[Path]) -> bool:
         """Reload `model` with the config it runs now (an operating point set through the load API stays),
-        one parameter changed so that Triton loads new instances; the old ones finish their requests."""
+        one parameter changed so that Triton loads new instances; the old ones finish their requests, then
+        Triton unloads them and removes their regions (`dead_regions`: those of instances whose stub died)."""
         self._note(f"{reason}: reloading {model}")
         started = time.monotonic()
         replaced = {pid for pid, stub in self._known.items() if stub.model == model}
+        regions = dead_regions | {self._known[pid].region for pid in replaced}
         try:
             config = self._request(f"/v2/models/{model}/config")
             if self._stopping.is_set():  # stop() began while it waited (its SIGCONT wakes a stopped server): no load now
@@ -648,6 +668,8 @@ class TritonServer:
             self._record(f"{reason}; the reload failed ({error})", f"reload {model}", False, started)
             return False
         self._retired |= replaced
+        deadline, draining = self._draining.get(model, (time.monotonic() + self.drain_timeout_s, set()))
+        self._draining[model] = (deadline, draining | regions)
         self._record(reason, f"reload {model}", True, started)
         return True
 
@@ -660,6 +682,7 @@ class TritonServer:
         self._remove_leftovers()
         self._known.clear()
         self._retired.clear()
+        self._draining.clear()
         try:
             self._launch()
             self._wait_ready()

@@ -131,6 +131,10 @@ class Serving:
     # python -m serve restarts a server whose /v2/health/live has gone unanswered this long (hung, not
     # exited): the Kubernetes liveness probe's minute, since large uploads keep the HTTP threads busy for seconds
     hang_timeout_s: float = 60.0
+    # ... and restarts it when the instances a model reload replaced still hold their memory this long
+    # after it (Triton 2.51 never unloads a model version whose stub died mid-request): the longest
+    # queue wait plus a study's work, so that the old instances' own requests have long been answered
+    drain_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
