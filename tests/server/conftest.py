@@ -1,8 +1,8 @@
-"""Fixtures of the server tests: one real Triton server per pytest run, and private ones on demand.
+"""Fixtures of the server tests: one real Triton server per test worker, and private ones on demand.
 
 `triton_repository` renders a copy of the model repository (demo weights, CPU target) at a small S
-so the suite stays fast; `triton_server` runs the bundled tritonserver on it on free ports for the
-whole session. Tests that kill or reconfigure a server use `private_server` instead, tests that
+so the suite stays fast, once for all workers; `triton_server` runs the bundled tritonserver on it
+on free ports for the whole session. Tests that kill or reconfigure a server use `private_server` instead, tests that
 interrupt a client `module_server`, so no test depends on what another left on the shared one; those
 two load ct_triage alone (TRIAGE_ONLY: no explanation models, which no such test asks for; a start
 without them is 6 s instead of 9.5 here). If the shared server dies, the test during which it died
@@ -11,6 +11,8 @@ fails with its log, and every later test that needs it fails at once, without re
 
 from __future__ import annotations
 
+import fcntl
+
 import pytest
 from helpers import TEST_SIZE, TRIAGE_ONLY, discard
 
@@ -18,11 +20,18 @@ from serve import start_on_free_ports
 
 
 @pytest.fixture(scope="session")
-def triton_repository(tmp_path_factory):
+def triton_repository(tmp_path_factory, worker_id):
+    """Rendered once per run: pytest-xdist's workers share it (the first to take the lock renders it,
+    a minute of both cores that the other worker would spend again); tests only read it."""
     import export
 
-    out = tmp_path_factory.mktemp("exported") / "repository"
-    export.write_repository(out, target="cpu", size=TEST_SIZE, demo_weights=True)
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    out, rendered = shared / "exported" / "repository", shared / "exported" / "rendered"
+    with open(shared / "exported.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not rendered.exists():
+            export.write_repository(out, target="cpu", size=TEST_SIZE, demo_weights=True)
+            rendered.touch()
     return out
 
 

@@ -148,7 +148,7 @@ def test_requests_far_over_the_limits_are_refused_and_leave_memory_as_it_was(ser
     while sum((rss_after := server.resident_bytes()).values()) > rss_before * (1 + RSS_TOLERANCE) and time.monotonic() < deadline:
         time.sleep(0.5)
     server_memory = [line for line in Path(f"/proc/{server.pid}/status").read_text().splitlines() if line.startswith("Rss")]
-    assert sum(rss_after.values()) == pytest.approx(rss_before, rel=RSS_TOLERANCE), (rss_before, rss_after, server_memory)
+    assert sum(rss_after.values()) <= rss_before * (1 + RSS_TOLERANCE), (rss_before, rss_after, server_memory)  # new stubs may hold less
     assert len(server.recoveries) == done + 1  # one reload, nothing else
 
 
