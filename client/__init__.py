@@ -17,6 +17,7 @@ from .triage import (
     RetryPolicy,
     ServerUnavailable,
     TriageClient,
+    WrongModelError,
     load_payload,
     payload_bytes,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "StudyRef",
     "TriageClient",
     "TriageResult",
+    "WrongModelError",
     "build_report",
     "discover_studies",
     "load_payload",

@@ -4,8 +4,9 @@
 `--explain` asks ct_triage_explain instead of ct_triage: classify saves the montage, the attribution
 volume and its geometry into --out-dir; report adds pathology_localization and an HTML summary page.
 
-Exit status: 0 done; 1 the study failed (classify); 2 bad arguments or unusable paths, or the
-explanation's files could not be written (classify prints the answer anyway); 3 the server or model
+Exit status: 0 done; 1 the study failed (classify); 2 bad arguments or unusable paths, a --model
+without the outputs the command reads, or the explanation's files could not be written (classify
+prints the answer anyway); 3 the server or model
 is not reachable, stopped answering during a report (the report keeps the finished studies;
 --resume sends the rest), or refused the new threshold; 130 interrupted (Ctrl-C), 143 terminated
 (SIGTERM, as a service manager stops a job): a report keeps the finished studies either way.
@@ -19,7 +20,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 from http.client import HTTPException
 from pathlib import Path
 
@@ -30,9 +30,18 @@ from preprocess.errors import printable
 from settings import ADMIN, NAMES, SERVING
 
 from .operating_point import KeyInClearError, set_threshold
-from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report
+from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report, writable_folder
 from .tls import HTTPS_PORT, PLAIN_TEXT_ANSWER, certificate_problem, endpoint, speaks_no_tls
-from .triage import MAX_TIMEOUT_S, PROTOCOLS, AsyncTriageClient, RetryPolicy, ServerUnavailable, TriageClient, default_url
+from .triage import (
+    MAX_TIMEOUT_S,
+    PROTOCOLS,
+    AsyncTriageClient,
+    RetryPolicy,
+    ServerUnavailable,
+    TriageClient,
+    WrongModelError,
+    default_url,
+)
 
 MAX_CONCURRENCY = 1024  # studies in flight: far past what any server's instances take at once
 MAX_ATTEMPTS = 100  # tries per study: with the backoff capped at 8 s, about 13 minutes of retrying
@@ -55,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ServerUnavailable as error:
         print(f"error: {printable(str(error))}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except (ReportError, UsageError, NotADirectoryError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
+    except (ReportError, UsageError, WrongModelError, NotADirectoryError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
         print(f"error: {printable(str(error))}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as error:  # a path the system refuses (a name too long, a loop of links)
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def _connection(args: argparse.Namespace) -> dict:
     """The connection options both commands share, as TriageClient / AsyncTriageClient arguments,
     the URL and TLS files checked first (a report builds its clients only once the run has started)."""
-    _check_endpoint(args.url or default_url(args.protocol), args, args.protocol)
+    _check_endpoint(default_url(args.protocol) if args.url is None else args.url, args, args.protocol)
     return dict(
         url=args.url,
         protocol=args.protocol,
@@ -110,8 +119,8 @@ def _classify(args: argparse.Namespace) -> int:
         raise UsageError("--explain and --out-dir go together: the explanation's files are written to --out-dir")
     _check_model(args)
     connection = _connection(args)
-    if args.out_dir is not None:
-        _check_out_dir(Path(args.out_dir))
+    if args.out_dir is not None:  # usable before the study is sent, not after it was classified
+        writable_folder(args.out_dir, "--out-dir")
     with TriageClient(**connection) as client:
         client.check_ready()
         result = client.classify(args.study, series_uid=args.series)
@@ -143,17 +152,6 @@ def _check_model(args: argparse.Namespace) -> None:
         raise UsageError(f"--model {NAMES.triage_explain} answers with explanations: add --explain")
 
 
-def _check_out_dir(folder: Path) -> None:
-    """--out-dir usable before the study is sent, not after it was classified."""
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"--out-dir is not a folder: {folder}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
-        raise UsageError(f"cannot write into --out-dir {folder}: {error.strerror or type(error).__name__}") from None
-
-
 def _report(args: argparse.Namespace) -> int:
     _check_model(args)
     connection = _connection(args)
@@ -178,11 +176,11 @@ def _report(args: argparse.Namespace) -> int:
     )
     written = f"{args.out}, summary {summary.page}" if summary.page is not None else f"{args.out}"
     arriving = f"; {len(summary.arriving)} still arriving, left for a later --resume run" if summary.arriving else ""
-    print(
+    done = (
         f"{summary.studies} studies: {summary.succeeded} Success, {summary.failed} Failure "
-        f"({summary.sent} sent, {summary.skipped} already done{arriving}) -> {written} (journal {summary.journal.name})",
-        file=sys.stderr,
+        f"({summary.sent} sent, {summary.skipped} already done{arriving}) -> {written} (journal {summary.journal.name})"
     )
+    print(printable(done), file=sys.stderr)
     return 0
 
 
@@ -196,11 +194,15 @@ def _set_threshold(args: argparse.Namespace) -> int:
         raise UsageError(f"{ADMIN.key_env}: {error}") from None
     _check_endpoint(args.url, args)
     try:
-        config = set_threshold(args.url, args.threshold, admin_key=admin_key, ca_file=args.ca_file, client_cert=_client_cert(args))
+        config = set_threshold(
+            args.url, args.threshold, admin_key=admin_key, ca_file=args.ca_file, client_cert=_client_cert(args), timeout_s=args.timeout
+        )
     except PermissionError:  # the wrong key (an OSError too): exit 2
         raise
     except KeyInClearError as error:
         raise UsageError(str(error)) from None
+    except TimeoutError:  # an OSError too: a server that accepts the connection and never answers
+        raise ServerUnavailable(f"the server at {args.url} gave no answer within the request timeout") from None
     except OSError as error:  # refused connection, DNS, timeout, a certificate that does not verify
         problem = certificate_problem(error)
         if problem is not None:
@@ -312,6 +314,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     threshold_command.set_defaults(run=_set_threshold)
 
+    for command in (classify, report, threshold_command):
+        command.add_argument(
+            "--timeout", type=number(0, MAX_TIMEOUT_S, above_low=True), default=SERVING.request_timeout_s, help="seconds per request"
+        )
     for command in (classify, report):
         command.add_argument(
             "--url",
@@ -320,9 +326,6 @@ def _parser() -> argparse.ArgumentParser:
         )
         command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
         command.add_argument("--model", help=f"model to ask (default {NAMES.triage}, with --explain {NAMES.triage_explain})")
-        command.add_argument(
-            "--timeout", type=number(0, MAX_TIMEOUT_S, above_low=True), default=SERVING.request_timeout_s, help="seconds per request"
-        )
         command.add_argument(
             "--attempts",
             type=integer(1, MAX_ATTEMPTS),

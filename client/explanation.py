@@ -123,7 +123,7 @@ def sidecar(result: TriageResult) -> dict[str, Any]:
         "pathology_localization": localization,
         "probability_of_pathology": result.probability_of_pathology,
         "pathology": result.pathology,
-        "threshold": meta.get("threshold"),
+        "threshold": result.threshold,
         "model": meta.get("provenance", result.model),
     }
 

@@ -211,9 +211,8 @@ def describe_model(provenance: Any) -> str:
 def title_for(result: TriageResult) -> str:
     """Decision, probability, localisation and provenance: no patient data, no UIDs."""
     meta = result.meta
-    threshold = meta.get("threshold")
     decision = "PATHOLOGY" if result.pathology else "NORMAL"
-    rule = f" (threshold {threshold:g})" if isinstance(threshold, (int, float)) else ""
+    rule = f" (threshold {result.threshold:g})" if result.threshold is not None else ""
     explanation = result.explanation
     where = (
         f"most attributed region: x {explanation.localization.x[0]}-{explanation.localization.x[1]}, "

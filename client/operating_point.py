@@ -15,9 +15,10 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from contract import parse_threshold
-from settings import ADMIN, NAMES
+from settings import ADMIN, NAMES, SERVING
 
 from .tls import PathLike, endpoint
+from .triage import checked_timeout, http_timeouts
 
 
 class KeyInClearError(ValueError):
@@ -34,6 +35,7 @@ def set_threshold(
     admin_key: str | None = None,
     ca_file: PathLike | None = None,
     client_cert: tuple[PathLike, PathLike] | None = None,
+    timeout_s: float = SERVING.request_timeout_s,
 ) -> dict:
     """Reload ct_postprocess with `threshold`; returns the config now in force.
 
@@ -43,9 +45,11 @@ def set_threshold(
     KeyInClearError before sending anything when the key would cross a network in clear (plain http
     to another host); a port that is not Triton's HTTP one gives http.client.HTTPException or a
     ValueError of the JSON parser. `http_url` `https://HOST[:PORT]` is TLS, verified against `ca_file`, presenting
-    `client_cert` where the server asks for one (client.tls).
+    `client_cert` where the server asks for one (client.tls). `timeout_s` bounds each request, as the
+    classify client's does: a server that accepts the connection and never answers is TimeoutError.
     """
     value = parse_threshold(threshold)
+    seconds = checked_timeout(timeout_s)
     ADMIN.checked_key(admin_key)  # names the rule; an unsendable header's own error would quote the key
     server = endpoint(http_url, ca_file, client_cert=client_cert)
     if admin_key is not None and not server.tls and not server.on_this_host:
@@ -53,7 +57,7 @@ def set_threshold(
             f"the admin key is not sent in clear to {server.address}: use https:// (TLS in front of Triton), "
             "or reach the server through localhost (kubectl port-forward, an SSH tunnel)"
         )
-    client = triton_http.InferenceServerClient(server.address, **server.http_sync_options())
+    client = triton_http.InferenceServerClient(server.address, **http_timeouts(seconds), **server.http_sync_options())
     try:
         config = client.get_model_config(NAMES.postprocess)
         config.setdefault("parameters", {})["threshold"] = {"string_value": repr(value)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import errno
 import fcntl
 import io
 import json
@@ -23,6 +24,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,10 +39,11 @@ from preprocess.errors import printable
 from preprocess.output import write_atomically
 
 from .result import SUCCESS, TriageResult, failure
-from .studies import StudyRef, discover_studies, resolved
+from .studies import StudyRef, discover_studies
 from .triage import AsyncTriageClient, ServerUnavailable
 
-COLUMNS = (
+# Every report's header starts with these, and every journal line holds them.
+_ANSWER_COLUMNS = (
     "path_to_study",
     "study_uid",
     "series_uid",
@@ -51,9 +54,14 @@ COLUMNS = (
     "error",
     "model",
 )
+# The operating point the row's decision was taken at (META's threshold): set-threshold changes it on a
+# running server, so the same study can be decided otherwise from one row to the next. Empty where not
+# known: a Failure row, or a row read from a report or journal line that does not hold it.
+THRESHOLD_COLUMN = "threshold"
+COLUMNS = (*_ANSWER_COLUMNS, THRESHOLD_COLUMN)
 LOCALIZATION_COLUMN = "pathology_localization"  # "x_min,x_max,y_min,y_max,z_min,z_max"; explained reports only
 EXPLAIN_COLUMNS = (*COLUMNS, LOCALIZATION_COLUMN)
-_FLOAT_COLUMNS = ("probability_of_pathology", "time_of_processing")
+_FLOAT_COLUMNS = ("probability_of_pathology", "time_of_processing", THRESHOLD_COLUMN)
 _INT_COLUMNS = ("pathology",)
 DEFAULT_MAX_BYTES_IN_FLIGHT = 1024**3
 DEFAULT_WRITE_EVERY_S = 30.0
@@ -79,7 +87,8 @@ _log = logging.getLogger(__name__)
 
 
 class ReportError(ValueError):
-    """An existing report or journal cannot be used (wrong format, columns, folder or model)."""
+    """An existing report or journal cannot be used (wrong format, columns, folder or model), or a
+    path to write cannot (a link that loops, a file where a folder goes)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,37 @@ def journal_path(out: str | os.PathLike[str]) -> Path:
     return Path(f"{os.fspath(out)}{JOURNAL_SUFFIX}")
 
 
+def real_path(path: str | os.PathLike[str]) -> Path:
+    """`path` with its links followed: a file written through a link (latest.csv -> share/latest.csv)
+    is the file the link names, which an atomic write's rename would otherwise replace by a new file
+    in the link's place. ReportError for a link on the path that loops: it names no file at all."""
+    real = Path(os.path.realpath(path))
+    try:
+        os.stat(real)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ReportError(f"cannot write {os.fspath(path)}: a symbolic link on its path loops") from None
+    return real
+
+
+def writable_folder(folder: str | os.PathLike[str], what: str) -> Path:
+    """`folder` with its links followed, made if missing and written to once, before any study is sent
+    rather than after it was classified. ReportError naming what is wrong: a link that loops or names
+    no folder (a share not mounted: a folder made there would be on the wrong disk), a file of that
+    name, a folder that cannot be written."""
+    real = real_path(folder)
+    if os.path.islink(folder) and not real.exists():
+        raise ReportError(f"{what} {os.fspath(folder)} is a link to {real}, which does not exist")
+    if real.exists() and not real.is_dir():
+        raise ReportError(f"{what} {os.fspath(folder)} is a file, not a folder")
+    try:
+        real.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=real).close()
+    except OSError as error:
+        raise ReportError(f"cannot write into {what} {os.fspath(folder)}: {error.strerror or type(error).__name__}") from None
+    return real
+
+
 def row_for(study: StudyRef, result: TriageResult, explain: bool = False) -> dict[str, Any]:
     row = {
         "path_to_study": study.path_to_study,
@@ -122,6 +162,7 @@ def row_for(study: StudyRef, result: TriageResult, explain: bool = False) -> dic
         "time_of_processing": round(result.time_of_processing, 3),
         "error": result.error,
         "model": result.model,
+        THRESHOLD_COLUMN: result.threshold,
     }
     if explain:
         row[LOCALIZATION_COLUMN] = result.pathology_localization
@@ -156,16 +197,16 @@ def read_report(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         raise
     except Exception as error:  # a damaged file: openpyxl and the XML parser under it raise many types
         raise ReportError(f"{source.name} is not a triage report: it cannot be read ({type(error).__name__})") from None
-    if not table or tuple(table[0][: len(COLUMNS)]) != COLUMNS:
+    if not table or tuple(table[0][: len(_ANSWER_COLUMNS)]) != _ANSWER_COLUMNS:
         raise ReportError(f"{source.name} is not a triage report: its header is not {', '.join(COLUMNS)}")
-    columns = EXPLAIN_COLUMNS if tuple(table[0][: len(EXPLAIN_COLUMNS)]) == EXPLAIN_COLUMNS else COLUMNS
+    columns = [name if name in EXPLAIN_COLUMNS else None for name in table[0]]  # by name: a report without the threshold reads too
     rows = []
     for number, values in enumerate(table[1:], start=2):
         if not any(v not in (None, "") for v in values):
             continue
         padded = list(values) + [None] * (len(columns) - len(values))  # a row's trailing empty cells may be missing (xlsx)
         try:
-            rows.append(_typed(dict(zip(columns, padded))))
+            rows.append(_typed({THRESHOLD_COLUMN: None} | {name: value for name, value in zip(columns, padded) if name is not None}))
         except ValueError as error:
             raise ReportError(f"{source.name} is not a triage report: row {number} holds a value of the wrong type ({error})") from None
     return rows
@@ -223,6 +264,8 @@ async def build_report(
     `resume` run sends them.
     A client built with `explain=True` makes an explained report: the `pathology_localization`
     column, and the HTML summary page with a montage per study beside `out` (`summary_paths`).
+    `out` and `csv_out` are followed through links (`real_path`): the journal, the lock and the page
+    are beside the file a link names, and the link stays.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -230,13 +273,14 @@ async def build_report(
         raise ValueError("write_every_s must not be negative")
     if stable_age_s < 0:
         raise ValueError("stable_age_s must not be negative")
-    paths = [Path(out)] + ([Path(csv_out)] if csv_out else [])
+    out = real_path(out)
+    paths = [out] + ([real_path(csv_out)] if csv_out else [])
     for path in paths:  # what would stop the run after every study was classified stops it now
         _format(path)
         _check_writable(path)
-    _check_journal(journal_path(out))
-    own_files = {path.resolve() for path in paths}  # a report written into FOLDER is not a study (an .xlsx is a ZIP)
-    studies = [study for study in discover_studies(folder) if resolved(study.path) not in own_files]
+    journal_file = real_path(journal_path(out))
+    _check_journal(journal_file)
+    studies = discover_studies(folder)  # the report's own files are none: an .xlsx is an office document, not a ZIP study
     settled_before = time.time() - stable_age_s
 
     def still_arriving(study: StudyRef) -> bool:
@@ -245,14 +289,13 @@ async def build_report(
     arriving = tuple(study.path_to_study for study in studies if still_arriving(study))
     studies = [study for study in studies if not still_arriving(study)]
     folder_name = str(Path(folder).resolve())
-    journal_file = journal_path(out)
     for path in paths:  # once, here: a folder removed during the run is never made again
         path.parent.mkdir(parents=True, exist_ok=True)
     with _only_run_on(out):  # a second run on the same report would interleave two journals
-        earlier = _resumed(journal_file, Path(out)) if resume else None
+        earlier = _resumed(journal_file, out) if resume else None
         async with client_factory() as client:
             explain = bool(getattr(client, "explain", False))
-            summary = _Summary(Path(out)) if explain else None
+            summary = _Summary(out) if explain else None
             kept: dict[str, dict[str, Any]] = {}
             if earlier is not None:
                 _check_same_run(earlier, journal_file, folder_name, client.model, explain)
@@ -270,7 +313,7 @@ async def build_report(
                 rows = len(report.ordered_rows())
                 raise ServerUnavailable(
                     f"{_one_line(error)}; {journal.appended} of {len(todo)} studies finished before it stopped answering; "
-                    f"{Path(out).name} holds {rows} rows of {len(studies)} studies: run again with --resume once the server is back"
+                    f"{out.name} holds {rows} rows of {len(studies)} studies: run again with --resume once the server is back"
                 ) from None
             finally:
                 journal.close()
@@ -430,11 +473,23 @@ def _journal_row(line: bytes) -> dict[str, Any] | None:
         record = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(record, dict) or not all(column in record for column in COLUMNS) or not isinstance(record["path_to_study"], str):
+    if not isinstance(record, dict) or not all(column in record for column in _ANSWER_COLUMNS):
         return None
+    if not isinstance(record["path_to_study"], str):
+        return None
+    record.setdefault(THRESHOLD_COLUMN, None)  # not known: the cell stays empty, the answer stands
     if not all(_of_its_type(column, record[column]) for column in EXPLAIN_COLUMNS if column in record):
         return None
+    if record["processing_status"] == SUCCESS and not _is_decision(record):
+        return None
     return record
+
+
+def _is_decision(row: dict[str, Any]) -> bool:
+    """What a Success row must hold to be kept instead of sent again: P(pathology) in [0, 1] (not NaN),
+    pathology 0 or 1, and a threshold in [0, 1] where there is one."""
+    probability, threshold = row["probability_of_pathology"], row[THRESHOLD_COLUMN]
+    return probability is not None and 0 <= probability <= 1 and row["pathology"] in (0, 1) and (threshold is None or 0 <= threshold <= 1)
 
 
 def _of_its_type(column: str, value: Any) -> bool:
@@ -554,13 +609,15 @@ class _Summary:
         from .summary import summarised_report, summary_paths
 
         self.report_name = printable(out.name)
-        self.page, self.thumbnails = summary_paths(out)
-        if self.page.exists() or self.page.is_symlink():  # someone's own page is never replaced
-            theirs, page = summarised_report(self.page), printable(self.page.name)
+        page, thumbnails = summary_paths(out)
+        self.page = real_path(page)
+        if self.page.exists():  # someone's own page is never replaced
+            theirs, name = summarised_report(self.page), printable(self.page.name)
             if theirs is None:
-                raise ReportError(f"{page} exists and is not a report's summary page: move it, or choose another --out")
+                raise ReportError(f"{name} exists and is not a report's summary page: move it, or choose another --out")
             if theirs != self.report_name:
-                raise ReportError(f"{page} is the summary page of {theirs}, not of {self.report_name}: choose another --out")
+                raise ReportError(f"{name} is the summary page of {theirs}, not of {self.report_name}: choose another --out")
+        self.thumbnails = writable_folder(thumbnails, "the thumbnail folder")  # else every picture would be lost
 
     def save_thumbnail(self, study: StudyRef, result: TriageResult) -> None:
         """The study's montage; a picture that cannot be drawn costs the picture, never the row."""

@@ -40,6 +40,13 @@ class TriageResult:
         return self.processing_status == SUCCESS
 
     @property
+    def threshold(self) -> float | None:
+        """The operating point the decision was taken at (META's `threshold`): the server's can change
+        between two studies (set-threshold). None without an answer."""
+        value = self.meta.get("threshold")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    @property
     def pathology_localization(self) -> str | None:
         """ "x_min,x_max,y_min,y_max,z_min,z_max" in the chosen series' voxels; None when nothing is
         attributed, the study failed, or it was not explained."""

@@ -16,6 +16,9 @@ from preprocess.sources import is_zip
 
 _HEAD = 132  # enough to recognise a ZIP or a DICOM file (128-byte preamble and "DICM")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
+# Office documents are ZIP files too (OOXML, OpenDocument): an earlier report's .xlsx left in the folder,
+# a worklist, a letter. None is a study.
+_OFFICE_SUFFIXES = (".xlsx", ".xlsm", ".xltx", ".docx", ".docm", ".dotx", ".pptx", ".pptm", ".potx", ".ods", ".odt", ".odp", ".odg")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
     A sub-folder holding DICOM files anywhere below it is one study (its series may sit in deeper
     folders). A folder holding no DICOM files of its own is searched further, so ZIPs grouped in
     sub-folders are found. A DICOM file lying directly in `folder` is one study (a multi-frame file).
-    Hidden files and folders are ignored; an empty folder is no study; a link to `folder` itself or
+    Hidden files and folders and office documents (.xlsx, .docx, .ods, ...: ZIP files too, such as an
+    earlier report) are ignored; an empty folder is no study; a link to `folder` itself or
     to a folder above it is no study (it would hold every study again), nor is a link to a study
     found in `folder` (it would be sent twice); a folder linked from a sub-folder is looked at as if
     it were there (a study linked into a group folder, a series into a patient's folder); only
@@ -51,7 +55,7 @@ def discover_studies(folder: str | os.PathLike[str]) -> list[StudyRef]:
     above = {root.resolve(), *root.resolve().parents}
     studies: list[StudyRef] = []
     for entry in _visible(root):
-        if entry.is_symlink() and resolved(entry) in above:
+        if (entry.is_symlink() and resolved(entry) in above) or _is_office_document(entry):
             continue
         if entry.is_dir():
             studies.extend(_ref(path, root, stat) for path, stat in _studies_below(entry, above, set()))
@@ -80,6 +84,8 @@ def _studies_below(directory: Path, above: set[Path], seen: set[Path]) -> list[t
     zips: list[Path] = []
     linked: list[Path] = []
     for path in _files(directory, unreadable, linked):
+        if _is_office_document(path):
+            continue
         head = _head(path)
         if head is None:
             unreadable.append(path)
@@ -172,7 +178,13 @@ def _head(path: Path) -> bytes | None:
         return None
 
 
-# The reader's own rules, so discovery finds exactly what preprocess reads.
+def _is_office_document(path: Path) -> bool:
+    return path.suffix.lower() in _OFFICE_SUFFIXES
+
+
+# The reader's rule (preprocess reads a file by its first bytes alone), and also the names: a file
+# named .zip, .dcm or .dicom that is not what its name says is a study whose row says why it cannot
+# be read, never left out.
 def _is_zip(path: Path, head: bytes) -> bool:
     return path.suffix.lower() == ".zip" or is_zip(head)
 

@@ -155,6 +155,9 @@ def _row(number: int, row: dict[str, Any], thumbnails: Path, folder: str) -> str
         picture = "no picture" if ok else ""
     if ok:
         decision = "pathology" if row.get("pathology") else "normal"
+        threshold = row.get("threshold")
+        if isinstance(threshold, (int, float)):  # the operating point behind this row's decision
+            decision += f" (threshold {threshold:g})"
         region = html.escape(printable(str(row.get("pathology_localization") or "none")))
     else:
         decision = region = ""

@@ -67,6 +67,7 @@ _WIRE_LIMITS = dataclasses.replace(
 # Only these mean "try again later": the server is restarting, overloaded or not reachable yet.
 # INVALID_ARG (a bad study, HTTP 400) and INTERNAL are answers, and resending cannot change them.
 _TRANSIENT_STATUSES = frozenset({"StatusCode.UNAVAILABLE", "503", "502", "504"})
+_DEADLINE_EXCEEDED = "StatusCode.DEADLINE_EXCEEDED"  # gRPC's word for the request timeout (the call's deadline) having passed
 _QUEUE_TIMEOUT = "Request timeout expired"  # Triton's UNAVAILABLE (503) for a request its timeout ended in a queue
 # While a model is unloading or reloading (server stopping, repository update) Triton answers
 # NOT_FOUND "... has no available versions"; a wrong model name ("... is not found") is permanent.
@@ -85,6 +86,11 @@ class ServerUnavailable(ConnectionError):
     """The server (or the model on it) cannot be reached or is not ready."""
 
 
+class WrongModelError(ValueError):
+    """The model asked for does not answer with the outputs the client reads (another model named):
+    every study would fail, and read as a bad study."""
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff for transient errors: `attempts` tries in all, waits between them."""
@@ -101,6 +107,20 @@ class RetryPolicy:
 
 def default_url(protocol: str) -> str:
     return f"localhost:{_DEFAULT_PORT[_check_protocol(protocol)]}"
+
+
+def http_timeouts(timeout_s: float) -> dict[str, float]:
+    """tritonclient.http's (geventhttpclient) timeouts for requests of `timeout_s` seconds: connecting
+    takes at most 10 s of them."""
+    return {"connection_timeout": min(timeout_s, 10.0), "network_timeout": timeout_s}
+
+
+def checked_timeout(timeout_s: float) -> float:
+    """Seconds per request: above 0 and at most MAX_TIMEOUT_S (ValueError, also for NaN)."""
+    seconds = float(timeout_s)
+    if not 0 < seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s must be above 0 and at most {MAX_TIMEOUT_S:.0f} s, not {timeout_s!r}")
+    return seconds
 
 
 def load_payload(study: Study, limits: InputLimits = INPUT_LIMITS) -> list[bytes]:
@@ -198,6 +218,10 @@ def _outputs(module: ModuleType, explain: bool = False):
     return [module.InferRequestedOutput(name) for name in (_EXPLAIN_OUTPUTS if explain else _OUTPUTS)]
 
 
+def _is_triton(metadata: Any) -> bool:
+    return isinstance(metadata, dict) and metadata.get("name") == "triton"
+
+
 def _model_description(meta: dict[str, Any], model: str) -> str:
     provenance = meta.get("provenance")
     if provenance is None:
@@ -240,11 +264,18 @@ def _is_transient(error: BaseException) -> bool:
             return False  # the study waited its whole deadline (the request's timeout) in a queue: do not multiply it
         reloading = error.status() in _RELOADING_STATUSES and _RELOADING_MESSAGE in (error.message() or "")
         return error.status() in _TRANSIENT_STATUSES or reloading
-    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
+    if _timed_out(error):
         return False  # the request already used its whole time budget: do not multiply it
     # Refused, reset or dropped connections: the server is down or restarting. A connection closed
     # before the answer is geventhttpclient's HTTPConnectionClosed (an HTTPException, not an OSError).
     return isinstance(error, (OSError, HTTPConnectionClosed)) or _is_aiohttp_connection_error(error)
+
+
+def _timed_out(error: BaseException) -> bool:
+    """The request used its whole time budget: an HTTP client's timeout, or gRPC's deadline."""
+    if isinstance(error, InferenceServerException):
+        return error.status() == _DEADLINE_EXCEEDED
+    return isinstance(error, (TimeoutError, asyncio.TimeoutError))
 
 
 def _is_aiohttp_connection_error(error: BaseException) -> bool:
@@ -260,6 +291,8 @@ def _reason(error: BaseException) -> str:
         return f"TLS: {problem}"
     if speaks_no_tls(error):
         return PLAIN_TEXT_ANSWER
+    if _timed_out(error):
+        return "no answer within the request timeout"
     if isinstance(error, InferenceServerException):
         message = error.message() or str(error)
         worker = _DEAD_WORKER.search(message)
@@ -267,8 +300,6 @@ def _reason(error: BaseException) -> str:
             instance = worker.group(1)
             return f"a worker process of the server ({instance}) died: the study was not processed; send it again once the server recovered"
         return f"{error.status()}: {message}" if _is_transient(error) else message
-    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
-        return "no answer within the request timeout"
     return f"{type(error).__name__}: {error}"
 
 
@@ -280,7 +311,7 @@ def _describe(error: BaseException, url: str) -> str:
         return f"server at {url} does not speak TLS: {PLAIN_TEXT_ANSWER}"
     if _is_transient(error):
         return f"server at {url} unreachable or unavailable ({_reason(error)})"
-    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):
+    if _timed_out(error):
         return f"server at {url} gave {_reason(error)}"
     return _reason(error)
 
@@ -298,15 +329,13 @@ def _region_failure(error: Exception, model: str, started: float) -> TriageResul
 class _Base:
     def __init__(self, url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file, client_cert):
         self.protocol = _check_protocol(protocol)
-        self.endpoint = endpoint(url or default_url(protocol), ca_file, self.protocol, client_cert)
+        self.endpoint = endpoint(default_url(protocol) if url is None else url, ca_file, self.protocol, client_cert)
         self.url = self.endpoint.url  # as messages name the server: https://HOST:PORT over TLS
         self.explain = bool(explain)
         self.model = model or (NAMES.triage_explain if self.explain else NAMES.triage)
         if self.model == NAMES.triage_explain and not self.explain:  # Triton would refuse every study (an ensemble deadlock)
             raise ValueError(f"{NAMES.triage_explain} answers with explanations: ask it with explain=True")
-        self.timeout_s = float(timeout_s)
-        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:  # also refuses nan
-            raise ValueError(f"timeout_s must be above 0 and at most {MAX_TIMEOUT_S:.0f} s, not {timeout_s!r}")
+        self.timeout_s = checked_timeout(timeout_s)
         self.retry = retry
         self.shared_memory = shared_memory
         self._module = _SYNC[self.protocol]
@@ -336,13 +365,20 @@ class _Base:
     def _metadata_options(self) -> dict[str, Any]:
         return {"as_json": True, **self._deadline()} if self.protocol == "grpc" else {}
 
-    def _check_answers(self, live: bool, ready: bool, metadata: Any) -> None:
+    def _check_answers(self, live: bool, ready: bool, metadata: Any, model_metadata: Any) -> None:
         if not live:
             raise self._not_ready("server is not live")
         if not ready:
             raise self._not_ready(f"model {self.model!r} is not ready")
-        if not isinstance(metadata, dict) or metadata.get("name") != "triton":
+        if not _is_triton(metadata):
             raise self._not_ready(_NOT_TRITON)
+        outputs = model_metadata.get("outputs") if isinstance(model_metadata, dict) else None
+        answers = {output.get("name") for output in outputs or [] if isinstance(output, dict)}
+        missing = [name for name in (_EXPLAIN_OUTPUTS if self.explain else _OUTPUTS) if name not in answers]
+        if missing:
+            asked = f"{'an explained' if self.explain else 'a'} triage"
+            default = NAMES.triage_explain if self.explain else NAMES.triage
+            raise WrongModelError(f"model {self.model!r} does not answer with {', '.join(missing)}, which {asked} reads: {default} does")
 
     def _read_failure(self, error: Exception, started: float) -> TriageResult | None:
         """A study that cannot even be read is a Failure row, not a crash (bad path, bad archive)."""
@@ -400,10 +436,7 @@ class TriageClient(_Base):
         super().__init__(url, protocol, model, timeout_s, retry, shared_memory, explain, ca_file, client_cert)
         if self.protocol == "http":
             self._triton = tritonclient.http.InferenceServerClient(
-                self.endpoint.address,
-                connection_timeout=min(self.timeout_s, 10.0),
-                network_timeout=self.timeout_s,
-                **self.endpoint.http_sync_options(),
+                self.endpoint.address, **http_timeouts(self.timeout_s), **self.endpoint.http_sync_options()
             )
         else:
             self._triton = tritonclient.grpc.InferenceServerClient(self.endpoint.address, **self.endpoint.grpc_options())
@@ -423,16 +456,18 @@ class TriageClient(_Base):
         return self._triton
 
     def check_ready(self) -> None:
-        """Raise ServerUnavailable with one clear line unless the server and the model are ready."""
+        """Raise ServerUnavailable with one clear line unless the server and the model are ready, and
+        WrongModelError unless the model answers with the outputs this client reads (its metadata)."""
         try:
             live = self._triton.is_server_live(**self._deadline())
             ready = live and self._triton.is_model_ready(self.model, **self._deadline())
             metadata = ready and self._triton.get_server_metadata(**self._metadata_options())
+            model_metadata = _is_triton(metadata) and self._triton.get_model_metadata(self.model, **self._metadata_options())
         except _NOT_JSON:
             raise self._not_ready(_NOT_TRITON) from None
         except Exception as error:  # any transport failure means "not reachable"
             raise self._not_ready(_reason(error)) from None
-        self._check_answers(live, ready, metadata)
+        self._check_answers(live, ready, metadata, model_metadata)
 
     def classify(self, study: Study, series_uid: str | None = None) -> TriageResult:
         """`series_uid`: the series to classify (a study of several patients' series is refused unless
@@ -525,11 +560,12 @@ class AsyncTriageClient(_Base):
             live = await self._triton.is_server_live(**self._deadline())
             ready = live and await self._triton.is_model_ready(self.model, **self._deadline())
             metadata = ready and await self._triton.get_server_metadata(**self._metadata_options())
+            model_metadata = _is_triton(metadata) and await self._triton.get_model_metadata(self.model, **self._metadata_options())
         except _NOT_JSON:
             raise self._not_ready(_NOT_TRITON) from None
         except Exception as error:
             raise self._not_ready(_reason(error)) from None
-        self._check_answers(live, ready, metadata)
+        self._check_answers(live, ready, metadata, model_metadata)
 
     async def classify(self, study: Study, series_uid: str | None = None) -> TriageResult:
         started = time.perf_counter()

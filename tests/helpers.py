@@ -111,8 +111,9 @@ def counted_stats(server, model: str, inferences: int, limit_s: float = 30.0) ->
         time.sleep(0.05)
 
 
-def report_row(path: str, status: str = "Success", probability: float | None = 0.25) -> dict:
-    """A report row as the client writes it, for the report and journal tests."""
+def report_row(path: str, status: str = "Success", probability: float | None = 0.25, threshold: float | None = 0.5) -> dict:
+    """A report row as the client writes it, for the report and journal tests: a Success row carries
+    the threshold its decision was taken at."""
     ok = status == "Success"
     return {
         "path_to_study": path,
@@ -124,6 +125,7 @@ def report_row(path: str, status: str = "Success", probability: float | None = 0
         "time_of_processing": 1.5,
         "error": None if ok else "bad study",
         "model": "demo",
+        "threshold": threshold if ok else None,
     }
 
 

@@ -11,6 +11,7 @@ import html.parser
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -459,7 +460,7 @@ def test_an_explained_report_has_the_localization_the_page_and_resumes(tmp_path)
 def test_plain_reports_keep_their_columns_and_old_reports_still_read(tmp_path):
     rows = [report_row("a"), report_row("b", client.FAILURE)]
     client.write_report(rows, tmp_path / "plain.xlsx")
-    assert client.read_report(tmp_path / "plain.xlsx") == rows  # 9 columns, no localization key
+    assert client.read_report(tmp_path / "plain.xlsx") == rows  # 10 columns, no localization key
     explained_rows = [{**row, LOCALIZATION_COLUMN: "1,2,3,4,5,6" if row["pathology"] == 0 else None} for row in rows]
     client.write_report(explained_rows, tmp_path / "explained.csv", EXPLAIN_COLUMNS)
     assert client.read_report(tmp_path / "explained.csv") == explained_rows
@@ -597,7 +598,29 @@ def test_the_page_has_one_row_per_study_with_failures_and_escaped_errors(tmp_pat
 def test_the_page_shows_each_probability_on_its_decisions_side(tmp_path):
     rows = [{**report_row("s1", probability=0.4996), LOCALIZATION_COLUMN: None}]  # normal at threshold 0.5
     page = summary.write_summary(rows, tmp_path / "X.html", tmp_path, report_name="X.xlsx").read_text()
-    assert '<td class="probability">0.499</td><td class="decision">normal</td>' in page
+    assert '<td class="probability">0.499</td><td class="decision">normal (threshold 0.5)</td>' in page
+
+
+def test_the_page_shows_each_decisions_threshold_beside_it(tmp_path):
+    rows = [
+        {**report_row("s1", probability=0.625, threshold=0.7), "pathology": 0, LOCALIZATION_COLUMN: None},
+        {**report_row("s2", probability=0.625), "pathology": 1, LOCALIZATION_COLUMN: None},
+        {**report_row("s3", probability=0.625, threshold=None), "pathology": 1, LOCALIZATION_COLUMN: None},  # a row that does not hold it
+    ]
+    page = summary.write_summary(rows, tmp_path / "X.html", tmp_path, report_name="X.xlsx").read_text()
+    assert '<td class="decision">normal (threshold 0.7)</td>' in page
+    assert '<td class="decision">pathology (threshold 0.5)</td>' in page and '<td class="decision">pathology</td>' in page
+
+
+def test_a_thumbnail_folder_that_is_a_file_stops_the_run_before_any_study(tmp_path):
+    """Every picture was lost ("montage not drawn: NotADirectoryError"), and --resume never drew them."""
+    folder, sent = tmp_path / "studies", []
+    _study(folder, "c_high")
+    (tmp_path / "R_thumbnails").write_text("my notes")
+    expected = rf"^the thumbnail folder {re.escape(str(tmp_path / 'R_thumbnails'))} is a file, not a folder$"
+    with pytest.raises(client.ReportError, match=expected):
+        asyncio.run(client.build_report(folder, tmp_path / "R.csv", lambda: _FakeExplainClient({"c_high": _explained()}, sent)))
+    assert sent == [] and not (tmp_path / "R.csv").exists() and (tmp_path / "R_thumbnails").read_text() == "my notes"
 
 
 def _chromium(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

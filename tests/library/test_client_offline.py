@@ -225,7 +225,11 @@ def test_discovery_rejects_a_file(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".xlsx", ".csv"])
 def test_report_round_trip_keeps_header_types_and_order(tmp_path, suffix):
-    rows = [report_row("b.zip"), report_row("a", client.FAILURE), report_row("c", probability=0.875)]
+    rows = [
+        report_row("b.zip"),
+        report_row("a", client.FAILURE),
+        report_row("c", probability=0.875, threshold=0.7),
+    ]
     path = tmp_path / f"report{suffix}"
 
     client.write_report(rows, path)
@@ -236,6 +240,7 @@ def test_report_round_trip_keeps_header_types_and_order(tmp_path, suffix):
         sheet = openpyxl.load_workbook(path).active
         assert tuple(cell.value for cell in sheet[1]) == client.COLUMNS
         assert sheet.cell(row=4, column=4).value == 0.875  # a number, not text
+        assert sheet.cell(row=4, column=10).value == 0.7
 
 
 def test_report_write_is_atomic_when_writing_fails(tmp_path):
@@ -560,3 +565,98 @@ def test_the_summary_page_takes_names_and_errors_that_are_not_utf8(tmp_path):
     page = summary.write_summary(rows, tmp_path / "r.html", tmp_path / "r_thumbnails", report_name="r.xlsx")
     assert "M\\udcdcLLER.zip" in page.read_text(encoding="utf-8")
     assert summary.thumbnail_name(name) != summary.thumbnail_name("M\ufffdLLER.zip")
+
+
+def test_office_documents_are_not_studies(tmp_path):
+    """An earlier report's .xlsx (a ZIP) left in the folder was a Failure "study" in every later run,
+    as were a worklist or a letter beside the studies."""
+    import zipfile
+
+    (tmp_path / "s1.zip").write_bytes(b"PK\x03\x04rest")
+    client.write_report([report_row("s1.zip")], tmp_path / "yesterday.xlsx")
+    (tmp_path / "group").mkdir()
+    for name in ("group/worklist.XLSM", "letter.docx", "slides.pptx", "sheet.ods", "text.odt", "group/g.zip"):
+        with zipfile.ZipFile(tmp_path / name, "w") as document:
+            document.writestr("mimetype", "application/x-office")
+    (tmp_path / "dangling.xlsx").symlink_to(tmp_path / "gone.xlsx")
+
+    assert [study.path_to_study for study in client.discover_studies(tmp_path)] == ["group/g.zip", "s1.zip"]
+
+
+@pytest.fixture
+def hung_server():
+    """HOST:PORT of a server that accepts every connection and never answers."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_each():
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:  # the listener closed: the test is over
+                return
+
+    threading.Thread(target=accept_each, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_request_timeout_reads_the_same_over_grpc_and_http(hung_server, protocol):
+    """gRPC's deadline said a bare "Deadline Exceeded", where HTTP said what happened."""
+    with client.TriageClient(hung_server, protocol, timeout_s=0.5) as triage:
+        result = triage.classify(b"\0" * 128 + b"DICM")
+        with pytest.raises(client.ServerUnavailable) as not_ready:
+            triage.check_ready()
+    assert result.error == f"server at {hung_server} gave no answer within the request timeout"
+    assert str(not_ready.value) == f"Triton server at {hung_server} ({protocol}) is not usable: no answer within the request timeout"
+
+
+def test_set_threshold_gives_up_after_its_timeout(hung_server, capsys, monkeypatch):
+    """Without --timeout, set-threshold waited 61 s for a server that never answers."""
+    from settings import ADMIN
+
+    monkeypatch.delenv(ADMIN.key_env, raising=False)
+    started = time.perf_counter()
+    assert client_main(["set-threshold", "0.7", "--url", hung_server, "--timeout", "0.5"]) == 3
+    assert time.perf_counter() - started < 10
+    assert capsys.readouterr().err.splitlines() == [f"error: the server at {hung_server} gave no answer within the request timeout"]
+    with pytest.raises(SystemExit) as refused:
+        client_main(["set-threshold", "0.7", "--url", hung_server, "--timeout", "0"])
+    assert refused.value.code == 2 and "argument --timeout: must be a number above 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="timeout_s must be above 0"):
+        client.set_threshold(f"http://{hung_server}", 0.7, timeout_s=float("nan"))
+
+
+def test_an_empty_url_is_a_usage_error_not_the_default_server(tmp_path, capsys):
+    """`--url ""` (an unset variable) asked localhost:8001 or 8000 without a word."""
+    _dicom_like(tmp_path / "s1" / "IM1")
+    for command in (["classify", str(tmp_path / "s1")], ["report", str(tmp_path), "--out", str(tmp_path / "r.xlsx")]):
+        assert client_main([*command, "--url", ""]) == 2, command
+        assert capsys.readouterr().err.splitlines() == ["error: no host in URL ''"]
+    assert not (tmp_path / "r.xlsx").exists()
+    with pytest.raises(ValueError, match="no host in URL ''"):
+        client.TriageClient("", "grpc")
+
+
+def test_an_out_dir_that_is_a_link_looping_or_to_nothing_is_named_so(tmp_path, capsys):
+    """Both said "cannot write into --out-dir ...: File exists"."""
+    study = tmp_path / "study.zip"
+    study.write_bytes(b"PK")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "unmounted").symlink_to(tmp_path / "share" / "explained")
+    closed = f"127.0.0.1:{_closed_port()}"
+    for out_dir, reason in (
+        (tmp_path / "loop", f"error: cannot write {tmp_path / 'loop'}: a symbolic link on its path loops"),
+        (
+            tmp_path / "unmounted",
+            f"error: --out-dir {tmp_path / 'unmounted'} is a link to {tmp_path / 'share' / 'explained'}, which does not exist",
+        ),
+    ):
+        assert client_main(["classify", str(study), "--explain", "--out-dir", str(out_dir), "--url", closed]) == 2
+        assert capsys.readouterr().err.splitlines() == [reason]
+    assert not (tmp_path / "share").exists()

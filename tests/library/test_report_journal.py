@@ -17,8 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import ROOT
-from helpers import report_row as finished
+from helpers import ROOT, report_row
 
 import client
 from client.cli import main as client_main
@@ -89,7 +88,7 @@ def test_a_torn_last_line_is_ignored_and_resume_continues_from_whole_lines(tmp_p
     folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
     _study(folder / "s1")
     _study(folder / "s2")
-    journal = _journal(out, folder, [finished("s1"), finished("s2", probability=0.75)])
+    journal = _journal(out, folder, [report_row("s1"), report_row("s2", probability=0.75)])
     with open(journal, "ab") as stream:  # killed while writing a later line of s1
         stream.write(b'{"path_to_study":"s1","study_uid":null,"processing_st')
 
@@ -99,15 +98,15 @@ def test_a_torn_last_line_is_ignored_and_resume_continues_from_whole_lines(tmp_p
     summary = _resume(folder, out)  # every study is Success: the server is not needed
 
     assert (summary.studies, summary.sent, summary.skipped) == (2, 0, 2)
-    assert client.read_report(out) == [finished("s1"), finished("s2", probability=0.75)]
+    assert client.read_report(out) == [report_row("s1"), report_row("s2", probability=0.75)]
     again = read_journal(journal)  # rewritten from whole lines: appends start on a line of their own
     assert again.unreadable == 0 and journal.read_bytes().endswith(b"\n")
-    assert [_columns(row) for row in again.rows] == [finished("s1"), finished("s2", probability=0.75)]
+    assert [_columns(row) for row in again.rows] == [report_row("s1"), report_row("s2", probability=0.75)]
 
 
 def test_a_damaged_line_costs_only_its_study(tmp_path):
     folder, out = tmp_path / "studies", tmp_path / "report.csv"
-    journal = _journal(out, folder, [finished("s1")])
+    journal = _journal(out, folder, [report_row("s1")])
     with open(journal, "ab") as stream:
         stream.write(b"\x00\x00not json\n")
         stream.write(b'{"path_to_study":"s3"}\n')  # not a whole row
@@ -123,11 +122,11 @@ def test_every_append_reaches_the_disk_before_it_counts(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "write", lambda fd, data: calls.append(("write", fd)) or write(fd, data))
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append(("fsync", fd)) or fsync(fd))
 
-    writer.append(finished("s1"))
+    writer.append(report_row("s1"))
 
     assert calls and calls[-1] == ("fsync", writer._fd) and ("write", writer._fd) in calls[:-1]
-    assert writer.latest == {"s1": finished("s1")} and writer.appended == 1
-    assert [_columns(row) for row in read_journal(writer.path).rows] == [finished("s1")]  # on disk, file still open
+    assert writer.latest == {"s1": report_row("s1")} and writer.appended == 1
+    assert [_columns(row) for row in read_journal(writer.path).rows] == [report_row("s1")]  # on disk, file still open
     assert read_journal(writer.path).rows[0]["finished_at"] == pytest.approx(time.time(), abs=60)
     writer.close()
 
@@ -137,16 +136,18 @@ def test_resume_keeps_the_latest_row_of_each_study_once(tmp_path):
     _study(folder / "s1")
     _study(folder / "s2")
     # s1 failed in a first run and succeeded when resumed; "gone" is no longer in the folder.
-    journal = _journal(out, folder, [finished("s1", client.FAILURE), finished("gone"), finished("s2"), finished("s1", probability=0.5)])
+    journal = _journal(
+        out, folder, [report_row("s1", client.FAILURE), report_row("gone"), report_row("s2"), report_row("s1", probability=0.5)]
+    )
 
     summary = _resume(folder, out, csv_out=csv_out)
 
     assert (summary.studies, summary.sent, summary.succeeded, summary.failed) == (2, 0, 2, 0)
     rows = client.read_report(out)
-    assert rows == [finished("s1", probability=0.5), finished("s2")]  # one row per study, in discovery order
+    assert rows == [report_row("s1", probability=0.5), report_row("s2")]  # one row per study, in discovery order
     assert client.read_report(csv_out) == rows
     kept = [_columns(row) for row in read_journal(journal).rows]  # one line per study, "gone" kept for later
-    assert sorted(kept, key=lambda row: row["path_to_study"]) == [finished("gone"), finished("s1", probability=0.5), finished("s2")]
+    assert sorted(kept, key=lambda row: row["path_to_study"]) == [report_row("gone"), report_row("s1", probability=0.5), report_row("s2")]
 
 
 def test_text_from_the_studies_is_never_a_formula_and_reads_back_exactly(tmp_path):
@@ -158,7 +159,7 @@ def test_text_from_the_studies_is_never_a_formula_and_reads_back_exactly(tmp_pat
     folder, out, csv_out = tmp_path / "studies", tmp_path / "report.xlsx", tmp_path / "report.csv"
     for name in names:
         _study(folder / name)
-    rows = [{**finished(name), "study_uid": f"=1+{i}\x01", "error": None} for i, name in enumerate(names)]
+    rows = [{**report_row(name), "study_uid": f"=1+{i}\x01", "error": None} for i, name in enumerate(names)]
     _journal(out, folder, rows)
 
     summary = _resume(folder, out, csv_out=csv_out)  # openpyxl alone refuses "\x01" in a cell
@@ -182,8 +183,8 @@ def test_resume_with_studies_left_and_no_server_changes_nothing(tmp_path, capsys
     folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
     _study(folder / "s1")
     _study(folder / "s2")
-    journal = _journal(out, folder, [finished("s1"), finished("s2", client.FAILURE)])  # s2 is to be retried
-    client.write_report([finished("s1"), finished("s2", client.FAILURE)], out)
+    journal = _journal(out, folder, [report_row("s1"), report_row("s2", client.FAILURE)])  # s2 is to be retried
+    client.write_report([report_row("s1"), report_row("s2", client.FAILURE)], out)
     before = journal.read_bytes(), out.read_bytes()
 
     code = client_main(["report", str(folder), "--out", str(out), "--resume", "--url", _closed_url()])
@@ -200,7 +201,7 @@ def test_a_journal_of_another_folder_or_model_is_refused(tmp_path, capsys, other
     elsewhere = tmp_path / "other_studies"
     _study(elsewhere / "s1")  # same relative path, another study
     source, model = (elsewhere, "ct_triage") if other == "folder" else (folder, "other")
-    journal = _journal(out, source, [finished("s1")], model=model)
+    journal = _journal(out, source, [report_row("s1")], model=model)
     before = journal.read_bytes()
 
     code = client_main(["report", str(folder), "--out", str(out), "--resume", "--url", _closed_url()])
@@ -224,9 +225,9 @@ def test_a_report_inside_the_folder_is_not_taken_for_a_study(tmp_path):
     folder = tmp_path / "studies"
     _study(folder / "s1")
     out, copy = folder / "report.xlsx", folder / "report.csv"
-    _journal(out, folder, [finished("s1")])
-    client.write_report([finished("s1")], out)
-    client.write_report([finished("s1")], copy)
+    _journal(out, folder, [report_row("s1")])
+    client.write_report([report_row("s1")], out)
+    client.write_report([report_row("s1")], copy)
     summary = _resume(folder, out, csv_out=copy)  # no server: nothing left to send
     assert (summary.studies, summary.sent, summary.skipped) == (1, 0, 1)
 
@@ -242,12 +243,12 @@ def _someones_file_and_a_journal(out: Path) -> None:
 
 
 def _report_with_a_word_for_a_number(out: Path) -> None:
-    client.write_report([{**finished("s1"), "probability_of_pathology": "high"}], out)
+    client.write_report([{**report_row("s1"), "probability_of_pathology": "high"}], out)
 
 
 def _damaged_sheet(out: Path) -> None:
     """A report whose sheet's XML was cut short (a copy interrupted, a disk error)."""
-    client.write_report([finished("s1")], out)
+    client.write_report([report_row("s1")], out)
     with zipfile.ZipFile(out) as archive:
         parts = {name: archive.read(name) for name in archive.namelist()}
     sheet = next(name for name in parts if name.startswith("xl/worksheets/"))
@@ -304,10 +305,10 @@ def test_unusable_report_files_and_options_stop_the_run_before_any_study(tmp_pat
 
 def test_a_journal_line_with_a_path_that_is_not_text_is_skipped(tmp_path):
     folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
-    journal = _journal(out, folder, [finished("s1")])
+    journal = _journal(out, folder, [report_row("s1")])
     with open(journal, "ab") as stream:
-        stream.write(json.dumps({**finished("s2"), "path_to_study": ["s2"]}).encode() + b"\n")
-        stream.write(json.dumps({**finished("s3"), "study_uid": {"x": 1}}).encode() + b"\n")  # no cell holds that
+        stream.write(json.dumps({**report_row("s2"), "path_to_study": ["s2"]}).encode() + b"\n")
+        stream.write(json.dumps({**report_row("s3"), "study_uid": {"x": 1}}).encode() + b"\n")  # no cell holds that
     read = read_journal(journal)
     assert [row["path_to_study"] for row in read.rows] == ["s1"] and read.unreadable == 2
 
@@ -315,7 +316,7 @@ def test_a_journal_line_with_a_path_that_is_not_text_is_skipped(tmp_path):
 def test_without_resume_a_run_starts_a_new_journal(tmp_path):
     folder, out = tmp_path / "empty_archive", tmp_path / "report.xlsx"
     folder.mkdir()
-    journal = _journal(out, tmp_path / "other", [finished("s1"), finished("s2")])
+    journal = _journal(out, tmp_path / "other", [report_row("s1"), report_row("s2")])
 
     summary = asyncio.run(client.build_report(folder, out, _unreachable))  # no studies: no server needed
 
@@ -334,7 +335,7 @@ def test_the_report_is_rewritten_from_the_journal_at_intervals_not_per_study(tmp
         report.start()
         await asyncio.sleep(0)  # the first write takes its snapshot: no rows yet
         for key in order:
-            journal.append(finished(key))
+            journal.append(report_row(key))
             await asyncio.sleep(0)
             while follow and (not report.writes or report.writes[-1][0] != journal.appended):  # every_s 0: it catches up mid-run
                 await asyncio.sleep(0.01)
@@ -354,7 +355,7 @@ def test_a_second_run_on_the_same_report_is_refused_while_the_first_runs(tmp_pat
     """A periodic job started again before the last run ended: refused, the running one's journal untouched."""
     folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
     _study(folder / "s1")
-    journal = _journal(out, folder, [finished("s1")])
+    journal = _journal(out, folder, [report_row("s1")])
     before = journal.read_bytes()
     with open(f"{out}.lock", "w") as running:
         fcntl.flock(running, fcntl.LOCK_EX)  # what the first run holds
@@ -378,10 +379,10 @@ def test_report_files_are_as_readable_as_the_umask_allows_and_a_replaced_one_kee
     before = os.umask(umask)
     try:
         for name in ("report.xlsx", "report.csv"):
-            client.write_report([finished("s1")], tmp_path / name)
+            client.write_report([report_row("s1")], tmp_path / name)
             assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
             (tmp_path / name).chmod(0o640)  # a mode chosen by whoever runs the reports
-            client.write_report([finished("s1"), finished("s2")], tmp_path / name)
+            client.write_report([report_row("s1"), report_row("s2")], tmp_path / name)
             assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
     finally:
         os.umask(before)
@@ -416,19 +417,26 @@ def test_a_report_without_its_journal_is_not_resumed_with_another_folders_rows(t
         {"time_of_processing": False},
         {"study_uid": 123},
         {"pathology_localization": 7},
+        {"threshold": "0.5"},
+        # a Success without a decision, or with one no server gives
+        {"probability_of_pathology": None, "pathology": None},
+        {"probability_of_pathology": float("nan")},
+        {"probability_of_pathology": 1.5},
+        {"pathology": 7},
+        {"threshold": float("inf")},
     ],
     ids=str,
 )
 def test_a_value_of_the_wrong_type_costs_only_its_study(tmp_path, edit):
-    """A hand-edited journal line ("pathology": "yes") was taken, written into the report, and every
-    later run refused that report as not a triage report. It is a damaged line: its study is sent
-    again, and the report stays one that reads back."""
+    """A hand-edited journal line ("pathology": "yes", a probability of NaN or None, pathology 7) was
+    taken, written into the report, and kept as Success for ever. It is a damaged line: its study is
+    sent again, and the report stays one that reads back."""
     folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
     _study(folder / "s1")
     _study(folder / "s2")
-    journal = _journal(out, folder, [finished("s2")])
+    journal = _journal(out, folder, [report_row("s2")])
     with open(journal, "ab") as stream:
-        stream.write(json.dumps({**finished("s1"), **edit}).encode() + b"\n")
+        stream.write(json.dumps({**report_row("s1"), **edit}).encode() + b"\n")
     read = read_journal(journal)
     assert [row["path_to_study"] for row in read.rows] == ["s2"] and read.unreadable == 1
 
@@ -462,7 +470,7 @@ def test_a_read_only_journal_is_one_line_before_any_study(tmp_path):
     anything, so as root the command runs without the capabilities that let it (as a user would)."""
     folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
     _study(folder / "s1")
-    journal = _journal(out, folder, [finished("s1")])  # nothing left to send: the server is not needed
+    journal = _journal(out, folder, [report_row("s1")])  # nothing left to send: the server is not needed
     journal.chmod(0o444)
     before = journal.read_bytes()
     as_a_user = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
@@ -474,3 +482,101 @@ def test_a_read_only_journal_is_one_line_before_any_study(tmp_path):
         "error: report.xlsx.journal.jsonl is read-only: make it writable (each finished study is appended to it), or choose another --out"
     ]
     assert journal.read_bytes() == before and not out.exists()
+
+
+class _AtThresholds(_Answering):
+    """A server whose operating point is changed (set-threshold) while the report runs: each answer's
+    META carries the threshold in force when it was decided."""
+
+    def __init__(self, thresholds: dict[str, float]):
+        super().__init__()
+        self._thresholds = thresholds
+
+    async def classify(self, path: Path) -> client.TriageResult:
+        self.sent.append(path)
+        threshold = self._thresholds[Path(path).name]
+        meta = {"threshold": threshold, "provenance": "demo"}
+        return client.TriageResult("1.2", "1.2.3", 0.6, int(0.6 >= threshold), client.SUCCESS, None, 0.01, meta=meta, model="demo")
+
+
+@pytest.mark.parametrize("suffix", [".xlsx", ".csv"])
+def test_each_row_carries_the_threshold_its_decision_was_taken_at(tmp_path, suffix):
+    """Two byte-identical studies, the threshold changed between them: pathology 1, then 0, and no cell
+    said why. Each row holds META's threshold; a journal line without one (no such column when it was
+    written) keeps its answer, not sent again, its cell empty."""
+    folder, out = tmp_path / "studies", tmp_path / f"report{suffix}"
+    for name in ("s1", "s2"):
+        _study(folder / name)
+    asyncio.run(client.build_report(folder, out, lambda: _AtThresholds({"s1": 0.5, "s2": 0.7})))
+
+    rows = client.read_report(out)
+    assert [(row["pathology"], row["threshold"]) for row in rows] == [(1, 0.5), (0, 0.7)]
+    assert [row["threshold"] for row in read_journal(journal_path(out)).rows] == [0.5, 0.7]
+
+    _study(folder / "s3")
+    without = {column: value for column, value in report_row("s1").items() if column != "threshold"}
+    _journal(out, folder, [without, report_row("s2", client.FAILURE)])
+    answering = _AtThresholds({"s2": 0.5, "s3": 0.5})
+    summary = asyncio.run(client.build_report(folder, out, lambda: answering, resume=True))
+
+    assert (summary.sent, summary.skipped) == (2, 1) and answering.sent == [folder / "s2", folder / "s3"]
+    assert [row["threshold"] for row in client.read_report(out)] == [None, 0.5, 0.5]
+
+
+def test_a_report_written_without_the_threshold_column_still_reads_and_is_replaced(tmp_path):
+    """A report of nine columns (before the threshold was one) is still a triage report: read_report
+    gives its rows with the threshold empty, and a run may write over it."""
+    folder, out = tmp_path / "studies", tmp_path / "report.csv"
+    folder.mkdir()
+    out.write_text(",".join(client.COLUMNS[:-1]) + "\ns1,1.2.3,1.2.3.4,0.25,0,Success,1.5,,demo\n")
+    assert client.read_report(out) == [{**report_row("s1"), "threshold": None}]
+    asyncio.run(client.build_report(folder, out, _unreachable))  # no studies: no server needed
+    assert out.read_text().splitlines() == [",".join(client.COLUMNS)]
+
+
+def test_a_report_through_a_link_is_written_into_the_file_the_link_names(tmp_path):
+    """latest.csv -> share/latest.csv: the atomic rename replaced the link by a file of its own, and
+    the file the link named (read by others) went stale. The report, its journal and its lock are
+    the linked file's."""
+    folder, share = tmp_path / "studies", tmp_path / "share"
+    _study(folder / "s1")
+    share.mkdir()
+    link, xlsx_link = tmp_path / "latest.csv", tmp_path / "latest.xlsx"
+    link.symlink_to("share/latest.csv")
+    xlsx_link.symlink_to(share / "latest.xlsx")
+
+    asyncio.run(client.build_report(folder, xlsx_link, _Answering, csv_out=link))
+
+    assert link.is_symlink() and xlsx_link.is_symlink()
+    assert [row["path_to_study"] for row in client.read_report(share / "latest.csv")] == ["s1"]
+    assert [row["path_to_study"] for row in client.read_report(share / "latest.xlsx")] == ["s1"]
+    assert sorted(path.name for path in share.iterdir()) == ["latest.csv", "latest.xlsx", "latest.xlsx.journal.jsonl", "latest.xlsx.lock"]
+    assert _resume(folder, xlsx_link).skipped == 1  # resumed through the link from the same journal
+
+
+@pytest.mark.parametrize("where", ["out", "csv", "folder above"])
+def test_a_report_path_through_a_link_that_loops_is_one_line(tmp_path, capsys, where):
+    """Path.resolve raised RuntimeError("Symlink loop") out of the command, a traceback."""
+    folder = tmp_path / "studies"
+    _study(folder / "s1")
+    (tmp_path / "self.csv").symlink_to("self.csv")
+    (tmp_path / "loop").symlink_to("loop")
+    looping = {
+        "out": ["--out", str(tmp_path / "self.csv")],
+        "csv": ["--out", str(tmp_path / "r.xlsx"), "--csv", str(tmp_path / "self.csv")],
+    }
+    looping["folder above"] = ["--out", str(tmp_path / "loop" / "r.csv")]
+
+    assert client_main(["report", str(folder), *looping[where], "--url", _closed_url()]) == 2
+
+    looped = str(tmp_path / ("loop/r.csv" if where == "folder above" else "self.csv"))
+    assert capsys.readouterr().err.splitlines() == [f"error: cannot write {looped}: a symbolic link on its path loops"]
+    assert not list(tmp_path.glob("r.*"))
+
+
+def test_the_closing_line_shows_control_characters_in_the_reports_name_as_escapes(tmp_path, capsys):
+    folder, out = tmp_path / "studies", tmp_path / "r\x1b[2J.csv"
+    folder.mkdir()
+    assert client_main(["report", str(folder), "--out", str(out), "--url", _closed_url()]) == 0  # no studies: no server needed
+    stderr = capsys.readouterr().err
+    assert "\x1b" not in stderr and "r\\x1b[2J.csv" in stderr

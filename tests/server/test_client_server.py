@@ -18,6 +18,7 @@ import pytest
 from helpers import ROOT, edit, packaged_file, run_module
 
 import client
+from client.cli import main as client_main
 from client.report import journal_path, read_journal
 from preprocess import phantom
 from settings import NAMES
@@ -196,6 +197,33 @@ def test_classify_cli_prints_json_and_exit_status(triton_server, archive):
     assert failed.stderr.startswith("error: ") and len(failed.stderr.strip().splitlines()) == 1
 
 
+def test_a_model_without_the_outputs_asked_for_is_refused_before_any_study(triton_server, archive, tmp_path, capsys):
+    """`report --explain --model ct_triage` or `report --model ct_classifier` made every study a Failure
+    row and exited 0; `classify --explain --model ct_triage` exited 1 as if the study were bad."""
+    explained = "ATTRIBUTION, LOCALIZATION, VOLUME, which an explained triage reads: ct_triage_explain does"
+    cases = (
+        (["report", str(archive), "--out", str(tmp_path / "r1.csv"), "--explain", "--model", NAMES.triage], NAMES.triage, explained),
+        (
+            ["report", str(archive), "--out", str(tmp_path / "r2.csv"), "--model", NAMES.classifier],
+            NAMES.classifier,
+            "PROBABILITY, PATHOLOGY, STUDY_UID, SERIES_UID, META, which a triage reads: ct_triage does",
+        ),
+        (
+            ["classify", str(archive / GOOD_ZIPS[0]), "--explain", "--out-dir", str(tmp_path / "x"), "--model", NAMES.triage],
+            NAMES.triage,
+            explained,
+        ),
+    )
+    before = _stats(triton_server)["received"]
+    for (arguments, model, missing), (protocol, url) in zip(
+        cases, (("grpc", triton_server.grpc_url), ("http", triton_server.http_url)) * 2
+    ):
+        assert client_main([*arguments, "--url", url, "--protocol", protocol]) == 2, arguments
+        assert capsys.readouterr().err.splitlines() == [f"error: model {model!r} does not answer with {missing}"]
+    assert _stats(triton_server)["received"] == before  # no study sent
+    assert not list(tmp_path.glob("r*.csv"))
+
+
 @pytest.fixture(scope="module")
 def serial_report(shared_server, archive, tmp_path_factory) -> Path:
     """The archive reported one study at a time (the reference for concurrency and resume)."""
@@ -223,11 +251,12 @@ def test_report_cli_over_a_mixed_folder(triton_server, archive, serial_report, t
         assert row["processing_status"] == "Success", row
         assert row["study_uid"] and row["series_uid"] and row["model"] and row["error"] is None
         assert 0.0 <= row["probability_of_pathology"] <= 1.0 and row["pathology"] in (0, 1)
+        assert row["pathology"] == int(row["probability_of_pathology"] >= row["threshold"])  # META's threshold, behind the decision
         assert row["time_of_processing"] > 0
     for name in (CORRUPT, NON_CT):
         row = by_path[name]
         assert row["processing_status"] == "Failure" and row["error"], row
-        assert row["probability_of_pathology"] is None and row["pathology"] is None
+        assert row["probability_of_pathology"] is None and row["pathology"] is None and row["threshold"] is None
     assert len({by_path[name]["study_uid"] for name in GOOD_ZIPS}) == len(GOOD_ZIPS)
 
     # Concurrency 3 (studies batched together in the classifier) gives the numbers of concurrency 1.
