@@ -53,6 +53,12 @@ class SeriesNotFoundError(StudyError):
     """The SeriesInstanceUID asked for is not in the study."""
 
 
+class RequestParameterError(StudyError):
+    """A request parameter the server cannot use: an unknown name (a misspelt `series_uid` would
+    otherwise be ignored, and another series answered) or a value that is no SeriesInstanceUID.
+    The caller's mistake, not the study feed's: counted under its own reason."""
+
+
 class MixedPatientsError(StudyError):
     """Images of more than one patient: no series is chosen across patients unless the caller names it."""
 

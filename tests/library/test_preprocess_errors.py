@@ -843,3 +843,11 @@ def test_pixel_data_longer_than_its_header_says_is_refused(series):
         np.testing.assert_array_equal(preprocess.preprocess_study(padded, size=S).volume, expected)
     data_after = edit(series, lambda ds, k: setattr(ds, "PixelData", ds.PixelData + b"\x01\x00" * 64))
     refused(data_after, preprocess.CorruptDicomError, "describes 8192")
+
+
+def test_a_request_parameter_error_is_a_study_error_of_its_own():
+    """A caller's unusable request parameter is refused like a bad study (400, a safe message) but is
+    counted under its own reason (the type name), never as the feed's SeriesNotFoundError."""
+    assert issubclass(preprocess.RequestParameterError, preprocess.StudyError)
+    assert not issubclass(preprocess.RequestParameterError, preprocess.SeriesNotFoundError)
+    assert "RequestParameterError" in preprocess.__all__

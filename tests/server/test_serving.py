@@ -6,6 +6,7 @@ ONNX Runtime on the FP32 ONNX graph export kept beside the served IR) for probab
 
 from __future__ import annotations
 
+import io
 import json
 import queue
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pydicom
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
@@ -208,6 +210,47 @@ def test_server_keeps_serving_after_bad_studies(triton_server, good_payload, pro
         with pytest.raises(InferenceServerException):
             triage(triton_server, protocol, payload)
     assert 0.0 <= triage(triton_server, protocol, good_payload)["probability"] <= 1.0
+
+
+NOT_A_UID = f"the request parameter {NAMES.series_parameter} is not a SeriesInstanceUID"
+FORGING_NAME = "x\n[FORGED] " + "y" * 100  # caller text: shown escaped and cut short
+# Request parameters ct_preprocess cannot use, and what its one-line refusal names.
+UNUSABLE_PARAMETERS = [
+    ({"series_UID": "1.2.3"}, "unknown request parameter 'series_UID': the only parameter this service takes is series_uid"),
+    ({"SeriesInstanceUID": "1.2.3", NAMES.series_parameter: "1.2.3"}, "unknown request parameter 'SeriesInstanceUID'"),
+    ({FORGING_NAME: "1.2.3", "a": 1, "b": 2, "c": 3}, "unknown request parameters 'a', 'b', 'c' and 1 more"),
+    ({FORGING_NAME: "1.2.3"}, f"unknown request parameter '{preprocess.printable(FORGING_NAME[:64])}...'"),
+    ({NAMES.series_parameter: 7}, NOT_A_UID),
+    ({NAMES.series_parameter: True}, NOT_A_UID),
+    ({NAMES.series_parameter: ""}, NOT_A_UID),
+    ({NAMES.series_parameter: "1.2\n[FORGED]"}, NOT_A_UID),
+    ({NAMES.series_parameter: "1." * 600_000}, NOT_A_UID),
+]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_request_parameter_the_server_cannot_use_is_refused_as_the_callers_mistake(triton_server, protocol):
+    """A misspelt series_uid must not be ignored (the selection rule would answer for another series),
+    and neither it nor a malformed value is counted against the study feed (SeriesNotFoundError);
+    Triton's own parameters (timeout, priority, request_id, sequence_id) never reach the model."""
+    payload = phantom.study_files("series", slices=24, rows=64, columns=64)
+    before = scrape(triton_server.metrics_url)
+    for parameters, message in UNUSABLE_PARAMETERS:
+        for model in (NAMES.triage, NAMES.triage_explain):
+            module, client = connect(triton_server, protocol)
+            try:
+                with pytest.raises(InferenceServerException) as served:
+                    infer(client, protocol, model, [dicom_input(module, payload)], parameters=parameters)
+            finally:
+                client.close()
+            assert served.value.status() == INVALID[protocol], parameters
+            assert message in served.value.message() and "\n" not in served.value.message(), served.value.message()[:300]
+    after = scrape(triton_server.metrics_url)
+    refused = {dict(labels)["reason"]: after[name, labels] - before[name, labels] for name, labels in after if name == METRICS.refused}
+    assert {reason: count for reason, count in refused.items() if count} == {"RequestParameterError": 2 * len(UNUSABLE_PARAMETERS)}
+    series_uid = pydicom.dcmread(io.BytesIO(payload[0])).SeriesInstanceUID
+    reserved = {"timeout": 60_000_000, "priority": 1, "request_id": "r1", "sequence_id": 7}
+    assert triage(triton_server, protocol, payload, parameters={NAMES.series_parameter: series_uid}, **reserved)["series_uid"] == series_uid
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -13,6 +13,10 @@ A request over the served bounds (more files than INPUT_LIMITS.max_folder_files,
 SERVING.largest_study_bytes, what /dev/shm is sized for) is refused before any copy of its files:
 Triton 2.51 has no request-size limit of its own, so this is the first place one can be refused.
 Each refusal is counted by its error type (settings.METRICS.refused): why studies fail, for the site.
+
+The only request parameter is NAMES.series_parameter; a request with any other is refused
+(RequestParameterError), since a misspelt name would otherwise be ignored and another series answered.
+Triton's own parameters (timeout, priority, sequence_id, ...) never reach the model.
 """
 
 import json
@@ -56,9 +60,9 @@ class TritonPythonModel:
     def _respond(self, request):
         started = time.time()
         try:
+            series_uid = _requested_series(request)
             files = pb_utils.get_input_tensor_by_name(request, NAMES.dicom).as_numpy().reshape(-1)
             _check_bounds(files)
-            series_uid = _requested_series(request)
             study = self.preprocess_study(
                 [bytes(f) for f in files], size=self.size, mode="fast", series_uid=series_uid, device=self.device, threads=self.threads
             )
@@ -111,11 +115,27 @@ def _study_error_types() -> list[type]:
 
 def _requested_series(request) -> str | None:
     """The SeriesInstanceUID the caller names with the request parameter NAMES.series_parameter, or None
-    (the selection rule chooses): how a study holding several patients' series is classified at all."""
-    value = json.loads(request.parameters() or "{}").get(NAMES.series_parameter)
-    if value is not None and (not isinstance(value, str) or not preprocess.fits_vr(value, "UI")):
-        raise preprocess.SeriesNotFoundError(f"the request parameter {NAMES.series_parameter} is not a SeriesInstanceUID")
+    (the selection rule chooses): how a study holding several patients' series is classified at all.
+    Any other parameter is refused: a misspelt name must not leave the choice to the rule unnoticed."""
+    parameters = json.loads(request.parameters() or "{}")
+    unknown = sorted(set(parameters) - {NAMES.series_parameter})
+    if unknown:
+        named = ", ".join(_shown_name(name) for name in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        raise preprocess.RequestParameterError(
+            f"unknown request parameter{'s' if len(unknown) > 1 else ''} {named}: the only parameter this service takes is "
+            f"{NAMES.series_parameter}"
+        )
+    value = parameters.get(NAMES.series_parameter)
+    if NAMES.series_parameter in parameters and (not isinstance(value, str) or not preprocess.fits_vr(value, "UI")):
+        raise preprocess.RequestParameterError(
+            f"the request parameter {NAMES.series_parameter} is not a SeriesInstanceUID (digits and dots, at most 64)"
+        )
     return value
+
+
+def _shown_name(name: str, longest: int = 64) -> str:
+    """A parameter name as a message may quote it: the caller's text, cut short and made printable."""
+    return "'" + preprocess.printable(name[:longest]) + ("...'" if len(name) > longest else "'")
 
 
 def _check_bounds(files: np.ndarray) -> None:
