@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = f"python -m serve --repository {result.repository}"
     if result.model_config_name:
         serve += f" --model-config-name {result.model_config_name}"
-    if args.target in ("onnx-gpu", "tensorrt"):  # their backends are in the NGC image's Triton, not the bundled one
+    if args.target in ("openvino", "onnx-gpu", "tensorrt"):  # their backends are in the NGC image's Triton, not the bundled one
         serve += " --tritonserver /opt/tritonserver"
     print(f"repository ready: {result.repository} (target {args.target}, S={result.options.size}); serve it with: {serve}")
     return 0

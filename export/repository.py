@@ -20,6 +20,7 @@ TensorRT plan was built from) goes to the artifacts folder beside the repository
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ TARGETS = ("cpu", "openvino", "onnx-gpu", "tensorrt", "torch-gpu")
 IR_FILES = ("model.xml", "model.bin")  # OpenVINO IR: the graph, and its FP32 weights
 SERVED_FILES = {"cpu": IR_FILES, "openvino": IR_FILES, "onnx-gpu": ("model.onnx",), "tensorrt": ("model.plan",), "torch-gpu": ("model.pt",)}
 OPENVINO_TARGETS = ("cpu", "openvino")
+WRITE_MARGIN_BYTES = 2**20  # beyond the weights: what the largest file export writes (a graph, an IR) holds besides them
 MARKER = ".ct-triage-export.json"  # says "export wrote this folder": only such folders are ever replaced
 PROVENANCE_FILE = "provenance.json"
 ARTIFACTS_SUFFIX = ".artifacts"
@@ -290,7 +292,7 @@ def _check_folder(folder: Path, kind: str) -> None:
     if folder.is_dir() and any(folder.iterdir()):
         if not (folder / MARKER).is_file():
             raise OutputFolderError(f"output folder {folder} exists, is not empty and was not written by export: refusing to replace it")
-        written = _marker_kind(folder)
+        written = _marker_field(folder, "kind")
         if written not in (None, kind):
             raise OutputFolderError(f"output folder {folder} holds an earlier export's {written}, not its {kind}: refusing to replace it")
     parent = next((p for p in (folder.parent, *folder.parent.parents) if p.exists()), None)
@@ -313,12 +315,24 @@ def _marker(kind: str, **fields) -> str:
     return json.dumps({"written_by": "python -m export", "kind": kind, **fields}, indent=2) + "\n"
 
 
-def _marker_kind(folder: Path) -> str | None:
-    """What an export's marker says it wrote; None for markers that predate the kind."""
+def _marker_field(folder: Path, field: str) -> str | None:
+    """A field of the marker of an export's folder (its kind; an artifacts folder's repository); None where there
+    is no marker or it lacks the field (markers that predate it)."""
     try:
-        return json.loads((folder / MARKER).read_text()).get("kind")
+        return json.loads((folder / MARKER).read_text()).get(field)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _check_artifacts_of(artifacts: Path, repository: Path) -> None:
+    """An earlier export's artifacts are replaced only by an export of the same repository: another's would
+    leave that repository's parity proof and weights those of a network it does not serve."""
+    owner = _marker_field(artifacts, "repository")
+    if owner not in (None, repository.name):
+        raise OutputFolderError(
+            f"artifacts folder {artifacts} holds the artifacts of the repository {owner}, not of {repository.name}: "
+            "refusing to replace them (choose another --artifacts)"
+        )
 
 
 def _staging(folder: Path, created: list[Path]) -> Path:
@@ -455,6 +469,11 @@ def write_repository(
             f"{', '.join(sorted(given))}: the committed repository's configs set these; edit them there, "
             "or render a copy with other values into another folder (--out)"
         )
+    if target == "openvino" and "max_batch_size" in given:
+        raise ExportError(
+            f"max batch size {max_batch_size}: the openvino target serves one study per batch (the NGC image's OpenVINO "
+            "backend runs only full batches); leave --max-batch-size out"
+        )
     if not in_place:
         _check_outside(repository, source, "output folder")  # first: "/" has no name to put the artifacts beside
     artifacts = Path(artifacts_dir).resolve() if artifacts_dir is not None else repository.with_name(repository.name + ARTIFACTS_SUFFIX)
@@ -475,6 +494,7 @@ def write_repository(
             f"the artifacts folder {artifacts} and the repository {repository} must be separate, neither inside the other"
         )
     _check_folder(artifacts, "artifacts")
+    _check_artifacts_of(artifacts, repository)
     if not in_place:
         _check_folder(repository, "repository")
     if target == "tensorrt":
@@ -495,6 +515,8 @@ def write_repository(
     created: list[Path] = []  # parent folders export made: a failed export leaves none of them
     staged: list[Path] = []
     placed: list[tuple[Path, Path]] = []  # (temporary, destination) of the files an export in place renames
+    writing = ("artifacts folder", artifacts)  # the output whose files are being written, for a write failure's message
+    largest_file = 4 * sum(tensor.numel() for tensor in weights.state_dict.values()) + WRITE_MARGIN_BYTES  # the weights in FP32
     try:
         kept = _staging(artifacts, created)
         staged.append(kept)
@@ -568,6 +590,7 @@ def write_repository(
         if NAMES.explain in configs:  # the explanation model runs the exported weights in PyTorch on every target
             served_files[Path(NAMES.explain, "1", WEIGHTS_FILE)] = kept / WEIGHTS_FILE
             served_files[Path(NAMES.explain, "1", PROVENANCE_FILE)] = kept / PROVENANCE_FILE
+        writing = ("repository", repository)
         if in_place:
             _place_in_place(source, served_files, placed)
         else:
@@ -591,7 +614,8 @@ def write_repository(
             else:
                 _install(rendered, repository, "repository")
             _install(kept, artifacts, "artifacts")
-    except BaseException:
+    except BaseException as error:
+        failed = _write_failure(error, *writing, largest_file)  # before the clean-up gives the space back
         with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the clean-up short
             for folder in staged:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -602,9 +626,33 @@ def write_repository(
                     folder.rmdir()  # only if empty: never what someone else put there meanwhile
                 except OSError:
                     pass
+        if failed is not None:
+            raise failed from None
         raise
     lap("total", started)
     return ExportResult(repository, artifacts, target, options, provenance, report, timings, in_place)
+
+
+def _write_failure(error: BaseException, what: str, folder: Path, largest_file: int) -> OutputFolderError | None:
+    """A failed write of an output (a full disk or quota, a file-size limit) as one line naming it and the cause.
+    OpenVINO's save_model and torch.save raise a RuntimeError that does not say why (`basic_ios::clear: iostream
+    error`, `file write failed`) and remove what they wrote: the disk is named as the cause when it has no room
+    left for the largest file export writes."""
+    if isinstance(error, OSError):
+        cause = error.strerror or str(error)
+    elif isinstance(error, RuntimeError) and _free_bytes(folder.parent) < largest_file:
+        cause = os.strerror(errno.ENOSPC)
+    else:
+        return None
+    return OutputFolderError(f"cannot write the {what} {folder}: {cause}")
+
+
+def _free_bytes(folder: Path) -> float:
+    try:
+        stats = os.statvfs(folder)
+    except OSError:  # the folder gone: nothing known
+        return float("inf")
+    return stats.f_bavail * stats.f_frsize
 
 
 def _place_in_place(repository: Path, files: dict[Path, Path], placed: list[tuple[Path, Path]]) -> None:

@@ -54,6 +54,7 @@ STUB_EXIT_GRACE_S = 1.0  # an unloaded instance removes its region just after it
 LIVENESS_CHECKS = 4  # health checks in hang_timeout_s; all unanswered: the server is hung
 WATCHDOG_JOIN_S = 2.0  # stop() waits this long for the watchdog to finish a step before it ends the server under it
 MAX_FAILED_RESTARTS = 3  # restarts in a row that did not bring the server up: give up
+LOG_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2}  # a --log-file given to Triton as the launcher's own descriptor
 
 log = logging.getLogger("serve")
 
@@ -98,8 +99,9 @@ class Installation:
 
 def installation_at(root: str | os.PathLike) -> Installation:
     """The Triton installation under `root` (bin/tritonserver, backends/, lib/: NGC's /opt/tritonserver),
-    whose Python backend stub must have been built for the Python that runs the models (the image's)."""
-    root = Path(root)
+    whose Python backend stub must have been built for the Python that runs the models (the image's).
+    The root is made absolute: the server starts in a work folder of its own."""
+    root = Path(root).resolve()
     backends = root / "backends"
     installation = Installation(
         binary=root / "bin" / "tritonserver",
@@ -111,6 +113,8 @@ def installation_at(root: str | os.PathLike) -> Installation:
     missing = [str(p) for p in (installation.binary, installation.stub) if not p.exists()]
     if missing:
         raise ServerError(f"{root} is not a Triton installation: missing {', '.join(missing)}")
+    if not os.access(installation.binary, os.X_OK):
+        raise ServerError(f"{installation.binary} is not executable")
     return installation
 
 
@@ -383,6 +387,9 @@ class TritonServer:
             return self
         if not any(self.repository.glob("*/config.pbtxt")):
             raise ServerError(f"{self.repository} holds no model (config.pbtxt); run `python -m export` first")
+        paths = [model for model in self.models or () if model in ("", ".", "..") or "/" in model]
+        if paths:  # Triton would take a path out of the repository, and fail only once every other model loaded
+            raise ServerError(f"model name {paths[0]!r} to load is not a folder name: name a model folder of {self.repository}")
         missing = [model for model in self.models or () if not (self.repository / model / "config.pbtxt").is_file()]
         if missing or self.models == ():
             raise ServerError(f"{self.repository} holds no model {', '.join(missing) or '(none named)'} to load")
@@ -393,6 +400,7 @@ class TritonServer:
                 "run `python -m export --checkpoint CKPT` (or --demo-weights) on it first"
             )
         self._check_one_export()
+        self._check_config_name()
         ports = (self.http_port, self.grpc_port, self.metrics_port)
         if len(set(ports)) < len(ports):  # Triton would say so only after its whole usage text
             raise ServerError(f"the HTTP, gRPC and metrics ports must differ, not {', '.join(map(str, ports))}")
@@ -448,22 +456,52 @@ class TritonServer:
                 "exports: run `python -m export` on the repository again"
             )
 
+    def _check_config_name(self) -> None:
+        """The classifier's config under model_config_name must be that of the target export wrote its files
+        for (its provenance.json): another one looks for files that are not there. A name no model has a
+        configs/<name>.pbtxt for is a mistake Triton passes over (config.pbtxt is served), unless it is the
+        target's: a rendered copy's config.pbtxt is its target's, and deployments pass the target for either layout."""
+        name, classifier = self.model_config_name, self.repository / NAMES.classifier
+        provenance = classifier / "1" / "provenance.json"
+        try:
+            target = json.loads(provenance.read_text()).get("target") if provenance.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            raise ServerError(f"{provenance} is not what export writes: run `python -m export` on the repository again") from None
+
+        def config(config_name: str | None) -> Path:
+            alternative = classifier / "configs" / f"{config_name}.pbtxt"
+            return alternative if config_name and alternative.is_file() else classifier / "config.pbtxt"
+
+        needed = target if target is not None and config(target) != config(None) else None
+        served = f"with --model-config-name {needed}" if needed else "without --model-config-name"
+        exported = f"{NAMES.classifier} was exported for the {target} target, whose config is {config(needed).relative_to(classifier)}"
+        if target is not None and config(name) != config(needed):
+            raise ServerError(f"{self.repository}: {exported}: serve it {served}")
+        folders = [folder for folder in self.repository.iterdir() if folder.is_dir()]
+        if name and name != target and not any((folder / "configs" / f"{name}.pbtxt").is_file() for folder in folders):
+            hint = f"; {exported}: serve it {served}" if target is not None else ""
+            raise ServerError(f"--model-config-name {name}: no model of {self.repository} has configs/{name}.pbtxt{hint}")
+
     def _launch(self) -> None:
         _check_log_file(self._log_file)  # one line, not a traceback; a restart makes a removed folder again
-        with self._launching, open(self._log_file, "ab") as log:
+        with self._launching, _open_log(self._log_file) as log:
             if self._stopping.is_set():
                 raise ServerError("stopped during start-up")
             self._launched_at = log.tell() if log.seekable() else 0  # where this launch's lines begin in the log
-            self._process = subprocess.Popen(
-                self.command(self.installation.backends or self._workdir / "backends"),
-                env=self.environment(),
-                cwd=self._workdir,  # never the checkout: the models must import installed packages
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # our own process group: a terminal's Ctrl-C reaches us, not it
-                preexec_fn=_die_with_parent,
-            )
+            command = self.command(self.installation.backends or self._workdir / "backends")
+            try:
+                self._process = subprocess.Popen(
+                    command,
+                    env=self.environment(),
+                    cwd=self._workdir,  # never the checkout: the models must import installed packages
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # our own process group: a terminal's Ctrl-C reaches us, not it
+                    preexec_fn=_die_with_parent,
+                )
+            except OSError as error:  # a binary that cannot be run (its format, a mount without exec)
+                raise ServerError(f"cannot run {command[0]}: {error.strerror or error}") from None
             if self._reaper is not None:
                 self._tell(self._reaper, f"group {self._process.pid}")
 
@@ -730,8 +768,11 @@ class TritonServer:
     def _note(self, message: str) -> None:
         """To the launcher's log and the server log (where an operator looks first)."""
         log.warning("watchdog: %s", message)
-        # a stream (--log-file /dev/stdout in a container) already carries the launcher's own line
-        if self._log_file is not None and (self._log_file.is_file() or not self._log_file.exists()):
+        # a stream (LOG_STREAMS: a container's log, a file the launcher's output goes to) already carries the
+        # launcher's own line, and a line appended through a reopened one would be overwritten by Triton's next
+        if self._log_file is None or str(self._log_file) in LOG_STREAMS:
+            return
+        if self._log_file.is_file() or not self._log_file.exists():
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
             try:
                 with open(self._log_file, "a", encoding="utf-8") as stream:
@@ -800,8 +841,9 @@ class TritonServer:
         return self._log_file if self._log_file is not None and self._log_file.is_file() else None
 
     def _load_failure(self) -> str | None:
-        """The first model this launch failed to load and why, from Triton's log (one line: the reason's
-        first line): what a start-up failure's one-line message and a failed restart's reason name."""
+        """The first model this launch failed to load, or model folder it could not read (a stray folder, a config
+        that does not parse), and why, from Triton's log (one line: the reason's first line): what a start-up
+        failure's one-line message and a failed restart's reason name."""
         if self._readable_log() is None:
             return None
         try:
@@ -810,8 +852,13 @@ class TritonServer:
                 text = stream.read().decode(errors="replace")
         except OSError:  # the log removed
             return None
-        found = re.search(r"failed to load '([^']+)' version (\d+): (.*?)(?:\\n|\"$)", text, re.MULTILINE)
-        return f"failed to load {found[1]} version {found[2]}: {found[3]}" if found else None
+        found = re.search(
+            r"(?:failed to load '([^']+)' version (\d+)|Poll failed for model directory '([^']+)'): (.*?)(?:\\n|\"$)", text, re.MULTILINE
+        )
+        if found is None:
+            return None
+        failed = f"failed to load {found[1]} version {found[2]}" if found[1] else f"cannot read the model folder {found[3]}"
+        return f"{failed}: {found[4]}"
 
     def _failure_log(self, lines: int = 40) -> str:
         """Triton's error lines (glog "E<date>"), which a long unload sequence can push out of the
@@ -858,6 +905,14 @@ def _check_log_file(path: Path) -> None:
             pass
     except OSError as error:
         raise ServerError(f"log file {path} cannot be written ({error.strerror or type(error).__name__})") from None
+
+
+def _open_log(path: Path):
+    """The server log, opened for Triton to append to. /dev/stdout and /dev/stderr are this process's own
+    descriptors, not reopened: a reopened file (stdout redirected to one) has an offset of its own, and the
+    launcher's lines and Triton's would overwrite each other."""
+    descriptor = LOG_STREAMS.get(str(path))
+    return open(path, "ab") if descriptor is None else open(descriptor, "ab", closefd=False)
 
 
 def _file_size(path: Path) -> int:

@@ -89,7 +89,7 @@ def flags() -> dict[str, list[str]]:
     root = Path(_RENDERED.name) / "opt" / "tritonserver"  # laid out as there: what serve.installation_at checks
     for part in ("bin/tritonserver", f"backends/python/{STUB_BINARY}"):
         (root / part).parent.mkdir(parents=True, exist_ok=True)
-        (root / part).touch()
+        (root / part).touch(mode=0o755)
     installation = installation_at(root)
     command = serve_cli.server_for(args, "test-key", installation).command(installation.backends)
     assert command[0] == str(root / "bin" / "tritonserver")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -295,3 +296,108 @@ def test_running_out_of_memory_in_the_parity_check_is_one_line(tmp_path, capsys,
         == f"export: error: the parity check at 16^3 ran out of memory ({refused}): choose a smaller --parity-size\n"
     )
     assert not list(tmp_path.iterdir())
+
+
+# python -c: _without_the_network and _passing_parity, then an export whose files may grow to argv[2] bytes
+# (RLIMIT_FSIZE: a write past it fails with EFBIG, as one on a full disk fails with ENOSPC)
+SIZE_LIMITED = """
+import resource, sys
+import export
+from export.__main__ import main
+
+export.repository.make_demo_weights = lambda: export.Weights({}, export.DEMO_PROVENANCE, "demo", False)
+export.repository.build_classifier = lambda weights: None
+export.parity.check_torch_parity = lambda classifier, *, size, threshold, **_: export.ParityReport(size, threshold, [], {}, {}, 1, 0.0)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+sys.exit(main(["--demo-weights", "--target", "torch-gpu", "--size", "16", "--out", sys.argv[1]]))
+"""
+
+
+def test_an_output_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path):
+    """A volume that fills up mid-export gave a traceback (OSError ENOSPC): the real writes, here stopped by a
+    file-size limit (the model files copied into the repository are the first to pass it)."""
+    out = tmp_path / "out" / "repo"
+    result = subprocess.run(
+        [sys.executable, "-c", SIZE_LIMITED, str(out), "2048"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert (result.returncode, result.stderr) == (2, f"export: error: cannot write the repository {out}: File too large\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_write_that_fails_without_saying_why_on_a_full_disk_names_the_disk(tmp_path, capsys, monkeypatch):
+    """OpenVINO's save_model (`basic_ios::clear: iostream error`) and torch.save fail on a full disk with a
+    RuntimeError that does not say so: the free space of the output's folder tells; with room left it is not
+    the disk's fault, and the error stays as it is."""
+    _without_the_network(monkeypatch)
+    monkeypatch.setattr(export.parity, "check_torch_parity", _passing_parity)
+    failure = "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0"
+
+    def failing_save(*args, **kwargs):
+        raise RuntimeError(failure)
+
+    monkeypatch.setattr(export.repository.torch, "save", failing_save)
+    statvfs, free_blocks = os.statvfs, [0]
+
+    def statvfs_with_free_blocks(path):
+        stats = statvfs(path)
+        return os.statvfs_result((*stats[:4], free_blocks[0], *stats[5:]))  # f_bavail: the blocks free to this user
+
+    monkeypatch.setattr(os, "statvfs", statvfs_with_free_blocks)
+    out = tmp_path / "repo"
+    options = ["--demo-weights", "--target", "torch-gpu", "--size", "16", "--out", str(out)]
+    assert export_main(options) == 2
+    assert capsys.readouterr().err == f"export: error: cannot write the artifacts folder {out}.artifacts: No space left on device\n"
+    assert not list(tmp_path.iterdir())
+    free_blocks[0] = 10**6
+    with pytest.raises(RuntimeError, match=re.escape(failure)):
+        export_main(options)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_artifacts_of_another_repository_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """Export B with --artifacts of export A's folder replaced A's parity proof and weights with B's, A's
+    repository still serving (and naming) A's."""
+    _without_the_network(monkeypatch)
+    monkeypatch.setattr(export.parity, "check_torch_parity", _passing_parity)
+    assert export_main(["--demo-weights", "--target", "torch-gpu", "--size", "16", "--out", str(tmp_path / "ra")]) == 0
+    kept = {path: path.read_bytes() for path in (tmp_path / "ra.artifacts").iterdir()}
+    capsys.readouterr()
+    monkeypatch.setattr(export.repository, "make_demo_weights", _no_work)
+    options = ["--out", str(tmp_path / "rb"), "--artifacts", str(tmp_path / "ra.artifacts")]
+    assert export_main(["--demo-weights", "--target", "torch-gpu", "--size", "16", *options]) == 2
+    assert capsys.readouterr().err == (
+        f"export: error: artifacts folder {tmp_path / 'ra.artifacts'} holds the artifacts of the repository ra, not of rb: "
+        "refusing to replace them (choose another --artifacts)\n"
+    )
+    assert {path: path.read_bytes() for path in (tmp_path / "ra.artifacts").iterdir()} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ra", "ra.artifacts"]
+
+
+def test_the_openvino_target_refuses_a_batch_size_it_would_not_serve(tmp_path, capsys, monkeypatch):
+    """Its config keeps one study per batch: --max-batch-size 8 was accepted and served as 1."""
+    monkeypatch.setattr(export.repository, "make_demo_weights", _no_work)
+    assert export_main(["--demo-weights", "--target", "openvino", "--max-batch-size", "8", "--out", str(tmp_path / "repo")]) == 2
+    assert capsys.readouterr().err == (
+        "export: error: max batch size 8: the openvino target serves one study per batch (the NGC image's OpenVINO backend "
+        "runs only full batches); leave --max-batch-size out\n"
+    )
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "target, in_place, serve",
+    [
+        ("cpu", True, ""),
+        ("torch-gpu", True, " --model-config-name torch-gpu"),
+        ("torch-gpu", False, ""),
+        ("openvino", True, " --model-config-name openvino --tritonserver /opt/tritonserver"),
+        ("openvino", False, " --tritonserver /opt/tritonserver"),  # the bundled server has no OpenVINO backend
+        ("onnx-gpu", False, " --tritonserver /opt/tritonserver"),
+    ],
+)
+def test_the_printed_serve_command_serves_the_target(tmp_path, capsys, monkeypatch, target, in_place, serve):
+    report = export.ParityReport(16, 0.5, [], {}, {}, 1, 0.0)
+    result = export.ExportResult(tmp_path, tmp_path, target, export.ServingOptions(), {"checkpoint": "demo"}, report, {}, in_place)
+    monkeypatch.setattr("export.__main__.write_repository", lambda *args, **kwargs: result)
+    assert export_main(["--demo-weights", "--target", target]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"serve it with: python -m serve --repository {tmp_path}{serve}")

@@ -24,7 +24,16 @@ from helpers import TRIAGE_ONLY
 
 import preprocess
 from preprocess import phantom
-from serve import ServerError, TritonServer, find_installation, free_ports, port_in_use, prepare_backend_directory, process_tree
+from serve import (
+    ServerError,
+    TritonServer,
+    find_installation,
+    free_ports,
+    installation_at,
+    port_in_use,
+    prepare_backend_directory,
+    process_tree,
+)
 from serve.__main__ import COMMITTED_REPOSITORY
 from settings import NAMES
 
@@ -46,7 +55,7 @@ def alive(pid: int) -> bool:
 def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
+        assert process.poll() is None, process.stdout.read() if process.stdout else "the server exited"
         try:
             with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2) as response:
                 if response.status == 200:
@@ -142,7 +151,8 @@ def test_failed_start_reports_the_reason_and_leaves_nothing(triton_repository, t
 
 
 def test_a_config_triton_cannot_parse_is_named_at_the_top_of_the_error(triton_repository, tmp_path):
-    """Triton's error line comes first: after it, the unload sequence filled the 40-line tail and hid it."""
+    """Triton's error line comes first: after it, the unload sequence filled the 40-line tail and hid it; the first
+    line names the cause, as it names a model that failed to load."""
     broken = tmp_path / "repository"
     shutil.copytree(triton_repository, broken)  # every other model loads, then unloads: a long log
     with open(broken / NAMES.postprocess / "config.pbtxt", "a") as config:
@@ -152,6 +162,11 @@ def test_a_config_triton_cannot_parse_is_named_at_the_top_of_the_error(triton_re
         TritonServer(broken, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, models=TRIAGE_ONLY).start()
     head = "\n".join(str(failed.value).splitlines()[:6])
     assert f"failed to read text proto from {broken / NAMES.postprocess / 'config.pbtxt'}" in head, head
+    first = str(failed.value).splitlines()[0]  # and the cause in the first line (Triton: "Poll failed for model directory")
+    cause = (
+        f"cannot read the model folder {NAMES.postprocess}: failed to read text proto from {broken / NAMES.postprocess / 'config.pbtxt'}"
+    )
+    assert first == f"tritonserver exited with code 1 during start-up ({cause}):", first
 
 
 def test_a_repository_that_was_never_exported_says_so(triton_repository, tmp_path):
@@ -178,6 +193,48 @@ def test_models_of_different_exports_are_refused_before_triton_starts(triton_rep
         TritonServer(mixed).start()
 
 
+IN_PLACE_TORCH = f"{NAMES.classifier} was exported for the torch-gpu target, whose config is configs/torch-gpu.pbtxt"
+IN_PLACE_CPU = f"{NAMES.classifier} was exported for the cpu target, whose config is config.pbtxt"
+
+
+@pytest.mark.parametrize(
+    "target, rendered, name, refused",
+    [
+        ("torch-gpu", False, None, f"REPOSITORY: {IN_PLACE_TORCH}: serve it with --model-config-name torch-gpu"),
+        ("torch-gpu", False, "torch-gpu", None),
+        ("cpu", False, None, None),
+        ("cpu", False, "cpu", None),
+        ("cpu", False, "torch-gpu", f"REPOSITORY: {IN_PLACE_CPU}: serve it without --model-config-name"),
+        (
+            "cpu",
+            False,
+            "nosuch",
+            f"--model-config-name nosuch: no model of REPOSITORY has configs/nosuch.pbtxt; {IN_PLACE_CPU}: serve it without",
+        ),
+        ("torch-gpu", True, None, None),
+        ("torch-gpu", True, "torch-gpu", None),  # a rendered copy's config.pbtxt is the target's: the deployments pass it
+        ("torch-gpu", True, "onnx-gpu", "--model-config-name onnx-gpu: no model of REPOSITORY has configs/onnx-gpu.pbtxt; "),
+    ],
+)
+def test_a_config_name_that_does_not_serve_the_export_is_refused_before_triton_starts(tmp_path, target, rendered, name, refused):
+    """An in-place torch-gpu export served without --model-config-name failed in Triton (FileNotFoundError: model.xml),
+    and a name no model has a config for was passed over (config.pbtxt served)."""
+    repository = tmp_path / "repository"
+    classifier = repository / NAMES.classifier
+    shutil.copytree(
+        COMMITTED_REPOSITORY / NAMES.classifier, classifier, ignore=shutil.ignore_patterns("1", *(["configs"] if rendered else []))
+    )
+    (classifier / "1").mkdir()
+    (classifier / "1" / "provenance.json").write_text(json.dumps({"target": target}))
+    http_port, metrics_port = free_ports(2)
+    server = TritonServer(repository, model_config_name=name, http_port=http_port, grpc_port=http_port, metrics_port=metrics_port)
+    expected = (
+        refused.replace("REPOSITORY", str(repository)) if refused else "the HTTP, gRPC and metrics ports must differ"
+    )  # accepted: the next check
+    with pytest.raises(ServerError, match=f"^{re.escape(expected)}"):
+        server.start()
+
+
 def test_one_port_for_two_endpoints_is_refused_before_triton_starts(triton_repository):
     http_port, metrics_port = free_ports(2)
     with pytest.raises(ServerError, match=f"ports must differ, not {http_port}, {http_port}, {metrics_port}"):
@@ -187,6 +244,10 @@ def test_one_port_for_two_endpoints_is_refused_before_triton_starts(triton_repos
 def test_a_model_to_load_that_the_repository_lacks_is_named_before_triton_starts(triton_repository):
     with pytest.raises(ServerError, match=f"{re.escape(str(triton_repository))} holds no model ct_triage_v2 to load"):
         TritonServer(triton_repository, models=[NAMES.triage, "ct_triage_v2"]).start()
+    # a path out of the repository: Triton tried it, and failed only once every other model loaded
+    path = f"../{triton_repository.name}/{NAMES.triage}"
+    with pytest.raises(ServerError, match=f"^model name '{re.escape(path)}' to load is not a folder name: name a model folder of"):
+        TritonServer(triton_repository, models=[path]).start()
 
 
 def test_start_refuses_a_folder_without_models(tmp_path):
@@ -299,7 +360,9 @@ def stub_pids(prefix: str) -> list[int]:
 
 def test_a_triton_installation_root_serves_with_its_log_on_stdout(triton_repository, tmp_path):
     """As the project's image runs it: NGC's /opt/tritonserver (bin/, backends/ used as they are, lib/),
-    Triton's log on the container's stdout. The root here is laid out from the wheel's pieces."""
+    Triton's log on the container's stdout. The root here is laid out from the wheel's pieces, and given as a
+    relative path (the server runs in a work folder of its own). Stdout is a file (`> serve.log`, systemd's
+    StandardOutput=file:): Triton writes through the launcher's own descriptor, so neither overwrites the other."""
     wheel = find_installation()
     root = tmp_path / "tritonserver"
     (root / "bin").mkdir(parents=True)
@@ -309,11 +372,13 @@ def test_a_triton_installation_root_serves_with_its_log_on_stdout(triton_reposit
     scratch = tmp_path / "scratch"  # the launcher's work folder (TMPDIR)
     scratch.mkdir()
     http_port, grpc_port, metrics_port = free_ports(3)
-    command = [sys.executable, "-m", "serve", "--repository", str(triton_repository), "--tritonserver", str(root)]
+    command = [sys.executable, "-m", "serve", "--repository", str(triton_repository), "--tritonserver", root.name]
     command += ["--log-file", "/dev/stdout", f"--load-model={NAMES.triage}", f"--http-port={http_port}", f"--grpc-port={grpc_port}"]
     command += [f"--metrics-port={metrics_port}"]
     environment = {**os.environ, "TMPDIR": str(scratch)}
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as stdout:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=stdout, stderr=subprocess.STDOUT, env=environment)
     try:
         wait_ready(f"localhost:{http_port}", process)
         assert [path.name for path in scratch.glob("ct_triage_triton_*/*")] == []  # no backend directory assembled
@@ -324,22 +389,51 @@ def test_a_triton_installation_root_serves_with_its_log_on_stdout(triton_reposit
         assert json.loads(client.infer(NAMES.triage, [tensor]).as_numpy(NAMES.meta)[0])["provenance"]
         client.close()
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=90)
+        process.wait(timeout=90)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+    output = log.read_text(errors="replace")
     assert process.returncode == 0, output
+    lines = output.splitlines()
+    assert re.match(r"[IWE]\d{4} ", lines[0]), lines[0]  # Triton's first line, whole
     assert f"successfully loaded '{NAMES.triage}'" in output  # Triton's own lines, on stdout
-    assert "log: /dev/stdout" in output and "stopping tritonserver" in output
+    assert "log: /dev/stdout" in lines and "SIGTERM: stopping tritonserver" in lines
+    assert any(line.startswith(f"tritonserver ready: http localhost:{http_port}") for line in lines), output
 
 
 def test_a_folder_that_is_no_triton_installation_is_one_line(triton_repository, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "serve", "--repository", str(triton_repository), "--tritonserver", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    serve = [sys.executable, "-m", "serve", "--repository", str(triton_repository), "--tritonserver"]
+    result = subprocess.run([*serve, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.startswith(f"error: --tritonserver: {tmp_path} is not a Triton installation")
     assert len(result.stderr.splitlines()) == 1
+    binary = installation_root(tmp_path / "root", binary=b"")
+    binary.chmod(0o644)
+    result = subprocess.run([*serve, "root"], cwd=tmp_path, capture_output=True, text=True, timeout=60)  # relative too
+    assert (result.returncode, result.stderr) == (2, f"error: --tritonserver: {binary} is not executable\n")
+
+
+def installation_root(root: Path, binary: bytes) -> Path:
+    """A Triton installation root whose bin/tritonserver holds `binary` (executable) and whose stub is a stand-in."""
+    for folder in ("bin", "backends/python", "lib"):
+        (root / folder).mkdir(parents=True)
+    (root / "backends" / "python" / "triton_python_backend_stub").write_bytes(b"")
+    (root / "bin" / "tritonserver").write_bytes(binary)
+    (root / "bin" / "tritonserver").chmod(0o755)
+    return root / "bin" / "tritonserver"
+
+
+def test_a_binary_the_system_cannot_run_is_one_line_and_leaves_nothing(tmp_path):
+    """A Popen that fails (here no executable format; a mount without exec) was a traceback."""
+    repository = tmp_path / "repository"
+    (repository / "quick" / "1").mkdir(parents=True)
+    (repository / "quick" / "config.pbtxt").write_text(MODEL_CONFIG.replace("NAME", "quick"))
+    binary = installation_root(tmp_path / "root", binary=b"\x00not a program")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    installation = installation_at(binary.parents[1])
+    ports = dict(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+    server = TritonServer(repository, **ports, log_file=tmp_path / "tritonserver.log", installation=installation)
+    with pytest.raises(ServerError, match=f"^cannot run {re.escape(str(binary))}: Exec format error$"):
+        server.start()
+    assert not server.is_running() and server.orphans() == [] and server.leaked_shm() == []
