@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
@@ -127,6 +128,28 @@ def report_row(path: str, status: str = "Success", probability: float | None = 0
         "model": "demo",
         "threshold": threshold if ok else None,
     }
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[str]:
+    """HOST:PORT of a socket that accepts every connection and never answers (a hung server)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def hold() -> None:
+        while True:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:  # the listener closed: the test is over
+                return
+
+    threading.Thread(target=hold, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()
 
 
 def answering(reply: bytes, received: list[bytes] | None = None) -> tuple[str, socket.socket]:

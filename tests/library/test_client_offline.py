@@ -15,7 +15,7 @@ from pathlib import Path
 
 import openpyxl
 import pytest
-from helpers import ROOT, answering, report_row, run_module
+from helpers import ROOT, answering, black_hole, report_row, run_module
 
 import client
 from client.cli import main as client_main
@@ -586,23 +586,8 @@ def test_office_documents_are_not_studies(tmp_path):
 @pytest.fixture
 def hung_server():
     """HOST:PORT of a server that accepts every connection and never answers."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept_each():
-        while True:
-            try:
-                held.append(listener.accept()[0])
-            except OSError:  # the listener closed: the test is over
-                return
-
-    threading.Thread(target=accept_each, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
-        for connection in held:
-            connection.close()
+    with black_hole() as address:
+        yield address
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -4,18 +4,14 @@ output. Each check reports in one line, and nothing waits out timeouts after `re
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 
 import pytest
-from helpers import ROOT, answering
+from helpers import ROOT, answering, black_hole
 
 
 def _verify_module():
@@ -23,28 +19,6 @@ def _verify_module():
     verify = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(verify)
     return verify
-
-
-@contextlib.contextmanager
-def black_hole() -> Iterator[str]:
-    """HOST:PORT of a socket that accepts every connection and never answers (a hung server)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    held = []
-
-    def hold() -> None:
-        while True:
-            try:
-                held.append(listener.accept()[0])
-            except OSError:  # the listener closed: the test is over
-                return
-
-    threading.Thread(target=hold, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
-        for connection in held:
-            connection.close()
 
 
 def test_a_server_that_never_answers_fails_ready_and_the_other_checks_are_skipped():
