@@ -173,7 +173,9 @@ def figure(panels: list[View], title: str) -> Figure:
         axes.text(0.5, 0.99, top, ha="center", va="top", **style)
         axes.text(0.5, 0.01, bottom, ha="center", va="bottom", **style)
     bar_axes = fig.add_subplot(grid[0, 3])
-    bar_axes.set_facecolor(_BACKGROUND)  # the bar's transparent low end shows what the panels show: the CT
+    # the bar is the overlay's colour map, with its transparency, over the black background, where the
+    # panels blend it (alpha <= OVERLAY_ALPHA) over the lung-window CT: the hues match, not the shades
+    bar_axes.set_facecolor(_BACKGROUND)
     bar = fig.colorbar(layer, cax=bar_axes)
     bar.set_label("attribution (evidence for pathology)", color=_TEXT)
     bar.ax.tick_params(colors=_TEXT)

@@ -14,8 +14,11 @@ Methods, by cost for one study at S (F = one forward pass, B = one backward pass
   (S / window)^3 + 1 forward passes, inference memory. Resolution: the window. At most
   MAX_OCCLUSION_PASSES (16 windows per axis: window >= S / 16): one explanation runs to the end once
   started (nothing cancels it) and holds its instance, so a finer window is refused, not queued.
-Every method attributes the pathology logit; the map is its positive part (evidence for pathology),
-scaled so that its maximum is 1 (all zero when nothing speaks for pathology).
+Every method attributes the log-odds of pathology, logit[pathology] - logit[normal]: the softmax the
+decision is taken on depends on nothing else, so a region that raises the normal logit more than the
+pathology one counts against pathology, and weights with the same decision give the same map. The map
+is its positive part (evidence for pathology), scaled so that its maximum is 1 (all zero when nothing
+speaks for pathology).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from settings import NAMES
 
 METHODS = ("gradcam", "integrated_gradients", "occlusion")
 PATHOLOGY = NAMES.labels.index("pathology")
+NORMAL = NAMES.labels.index("normal")
 AIR = -1.0  # the model-range value of -1000 HU and below: the baseline IG and Occlusion replace voxels with
 MAX_STEPS = 256  # integrated_gradients: steps x (F + B) + F
 CAM_STRIDE = 8  # layer4's cells in input voxels (conv1, the max pool and layer2 each stride 2)
@@ -50,6 +54,11 @@ class Explanation:
     attribution: np.ndarray  # float16 [S, S, S] in [0, 1], the model input's D, H, W
     probabilities: np.ndarray  # float32 [1, 2], softmax of the same network in FP32
     method: str
+
+
+def log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """[N, 2] logits -> [N, 1] logit[pathology] - logit[normal], what the softmax's decision depends on (target 0)."""
+    return (logits[:, PATHOLOGY] - logits[:, NORMAL]).unsqueeze(1)
 
 
 class _GradCamNetwork(nn.Module):
@@ -139,21 +148,25 @@ class Explainer:
         def forward(inputs: torch.Tensor) -> torch.Tensor:
             logits = self._gradcam_network(inputs)
             outputs.append(logits)  # the same forward pass gives the probabilities
-            return logits
+            return log_odds(logits)
 
-        cam = LayerGradCam(forward, self._gradcam_network.last_residual).attribute(x, target=PATHOLOGY, relu_attributions=True)
+        cam = LayerGradCam(forward, self._gradcam_network.last_residual).attribute(x, target=0, relu_attributions=True)
         return cam_on_input_voxels(cam.detach(), self.size)[0, 0], outputs[0]
 
     def _input_attribution(self, x: torch.Tensor) -> torch.Tensor:
         baseline = torch.full_like(x, AIR)
+
+        def forward(inputs: torch.Tensor) -> torch.Tensor:
+            return log_odds(self.classifier(inputs))
+
         if self.method == "integrated_gradients":
-            method = IntegratedGradients(self.classifier)
-            attribution = method.attribute(x, baselines=baseline, target=PATHOLOGY, n_steps=self.steps, internal_batch_size=1)
+            method = IntegratedGradients(forward)
+            attribution = method.attribute(x, baselines=baseline, target=0, n_steps=self.steps, internal_batch_size=1)
         else:
             window = (1, self.window, self.window, self.window)
             with torch.no_grad():
-                attribution = Occlusion(self.classifier).attribute(
-                    x, sliding_window_shapes=window, strides=window, baselines=AIR, target=PATHOLOGY, perturbations_per_eval=1
+                attribution = Occlusion(forward).attribute(
+                    x, sliding_window_shapes=window, strides=window, baselines=AIR, target=0, perturbations_per_eval=1
                 )
         return attribution.detach()[0, 0].clamp_min(0)
 

@@ -15,6 +15,7 @@ from scipy import ndimage
 
 DEFAULT_FRACTION = 0.5  # the region: attribution >= this fraction of the maximum
 OUTPUT_AXES = ("D", "H", "W")
+SOURCE_AXES = ("slice", "row", "column")  # preprocess's array axes, as META's original_axes names them
 _TOLERANCE = 1e-4  # META rounds offset and step to 6 decimals
 _MAX_INDEX = 2**16 - 1  # no series has more voxels along an axis: Rows and Columns are 16-bit, files are fewer
 
@@ -73,9 +74,10 @@ def most_attributed_region(attribution: np.ndarray, fraction: float = DEFAULT_FR
     return Box(tuple((s.start, s.stop - 1) for s in slices))
 
 
-def axis_to_original(lo: int, hi: int, axis_meta: dict) -> tuple[int, int]:
+def axis_to_original(lo: int, hi: int, axis_meta: dict, extent: int) -> tuple[int, int]:
     """Output indices lo..hi on one axis -> the original voxels whose nearest output sample lies in
-    lo..hi (the original voxel i belongs to output cell round((i - offset) / step)), within the crop."""
+    lo..hi (the original voxel i belongs to output cell round((i - offset) / step)), within the crop,
+    which must lie in the series' `extent` voxels along that axis (a box past them is no answer)."""
     offset, step = _number(axis_meta["offset"], "offset"), _number(axis_meta["step"], "step")
     clamp = axis_meta["clamp"]
     if not isinstance(clamp, list) or len(clamp) != 2:
@@ -91,13 +93,13 @@ def axis_to_original(lo: int, hi: int, axis_meta: dict) -> tuple[int, int]:
     # finite numbers can still map beyond any series, or past float's range (inf: no integer index)
     if not (np.isfinite(ends).all() and -_MAX_INDEX <= ends[0] and ends[1] <= 2 * _MAX_INDEX):
         raise LocalizationError(f"META output_to_original maps to voxels {ends[0]:.6g}..{ends[1]:.6g}, outside any series")
+    if clamp_lo < 0 or clamp_hi > extent - 1:
+        raise LocalizationError(f"META output_to_original clamp {clamp_lo:g}..{clamp_hi:g} is outside the series' {extent} voxels")
     first = max(int(np.ceil(ends[0] - _TOLERANCE)), int(np.ceil(clamp_lo - _TOLERANCE)))
     last = min(int(np.floor(ends[1] + _TOLERANCE)), int(np.floor(clamp_hi + _TOLERANCE)))
     if first > last:  # an upsampled axis (cells narrower than a voxel): the voxel nearest the cells' centre
         centre = int(np.clip(np.rint((ends[0] + ends[1]) / 2), np.ceil(clamp_lo - _TOLERANCE), np.floor(clamp_hi + _TOLERANCE)))
         first = last = centre
-    if not 0 <= first <= last <= _MAX_INDEX:
-        raise LocalizationError(f"META output_to_original maps to voxels {first}..{last}, outside any series")
     return first, last
 
 
@@ -116,16 +118,17 @@ def to_original(box: Box, meta: dict) -> OriginalBox:
     size = _size(meta)
     if len(box.ranges) != 3 or any(not 0 <= lo <= hi < (size or hi + 1) for lo, hi in box.ranges):
         raise LocalizationError(f"box {list(box.ranges)} is not inside the {size}^3 grid")
+    extents = _original_shape(meta)
     by_source: dict[str, tuple[int, int]] = {}
     for name, (lo, hi) in zip(OUTPUT_AXES, box.ranges):
         axis = mapping[name]
         try:
-            by_source[axis["source_axis"]] = axis_to_original(lo, hi, axis)
+            by_source[axis["source_axis"]] = axis_to_original(lo, hi, axis, extents[axis["source_axis"]])
         except LocalizationError:
             raise
         except (KeyError, TypeError, ValueError, OverflowError) as error:  # a field missing, not a number (or pair), an int past float
             raise LocalizationError(f"META output_to_original[{name}] is not preprocess's mapping ({type(error).__name__})") from None
-    if set(by_source) != {"slice", "row", "column"}:
+    if set(by_source) != set(SOURCE_AXES):
         raise LocalizationError("META output_to_original does not name slice, row and column once each")
     return OriginalBox(x=by_source["column"], y=by_source["row"], z=by_source["slice"])
 
@@ -151,6 +154,20 @@ def localize(attribution: np.ndarray, meta: dict, fraction: float = DEFAULT_FRAC
         raise LocalizationError(f"attribution shape {list(attribution.shape)} does not match META's S={size}")
     box = most_attributed_region(attribution, fraction)
     return box, to_original(box, meta)
+
+
+def _original_shape(meta: dict) -> dict[str, int]:
+    """META's voxel counts of the chosen series by array axis: what bounds a box mapped back."""
+    shape, axes = meta.get("original_shape"), meta.get("original_axes")
+    if (
+        not isinstance(shape, list)
+        or not isinstance(axes, list)
+        or sorted(map(str, axes)) != sorted(SOURCE_AXES)
+        or len(shape) != len(axes)
+        or any(isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= _MAX_INDEX + 1 for n in shape)
+    ):
+        raise LocalizationError("META has no original_shape and original_axes of the series' slice, row and column counts")
+    return dict(zip(axes, shape))
 
 
 def _size(meta: dict) -> int | None:

@@ -8,7 +8,7 @@ from captum.attr import LayerGradCam
 
 from classifier import ResNet34Classifier, TorchClassifier
 from explain import Explainer, ExplainError, most_attributed_region
-from explain.attribution import cam_on_input_voxels
+from explain.attribution import cam_on_input_voxels, log_odds
 
 SIZE = 64
 REGION = (slice(16, 32), slice(32, 48), slice(8, 24))  # D, H, W of the bright cube at SIZE
@@ -86,18 +86,50 @@ def test_nothing_attributed_when_nothing_speaks_for_pathology(region_classifier)
 
 
 def test_probabilities_equal_the_classifiers_and_gradcam_equals_captums_on_the_whole_network(demo_weights):
-    """The leaf-at-layer4 shortcut changes no number: Captum's LayerGradCam on the plain network's
-    layer4 (full autograd graph) gives the same map."""
+    """The leaf-at-layer4 shortcut changes no number: Captum's LayerGradCam of the log-odds on the
+    plain network's layer4 (full autograd graph) gives the same map."""
     size = 32
     volume = np.random.default_rng(1).uniform(-1, 1, (1, 1, size, size, size)).astype(np.float32)
     explanation = Explainer(ResNet34Classifier.from_state_dict(dict(demo_weights.state_dict)), size=size)(volume)
     engine = TorchClassifier(ResNet34Classifier.from_state_dict(dict(demo_weights.state_dict)), device="cpu", precision="fp32")
     np.testing.assert_allclose(explanation.probabilities, engine(torch.from_numpy(volume)).numpy(), atol=1e-6)
     plain = ResNet34Classifier.from_state_dict({k: v.clone() for k, v in demo_weights.state_dict.items()})
-    cam = LayerGradCam(plain, plain.layer4).attribute(torch.from_numpy(volume), target=1, relu_attributions=True)
+    cam = LayerGradCam(lambda x: log_odds(plain(x)), plain.layer4).attribute(torch.from_numpy(volume), target=0, relu_attributions=True)
     expected = cam_on_input_voxels(cam.detach(), size)[0, 0].numpy()
     assert expected.max() > 0
     np.testing.assert_allclose(explanation.attribution.astype(np.float32), expected / expected.max(), atol=2e-3)
+
+
+METHOD_OPTIONS = [("gradcam", {}), ("integrated_gradients", {"steps": 2}), ("occlusion", {"window": 16})]
+
+
+@pytest.mark.parametrize(("method", "options"), METHOD_OPTIONS)
+def test_weights_with_the_same_decision_give_the_same_map(demo_weights, method, options):
+    """The softmax depends only on logit[pathology] - logit[normal]: a vector and a bias added to both
+    FC rows change no probability, so they must change no map either."""
+    size = 32
+    volume = np.random.default_rng(2).uniform(-1, 1, (1, 1, size, size, size)).astype(np.float32)
+    shifted = {key: value.clone() for key, value in demo_weights.state_dict.items()}
+    shifted["fc.weight"] += torch.randn(shifted["fc.weight"].shape[1], generator=torch.Generator().manual_seed(1)) * 0.05
+    shifted["fc.bias"] += 0.7
+    plain, moved = (
+        Explainer(ResNet34Classifier.from_state_dict(state), size=size, method=method, **options)(volume)
+        for state in (dict(demo_weights.state_dict), shifted)
+    )
+    np.testing.assert_allclose(moved.probabilities, plain.probabilities, atol=1e-5)
+    assert plain.attribution.max() == 1.0
+    np.testing.assert_allclose(moved.attribution.astype(np.float32), plain.attribution.astype(np.float32), atol=5e-3)
+
+
+@pytest.mark.parametrize(("method", "options"), METHOD_OPTIONS)
+def test_a_region_that_lowers_p_pathology_is_not_evidence_for_it(demo_weights, method, options):
+    """The bright region raises the normal logit twice as much as the pathology logit: it raises the
+    pathology logit, yet speaks against pathology, so nothing is attributed."""
+    state = _region_only_weights(demo_weights.state_dict)
+    state["fc.weight"][0, 0] = 2.0
+    explanation = Explainer(ResNet34Classifier.from_state_dict(state), size=32, method=method, **options)(_volume(size=32))
+    assert explanation.probabilities[0, 1] < 0.5
+    assert not explanation.attribution.any()
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ def _meta(**d_axis) -> dict:
         for name, source in zip("DHW", ("slice", "row", "column"))
     }
     axes["D"] = {**axes["D"], **d_axis}
-    return {"size": 4, "output_to_original": axes}
+    return {"size": 4, "original_shape": [4, 4, 4], "original_axes": ["slice", "row", "column"], "output_to_original": axes}
 
 
 @pytest.mark.parametrize(
@@ -113,6 +113,13 @@ def _meta(**d_axis) -> dict:
         (np.ones((4, 4, 4)), _meta(offset=-1e308, step=-1e308), "outside any series"),
         (np.ones((4, 4, 4)), _meta(offset=1e300), r"maps to voxels 1e\+300\.\.1e\+300, outside any series"),
         (np.ones((4, 4, 4)), _meta(offset=10**400), r"\[D\] is not preprocess's mapping \(OverflowError\)"),  # JSON has such integers
+        # a crop past the series' own voxels: the box would leave the series (ct_localize answered z 9501..19500 of 40 slices)
+        (np.ones((4, 4, 4)), _meta(step=1000.0, clamp=[0, 1e9]), r"clamp 0\.\.1e\+09 is outside the series' 4 voxels"),
+        (np.ones((4, 4, 4)), _meta(clamp=[0, 4]), r"clamp 0\.\.4 is outside the series' 4 voxels"),
+        (np.ones((4, 4, 4)), _meta(clamp=[-1, 3]), r"clamp -1\.\.3 is outside the series' 4 voxels"),
+        (np.ones((4, 4, 4)), {**_meta(), "original_shape": None}, "META has no original_shape and original_axes"),
+        (np.ones((4, 4, 4)), {**_meta(), "original_shape": [4, 4, 0]}, "META has no original_shape and original_axes"),
+        (np.ones((4, 4, 4)), {**_meta(), "original_axes": ["slice", "slice", "column"]}, "META has no original_shape and original_axes"),
     ],
 )
 def test_what_cannot_be_localised_is_named(attribution, meta, message):

@@ -187,7 +187,7 @@ def test_localize_answers_minus_one_when_nothing_is_attributed_and_refuses_a_met
             r"ct_localize: META output_to_original\[D\] is not preprocess's mapping \(OverflowError\)": crafted(offset=10**400),
             "ct_localize: META has no output_to_original mapping": json.dumps({"size": S}),
             r"ct_localize: META output_to_original\[D\] is not preprocess's mapping \(KeyError\)": json.dumps(
-                {"size": S, "output_to_original": {"D": {}, "H": {}, "W": {}}}
+                {**real, "output_to_original": {"D": {}, "H": {}, "W": {}}}
             ),
             "ct_localize: META is not valid JSON": "[" * 100_000 + "]" * 100_000,  # past the recursion limit
         }
