@@ -516,7 +516,6 @@ def write_repository(
     staged: list[Path] = []
     placed: list[tuple[Path, Path]] = []  # (temporary, destination) of the files an export in place renames
     writing = ("artifacts folder", artifacts)  # the output whose files are being written, for a write failure's message
-    largest_file = 4 * sum(tensor.numel() for tensor in weights.state_dict.values()) + WRITE_MARGIN_BYTES  # the weights in FP32
     try:
         kept = _staging(artifacts, created)
         staged.append(kept)
@@ -615,7 +614,7 @@ def write_repository(
                 _install(rendered, repository, "repository")
             _install(kept, artifacts, "artifacts")
     except BaseException as error:
-        failed = _write_failure(error, *writing, largest_file)  # before the clean-up gives the space back
+        failed = _write_failure(error, *writing, weights)  # before the clean-up gives the space back
         with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the clean-up short
             for folder in staged:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -633,14 +632,17 @@ def write_repository(
     return ExportResult(repository, artifacts, target, options, provenance, report, timings, in_place)
 
 
-def _write_failure(error: BaseException, what: str, folder: Path, largest_file: int) -> OutputFolderError | None:
+def _write_failure(error: BaseException, what: str, folder: Path, weights: Weights) -> OutputFolderError | None:
     """A failed write of an output (a full disk or quota, a file-size limit) as one line naming it and the cause.
     OpenVINO's save_model and torch.save raise a RuntimeError that does not say why (`basic_ios::clear: iostream
     error`, `file write failed`) and remove what they wrote: the disk is named as the cause when it has no room
-    left for the largest file export writes."""
+    left for the largest file export writes (the weights in FP32, and a graph's or an IR's own bytes)."""
     if isinstance(error, OSError):
         cause = error.strerror or str(error)
-    elif isinstance(error, RuntimeError) and _free_bytes(folder.parent) < largest_file:
+    elif (
+        isinstance(error, RuntimeError)
+        and _free_bytes(folder.parent) < 4 * sum(t.numel() for t in weights.state_dict.values()) + WRITE_MARGIN_BYTES
+    ):
         cause = os.strerror(errno.ENOSPC)
     else:
         return None
