@@ -186,10 +186,12 @@ def test_batching_wait_measures_each_wait_on_one_server(private_server):
 
 def test_http_faults_measures_the_crash_by_size_and_the_growth_by_chunks(tmp_path):
     """The documented Triton 2.51 faults (serve/README.md), as the benchmark measures them: a 1 MiB
-    form-typed request is answered, an 8 MiB one kills the server; 110,000 one-byte chunks grow it."""
+    form-typed request is answered, an 8 MiB one kills the server; 110,000 one-byte chunks grow it; a
+    gzip-compressed 64 MiB study is inflated whole (tritonserver's peak grows by more than it) and refused."""
     from benchmarks import http_faults
 
-    assert http_faults.main(["--form-mib", "1", "8", "--chunks", "109999", "--out", str(tmp_path)]) == 0
+    options = ["--form-mib", "1", "8", "--chunks", "109999", "--gzip-mib", "64"]
+    assert http_faults.main([*options, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "http-faults.json").read_text())
     small, large = result["form_typed"]
     assert small["server_running"] and small["answer"].startswith("HTTP/1.1 400"), small
@@ -197,4 +199,8 @@ def test_http_faults_measures_the_crash_by_size_and_the_growth_by_chunks(tmp_pat
     chunked = result["chunked"]
     assert chunked["mb_sent"] == 0.7 and chunked["server_running"]  # every chunk, 6 bytes each (whole blocks of 10,000: 0.6)
     assert chunked["rss_after_mib"] - chunked["rss_before_mib"] > 50, chunked  # about 1 KB a chunk
-    assert "| 8 | " in (tmp_path / "http-faults.md").read_text()
+    compressed = result["gzip"]
+    assert compressed["mib"] == 64 and compressed["mib_sent"] < 1 and compressed["answer"].startswith("HTTP/1.1 400"), compressed
+    assert compressed["after"]["rss_peak_mib"] - compressed["before"]["rss_peak_mib"] > 64, compressed  # inflated inside tritonserver
+    text = (tmp_path / "http-faults.md").read_text()
+    assert "| 8 | " in text and "One gzip-compressed request (`Content-Encoding: gzip`) of a 64 MiB study" in text
