@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout",
         type=number(0, MAX_TIMEOUT_S, above_low=True),
         default=900.0,
-        help="client deadline, s (a wide margin: the S=256 classifier alone takes about 21 s on 2 cores, "
+        help="client deadline, s (a wide margin: the S=256 classifier alone takes about 20 s on 2 cores, "
         "benchmarks/results/cpu-engines.md, and longer on a slower or shared CPU)",
     )
     parser.add_argument("--slices", type=integer(INPUT_LIMITS.min_slices, INPUT_LIMITS.max_slices), default=160, help="phantom slices")
