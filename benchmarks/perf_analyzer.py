@@ -26,6 +26,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks import option_types
 from settings import NAMES
 
 TRITONCLIENT_WHEEL = "tritonclient==2.51.0"
@@ -178,6 +179,7 @@ def _number(value: str):
             return value
 
 
+@option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.perf_analyzer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "install":
         try:
             print(install())
-        except (PerfAnalyzerError, subprocess.CalledProcessError) as error:
+        except (PerfAnalyzerError, subprocess.SubprocessError, OSError) as error:  # a failed pip or apt-get, a read-only or full disk
             print(f"error: {error}", file=sys.stderr)
             return 2
     else:

@@ -188,10 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=2)
     parser.add_argument("--window", type=option_types.WINDOW, default=1000, help="studies per window of the time per study")
     parser.add_argument("--write-every", type=option_types.SECONDS, default=30.0, help="the report's rewrite interval, seconds")
-    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/results", help="results folder, made once every other option is checked")
     args = parser.parse_args(argv)
     if args.studies < 2 * args.window:
         parser.error(f"--studies must be at least 2 x --window ({2 * args.window}): the first window is compared with the last")
+    try:  # not as --out's type: argparse converts each option as it reads it, so a bad option after it left the folder behind
+        args.out = option_types.out_folder(args.out)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"argument --out: {error}")
     result = run(args)
     (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{NAME}.md").write_text(markdown(result))

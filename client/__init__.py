@@ -14,6 +14,7 @@ from .studies import StudyRef, discover_studies
 from .tls import CAFileError, ClientCertificateError
 from .triage import (
     AsyncTriageClient,
+    NotTritonError,
     RetryPolicy,
     ServerUnavailable,
     TriageClient,
@@ -30,6 +31,7 @@ __all__ = [
     "CAFileError",
     "ClientCertificateError",
     "KeyInClearError",
+    "NotTritonError",
     "ReportError",
     "ReportSummary",
     "RetryPolicy",

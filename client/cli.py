@@ -31,7 +31,7 @@ from settings import ADMIN, NAMES, SERVING
 
 from .operating_point import KeyInClearError, set_threshold
 from .report import DEFAULT_MAX_BYTES_IN_FLIGHT, DEFAULT_WRITE_EVERY_S, ReportError, build_report, writable_folder
-from .tls import HTTPS_PORT, PLAIN_TEXT_ANSWER, certificate_problem, endpoint, speaks_no_tls
+from .tls import CLIENT_CERTIFICATE_HINT, HTTPS_PORT, PLAIN_TEXT_ANSWER, certificate_problem, client_refused, endpoint, speaks_no_tls
 from .triage import (
     MAX_TIMEOUT_S,
     PROTOCOLS,
@@ -204,6 +204,7 @@ def _set_threshold(args: argparse.Namespace) -> int:
     except TimeoutError:  # an OSError too: a server that accepts the connection and never answers
         raise ServerUnavailable(f"the server at {args.url} gave no answer within the request timeout") from None
     except OSError as error:  # refused connection, DNS, timeout, a certificate that does not verify
+        _raise_if_refused(args.url, error)
         problem = certificate_problem(error)
         if problem is not None:
             raise ServerUnavailable(f"the server at {args.url} is not trusted (TLS: {problem})") from None
@@ -211,6 +212,7 @@ def _set_threshold(args: argparse.Namespace) -> int:
             raise ServerUnavailable(f"the server at {args.url} does not speak TLS: {PLAIN_TEXT_ANSWER}") from None
         raise ServerUnavailable(f"the server at {args.url} is not reachable ({type(error).__name__})") from None
     except InferenceServerException as error:  # e.g. a server not started in explicit model-control mode
+        _raise_if_refused(args.url, error)
         raise ServerUnavailable(f"the server at {args.url} refused the new threshold: {error.message()}") from None
     except (HTTPException, ValueError):  # after OSError (a failed verification is a ValueError too): an answer
         # that is not HTTP (the gRPC port) or not JSON (the metrics port)
@@ -218,6 +220,13 @@ def _set_threshold(args: argparse.Namespace) -> int:
     in_force = float(config["parameters"]["threshold"]["string_value"])
     print(json.dumps({"model": NAMES.postprocess, "threshold": in_force}))
     return 0
+
+
+def _raise_if_refused(url: str, error: Exception) -> None:
+    """ServerUnavailable naming it when a proxy refused this client's TLS connection (client.tls.client_refused)."""
+    refusal = client_refused(error)
+    if refusal is not None:
+        raise ServerUnavailable(f"the server at {url} refused the TLS connection ({refusal}): {CLIENT_CERTIFICATE_HINT}") from None
 
 
 async def _stopped_by_sigterm_like_ctrl_c(report):

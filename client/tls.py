@@ -234,14 +234,41 @@ def speaks_no_tls(error: BaseException) -> bool:
     """Whether `error` is a TLS handshake answered in plain text (OpenSSL's WRONG_VERSION_NUMBER): an
     https:// URL naming a port where Triton or a proxy speaks plain HTTP or gRPC. Resending cannot
     change it either. The ssl module, aiohttp (its cause) and gRPC (its status text) all name it."""
+    return any("WRONG_VERSION_NUMBER" in text for text in _texts(error))
+
+
+# How a proxy that asks for client certificates refuses a client without one, or with one its CA did
+# not sign: a TLS alert, as OpenSSL and BoringSSL name it (TLS 1.3: certificate_required; TLS 1.2:
+# handshake_failure), or, from nginx (`ssl_verify_client on`), an HTTP 400 page after the handshake.
+_REFUSAL_ALERT = re.compile(
+    r"(?:SSLV3|TLSV1|TLSV13)_ALERT_(?:CERTIFICATE_[A-Z]+|HANDSHAKE_FAILURE|BAD_CERTIFICATE|UNKNOWN_CA|UNSUPPORTED_CERTIFICATE|ACCESS_DENIED)"
+)
+_NGINX_REFUSALS = ("No required SSL certificate was sent", "The SSL certificate error")
+CLIENT_CERTIFICATE_HINT = "a proxy that asks for client certificates takes one its CA signed: --client-cert FILE --client-key FILE"
+
+
+def client_refused(error: BaseException) -> str | None:
+    """The alert or page with which the server refused this client's TLS connection, else None. Such a
+    refusal is an answer, not an outage: resending cannot change it. Some refusals name nothing (a
+    proxy that closes the connection without an alert; gRPC over TLS 1.3 logs the alert but reports
+    a failed read): those read as a server gone."""
+    for text in _texts(error):
+        alert = _REFUSAL_ALERT.search(text)
+        if alert:
+            return alert.group()
+        refusal = next((page for page in _NGINX_REFUSALS if page in text), None)
+        if refusal:
+            return f"HTTP 400: {refusal}"
+    return None
+
+
+def _texts(error: BaseException | None):
+    """The messages of `error` and its causes (aiohttp keeps the ssl module's error as the cause)."""
     for _ in range(5):
         if error is None:
-            return False
-        text = error.message() if isinstance(error, InferenceServerException) else str(error)
-        if "WRONG_VERSION_NUMBER" in (text or ""):
-            return True
+            return
+        yield (error.message() if isinstance(error, InferenceServerException) else str(error)) or ""
         error = error.__cause__
-    return False
 
 
 def _verification_error(error: BaseException | None) -> ssl.SSLCertVerificationError | None:

@@ -39,7 +39,7 @@ from tritonclient.utils import shared_memory as system_shm
 from settings import INPUT_LIMITS, NAMES, SERVING, InputLimits
 
 from .result import SUCCESS, TriageResult, failure
-from .tls import PLAIN_TEXT_ANSWER, PathLike, certificate_problem, endpoint, speaks_no_tls
+from .tls import CLIENT_CERTIFICATE_HINT, PLAIN_TEXT_ANSWER, PathLike, certificate_problem, client_refused, endpoint, speaks_no_tls
 
 _log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ _QUEUE_TIMEOUT = "Request timeout expired"  # Triton's UNAVAILABLE (503) for a r
 _RELOADING_STATUSES = frozenset({"StatusCode.NOT_FOUND", "404"})
 _RELOADING_MESSAGE = "has no available versions"
 # Health checks are status codes only, and Triton's metrics port answers 200 to every path: the server
-# metadata (GET /v2, gRPC ServerMetadata) must also name Triton.
+# metadata (GET /v2, gRPC ServerMetadata), which Triton answers as soon as it listens, is asked first
+# and must name Triton.
 _NOT_TRITON = "it answers, but not with Triton's server metadata: is it another port, such as Triton's metrics port?"
 _NOT_JSON = (rapidjson.JSONDecodeError, UnicodeDecodeError)  # tritonclient.http's reading of an answer that is no JSON
 # Triton 2.51's answer when the Python-backend process of the model instance that got the request died
@@ -84,6 +85,11 @@ _DEAD_WORKER = re.compile(r"Stub process '([^']+)' is not healthy")
 
 class ServerUnavailable(ConnectionError):
     """The server (or the model on it) cannot be reached or is not ready."""
+
+
+class NotTritonError(ServerUnavailable):
+    """Something answers at the address, but not as Triton (another service, Triton's metrics port):
+    unlike a server still starting, waiting does not change that."""
 
 
 class WrongModelError(ValueError):
@@ -257,8 +263,8 @@ def _parse(result, model: str, seconds: float, explain: bool = False) -> TriageR
 
 
 def _is_transient(error: BaseException) -> bool:
-    if certificate_problem(error) is not None or speaks_no_tls(error):
-        return False  # gRPC reports them as UNAVAILABLE, the ssl module as an OSError: neither passes with time
+    if certificate_problem(error) is not None or speaks_no_tls(error) or client_refused(error) is not None:
+        return False  # gRPC reports them as UNAVAILABLE, the ssl module as an OSError: none passes with time
     if isinstance(error, InferenceServerException):
         if _QUEUE_TIMEOUT in (error.message() or ""):
             return False  # the study waited its whole deadline (the request's timeout) in a queue: do not multiply it
@@ -269,6 +275,16 @@ def _is_transient(error: BaseException) -> bool:
     # Refused, reset or dropped connections: the server is down or restarting. A connection closed
     # before the answer is geventhttpclient's HTTPConnectionClosed (an HTTPException, not an OSError).
     return isinstance(error, (OSError, HTTPConnectionClosed)) or _is_aiohttp_connection_error(error)
+
+
+def _not_triton(error: BaseException) -> bool:
+    """The server metadata was answered, but not as Triton answers it: no JSON, an HTTP status other than
+    a proxy's 502-504 (a web server's 404), or a gRPC service without Triton's API (UNIMPLEMENTED)."""
+    if isinstance(error, _NOT_JSON):
+        return True
+    if not isinstance(error, InferenceServerException) or _is_transient(error) or client_refused(error) is not None:
+        return False
+    return (error.status() or "").isdigit() or error.status() == "StatusCode.UNIMPLEMENTED"
 
 
 def _timed_out(error: BaseException) -> bool:
@@ -291,6 +307,9 @@ def _reason(error: BaseException) -> str:
         return f"TLS: {problem}"
     if speaks_no_tls(error):
         return PLAIN_TEXT_ANSWER
+    refusal = client_refused(error)
+    if refusal is not None:
+        return f"TLS: the server refused the connection ({refusal}): {CLIENT_CERTIFICATE_HINT}"
     if _timed_out(error):
         return "no answer within the request timeout"
     if isinstance(error, InferenceServerException):
@@ -309,6 +328,9 @@ def _describe(error: BaseException, url: str) -> str:
         return f"server at {url} is not trusted ({_reason(error)})"
     if speaks_no_tls(error):
         return f"server at {url} does not speak TLS: {PLAIN_TEXT_ANSWER}"
+    refusal = client_refused(error)
+    if refusal is not None:
+        return f"server at {url} refused the TLS connection ({refusal}): {CLIENT_CERTIFICATE_HINT}"
     if _is_transient(error):
         return f"server at {url} unreachable or unavailable ({_reason(error)})"
     if _timed_out(error):
@@ -359,19 +381,25 @@ class _Base:
         too, whatever the channel's own connection attempts take (a TLS handshake that stalls)."""
         return {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
 
-    def _not_ready(self, reason: str) -> ServerUnavailable:
-        return ServerUnavailable(f"Triton server at {self.url} ({self.protocol}) is not usable: {reason}")
+    def _not_ready(self, reason: str, kind: type[ServerUnavailable] = ServerUnavailable) -> ServerUnavailable:
+        return kind(f"Triton server at {self.url} ({self.protocol}) is not usable: {reason}")
 
     def _metadata_options(self) -> dict[str, Any]:
         return {"as_json": True, **self._deadline()} if self.protocol == "grpc" else {}
 
-    def _check_answers(self, live: bool, ready: bool, metadata: Any, model_metadata: Any) -> None:
+    def _unusable(self, error: Exception) -> ServerUnavailable:
+        """The readiness check's failure to reach the server, or to find Triton there."""
+        if _not_triton(error):
+            return self._not_ready(_NOT_TRITON, NotTritonError)
+        return self._not_ready(_reason(error))
+
+    def _check_answers(self, metadata: Any, live: bool, ready: bool, model_metadata: Any) -> None:
+        if not _is_triton(metadata):
+            raise self._not_ready(_NOT_TRITON, NotTritonError)
         if not live:
             raise self._not_ready("server is not live")
         if not ready:
             raise self._not_ready(f"model {self.model!r} is not ready")
-        if not _is_triton(metadata):
-            raise self._not_ready(_NOT_TRITON)
         outputs = model_metadata.get("outputs") if isinstance(model_metadata, dict) else None
         answers = {output.get("name") for output in outputs or [] if isinstance(output, dict)}
         missing = [name for name in (_EXPLAIN_OUTPUTS if self.explain else _OUTPUTS) if name not in answers]
@@ -459,15 +487,13 @@ class TriageClient(_Base):
         """Raise ServerUnavailable with one clear line unless the server and the model are ready, and
         WrongModelError unless the model answers with the outputs this client reads (its metadata)."""
         try:
-            live = self._triton.is_server_live(**self._deadline())
+            metadata = self._triton.get_server_metadata(**self._metadata_options())
+            live = _is_triton(metadata) and self._triton.is_server_live(**self._deadline())
             ready = live and self._triton.is_model_ready(self.model, **self._deadline())
-            metadata = ready and self._triton.get_server_metadata(**self._metadata_options())
-            model_metadata = _is_triton(metadata) and self._triton.get_model_metadata(self.model, **self._metadata_options())
-        except _NOT_JSON:
-            raise self._not_ready(_NOT_TRITON) from None
+            model_metadata = ready and self._triton.get_model_metadata(self.model, **self._metadata_options())
         except Exception as error:  # any transport failure means "not reachable"
-            raise self._not_ready(_reason(error)) from None
-        self._check_answers(live, ready, metadata, model_metadata)
+            raise self._unusable(error) from None
+        self._check_answers(metadata, live, ready, model_metadata)
 
     def classify(self, study: Study, series_uid: str | None = None) -> TriageResult:
         """`series_uid`: the series to classify (a study of several patients' series is refused unless
@@ -557,15 +583,13 @@ class AsyncTriageClient(_Base):
 
     async def check_ready(self) -> None:
         try:
-            live = await self._triton.is_server_live(**self._deadline())
+            metadata = await self._triton.get_server_metadata(**self._metadata_options())
+            live = _is_triton(metadata) and await self._triton.is_server_live(**self._deadline())
             ready = live and await self._triton.is_model_ready(self.model, **self._deadline())
-            metadata = ready and await self._triton.get_server_metadata(**self._metadata_options())
-            model_metadata = _is_triton(metadata) and await self._triton.get_model_metadata(self.model, **self._metadata_options())
-        except _NOT_JSON:
-            raise self._not_ready(_NOT_TRITON) from None
+            model_metadata = ready and await self._triton.get_model_metadata(self.model, **self._metadata_options())
         except Exception as error:
-            raise self._not_ready(_reason(error)) from None
-        self._check_answers(live, ready, metadata, model_metadata)
+            raise self._unusable(error) from None
+        self._check_answers(metadata, live, ready, model_metadata)
 
     async def classify(self, study: Study, series_uid: str | None = None) -> TriageResult:
         started = time.perf_counter()

@@ -1,7 +1,8 @@
 """Checks a running deployment end to end and prints a pass/fail summary (deploy/verify.sh runs it).
 
 1. ready: the server and ct_triage answer ready over HTTP and gRPC, and the server metadata names Triton
-   (when it fails, the other checks are SKIP: nothing there answers them);
+   (a server still starting is waited for, a port that answers but not as Triton fails at once; when
+   it fails, the other checks are SKIP: nothing there answers them);
 2. studies: generated chest studies through ct_triage over HTTP and gRPC give a result with the
    model's provenance, the same probability on both protocols, and a file that is not DICOM gets a
    clear refusal (not an internal error);
@@ -35,7 +36,8 @@ import numpy as np
 # Triton answers health and metadata in milliseconds: a request that gets nothing in this time meets a
 # hung server or another service, which waiting longer does not change.
 READY_TIMEOUT_S = 10
-# A server still starting refuses connections or answers "not ready": retried for this long.
+# A server still starting refuses connections or answers "not ready": retried for this long. A port
+# that answers, but not as Triton (another service, Triton's metrics port), fails at once.
 READY_WAIT_S = 60
 
 
@@ -44,7 +46,7 @@ class Skipped(Exception):
 
 
 def _ready(http: str, grpc: str) -> str:
-    from client import TriageClient
+    from client import NotTritonError, ServerUnavailable, TriageClient
 
     for url, protocol in ((http, "http"), (grpc, "grpc")):
         deadline = time.monotonic() + READY_WAIT_S
@@ -54,7 +56,9 @@ def _ready(http: str, grpc: str) -> str:
                 with TriageClient(url, protocol, timeout_s=READY_TIMEOUT_S) as triage:
                     triage.check_ready()
                 break
-            except Exception as error:
+            except ServerUnavailable as error:
+                if isinstance(error, NotTritonError):
+                    raise AssertionError(f"{protocol} {url}: {error}") from None
                 if time.monotonic() - tried >= READY_TIMEOUT_S:
                     raise AssertionError(f"{protocol} {url}: {error} ({READY_TIMEOUT_S} s)") from None
                 if time.monotonic() > deadline:

@@ -251,6 +251,18 @@ def test_benchmark_options_they_cannot_use_are_usage_errors(module, argv, capsys
     assert exited.value.code == 2 and "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--studies", "1999", "--window", "1000"], ["--studies", "0"]], ids=["window", "studies"])
+def test_report_scale_checks_its_options_before_it_makes_its_out_folder(argv, capsys, tmp_path):
+    """A bad option after --out, or one only the options together rule out, leaves no empty folder behind."""
+    from benchmarks import report_scale
+
+    out = tmp_path / "new" / "results"
+    with pytest.raises(SystemExit) as exited:
+        report_scale.main(["--out", str(out), *argv])
+    assert exited.value.code == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def test_http_faults_default_chunks_are_within_their_bound():
     from benchmarks import option_types
 
@@ -383,6 +395,18 @@ def test_ctrl_c_ends_a_benchmark_with_one_line_and_status_130(name, monkeypatch,
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C left main() as a traceback")
     assert status == 130 and capsys.readouterr().err == f"python -m benchmarks.{name}: interrupted: no results written\n"
+
+
+def test_ctrl_c_during_the_perf_analyzer_install_is_one_line_and_status_130(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pa, "install", interrupted)
+    try:
+        status = pa.main(["install"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left main() as a traceback")
+    assert status == 130 and capsys.readouterr().err == "python -m benchmarks.perf_analyzer: interrupted: no results written\n"
 
 
 def test_a_study_or_checkpoint_a_benchmark_cannot_use_is_one_line_and_status_2(tmp_path, capsys):

@@ -2,13 +2,19 @@
 at construction, of what would otherwise go out in clear (another scheme, a CA file or a client
 certificate without https://) or fail deep inside gevent or gRPC (a CA file, a client certificate or
 key that cannot be used; an encrypted key, whose passphrase they would ask for on the terminal). tests/server/test_client_tls.py
-sends real requests through a TLS proxy."""
+sends real requests through a TLS proxy; here, proxies that refuse a client without a certificate
+answer without one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import socket
+import ssl
+import threading
+import time
 
 import pytest
 import trustme
@@ -297,3 +303,115 @@ def test_set_threshold_at_a_port_that_is_not_tritons_http_api_is_one_line_and_ex
         listener.close()
     error = capsys.readouterr().err
     assert error == f"error: the server at {url} did not answer as Triton's HTTP API: is that its HTTP port?\n"
+
+
+# nginx's answer, after the handshake, to a client without a certificate when `ssl_verify_client on`
+_NGINX_NO_CERTIFICATE = (
+    b"<html>\r\n<head><title>400 No required SSL certificate was sent</title></head>\r\n<body>\r\n"
+    b"<center><h1>400 Bad Request</h1></center>\r\n<center>No required SSL certificate was sent</center>\r\n"
+    b"<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def site_ca(tmp_path_factory):
+    """A CA, its PEM file, and a server certificate it signed for 127.0.0.1."""
+    ca = trustme.CA()
+    path = tmp_path_factory.mktemp("site") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return ca, path, ca.issue_cert("127.0.0.1")
+
+
+@contextlib.contextmanager
+def _refusing_proxy(site_ca, refusal: str):
+    """https URL of a proxy that asks for a client certificate and refuses a client without one:
+    "alert" as OpenSSL-based proxies do (TLS 1.2 here: the handshake_failure alert comes in the
+    handshake, where TLS 1.3's certificate_required comes after it and races the client's first
+    request), "nginx" as nginx does (the handshake completes, each request gets its 400 page)."""
+    ca, _, certificate = site_ca
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate.configure_cert(context)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    if refusal == "alert":
+        ca.configure_trust(context)
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    reply = b"HTTP/1.1 400 Bad Request\r\nServer: nginx\r\nContent-Type: text/html\r\nConnection: close\r\n"
+    reply += b"Content-Length: %d\r\n\r\n%s" % (len(_NGINX_NO_CERTIFICATE), _NGINX_NO_CERTIFICATE)
+
+    def answer(connection: socket.socket) -> None:
+        with contextlib.suppress(OSError), context.wrap_socket(connection, server_side=True) as tls:
+            tls.recv(65536)
+            tls.sendall(reply)
+
+    def accept_each() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # the listener closed: the test is over
+                return
+            threading.Thread(target=answer, args=(connection,), daemon=True).start()
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=accept_each, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def _checked_and_classified(make, url, protocol, ca_file):
+    """check_ready's ServerUnavailable line, and the Failure row of classify without it (a retry would wait 30 s)."""
+    options = {"ca_file": ca_file, "timeout_s": 20, "retry": client.RetryPolicy(attempts=2, initial_backoff_s=30.0)}
+    if make is _sync:
+        with client.TriageClient(url, protocol, **options) as triage:
+            with pytest.raises(client.ServerUnavailable) as unusable:
+                triage.check_ready()
+            return str(unusable.value), triage.classify(b"DICM")
+
+    async def run():
+        async with client.AsyncTriageClient(url, protocol, **options) as triage:
+            with pytest.raises(client.ServerUnavailable) as unusable:
+                await triage.check_ready()
+            return str(unusable.value), await triage.classify(b"DICM")
+
+    return asyncio.run(run())
+
+
+@CLIENTS
+@pytest.mark.parametrize(
+    ("refusal", "protocol", "named"),
+    [
+        ("alert", "http", "SSLV3_ALERT_HANDSHAKE_FAILURE"),
+        ("alert", "grpc", "SSLV3_ALERT_HANDSHAKE_FAILURE"),
+        ("nginx", "http", "HTTP 400: No required SSL certificate was sent"),
+    ],
+)
+def test_a_proxy_that_refuses_a_client_without_a_certificate_is_named_and_never_retried(make, refusal, protocol, named, site_ca):
+    """Not a server gone (retried, then "unreachable"), nor another port (nginx's page is no Triton
+    answer): the refusal and what to pass, in one line, at the first answer."""
+    hint = "a proxy that asks for client certificates takes one its CA signed: --client-cert FILE --client-key FILE"
+    with _refusing_proxy(site_ca, refusal) as url:
+        started = time.monotonic()
+        line, result = _checked_and_classified(make, url, protocol, site_ca[1])
+    assert line == f"Triton server at {url} ({protocol}) is not usable: TLS: the server refused the connection ({named}): {hint}"
+    assert result.error == f"server at {url} refused the TLS connection ({named}): {hint}"
+    assert time.monotonic() - started < 20
+
+
+def test_the_commands_name_a_proxy_that_refuses_a_client_without_a_certificate(site_ca, tmp_path, capsys):
+    """report (exit 3 before any study, no report) and set-threshold (exit 3), one line each."""
+    (tmp_path / "studies" / "s1").mkdir(parents=True)
+    (tmp_path / "studies" / "s1" / "IM1.dcm").write_bytes(bytes(128) + b"DICM")
+    hint = "a proxy that asks for client certificates takes one its CA signed: --client-cert FILE --client-key FILE"
+    ca_file = str(site_ca[1])
+    with _refusing_proxy(site_ca, "alert") as url:
+        report = ["report", str(tmp_path / "studies"), "--out", str(tmp_path / "r.csv"), "--url", url, "--ca-file", ca_file]
+        assert client_main(report) == 3
+        reason = "TLS: the server refused the connection (SSLV3_ALERT_HANDSHAKE_FAILURE)"
+        assert capsys.readouterr().err == f"error: Triton server at {url} (grpc) is not usable: {reason}: {hint}\n"
+    assert not (tmp_path / "r.csv").exists()
+    with _refusing_proxy(site_ca, "nginx") as url:
+        assert client_main(["set-threshold", "0.3", "--url", url, "--ca-file", ca_file]) == 3
+        refusal = "HTTP 400: No required SSL certificate was sent"
+        assert capsys.readouterr().err == f"error: the server at {url} refused the TLS connection ({refusal}): {hint}\n"

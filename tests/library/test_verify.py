@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import ROOT, answering, black_hole
@@ -38,6 +39,46 @@ def test_a_server_that_never_answers_fails_ready_and_the_other_checks_are_skippe
     ), lines[0]
     assert lines[1:5] == [f"SKIP  {name}: not run: the server did not answer ready" for name in ("studies", "parity", "sweep", "metrics")]
     assert lines[5] == "verify: 0/1 checks passed; FAILED: ready; SKIPPED: studies, parity, sweep, metrics"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.0 404 File not found\r\nContent-Type: text/html\r\n\r\n<html>Error response</html>",  # python -m http.server
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n# HELP nv_inference_request_success Number\n",  # Triton's metrics port
+    ],
+    ids=["web-server", "metrics-port"],
+)
+def test_ready_at_a_port_that_answers_but_not_as_triton_fails_at_once(monkeypatch, reply):
+    """Waiting cannot make another service Triton: one line at the first answer, not READY_WAIT_S of retries."""
+    verify = _verify_module()
+    monkeypatch.setattr(verify, "READY_WAIT_S", 3)
+    http, listener = answering(reply)
+    started = time.monotonic()
+    try:
+        with pytest.raises(AssertionError) as failed:
+            verify._ready(http, "127.0.0.1:1")
+    finally:
+        listener.close()
+    assert time.monotonic() - started < 2
+    not_triton = "it answers, but not with Triton's server metadata: is it another port, such as Triton's metrics port?"
+    assert str(failed.value) == f"http {http}: Triton server at {http} (http) is not usable: {not_triton}"
+
+
+def test_ready_waits_for_a_server_still_starting(monkeypatch):
+    """A proxy's 503 while Triton starts behind it (as a refused connection) is waited for, READY_WAIT_S at most."""
+    verify = _verify_module()
+    monkeypatch.setattr(verify, "READY_WAIT_S", 1)
+    monkeypatch.setattr(verify.time, "sleep", lambda seconds: None)
+    http, listener = answering(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/html\r\n\r\n<html>starting</html>")
+    started = time.monotonic()
+    try:
+        with pytest.raises(AssertionError) as failed:
+            verify._ready(http, "127.0.0.1:1")
+    finally:
+        listener.close()
+    assert time.monotonic() - started >= 1
+    assert str(failed.value).startswith(f"http {http}: Triton server at {http} (http) is not usable: 503: "), failed.value
 
 
 def test_parity_against_a_port_that_is_not_tritons_http_says_what_it_answered(tmp_path):

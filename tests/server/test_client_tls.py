@@ -266,8 +266,9 @@ def test_classify_cli_with_a_ca_file(triton_server, site, study, plain_probabili
 def test_a_client_certificate_gets_through_a_proxy_that_asks_for_one(
     triton_server, mutual_site, pki, study, plain_probability, classify, protocol
 ):
-    """Without one the proxy closes the connection after the handshake: TLS names no reason the
-    clients could show, so it reads as a server gone (client/README.md, TLS)."""
+    """Without one this proxy closes the connection after the handshake and sends no alert (asyncio's
+    TLS does not), so nothing names the reason and it reads as a server gone (client/README.md, TLS;
+    refusals that name themselves: tests/library/test_client_tls_offline.py)."""
     url = mutual_site.urls[protocol]
     result = classify(url, protocol, study, ca_file=mutual_site.ca_file, client_cert=pki["client_cert"])
     assert result.ok, result.error
