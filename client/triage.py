@@ -77,6 +77,7 @@ _RELOADING_MESSAGE = "has no available versions"
 # metadata (GET /v2, gRPC ServerMetadata), which Triton answers as soon as it listens, is asked first
 # and must name Triton.
 _NOT_TRITON = "it answers, but not with Triton's server metadata: is it another port, such as Triton's metrics port?"
+_UNDECODED_ANSWER = "an exception occurred in the client while decoding the response"  # tritonclient.http, with the body
 _NOT_JSON = (rapidjson.JSONDecodeError, UnicodeDecodeError)  # tritonclient.http's reading of an answer that is no JSON
 # Triton 2.51's answer when the Python-backend process of the model instance that got the request died
 # (killed, out of memory): not retried, since a study that crashes its worker would crash the next one.
@@ -313,13 +314,28 @@ def _reason(error: BaseException) -> str:
     if _timed_out(error):
         return "no answer within the request timeout"
     if isinstance(error, InferenceServerException):
-        message = error.message() or str(error)
+        message = _server_message(error)
         worker = _DEAD_WORKER.search(message)
         if worker:
             instance = worker.group(1)
             return f"a worker process of the server ({instance}) died: the study was not processed; send it again once the server recovered"
         return f"{error.status()}: {message}" if _is_transient(error) else message
-    return f"{type(error).__name__}: {error}"
+    return _one_line(f"{type(error).__name__}: {error}")
+
+
+def _server_message(error: InferenceServerException) -> str:
+    """The server's message on one line. tritonclient.http quotes the whole body of an answer that is
+    no JSON (a proxy's HTML error page, many lines): its title stands for it."""
+    message = error.message() or str(error)
+    if _UNDECODED_ANSWER in message:
+        body = message.partition("response:")[2]
+        title = re.search(r"<title>(.*?)</title>", body, re.IGNORECASE | re.DOTALL)
+        return f"an answer that is not Triton's (no JSON): {_one_line(title.group(1) if title else body)[:120]}"
+    return _one_line(message)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _describe(error: BaseException, url: str) -> str:

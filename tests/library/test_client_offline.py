@@ -348,6 +348,36 @@ def test_a_connection_closed_before_the_answer_is_retried_as_a_server_gone(proto
     assert len(accepted) >= (3 if protocol == "http" else 1)  # gRPC's channel fails the retries within its own reconnect backoff
 
 
+_PROXY_ERROR_PAGE = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    b"<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n"
+)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["blocking", "asyncio"])
+def test_a_proxys_error_page_is_one_line_in_the_failure(asynchronous):
+    """tritonclient.http quotes the whole body of an answer that is no JSON: a report row and the
+    terminal get the page's title on one line, not its HTML."""
+    head = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+    url, listener = answering(head % len(_PROXY_ERROR_PAGE) + _PROXY_ERROR_PAGE)
+    retry = client.RetryPolicy(attempts=2, initial_backoff_s=0.05)
+
+    async def classify_async():
+        async with client.AsyncTriageClient(url, "http", retry=retry, timeout_s=5) as triage:
+            return await triage.classify(b"\0" * 128 + b"DICM")
+
+    try:
+        if asynchronous:
+            result = asyncio.run(classify_async())
+        else:
+            with client.TriageClient(url, "http", retry=retry, timeout_s=5) as triage:
+                result = triage.classify(b"\0" * 128 + b"DICM")
+    finally:
+        listener.close()
+    expected = f"server at {url} unreachable or unavailable (502: an answer that is not Triton's (no JSON): 502 Bad Gateway)"
+    assert result.error == expected
+
+
 @pytest.fixture
 def metrics_port_stand_in():
     """HOST:PORT of a server that answers every path as Triton's metrics port does: 200 and Prometheus text."""
