@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -52,6 +53,7 @@ SERVED_FILES = {"cpu": IR_FILES, "openvino": IR_FILES, "onnx-gpu": ("model.onnx"
 OPENVINO_TARGETS = ("cpu", "openvino")
 WRITE_MARGIN_BYTES = 2**20  # beyond the weights: what the largest file export writes (a graph, an IR) holds besides them
 MARKER = ".ct-triage-export.json"  # says "export wrote this folder": only such folders are ever replaced
+LOCK_SUFFIX = ".export-lock"  # `.<folder>.export-lock` beside an output folder: held while an export writes it
 PROVENANCE_FILE = "provenance.json"
 ARTIFACTS_SUFFIX = ".artifacts"
 WEIGHTS_FILE = "weights.pt"
@@ -324,22 +326,73 @@ def _marker_field(folder: Path, field: str) -> str | None:
         return None
 
 
+def _owner(repository: Path, artifacts: Path) -> str:
+    """The repository as the artifacts' marker names it: its resolved path relative to the artifacts' parent
+    (`repository` beside them by default), so that the two moved together, or seen through another mount
+    (a container's /models), still belong together, and same-named repositories elsewhere do not."""
+    return os.path.relpath(repository, artifacts.parent)
+
+
 def _check_artifacts_of(artifacts: Path, repository: Path) -> None:
     """An earlier export's artifacts are replaced only by an export of the same repository: another's would
     leave that repository's parity proof and weights those of a network it does not serve."""
     owner = _marker_field(artifacts, "repository")
-    if owner not in (None, repository.name):
+    if owner not in (None, _owner(repository, artifacts)):
         raise OutputFolderError(
-            f"artifacts folder {artifacts} holds the artifacts of the repository {owner}, not of {repository.name}: "
-            "refusing to replace them (choose another --artifacts)"
+            f"artifacts folder {artifacts} holds the artifacts of the repository {os.path.normpath(artifacts.parent / str(owner))}, "
+            f"not of {repository}: refusing to replace them (choose another --artifacts)"
         )
 
 
-def _staging(folder: Path, created: list[Path]) -> Path:
-    """A new folder beside `folder`; the parent folders this makes are added to `created`."""
-    created.extend(parent for parent in (folder.parent, *folder.parent.parents) if not parent.exists())
+@contextlib.contextmanager
+def _export_lock(folder: Path, what: str):
+    """Held while this export writes `folder`, so that a second export into it fails at once instead of mixing
+    its files with this one's: an flock on a lock file beside the folder (the folder itself is swapped for a
+    staged one), which the OS releases when the process dies. The file and the parent folders made for it
+    are removed at the end (the parents only if empty: the outputs keep theirs)."""
+    made = [parent for parent in (folder.parent, *folder.parent.parents) if not parent.exists()]
+    path = folder.with_name(f".{folder.name}{LOCK_SUFFIX}")
+    handle = None
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            handle = _locked(path)
+        except OSError as error:
+            raise OutputFolderError(f"cannot write beside {folder}: {error.strerror}") from None
+        if handle is None:
+            raise OutputFolderError(f"another export is writing the {what} {folder} (it holds {path}): wait until it has ended")
+        yield
+    finally:
+        with _signals_held():
+            if handle is not None:
+                path.unlink(missing_ok=True)  # before the lock goes: the next export locks a file of its own
+                os.close(handle)
+            for parent in made:  # the deepest first
+                with contextlib.suppress(OSError):  # only if empty: never what someone else put there meanwhile
+                    parent.rmdir()
+
+
+def _locked(path: Path) -> int | None:
+    """A descriptor of the lock file `path`, locked; None if another process holds it. A file the holder removed
+    between our open and our lock is no lock any more: the one now at `path` is tried instead."""
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            return None
+        try:
+            if os.path.samestat(os.fstat(handle), os.stat(path)):
+                return handle
+        except FileNotFoundError:
+            pass
+        os.close(handle)
+
+
+def _staging(folder: Path) -> Path:
+    """A new folder beside `folder` (its parent made by _export_lock)."""
+    try:
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.export-", dir=folder.parent))
     except OSError as error:
         raise OutputFolderError(f"cannot write beside {folder}: {error.strerror}") from None
@@ -499,7 +552,35 @@ def write_repository(
         _check_folder(repository, "repository")
     if target == "tensorrt":
         tensorrt_engine.require_tensorrt()  # before minutes of work, not after
+    with _export_lock(repository, "repository"), _export_lock(artifacts, "artifacts folder"):
+        return _export(
+            target=target,
+            checkpoint=checkpoint,
+            configs=configs,
+            options=options,
+            parity_size=parity_size,
+            repository=repository,
+            artifacts=artifacts,
+            source=source,
+            in_place=in_place,
+            started=started,
+        )
 
+
+def _export(
+    *,
+    target: str,
+    checkpoint: str | Path | None,
+    configs: dict[str, model_config_pb2.ModelConfig],
+    options: ServingOptions,
+    parity_size: int,
+    repository: Path,
+    artifacts: Path,
+    source: Path,
+    in_place: bool,
+    started: float,
+) -> ExportResult:
+    """write_repository's work, on checked inputs and locked outputs (checkpoint None: demo weights)."""
     timings: dict[str, float] = {}
 
     def lap(stage: str, since: float) -> float:
@@ -512,12 +593,11 @@ def write_repository(
     classifier = build_classifier(weights)
     mark = lap("weights", mark)
 
-    created: list[Path] = []  # parent folders export made: a failed export leaves none of them
     staged: list[Path] = []
     placed: list[tuple[Path, Path]] = []  # (temporary, destination) of the files an export in place renames
     writing = ("artifacts folder", artifacts)  # the output whose files are being written, for a write failure's message
     try:
-        kept = _staging(artifacts, created)
+        kept = _staging(artifacts)
         staged.append(kept)
         precision = served_precision(target, configs[NAMES.classifier])
         engine: dict[str, str] = {}  # what runs the served files, where the format does not say it
@@ -580,7 +660,7 @@ def write_repository(
         }
         provenance_text = json.dumps(provenance, indent=2) + "\n"
         (kept / PROVENANCE_FILE).write_text(provenance_text)
-        (kept / MARKER).write_text(_marker("artifacts", repository=repository.name))
+        (kept / MARKER).write_text(_marker("artifacts", repository=_owner(repository, artifacts)))
         served_files = {
             **{Path(NAMES.classifier, "1", path.name): path for path in served},
             Path(NAMES.classifier, "1", PROVENANCE_FILE): kept / PROVENANCE_FILE,
@@ -593,7 +673,7 @@ def write_repository(
         if in_place:
             _place_in_place(source, served_files, placed)
         else:
-            rendered = _staging(repository, created)
+            rendered = _staging(repository)
             staged.append(rendered)
             for folder in model_folders(source):
                 config = configs[folder.name]
@@ -601,9 +681,9 @@ def write_repository(
                 _copy_model_files(folder, rendered / folder.name, config)
                 origin = config_path(folder, target).relative_to(source).as_posix()
                 (rendered / folder.name / CONFIG).write_text(config_text(config, origin))
-            for relative, source in served_files.items():
+            for relative, written in served_files.items():
                 (rendered / relative).parent.mkdir(parents=True, exist_ok=True)  # a version folder may hold no model.py
-                shutil.copy2(source, rendered / relative)
+                shutil.copy2(written, rendered / relative)
             (rendered / MARKER).write_text(_marker("repository", **provenance))
         for path in served:
             path.unlink()  # now in the repository: the artifacts keep only what Triton does not load
@@ -620,11 +700,6 @@ def write_repository(
                 shutil.rmtree(folder, ignore_errors=True)
             for temporary, _ in placed:
                 temporary.unlink(missing_ok=True)
-            for folder in sorted(created, key=lambda path: len(path.parts), reverse=True):  # the deepest first
-                try:
-                    folder.rmdir()  # only if empty: never what someone else put there meanwhile
-                except OSError:
-                    pass
         if failed is not None:
             raise failed from None
         raise

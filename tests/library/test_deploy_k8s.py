@@ -10,12 +10,16 @@ import argparse
 import ast
 import contextlib
 import functools
+import http.server
 import io
 import json
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import kubernetes_validate
@@ -412,12 +416,68 @@ def test_probes_ask_triton_for_readiness_and_liveness_on_the_http_port():
         return get["path"], named_ports.get(get["port"], get["port"])
 
     assert probed("startupProbe") == ("/v2/health/ready", SERVING.http_port)
-    assert probed("readinessProbe") == (f"/v2/models/{NAMES.triage}/ready", SERVING.http_port)  # tests/server/test_serving.py says why
     assert probed("livenessProbe") == ("/v2/health/live", SERVING.http_port)
     startup = server["startupProbe"]
     # generous, and at least the launcher's own allowance for loading and warming up the models (its
     # default would give up on a GPU warm-up the probe still waits for)
     assert startup["periodSeconds"] * startup["failureThreshold"] >= serve_arguments().startup_timeout > SERVING.startup_timeout_s
+
+
+def readiness_probe() -> tuple[str, list[str]]:
+    """The readiness probe's `python3 -c SCRIPT MODEL...`: its script and the models it asks for."""
+    command = container()["readinessProbe"]["exec"]["command"]
+    assert command[:2] == ["python3", "-c"], command
+    return command[2], command[3:]
+
+
+def test_the_pod_is_ready_while_every_ensemble_it_loads_is():
+    """The Service offers every ensemble the pod loads: ct_triage, and ct_triage_explain under --load-model=*.
+    Not /v2/health/ready, which stays 200 when a model-control call unloads one of them or a step
+    (tests/server/test_serving.py); with ct_triage alone probed, a pod whose explanations were unloaded
+    stayed in the Service and failed every explanation sent to it."""
+    loaded = serve_arguments().load_model
+    ensembles = {path.parent.name for path in REPOSITORY.glob("*/config.pbtxt") if 'platform: "ensemble"' in path.read_text().splitlines()}
+    assert ensembles == {NAMES.triage, NAMES.triage_explain}
+    _, probed = readiness_probe()
+    assert sorted(probed) == sorted(ensembles if loaded in (None, ["*"]) else loaded)
+
+
+class _ModelsReady(http.server.BaseHTTPRequestHandler):
+    """Triton's /v2/models/NAME/ready: 200 for the models in `ready`, 400 for the others."""
+
+    ready: frozenset[str] = frozenset()
+
+    def do_GET(self):
+        model = self.path.removeprefix("/v2/models/").removesuffix("/ready")
+        self.send_response(200 if model in self.ready else 400)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_readiness_probe_fails_in_one_line_naming_the_model_not_ready():
+    script, probed = readiness_probe()
+    assert f"localhost:{SERVING.http_port}/" in script
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ModelsReady)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    def probe(*ready: str) -> tuple[int, str]:
+        _ModelsReady.ready = frozenset(ready)
+        local = script.replace(f"localhost:{SERVING.http_port}/", f"127.0.0.1:{port}/")
+        done = subprocess.run([sys.executable, "-c", local, *probed], capture_output=True, text=True, timeout=30)
+        return done.returncode, done.stderr
+
+    try:
+        assert probe(NAMES.triage, NAMES.triage_explain) == (0, "")
+        assert probe(NAMES.triage) == (1, f"{NAMES.triage_explain} is not ready: HTTP Error 400: Bad Request\n")
+    finally:
+        server.shutdown()
+        server.server_close()
+    code, error = probe(NAMES.triage, NAMES.triage_explain)  # nothing listening: a server not (yet) up
+    assert code == 1 and error.startswith(f"{NAMES.triage} is not ready: <urlopen error [Errno 111]") and error.count("\n") == 1
 
 
 def test_termination_outlasts_the_pre_stop_pause_and_the_exit_timeout():

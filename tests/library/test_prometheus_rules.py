@@ -5,6 +5,7 @@ checks the same expressions' selectors against a running server's series."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -25,7 +26,9 @@ def _promtool() -> str:
 
 
 def _promtool_test(tests: Path) -> None:
-    done = subprocess.run([_promtool(), "test", "rules", str(tests)], capture_output=True, text=True, timeout=120)
+    # GOGC=400: a quarter of the garbage collections (a third less CPU) for about 250 MB instead of 120
+    environment = {**os.environ, "GOGC": "400"}
+    done = subprocess.run([_promtool(), "test", "rules", str(tests)], env=environment, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
 
 
@@ -107,6 +110,18 @@ def test_every_scrape_of_the_deployment_carries_the_label_the_down_alert_selects
     assert all(target.get("labels", {}).get(label) == value for target in job["static_configs"]), job
     pod = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["metadata"]["labels"]
     assert {re.sub(r"[^a-zA-Z0-9_]", "_", name): text for name, text in pod.items()}.get(label) == value, pod
+
+
+def test_the_down_alert_gives_a_new_target_the_start_up_allowance_of_both_setups():
+    """Triton opens its metrics port only once its models are loaded and warmed up (minutes on a GPU): a
+    target that has not answered yet is down only after as long as the Kubernetes start-up probe and
+    compose's healthcheck give a start, so that no rollout or scale-up pages anyone."""
+    windows = {int(minutes) * 60 for minutes in re.findall(r"(?:\[|offset )(\d+)m\b", _alerts()["CtTriageDown"])}
+    pod = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    probe = container["startupProbe"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["triton"]["healthcheck"]["start_period"]
+    assert windows == {probe["periodSeconds"] * probe["failureThreshold"]} == {int(compose.removesuffix("s"))}
 
 
 def test_every_alert_has_a_unit_test():

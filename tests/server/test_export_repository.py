@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -366,11 +367,79 @@ def test_the_artifacts_of_another_repository_are_refused_before_any_work(tmp_pat
     options = ["--out", str(tmp_path / "rb"), "--artifacts", str(tmp_path / "ra.artifacts")]
     assert export_main(["--demo-weights", "--target", "torch-gpu", "--size", "16", *options]) == 2
     assert capsys.readouterr().err == (
-        f"export: error: artifacts folder {tmp_path / 'ra.artifacts'} holds the artifacts of the repository ra, not of rb: "
-        "refusing to replace them (choose another --artifacts)\n"
+        f"export: error: artifacts folder {tmp_path / 'ra.artifacts'} holds the artifacts of the repository {tmp_path / 'ra'}, "
+        f"not of {tmp_path / 'rb'}: refusing to replace them (choose another --artifacts)\n"
     )
     assert {path: path.read_bytes() for path in (tmp_path / "ra.artifacts").iterdir()} == kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ra", "ra.artifacts"]
+
+
+def test_the_artifacts_of_a_same_named_repository_elsewhere_are_refused(tmp_path, capsys, monkeypatch):
+    """The marker named the repository's folder only: a/repo's artifacts were replaced by b/repo's. It names
+    the repository's path from the artifacts' folder, so the two moved together still belong together, and
+    a marker naming a folder beside them (the default layout) is that folder's."""
+    _without_the_network(monkeypatch)
+    monkeypatch.setattr(export.parity, "check_torch_parity", _passing_parity)
+    options = ["--demo-weights", "--target", "torch-gpu", "--size", "16"]
+    shared = tmp_path / "a" / "artifacts"
+    assert export_main([*options, "--out", str(tmp_path / "a" / "repo"), "--artifacts", str(shared)]) == 0
+    kept = {path: path.read_bytes() for path in shared.iterdir()}
+    capsys.readouterr()
+    assert export_main([*options, "--out", str(tmp_path / "b" / "repo"), "--artifacts", str(shared)]) == 2
+    assert capsys.readouterr().err == (
+        f"export: error: artifacts folder {shared} holds the artifacts of the repository {tmp_path / 'a' / 'repo'}, "
+        f"not of {tmp_path / 'b' / 'repo'}: refusing to replace them (choose another --artifacts)\n"
+    )
+    assert {path: path.read_bytes() for path in shared.iterdir()} == kept
+    (tmp_path / "a").rename(tmp_path / "moved")
+    assert export_main([*options, "--out", str(tmp_path / "moved" / "repo"), "--artifacts", str(tmp_path / "moved" / "artifacts")]) == 0
+    beside = tmp_path / "c" / "repo.artifacts"
+    beside.mkdir(parents=True)
+    (beside / export.MARKER).write_text(json.dumps({"written_by": "python -m export", "kind": "artifacts", "repository": "repo"}))
+    assert export_main([*options, "--out", str(tmp_path / "c" / "repo")]) == 0
+
+
+def test_a_second_export_into_the_same_folders_fails_at_once_and_the_first_completes(tmp_path, capsys, monkeypatch):
+    """Two exports into one repository or artifacts folder at once interleaved their writes (one's configs
+    beside the other's weights): the second fails at once, one line naming the folder, the first goes on. A
+    lock file a killed export left behind (the OS released its lock) stops nobody; none is left after an export."""
+    _without_the_network(monkeypatch)
+    working, go_on = threading.Event(), threading.Event()
+
+    def parity_held(classifier, **options):
+        if threading.current_thread() is not threading.main_thread():  # the first export, until the second has tried
+            working.set()
+            go_on.wait(60)
+        return _passing_parity(classifier, **options)
+
+    monkeypatch.setattr(export.parity, "check_torch_parity", parity_held)
+    out, other = tmp_path / "out" / "repo", tmp_path / "other"
+    artifacts = out.with_name("repo.artifacts")
+    first: dict = {}
+    thread = threading.Thread(
+        target=lambda: first.update(result=export.write_repository(out, target="torch-gpu", size=16, demo_weights=True))
+    )
+    thread.start()
+    try:
+        assert working.wait(60)
+        for options, what, folder in (
+            (["--out", str(out), "--artifacts", str(other)], "repository", out),
+            (["--out", str(other), "--artifacts", str(artifacts)], "artifacts folder", artifacts),
+        ):
+            assert export_main(["--demo-weights", "--target", "torch-gpu", "--size", "16", *options]) == 2
+            lock = folder.with_name(f".{folder.name}.export-lock")
+            assert (
+                capsys.readouterr().err
+                == f"export: error: another export is writing the {what} {folder} (it holds {lock}): wait until it has ended\n"
+            )
+    finally:
+        go_on.set()
+        thread.join(60)
+    assert first["result"].repository == out and json.loads((out / export.MARKER).read_text())["target"] == "torch-gpu"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and sorted(p.name for p in out.parent.iterdir()) == ["repo", "repo.artifacts"]
+    (out.parent / ".repo.export-lock").touch()  # as a SIGKILL leaves it
+    assert export_main(["--demo-weights", "--target", "torch-gpu", "--size", "16", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["repo", "repo.artifacts"]
 
 
 def test_the_openvino_target_refuses_a_batch_size_it_would_not_serve(tmp_path, capsys, monkeypatch):

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -307,7 +308,9 @@ instance_group [{ kind: KIND_CPU, count: 1 }]
 
 def test_a_launcher_killed_while_models_load_leaves_nothing(tmp_path):
     """SIGKILL of the launcher while a model loads: the parent-death signal ends tritonserver only, and
-    a stub still in its model's initialize outlived it for good, holding its region (serve/reaper.py)."""
+    a stub still in its model's initialize outlived it for good, holding its region (serve/reaper.py).
+    Meanwhile Triton's metrics port is still closed (it opens once every model is loaded), which is why
+    deploy/prometheus-rules.yml's CtTriageDown gives a new target its start-up allowance."""
     repository = tmp_path / "repository"
     for model, work in (("quick", "0"), ("slow", "sum(range(10**12))")):
         (repository / model / "1").mkdir(parents=True)
@@ -317,7 +320,7 @@ def test_a_launcher_killed_while_models_load_leaves_nothing(tmp_path):
         "from serve import TritonServer, free_ports\n"
         "h, g, m = free_ports(3)\n"
         f"server = TritonServer({str(repository)!r}, http_port=h, grpc_port=g, metrics_port=m, startup_timeout_s=600)\n"
-        "print(server.shm_prefix, flush=True)\n"
+        "print(server.shm_prefix, m, flush=True)\n"
         "server.start()\n"
     )
     scratch = tmp_path / "scratch"  # the launcher's work folder (TMPDIR) goes here
@@ -325,13 +328,15 @@ def test_a_launcher_killed_while_models_load_leaves_nothing(tmp_path):
     environment = {**os.environ, "TMPDIR": str(scratch)}
     process = subprocess.Popen([sys.executable, "-c", launcher], cwd=tmp_path, stdout=subprocess.PIPE, text=True, env=environment)
     try:
-        prefix = process.stdout.readline().strip()
+        prefix, metrics_port = process.stdout.readline().split()
         deadline = time.monotonic() + 120
         while len(stub_pids(prefix)) < 2:
             assert process.poll() is None and time.monotonic() < deadline, "the stubs never started"
             time.sleep(0.2)
         time.sleep(2)  # quick has loaded (its stub waits for requests), slow is still loading
         assert list(SHM.glob(prefix + "*"))
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("localhost", int(metrics_port)), timeout=5).close()
     finally:
         process.kill()
         process.wait()
