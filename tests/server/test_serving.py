@@ -302,7 +302,7 @@ def test_operating_point_changes_without_re_export(private_server, good_payload)
     gauge follows each reload of ct_postprocess, and its counters go on across them. Last, the model
     control API unloads ct_triage (as a config override that no longer fits it does): Triton's
     strict readiness counts loaded models only, so /v2/health/ready still says 200 while every study
-    is refused, which is why the Kubernetes readiness probe asks for ct_triage itself."""
+    is refused, which is why the Kubernetes readiness probe asks for each ensemble itself."""
     first = triage(private_server, "http", good_payload)
     probability = first["probability"]
     assert 0.0 < probability < 1.0
