@@ -74,11 +74,21 @@ def create_app(weights_path: str, size: int) -> FastAPI:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.baseline", description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", required=True, help="weights.pt that export kept in <repository>.artifacts/")
-    parser.add_argument("--size", type=option_types.SIZE, required=True, help="model input S (the one the Triton repository serves)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=option_types.PORT, default=8090)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.baseline",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--weights", required=True, metavar="FILE", help="weights.pt that export kept in <repository>.artifacts/")
+    parser.add_argument(
+        "--size",
+        type=option_types.SIZE,
+        required=True,
+        metavar="S",
+        help="model input S, voxels per side (the one the Triton repository serves)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address the service listens on")
+    parser.add_argument("--port", type=option_types.PORT, default=8090, help="HTTP port the service listens on")
     args = parser.parse_args(argv)
     uvicorn.run(create_app(args.weights, args.size), host=args.host, port=args.port, log_level="warning", workers=1)
     return 0

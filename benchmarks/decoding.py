@@ -309,13 +309,31 @@ def markdown(result: dict) -> str:
 
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.decoding", description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=option_types.COUNT, default=3)
-    parser.add_argument("--size", type=option_types.SIZE, default=PREPROCESSING.size)
-    parser.add_argument("--encodings", default=",".join(ENCODINGS), help=f"comma-separated, of {', '.join(ENCODINGS)}")
-    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results", help="folder for decoding-cpu.json and .md")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.decoding",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
-        "--slices", type=option_types.SLICES, default=DEFAULT_STUDY["slices"], help="fewer slices for a quick check (default 300)"
+        "--repeat", type=option_types.COUNT, default=3, metavar="N", help="timed runs of each decoding path per copy (after one warm-up)"
+    )
+    parser.add_argument(
+        "--size",
+        type=option_types.SIZE,
+        default=PREPROCESSING.size,
+        metavar="S",
+        help="model input S the studies are preprocessed to, voxels per side",
+    )
+    parser.add_argument("--encodings", default=",".join(ENCODINGS), metavar="LIST", help=f"comma-separated, of {', '.join(ENCODINGS)}")
+    parser.add_argument(
+        "--out", type=option_types.out_folder, default="benchmarks/results", metavar="DIR", help="folder for decoding-cpu.json and .md"
+    )
+    parser.add_argument(
+        "--slices",
+        type=option_types.SLICES,
+        default=DEFAULT_STUDY["slices"],
+        metavar="N",
+        help="slices of the 512x512 study; fewer for a quick check",
     )
     args = parser.parse_args(argv)
     encodings = [e for e in args.encodings.split(",") if e]

@@ -574,31 +574,69 @@ def write(result: dict, out: Path) -> tuple[Path, Path]:
 
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.explain", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=option_types.SIZE, nargs="+", default=[64, 128, 256], help="S values (default 64 128 256)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.explain",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--size", type=option_types.SIZE, nargs="+", default=[64, 128, 256], metavar="S", help="S values, voxels per side")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"explain.Explainer methods to measure, of {', '.join(METHODS)}",
+    )
     parser.add_argument(
         "--max-size",
         nargs="*",
         default=["integrated_gradients=128", "occlusion=64"],
         metavar="METHOD=S",
-        help="the largest S measured per method; larger ones are listed as not measured (default: %(default)s)",
+        help="the largest S measured per method; larger ones are listed as not measured",
     )
-    parser.add_argument("--device", type=option_types.torch_device, choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", type=option_types.torch_device, choices=("cpu", "cuda"), default="cpu", help="where the network runs")
     parser.add_argument(
-        "--repeat", type=option_types.COUNT, default=3, help="calls of each per measurement, at most (no new round once past 60 s)"
-    )
-    parser.add_argument("--steps", type=integer(1, 1024), default=16, help="integrated_gradients steps (default 16, the Explainer's)")
-    parser.add_argument("--window", type=integer(1, 512), default=16, help="occlusion window (default 16, the Explainer's)")
-    parser.add_argument("--threads", type=option_types.THREADS, default=0, help="CPU threads (default: every CPU this process may use)")
-    parser.add_argument("--checkpoint", help="a checkpoint instead of the seeded demo weights")
-    parser.add_argument(
-        "--quiet-load", type=option_types.SECONDS, help="wait before each CPU measurement until the 1-minute load is at most this"
+        "--repeat",
+        type=option_types.COUNT,
+        default=3,
+        metavar="N",
+        help="calls of each per measurement, at most (no new round once past 60 s)",
     )
     parser.add_argument(
-        "--quiet-wait", type=option_types.SECONDS, default=1800.0, help="seconds to wait for quiet at most, per measurement"
+        "--steps", type=integer(1, 1024), default=16, metavar="N", help="integrated_gradients steps (the default is the Explainer's)"
     )
-    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
+    parser.add_argument(
+        "--window",
+        type=integer(1, 512),
+        default=16,
+        metavar="VOXELS",
+        help="occlusion window, voxels per side (the default is the Explainer's)",
+    )
+    parser.add_argument(
+        "--threads", type=option_types.THREADS, default=0, metavar="N", help="CPU threads; 0: every CPU this process may use"
+    )
+    parser.add_argument("--checkpoint", metavar="PATH", help="a checkpoint instead of the seeded demo weights; omitted: demo weights")
+    parser.add_argument(
+        "--quiet-load",
+        type=option_types.SECONDS,
+        metavar="LOAD",
+        help="wait before each CPU measurement until the 1-minute load average is at most this; omitted: no wait",
+    )
+    parser.add_argument(
+        "--quiet-wait",
+        type=option_types.SECONDS,
+        default=1800.0,
+        metavar="SECONDS",
+        help="longest wait for quiet per measurement, s (with --quiet-load)",
+    )
+    parser.add_argument(
+        "--out",
+        type=option_types.out_folder,
+        default="benchmarks/results",
+        metavar="DIR",
+        help="folder for explain-<device>.json and .md",
+    )
     args = parser.parse_args(argv)
     result = run(
         args.size,

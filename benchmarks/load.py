@@ -168,13 +168,19 @@ def baseline_sender(url: str, study: bytes, timeout_s: float = 600) -> Callable[
 def add_arguments(parser: argparse.ArgumentParser, *, levels: list[int], requests: int, rounds: int, compared: str) -> None:
     """The options of a benchmark that compares `compared` (states, waits) on one server over rounds
     of the closed loop: the rendered repository's S, the load, the phantom study, where results go."""
-    parser.add_argument("--size", type=option_types.SIZE, default=64, help="model input S of the rendered repository")
-    parser.add_argument("--levels", type=option_types.CONCURRENCY, nargs="+", default=levels, help="concurrency levels")
-    parser.add_argument("--requests", type=option_types.COUNT, default=requests, help=f"studies per level, {compared} and round")
-    parser.add_argument("--rounds", type=option_types.COUNT, default=rounds, help=f"rounds, each measuring every {compared}")
-    parser.add_argument("--slices", type=option_types.SLICES, default=120)
-    parser.add_argument("--matrix", type=option_types.MATRIX, default=256)
-    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
+    parser.add_argument(
+        "--size", type=option_types.SIZE, default=64, metavar="S", help="model input S, voxels per side, of the rendered repository"
+    )
+    parser.add_argument(
+        "--levels", type=option_types.CONCURRENCY, nargs="+", default=levels, metavar="N", help="concurrency levels, studies in flight"
+    )
+    parser.add_argument(
+        "--requests", type=option_types.COUNT, default=requests, metavar="N", help=f"studies per level, {compared} and round"
+    )
+    parser.add_argument("--rounds", type=option_types.COUNT, default=rounds, metavar="N", help=f"rounds, each measuring every {compared}")
+    parser.add_argument("--slices", type=option_types.SLICES, default=120, metavar="N", help="phantom study: slices")
+    parser.add_argument("--matrix", type=option_types.MATRIX, default=256, metavar="N", help="phantom study: rows and columns, pixels")
+    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results", metavar="DIR", help="results folder")
 
 
 def triton_version(url: str, protocol: str = "http") -> str:

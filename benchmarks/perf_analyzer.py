@@ -181,10 +181,15 @@ def _number(value: str):
 
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.perf_analyzer", description=__doc__.splitlines()[0])
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.perf_analyzer",
+        description=__doc__.splitlines()[0],
+        formatter_class=formatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("install", help="install perf_analyzer into the virtual environment")
-    commands.add_parser("path", help="print the binary's path and the LD_LIBRARY_PATH it needs")
+    commands.add_parser("install", help="install perf_analyzer into the virtual environment", formatter_class=formatter)
+    commands.add_parser("path", help="print the binary's path and the LD_LIBRARY_PATH it needs", formatter_class=formatter)
     args = parser.parse_args(argv)
     if args.command == "install":
         try:

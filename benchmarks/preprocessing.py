@@ -177,21 +177,35 @@ def device_report(device: str, *, slices: int = 300, rows: int = 512, columns: i
 
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.preprocessing", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.preprocessing",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     study = parser.add_mutually_exclusive_group()
-    study.add_argument("--study", type=option_types.study_path, help="folder, ZIP or DICOM file (default: generated 300x512x512 phantom)")
+    study.add_argument(
+        "--study", type=option_types.study_path, metavar="PATH", help="folder, ZIP or DICOM file; omitted: a generated 300x512x512 phantom"
+    )
     study.add_argument("--real-ct", action="store_true", help=f"pydicom-data's real 693_UNCR.dcm slice stacked {REAL_CT_SLICES} times")
-    parser.add_argument("--repeat", type=option_types.COUNT, default=3)
-    parser.add_argument("--size", type=option_types.SIZE, default=PREPROCESSING.size)
+    parser.add_argument(
+        "--repeat",
+        type=option_types.COUNT,
+        default=3,
+        metavar="N",
+        help="runs of each mode, interleaved (with --device: of the device path)",
+    )
+    parser.add_argument("--size", type=option_types.SIZE, default=PREPROCESSING.size, metavar="S", help="output S, voxels per side")
     parser.add_argument("--exact-air", action="store_true", help="generated study: air at exactly -1000 HU, so only the body is cropped")
     parser.add_argument(
         "--transfer-syntax",
         choices=tuple(phantom.TRANSFER_SYNTAXES),
         default="explicit",
-        help="generated study's encoding (rle, jpeg2000: decoding included in the times)",
+        help="generated study's transfer syntax (rle, jpeg2000: decoding included in the times)",
     )
     parser.add_argument(
-        "--device", type=option_types.torch_device, help="instead: device_report on this torch device (cuda, cpu), as one JSON line"
+        "--device",
+        type=option_types.torch_device,
+        help="instead: device_report on this torch device (cuda, cpu), as one JSON line; omitted: fast vs reference",
     )
     args = parser.parse_args(argv)
     if args.device:

@@ -180,15 +180,29 @@ def markdown(result: dict) -> str:
 
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report_scale", description=__doc__.splitlines()[0])
-    parser.add_argument("--studies", type=option_types.COUNT, default=10_000)
-    parser.add_argument(
-        "--size", type=option_types.SIZE, default=16, help="S of the served model (tiny: the report is measured, not the model)"
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report_scale",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=2)
-    parser.add_argument("--window", type=option_types.WINDOW, default=1000, help="studies per window of the time per study")
-    parser.add_argument("--write-every", type=option_types.SECONDS, default=30.0, help="the report's rewrite interval, seconds")
-    parser.add_argument("--out", default="benchmarks/results", help="results folder, made once every other option is checked")
+    parser.add_argument(
+        "--studies", type=option_types.COUNT, default=10_000, metavar="N", help="studies in the report (at least 2 x --window)"
+    )
+    parser.add_argument(
+        "--size",
+        type=option_types.SIZE,
+        default=16,
+        metavar="S",
+        help="S of the served model, voxels per side (tiny: the report is measured, not the model)",
+    )
+    parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=2, metavar="N", help="studies in flight")
+    parser.add_argument("--window", type=option_types.WINDOW, default=1000, metavar="N", help="studies per window of the time per study")
+    parser.add_argument(
+        "--write-every", type=option_types.SECONDS, default=30.0, metavar="SECONDS", help="the report's rewrite interval, s"
+    )
+    parser.add_argument(
+        "--out", default="benchmarks/results", metavar="DIR", help="results folder, made once every other option is checked"
+    )
     args = parser.parse_args(argv)
     if args.studies < 2 * args.window:
         parser.error(f"--studies must be at least 2 x --window ({2 * args.window}): the first window is compared with the last")

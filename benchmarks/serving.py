@@ -748,22 +748,56 @@ def _split(entry: dict) -> str:
 
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=option_types.SIZE, default=64, help="model input S of the repository this run renders and serves")
-    parser.add_argument("--url", help="HOST:PORT (HTTP) of a running server to measure instead (no export, baseline or memory)")
-    parser.add_argument("--grpc-url", help="with --url: HOST:PORT of its gRPC endpoint")
-    parser.add_argument("--metrics-url", help="with --url: its metrics endpoint, http://HOST:8002/metrics")
-    parser.add_argument(
-        "--out", type=option_types.out_folder, default="benchmarks/results", help="folder for the markdown, CSV and PNG results"
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--levels", type=option_types.CONCURRENCY, nargs="+", default=[1, 2, 4], help="concurrency levels")
-    parser.add_argument("--requests", type=option_types.COUNT, default=8, help="studies per level in the client loop")
-    parser.add_argument("--pa-requests", type=option_types.COUNT, default=16, help="perf_analyzer requests per level")
-    parser.add_argument("--slices", type=option_types.SLICES, default=120, help="phantom study: slices")
-    parser.add_argument("--matrix", type=option_types.MATRIX, default=256, help="phantom study: rows and columns")
-    parser.add_argument("--locust-seconds", type=option_types.COUNT, default=20)
     parser.add_argument(
-        "--client-slices", type=option_types.SLICES, default=300, help="slices of the 512x512 study the client's memory is measured with"
+        "--size",
+        type=option_types.SIZE,
+        default=64,
+        metavar="S",
+        help="model input S, voxels per side, of the repository this run renders and serves",
+    )
+    parser.add_argument(
+        "--url",
+        metavar="HOST:PORT",
+        help="HTTP endpoint of a running server to measure instead (no export, baseline or memory); omitted: start one",
+    )
+    parser.add_argument("--grpc-url", metavar="HOST:PORT", help="with --url (which needs it): its gRPC endpoint")
+    parser.add_argument(
+        "--metrics-url",
+        metavar="URL",
+        help="with --url: its metrics endpoint, http://HOST:8002/metrics; omitted: perf_analyzer collects no server metrics",
+    )
+    parser.add_argument(
+        "--out",
+        type=option_types.out_folder,
+        default="benchmarks/results",
+        metavar="DIR",
+        help="folder for the markdown, CSV and PNG results",
+    )
+    parser.add_argument(
+        "--levels", type=option_types.CONCURRENCY, nargs="+", default=[1, 2, 4], metavar="N", help="concurrency levels, studies in flight"
+    )
+    parser.add_argument("--requests", type=option_types.COUNT, default=8, metavar="N", help="studies per level in the client loop")
+    parser.add_argument("--pa-requests", type=option_types.COUNT, default=16, metavar="N", help="perf_analyzer requests per level")
+    parser.add_argument("--slices", type=option_types.SLICES, default=120, metavar="N", help="phantom study: slices")
+    parser.add_argument("--matrix", type=option_types.MATRIX, default=256, metavar="N", help="phantom study: rows and columns, pixels")
+    parser.add_argument(
+        "--locust-seconds",
+        type=option_types.COUNT,
+        default=20,
+        metavar="SECONDS",
+        help="length of the locust run, s (users: the largest level)",
+    )
+    parser.add_argument(
+        "--client-slices",
+        type=option_types.SLICES,
+        default=300,
+        metavar="N",
+        help="slices of the 512x512 study the client's memory is measured with",
     )
     parser.add_argument("--s256", action=argparse.BooleanOptionalAction, default=True, help="also one study at S=256")
     args = parser.parse_args(argv)

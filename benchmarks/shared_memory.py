@@ -88,14 +88,29 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, each option's default after its help."""
+
+
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.shared_memory", description=__doc__)
-    parser.add_argument("study", nargs="?", type=option_types.study_path, help="folder, ZIP or DICOM file (default: a 300-slice phantom)")
-    parser.add_argument("--grpc-url", help="HOST:PORT of the gRPC endpoint")
-    parser.add_argument("--http-url", help="HOST:PORT of the HTTP endpoint")
-    parser.add_argument("--repeats", type=option_types.COUNT, default=5)
-    parser.add_argument("--out", type=option_types.out_folder, help=f"also write the table and what produced it here ({NAME}.md, .json)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.shared_memory", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("study", nargs="?", type=option_types.study_path, help="folder, ZIP or DICOM file; omitted: a 300-slice phantom")
+    parser.add_argument(
+        "--grpc-url", metavar="HOST:PORT", help="the gRPC endpoint; omitted: gRPC not measured (one of the two URLs is needed)"
+    )
+    parser.add_argument(
+        "--http-url", metavar="HOST:PORT", help="the HTTP endpoint; omitted: HTTP not measured (one of the two URLs is needed)"
+    )
+    parser.add_argument(
+        "--repeats", type=option_types.COUNT, default=5, metavar="N", help="rounds, each sending the study once per protocol and transport"
+    )
+    parser.add_argument(
+        "--out",
+        type=option_types.out_folder,
+        metavar="DIR",
+        help=f"also write the table and what produced it here ({NAME}.md, .json); omitted: printed only",
+    )
     args = parser.parse_args(argv)
     urls = {name: url for name, url in (("grpc", args.grpc_url), ("http", args.http_url)) if url}
     if not urls:

@@ -377,18 +377,32 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, each option's default after its help."""
+
+
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--minutes", type=option_types.MINUTES, default=10.0)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--minutes", type=option_types.MINUTES, default=10.0, metavar="MINUTES", help="how long studies are sent, min")
     parser.add_argument(
-        "--size", type=option_types.SIZE, default=16, help="S of the rendered repository (small: the serving path is what is soaked)"
+        "--size",
+        type=option_types.SIZE,
+        default=16,
+        metavar="S",
+        help="S of the rendered repository, voxels per side (small: the serving path is what is soaked)",
     )
-    parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=4)
-    parser.add_argument("--warm-up-s", type=option_types.SECONDS, default=60.0, help="load at the same concurrency before the start sample")
-    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
+    parser.add_argument("--concurrency", type=option_types.CONCURRENCY, default=4, metavar="N", help="client threads, studies in flight")
+    parser.add_argument(
+        "--warm-up-s",
+        type=option_types.SECONDS,
+        default=60.0,
+        metavar="SECONDS",
+        help="load at the same concurrency before the start sample, s",
+    )
+    parser.add_argument(
+        "--out", type=option_types.out_folder, default="benchmarks/results", metavar="DIR", help="folder for soak-cpu.md, .json and .png"
+    )
     args = parser.parse_args(argv)
     args.command = option_types.command_line(parser, argv)
     results = run(args)

@@ -253,27 +253,32 @@ async def _stopped_by_sigterm_like_ctrl_c(report):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n\n")[0])
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__.split("\n\n")[0], formatter_class=formatter)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    classify = commands.add_parser("classify", help="classify one study, print one JSON object")
+    classify = commands.add_parser("classify", help="classify one study, print one JSON object", formatter_class=formatter)
     classify.add_argument("study", help="a folder of DICOM files, a ZIP archive, or one DICOM file")
     classify.add_argument(
         "--explain",
         action="store_true",
         help=f"ask {NAMES.triage_explain}: save montage.png, attribution.npy and attribution.json into --out-dir",
     )
-    classify.add_argument("--out-dir", help="folder for the explanation's files (with --explain; created if missing)")
     classify.add_argument(
-        "--series", metavar="UID", help="the SeriesInstanceUID to classify (a study with several patients' series needs one)"
+        "--out-dir", metavar="DIR", help="folder for the explanation's files (created if missing); --explain and --out-dir go together"
+    )
+    classify.add_argument(
+        "--series",
+        metavar="UID",
+        help="the SeriesInstanceUID to classify (a study with several patients' series needs one); omitted: the automatic choice",
     )
     classify.set_defaults(run=_classify)
 
-    report = commands.add_parser("report", help="classify every study in a folder into a report")
+    report = commands.add_parser("report", help="classify every study in a folder into a report", formatter_class=formatter)
     report.add_argument("folder", help="each ZIP file and each sub-folder holding DICOM files is one study")
-    report.add_argument("--out", required=True, help="report file, .xlsx (or .csv)")
-    report.add_argument("--csv", help="also write the report as this .csv file")
-    report.add_argument("--concurrency", type=integer(1, MAX_CONCURRENCY), default=1, help="studies in flight (default 1)")
+    report.add_argument("--out", required=True, metavar="FILE", help="report file, .xlsx (or .csv)")
+    report.add_argument("--csv", metavar="FILE", help="also write the report as this .csv file; omitted: no second file")
+    report.add_argument("--concurrency", type=integer(1, MAX_CONCURRENCY), default=1, metavar="N", help="studies in flight")
     report.add_argument(
         "--resume",
         action="store_true",
@@ -284,22 +289,23 @@ def _parser() -> argparse.ArgumentParser:
         type=number(0),
         default=DEFAULT_WRITE_EVERY_S,
         metavar="SECONDS",
-        help="rewrite the report files from the journal at most this often, and at the end (default %(default).0f)",
+        help="rewrite the report files from the journal at most this often, and at the end, s",
     )
     report.add_argument(
         "--stable-age",
         type=number(0),
         default=0.0,
         metavar="SECONDS",
-        help="leave out studies with a file written in the last SECONDS (still being copied or exported); "
-        "a later --resume run sends them (default 0: every study)",
+        help="leave out studies with a file written less than this long ago, s (still being copied or exported); "
+        "a later --resume run sends them; 0: every study",
     )
     report.add_argument(
         "--max-mb-in-flight",
         type=_mebibytes,
-        default=DEFAULT_MAX_BYTES_IN_FLIGHT,
+        default=str(DEFAULT_MAX_BYTES_IN_FLIGHT // 1024**2),  # in MiB, as typed: argparse converts a str default with type, to bytes
         dest="max_bytes_in_flight",
-        help=f"bound on study file sizes held at once, MiB (default {DEFAULT_MAX_BYTES_IN_FLIGHT // 1024**2})",
+        metavar="MIB",
+        help="bound on study file sizes held at once, MiB",
     )
     report.add_argument(
         "--explain",
@@ -313,32 +319,40 @@ def _parser() -> argparse.ArgumentParser:
         help="change the running server's operating point until it restarts (pathology when P >= VALUE)",
         description=f"Reload {NAMES.postprocess} with a new threshold; {NAMES.triage} keeps serving. The key of a server "
         f"started with one is read from {ADMIN.key_env}. Permanent: the repository's {NAMES.postprocess}/config.pbtxt.",
+        formatter_class=formatter,
     )
     threshold_command.add_argument("threshold", type=threshold, metavar="VALUE", help="a number in [0, 1]")
     threshold_command.add_argument(
         "--url",
         default=default_url("http"),
-        help=f"the server's HTTP endpoint, HOST:PORT, or https://HOST[:PORT] for TLS (port {HTTPS_PORT} by default); "
-        "send the admin key over https:// from outside the server's host (default %(default)s)",
+        help=f"the server's HTTP endpoint, HOST:PORT, or https://HOST[:PORT] for TLS (no PORT: {HTTPS_PORT}); "
+        "send the admin key over https:// from outside the server's host",
     )
     threshold_command.set_defaults(run=_set_threshold)
 
     for command in (classify, report, threshold_command):
         command.add_argument(
-            "--timeout", type=number(0, MAX_TIMEOUT_S, above_low=True), default=SERVING.request_timeout_s, help="seconds per request"
+            "--timeout",
+            type=number(0, MAX_TIMEOUT_S, above_low=True),
+            default=SERVING.request_timeout_s,
+            metavar="SECONDS",
+            help="deadline per request, s",
         )
     for command in (classify, report):
         command.add_argument(
             "--url",
-            help=f"HOST:PORT, or https://HOST[:PORT] for TLS (port {HTTPS_PORT} by default), e.g. a TLS proxy in front of "
-            f"Triton (default {default_url('grpc')} for grpc, {default_url('http')} for http)",
+            help=f"HOST:PORT, or https://HOST[:PORT] for TLS (no PORT: {HTTPS_PORT}), e.g. a TLS proxy in front of "
+            f"Triton; omitted: {default_url('grpc')} for grpc, {default_url('http')} for http",
         )
-        command.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
-        command.add_argument("--model", help=f"model to ask (default {NAMES.triage}, with --explain {NAMES.triage_explain})")
+        command.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="how to talk to Triton (KServe v2 gRPC or HTTP/REST)")
+        command.add_argument(
+            "--model", metavar="NAME", help=f"model to ask; omitted: {NAMES.triage}, with --explain {NAMES.triage_explain}"
+        )
         command.add_argument(
             "--attempts",
             type=integer(1, MAX_ATTEMPTS),
             default=RetryPolicy().attempts,
+            metavar="N",
             help="tries per study on transient errors (server restarting or unreachable)",
         )
         command.add_argument(
@@ -350,13 +364,14 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--ca-file",
             metavar="FILE",
-            help="PEM bundle of the CA that signed the server's TLS certificate, for an https:// --url "
-            "(default: the TLS library's own trust roots; client/README.md, TLS)",
+            help="PEM bundle of the CA that signed the server's TLS certificate, for an https:// --url; "
+            "omitted: the TLS library's own trust roots (client/README.md, TLS)",
         )
         command.add_argument(
             "--client-cert",
             metavar="FILE",
-            help="PEM certificate to present to an https:// --url that asks for client certificates (mutual TLS); with --client-key",
+            help="PEM certificate to present to an https:// --url that asks for client certificates (mutual TLS); with --client-key; "
+            "omitted: none presented",
         )
         command.add_argument("--client-key", metavar="FILE", help="the unencrypted PEM key of --client-cert")
     return parser

@@ -122,21 +122,38 @@ def report(result, study: Path, size: int, timings: dict, per_model: dict, serve
     return "\n".join(lines)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, each option's default after its help."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
-    parser.add_argument("--out", type=Path, default=DEMO_DIR, help="work folder (repository, study, log)")
-    parser.add_argument("--size", type=model_size, default=PREPROCESSING.size, help="model input S (trained at 256)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEMO_DIR, metavar="DIR", help="work folder (repository, study, log)")
+    parser.add_argument(
+        "--size", type=model_size, default=PREPROCESSING.size, metavar="S", help="model input S, voxels per side (trained at 256)"
+    )
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="how the client talks to Triton")
     parser.add_argument(
         "--timeout",
         type=number(0, MAX_TIMEOUT_S, above_low=True),
         default=900.0,
+        metavar="SECONDS",
         help="client deadline, s (a wide margin: the S=256 classifier alone takes about 20 s on 2 cores, "
         "benchmarks/results/cpu-engines.md, and longer on a slower or shared CPU)",
     )
-    parser.add_argument("--slices", type=integer(INPUT_LIMITS.min_slices, INPUT_LIMITS.max_slices), default=160, help="phantom slices")
     parser.add_argument(
-        "--matrix", type=integer(32, min(INPUT_LIMITS.max_rows, INPUT_LIMITS.max_columns)), default=256, help="phantom rows and columns"
+        "--slices",
+        type=integer(INPUT_LIMITS.min_slices, INPUT_LIMITS.max_slices),
+        default=160,
+        metavar="N",
+        help="phantom slices",
+    )
+    parser.add_argument(
+        "--matrix",
+        type=integer(32, min(INPUT_LIMITS.max_rows, INPUT_LIMITS.max_columns)),
+        default=256,
+        metavar="N",
+        help="phantom rows and columns, pixels",
     )
     args = parser.parse_args(argv)
     too_large = phantom.voxels_problem(args.slices, args.matrix, args.matrix)

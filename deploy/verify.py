@@ -253,16 +253,35 @@ def summary(results: list[tuple[str, str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deploy/verify.sh", description=__doc__.splitlines()[0])
-    parser.add_argument("--http", default="localhost:8000", help="HOST:PORT of Triton's HTTP endpoint")
-    parser.add_argument("--grpc", default="localhost:8001", help="HOST:PORT of Triton's gRPC endpoint")
-    parser.add_argument("--metrics", default="localhost:8002", help="HOST:PORT of Triton's metrics endpoint")
-    parser.add_argument("--repository", default="/models/ct-triage", help="the served repository (for its FP32 graph)")
+    parser = argparse.ArgumentParser(
+        prog="deploy/verify.sh",
+        description=__doc__.splitlines()[0],
+        epilog="Without --local, deploy/verify.sh runs this inside the compose file's `triton` container; "
+        "with --local, here (deploy/verify.sh --local [OPTIONS]).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--http", default="localhost:8000", metavar="HOST:PORT", help="Triton's HTTP endpoint")
+    parser.add_argument("--grpc", default="localhost:8001", metavar="HOST:PORT", help="Triton's gRPC endpoint")
+    parser.add_argument("--metrics", default="localhost:8002", metavar="HOST:PORT", help="Triton's metrics endpoint")
     parser.add_argument(
-        "--artifacts", default="/models/ct-triage.artifacts", help="export's artifacts (weights, the graph a plan came from)"
+        "--repository",
+        default="/models/ct-triage",
+        metavar="DIR",
+        help="the served repository folder, for its FP32 graph (the default is its path in the triton container)",
     )
     parser.add_argument(
-        "--parity-inputs", type=int, choices=range(1, 8), default=7, metavar="1-7", help="volumes of the parity set to compare"
+        "--artifacts",
+        default="/models/ct-triage.artifacts",
+        metavar="DIR",
+        help="export's artifacts folder: weights, the graph a plan came from (the default is its path in the triton container)",
+    )
+    parser.add_argument(
+        "--parity-inputs",
+        type=int,
+        choices=range(1, 8),
+        default=7,
+        metavar="1-7",
+        help="how many of the parity set's 7 volumes to compare (its first ones)",
     )
     args = parser.parse_args(argv)
     results: list[tuple[str, str, str]] = []

@@ -9,10 +9,20 @@
 #                                           checkout's .venv, else python3; ARGS: --http HOST:PORT
 #                                           --grpc HOST:PORT --metrics HOST:PORT --repository DIR
 #                                           --artifacts DIR --parity-inputs N (deploy/verify.py -h)
+#   bash deploy/verify.sh -h                the options, from that Python here (no container needed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+local_run=false
 if [ "${1:-}" = "--local" ]; then
     shift
+    local_run=true
+fi
+for argument in "$@"; do
+    if [ "$argument" = "-h" ] || [ "$argument" = "--help" ]; then
+        local_run=true
+    fi
+done
+if [ "$local_run" = true ]; then
     python=${PYTHON:-python3}
     if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then
         python=.venv/bin/python

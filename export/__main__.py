@@ -9,6 +9,7 @@ import signal
 import sys
 
 from contract import ContractError
+from settings import OPERATING_POINT, PREPROCESSING, SERVING
 
 from .errors import ExportError
 from .repository import COMMITTED, TARGETS, write_repository
@@ -40,28 +41,65 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m export",
         description="Export the ResNet-34 classifier into the Triton model repository (model_repository/), "
         "or render a copy of the repository with other serving options (--out).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", help="MedicalNet .pth, Lightning .ckpt or plain state_dict")
+    weights.add_argument("--checkpoint", metavar="PATH", help="MedicalNet .pth, Lightning .ckpt or plain state_dict")
     weights.add_argument("--demo-weights", action="store_true", help="seeded untrained weights (no checkpoint)")
-    parser.add_argument("--target", required=True, choices=TARGETS)
-    parser.add_argument("--out", help=f"render a copy here (new, empty, or an earlier copy) instead of exporting into {COMMITTED.name}/")
-    parser.add_argument("--artifacts", help="where what Triton does not serve goes (default: <repository>.artifacts beside it)")
-    parser.add_argument("--parity-size", type=int, default=None, help="size of the parity check volumes (default min(S, 64); at most S)")
-    rendering = parser.add_argument_group("serving options of a rendered copy (--out; defaults from settings)")
-    rendering.add_argument("--size", type=int, help="model input S (S^3 volume)")
-    rendering.add_argument("--max-batch-size", type=int)
-    rendering.add_argument(
-        "--max-queue-delay-us", type=int, help="the classifier's batching wait (default: the target's; 0 on cpu and openvino, 20000 on GPU)"
+    parser.add_argument(
+        "--target",
+        required=True,
+        choices=TARGETS,
+        help="what serves the classifier: cpu an OpenVINO IR in a Python-backend model, openvino the IR on the NGC image's "
+        "OpenVINO backend, onnx-gpu an ONNX graph on ONNX Runtime (TensorRT accelerator), tensorrt a TensorRT plan, "
+        "torch-gpu the PyTorch weights in a Python-backend model on the GPU",
     )
-    rendering.add_argument("--preprocess-instances", type=int)
-    rendering.add_argument("--preprocess-device", choices=("cpu", "cuda"), help="cuda: preprocessing on the GPU (KIND_GPU instances)")
-    rendering.add_argument("--explain-device", choices=("cpu", "cuda"), help="cuda: ct_explain on the GPU (KIND_GPU)")
-    rendering.add_argument("--threshold", type=float, help="operating point: pathology when P(pathology) >= threshold")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"render a copy here (new, empty, or an earlier copy); omitted: export into {COMMITTED.name}/",
+    )
+    parser.add_argument(
+        "--artifacts", metavar="DIR", help="where what Triton does not serve goes; omitted: <repository>.artifacts beside the repository"
+    )
+    parser.add_argument(
+        "--parity-size",
+        type=int,
+        default=None,
+        metavar="S",
+        help="voxels per side of the parity check volumes, at most S; omitted: min(S, 64)",
+    )
+    rendering = parser.add_argument_group("serving options of a rendered copy (--out; omitted: from settings)")
+    rendering.add_argument(
+        "--size", type=int, metavar="S", help=f"model input S, voxels per side of the S^3 volume; omitted: {PREPROCESSING.size}"
+    )
+    rendering.add_argument(
+        "--max-batch-size", type=int, metavar="N", help=f"the classifier's max batch size, studies; omitted: {SERVING.max_batch_size}"
+    )
+    rendering.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        metavar="MICROSECONDS",
+        help="the classifier's batching wait, us; omitted: the target's config (0 on cpu and openvino, 20000 on GPU)",
+    )
+    rendering.add_argument(
+        "--preprocess-instances", type=int, metavar="N", help=f"ct_preprocess instances; omitted: {SERVING.preprocess_instances}"
+    )
+    rendering.add_argument(
+        "--preprocess-device", choices=("cpu", "cuda"), help="cuda: preprocessing on the GPU (KIND_GPU instances); omitted: cpu"
+    )
+    rendering.add_argument("--explain-device", choices=("cpu", "cuda"), help="cuda: ct_explain on the GPU (KIND_GPU); omitted: cpu")
+    rendering.add_argument(
+        "--threshold",
+        type=float,
+        metavar="P",
+        help=f"operating point: pathology when P(pathology) >= P; omitted: {OPERATING_POINT.threshold}",
+    )
     rendering.add_argument(
         "--precision",
-        help="the classifier's precision: cpu fp32 (default) or bf16 (CPUs with AVX512_BF16/AMX; checked against FP32 "
-        "within 1e-2, same decisions); torch-gpu fp16 (default), bf16 or fp32; other targets take none",
+        help="the classifier's precision: cpu fp32 or bf16 (CPUs with AVX512_BF16/AMX; checked against FP32 "
+        "within 1e-2, same decisions); torch-gpu fp16, bf16 or fp32; other targets take none; "
+        "omitted: the target's config (cpu fp32, torch-gpu fp16)",
     )
     return parser
 

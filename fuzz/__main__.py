@@ -18,7 +18,12 @@ RSS_LIMIT_MB = 3072  # per process; the largest seed needs ~600 MB (torch and py
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fuzz",
+        description=__doc__.splitlines()[0],
+        epilog="Other options (-flag=value) are passed on to libFuzzer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--depth",
         choices=("study", "read", "header"),
@@ -28,16 +33,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--instrument",
         default="preprocess,pydicom",
+        metavar="PACKAGES",
         help="packages whose coverage guides the fuzzer (comma-separated; fewer run faster)",
     )
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--seconds", type=integer(1, 7 * 24 * 3600), default=60, help="stop after this long (default 60)")
-    budget.add_argument("--runs", type=integer(1, 2**62), help="stop after this many executions instead")
-    parser.add_argument("--corpus", type=Path, default=Path("build/fuzz/corpus"), help="seed and working corpus (created)")
-    parser.add_argument("--artifacts", type=Path, default=Path("build/fuzz/artifacts"), help="where crash inputs are written")
-    parser.add_argument("--seed", type=integer(0, 2**32 - 1), default=1, help="libFuzzer's random seed")
-    parser.add_argument("--max-len", type=integer(1, 2**30), default=64 * 1024, help="largest input in bytes (seeds above it are left out)")
-    parser.add_argument("--replay", type=Path, nargs="+", help="run these inputs once each (no fuzzing) and report each outcome")
+    budget.add_argument("--seconds", type=integer(1, 7 * 24 * 3600), default=60, metavar="SECONDS", help="stop after this long, s")
+    budget.add_argument(
+        "--runs", type=integer(1, 2**62), metavar="N", help="stop after this many executions instead; omitted: --seconds bounds the run"
+    )
+    parser.add_argument("--corpus", type=Path, default=Path("build/fuzz/corpus"), metavar="DIR", help="seed and working corpus (created)")
+    parser.add_argument(
+        "--artifacts", type=Path, default=Path("build/fuzz/artifacts"), metavar="DIR", help="where crash inputs are written (created)"
+    )
+    parser.add_argument("--seed", type=integer(0, 2**32 - 1), default=1, metavar="N", help="libFuzzer's random seed")
+    parser.add_argument(
+        "--max-len", type=integer(1, 2**30), default=64 * 1024, metavar="BYTES", help="largest input, bytes (seeds above it are left out)"
+    )
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        nargs="+",
+        metavar="INPUT",
+        help="run these inputs once each (no fuzzing) and report each outcome; omitted: fuzz",
+    )
     options, extra = parser.parse_known_args(argv)
     if options.replay:
         return replay(options.replay, options.depth)

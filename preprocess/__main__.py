@@ -161,20 +161,31 @@ def _quiet_libraries():
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m preprocess", description="DICOM chest-CT study -> model input tensor (.pt) and metadata (.json)"
+        prog="python -m preprocess",
+        description="DICOM chest-CT study -> model input tensor (.pt) and metadata (.json)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("input", help="a folder of DICOM files, a ZIP archive, or one (multi-frame) DICOM file")
-    parser.add_argument("-o", "--out", required=True, help="output tensor path (OUT.pt); metadata goes to OUT.json")
+    parser.add_argument("-o", "--out", required=True, metavar="OUT", help="output tensor path (OUT.pt); metadata goes to OUT.json")
     parser.add_argument(
-        "--size", type=model_size, default=PREPROCESSING.size, help=f"S of the [1,1,S,S,S] output (default {PREPROCESSING.size})"
-    )
-    parser.add_argument("--mode", choices=MODES, default="fast", help="fast (served) or reference (the trained preprocessing step by step)")
-    parser.add_argument("--series", default=None, help="use this SeriesInstanceUID instead of the automatic choice")
-    parser.add_argument(
-        "--device", default=None, help="fast mode's tensor path on this torch device (cuda, cuda:1, cpu); default: the CPU fast path"
+        "--size", type=model_size, default=PREPROCESSING.size, metavar="S", help="S of the [1,1,S,S,S] output, voxels per side"
     )
     parser.add_argument(
-        "--threads", type=integer(0, MAX_THREADS), default=0, help="worker threads (default 0: every CPU this process may use)"
+        "--mode",
+        choices=MODES,
+        default="fast",
+        help="fast: the served preprocessing; reference: the trained preprocessing step by step",
+    )
+    parser.add_argument(
+        "--series", default=None, metavar="UID", help="use this SeriesInstanceUID; omitted: the automatic choice (OUT.json records it)"
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="fast mode's tensor path on this torch device (cuda, cuda:1, cpu); omitted: the CPU fast path",
+    )
+    parser.add_argument(
+        "--threads", type=integer(0, MAX_THREADS), default=0, metavar="N", help="worker threads; 0: every CPU this process may use"
     )
     args = parser.parse_args(argv)
     if args.device is not None:

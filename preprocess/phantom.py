@@ -443,14 +443,19 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m preprocess.phantom",
         description="Write a synthetic chest phantom study as real DICOM (body, lungs, spine, one lesion; fake "
         "patient data), to try the service and the CLIs with. Prints the path written.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("out", type=Path, metavar="OUT", help="the study: a .zip (zip), a folder (series) or a .dcm file (multiframe)")
-    parser.add_argument("--form", choices=FORMS, default="zip", help="zip (default), series (a folder of files) or multiframe (one file)")
+    parser.add_argument("--form", choices=FORMS, default="zip", help="zip, series (a folder of files) or multiframe (one file)")
     slices = integer(INPUT_LIMITS.min_slices, INPUT_LIMITS.max_slices)
-    parser.add_argument("--slices", type=slices, default=48, help="slices, 4 mm apart (default 48)")
-    parser.add_argument("--rows", type=integer(32, INPUT_LIMITS.max_rows), default=128, help="rows per slice, 2.5 mm pixels (default 128)")
-    parser.add_argument("--columns", type=integer(32, INPUT_LIMITS.max_columns), default=128, help="columns per slice (default 128)")
-    parser.add_argument("--seed", type=integer(0, 2**32 - 1), default=0, help="noise and UIDs (default 0): another seed, another study")
+    parser.add_argument("--slices", type=slices, default=48, metavar="N", help="slices, 4 mm apart")
+    parser.add_argument(
+        "--rows", type=integer(32, INPUT_LIMITS.max_rows), default=128, metavar="N", help="rows per slice, pixels of 2.5 mm"
+    )
+    parser.add_argument(
+        "--columns", type=integer(32, INPUT_LIMITS.max_columns), default=128, metavar="N", help="columns per slice, pixels of 2.5 mm"
+    )
+    parser.add_argument("--seed", type=integer(0, 2**32 - 1), default=0, metavar="N", help="noise and UIDs: another seed, another study")
     args = parser.parse_args(argv)
     problem = voxels_problem(args.slices, args.rows, args.columns) or _output_problem(args.out, args.form)
     if problem:

@@ -35,49 +35,67 @@ def _raise_stop(signum, _frame):
     raise _Stop(signal.Signals(signum).name)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, each option's default after its help."""
+
+
 def parser() -> argparse.ArgumentParser:
     """The command line (the Kubernetes test reads the Deployment's container arguments with it)."""
-    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument(
         "--repository",
+        metavar="DIR",
         default=str(COMMITTED_REPOSITORY),
-        help="model repository (default: the project's model_repository/, once `python -m export` has filled it)",
+        help="model repository folder (the project's model_repository/ holds models once `python -m export` has filled it)",
     )
-    parser.add_argument("--http-port", type=port, default=SERVING.http_port)
-    parser.add_argument("--grpc-port", type=port, default=SERVING.grpc_port)
-    parser.add_argument("--metrics-port", type=port, default=SERVING.metrics_port)
+    parser.add_argument("--http-port", type=port, default=SERVING.http_port, metavar="PORT", help="Triton's HTTP/REST port")
+    parser.add_argument("--grpc-port", type=port, default=SERVING.grpc_port, metavar="PORT", help="Triton's gRPC port")
+    parser.add_argument(
+        "--metrics-port", type=port, default=SERVING.metrics_port, metavar="PORT", help="Triton's Prometheus metrics port (/metrics)"
+    )
     parser.add_argument(
         "--log-file",
-        help="server log (default: a temporary file, its path is printed); /dev/stdout in a container, for its log collector",
+        metavar="FILE",
+        help="server log; /dev/stdout in a container, for its log collector; omitted: a temporary file, its path printed",
     )
     parser.add_argument(
         "--tritonserver",
         metavar="DIR",
         help="a Triton installation to run (bin/tritonserver, backends/, lib/: /opt/tritonserver in NGC's image, whose "
-        "ONNX Runtime and TensorRT backends the onnx-gpu and tensorrt targets need; default: the nvidia-pytriton wheel's)",
+        "ONNX Runtime and TensorRT backends the onnx-gpu and tensorrt targets need); omitted: the nvidia-pytriton wheel's",
     )
-    parser.add_argument("--log-verbose", type=integer(0, 2**31 - 1), default=0)
-    parser.add_argument("--model-config-name", help="load configs/<name>.pbtxt where a model has one (Triton's own option)")
+    parser.add_argument(
+        "--log-verbose",
+        type=integer(0, 2**31 - 1),
+        default=0,
+        metavar="LEVEL",
+        help="Triton's verbose log level (0: off; 1 and up: more detail per level)",
+    )
+    parser.add_argument(
+        "--model-config-name",
+        metavar="NAME",
+        help="load configs/<name>.pbtxt where a model has one (Triton's own option); omitted: each model's config.pbtxt",
+    )
     parser.add_argument(
         "--startup-timeout",
         type=number(0, above_low=True),
         default=SERVING.startup_timeout_s,
         metavar="SECONDS",
-        help=f"give up when the models are not all loaded by then (default {SERVING.startup_timeout_s:.0f})",
+        help="give up when the models are not all loaded by then, s",
     )
     parser.add_argument(
         "--hang-timeout",
         type=number(0, above_low=True),
         default=SERVING.hang_timeout_s,
         metavar="SECONDS",
-        help=f"restart a server whose liveness check goes unanswered this long (default {SERVING.hang_timeout_s:.0f})",
+        help="restart a server whose liveness check goes unanswered this long, s",
     )
     parser.add_argument(
         "--load-model",
         action="append",
         metavar="NAME",
         help="load only this model (repeatable; an ensemble brings its steps): --load-model ct_triage serves "
-        "without the explanation models (default, or '*': every model)",
+        "without the explanation models; omitted, or '*': every model",
     )
     return parser
 

@@ -194,12 +194,39 @@ def main(argv: list[str] | None = None) -> int:
 
     from contract.arguments import integer, model_size
 
-    parser = argparse.ArgumentParser(prog="python -m serve.sizing", description="/dev/shm and CUDA memory pool for a deployment")
-    parser.add_argument("--size", type=model_size, default=256)
-    parser.add_argument("--preprocess-instances", type=integer(1, SERVING.most_preprocess_instances), default=SERVING.preprocess_instances)
-    parser.add_argument("--max-batch-size", type=integer(1, SERVING.most_max_batch_size), default=SERVING.max_batch_size)
-    parser.add_argument("--largest-study-mib", type=integer(1, 1024**2), default=SERVING.largest_study_bytes // MIB)
-    parser.add_argument("--target", choices=("cpu", "openvino", "onnx-gpu", "tensorrt", "torch-gpu"), default="torch-gpu")
+    parser = argparse.ArgumentParser(
+        prog="python -m serve.sizing",
+        description="/dev/shm and CUDA memory pool for a deployment, in MiB (one JSON object)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--size", type=model_size, default=256, metavar="S", help="model input S, voxels per side of the S^3 volume")
+    parser.add_argument(
+        "--preprocess-instances",
+        type=integer(1, SERVING.most_preprocess_instances),
+        default=SERVING.preprocess_instances,
+        metavar="N",
+        help="ct_preprocess instances",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=integer(1, SERVING.most_max_batch_size),
+        default=SERVING.max_batch_size,
+        metavar="N",
+        help="the classifier's max batch size, studies",
+    )
+    parser.add_argument(
+        "--largest-study-mib",
+        type=integer(1, 1024**2),
+        default=SERVING.largest_study_bytes // MIB,
+        metavar="MIB",
+        help="largest study a request sends, MiB",
+    )
+    parser.add_argument(
+        "--target",
+        choices=("cpu", "openvino", "onnx-gpu", "tensorrt", "torch-gpu"),
+        default="torch-gpu",
+        help="export target (cpu and torch-gpu serve the classifier on the Python backend)",
+    )
     parser.add_argument("--gpu-preprocessing", action="store_true", help="ct_preprocess with device 'cuda'")
     args = parser.parse_args(argv)
     deployment = Deployment(

@@ -4,6 +4,7 @@ sections' handling of a precision that fails."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 import time
@@ -500,3 +501,79 @@ def test_serving_counts_only_its_own_servers_shared_memory(tmp_path):
     leaked = {**_serving_results([]), "memory": {"shm_idle_mib": 1.0, "shm_peak_mib": 2.0, "shm_after_stop_mib": 1.0}}
     verdict = serving.targets(leaked)["no /dev/shm region of the server's left after it stopped"]
     assert verdict == {"value": "1.0 MiB idle, 2.0 MiB at peak, 1.0 MiB after", "met": False}
+
+
+class _Parsed(Exception):
+    """Raised where a command line's main() would parse its arguments: carries the parser it built."""
+
+
+def _parser_of(main) -> argparse.ArgumentParser:
+    """The parser `main` builds, taken where it would parse (nothing after that runs)."""
+
+    def caught(parser, *args, **kwargs):
+        raise _Parsed(parser)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", caught)
+        with pytest.raises(_Parsed) as parsed:
+            main([])
+    return parsed.value.args[0]
+
+
+def _every_parser(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                yield from _every_parser(command)
+
+
+def test_every_cli_option_has_a_help_text_that_shows_its_default():
+    """Every option of every command line says what it does, and --help adds its default, once."""
+    import importlib
+    import importlib.util
+
+    from helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("deploy_verify", ROOT / "deploy" / "verify.py")
+    verify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verify)
+    module = importlib.import_module
+    benchmarks = ("serving", "decoding", "report_scale", "soak", "shared_memory", "baseline", "preprocessing", "explain", "perf_analyzer")
+    parsers = {
+        "serve": module("serve.__main__").parser(),
+        "export": module("export.__main__")._parser(),
+        "client": module("client.cli")._parser(),
+        "deploy/verify.sh": _parser_of(verify.main),
+        **{name: _parser_of(module(name).main) for name in ("serve.sizing", "demo.__main__", "fuzz.__main__", "preprocess.__main__")},
+        "preprocess.phantom": _parser_of(phantom.main),
+        **{f"benchmarks.{name}": _parser_of(module(f"benchmarks.{name}").main) for name in benchmarks},
+    }
+    shared = argparse.ArgumentParser(prog="benchmarks.load.add_arguments", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    load.add_arguments(shared, levels=[1, 4], requests=16, rounds=4, compared="state")
+    parsers["benchmarks.load"] = shared
+    for name, top in parsers.items():
+        for parser in _every_parser(top):
+            assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter), parser.prog
+            assert parser.format_help()  # every help string formats
+            formatter = parser._get_formatter()
+            for action in parser._actions:
+                if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                    continue
+                where = f"{name}: {parser.prog} {action.option_strings or action.dest}"
+                assert action.help and action.help is not argparse.SUPPRESS, f"{where} has no help"
+                shown = formatter._expand_help(action)
+                assert "(default " not in shown, f"{where}: a default written by hand: {shown}"
+                if action.option_strings or action.nargs == "?":
+                    assert shown.count("(default:") == 1, f"{where}: {shown}"
+
+
+def test_verify_sh_help_needs_no_container():
+    """`bash deploy/verify.sh --help` prints verify.py's options here, without docker compose."""
+    import subprocess
+
+    from helpers import ROOT
+
+    done = subprocess.run(["bash", "deploy/verify.sh", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: deploy/verify.sh") and "--parity-inputs" in done.stdout
