@@ -102,7 +102,6 @@ def replay(paths: list[Path], depth: str) -> int:
             crashed += 1
             where = traceback.extract_tb(exc.__traceback__)[-1]
             print(f"{path}: {type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})")
-    target.close()
     return 1 if crashed else 0
 
 

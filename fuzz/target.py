@@ -68,7 +68,6 @@ class Target:
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {DEPTHS}, not {depth!r}")
         self.depth = depth
-        self.folder = Path(tempfile.mkdtemp(prefix="fuzz-study-"))
 
     def __call__(self, data: bytes) -> None:
         with warnings.catch_warnings(), np.errstate(all="warn"):
@@ -95,11 +94,11 @@ class Target:
             pass
 
     def _through_folder(self, files: list[bytes]) -> list[bytes]:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir()
-        for k, content in enumerate(files):
-            (self.folder / f"{k:03d}.dcm").write_bytes(content)
-        return preprocess.read_study(self.folder)
-
-    def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Each input's folder is removed once read: libFuzzer ends a run without returning to Python."""
+        folder = Path(tempfile.mkdtemp(prefix="fuzz-study-"))
+        try:
+            for k, content in enumerate(files):
+                (folder / f"{k:03d}.dcm").write_bytes(content)
+            return preprocess.read_study(folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)

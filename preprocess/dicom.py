@@ -172,6 +172,7 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
                     raise CorruptDicomError(f"{blob.label} is a truncated or damaged DICOM image ({kind} without image data)")
                 warnings.append(f"{blob.label} is a DICOM object without an image ({kind}): skipped")
                 continue
+            _check_frame_count(pixels, blob, len(frames))
             _check_pixel_length(header, pixels, blob)
             frames.extend(_frames(header, index, blob.label, pixels))
         except StudyError:
@@ -185,15 +186,34 @@ def parse(blobs: Sequence[Blob]) -> tuple[list[Frame], list[str]]:
     return _mark_conflicting_copies(frames, blobs), warnings
 
 
+def _check_frame_count(pixels: PixelFormat, blob: Blob, before: int) -> None:
+    """The file's frames, and the study's with the `before` found in earlier files, within
+    INPUT_LIMITS: checked before one record per declared frame is made."""
+    if pixels.frames > INPUT_LIMITS.max_slices:
+        raise InputTooLargeError(f"{blob.label}: {pixels.frames} frames, more than the limit of {INPUT_LIMITS.max_slices}")
+    if before + pixels.frames > INPUT_LIMITS.max_study_frames:
+        limit = INPUT_LIMITS.max_study_frames
+        raise InputTooLargeError(f"{blob.label}: the study's files hold more than the limit of {limit} frames in all")
+
+
 def _check_pixel_length(header: _Header, pixels: PixelFormat, blob: Blob) -> None:
     """Native pixel data a row or more longer than Rows x Columns x frames says, and not zeros: the
     header does not describe the pixels (a wrong Rows keeps part of each image, a wrong Columns
     scrambles them), where pydicom would cut the excess off in silence. Zeros, or less than a row,
-    are padding (pydicom's own test data has a row of zeros), and read as pydicom reads them."""
+    are padding (pydicom's own test data has a row of zeros), and read as pydicom reads them.
+    Multi-frame pixel data a whole frame or more short of its frames is refused here, before a
+    record of each declared frame is made."""
     if pixels.offset is None or pixels.bits_allocated % 8:
         return
     row = header.ushort("Columns", 0) * pixels.samples_per_pixel * pixels.bits_allocated // 8
     expected = header.ushort("Rows", 0) * row * pixels.frames
+    held = min(pixels.length, len(blob.data) - pixels.offset)
+    if pixels.frames > 1 and expected - held >= expected // pixels.frames > 0:
+        raise CorruptDicomError(
+            f"{blob.label}: pixel data holds {held} bytes where its header describes {expected} "
+            f"({pixels.frames} x {header.ushort('Rows', 0)} x {header.ushort('Columns', 0)}): truncated, or "
+            "NumberOfFrames is wrong"
+        )
     excess = blob.data[pixels.offset + expected : pixels.offset + pixels.length]
     if row and len(excess) >= row and excess.count(0) != len(excess):
         raise CorruptDicomError(
@@ -207,9 +227,15 @@ def _mark_conflicting_copies(frames: list[Frame], blobs: Sequence[Blob]) -> list
     """Copies of one image (its SOP instance, frame and position) are read once; copies whose pixel
     data differ are marked, so that their series is refused rather than read from whichever came first."""
     first: dict[tuple, Frame] = {}
+    differ: dict[tuple[int, int], bool] = {}  # per pair of objects: a multi-frame copy is compared once, not per frame
     for k, frame in enumerate(frames):
         other = first.setdefault((frame.series_uid, frame.sop_uid, frame.frame, frame.position), frame)
-        if other is not frame and _pixel_bytes(other, blobs) != _pixel_bytes(frame, blobs):
+        if other is frame:
+            continue
+        pair = (other.blob, frame.blob)
+        if pair not in differ:
+            differ[pair] = _pixel_bytes(other, blobs) != _pixel_bytes(frame, blobs)
+        if differ[pair]:
             frames[k] = dataclasses.replace(frame, conflicting_copy=True)
     return frames
 
@@ -264,9 +290,14 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
     if blob.data[128:132] != b"DICM" and not bare:
         return None
     start, deflated = (0, False) if bare else _data_set_start(blob)
+    if not deflated:  # a deflated data set's items are counted as it is inflated
+        _check_items(blob, sum(map(blob.data.count, _ITEM_TAGS)))
     stream = io.BytesIO(blob.data if deflated else _with_known_character_set(blob.data, start))
     try:
         ds = pydicom.dcmread(stream, stop_before_pixels=not deflated, force=bool(bare))
+        _check_depth(ds, blob)
+    except StudyError:
+        raise
     except InvalidDicomError:
         return None
     except RecursionError:
@@ -288,6 +319,30 @@ def _read_header(blob: Blob) -> tuple[_Header, UID, int | None, bool] | None:
         raise CorruptDicomError(f"{blob.label}: TransferSyntaxUID has a malformed value")
     ts = _as_uid(syntax.decode("latin-1") if isinstance(syntax, bytes) else str(syntax))
     return _DatasetHeader(ds, little), ts, at, implicit
+
+
+# an item tag, little and big endian: every item pydicom reads starts with one (so do the fragments
+# of encapsulated pixel data, and pixel bytes may match: the count bounds the items from above)
+_ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")
+
+
+def _check_items(blob: Blob, items: int) -> None:
+    """Refuse a file pydicom would read with more sequence items than INPUT_LIMITS allows, before it does."""
+    if items > INPUT_LIMITS.max_sequence_items:
+        raise InputTooLargeError(f"{blob.label}: more than the limit of {INPUT_LIMITS.max_sequence_items} DICOM sequence items")
+
+
+def _check_depth(ds: pydicom.Dataset, blob: Blob) -> None:
+    """Sequences nested more than INPUT_LIMITS.max_sequence_depth deep in a data set pydicom read (it
+    parses sequences as it reads; other values stay raw and are not converted here)."""
+    pending = [(ds, 0)]
+    while pending:
+        dataset, depth = pending.pop()
+        for element in dataset._dict.values():
+            if isinstance(element, pydicom.DataElement) and element.VR == "SQ":
+                if depth == INPUT_LIMITS.max_sequence_depth:
+                    raise CorruptDicomError(f"{blob.label}: DICOM sequences nested more than {INPUT_LIMITS.max_sequence_depth} levels deep")
+                pending.extend((item, depth + 1) for item in element.value)
 
 
 def _with_known_character_set(data: bytes, start: int | None) -> bytes:
@@ -337,10 +392,13 @@ def _data_set_start(blob: Blob) -> tuple[int | None, bool]:
     compressed = blob.data[start:]
     bound = min(INPUT_LIMITS.max_uncompressed_bytes, int(INPUT_LIMITS.max_compression_ratio * len(compressed)) + _RATIO_SLACK)
     inflater, inflated, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, compressed
+    items, tail = 0, b""
     try:
         while inflated <= bound:  # counted 1 MiB at a time, never held
             piece = inflater.decompress(pending, 2**20)
             inflated, pending = inflated + len(piece), inflater.unconsumed_tail
+            items += (tail + piece).count(_ITEM_TAGS[0])  # explicit VR little endian
+            tail = piece[-3:]
             # done: the stream ended (bytes after its end stay in unconsumed_tail once a call was cut at
             # the 1 MiB: looping on them never ends), or nothing more comes out, or everything is out
             if inflater.eof or not piece or (not pending and len(piece) < 2**20):
@@ -349,6 +407,7 @@ def _data_set_start(blob: Blob) -> tuple[int | None, bool]:
         return start, True  # pydicom reports it
     if inflated > bound:
         raise InputTooLargeError(f"{blob.label}: the deflated data set inflates to more than {bound / 2**20:.0f} MiB, treated as a bomb")
+    _check_items(blob, items)
     return start, True
 
 
@@ -759,8 +818,6 @@ def _number(text: str) -> float:
 
 
 def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Frame]:
-    if pixels.frames > INPUT_LIMITS.max_slices:  # before one record per declared frame is made
-        raise InputTooLargeError(f"{label}: {pixels.frames} frames, more than the limit of {INPUT_LIMITS.max_slices}")
     instance_number = h.number("InstanceNumber")
     common = dict(
         blob=blob,
@@ -1201,8 +1258,6 @@ def _fast_object(frames: Sequence[Frame], ks: list[int], blob: Blob) -> _FastObj
         kind, container = "j2k", np.dtype(f"{'ui'[signed]}{1 if precision <= 8 else 2}")
         shift = 8 * stored.itemsize - precision if int(j2k_signed) != signed else 0
     else:
-        if not all(data.rstrip(b"\0\xff").endswith(b"\xff\xd9") for data in codestreams):  # after any padding
-            return None  # cut short (no end-of-image marker): libjpeg-turbo and CharLS fill in what libjpeg does not
         keys = ("precision", "components", "lossy_error")  # lossy_error: JPEG-LS's NEAR
         headers = {(_jpeg_sof(data), *map(info.get, keys)) for data in codestreams for info in [_get_jpg_parameters(data)]}
         if len(headers) != 1:
@@ -1233,7 +1288,8 @@ _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0x
 def _check_codestreams(ds: pydicom.Dataset, frame: Frame, codestreams: Sequence[bytes] | None = None) -> None:
     """Refuse compressed frames whose own header disagrees with Rows/Columns before a decoder sizes
     its buffers from it: the limits are checked on the DICOM header, and a 10 KB JPEG 2000 frame
-    can claim 20000 x 20000 pixels. `codestreams`: the frames, where the caller already split them."""
+    can claim 20000 x 20000 pixels. JPEG and JPEG-LS frames must end with their end-of-image
+    marker. `codestreams`: the frames, where the caller already split them."""
     syntax = ds.file_meta.TransferSyntaxUID
     if syntax in _J2K_SYNTAXES:
         read, kind = _j2k_size, "JPEG 2000"
@@ -1251,11 +1307,22 @@ def _check_codestreams(ds: pydicom.Dataset, frame: Frame, codestreams: Sequence[
             found = None
         if found is None:
             raise DecodeError(f"{frame.label}: frame {number} has no readable {kind} frame header")
+        if kind == "JPEG" and not data.rstrip(b"\0\xff").endswith(b"\xff\xd9"):  # after any padding
+            # cut short: decoders fill in the missing end (each its own way) and report nothing
+            raise DecodeError(f"{frame.label}: frame {number} is cut short (no JPEG end-of-image marker)")
         if found != expected:
             rows, columns, components = found
             raise DecodeError(
                 f"{frame.label}: frame {number} is a {kind} image of {rows}x{columns} pixels and {components} components, "
                 f"the DICOM header says {frame.rows}x{frame.columns} grey levels"
+            )
+        precision = _precision(data)
+        # wider than BitsStored is common (encoders write BitsAllocated); wider than BitsAllocated
+        # does not fit, and pydicom cuts the high bits off
+        if precision is not None and precision > frame.pixels.bits_allocated:
+            raise DecodeError(
+                f"{frame.label}: frame {number} is a {kind} image of {precision}-bit samples, "
+                f"the DICOM header allocates {frame.pixels.bits_allocated} bits"
             )
 
 
@@ -1287,6 +1354,18 @@ def _j2k_size(data: bytes) -> tuple[int, int, int] | None:
     return header if header is not None and header == stream else None
 
 
+def _precision(data: bytes) -> int | None:
+    """The bits per sample of a frame's first component: a JPEG 2000 codestream's SIZ marker (in a
+    JP2 file, its codestream's), or a JPEG or JPEG-LS start-of-frame segment; None when not found."""
+    try:
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_frame_header(data)[2]
+        at = data.find(b"\xff\x4f\xff\x51")  # SOC, SIZ
+        return None if at < 0 else (data[at + 42] & 0x7F) + 1  # Ssiz: bit depth less 1, sign in the high bit
+    except (struct.error, IndexError):
+        return None
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int, int] | None:
     """(rows, columns, components) from the start-of-frame segment of a JPEG or JPEG-LS frame."""
     return _jpeg_frame_header(data)[1]
@@ -1300,24 +1379,24 @@ def _jpeg_sof(data: bytes) -> int | None:
         return None
 
 
-def _jpeg_frame_header(data: bytes) -> tuple[int | None, tuple[int, int, int] | None]:
-    """The start-of-frame marker and (rows, columns, components) of a JPEG or JPEG-LS frame."""
+def _jpeg_frame_header(data: bytes) -> tuple[int | None, tuple[int, int, int] | None, int | None]:
+    """The start-of-frame marker, (rows, columns, components) and sample precision of a JPEG or JPEG-LS frame."""
     if data[:2] != b"\xff\xd8":
-        return None, None
+        return None, None, None
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
-            return None, None
+            return None, None, None
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
         elif marker in _SOF:
-            rows, columns, components = struct.unpack_from(">HHB", data, pos + 5)
-            return marker, (rows, columns, components)
+            precision, rows, columns, components = struct.unpack_from(">BHHB", data, pos + 4)
+            return marker, (rows, columns, components), precision
         elif marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
             pos += 2
         elif marker == 0xDA:  # scan data before any frame header
-            return None, None
+            return None, None, None
         else:
             pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
-    return None, None
+    return None, None, None

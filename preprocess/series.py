@@ -269,6 +269,7 @@ def _count(n: int, singular: str, plural: str | None = None) -> str:
     return f"{n} {singular if n == 1 else plural or singular + 's'}"
 
 
+_LISTED = 5  # series whose reasons NoUsableSeriesError's message gives
 _STORAGE = (
     ("BitsAllocated", lambda p: p.bits_allocated),
     ("BitsStored", lambda p: p.bits_stored),
@@ -387,7 +388,9 @@ def select_series(frames: Sequence[Frame], *, series_uid: str | None = None, rul
         if len(errors) == 1:
             (error,) = errors.values()
             raise error
-        listing = "; ".join(f"series {i + 1}: {s['reason']}" for i, s in enumerate(skipped))
+        listing = "; ".join(f"series {i + 1}: {s['reason']}" for i, s in enumerate(skipped[:_LISTED]))
+        if len(skipped) > _LISTED:  # one line, whatever the study: `skipped` has them all
+            listing += f"; and {len(skipped) - _LISTED} more"
         raise NoUsableSeriesError(f"no usable chest-CT series among {len(groups)} ({listing})", skipped)
     studies = {s.study_uid for s in stacks.values()}
     if series_uid is None and len(studies) > 1:  # the thinnest series could be the prior exam's

@@ -24,6 +24,9 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header, or the end rec
 # (64 KiB of zeros deflate to ~100 bytes), and 10,000 such members of one archive are bounded by the
 # archive's own ratio check
 _RATIO_SLACK = 2**16
+# the methods DICOM exports use; zipfile bounds what a read of these unpacks
+_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA", 9: "Deflate64"}
 _UTF8_NAME = "valid UTF-8, although the archive marks it as UTF-8 (re-create the archive)"
 
 
@@ -116,7 +119,8 @@ def _study_files(root: Path, limits: InputLimits) -> list[tuple[Path, int]]:
 
 
 def is_zip(data: bytes) -> bool:
-    return data[:4] in _ZIP_MAGIC
+    """ZIP magic at the start and no DICOM "DICM" at byte 128 (a preamble may start like a ZIP)."""
+    return data[:4] in _ZIP_MAGIC and data[128:132] != b"DICM"
 
 
 def expand(files: Sequence[bytes], limits: InputLimits = INPUT_LIMITS) -> tuple[list[Blob], list[str]]:
@@ -206,6 +210,9 @@ def _check_member(member: zipfile.ZipInfo, where: str, limits: InputLimits) -> N
         raise UnsafeArchiveError(f"{where}: unsafe path in ZIP archive (absolute or containing '..'): refused")
     if member.flag_bits & 0x1:
         raise ArchiveError(f"{where}: encrypted ZIP members are not supported")
+    if member.compress_type not in _METHODS:  # bzip2 and LZMA unpack a whole chunk at once, past any read bound
+        method = _METHOD_NAMES.get(member.compress_type, f"method {member.compress_type}")
+        raise ArchiveError(f"{where}: ZIP compression {method} is not supported (only stored and deflated)")
     if member.file_size > limits.max_uncompressed_bytes:
         raise UnsafeArchiveError(f"{where}: member declares {member.file_size / 2**20:.0f} MiB unpacked, more than the limit")
     ratio = member.file_size / max(member.compress_size, 1)

@@ -29,7 +29,10 @@ class InputLimits:
     """Bounds checked before allocating, so a hostile or broken upload cannot exhaust memory."""
 
     min_slices: int = 16  # fewer slices is not a chest volume
-    max_slices: int = 2000
+    max_slices: int = 2000  # per series, and frames per file
+    # image frames of a study, all files together, checked before a record of each is made: as many
+    # as max_archive_members single-frame files (multi-frame files could declare 2000 each)
+    max_study_frames: int = 10_000
     max_rows: int = 1024
     max_columns: int = 1024
     max_voxels: int = 2000 * 1024 * 1024 // 4  # ~1 GB of int16 before any float work
@@ -41,6 +44,9 @@ class InputLimits:
     max_folder_files: int = 10_000  # files looked at in a study folder
     max_folder_depth: int = 32  # sub-folder levels below a study folder (DICOM exports use about 5)
     max_sequence_depth: int = 16  # DICOM sequences nested in sequences (Enhanced CT uses 3; pydicom recurses per level)
+    # sequence items in one file that pydicom reads (Enhanced CT: about 8 per frame); each costs pydicom
+    # a data set, so a million empty items cost it 1.3 GB
+    max_sequence_items: int = 100_000
     # geometry and rescale values a CT series can have; outside them a header is broken or hostile
     min_spacing_mm: float = 0.05  # pixel spacing and slice step
     max_spacing_mm: float = 20.0

@@ -214,18 +214,37 @@ def test_a_damaged_codestream_is_the_same_decode_error_on_either_path(plain_seri
 
 
 @pytest.mark.parametrize("codec", ["JPEG lossless SV1", "JPEG-LS lossless"])
-def test_a_jpeg_frame_cut_short_is_left_to_pydicom(plain_series, codec, monkeypatch):
-    """libjpeg-turbo decodes a truncated lossless frame into other values than libjpeg (and pydicom
-    accepts it today): without its end-of-image marker, the frame decodes exactly as before."""
+@pytest.mark.parametrize("decoder", dicom.DECODERS)
+def test_a_jpeg_frame_cut_short_is_a_decode_error(plain_series, codec, decoder, monkeypatch):
+    """Without its end-of-image marker a frame is cut short: imagecodecs and pydicom fill in the
+    missing rows, each its own way, and report nothing."""
     ds = pydicom.dcmread(io.BytesIO(_recoded(plain_series[5], True, 16, CODECS[codec])))
     codestream = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
     ds.PixelData = encapsulate([codestream[: len(codestream) * 7 // 10]])
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    out, counts, _ = _decoded([buffer.getvalue()])
-    assert counts["pydicom"] == 1
-    monkeypatch.setattr(dicom, "DECODER", "pydicom")
-    np.testing.assert_array_equal(out, _decoded([buffer.getvalue()])[0])
+    monkeypatch.setattr(dicom, "DECODER", decoder)
+    with pytest.raises(preprocess.DecodeError, match=r"^file 1: frame 1 is cut short \(no JPEG end-of-image marker\)$"):
+        _decoded([buffer.getvalue()])
+    padded = ds.copy()
+    padded.PixelData = encapsulate([codestream + b"\0\0"])  # trailing padding after the marker is not cut short
+    buffer = io.BytesIO()
+    padded.save_as(buffer, enforce_file_format=True)
+    assert _decoded([buffer.getvalue()])[0].any()
+
+
+@pytest.mark.parametrize("codec", ["JPEG 2000 lossless", "JPEG lossless SV1", "JPEG-LS lossless"])
+@pytest.mark.parametrize("decoder", dicom.DECODERS)
+def test_a_codestream_wider_than_bits_allocated_is_a_decode_error(plain_series, codec, decoder, monkeypatch):
+    """12-bit samples under BitsAllocated = BitsStored = 8 were decoded with their high bits cut off."""
+    ds = pydicom.dcmread(io.BytesIO(_recoded(plain_series[5], False, 12, CODECS[codec])))
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    monkeypatch.setattr(dicom, "DECODER", decoder)
+    message = r"^file 1: frame 1 is a JPEG.* image of 1[26]-bit samples, the DICOM header allocates 8 bits$"
+    with pytest.raises(preprocess.DecodeError, match=message):
+        _decoded([buffer.getvalue()])
 
 
 def test_an_object_imagecodecs_fails_on_is_decoded_by_pydicom(plain_series, monkeypatch):

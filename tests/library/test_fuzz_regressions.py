@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tempfile
 import zipfile
 import zlib
 
@@ -239,6 +240,54 @@ def test_a_malformed_value_in_a_used_attribute_refuses_the_study_naming_it(keywo
     refused(with_raw_value(series, keyword, value), preprocess.CorruptDicomError, f"file 1: {keyword} has a malformed value$")
 
 
+def test_a_multi_frame_file_sent_twice_is_compared_once_not_once_per_frame(monkeypatch):
+    """Each frame's copy compared the whole object's pixel data: quadratic in the frame count."""
+    multiframe = phantom.study_files("multiframe", **TINY)[0]
+    compared = []
+    pixel_bytes = preprocess.dicom._pixel_bytes
+    monkeypatch.setattr("preprocess.dicom._pixel_bytes", lambda frame, blobs: compared.append(frame.blob) or pixel_bytes(frame, blobs))
+    assert preprocess.preprocess_study([multiframe, multiframe], size=S, threads=1).volume.shape == (1, 1, S, S, S)
+    assert len(compared) == 2
+
+
+def legacy_multiframe(k: int, frames: int, rows: int, pixel_bytes: int) -> bytes:
+    """A legacy multi-frame CT object (no functional groups, no positions) with `pixel_bytes` of pixel data."""
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = pydicom.uid.CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = f"1.2.3.{k}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", "1.2.3.4", "CT"
+    ds.Rows = ds.Columns = rows
+    ds.NumberOfFrames = frames
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    ds.PixelData = bytes(pixel_bytes)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_the_frames_of_a_study_are_bounded_before_their_records_are_made(monkeypatch):
+    """The frame limit was per file: 2000 files of 2000 frames each made 4 million records."""
+    made = []
+    frames = preprocess.dicom._frames
+    monkeypatch.setattr("preprocess.dicom._frames", lambda *args: made.append(len(records := frames(*args))) or records)
+    files = [legacy_multiframe(k, frames=2000, rows=1, pixel_bytes=4000) for k in range(6)]
+    refused(files, preprocess.InputTooLargeError, "^file 6: the study's files hold more than the limit of 10000 frames in all$")
+    assert sum(made) == 10_000
+
+
+def test_multi_frame_pixel_data_far_short_of_its_frames_is_refused_while_parsing():
+    """8 bytes of pixel data declared as 2000 frames of 512 x 512 made 2000 records before anything failed."""
+    refused(
+        [legacy_multiframe(0, frames=2000, rows=512, pixel_bytes=8)],
+        preprocess.CorruptDicomError,
+        r"^file 1: pixel data holds 8 bytes where its header describes 1048576000 \(2000 x 512 x 512\): truncated",
+    )
+
+
 # the fuzz target itself
 
 
@@ -247,14 +296,23 @@ def test_fuzz_target_passes_study_errors_and_raises_anything_else(depth, monkeyp
     """What `python -m fuzz` counts as a crash: any exception but a StudyError, in every form."""
     series = phantom.study_files("series", **TINY)
     target = Target(depth)
-    try:
-        for form in FORMS:
-            assert split(encode(form, series[:3]))[1] == (series[:3] if form != "file" else [SEPARATOR.join(series[:3])])
-            target(encode(form, series[:3]))  # too few slices (study, read) or read (header): no crash
-        monkeypatch.setattr("preprocess.sources.expand", None)  # a bug in the reading path: TypeError
-        monkeypatch.setattr("preprocess.pipeline.expand", None)
-        monkeypatch.setattr("fuzz.target.expand", None)
-        with pytest.raises(TypeError):
-            target(encode("payload", series[:3]))
-    finally:
-        target.close()
+    for form in FORMS:
+        assert split(encode(form, series[:3]))[1] == (series[:3] if form != "file" else [SEPARATOR.join(series[:3])])
+        target(encode(form, series[:3]))  # too few slices (study, read) or read (header): no crash
+    monkeypatch.setattr("preprocess.sources.expand", None)  # a bug in the reading path: TypeError
+    monkeypatch.setattr("preprocess.pipeline.expand", None)
+    monkeypatch.setattr("fuzz.target.expand", None)
+    with pytest.raises(TypeError):
+        target(encode("payload", series[:3]))
+
+
+def test_the_fuzz_target_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """Each run of the harness left a /tmp/fuzz-study-* folder: only --replay removed it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    target, series = Target("header"), phantom.study_files("series", **TINY)[:2]
+    target(encode("folder", series))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr("preprocess.read_study", None)  # a crash while the folder is read
+    with pytest.raises(TypeError):
+        target(encode("folder", series))
+    assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ same StudyError. Any other exception is a bug and fails the test as it is raised
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import struct
@@ -25,6 +26,7 @@ from preprocess import phantom
 from preprocess.dicom import _scan, parse
 from preprocess.errors import CorruptDicomError, StudyError
 from preprocess.sources import Blob, expand
+from settings import INPUT_LIMITS
 
 
 def packaged_files() -> dict[str, Path]:
@@ -271,6 +273,27 @@ def test_sequences_nested_a_thousand_deep_are_refused_by_either_reader(monkeypat
     at = body.index(b"\x08\x00\x16\x00")  # after SpecificCharacterSet/ImageType: still a bare data set's start
     with pytest.raises(CorruptDicomError, match="file 1: DICOM sequences nested too deeply"):
         parse([Blob(body[:at] + nested_sequence(1000, False, False) + body[at:], "file 1")])
+
+
+def test_files_pydicom_reads_are_bounded_in_sequence_depth_like_the_scanner(monkeypatch):
+    """Files the scanner leaves to pydicom (Enhanced CT, big endian, deflated) were read whatever their nesting."""
+    data = FILES["CT_small.dcm"].read_bytes()
+    for depth in (16, 17):
+        nested = data[: data_set_start(data)] + nested_sequence(depth, False, depth % 2 == 1) + data[data_set_start(data) :]
+        by_scanner, by_pydicom = read_both_ways([Blob(nested, "file 1")], monkeypatch)
+        assert by_pydicom == by_scanner
+        assert (by_pydicom == (CorruptDicomError, f"file 1: {TOO_DEEP} 16 levels deep")) == (depth == 17)
+
+
+def test_files_pydicom_reads_are_bounded_in_sequence_items_before_it_reads_them(monkeypatch):
+    """A million empty items in a private sequence cost pydicom 24 s and 1.3 GB, and the file was read."""
+    monkeypatch.setattr("preprocess.dicom.INPUT_LIMITS", dataclasses.replace(INPUT_LIMITS, max_sequence_items=100))
+    monkeypatch.setattr("preprocess.dicom._scan", lambda data: None)
+    monkeypatch.setattr(pydicom, "dcmread", lambda *args, **kwargs: pytest.fail("pydicom read the file"))
+    data = FILES["CT_small.dcm"].read_bytes()
+    items = b"\x09\x00\x10\x10SQ\0\0\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\0\0\0\0" * 101 + b"\xfe\xff\xdd\xe0\0\0\0\0"
+    with pytest.raises(preprocess.InputTooLargeError, match=r"^file 1: more than the limit of 100 DICOM sequence items$"):
+        parse([Blob(data[: data_set_start(data)] + items + data[data_set_start(data) :], "file 1")])
 
 
 def data_set_in_other_vr(data: bytes) -> bytes:

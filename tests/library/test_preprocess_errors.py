@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
 import io
 import json
 import logging
 import math
+import struct
 import subprocess
 import sys
 import warnings
@@ -79,6 +81,13 @@ def test_no_usable_series_lists_every_reason(series):
     assert sorted(s["reason"] for s in error.skipped) == ["only 5 slices: a chest CT volume needs at least 16", "series is MR, not CT"]
 
 
+def test_no_usable_series_message_names_the_first_five_and_counts_the_rest(series):
+    """2000 one-slice series made a 127 KB one-line message."""
+    files = edit(series[:8], lambda ds, k: setattr(ds, "SeriesInstanceUID", f"1.2.826.0.1.{k}"))
+    error = refused(files, preprocess.NoUsableSeriesError, r"series 5: only 1 slice[^;]*; and 3 more\)$")
+    assert len(error.skipped) == 8 and "series 6" not in str(error)
+
+
 def test_a_series_is_ct_only_if_every_image_says_so(series):
     """The first image CT and the others MR: refused like an MR series (only the first was checked)."""
 
@@ -110,6 +119,33 @@ def test_zip_paths_escaping_the_archive_are_refused(series, name):
 
 def test_zip_bomb_is_refused_before_unpacking():
     refused([zipped({"bomb.dcm": bytes(50 * 2**20)})], preprocess.UnsafeArchiveError, "treated as a ZIP bomb")
+
+
+def _bzip2_bomb(unpacked: int) -> bytes:
+    """A one-member ZIP whose bzip2 member unpacks to `unpacked` zero bytes but declares twice its compressed size."""
+    compressor = bz2.BZ2Compressor(9)
+    comp = b"".join(compressor.compress(bytes(2**20)) for _ in range(unpacked // 2**20)) + compressor.flush()
+    name, size = b"IM1.dcm", 2 * len(comp) + 1000
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 12, 0, 0, 0, len(comp), size, len(name), 0) + name + comp
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 12, 0, 0, 0, len(comp), size, len(name), 0, 0, 0, 0, 0, 0)
+    central += name
+    return local + central + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(local), 0)
+
+
+def test_bzip2_and_lzma_members_are_refused_before_unpacking(series, monkeypatch):
+    """zipfile bounds only deflate's output: a bzip2 or LZMA chunk unpacks whole, whatever size it declares."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_LZMA) as archive:
+        archive.writestr("IM1.dcm", series[0])
+    bomb = _bzip2_bomb(2**26)  # 64 MiB from ~200 bytes, declared ~1 KiB
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda *args, **kwargs: pytest.fail("a member was unpacked"))
+    refused([bomb], preprocess.ArchiveError, "archive member 1: ZIP compression bzip2 is not supported")
+    refused([buffer.getvalue()], preprocess.ArchiveError, "ZIP compression LZMA is not supported")
+
+
+def test_a_dicom_file_whose_preamble_starts_like_a_zip_is_read_as_dicom(series):
+    study = preprocess.preprocess_study([b"PK\x03\x04" + data[4:] for data in series], size=S)
+    assert study.volume.shape[-1] == S
 
 
 def test_archive_limits(series):
