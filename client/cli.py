@@ -25,8 +25,9 @@ from pathlib import Path
 
 from tritonclient.utils import InferenceServerException
 
+from contract import parse_threshold
 from contract.arguments import integer, number, threshold
-from preprocess.errors import printable
+from preprocess import printable
 from settings import ADMIN, NAMES, SERVING
 
 from .operating_point import KeyInClearError, set_threshold
@@ -217,7 +218,7 @@ def _set_threshold(args: argparse.Namespace) -> int:
     except (HTTPException, ValueError):  # after OSError (a failed verification is a ValueError too): an answer
         # that is not HTTP (the gRPC port) or not JSON (the metrics port)
         raise ServerUnavailable(f"the server at {args.url} did not answer as Triton's HTTP API: is that its HTTP port?") from None
-    in_force = float(config["parameters"]["threshold"]["string_value"])
+    in_force = parse_threshold(config["parameters"]["threshold"]["string_value"])
     print(json.dumps({"model": NAMES.postprocess, "threshold": in_force}))
     return 0
 

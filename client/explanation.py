@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from preprocess.output import write_atomically
+from preprocess import write_atomically
 from settings import NAMES
 
 from .result import Explanation, TriageResult
@@ -39,7 +39,7 @@ class ExplanationError(ValueError):
 
 def parse(answer: Any, meta: dict[str, Any]) -> Explanation:
     """ATTRIBUTION, VOLUME and LOCALIZATION of a tritonclient answer, checked against META."""
-    from explain import LocalizationError, OriginalBox, to_output  # numpy-only part of explain
+    from explain import LocalizationError, OriginalBox, to_output  # explain's geometry (numpy, scipy), loaded on first use
 
     size = meta.get("size")
     if not isinstance(size, int) or size < 1:

@@ -28,9 +28,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.patheffects import withStroke
 
-from contract import shown_probability
-from preprocess.output import write_atomically
-from settings import PREPROCESSING
+from contract import hu_window_affine, shown_probability
+from preprocess import write_atomically
 
 from .result import TriageResult
 
@@ -67,9 +66,8 @@ class View:
 def lung_window_limits(width: float = LUNG_WINDOW[0], level: float = LUNG_WINDOW[1]) -> tuple[float, float]:
     """The window's HU limits in the model input's units (HU clipped to [hu_min, hu_max] mapped
     linearly to [-1, 1]); the lower limit lies below -1, so air shows dark grey, as in a lung window."""
-    lo_hu, hi_hu = level - width / 2, level + width / 2
-    half = (PREPROCESSING.hu_max - PREPROCESSING.hu_min) / 2
-    return (lo_hu - PREPROCESSING.hu_min) / half - 1.0, (hi_hu - PREPROCESSING.hu_min) / half - 1.0
+    scale, offset = hu_window_affine()
+    return scale * (level - width / 2) + offset, scale * (level + width / 2) + offset
 
 
 def overlay_colours() -> ListedColormap:

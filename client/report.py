@@ -35,12 +35,11 @@ import openpyxl
 from openpyxl.cell import WriteOnlyCell
 from tqdm import tqdm
 
-from preprocess.errors import printable
-from preprocess.output import write_atomically
+from preprocess import printable, write_atomically
 
 from .result import SUCCESS, TriageResult, failure
 from .studies import StudyRef, discover_studies
-from .triage import AsyncTriageClient, ServerUnavailable
+from .triage import AsyncTriageClient, ServerUnavailable, one_line
 
 # Every report's header starts with these, and every journal line holds them.
 _ANSWER_COLUMNS = (
@@ -312,7 +311,7 @@ async def build_report(
             except ServerUnavailable as error:
                 rows = len(report.ordered_rows())
                 raise ServerUnavailable(
-                    f"{_one_line(error)}; {journal.appended} of {len(todo)} studies finished before it stopped answering; "
+                    f"{one_line(error)}; {journal.appended} of {len(todo)} studies finished before it stopped answering; "
                     f"{out.name} holds {rows} rows of {len(studies)} studies: run again with --resume once the server is back"
                 ) from None
             finally:
@@ -435,11 +434,19 @@ def _check_regular(path: Path) -> None:
 
 
 def _resumed(journal_file: Path, out: Path) -> Journal | None:
-    """What a resumed run starts from: the journal. A report without one says nothing of the folder
-    its rows are for, so none of them is taken: each would be the answer for any study that has
-    its path in this folder (another day's s1.zip)."""
+    """What a resumed run starts from: the journal, its unreadable lines named in a warning. A report
+    without one says nothing of the folder its rows are for, so none of them is taken: each would be
+    the answer for any study that has its path in this folder (another day's s1.zip)."""
     if journal_file.exists():
-        return read_journal(journal_file)
+        journal = read_journal(journal_file)
+        if journal.unreadable:
+            _log.warning(
+                "%s: %d unreadable line%s skipped (torn by a kill, or damaged): the studies they held are sent again",
+                printable(journal_file.name),
+                journal.unreadable,
+                "" if journal.unreadable == 1 else "s",
+            )
+        return journal
     if out.exists():
         _log.warning(
             "%s has no journal (%s), so the folder of its rows cannot be checked: every study is sent again",
@@ -512,10 +519,6 @@ def _sync_folder(folder: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 async def _classify_guarded(client: AsyncTriageClient, study: StudyRef) -> TriageResult:
@@ -629,7 +632,7 @@ class _Summary:
             thumbnail.unlink(missing_ok=True)  # an earlier run's picture must not stand for this answer
             save_montage(result, thumbnail, dpi=THUMBNAIL_DPI)
         except Exception as error:  # the row keeps its answer; the page says "no picture"
-            _log.warning("montage not drawn: %s: %s", type(error).__name__, _one_line(error))
+            _log.warning("montage not drawn: %s: %s", type(error).__name__, one_line(error))
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         from .summary import write_summary

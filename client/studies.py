@@ -11,10 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.dicom import looks_like_dicom
-from preprocess.sources import is_zip
+from preprocess import HEAD_BYTES, is_zip, looks_like_dicom
 
-_HEAD = 132  # enough to recognise a ZIP or a DICOM file (128-byte preamble and "DICM")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 # Office documents are ZIP files too (OOXML, OpenDocument): an earlier report's .xlsx left in the folder,
 # a worklist, a letter. None is a study.
@@ -173,7 +171,7 @@ def _head(path: Path) -> bytes | None:
         if not path.is_file():
             return b""
         with open(path, "rb") as stream:
-            return stream.read(_HEAD)
+            return stream.read(HEAD_BYTES)
     except OSError:
         return None
 

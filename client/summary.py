@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from contract import shown_probability
-from preprocess.errors import printable
-from preprocess.output import write_atomically
+from preprocess import printable, write_atomically
 
 from .montage import describe_model
 from .result import SUCCESS

@@ -36,6 +36,7 @@ from geventhttpclient.response import HTTPConnectionClosed
 from tritonclient.utils import InferenceServerException
 from tritonclient.utils import shared_memory as system_shm
 
+from preprocess import EmptyInputError, StudyError, StudyTooLargeError, read_study
 from settings import INPUT_LIMITS, NAMES, SERVING, InputLimits
 
 from .result import SUCCESS, TriageResult, failure
@@ -136,9 +137,6 @@ def load_payload(study: Study, limits: InputLimits = INPUT_LIMITS) -> list[bytes
     if isinstance(study, (bytes, bytearray, memoryview)):
         return [bytes(study)]
     if isinstance(study, (str, os.PathLike)):
-        # Imported here so that `python -m client --help` does not pay for the imaging stack.
-        from preprocess import EmptyInputError, read_study
-
         if not os.fspath(study):  # Path("") is ".": the working folder would be read as the study
             raise EmptyInputError("the study's path is empty")
         return read_study(study, limits)
@@ -320,7 +318,7 @@ def _reason(error: BaseException) -> str:
             instance = worker.group(1)
             return f"a worker process of the server ({instance}) died: the study was not processed; send it again once the server recovered"
         return f"{error.status()}: {message}" if _is_transient(error) else message
-    return _one_line(f"{type(error).__name__}: {error}")
+    return one_line(f"{type(error).__name__}: {error}")
 
 
 def _server_message(error: InferenceServerException) -> str:
@@ -330,12 +328,13 @@ def _server_message(error: InferenceServerException) -> str:
     if _UNDECODED_ANSWER in message:
         body = message.partition("response:")[2]
         title = re.search(r"<title>(.*?)</title>", body, re.IGNORECASE | re.DOTALL)
-        return f"an answer that is not Triton's (no JSON): {_one_line(title.group(1) if title else body)[:120]}"
-    return _one_line(message)
+        return f"an answer that is not Triton's (no JSON): {one_line(title.group(1) if title else body)[:120]}"
+    return one_line(message)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def one_line(text: object) -> str:
+    """`text` as one line: each run of whitespace, line breaks included, becomes one space."""
+    return " ".join(str(text).split())
 
 
 def _describe(error: BaseException, url: str) -> str:
@@ -426,8 +425,6 @@ class _Base:
 
     def _read_failure(self, error: Exception, started: float) -> TriageResult | None:
         """A study that cannot even be read is a Failure row, not a crash (bad path, bad archive)."""
-        from preprocess import StudyError, StudyTooLargeError
-
         if not isinstance(error, (StudyError, OSError)):
             return None
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)

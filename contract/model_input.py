@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from settings import PREPROCESSING, Preprocessing
+from settings import NAMES, PREPROCESSING, Preprocessing
 
 from .errors import ContractError
 
@@ -53,7 +53,7 @@ def hu_to_model_range(x, settings: Preprocessing = PREPROCESSING):
     return x
 
 
-def check_model_range(volume, what: str = "VOLUME") -> None:
+def check_model_range(volume, what: str = NAMES.volume) -> None:
     """OutOfRangeError unless every value of `volume` (numpy array or torch tensor, on any device) is
     finite and in [-1, 1]. The network answers anything with a confident probability (NaN volumes
     included), so the served classifiers check what a client that preprocesses itself sends."""

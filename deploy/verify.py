@@ -133,7 +133,7 @@ def _reference(repository: Path, artifacts: Path, volumes: np.ndarray) -> tuple[
 def _parity(http: str, repository: Path, artifacts: Path, provenance: dict, inputs: int) -> str:
     import tritonclient.http as triton_http
 
-    from export.parity import FP16_BOUND, FP32_BOUND, parity_inputs
+    from export.parity import FP16_BOUND, FP32_BOUND, compare, parity_inputs
     from settings import NAMES, OPERATING_POINT
 
     size = int(_config(http, NAMES.classifier)["input"][0]["dims"][-1])
@@ -151,14 +151,12 @@ def _parity(http: str, repository: Path, artifacts: Path, provenance: dict, inpu
     served = np.stack(served)
     source, reference = _reference(repository, artifacts, volumes)
     bound = FP32_BOUND if provenance.get("precision") == "fp32" else FP16_BOUND
-    difference = float(np.abs(served - reference).max())
-    threshold = OPERATING_POINT.threshold
-    flips = [n for n, a, b in zip(names, served[:, 1], reference[:, 1]) if (a >= threshold) != (b >= threshold)]
+    comparison = compare(names, served, reference, OPERATING_POINT.threshold, bound)
     summary = (
         f"served {provenance.get('target')} ({provenance.get('precision')}) vs {source} on {len(names)} volumes at {size}^3: "
-        f"max |dP| {difference:.1e} (bound {bound:.0e}), decisions differ on {flips or 'none'}"
+        f"max |dP| {comparison.max_abs_diff:.1e} (bound {bound:.0e}), decisions differ on {comparison.disagreeing_inputs or 'none'}"
     )
-    assert difference <= bound and not flips, summary
+    assert comparison.passed, summary
     return summary
 
 
@@ -210,6 +208,7 @@ def _counts(metrics: str) -> dict[str, float]:
 def _metrics(metrics: str, http: str, before: dict[str, float], answered: int, refused: int) -> str:
     """The endpoint serves Triton's counters and the service's, counted at least `answered` answers and
     `refused` refusals since `before` (the studies check sent them), and shows the threshold in force."""
+    from contract import parse_threshold
     from settings import METRICS, NAMES
 
     samples = _scrape(metrics)
@@ -222,7 +221,7 @@ def _metrics(metrics: str, http: str, before: dict[str, float], answered: int, r
     counted = f"{metrics} counted {added[METRICS.decisions]:g} answers and {added[METRICS.refused]:g} refusals"
     counted += f" of the {answered} and {refused} sent"
     assert added[METRICS.decisions] >= answered and added[METRICS.refused] >= refused, f"{counted}: is it the server --http reaches?"
-    configured = float(_config(http, NAMES.postprocess)["parameters"]["threshold"]["string_value"])
+    configured = parse_threshold(_config(http, NAMES.postprocess)["parameters"]["threshold"]["string_value"])
     in_force = samples[(METRICS.threshold, ())]
     assert math.isclose(in_force, configured, rel_tol=1e-9), f"{METRICS.threshold} is {in_force!r}, the served config says {configured!r}"
     return f"{counted}; threshold {in_force:g} as configured"
@@ -253,6 +252,8 @@ def summary(results: list[tuple[str, str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from settings import SERVING
+
     parser = argparse.ArgumentParser(
         prog="deploy/verify.sh",
         description=__doc__.splitlines()[0],
@@ -260,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         "with --local, here (deploy/verify.sh --local [OPTIONS]).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--http", default="localhost:8000", metavar="HOST:PORT", help="Triton's HTTP endpoint")
-    parser.add_argument("--grpc", default="localhost:8001", metavar="HOST:PORT", help="Triton's gRPC endpoint")
-    parser.add_argument("--metrics", default="localhost:8002", metavar="HOST:PORT", help="Triton's metrics endpoint")
+    parser.add_argument("--http", default=f"localhost:{SERVING.http_port}", metavar="HOST:PORT", help="Triton's HTTP endpoint")
+    parser.add_argument("--grpc", default=f"localhost:{SERVING.grpc_port}", metavar="HOST:PORT", help="Triton's gRPC endpoint")
+    parser.add_argument("--metrics", default=f"localhost:{SERVING.metrics_port}", metavar="HOST:PORT", help="Triton's metrics endpoint")
     parser.add_argument(
         "--repository",
         default="/models/ct-triage",

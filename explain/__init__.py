@@ -1,9 +1,9 @@
 """Explanations of the classifier's decision: attribution maps and where they point.
 
 Public API:
-- geometry (numpy only, safe for clients): `localize(attribution, meta)` -> (Box on the S^3 grid,
-  OriginalBox in the chosen series' voxels), `most_attributed_region`, `to_original`, `to_output`,
-  `Box`, `OriginalBox`, `LocalizationError`.
+- geometry (numpy and scipy.ndimage, no torch: safe for clients): `localize(attribution, meta)` ->
+  (Box on the S^3 grid, OriginalBox in the chosen series' voxels), `most_attributed_region`,
+  `to_original`, `to_output`, `Box`, `OriginalBox`, `LocalizationError`.
 - `Explainer` (torch + Captum, loaded on first use): Grad-CAM on the last residual layer by default,
   Integrated Gradients or Occlusion on request; volume in, attribution in [0, 1] and probabilities out.
   `METHODS` names them, `ExplainError` is a bad request.

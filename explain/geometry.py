@@ -1,9 +1,9 @@
 """Where the model looked, in the voxels the radiologist's viewer shows.
 
-Pure numpy: the most attributed region of an attribution volume on the model's S^3 grid, and its
-box mapped back to the original voxel indices of the chosen series through the crop box and the
-resize that preprocess recorded in META (`output_to_original`: per output axis D, H, W the source
-array axis and original index = offset + step * k, clamped to the crop).
+numpy and scipy.ndimage, no torch: the most attributed region of an attribution volume on the model's
+S^3 grid, and its box mapped back to the original voxel indices of the chosen series through the crop
+box and the resize that preprocess recorded in META (`output_to_original`: per output axis D, H, W the
+source array axis and original index = offset + step * k, clamped to the crop).
 """
 
 from __future__ import annotations
@@ -29,9 +29,6 @@ class Box:
     """Inclusive voxel index ranges, one (lo, hi) per axis, in the order the grid names them."""
 
     ranges: tuple[tuple[int, int], ...]
-
-    def center(self) -> tuple[int, ...]:
-        return tuple((lo + hi) // 2 for lo, hi in self.ranges)
 
 
 @dataclass(frozen=True)

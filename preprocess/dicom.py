@@ -91,7 +91,6 @@ _VRS = _LONG_VRS | {
 }
 _SHORT_VRS = _VRS - _LONG_VRS
 _UNDEFINED = 0xFFFFFFFF
-_RATIO_SLACK = 2**16  # bytes any compressed value may inflate to whatever its ratio (tiny values compress absurdly)
 
 
 @dataclass(frozen=True)
@@ -134,13 +133,11 @@ class Frame:
     sop_uid: str
     modality: str
     image_type: tuple[str, ...]
-    instance_number: int | None
     rows: int
     columns: int
     position: tuple[float, float, float] | None
     orientation: tuple[float, float, float, float, float, float] | None
     pixel_spacing: tuple[float, float] | None  # (between rows, between columns) in mm
-    slice_thickness: float | None
     slope: float
     intercept: float
     rescaled: bool  # RescaleIntercept was given: without it stored values are not known to be HU
@@ -390,7 +387,8 @@ def _data_set_start(blob: Blob) -> tuple[int | None, bool]:
     if not deflated:
         return start, False
     compressed = blob.data[start:]
-    bound = min(INPUT_LIMITS.max_uncompressed_bytes, int(INPUT_LIMITS.max_compression_ratio * len(compressed)) + _RATIO_SLACK)
+    limits = INPUT_LIMITS
+    bound = min(limits.max_uncompressed_bytes, int(limits.max_compression_ratio * len(compressed)) + limits.compression_slack_bytes)
     inflater, inflated, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, compressed
     items, tail = 0, b""
     try:
@@ -434,14 +432,12 @@ _WANTED = {
         "StudyInstanceUID",
         "SeriesInstanceUID",
         "Modality",
-        "InstanceNumber",
         "ImageType",
         "Rows",
         "Columns",
         "ImagePositionPatient",
         "ImageOrientationPatient",
         "PixelSpacing",
-        "SliceThickness",
         "RescaleSlope",
         "RescaleIntercept",
         "RescaleType",
@@ -818,7 +814,6 @@ def _number(text: str) -> float:
 
 
 def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Frame]:
-    instance_number = h.number("InstanceNumber")
     common = dict(
         blob=blob,
         label=label,
@@ -827,7 +822,6 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
         sop_uid=h.text("SOPInstanceUID"),
         modality=h.text("Modality"),
         patient=_digest(h.text("PatientID")),
-        instance_number=None if instance_number is None or not math.isfinite(instance_number) else int(instance_number),
         rows=h.ushort("Rows", 0),
         columns=h.ushort("Columns", 0),
         pixels=pixels,
@@ -846,7 +840,6 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
             position=h.floats("ImagePositionPatient", 3),
             orientation=h.floats("ImageOrientationPatient", 6),
             pixel_spacing=h.floats("PixelSpacing", 2),
-            slice_thickness=h.number("SliceThickness"),
             slope=slope,
             intercept=intercept,
             rescaled=rescaled,
@@ -873,7 +866,6 @@ def _frames(h: _Header, blob: int, label: str, pixels: PixelFormat) -> list[Fram
                 position=_functional(groups, "PlanePositionSequence", lambda m: m.floats("ImagePositionPatient", 3)),
                 orientation=_functional(groups, "PlaneOrientationSequence", lambda m: m.floats("ImageOrientationPatient", 6)),
                 pixel_spacing=_functional(groups, "PixelMeasuresSequence", lambda m: m.floats("PixelSpacing", 2)),
-                slice_thickness=_functional(groups, "PixelMeasuresSequence", lambda m: m.number("SliceThickness")),
                 slope=_first(_functional(groups, "PixelValueTransformationSequence", lambda m: m.number("RescaleSlope")), slope),
                 intercept=_first(frame_intercept, intercept),
                 rescaled=rescaled or frame_intercept is not None,

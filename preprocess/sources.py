@@ -18,12 +18,8 @@ from settings import INPUT_LIMITS, InputLimits
 
 from .errors import ArchiveError, EmptyInputError, InputTooLargeError, StudyTooLargeError, UnreadableInputError, UnsafeArchiveError
 
-_HEAD = 132  # enough to recognise a ZIP, a DICOM file (128-byte preamble and "DICM") or a bare data set
+HEAD_BYTES = 132  # enough to recognise a ZIP, a DICOM file (128-byte preamble and "DICM") or a bare data set
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # local file header, or the end record of an empty archive
-# bytes any member may unpack to whatever its compression ratio: the ratio of a few KiB means nothing
-# (64 KiB of zeros deflate to ~100 bytes), and 10,000 such members of one archive are bounded by the
-# archive's own ratio check
-_RATIO_SLACK = 2**16
 # the methods DICOM exports use; zipfile bounds what a read of these unpacks
 _METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 _METHOD_NAMES = {zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "LZMA", 9: "Deflate64"}
@@ -112,7 +108,7 @@ def _study_files(root: Path, limits: InputLimits) -> list[tuple[Path, int]]:
                 if looked_at > limits.max_folder_files:
                     raise InputTooLargeError(f"more than {limits.max_folder_files} files in the folder")
                 path = Path(entry.path)
-                head = _read(path, f"a file {depth} level{'s' if depth != 1 else ''} down", _HEAD)
+                head = _read(path, f"a file {depth} level{'s' if depth != 1 else ''} down", HEAD_BYTES)
                 if is_zip(head) or looks_like_dicom(head):
                     found.append((path.relative_to(root).as_posix(), path, entry.stat().st_size))
     return [(path, size) for _, path, size in sorted(found)]
@@ -169,7 +165,8 @@ def _unzip(data: bytes, label: str, depth: int, limits: InputLimits, budget: _Bu
     for position, member in enumerate(files, start=1):
         _check_member(member, f"{label}, archive member {position}", limits)
     total = sum(m.file_size for m in files)
-    if total > limits.max_compression_ratio * len(data) + _RATIO_SLACK:  # many small members, each within its ratio
+    # many small members, each within its ratio
+    if total > limits.max_compression_ratio * len(data) + limits.compression_slack_bytes:
         raise UnsafeArchiveError(
             f"{label}: ZIP archive of {_amount(len(data))} unpacks to {_amount(total)}, "
             f"more than {limits.max_compression_ratio:.0f} times its size: treated as a ZIP bomb"
@@ -216,7 +213,7 @@ def _check_member(member: zipfile.ZipInfo, where: str, limits: InputLimits) -> N
     if member.file_size > limits.max_uncompressed_bytes:
         raise UnsafeArchiveError(f"{where}: member declares {member.file_size / 2**20:.0f} MiB unpacked, more than the limit")
     ratio = member.file_size / max(member.compress_size, 1)
-    if member.file_size > limits.max_compression_ratio * member.compress_size + _RATIO_SLACK:
+    if member.file_size > limits.max_compression_ratio * member.compress_size + limits.compression_slack_bytes:
         raise UnsafeArchiveError(
             f"{where}: compression ratio {ratio:.0f}:1 above {limits.max_compression_ratio:.0f}:1, treated as a ZIP bomb"
         )

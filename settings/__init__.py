@@ -40,6 +40,10 @@ class InputLimits:
     max_archive_members: int = 10_000
     max_uncompressed_bytes: int = 4 * 1024**3  # total bytes unpacked from ZIP archives per study
     max_compression_ratio: float = 200.0  # per ZIP member; above this it is treated as a ZIP bomb
+    # bytes a ZIP member, a whole archive or a compressed DICOM value may unpack to beyond its ratio: the
+    # ratio of a few KiB means nothing (64 KiB of zeros deflate to ~100 bytes), and 10,000 such members of
+    # one archive are bounded by the archive's own ratio check
+    compression_slack_bytes: int = 2**16
     max_archive_depth: int = 2  # a ZIP inside a ZIP is followed this many levels deep
     max_folder_files: int = 10_000  # files looked at in a study folder
     max_folder_depth: int = 32  # sub-folder levels below a study folder (DICOM exports use about 5)

@@ -613,7 +613,8 @@ def test_the_page_shows_each_decisions_threshold_beside_it(tmp_path):
 
 
 def test_a_thumbnail_folder_that_is_a_file_stops_the_run_before_any_study(tmp_path):
-    """Every picture was lost ("montage not drawn: NotADirectoryError"), and --resume never drew them."""
+    """Refused before any study is sent: otherwise every picture is lost ("montage not drawn:
+    NotADirectoryError"), and --resume never draws them."""
     folder, sent = tmp_path / "studies", []
     _study(folder, "c_high")
     (tmp_path / "R_thumbnails").write_text("my notes")

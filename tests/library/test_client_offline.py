@@ -105,9 +105,9 @@ def test_discovery_dates_each_study_by_its_newest_file(tmp_path):
 
 
 def test_a_modification_time_in_the_future_does_not_keep_a_study_arriving(tmp_path):
-    """rsync -a from a host whose clock is ahead keeps the source's future time: with --stable-age
-    the study was "still arriving" on every run until that date. The inode change time, set by this
-    host's clock, says when it arrived."""
+    """rsync -a from a host whose clock is ahead keeps the source's future time: with --stable-age the
+    modification time would keep the study "still arriving" on every run until that date. The inode
+    change time, set by this host's clock, says when it arrived."""
     started = time.time() - 1
     _dicom_like(tmp_path / "a_study" / "IM0001")
     (tmp_path / "b.zip").write_bytes(b"PK\x03\x04rest")
@@ -158,7 +158,7 @@ def test_a_link_that_loops_is_no_traceback_and_a_link_to_a_study_inside_is_no_se
 
 def test_a_folder_linked_below_the_top_is_looked_at_as_if_it_were_there(tmp_path):
     """A study linked into a group folder, a series linked into a patient's folder: each gets its
-    row (they were left out, exit 0). Links back up, and loops between linked folders, are no study."""
+    row (not left out with exit 0). Links back up, and loops between linked folders, are no study."""
     elsewhere, root = tmp_path / "elsewhere", tmp_path / "studies"
     _dicom_like(elsewhere / "exam" / "IM0001")
     _dicom_like(elsewhere / "series" / "IM0001")
@@ -535,9 +535,9 @@ def test_an_empty_study_or_folder_name_is_not_the_working_folder(tmp_path, monke
 
 def test_a_study_larger_than_a_request_can_carry_fails_from_its_size_before_it_is_read(tmp_path):
     """No request to Triton exceeds 2 GiB (gRPC's message limit; Triton's HTTP server reads a body's
-    length as 32 bits): a 2.2 GB study was read, copied into 9 GB of memory and failed as "Exception
-    serializing request!" (gRPC) or with an "inference header size" range (HTTP). It is refused from
-    its file's size (a sparse file here: nothing is written or read); the server is never asked."""
+    length as 32 bits): a 2.2 GB study sent anyway is read, copied into 9 GB of memory and fails as
+    "Exception serializing request!" (gRPC) or with an "inference header size" range (HTTP). It is refused
+    from its file's size (a sparse file here: nothing is written or read); the server is never asked."""
     study = tmp_path / "big.dcm"
     with open(study, "wb") as stream:
         stream.truncate(2200 * 2**20)
@@ -598,8 +598,8 @@ def test_the_summary_page_takes_names_and_errors_that_are_not_utf8(tmp_path):
 
 
 def test_office_documents_are_not_studies(tmp_path):
-    """An earlier report's .xlsx (a ZIP) left in the folder was a Failure "study" in every later run,
-    as were a worklist or a letter beside the studies."""
+    """An earlier report's .xlsx (a ZIP) left in the folder, a worklist or a letter beside the studies
+    is no study: none becomes a Failure row in a later run."""
     import zipfile
 
     (tmp_path / "s1.zip").write_bytes(b"PK\x03\x04rest")

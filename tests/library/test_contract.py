@@ -167,19 +167,19 @@ def test_only_volumes_in_the_model_range_pass(as_tensor):
 @pytest.mark.parametrize(
     "module, args, message",
     [
-        ("serve.__main__", ["--http-port", "70000"], "argument --http-port: must be from 1 to 65535, got 70000"),  # was a traceback
-        ("serve.__main__", ["--grpc-port", "0"], "argument --grpc-port: must be from 1 to 65535, got 0"),  # was 3 minutes of waiting
+        ("serve.__main__", ["--http-port", "70000"], "argument --http-port: must be from 1 to 65535, got 70000"),  # not a traceback
+        ("serve.__main__", ["--grpc-port", "0"], "argument --grpc-port: must be from 1 to 65535, got 0"),  # not a wait on port 0
         ("serve.__main__", ["--log-verbose", "-1"], "argument --log-verbose: must be from 0 to"),
-        ("serve.sizing", ["--preprocess-instances", "-3"], "argument --preprocess-instances: must be from 1 to 64"),  # was negative MiB
+        ("serve.sizing", ["--preprocess-instances", "-3"], "argument --preprocess-instances: must be from 1 to 64"),  # not negative MiB
         ("serve.sizing", ["--size", "0"], "argument --size: size 0 is not usable"),
         ("serve.sizing", ["--largest-study-mib", "-1"], "argument --largest-study-mib: must be from 1 to"),
-        ("demo.__main__", ["--matrix", "100000000"], "--matrix: must be from 32 to 1024, got 100000000"),  # was 71 PiB asked of numpy
-        ("demo.__main__", ["--slices", "-3"], "argument --slices: must be from 16 to 2000, got -3"),  # was a traceback
-        ("demo.__main__", ["--size", "-5"], "argument --size: size -5 is not usable"),  # was a traceback after the export
+        ("demo.__main__", ["--matrix", "100000000"], "--matrix: must be from 32 to 1024, got 100000000"),  # not 71 PiB asked of numpy
+        ("demo.__main__", ["--slices", "-3"], "argument --slices: must be from 16 to 2000, got -3"),  # not a traceback
+        ("demo.__main__", ["--size", "-5"], "argument --size: size -5 is not usable"),  # refused before the export, not after it
         ("demo.__main__", ["--timeout", "nan"], "argument --timeout: must be a number above 0 and at most 86400, got nan"),
         ("preprocess.__main__", ["study.zip", "-o", "out.pt", "--threads", "5000"], "argument --threads: must be from 0 to 1024, got 5000"),
         ("fuzz.__main__", ["--seconds", "0"], "argument --seconds: must be from 1 to"),
-        ("benchmarks.serving", ["--size", "7"], "argument --size: size 7 is not usable"),  # was a traceback
+        ("benchmarks.serving", ["--size", "7"], "argument --size: size 7 is not usable"),  # not a traceback
         ("benchmarks.soak", ["--minutes", "nan"], "argument --minutes: must be a number above 0 and at most 10080, got nan"),
         ("benchmarks.batching_wait", ["--waits", "20000", "-1"], "argument --waits: must be from 0 to 10000000, got -1"),
     ],

@@ -236,7 +236,7 @@ def test_a_jpeg_frame_cut_short_is_a_decode_error(plain_series, codec, decoder, 
 @pytest.mark.parametrize("codec", ["JPEG 2000 lossless", "JPEG lossless SV1", "JPEG-LS lossless"])
 @pytest.mark.parametrize("decoder", dicom.DECODERS)
 def test_a_codestream_wider_than_bits_allocated_is_a_decode_error(plain_series, codec, decoder, monkeypatch):
-    """12-bit samples under BitsAllocated = BitsStored = 8 were decoded with their high bits cut off."""
+    """12-bit samples under BitsAllocated = BitsStored = 8 are refused, not decoded with their high bits cut off."""
     ds = pydicom.dcmread(io.BytesIO(_recoded(plain_series[5], False, 12, CODECS[codec])))
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
     buffer = io.BytesIO()

@@ -98,7 +98,7 @@ def _meta(**d_axis) -> dict:
             r"\[D\] is not preprocess's mapping \(KeyError\)",
         ),
         (np.ones((4, 4, 4)), _meta(offset=float("nan")), "not finite"),
-        # float() would take these: "12" as a clamp was read as 1..2, "nan" as a number
+        # float() would take these: "12" as a clamp would be read as 1..2, "nan" as a number
         (np.ones((4, 4, 4)), _meta(offset="nan"), "offset is not a number"),
         (np.ones((4, 4, 4)), _meta(step=True), "step is not a number"),
         (np.ones((4, 4, 4)), _meta(clamp=3), "clamp is not a pair of voxel indices"),

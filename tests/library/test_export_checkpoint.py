@@ -210,7 +210,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, trained):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("conv1.weight", lambda w: w.to(torch.int64), "conv1.weight holds int64 values, not floating-point weights"),  # was zeros
+        ("conv1.weight", lambda w: w.to(torch.int64), "conv1.weight holds int64 values, not floating-point weights"),  # not read as zeros
         ("layer1.0.conv1.weight", lambda w: w.index_fill(0, torch.tensor([3]), float("nan")), "holds non-finite values"),
         ("bn1.running_var", lambda w: torch.full_like(w, float("inf")), r"bn1\.running_var holds non-finite values"),
         ("layer2.0.bn1.running_var", lambda w: -w, "layer2.0.bn1.running_var holds negative variances"),

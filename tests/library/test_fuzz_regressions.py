@@ -143,8 +143,8 @@ def test_jpeg_and_jpeg_ls_frame_headers_must_agree_with_rows_and_columns(name, s
         decode_into(out, frames[:1], blobs, threads=1)
 
 
-def test_zip_members_of_exactly_one_mib_no_longer_escape_the_ratio_check():
-    """Members of at most 1 MiB were exempt: 2.3 MB of them unpacked to 2.45 GB."""
+def test_zip_members_of_exactly_one_mib_do_not_escape_the_ratio_check():
+    """Small members are not exempt from the ratio check: 2.3 MB of 1 MiB members unpack to 2.45 GB."""
     with pytest.raises(preprocess.UnsafeArchiveError, match=r"archive member 1: compression ratio .* treated as a ZIP bomb"):
         expand([zipped([(f"IM{k}", bytes(2**20)) for k in range(3)])])
 
@@ -177,7 +177,7 @@ def test_deflate_bomb_in_a_dicom_file_is_refused_before_pydicom_inflates_it():
 
 
 def test_a_deflated_file_within_the_ratio_is_read_with_its_pixels():
-    """The bound does not refuse ordinary deflated files, whose pixels were reported missing."""
+    """The bound does not refuse ordinary deflated files: their pixels are read, not reported missing."""
     blobs = [Blob(packaged_file("image_dfl.dcm").read_bytes(), "file 1")]
     frames, _ = parse(blobs)
     out = np.empty((1, frames[0].rows, frames[0].columns), np.int16)
@@ -270,7 +270,7 @@ def legacy_multiframe(k: int, frames: int, rows: int, pixel_bytes: int) -> bytes
 
 
 def test_the_frames_of_a_study_are_bounded_before_their_records_are_made(monkeypatch):
-    """The frame limit was per file: 2000 files of 2000 frames each made 4 million records."""
+    """The frame limit counts the whole study, not each file: 2000 files of 2000 frames each would make 4 million records."""
     made = []
     frames = preprocess.dicom._frames
     monkeypatch.setattr("preprocess.dicom._frames", lambda *args: made.append(len(records := frames(*args))) or records)
@@ -307,7 +307,7 @@ def test_fuzz_target_passes_study_errors_and_raises_anything_else(depth, monkeyp
 
 
 def test_the_fuzz_target_leaves_no_folder_behind(tmp_path, monkeypatch):
-    """Each run of the harness left a /tmp/fuzz-study-* folder: only --replay removed it."""
+    """Each run of the harness removes its /tmp/fuzz-study-* folder, also when reading it raises."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     target, series = Target("header"), phantom.study_files("series", **TINY)[:2]
     target(encode("folder", series))

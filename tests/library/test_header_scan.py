@@ -276,7 +276,7 @@ def test_sequences_nested_a_thousand_deep_are_refused_by_either_reader(monkeypat
 
 
 def test_files_pydicom_reads_are_bounded_in_sequence_depth_like_the_scanner(monkeypatch):
-    """Files the scanner leaves to pydicom (Enhanced CT, big endian, deflated) were read whatever their nesting."""
+    """Files the scanner leaves to pydicom (Enhanced CT, big endian, deflated) are refused at the same nesting depth."""
     data = FILES["CT_small.dcm"].read_bytes()
     for depth in (16, 17):
         nested = data[: data_set_start(data)] + nested_sequence(depth, False, depth % 2 == 1) + data[data_set_start(data) :]
@@ -286,7 +286,7 @@ def test_files_pydicom_reads_are_bounded_in_sequence_depth_like_the_scanner(monk
 
 
 def test_files_pydicom_reads_are_bounded_in_sequence_items_before_it_reads_them(monkeypatch):
-    """A million empty items in a private sequence cost pydicom 24 s and 1.3 GB, and the file was read."""
+    """A million empty items in a private sequence cost pydicom 24 s and 1.3 GB: the file is refused first."""
     monkeypatch.setattr("preprocess.dicom.INPUT_LIMITS", dataclasses.replace(INPUT_LIMITS, max_sequence_items=100))
     monkeypatch.setattr("preprocess.dicom._scan", lambda data: None)
     monkeypatch.setattr(pydicom, "dcmread", lambda *args, **kwargs: pytest.fail("pydicom read the file"))
@@ -312,7 +312,7 @@ def data_set_in_other_vr(data: bytes) -> bytes:
 @pytest.mark.parametrize("syntax", ["explicit", "implicit"])
 def test_pixels_are_read_in_the_encoding_the_data_set_has_not_the_declared_one(syntax):
     """An implicit data set declared explicit (or the other way round) is read by pydicom, and its
-    pixel data element in that encoding: read with the declared one, its pixels were refused as
+    pixel data element in that encoding: read with the declared one, its pixels would be refused as
     truncated (implicit) or read 4 bytes off (explicit)."""
     files = phantom.study_files("series", transfer_syntax=syntax, slices=16, rows=32, columns=32, pixel_spacing=10.0, slice_spacing=20.0)
     lying = [data_set_in_other_vr(data) for data in files]
@@ -324,7 +324,7 @@ def test_pixels_are_read_in_the_encoding_the_data_set_has_not_the_declared_one(s
 @pytest.mark.parametrize("transfer_syntax", ["explicit", "rle"])
 def test_an_element_written_after_the_pixel_data_refuses_the_file(transfer_syntax):
     """The header is read up to the pixel data, as tag order puts it last: a rescale written after it
-    was left unread and the intercept taken as 0 (HU off by 1024). Padding after it is no element."""
+    would be left unread and the intercept taken as 0 (HU off by 1024). Padding after it is no element."""
     files = phantom.study_files("series", slices=16, rows=32, columns=32, rescale="per_slice", transfer_syntax=transfer_syntax)
 
     def rescale_last(data: bytes) -> bytes:

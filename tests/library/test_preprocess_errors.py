@@ -89,7 +89,7 @@ def test_no_usable_series_message_names_the_first_five_and_counts_the_rest(serie
 
 
 def test_a_series_is_ct_only_if_every_image_says_so(series):
-    """The first image CT and the others MR: refused like an MR series (only the first was checked)."""
+    """The first image CT and the others MR: refused like an MR series (every image is checked, not only the first)."""
 
     def mr(ds, k):
         if k:
@@ -824,7 +824,7 @@ def _latin1_name(series: list[bytes], where: slice) -> bytes:
 
 
 def test_a_zip_name_that_is_not_the_utf8_it_claims_is_named_as_such(series):
-    """zipfile's UnicodeDecodeError said only that the archive was not readable."""
+    """The refusal names the file name that is not UTF-8, not only that the archive is not readable."""
     message = r"^file 1: a file name in the ZIP archive is not valid UTF-8, although the archive marks it as UTF-8 \(re-create"
     refused([_latin1_name(series, slice(None))], preprocess.ArchiveError, message)
     message = r"^file 1, archive member 21: its file name is not valid UTF-8, although the archive marks it as UTF-8"

@@ -114,6 +114,26 @@ def test_a_damaged_line_costs_only_its_study(tmp_path):
     assert [row["path_to_study"] for row in read.rows] == ["s1"] and read.unreadable == 2
 
 
+def test_resume_names_the_unreadable_lines_it_skipped_in_one_warning(tmp_path, caplog):
+    """A resumed journal's damaged and torn lines are counted in one warning, and their studies are sent again."""
+    folder, out = tmp_path / "studies", tmp_path / "report.csv"
+    _study(folder / "s1")
+    _study(folder / "s2")
+    journal = _journal(out, folder, [report_row("s1")])
+    with open(journal, "ab") as stream:
+        stream.write(b"\x00\x00not json\n")
+        stream.write(b'{"path_to_study":"s2","study_uid":null,"processing_st')  # killed while writing it
+
+    answering = _Answering()
+    summary = asyncio.run(client.build_report(folder, out, lambda: answering, resume=True))
+
+    assert (summary.sent, summary.skipped) == (1, 1) and answering.sent == [folder / "s2"]
+    warnings = [record.getMessage() for record in caplog.records if record.name == "client.report"]
+    assert warnings == [
+        "report.csv.journal.jsonl: 2 unreadable lines skipped (torn by a kill, or damaged): the studies they held are sent again"
+    ]
+
+
 def test_every_append_reaches_the_disk_before_it_counts(tmp_path, monkeypatch):
     folder = tmp_path / "studies"
     writer = _JournalWriter.create(journal_path(tmp_path / "report.xlsx"), str(folder), "ct_triage", [])
@@ -221,7 +241,7 @@ def test_a_file_that_is_no_journal_is_refused(tmp_path):
 
 
 def test_a_report_inside_the_folder_is_not_taken_for_a_study(tmp_path):
-    """An .xlsx is a ZIP: a report written into the studies' folder was sent as a study on every run."""
+    """An .xlsx is a ZIP: a report written into the studies' folder is not sent as a study on a later run."""
     folder = tmp_path / "studies"
     _study(folder / "s1")
     out, copy = folder / "report.xlsx", folder / "report.csv"
@@ -428,9 +448,9 @@ def test_a_report_without_its_journal_is_not_resumed_with_another_folders_rows(t
     ids=str,
 )
 def test_a_value_of_the_wrong_type_costs_only_its_study(tmp_path, edit):
-    """A hand-edited journal line ("pathology": "yes", a probability of NaN or None, pathology 7) was
-    taken, written into the report, and kept as Success for ever. It is a damaged line: its study is
-    sent again, and the report stays one that reads back."""
+    """A hand-edited journal line ("pathology": "yes", a probability of NaN or None, pathology 7) is not
+    taken into the report and kept as Success for ever. It is a damaged line: its study is sent again,
+    and the report stays one that reads back."""
     folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
     _study(folder / "s1")
     _study(folder / "s2")
@@ -448,9 +468,9 @@ def test_a_value_of_the_wrong_type_costs_only_its_study(tmp_path, edit):
 
 
 def test_the_reports_folder_removed_during_the_run_stops_it_and_is_not_made_again(tmp_path):
-    """A cleanup job deletes the report's folder mid-run: the run went on appending to a journal
-    no longer on disk, and re-created the folder holding only the report. It stops (exit 2 from
-    the command) before the next rewrite, and the folder stays gone."""
+    """A cleanup job deletes the report's folder mid-run: going on would append to a journal that is
+    not on disk and re-create the folder holding only the report. The run stops (exit 2 from the
+    command) before the next rewrite, and the folder stays gone."""
     folder, out = tmp_path / "studies", tmp_path / "out" / "report.xlsx"
     for name in ("s1", "s2", "s3"):
         _study(folder / name)
@@ -501,9 +521,9 @@ class _AtThresholds(_Answering):
 
 @pytest.mark.parametrize("suffix", [".xlsx", ".csv"])
 def test_each_row_carries_the_threshold_its_decision_was_taken_at(tmp_path, suffix):
-    """Two byte-identical studies, the threshold changed between them: pathology 1, then 0, and no cell
-    said why. Each row holds META's threshold; a journal line without one (no such column when it was
-    written) keeps its answer, not sent again, its cell empty."""
+    """Two byte-identical studies, the threshold changed between them: pathology 1, then 0, and each row
+    says why, with META's threshold; a journal line without one (written before the column existed)
+    keeps its answer, not sent again, its cell empty."""
     folder, out = tmp_path / "studies", tmp_path / f"report{suffix}"
     for name in ("s1", "s2"):
         _study(folder / name)

@@ -68,7 +68,7 @@ def _iodine_map(ds, k):
 
 
 def test_a_series_of_another_quantity_than_hu_is_skipped_for_the_hu_one():
-    """A dual-energy iodine map (mg/ml), thinner than the HU series beside it, was chosen and read as HU."""
+    """A dual-energy iodine map (mg/ml), thinner than the HU series beside it, is neither chosen nor read as HU."""
     iodine = _relabel(_series(slices=40, slice_spacing=2.0), "1.2.3.1", _iodine_map)
     study, selection = _selection(_series(slices=20, slice_spacing=4.0) + iodine)
     assert study.meta["original_spacing_mm"][0] == 4.0 and study.meta["rescale"]["intercept"] == -1024.0

@@ -215,7 +215,7 @@ sys.exit(main(["--demo-weights", "--target", "torch-gpu", "--size", "16", "--out
 def test_sigterm_ends_an_export_as_ctrl_c_does(tmp_path, stage):
     """docker stop, a Kubernetes Job's deadline and timeout send SIGTERM: one line, exit 143, no staging
     folder left, and a complete repository in place (the earlier one, or the new one once the swap began:
-    the signal waits for it; it used to kill the export with the earlier repository renamed aside)."""
+    the signal waits for the swap, so it never ends the export with the earlier repository renamed aside)."""
     out = tmp_path / "repo"
     out.mkdir()
     (out / export.MARKER).write_text(json.dumps({"written_by": "python -m export", "kind": "repository"}))
@@ -233,9 +233,9 @@ def test_sigterm_ends_an_export_as_ctrl_c_does(tmp_path, stage):
 
 
 def test_a_mount_point_as_output_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    """`docker run -v host:/models ... --out /models`: a mount point can be neither renamed nor removed, which
-    export found out after all its work (a traceback). /proc, a mount point on every Linux, stands for one;
-    / is one too, and had no name to put the artifacts beside (a traceback)."""
+    """`docker run -v host:/models ... --out /models`: a mount point can be neither renamed nor removed, so
+    export refuses it before its work, not with a traceback after it. /proc, a mount point on every Linux,
+    stands for one; / is one too, with no name to put the artifacts beside."""
     assert os.path.ismount("/proc")
     monkeypatch.setattr(export.repository, "make_demo_weights", _no_work)
     mount_point = "output folder /proc is a mount point, which export cannot replace: export into a folder inside it"
@@ -251,8 +251,8 @@ def test_a_mount_point_as_output_folder_is_refused_before_any_work(tmp_path, cap
 
 
 def test_a_folder_the_system_will_not_replace_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    """An OSError while putting an output in place (EBUSY: what an empty mount point gave before it was
-    refused up front) is one line, exit 2, with nothing left behind."""
+    """An OSError while putting an output in place (EBUSY, as renaming a mount point gives) is one line,
+    exit 2, with nothing left behind."""
     _without_the_network(monkeypatch)
     monkeypatch.setattr(export.parity, "check_torch_parity", _passing_parity)
     out = tmp_path / "repo"
@@ -375,9 +375,9 @@ def test_the_artifacts_of_another_repository_are_refused_before_any_work(tmp_pat
 
 
 def test_the_artifacts_of_a_same_named_repository_elsewhere_are_refused(tmp_path, capsys, monkeypatch):
-    """The marker named the repository's folder only: a/repo's artifacts were replaced by b/repo's. It names
-    the repository's path from the artifacts' folder, so the two moved together still belong together, and
-    a marker naming a folder beside them (the default layout) is that folder's."""
+    """The artifacts' marker names the repository's path, not its folder's name alone, so b/repo never
+    replaces a/repo's artifacts; the path is relative to the artifacts' folder, so the two moved together
+    still belong together, and a marker naming a folder beside them (the default layout) is that folder's."""
     _without_the_network(monkeypatch)
     monkeypatch.setattr(export.parity, "check_torch_parity", _passing_parity)
     options = ["--demo-weights", "--target", "torch-gpu", "--size", "16"]
@@ -443,7 +443,7 @@ def test_a_second_export_into_the_same_folders_fails_at_once_and_the_first_compl
 
 
 def test_the_openvino_target_refuses_a_batch_size_it_would_not_serve(tmp_path, capsys, monkeypatch):
-    """Its config keeps one study per batch: --max-batch-size 8 was accepted and served as 1."""
+    """Its config keeps one study per batch: --max-batch-size 8 is refused, not accepted and served as 1."""
     monkeypatch.setattr(export.repository, "make_demo_weights", _no_work)
     assert export_main(["--demo-weights", "--target", "openvino", "--max-batch-size", "8", "--out", str(tmp_path / "repo")]) == 2
     assert capsys.readouterr().err == (
