@@ -11,13 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TEST_SIZE, bytes_under
+from helpers import TEST_SIZE, bytes_under, discard
 
 import preprocess
 from benchmarks import baseline, serving
 from benchmarks import perf_analyzer as pa
 from preprocess import phantom
+from serve import start_on_free_ports
 from settings import NAMES
+
+
+@pytest.fixture(scope="module")
+def reloaded_server(triton_repository, tmp_path_factory):
+    """A server of this module's own, with the explanation models, for the benchmarks that reload models,
+    which the shared one must keep as they are: explain_opt_in unloads the explanation models (it starts
+    from them loaded: it runs first), batching_wait reloads ct_classifier alone. One start for both."""
+    log_file = tmp_path_factory.mktemp("reloaded") / "tritonserver.log"
+    server = start_on_free_ports(triton_repository, log_file=log_file, exit_timeout_s=5)
+    try:
+        yield server
+    finally:
+        discard(server)
 
 
 @pytest.fixture(scope="module")
@@ -145,12 +159,11 @@ def test_cpu_engines_compares_every_engine_and_the_served_one(tmp_path, monkeypa
     assert "|dP| per parity volume: uniform-0 " in text
 
 
-def test_explain_opt_in_compares_ct_triage_with_and_without_the_explanation_models(private_explaining_server):
-    """A private server: the benchmark unloads and reloads models, which the shared one must keep."""
+def test_explain_opt_in_compares_ct_triage_with_and_without_the_explanation_models(reloaded_server):
     from benchmarks import explain_opt_in
 
     payload = phantom.study_files("series", slices=24, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
-    results = explain_opt_in.measure(private_explaining_server, payload, levels=[1], requests=2, rounds=1, repeats=1)
+    results = explain_opt_in.measure(reloaded_server, payload, levels=[1], requests=2, rounds=1, repeats=1)
     (level,) = results["levels"]
     assert level["failures"] == 0 and level["studies_per_s_loaded"] > 0 and level["studies_per_s_unloaded"] > 0
     assert [r["explanations_loaded"] for r in results["rounds"]] == [True, False]  # both states on one server
@@ -159,27 +172,26 @@ def test_explain_opt_in_compares_ct_triage_with_and_without_the_explanation_mode
     assert not {f"stub {model}" for model in explain_opt_in.EXPLANATION_MODELS} & memory["explanations_unloaded"].keys()
     assert results["one_study_s"][NAMES.triage_explain] > 0 and results["one_study_s"][NAMES.triage] > 0
     study = {"slices": 24, "rows": 64, "columns": 64, "megabytes": 0.2}
-    host = serving.machine(TEST_SIZE, private_explaining_server.http_url)
+    host = serving.machine(TEST_SIZE, reloaded_server.http_url)
     command = "python -m benchmarks.explain_opt_in --levels 1"
     text = explain_opt_in.markdown({"command": command, "machine": host, "study": study, **results})
     assert "ct_triage throughput unchanged" in text and f"`{command}` on " in text
     assert f"Triton {host['triton']};" in text and host["triton"].startswith("2.")  # the server's own /v2 metadata
 
 
-def test_batching_wait_measures_each_wait_on_one_server(private_server):
-    """A private server: the benchmark reloads ct_classifier with other waits."""
+def test_batching_wait_measures_each_wait_on_one_server(reloaded_server):
     from benchmarks import batching_wait
 
     payload = phantom.study_files("series", slices=24, rows=64, columns=64, pixel_spacing=5.0, slice_spacing=5.0)
-    results = batching_wait.measure(private_server, payload, waits=[1000, 0], levels=[1], requests=2, rounds=2)
+    results = batching_wait.measure(reloaded_server, payload, waits=[1000, 0], levels=[1], requests=2, rounds=2)
     assert [(r["round"], r["wait_us"]) for r in results["rounds"]] == [(0, 1000), (0, 0), (1, 0), (1, 1000)]  # order reversed
     assert [(s["wait_us"], s["failures"]) for s in results["summary"]] == [(1000, 0), (0, 0)]
     assert all(s["studies_per_s"] > 0 and 0 < s["p50_s"] <= s["p95_s"] for s in results["summary"])
-    with urllib.request.urlopen(f"http://{private_server.http_url}/v2/models/{NAMES.classifier}/config") as response:
+    with urllib.request.urlopen(f"http://{reloaded_server.http_url}/v2/models/{NAMES.classifier}/config") as response:
         assert int(json.loads(response.read())["dynamic_batching"]["max_queue_delay_microseconds"]) == 1000  # the last one measured
     study = {"slices": 24, "rows": 64, "columns": 64, "megabytes": 0.2}
     command = "python -m benchmarks.batching_wait --waits 1000 0"
-    host = serving.machine(TEST_SIZE, private_server.http_url)
+    host = serving.machine(TEST_SIZE, reloaded_server.http_url)
     text = batching_wait.markdown({"command": command, "machine": host, "target": "cpu", "requests": 2, "study": study, **results})
     assert "| 1 | 0 |" in text and "medians over 2 rounds" in text and f"`{command}` on " in text
 

@@ -223,32 +223,40 @@ def _shm_used(prefix: str) -> int:
     return sum(path.stat().st_size for path in Path("/dev/shm").glob(f"{prefix}*"))
 
 
-def test_the_sizing_formula_matches_a_measured_run(triton_repository, tmp_path):
+@pytest.fixture(scope="module")
+def fresh_server(triton_repository, tmp_path_factory):
+    """A server of this module's own, for the sizing test first (its regions as they start), then for
+    the metrics test, which reloads its ct_postprocess at another threshold: one start for both."""
+    server = start_on_free_ports(triton_repository, log_file=tmp_path_factory.mktemp("fresh") / "tritonserver.log", exit_timeout_s=5)
+    try:
+        yield server
+    finally:
+        discard(server)
+
+
+def test_the_sizing_formula_matches_a_measured_run(fresh_server, triton_repository, tmp_path):
     """One uncompressed 140-slice 512 x 512 study (73 MiB) through a fresh server: its regions as the formula says."""
     study = phantom.write_study(tmp_path / "study", form="series", slices=140, rows=512, columns=512, pixel_spacing=0.7, slice_spacing=2.0)
     configs = export.target_configs("cpu", triton_repository)
     options = export.serving_options(configs)
-    server = start_on_free_ports(triton_repository, log_file=tmp_path / "tritonserver.log", exit_timeout_s=5)
+    server = fresh_server
+    idle = _shm_used(server.shm_prefix)
+    peak, running = idle, True
+
+    def sample() -> None:
+        nonlocal peak
+        while running:
+            peak = max(peak, _shm_used(server.shm_prefix))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     try:
-        idle = _shm_used(server.shm_prefix)
-        peak, running = idle, True
-
-        def sample() -> None:
-            nonlocal peak
-            while running:
-                peak = max(peak, _shm_used(server.shm_prefix))
-                time.sleep(0.01)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
-            with client.TriageClient(server.grpc_url, "grpc") as triage:
-                assert triage.classify(study).ok
-        finally:
-            running = False
-            sampler.join()
+        with client.TriageClient(server.grpc_url, "grpc") as triage:
+            assert triage.classify(study).ok
     finally:
-        discard(server)
+        running = False
+        sampler.join()
     stubs = options.preprocess_instances + 4  # + ct_classifier (Python backend on the cpu target), ct_postprocess, ct_explain, ct_localize
     assert idle == stubs * SERVING.shm_default_byte_size
     payload = sum(path.stat().st_size + 4 for path in study.rglob("*") if path.is_file())  # + each BYTES element's length
@@ -273,20 +281,20 @@ def test_verify_passes_against_the_running_server(triton_server, triton_reposito
     assert f"threshold {OPERATING_POINT.threshold:g} as configured" in lines[4], lines[4]
 
 
-def test_verify_fails_a_metrics_port_that_is_not_the_servers(triton_server, private_server):
+def test_verify_fails_a_metrics_port_that_is_not_the_servers(triton_server, fresh_server):
     """--metrics of a server that did not count the studies sent, or whose threshold is not the one
-    --http's serves (the private server, reloaded at another threshold)."""
+    --http's serves (the module's own server, reloaded at another threshold)."""
     verify = _verify_module()
-    elsewhere = f"localhost:{private_server.metrics_port}"
+    elsewhere = f"localhost:{fresh_server.metrics_port}"
     before = verify._counts(elsewhere)
     with client.TriageClient(triton_server.http_url, "http") as triage:
         assert triage.classify(phantom.study_files(form="series")).ok
     with pytest.raises(AssertionError, match=r"counted 0 answers and 0 refusals of the 1 and 0 sent: is it the server --http reaches\?"):
         verify._metrics(elsewhere, triton_server.http_url, before, answered=1, refused=0)
-    client.set_threshold(private_server.http_url, 0.3)
+    client.set_threshold(fresh_server.http_url, 0.3)
     shared = f"localhost:{triton_server.metrics_port}"
     with pytest.raises(AssertionError, match=rf"{METRICS.threshold} is {OPERATING_POINT.threshold!r}, the served config says 0.3"):
-        verify._metrics(shared, private_server.http_url, verify._counts(shared), answered=0, refused=0)
+        verify._metrics(shared, fresh_server.http_url, verify._counts(shared), answered=0, refused=0)
 
 
 def _verify_module():

@@ -44,7 +44,7 @@ def test_cpu_target_at_bf16_is_checked_against_fp32_recorded_and_served(tmp_path
 
     volume = np.stack([np.linspace(-1, 1, SIZE**3, dtype=np.float32).reshape(1, SIZE, SIZE, SIZE)])
     log = tmp_path / "tritonserver.log"
-    server = start_on_free_ports(tmp_path / "repo", log_file=log)
+    server = start_on_free_ports(tmp_path / "repo", log_file=log, models=[NAMES.classifier])  # the model under test alone
     try:
         triton = http.InferenceServerClient(server.http_url)
         tensor = http.InferInput(NAMES.volume, list(volume.shape), "FP32")

@@ -35,8 +35,9 @@ from serve import ServerError, start_on_free_ports
 from serve.metrics import scrape
 from settings import METRICS, NAMES, SERVING
 
-# the module's server: the instances a reload replaced have this long to go (healthy ones go in seconds)
-DRAIN_TIMEOUT_S = 20
+# the module's server: the instances a reload replaced have this long to go (healthy ones go in 2 to 4 s
+# on a busy machine; the test that keeps a version waits this long for its restart)
+DRAIN_TIMEOUT_S = 10
 RSS_TOLERANCE = 0.10  # allocator caches and lazily loaded code move it by a few %; a leak of the payload is >100%
 BATCH = [100_000, 1, TEST_SIZE, TEST_SIZE, TEST_SIZE]
 
@@ -291,21 +292,17 @@ def test_a_request_that_kills_tritonserver_gets_it_restarted(server, study, answ
     assert f"ct-triage watchdog: tritonserver exited with code {code}: restart done" in server.log_file.read_text()
 
 
-def test_a_log_file_that_can_no_longer_be_written_does_not_end_supervision(triton_repository, tmp_path, study):
+def test_a_log_file_that_can_no_longer_be_written_does_not_end_supervision(server, study, answer):
     """Its folder removed (a tmp cleaner, a rotation) or a full disk: the watchdog's note to it failed,
-    the exception ended the watchdog thread, and the dead stub was never replaced."""
-    logs = tmp_path / "logs"
-    server = start_on_free_ports(triton_repository, log_file=logs / "server.log", exit_timeout_s=2, supervise=True, models=TRIAGE_ONLY)
-    try:
-        answer = classify(server, study).probability_of_pathology
-        shutil.rmtree(logs)
-        (victim,) = [s for s in server.stubs() if s.model == NAMES.postprocess]
-        os.kill(victim.pid, signal.SIGKILL)
-        reload = recovery(server, 1)
-        assert reload.ok and reload.action == f"reload {NAMES.postprocess}", reload
-        assert warm(server, study) == pytest.approx([answer, answer], abs=1e-6)
-    finally:
-        server.stop()
+    the exception ended the watchdog thread, and the dead stub was never replaced. The module's server,
+    after the tests that read its log."""
+    done = len(server.recoveries)
+    shutil.rmtree(server.log_file.parent)
+    (victim,) = [s for s in server.stubs() if s.model == NAMES.postprocess]
+    os.kill(victim.pid, signal.SIGKILL)
+    reload = recovery(server, done + 1)
+    assert reload.ok and reload.action == f"reload {NAMES.postprocess}", reload
+    assert warm(server, study) == pytest.approx([answer, answer], abs=1e-6)
 
 
 def test_a_log_file_that_cannot_be_written_is_one_line_before_anything_starts(triton_repository, tmp_path):

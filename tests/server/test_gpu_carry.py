@@ -42,7 +42,7 @@ print("pid", os.getpid())
 installation = find_installation()
 assert installation.binary.is_relative_to(tree) and installation.stub.is_relative_to(tree), installation
 study = phantom.write_study(scratch / "study.zip", form="zip", seed=0)
-with start_on_free_ports(repository, exit_timeout_s=5) as server:
+with start_on_free_ports(repository, exit_timeout_s=5, models=["ct_triage"]) as server:  # no explanation models: no torch stubs
     for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
         with client.TriageClient(url, protocol) as triage:
             triage.check_ready()

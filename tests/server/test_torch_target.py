@@ -39,7 +39,9 @@ def torch_repository(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def torch_server(torch_repository, tmp_path_factory):
-    server = start_on_free_ports(torch_repository[0], log_file=tmp_path_factory.mktemp("torch_log") / "tritonserver.log", exit_timeout_s=5)
+    log_file = tmp_path_factory.mktemp("torch_log") / "tritonserver.log"
+    # ct_classifier alone: the tests send it volumes (the gpu_check smoke test serves the whole repository)
+    server = start_on_free_ports(torch_repository[0], log_file=log_file, exit_timeout_s=5, models=[NAMES.classifier])
     try:
         yield server
     finally:
