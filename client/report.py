@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import errno
 import fcntl
 import io
@@ -39,7 +40,7 @@ from preprocess import printable, write_atomically
 
 from .result import SUCCESS, TriageResult, failure
 from .studies import StudyRef, discover_studies
-from .triage import AsyncTriageClient, ServerUnavailable, one_line
+from .triage import AsyncTriageClient, ServerUnavailable, one_line, worker_died
 
 # Every report's header starts with these, and every journal line holds them.
 _ANSWER_COLUMNS = (
@@ -81,6 +82,9 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 # back is exact.
 _OOXML_ESCAPE = re.compile(r"_x[0-9A-Fa-f]{4}_")
 _NOT_IN_XML = re.compile("[\x00-\x08\x0b-\x1f\ud800-\udfff\ufffe\uffff]")
+# Each journal line also records the study it answers for, so that --resume sends again a study
+# replaced under the same path (a different study copied over c005.zip).
+_STUDY_BYTES, _STUDY_MODIFIED = "study_bytes", "study_modified"
 _READY_CHECK_S = 10.0  # a readiness check after a failed study; no answer means the server is gone
 _log = logging.getLogger(__name__)
 
@@ -290,7 +294,7 @@ async def build_report(
     folder_name = str(Path(folder).resolve())
     for path in paths:  # once, here: a folder removed during the run is never made again
         path.parent.mkdir(parents=True, exist_ok=True)
-    with _only_run_on(out):  # a second run on the same report would interleave two journals
+    with _only_run_on(paths):  # a second run writing the same report, CSV or journal would interleave them
         earlier = _resumed(journal_file, out) if resume else None
         async with client_factory() as client:
             explain = bool(getattr(client, "explain", False))
@@ -299,10 +303,17 @@ async def build_report(
             if earlier is not None:
                 _check_same_run(earlier, journal_file, folder_name, client.model, explain)
                 kept = {row["path_to_study"]: row for row in earlier.rows}  # the latest row of each study
-            todo = [study for study in studies if kept.get(study.path_to_study, {}).get("processing_status") != SUCCESS]
+            replaced = {study.path_to_study for study in studies if _replaced(study, kept.get(study.path_to_study, {}))}
+            todo = [
+                study
+                for study in studies
+                if study.path_to_study in replaced or kept.get(study.path_to_study, {}).get("processing_status") != SUCCESS
+            ]
             if todo:
                 await client.check_ready()
             journal = _JournalWriter.create(journal_file, folder_name, client.model, kept.values(), explain=explain)
+            for key in replaced:  # its row answers for the study that was there before: never in the report
+                del journal.latest[key]
             report = _ReportFiles(paths, [study.path_to_study for study in studies], journal, write_every_s, summary=summary)
             show = sys.stderr.isatty() if progress is None else progress
             try:
@@ -351,12 +362,14 @@ async def _classify_all(
         for study in pending:
             async with budget.hold(study.size_bytes):
                 result = await _classify_guarded(client, study)
+                if worker_died(result):  # sent again once: the study may only have been queued at that worker
+                    result = await _sent_again(client, study, result)
                 if summary is not None and result.explanation is not None:  # its thumbnail exists before its row
                     await asyncio.to_thread(summary.save_thumbnail, study, result)
             if not result.ok:
                 await _raise_if_server_gone(client)  # no answer is no row: --resume sends the study again
                 failed += 1
-            journal.append(row_for(study, result, explain=summary is not None))
+            journal.append(row_for(study, result, explain=summary is not None), study)
             del result  # an explanation holds 96 MiB at S=256: not kept past its study
             bar.set_postfix(failed=failed, refresh=False)
             bar.update(1)
@@ -376,6 +389,22 @@ async def _classify_all(
         await asyncio.shield(report.finish())
 
 
+async def _sent_again(client: AsyncTriageClient, study: StudyRef, failed: TriageResult) -> TriageResult:
+    """A study whose worker process died on the server (Triton's "Stub process ... is not healthy"),
+    sent once more: that study may have killed it, or only have been queued at it when something else
+    did. Triton keeps the model ready while the worker is dead, so the resend waits as long as the
+    retry schedule gives a restarting server (`RetryPolicy`, 7.5 s by default; a supervised server's
+    watchdog replaces the worker in about 2 s), after a readiness check. A second death is the study's
+    Failure row: a study that kills its worker costs at most two crashes. `--attempts 1`: never resent."""
+    if client.retry.attempts < 2:
+        return failed
+    wait = sum(client.retry.backoffs())
+    await asyncio.sleep(wait)
+    await _raise_if_server_gone(client)
+    again = await _classify_guarded(client, study)
+    return dataclasses.replace(again, time_of_processing=again.time_of_processing + failed.time_of_processing + wait)
+
+
 async def _raise_if_server_gone(client: AsyncTriageClient) -> None:
     """After a Failure: ServerUnavailable if the server (or model) is no longer ready, so the run
     stops instead of turning every remaining study into a Failure row."""
@@ -388,21 +417,24 @@ async def _raise_if_server_gone(client: AsyncTriageClient) -> None:
 
 
 @contextlib.contextmanager
-def _only_run_on(out: str | os.PathLike[str]):
-    """Hold `<out>.lock` for the run: a periodic job started again before the last run ended (cron
-    does not wait) is refused instead of rewriting the journal under it. The lock is the kernel's
-    (flock), so a killed run holds it no longer; the file stays, empty."""
-    lock = Path(f"{os.fspath(out)}.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            held = f"another run is writing {Path(out).name} ({lock.name} is held)"
-            raise ReportError(f"{held}: let it finish, or choose another --out") from None
+def _only_run_on(paths: Iterable[Path]):
+    """Hold `<path>.lock` of each report file (`--out`, which also covers its journal beside it, and
+    `--csv`) for the run, in path order: a periodic job started again before the last run ended (cron
+    does not wait), or another report exporting the same file (`--csv latest.csv`), is refused instead
+    of rewriting a journal or a report under it. The locks are the kernel's (flock), so a killed run
+    holds them no longer; the files stay, empty."""
+    with contextlib.ExitStack() as held:
+        for path in sorted(set(paths)):
+            lock = Path(f"{os.fspath(path)}.lock")
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            held.callback(os.close, fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ReportError(
+                    f"another run is writing {path.name} ({lock.name} is held): let it finish, or choose another file"
+                ) from None
         yield
-    finally:
-        os.close(fd)
 
 
 def _check_writable(path: Path) -> None:
@@ -471,6 +503,20 @@ def _check_same_run(earlier: Journal, journal_file: Path, folder: str, model: st
                 f"{journal_file.name} is the journal of a report of {what} {theirs}, not {ours}: "
                 f"resume with that {what}, or choose another --out"
             )
+
+
+def _identity(study: StudyRef) -> dict[str, Any]:
+    """What the journal records of a study besides its row: its size and its newest file's time as
+    discovery found them (`StudyRef`), so that a resume tells a study replaced under the same path."""
+    return {_STUDY_BYTES: study.size_bytes, _STUDY_MODIFIED: study.modified}
+
+
+def _replaced(study: StudyRef, row: dict[str, Any]) -> bool:
+    """Whether the journaled row is of another study than the one now at its path: its recorded size
+    or time differs. A line without them (a journal of an earlier version) is taken as it is."""
+    if _STUDY_BYTES not in row or _STUDY_MODIFIED not in row:
+        return False
+    return row[_STUDY_BYTES] != study.size_bytes or row[_STUDY_MODIFIED] != study.modified
 
 
 def _journal_row(line: bytes) -> dict[str, Any] | None:
@@ -577,12 +623,20 @@ class _JournalWriter:
         _sync_folder(path.parent)  # the rename itself survives a power cut
         return cls(path, {row["path_to_study"]: row for row in rows})
 
-    def append(self, row: dict[str, Any]) -> None:
-        line = _line({**row, "finished_at": round(time.time(), 3)})
-        written = 0
-        while written < len(line):
-            written += os.write(self._fd, line[written:])
-        os.fsync(self._fd)
+    def append(self, row: dict[str, Any], study: StudyRef | None = None) -> None:
+        """`study`: the study the row is for, its size and time recorded with the row (`_identity`).
+        ReportError in one line when the line cannot be written (made immutable, EIO, a full disk)."""
+        line = _line({**row, **(_identity(study) if study is not None else {}), "finished_at": round(time.time(), 3)})
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(self._fd, line[written:])
+            os.fsync(self._fd)
+        except OSError as error:
+            raise ReportError(
+                f"cannot append to {self.path} ({error.strerror or type(error).__name__}): "
+                f"the finished studies are in {self.path}; --resume continues once it can be written"
+            ) from None
         self.latest[row["path_to_study"]] = row
         self.appended += 1
 
@@ -745,7 +799,7 @@ def _from_xlsx(value: Any) -> Any:
 
 def _csv_bytes(rows: list[dict[str, Any]], columns: tuple[str, ...] = COLUMNS) -> bytes:
     text = io.StringIO(newline="")
-    table = csv.writer(text)
+    table = csv.writer(text, quoting=csv.QUOTE_ALL)  # every cell quoted: a ";" cannot split one where ";" separates (Excel in many locales)
     table.writerow(columns)
     for row in rows:
         table.writerow([_csv_cell(row.get(column)) for column in columns])

@@ -81,8 +81,19 @@ _NOT_TRITON = "it answers, but not with Triton's server metadata: is it another 
 _UNDECODED_ANSWER = "an exception occurred in the client while decoding the response"  # tritonclient.http, with the body
 _NOT_JSON = (rapidjson.JSONDecodeError, UnicodeDecodeError)  # tritonclient.http's reading of an answer that is no JSON
 # Triton 2.51's answer when the Python-backend process of the model instance that got the request died
-# (killed, out of memory): not retried, since a study that crashes its worker would crash the next one.
+# (killed, out of memory): not retried here, since a study that crashes its worker would crash the next
+# one; the report sends such a study once more, later (`worker_died`, client/report.py).
 _DEAD_WORKER = re.compile(r"Stub process '([^']+)' is not healthy")
+_DEAD_WORKER_FAILURE = (
+    "a worker process of the server ({instance}) died: the study was not processed; send it again once the server recovered"
+)
+_DEAD_WORKER_ROW = re.compile(re.escape(_DEAD_WORKER_FAILURE).replace(re.escape("{instance}"), r"[^()\s]+") + "$")
+
+
+def worker_died(result: TriageResult) -> bool:
+    """Whether a Failure is the death of the server's worker process that had the study (Triton's
+    "Stub process ... is not healthy"): the study was not processed, and may only have been queued there."""
+    return not result.ok and result.error is not None and _DEAD_WORKER_ROW.match(result.error) is not None
 
 
 class ServerUnavailable(ConnectionError):
@@ -316,7 +327,7 @@ def _reason(error: BaseException) -> str:
         worker = _DEAD_WORKER.search(message)
         if worker:
             instance = worker.group(1)
-            return f"a worker process of the server ({instance}) died: the study was not processed; send it again once the server recovered"
+            return _DEAD_WORKER_FAILURE.format(instance=instance)
         return f"{error.status()}: {message}" if _is_transient(error) else message
     return one_line(f"{type(error).__name__}: {error}")
 

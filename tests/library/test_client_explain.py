@@ -464,7 +464,7 @@ def test_plain_reports_keep_their_columns_and_old_reports_still_read(tmp_path):
     explained_rows = [{**row, LOCALIZATION_COLUMN: "1,2,3,4,5,6" if row["pathology"] == 0 else None} for row in rows]
     client.write_report(explained_rows, tmp_path / "explained.csv", EXPLAIN_COLUMNS)
     assert client.read_report(tmp_path / "explained.csv") == explained_rows
-    assert (tmp_path / "explained.csv").read_text().splitlines()[0] == ",".join(EXPLAIN_COLUMNS)
+    assert (tmp_path / "explained.csv").read_text().splitlines()[0] == ",".join(f'"{column}"' for column in EXPLAIN_COLUMNS)
 
 
 def test_a_montage_that_cannot_be_drawn_costs_the_picture_not_the_row(tmp_path, monkeypatch):

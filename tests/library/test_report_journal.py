@@ -551,7 +551,7 @@ def test_a_report_written_without_the_threshold_column_still_reads_and_is_replac
     out.write_text(",".join(client.COLUMNS[:-1]) + "\ns1,1.2.3,1.2.3.4,0.25,0,Success,1.5,,demo\n")
     assert client.read_report(out) == [{**report_row("s1"), "threshold": None}]
     asyncio.run(client.build_report(folder, out, _unreachable))  # no studies: no server needed
-    assert out.read_text().splitlines() == [",".join(client.COLUMNS)]
+    assert out.read_text().splitlines() == [",".join(f'"{column}"' for column in client.COLUMNS)]
 
 
 def test_a_report_through_a_link_is_written_into_the_file_the_link_names(tmp_path):
@@ -570,7 +570,8 @@ def test_a_report_through_a_link_is_written_into_the_file_the_link_names(tmp_pat
     assert link.is_symlink() and xlsx_link.is_symlink()
     assert [row["path_to_study"] for row in client.read_report(share / "latest.csv")] == ["s1"]
     assert [row["path_to_study"] for row in client.read_report(share / "latest.xlsx")] == ["s1"]
-    assert sorted(path.name for path in share.iterdir()) == ["latest.csv", "latest.xlsx", "latest.xlsx.journal.jsonl", "latest.xlsx.lock"]
+    written = ["latest.csv", "latest.csv.lock", "latest.xlsx", "latest.xlsx.journal.jsonl", "latest.xlsx.lock"]
+    assert sorted(path.name for path in share.iterdir()) == written
     assert _resume(folder, xlsx_link).skipped == 1  # resumed through the link from the same journal
 
 
@@ -600,3 +601,163 @@ def test_the_closing_line_shows_control_characters_in_the_reports_name_as_escape
     assert client_main(["report", str(folder), "--out", str(out), "--url", _closed_url()]) == 0  # no studies: no server needed
     stderr = capsys.readouterr().err
     assert "\x1b" not in stderr and "r\\x1b[2J.csv" in stderr
+
+
+def test_a_run_writing_another_runs_csv_is_refused_at_once(tmp_path, capsys):
+    """Two cron jobs exporting `--csv latest.csv`: each run locks every file it writes, not only --out,
+    so the second is refused in one line before any server is asked (the URL here answers nothing)."""
+    folder = tmp_path / "studies"
+    _study(folder / "s1")
+    latest = tmp_path / "latest.csv"
+    with open(f"{latest}.lock", "w") as running:
+        fcntl.flock(running, fcntl.LOCK_EX)  # what a run with --out latest.csv, or --csv latest.csv, holds
+
+        status = client_main(["report", str(folder), "--out", str(tmp_path / "r.xlsx"), "--csv", str(latest), "--url", _closed_url()])
+
+    assert status == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: another run is writing latest.csv (latest.csv.lock is held): let it finish, or choose another file"
+    ]
+    assert not latest.exists() and not journal_path(tmp_path / "r.xlsx").exists()
+    # the same file named twice is one lock, not a run that refuses itself
+    summary = asyncio.run(client.build_report(folder, latest, _Answering, csv_out=latest))
+    assert summary.succeeded == 1 and len(client.read_report(latest)) == 1
+
+
+def test_a_csv_cell_holding_a_semicolon_cannot_become_a_formula(tmp_path):
+    """Excel where ";" separates fields (many European locales) splits an unquoted `x;=1+1;y.zip` into
+    cells, the middle one a formula: every CSV cell is quoted, and reads back exactly."""
+    rows = [{**report_row("x;=1+1;y.zip"), "error": "a;b"}, report_row("plain.zip", client.FAILURE)]
+    out = tmp_path / "report.csv"
+    client.write_report(rows, out)
+
+    assert client.read_report(out) == rows
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == ",".join(f'"{column}"' for column in client.COLUMNS)
+    assert lines[1].startswith('"x;=1+1;y.zip","1.2.3","1.2.3.4","0.25","0","Success","1.5","a;b","demo","0.5"')
+    assert lines[2] == '"plain.zip","","","","","Failure","1.5","bad study","demo",""'
+    with open(out, newline="", encoding="utf-8") as stream:  # as read with ";" for the separator
+        cells = [cell for row in csv.reader(stream, delimiter=";") for cell in row]
+    assert not [cell for cell in cells if cell.startswith(("=", "+", "-", "@"))]
+
+
+def test_resume_sends_again_a_study_replaced_under_the_same_path(tmp_path):
+    """A different study copied over c005.zip: its journaled row answers for another study. Each line
+    records the study's size and newest time, and a study whose size or time differs is sent again; a
+    line without them (an older journal) is kept."""
+    folder, out = tmp_path / "studies", tmp_path / "report.csv"
+    for name in ("same", "bigger", "rewritten"):
+        _study(folder / name)
+    first = _Answering()
+    asyncio.run(client.build_report(folder, out, lambda: first))
+    line = read_journal(journal_path(out)).rows[0]
+    assert (line["study_bytes"], line["study_modified"]) == (132, pytest.approx(os.stat(folder / "bigger" / "IM1").st_mtime, abs=1))
+    time.sleep(0.05)  # file times are coarser than a nanosecond
+    (folder / "bigger" / "IM1").write_bytes(b"\0" * 128 + b"DICM" + b"another study")
+    (folder / "rewritten" / "IM1").write_bytes(b"\1" * 128 + b"DICM")  # the same size
+
+    again = _Answering()
+    summary = asyncio.run(client.build_report(folder, out, lambda: again, resume=True))
+
+    assert sorted(path.name for path in again.sent) == ["bigger", "rewritten"]
+    assert (summary.sent, summary.skipped, summary.studies) == (2, 1, 3)
+    uids = [row["study_uid"] for row in client.read_report(out)]
+    assert uids == [str((folder / name).resolve()) for name in ("bigger", "rewritten", "same")]
+    # an older journal's line holds neither: its row stands, as before
+    _journal(out, folder, [report_row(name) for name in ("bigger", "rewritten", "same")])
+    assert _resume(folder, out).sent == 0
+
+
+def test_a_journal_that_can_no_longer_be_appended_to_is_one_line_naming_it(tmp_path, monkeypatch):
+    """`chattr +i` on the journal mid-run, or EIO: Python's bare "[Errno 1] Operation not permitted"
+    said neither which file nor that the finished studies are in it."""
+    folder, out = tmp_path / "studies", tmp_path / "report.xlsx"
+    for name in ("s1", "s2"):
+        _study(folder / name)
+    journal = journal_path(out)
+    write = os.write
+
+    def refused(fd: int, data: bytes) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(journal):
+            raise OSError(1, "Operation not permitted")
+        return write(fd, data)
+
+    def made_immutable(path: Path) -> None:
+        monkeypatch.setattr(os, "write", refused)
+
+    with pytest.raises(client.ReportError) as stopped:
+        asyncio.run(client.build_report(folder, out, lambda: _Answering(made_immutable)))
+
+    assert str(stopped.value) == (
+        f"cannot append to {journal} (Operation not permitted): the finished studies are in {journal}; "
+        "--resume continues once it can be written"
+    )
+    assert client.read_report(out) == []  # the report was still rewritten at the end: nothing finished
+
+
+class _DeadWorkerOnce:
+    """Triton 2.51's answer, at the transport, for a request whose Python-backend worker died: each
+    study whose file ends with one of `deaths`' names gets it that many times, then its answer."""
+
+    def __init__(self, deaths: dict[str, int]):
+        self.deaths = dict(deaths)
+        self.sent: list[tuple[str, float]] = []
+
+    async def infer(self, client_self, payload, region, series_uid):
+        import numpy as np
+        from tritonclient.utils import InferenceServerException
+
+        from settings import NAMES
+
+        name = payload[0][132:].decode()
+        self.sent.append((name, time.monotonic()))
+        if self.deaths.get(name, 0) > 0:
+            self.deaths[name] -= 1
+            died = "in ensemble 'ct_triage', Stub process 'ct_classifier_0_0' is not healthy."
+            raise InferenceServerException(died, "StatusCode.INTERNAL")
+        outputs = {
+            NAMES.probability: np.array([0.25], np.float32),
+            NAMES.pathology: np.array([0], np.int32),
+            NAMES.study_uid: np.array([name.encode()], np.object_),
+            NAMES.series_uid: np.array([f"{name}.1".encode()], np.object_),
+            NAMES.meta: np.array([b'{"threshold": 0.5}'], np.object_),
+        }
+        return type("Answer", (), {"as_numpy": staticmethod(outputs.__getitem__)})()
+
+
+@pytest.mark.parametrize("attempts", [3, 1])
+def test_a_study_whose_worker_died_is_sent_once_more(tmp_path, monkeypatch, attempts):
+    """A worker process killed mid-run (the watchdog reloads its model in seconds): the studies it had
+    were Failure rows although nothing was wrong with them. The report sends such a study once more,
+    after the retry schedule's waits; a second death is its Failure row (a study that kills its worker
+    costs two crashes, not one per resend). --attempts 1 sends every study once."""
+    folder, out = tmp_path / "studies", tmp_path / "report.csv"
+    for name in ("healthy", "queued", "poison"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "IM1").write_bytes(b"\0" * 128 + b"DICM" + name.encode())
+    server = _DeadWorkerOnce({"queued": 1, "poison": 99})
+
+    async def infer_once(client_self, payload, region, series_uid):
+        return await server.infer(client_self, payload, region, series_uid)
+
+    async def ready(client_self):
+        return None
+
+    monkeypatch.setattr(client.AsyncTriageClient, "_infer_once", infer_once)
+    monkeypatch.setattr(client.AsyncTriageClient, "check_ready", ready)
+    retry = client.RetryPolicy(attempts=attempts, initial_backoff_s=0.05)
+    summary = asyncio.run(client.build_report(folder, out, lambda: client.AsyncTriageClient(_closed_url(), retry=retry)))
+
+    rows = {row["path_to_study"]: row for row in client.read_report(out)}
+    sent = [name for name, _ in server.sent]
+    died = "a worker process of the server (ct_classifier_0_0) died: the study was not processed; send it again once the server recovered"
+    assert rows["poison"]["processing_status"] == client.FAILURE and rows["poison"]["error"] == died
+    assert rows["healthy"]["processing_status"] == client.SUCCESS
+    if attempts == 1:
+        assert sorted(sent) == ["healthy", "poison", "queued"] and rows["queued"]["error"] == died
+        return
+    assert sorted(sent) == ["healthy", "poison", "poison", "queued", "queued"]
+    assert (rows["queued"]["processing_status"], rows["queued"]["study_uid"], summary.failed) == (client.SUCCESS, "queued", 1)
+    resent = [at for name, at in server.sent if name == "queued"]
+    assert resent[1] - resent[0] >= 0.05 + 0.1  # the schedule's waits: 0.05 s, then 0.1 s
+    assert rows["queued"]["time_of_processing"] >= 0.15

@@ -74,7 +74,8 @@ def test_server_killed_mid_report_then_resume_gives_each_study_one_row(private_s
     assert before == [journaled[path] for path in paths]  # the report holds every journaled study
     statuses = {row["path_to_study"]: row["processing_status"] for row in before}
     assert statuses[BROKEN] == "Failure" and list(statuses.values()).count("Success") == len(before) - 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["archive", "report.csv", "report.xlsx", "report.xlsx.lock", journal.name])
+    written = ["archive", "report.csv", "report.csv.lock", "report.xlsx", "report.xlsx.lock", journal.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(written)
 
     # The server comes back at the same address; the resumed run sends only what is not Success.
     private_server.stop()
