@@ -137,9 +137,20 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import export
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.batching_wait", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default="cpu", choices=export.TARGETS, help="the target whose classifier is measured")
-    parser.add_argument("--waits", type=option_types.WAIT_US, nargs="+", default=[20000, 0], help="max_queue_delay_microseconds values")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.batching_wait",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--target", default="cpu", choices=export.TARGETS, help="the export target whose classifier is measured")
+    parser.add_argument(
+        "--waits",
+        type=option_types.WAIT_US,
+        nargs="+",
+        default=[20000, 0],
+        metavar="US",
+        help="the classifier's batching waits compared (max_queue_delay_microseconds), µs",
+    )
     add_arguments(parser, levels=[1, 4], requests=16, rounds=4, compared="wait")
     args = parser.parse_args(argv)
     args.command = option_types.command_line(parser, argv)

@@ -43,7 +43,6 @@ import copy
 import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -59,7 +58,8 @@ from onnxruntime import quantization
 
 from benchmarks import option_types
 from benchmarks.gpu_check import study_tflop
-from benchmarks.load import reload_classifier, rendered_server
+from benchmarks.load import reload_classifier, rendered_server, write_results
+from benchmarks.process_memory import cpu_model, cpuinfo_field
 from classifier import OpenVINOClassifier, TorchClassifier, convert_to_openvino
 from classifier.openvino_engine import openvino_version
 from contract.arguments import integer
@@ -67,7 +67,7 @@ from export import build_classifier, demo_weights, load_checkpoint, onnx_graph
 from export.parity import FP16_BOUND, FP32_BOUND, compare, parity_inputs, reference_probabilities
 from export.volumes import chest
 from preprocess.workers import available_cpus
-from settings import NAMES, OPERATING_POINT
+from settings import NAMES, OPERATING_POINT, PREPROCESSING
 
 Engine = Callable[[np.ndarray], np.ndarray]  # [B, 1, S, S, S] float32 -> probabilities [B, 2]
 BASELINE = "onnxruntime"
@@ -231,23 +231,9 @@ def matmul_gflops(n: int = 4096, runs: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _cpuinfo_field(name: str) -> str | None:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.split(":", 1)[0].strip() == name:
-            return line.split(":", 1)[1].strip()
-    return None
-
-
 def cpu_family() -> str | None:
     """x86 family/model/vendor as /proc/cpuinfo gives them (e.g. AMD family 25 = Zen 3/Zen 4)."""
-    vendor, family, model = (_cpuinfo_field(name) for name in ("vendor_id", "cpu family", "model"))
+    vendor, family, model = (cpuinfo_field(name) for name in ("vendor_id", "cpu family", "model"))
     return f"{vendor} family {family} model {model}" if family else None
 
 
@@ -256,7 +242,7 @@ VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf1
 
 def cpu_flags() -> dict[str, bool]:
     """Which of the vector instruction sets that decide FP32/BF16 speed this CPU has."""
-    flags = set((_cpuinfo_field("flags") or "").split())
+    flags = set((cpuinfo_field("flags") or "").split())
     return {flag: flag in flags for flag in VECTOR_FLAGS}
 
 
@@ -420,31 +406,50 @@ def served_row(runs: list[float], baseline: float) -> dict:
 
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_engines", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=option_types.SIZE, default=256)
-    parser.add_argument("--repeat", type=option_types.COUNT, default=2, help="timed rounds after the warm-up (default 2)")
-    parser.add_argument(
-        "--threads", type=option_types.THREADS, default=0, help="threads per engine (default: every CPU this process may use)"
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.cpu_engines",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--parity-size", type=option_types.SIZE, default=64)
+    parser.add_argument(
+        "--size",
+        type=option_types.SIZE,
+        default=PREPROCESSING.size,
+        metavar="S",
+        help="model input S every engine runs at, voxels per side",
+    )
+    parser.add_argument("--repeat", type=option_types.COUNT, default=2, metavar="N", help="timed rounds after the warm-up")
+    parser.add_argument(
+        "--threads", type=option_types.THREADS, default=0, metavar="N", help="threads per engine; 0: every CPU this process may use"
+    )
+    parser.add_argument(
+        "--parity-size",
+        type=option_types.SIZE,
+        default=64,
+        metavar="S",
+        help="S of export's parity set and of the INT8 calibration volumes",
+    )
     parser.add_argument(
         "--matmul-n",
         type=integer(16, 16384),
         default=4096,
-        help="matrix size of the float32 product the engines' rates are compared with (default 4096: 137 GFLOP)",
+        metavar="N",
+        help="rows and columns of the float32 matrix product the engines' rates are compared with (4096: 137 GFLOP)",
     )
-    parser.add_argument("--checkpoint", help="a checkpoint instead of the seeded demo weights")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="leave out torch.compile (minutes of compiling)")
-    parser.add_argument("--no-served", dest="served", action="store_false", help="leave out the served measurement")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="leave out OpenVINO at BF16 (engine and served)")
-    parser.add_argument("--no-int8", dest="int8", action="store_false", help="leave out OpenVINO on the INT8-quantized graph")
-    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
+    parser.add_argument("--checkpoint", metavar="PATH", help="a checkpoint instead of the seeded demo weights; omitted: demo weights")
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile's engine (minutes of compiling)"
+    )
+    parser.add_argument("--served", action=argparse.BooleanOptionalAction, default=True, help="the served measurement")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="OpenVINO at BF16 (engine and served)")
+    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="OpenVINO on the INT8-quantized graph")
+    parser.add_argument(
+        "--out", type=option_types.out_folder, default="benchmarks/results", metavar="DIR", help="folder for cpu-engines.json and .md"
+    )
     args = parser.parse_args(argv)
     result = {"command": option_types.command_line(parser, argv), **run(args)}
-    out = args.out
-    (out / "cpu-engines.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (out / "cpu-engines.md").write_text(text)
+    write_results(args.out, "cpu-engines", result, text)
     print(text)
     measured = {**result["engines"], **{key: result[key] for key in ("served", "served_bf16") if key in result}}
     summary = {name: {key: row[key] for key in ("median_s", "speedup_vs_onnxruntime")} for name, row in measured.items()}

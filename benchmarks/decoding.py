@@ -45,6 +45,7 @@ from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless
 
 import preprocess
 from benchmarks import option_types
+from benchmarks.load import write_results
 from benchmarks.preprocessing import DEFAULT_STUDY
 from preprocess import dicom, phantom
 from preprocess.dicom import decode_into, parse, volume_dtype
@@ -371,9 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["target"] = "not measured (no jpeg2000 copy)"
     out = args.out
-    (out / "decoding-cpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "decoding-cpu.md").write_text(markdown(result))
-    print(markdown(result))
+    text = markdown(result)
+    write_results(out, "decoding-cpu", result, text)
+    print(text)
     ratios = {name: e["imagecodecs_over_pydicom"] for name, e in result["encodings"].items()}
     print(json.dumps({"target": result["target"], "imagecodecs_over_pydicom": ratios, "results": str(out / "decoding-cpu.json")}))
     return 0

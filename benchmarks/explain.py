@@ -52,7 +52,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks import option_types
-from benchmarks.process_memory import release_freed_memory, reset_peak, status_mib
+from benchmarks.load import write_results
+from benchmarks.process_memory import cpu_model, cpuinfo_field, release_freed_memory, reset_peak, status_mib
+from contract import MAX_SIZE
 from contract.arguments import integer
 from serve.sizing import CARD_BYTES  # what an 8 GB card gives CUDA (as benchmarks.gpu_check)
 
@@ -390,7 +392,7 @@ def run(
     result: dict = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": device,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_flags": _cpu_flags(),
         "cpu_cores": os.cpu_count(),
         "python": platform.python_version(),
@@ -437,21 +439,9 @@ def run(
     return result
 
 
-def _cpu_model() -> str:
-    path = Path("/proc/cpuinfo")
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _cpu_flags() -> list[str]:
     """The vector instruction sets that decide the CPU's FP32 rate (machines of one name differ)."""
-    path = Path("/proc/cpuinfo")
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        if line.startswith("flags"):
-            return sorted(set(line.split(":", 1)[1].split()) & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"})
-    return []
+    return sorted(set((cpuinfo_field("flags") or "").split()) & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"})
 
 
 def _version(package: str) -> str | None:
@@ -566,14 +556,14 @@ def markdown(result: dict) -> str:
 
 def write(result: dict, out: Path) -> tuple[Path, Path]:
     name = f"explain-{result['device']}"
-    paths = out / f"{name}.json", out / f"{name}.md"
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown(result))
-    return paths
+    write_results(out, name, result, markdown(result))
+    return out / f"{name}.json", out / f"{name}.md"
 
 
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
+    from explain.attribution import MAX_OCCLUSION_PASSES, MAX_STEPS  # here, not above: captum stays out of each child's baseline
+
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.explain",
         description=__doc__.split("\n\n")[0],
@@ -604,14 +594,18 @@ def main(argv: list[str] | None = None) -> int:
         help="calls of each per measurement, at most (no new round once past 60 s)",
     )
     parser.add_argument(
-        "--steps", type=integer(1, 1024), default=16, metavar="N", help="integrated_gradients steps (the default is the Explainer's)"
+        "--steps",
+        type=integer(1, MAX_STEPS),
+        default=16,
+        metavar="N",
+        help=f"integrated_gradients steps, at most {MAX_STEPS} (the default is the Explainer's)",
     )
     parser.add_argument(
         "--window",
-        type=integer(1, 512),
+        type=integer(1, MAX_SIZE),
         default=16,
         metavar="VOXELS",
-        help="occlusion window, voxels per side (the default is the Explainer's)",
+        help="occlusion window, voxels per side, dividing each S occlusion is measured at (above S: S; the default is the Explainer's)",
     )
     parser.add_argument(
         "--threads", type=option_types.THREADS, default=0, metavar="N", help="CPU threads; 0: every CPU this process may use"
@@ -638,11 +632,20 @@ def main(argv: list[str] | None = None) -> int:
         help="folder for explain-<device>.json and .md",
     )
     args = parser.parse_args(argv)
+    max_size = _limits(args.max_size)
+    if "occlusion" in args.methods:  # the window explain.Explainer takes at each S occlusion is measured at
+        for size in (s for s in args.size if s <= max_size.get("occlusion", MAX_SIZE)):
+            window = min(args.window, size)
+            if size % window or (size // window) ** 3 + 1 > MAX_OCCLUSION_PASSES:
+                parser.error(
+                    f"--window {args.window}: explain.Explainer takes no occlusion window of {window} at S={size} "
+                    f"(it must divide S, and (S / window)^3 + 1 forward passes be at most {MAX_OCCLUSION_PASSES})"
+                )
     result = run(
         args.size,
         args.methods,
         device=args.device,
-        max_size=_limits(args.max_size),
+        max_size=max_size,
         repeat=args.repeat,
         steps=args.steps,
         window=args.window,

@@ -123,7 +123,7 @@ def measure(server, payload: list[bytes], *, levels: list[int], requests: int, r
         "one_study_s": single,
         "load_average": {"before": [round(v, 2) for v in load_before], "after": [round(v, 2) for v in os.getloadavg()]},
         "memory_mib": {"explanations_loaded": memory_loaded, "explanations_unloaded": memory_unloaded},
-        "target": {"ct_triage throughput unchanged (ratio within 1 +/- TOLERANCE)": {"tolerance": TOLERANCE, "met": unchanged}},
+        "target": {f"ct_triage throughput unchanged (ratio within 1 +/- {TOLERANCE:g})": {"tolerance": TOLERANCE, "met": unchanged}},
     }
 
 
@@ -167,9 +167,15 @@ def markdown(results: dict) -> str:
 
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.explain_opt_in", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.explain_opt_in",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_arguments(parser, levels=[1, 2], requests=24, rounds=4, compared="state")
-    parser.add_argument("--repeats", type=option_types.COUNT, default=3, help="single studies timed per model")
+    parser.add_argument(
+        "--repeats", type=option_types.COUNT, default=3, metavar="N", help="studies timed one at a time per model, after one warm-up"
+    )
     args = parser.parse_args(argv)
     args.command = option_types.command_line(parser, argv)
     results = run(args)

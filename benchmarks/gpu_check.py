@@ -58,6 +58,7 @@ from classifier import ResNet34Classifier, TorchClassifier
 from export import build_classifier, check_torch_parity, demo_weights
 from export.parity import FP16_BOUND, parity_inputs
 from serve.sizing import CARD_BYTES
+from settings import OPERATING_POINT
 
 GIB = 1024**3
 SERVED_PREPROCESS_INSTANCES = {"cuda": 4, "cpu": 2}  # ct_preprocess instances of the served section
@@ -320,7 +321,7 @@ def memory_section(classifier: ResNet34Classifier, plan: Plan, limit_s: float = 
 
 def parity_section(classifier: ResNet34Classifier, plan: Plan) -> dict:
     result = {}
-    threshold = 0.5
+    threshold = OPERATING_POINT.threshold
     for precision in [p for p in plan.precisions if p != "fp32"] or ["fp32"]:
         try:
             report = check_torch_parity(classifier, device=plan.device, precision=precision, size=min(plan.size, 64), threshold=threshold)
@@ -987,8 +988,17 @@ def _write(results: dict, out: Path, stem: str, started: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder for the JSON, markdown and plot")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="folder for gpu-<card>-s<S>.json, .md and .png (smoke-cpu-s<S>.* with --smoke) and the server log",
+    )
     parser.add_argument("--smoke", action="store_true", help="on the CPU at a tiny S: the same code, for tests")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():

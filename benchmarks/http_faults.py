@@ -28,6 +28,7 @@ from pathlib import Path
 import export
 from benchmarks import option_types
 from benchmarks.load import write_results
+from benchmarks.process_memory import status_mib
 from benchmarks.serving import machine, versions_text
 from serve import start_on_free_ports
 from settings import NAMES
@@ -35,12 +36,6 @@ from settings import NAMES
 NAME = "http-faults"
 SIZE = 16  # the request never reaches the model: the smallest repository serves
 FORM = "application/x-www-form-urlencoded"
-
-
-def _server_memory_mib(server, field: str = "VmRSS") -> float:
-    """tritonserver's resident memory (VmRSS), or its peak so far (VmHWM), from /proc."""
-    status = Path(f"/proc/{server.pid}/status").read_text().splitlines()
-    return int(next(line.split()[1] for line in status if line.startswith(field))) / 1024
 
 
 def _study_request_head(megabytes: int) -> bytes:
@@ -106,9 +101,9 @@ def _send_chunks(server, chunks: int) -> int:
 
 def _send_gzip(server, megabytes: int) -> dict:
     body, headers = gzip_request(megabytes)
-    before = {"rss_peak_mib": round(_server_memory_mib(server, "VmHWM")), "shm_mib": server.shm_bytes() >> 20}
+    before = {"rss_peak_mib": round(status_mib("VmHWM", server.pid)), "shm_mib": server.shm_bytes() >> 20}
     answer = _send(server, body, headers)
-    after = {"rss_peak_mib": round(_server_memory_mib(server, "VmHWM")), "shm_mib": server.shm_bytes() >> 20}
+    after = {"rss_peak_mib": round(status_mib("VmHWM", server.pid)), "shm_mib": server.shm_bytes() >> 20}
     return {"mib": megabytes, "mib_sent": round(len(body) / 2**20, 2), "answer": answer, "before": before, "after": after}
 
 
@@ -131,9 +126,9 @@ def run(form_mib: list[int], chunks: int, gzip_mib: int, command: str) -> dict:
                 server.stop()
         with start_on_free_ports(repository, log_file=Path(scratch) / "chunks.log", exit_timeout_s=2, models=[NAMES.triage]) as server:
             host = machine(SIZE, server.http_url)
-            before = _server_memory_mib(server)
+            before = status_mib("VmRSS", server.pid)
             sent = _send_chunks(server, chunks)
-            after = _server_memory_mib(server)
+            after = status_mib("VmRSS", server.pid)
             chunked = {"chunks": chunks, "mb_sent": round(sent / 1e6, 1), "rss_before_mib": round(before), "rss_after_mib": round(after)}
             chunked["server_running"] = server.is_running()
         with start_on_free_ports(repository, log_file=Path(scratch) / "gzip.log", exit_timeout_s=2, models=[NAMES.triage]) as server:
@@ -170,17 +165,36 @@ def markdown(results: dict) -> str:
 
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.http_faults", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--form-mib", type=option_types.FORM_MIB, nargs="+", default=[1, 2, 4, 8], help="sizes of the form-typed requests, MiB (1-1024)"
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.http_faults",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--chunks", type=option_types.CHUNKS, default=2_000_000, help="one-byte chunks of the chunked request (at most 4,000,000)"
+        "--form-mib",
+        type=option_types.FORM_MIB,
+        nargs="+",
+        default=[1, 2, 4, 8],
+        metavar="MIB",
+        help="sizes of the form-typed requests, in turn, MiB (1-1024)",
     )
     parser.add_argument(
-        "--gzip-mib", type=option_types.FORM_MIB, default=1024, help="inflated size of the gzip-compressed request, MiB (1-1024)"
+        "--chunks",
+        type=option_types.CHUNKS,
+        default=2_000_000,
+        metavar="N",
+        help="one-byte chunks of the chunked request (at most 4,000,000)",
     )
-    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results")
+    parser.add_argument(
+        "--gzip-mib",
+        type=option_types.FORM_MIB,
+        default=1024,
+        metavar="MIB",
+        help="inflated size of the gzip-compressed request, MiB (1-1024)",
+    )
+    parser.add_argument(
+        "--out", type=option_types.out_folder, default="benchmarks/results", metavar="DIR", help="folder for http-faults.json and .md"
+    )
     args = parser.parse_args(argv)
     results = run(args.form_mib, args.chunks, args.gzip_mib, option_types.command_line(parser, argv))
     write_results(args.out, NAME, results, markdown(results))

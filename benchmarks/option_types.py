@@ -1,6 +1,7 @@
 """What the benchmarks' command lines share: option types (contract.arguments), so that a value a
 benchmark cannot use is a one-line usage error before any server starts, not a traceback minutes
-later; the command line a results file records; and `entry_point`, the one way a benchmark's main()
+later; the help formatter of those whose description is their module docstring; the command line a
+results file records; and `entry_point`, the one way a benchmark's main()
 ends on a study, checkpoint or server it cannot use, or on Ctrl-C: one line, no traceback."""
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ FORM_MIB = integer(1, 1024)  # http_faults: a form-typed request is built in mem
 CHUNKS = integer(1, 4_000_000)  # http_faults: tritonserver keeps about 1 KB per one-byte chunk (4 GB at most)
 WINDOW = integer(2, 1_000_000)  # report_scale: a window's time per study spans its first and last study
 INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for Ctrl-C
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, each option's default after its help."""
 
 
 def out_folder(text: str) -> Path:

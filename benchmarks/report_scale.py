@@ -29,6 +29,8 @@ from pathlib import Path
 
 import export
 from benchmarks import option_types
+from benchmarks.load import write_results
+from benchmarks.process_memory import cpu_model
 from client import AsyncTriageClient
 from client.report import build_report, read_journal
 from preprocess import phantom
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "machine": {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "load_average_before": [round(value, 2) for value in load_before],
             "load_average_after": [round(value, 2) for value in load_after],
@@ -124,13 +126,6 @@ def run(args: argparse.Namespace) -> dict:
         "report_write_share": round(write_s / wall_s, 4),
         "files": sizes,
     }
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def _spread(items: list, count: int) -> list:
@@ -211,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except argparse.ArgumentTypeError as error:
         parser.error(f"argument --out: {error}")
     result = run(args)
-    (args.out / f"{NAME}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{NAME}.md").write_text(markdown(result))
+    write_results(args.out, NAME, result, markdown(result))
     print(json.dumps({key: result[key] for key in ("studies", "wall_seconds", "last_over_first_window", "report_write_seconds")}))
     return 0
 

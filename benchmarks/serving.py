@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import shutil
@@ -54,10 +55,11 @@ import export
 import preprocess
 from benchmarks import load, option_types
 from benchmarks import perf_analyzer as pa
+from benchmarks.process_memory import cpu_model, status_mib
 from client import TriageClient
 from preprocess import phantom
 from serve import TritonServer, free_ports, process_tree, start_on_free_ports
-from settings import NAMES
+from settings import NAMES, PREPROCESSING
 
 MODELS = (NAMES.preprocess, NAMES.classifier, NAMES.postprocess)
 TARGETS = {"throughput_ratio_c4": 1.5, "overhead_c1": 0.15}
@@ -66,15 +68,11 @@ TARGETS = {"throughput_ratio_c4": 1.5, "overhead_c1": 0.15}
 # -- machine and memory ----------------------------------------------------------------------------
 def machine(size: int, http_url: str) -> dict:
     """This machine, the versions of the packages measured, and the Triton version of the server at `http_url`."""
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor(),
-    )
     memory_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
     versions = {name: metadata.version(name) for name in ("nvidia-pytriton", "openvino", "torch", "numpy", "tritonclient", "locust")}
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "available_cpus": preprocess.available_cpus(),
         "memory_gib": round(memory_kb / 1024**2, 1),
@@ -110,13 +108,6 @@ def _process_name(pid: int) -> str | None:
     return "tritonserver" if words[0].endswith(b"tritonserver") else None
 
 
-def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def rss_by_process(server_pid: int) -> dict[str, float]:
     """Resident MiB of the server and of each stub, summed per name (a model's instances together)."""
     totals: dict[str, float] = {}
@@ -124,7 +115,8 @@ def rss_by_process(server_pid: int) -> dict[str, float]:
         name = _process_name(pid)
         try:
             if name:
-                totals[name] = totals.get(name, 0.0) + _rss_mib(pid)
+                rss = status_mib("VmRSS", pid)
+                totals[name] = totals.get(name, 0.0) + (0.0 if math.isnan(rss) else rss)  # NaN: exited, not yet reaped
         except OSError:
             continue
     return {name: round(value, 1) for name, value in sorted(totals.items())}
@@ -296,10 +288,10 @@ def locust_run(server: TritonServer, users: int, seconds: int, prefix: Path, stu
 
 
 def single_study_s256(work: Path, study: list[bytes]) -> dict:
-    """One study through the ensemble at the trained S=256: client round trip and time per model."""
-    repository = work / "repository-256"
-    export.write_repository(repository, target="cpu", size=256, demo_weights=True)
-    with start_on_free_ports(repository, log_file=work / "tritonserver-256.log") as server:
+    """One study through the ensemble at the trained S (settings.PREPROCESSING.size, 256): client round trip and time per model."""
+    repository = work / f"repository-{PREPROCESSING.size}"
+    export.write_repository(repository, target="cpu", size=PREPROCESSING.size, demo_weights=True)
+    with start_on_free_ports(repository, log_file=work / f"tritonserver-{PREPROCESSING.size}.log") as server:
         before = statistics_of(server.http_url)
         with TriageClient(server.http_url, "http", timeout_s=1800) as client:
             result = client.classify(study)
@@ -359,7 +351,8 @@ def run(args: argparse.Namespace) -> dict:
         else:
             measure_bundled(results, repository, study, study_path, input_json, work, args)
     results["targets"] = targets(results)
-    write_results(results, args.out, name)
+    write_tables(results, args.out, name)
+    load.write_results(args.out, name, results, markdown(results, name))
     return results
 
 
@@ -513,7 +506,8 @@ def _failed(*rows: dict) -> str:
 
 
 # -- results ---------------------------------------------------------------------------------------
-def write_results(results: dict, out: Path, name: str) -> None:
+def write_tables(results: dict, out: Path, name: str) -> None:
+    """perf_analyzer's CSV per sweep, the load and breakdown CSVs and the plot; load.write_results writes the rest."""
     for sweep, rows in results["perf_analyzer"].items():
         with open(out / f"{name}-pa-{sweep}.csv", "w", newline="") as stream:  # perf_analyzer's columns and `throughput`
             writer = csv.DictWriter(stream, fieldnames=[key for key in rows[0] if key != "breakdown"], extrasaction="ignore")
@@ -555,8 +549,6 @@ def write_results(results: dict, out: Path, name: str) -> None:
                         ]
                     )
     plot(results, out, name)
-    (out / f"{name}.md").write_text(markdown(results, name))
-    (out / f"{name}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")  # everything, for later comparisons
 
 
 def plot(results: dict, out: Path, name: str) -> None:
@@ -701,7 +693,7 @@ def markdown(results: dict, name: str) -> str:
     if "s256" in results:
         s = results["s256"]
         parts += [
-            "## One study at S=256",
+            f"## One study at S={PREPROCESSING.size}",
             f"{s['status']}: client round trip {s['round_trip_s']} s; "
             + "; ".join(f"{model} queue / compute {_split(entry)} ms" for model, entry in s["per_model"].items())
             + ".",
@@ -799,7 +791,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="slices of the 512x512 study the client's memory is measured with",
     )
-    parser.add_argument("--s256", action=argparse.BooleanOptionalAction, default=True, help="also one study at S=256")
+    parser.add_argument(
+        "--s256", action=argparse.BooleanOptionalAction, default=True, help=f"also one study at the trained S={PREPROCESSING.size}"
+    )
     args = parser.parse_args(argv)
     if args.url and not args.grpc_url:
         parser.error("--url needs --grpc-url")

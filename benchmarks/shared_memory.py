@@ -88,13 +88,11 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, each option's default after its help."""
-
-
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.shared_memory", description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.shared_memory", description=__doc__, formatter_class=option_types.HelpFormatter
+    )
     parser.add_argument("study", nargs="?", type=option_types.study_path, help="folder, ZIP or DICOM file; omitted: a 300-slice phantom")
     parser.add_argument(
         "--grpc-url", metavar="HOST:PORT", help="the gRPC endpoint; omitted: gRPC not measured (one of the two URLs is needed)"

@@ -41,7 +41,8 @@ import pydicom.data
 import export
 import preprocess
 from benchmarks import option_types
-from benchmarks.load import percentile
+from benchmarks.load import percentile, triton_version, write_results
+from benchmarks.process_memory import cpu_model
 from client import RetryPolicy, TriageClient
 from preprocess import phantom
 from serve import start_on_free_ports
@@ -217,6 +218,7 @@ def run(args: argparse.Namespace) -> dict:
                 for mode in MODES:
                     with connect(server, mode) as client:
                         tally.check(case, mode, client.classify(case.payload))
+            triton = triton_version(server.http_url)  # the version the results name
             load(server, studies, tally, args.concurrency, time.monotonic() + args.warm_up_s)  # the working set of concurrency
             warm_up = {"sent": sum(c["sent"] for c in tally.counts.values()), "unexpected": list(tally.unexpected)}
             expected, tally = tally.expected_probability, Tally()
@@ -232,7 +234,8 @@ def run(args: argparse.Namespace) -> dict:
             log_tail = server.log_tail(10)
         finally:
             server.stop()
-    return summarise(args, studies, tally, warm_up, sampler.samples, start, end, elapsed, recoveries, leftover_client_regions, log_tail)
+    summary = summarise(args, studies, tally, warm_up, sampler.samples, start, end, elapsed, recoveries, leftover_client_regions, log_tail)
+    return {"machine": machine(args.size, triton), **summary}
 
 
 def summarise(args, studies, tally, warm_up, samples, start, end, elapsed, recoveries, leftover, log_tail) -> dict:
@@ -258,7 +261,6 @@ def summarise(args, studies, tally, warm_up, samples, start, end, elapsed, recov
         "ran its length with studies sent": sent > 0 and elapsed >= args.minutes * 60,
     }
     return {
-        "machine": machine(args.size),
         "command": args.command,
         "size": args.size,
         "concurrency": args.concurrency,
@@ -293,18 +295,15 @@ def summarise(args, studies, tally, warm_up, samples, start, end, elapsed, recov
     }
 
 
-def machine(size: int) -> dict:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor(),
-    )
+def machine(size: int, triton: str) -> dict:
+    """This machine, the versions of the packages measured, and `triton`, the version the server reported."""
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "size": size,
-        "triton": "2.51 (bundled in nvidia-pytriton 0.7.0)",
+        "triton": triton,
         "python": platform.python_version(),
         "versions": {name: metadata.version(name) for name in ("nvidia-pytriton", "onnxruntime", "numpy", "tritonclient")},
     }
@@ -377,13 +376,9 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, each option's default after its help."""
-
-
 @option_types.entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__, formatter_class=option_types.HelpFormatter)
     parser.add_argument("--minutes", type=option_types.MINUTES, default=10.0, metavar="MINUTES", help="how long studies are sent, min")
     parser.add_argument(
         "--size",
@@ -406,8 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.command = option_types.command_line(parser, argv)
     results = run(args)
-    (args.out / "soak-cpu.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "soak-cpu.md").write_text(markdown(results))
+    write_results(args.out, "soak-cpu", results, markdown(results))
     plot(results, args.out / "soak-cpu.png")
     summary = {k: results[k] for k in ("passed", "sent", "unexpected", "elapsed_s", "memory", "shm_mib", "checks")}
     print(json.dumps(summary))

@@ -39,7 +39,7 @@ from tritonclient.grpc import model_config_pb2
 
 from classifier import PRECISIONS
 from contract import parse_threshold, validate_size
-from settings import NAMES, OPERATING_POINT, PREPROCESSING, SERVING
+from settings import EXPORT_TARGETS, NAMES, OPERATING_POINT, PREPROCESSING, SERVING
 
 from . import onnx_graph, parity, tensorrt_engine
 from .checkpoint import DEMO_PROVENANCE, Weights, build_classifier, file_sha256, load_checkpoint
@@ -47,7 +47,7 @@ from .checkpoint import demo_weights as make_demo_weights
 from .errors import ExportError, OutputFolderError
 
 COMMITTED = Path(__file__).resolve().parent.parent / "model_repository"
-TARGETS = ("cpu", "openvino", "onnx-gpu", "tensorrt", "torch-gpu")
+TARGETS = EXPORT_TARGETS.names
 IR_FILES = ("model.xml", "model.bin")  # OpenVINO IR: the graph, and its FP32 weights
 SERVED_FILES = {"cpu": IR_FILES, "openvino": IR_FILES, "onnx-gpu": ("model.onnx",), "tensorrt": ("model.plan",), "torch-gpu": ("model.pt",)}
 OPENVINO_TARGETS = ("cpu", "openvino")

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings import NAMES, PREPROCESSING, SERVING
+from settings import EXPORT_TARGETS, NAMES, PREPROCESSING, SERVING
 
 MIB = 1024**2
 # The smallest card the product promises to fit, as CUDA sees it: an "8 GB" card (RTX 3070 class)
@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         description="/dev/shm and CUDA memory pool for a deployment, in MiB (one JSON object)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--size", type=model_size, default=256, metavar="S", help="model input S, voxels per side of the S^3 volume")
+    parser.add_argument(
+        "--size", type=model_size, default=PREPROCESSING.size, metavar="S", help="model input S, voxels per side of the S^3 volume"
+    )
     parser.add_argument(
         "--preprocess-instances",
         type=integer(1, SERVING.most_preprocess_instances),
@@ -223,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--target",
-        choices=("cpu", "openvino", "onnx-gpu", "tensorrt", "torch-gpu"),
+        choices=EXPORT_TARGETS.names,
         default="torch-gpu",
-        help="export target (cpu and torch-gpu serve the classifier on the Python backend)",
+        help=f"export target ({' and '.join(EXPORT_TARGETS.python_backend)} serve the classifier on the Python backend)",
     )
     parser.add_argument("--gpu-preprocessing", action="store_true", help="ct_preprocess with device 'cuda'")
     args = parser.parse_args(argv)
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         preprocess_instances=args.preprocess_instances,
         max_batch_size=args.max_batch_size,
         largest_study_bytes=args.largest_study_mib * MIB,
-        classifier_python_instances=1 if args.target in ("cpu", "torch-gpu") else 0,
+        classifier_python_instances=1 if args.target in EXPORT_TARGETS.python_backend else 0,
         preprocess_on_gpu=args.gpu_preprocessing,
     )
     print(json.dumps({"shm_mib": mib(shm_bytes(deployment)), "cuda_memory_pool_mib": mib(cuda_pool_bytes(deployment))}))

@@ -2,9 +2,10 @@
 
 Everything that more than one package must agree on lives here: the preprocessing the model was
 trained with (docs/model.md), the input limits that protect the server, the Triton model and tensor
-names, the default operating point and the serving defaults. Packages import these objects instead
-of repeating literals; `contract` holds the rules over them. The committed model_repository/ configs
-carry the serving values as Triton reads them, and a test keeps the two equal.
+names, the default operating point, the serving defaults and the export targets. Packages import
+these objects instead of repeating literals; `contract` holds the rules over them. The committed
+model_repository/ configs carry the serving values as Triton reads them, and a test keeps the two
+equal.
 """
 
 from __future__ import annotations
@@ -148,6 +149,17 @@ class Serving:
 
 
 @dataclass(frozen=True)
+class ExportTargets:
+    """What `python -m export --target` renders the repository for: each name is a ct_classifier config
+    (`configs/<name>.pbtxt`; the cpu target's is `config.pbtxt`). `python_backend`: the targets whose
+    classifier runs on Triton's Python backend, a stub process with a shared-memory region of its own
+    (serve.sizing counts it); the others run on the OpenVINO, ONNX Runtime or TensorRT backend."""
+
+    names: tuple[str, ...] = ("cpu", "openvino", "onnx-gpu", "tensorrt", "torch-gpu")
+    python_backend: tuple[str, ...] = ("cpu", "torch-gpu")
+
+
+@dataclass(frozen=True)
 class ServiceMetrics:
     """The service's own Prometheus metrics, beside Triton's nv_* on the metrics port. Triton counts
     requests; these say what the model answered and why studies were refused: a shift in the share
@@ -195,11 +207,13 @@ INPUT_LIMITS = InputLimits()
 NAMES = TritonNames()
 OPERATING_POINT = OperatingPoint()
 SERVING = Serving()
+EXPORT_TARGETS = ExportTargets()
 ADMIN = AdminAccess()
 METRICS = ServiceMetrics()
 
 __all__ = [
     "ADMIN",
+    "EXPORT_TARGETS",
     "INPUT_LIMITS",
     "METRICS",
     "NAMES",
@@ -207,6 +221,7 @@ __all__ = [
     "PREPROCESSING",
     "SERVING",
     "AdminAccess",
+    "ExportTargets",
     "InputLimits",
     "OperatingPoint",
     "Preprocessing",

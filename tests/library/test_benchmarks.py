@@ -242,6 +242,9 @@ def test_soak_p95_stays_within_the_times_measured():
         ("report_scale", ["--studies", "100", "--window", "1"]),
         ("report_scale", ["--studies", "1999", "--window", "1000"]),
         ("decoding", ["--encodings", ","]),
+        ("explain", ["--steps", "257"]),  # explain.attribution.MAX_STEPS
+        ("explain", ["--methods", "occlusion", "--size", "64", "--window", "24"]),  # a window that does not divide S
+        ("explain", ["--methods", "occlusion", "--size", "64", "--window", "2", "--max-size", "occlusion=64"]),  # 32^3 + 1 passes
     ],
 )
 def test_benchmark_options_they_cannot_use_are_usage_errors(module, argv, capsys, tmp_path):
@@ -539,7 +542,10 @@ def test_every_cli_option_has_a_help_text_that_shows_its_default():
     verify = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(verify)
     module = importlib.import_module
-    benchmarks = ("serving", "decoding", "report_scale", "soak", "shared_memory", "baseline", "preprocessing", "explain", "perf_analyzer")
+    benchmarks = (
+        *("serving", "decoding", "report_scale", "soak", "shared_memory", "baseline", "preprocessing", "explain", "perf_analyzer"),
+        *("gpu_check", "cpu_engines", "http_faults", "batching_wait", "explain_opt_in"),
+    )
     parsers = {
         "serve": module("serve.__main__").parser(),
         "export": module("export.__main__")._parser(),

@@ -7,7 +7,6 @@ prometheus-adapter rule for the HPA's metric, the export Job for what the Deploy
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import functools
 import http.server
@@ -31,7 +30,7 @@ from helpers import ROOT, run_module, served_configs
 import serve.__main__ as serve_cli
 from serve import installation_at, sizing
 from serve.launcher import STUB_BINARY
-from settings import ADMIN, NAMES, PREPROCESSING, SERVING
+from settings import ADMIN, EXPORT_TARGETS, NAMES, PREPROCESSING, SERVING
 
 K8S = ROOT / "deploy" / "k8s"
 REPOSITORY = ROOT / "model_repository"
@@ -136,7 +135,7 @@ def deployment_sizing() -> sizing.Deployment:
         preprocess_instances=args.preprocess_instances,
         max_batch_size=args.max_batch_size,
         largest_study_bytes=args.largest_study_mib * sizing.MIB,
-        classifier_python_instances=1 if args.target in ("cpu", "torch-gpu") else 0,
+        classifier_python_instances=1 if args.target in EXPORT_TARGETS.python_backend else 0,
         preprocess_on_gpu=args.gpu_preprocessing,
     )
 
@@ -147,14 +146,6 @@ def sizing_cli() -> dict:
     with contextlib.redirect_stdout(output):
         assert sizing.main(shlex.split(the("Deployment")["metadata"]["annotations"]["ct-triage/serve-sizing"])) == 0
     return json.loads(output.getvalue())
-
-
-def export_targets() -> tuple[str, ...]:
-    """export.TARGETS, read from its source: importing `export` imports torch (seconds on these machines)."""
-    for node in ast.parse((ROOT / "export" / "repository.py").read_text()).body:
-        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "TARGETS" for target in node.targets):
-            return ast.literal_eval(node.value)
-    raise AssertionError("export/repository.py defines no TARGETS")
 
 
 def pod_labels_selected(selector: dict, labels: dict | None = None) -> bool:
@@ -369,7 +360,7 @@ def test_flags_are_the_projects():
 
 def test_the_model_config_name_is_a_target_with_a_committed_config():
     name = flag("model-config-name")
-    assert name in export_targets()
+    assert name in EXPORT_TARGETS.names
     assert (REPOSITORY / NAMES.classifier / "configs" / f"{name}.pbtxt").is_file()
 
 
@@ -572,7 +563,7 @@ def test_the_export_job_runs_the_annotations_export_with_a_checkpoint_from_the_v
     assert {**vars(run), "checkpoint": None} == {**vars(annotated), "checkpoint": None}  # all but the checkpoint's path
     assert not run.demo_weights
     assert run.out == serve_arguments().repository
-    assert run.target in export_targets()
+    assert run.target in EXPORT_TARGETS.names
     # the checkpoint is a file on the Job's volume, the one the init container waits for
     checkpoint = Path(run.checkpoint)
     mounts = {Path(mount["mountPath"]): mount for mount in export["volumeMounts"]}

@@ -15,7 +15,7 @@ import export
 from contract import ContractError, InvalidSizeError
 from export.__main__ import main as export_main
 from export.repository import OPENVINO_TARGETS, _copy_model_files
-from settings import NAMES, OPERATING_POINT, PREPROCESSING, SERVING
+from settings import EXPORT_TARGETS, NAMES, OPERATING_POINT, PREPROCESSING, SERVING
 
 DEFAULTS = export.ServingOptions()
 MODELS = (NAMES.triage, NAMES.preprocess, NAMES.classifier, NAMES.postprocess)
@@ -37,6 +37,7 @@ def test_committed_configs_parse_as_triton_model_configs_for_every_target(target
                 "onnx-gpu": ("", "onnxruntime_onnx", group.KIND_GPU),
                 "tensorrt": ("", "tensorrt_plan", group.KIND_GPU), "torch-gpu": ("python", "", group.KIND_GPU)}  # fmt: skip
     assert (classifier.backend, classifier.platform, group.kind) == expected[target]
+    assert (classifier.backend == "python") == (target in EXPORT_TARGETS.python_backend)  # what serve.sizing counts a stub for
     # a batching wait only where batches run faster than their volumes one by one (the GPU engines)
     delay = classifier.dynamic_batching.max_queue_delay_microseconds
     assert (delay == 0) == (target in ("cpu", "openvino")), (target, delay)

@@ -28,7 +28,7 @@ import serve.__main__ as serve_cli
 from export.__main__ import _parser as export_parser
 from preprocess import phantom
 from serve import sizing, start_on_free_ports
-from settings import ADMIN, METRICS, OPERATING_POINT, SERVING
+from settings import ADMIN, EXPORT_TARGETS, METRICS, OPERATING_POINT, SERVING
 
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -123,7 +123,7 @@ def exported(compose) -> tuple[argparse.Namespace, sizing.Deployment]:
         size=job.size,
         preprocess_instances=job.preprocess_instances,
         max_batch_size=job.max_batch_size,
-        classifier_python_instances=1 if job.target in ("cpu", "torch-gpu") else 0,
+        classifier_python_instances=1 if job.target in EXPORT_TARGETS.python_backend else 0,
         preprocess_on_gpu=job.preprocess_device == "cuda",
     )
     return job, deployment
