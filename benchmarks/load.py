@@ -195,6 +195,7 @@ def triton_version(url: str, protocol: str = "http") -> str:
 def write_results(out: Path, stem: str, results: dict, text: str) -> None:
     """`stem`.json (everything; a value JSON has no type for, such as a path, as its text) and `stem`.md
     (`text`: the tables) in `out` (a folder option_types.out_folder checked): every benchmark's pair of results files."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (out / f"{stem}.md").write_text(text)
 

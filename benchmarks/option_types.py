@@ -42,14 +42,18 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def out_folder(text: str) -> Path:
-    """A results folder, created now and checked writable (a file made and removed in it), so that a
-    path a benchmark cannot write fails before its minutes of work, not after them."""
+    """A results folder, checked writable now (a file made and removed in it, or in the nearest folder
+    above it that exists), so that a path a benchmark cannot write fails before its minutes of work,
+    not after them. It is made only when the results are written (`load.write_results`): a run
+    refused for another option leaves nothing behind."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write results in {text}: {existing} is a file, not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise argparse.ArgumentTypeError(f"cannot write results in {text}: {error.strerror or error}") from None

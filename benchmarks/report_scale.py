@@ -195,16 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--write-every", type=option_types.SECONDS, default=30.0, metavar="SECONDS", help="the report's rewrite interval, s"
     )
-    parser.add_argument(
-        "--out", default="benchmarks/results", metavar="DIR", help="results folder, made once every other option is checked"
-    )
+    parser.add_argument("--out", type=option_types.out_folder, default="benchmarks/results", metavar="DIR", help="results folder")
     args = parser.parse_args(argv)
     if args.studies < 2 * args.window:
         parser.error(f"--studies must be at least 2 x --window ({2 * args.window}): the first window is compared with the last")
-    try:  # not as --out's type: argparse converts each option as it reads it, so a bad option after it left the folder behind
-        args.out = option_types.out_folder(args.out)
-    except argparse.ArgumentTypeError as error:
-        parser.error(f"argument --out: {error}")
     result = run(args)
     write_results(args.out, NAME, result, markdown(result))
     print(json.dumps({key: result[key] for key in ("studies", "wall_seconds", "last_over_first_window", "report_write_seconds")}))

@@ -351,8 +351,8 @@ def run(args: argparse.Namespace) -> dict:
         else:
             measure_bundled(results, repository, study, study_path, input_json, work, args)
     results["targets"] = targets(results)
-    write_tables(results, args.out, name)
     load.write_results(args.out, name, results, markdown(results, name))
+    write_tables(results, args.out, name)
     return results
 
 

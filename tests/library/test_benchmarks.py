@@ -372,15 +372,17 @@ def test_an_out_that_is_a_file_is_a_usage_error_before_any_work(name, monkeypatc
     assert exited.value.code == 2 and err.splitlines()[-1].endswith(f"argument --out: {afile} is a file, not a folder"), err
 
 
-def test_an_out_folder_is_made_while_the_options_are_read_and_one_it_cannot_write_refused(tmp_path):
+def test_an_out_folder_is_checked_while_the_options_are_read_and_made_with_the_results(tmp_path):
     import argparse
 
-    from benchmarks import option_types
+    from benchmarks import load, option_types
 
-    assert option_types.out_folder(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
-    assert not list((tmp_path / "a" / "b").iterdir())  # the write check leaves nothing
+    assert option_types.out_folder(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
+    assert not list(tmp_path.iterdir())  # the write check leaves nothing, the folder is not made yet
+    load.write_results(tmp_path / "a" / "b", "r", {"x": 1}, "table\n")
+    assert sorted(path.name for path in (tmp_path / "a" / "b").iterdir()) == ["r.json", "r.md"]
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(argparse.ArgumentTypeError, match=r"cannot write results in .*afile/sub: Not a directory"):
+    with pytest.raises(argparse.ArgumentTypeError, match=r"cannot write results in .*afile/sub: .*afile is a file, not a folder"):
         option_types.out_folder(str(tmp_path / "afile" / "sub"))
 
 
