@@ -12,6 +12,7 @@ import functools
 import http.server
 import io
 import json
+import os
 import re
 import shlex
 import shutil
@@ -458,7 +459,8 @@ def test_the_readiness_probe_fails_in_one_line_naming_the_model_not_ready():
     def probe(*ready: str) -> tuple[int, str]:
         _ModelsReady.ready = frozenset(ready)
         local = script.replace(f"localhost:{SERVING.http_port}/", f"127.0.0.1:{port}/")
-        done = subprocess.run([sys.executable, "-c", local, *probed], capture_output=True, text=True, timeout=30)
+        proxied = {**os.environ, "http_proxy": "http://127.0.0.1:1", "no_proxy": ""}  # a pod's proxy is not asked
+        done = subprocess.run([sys.executable, "-c", local, *probed], capture_output=True, text=True, timeout=30, env=proxied)
         return done.returncode, done.stderr
 
     try:
